@@ -1,0 +1,1 @@
+"""Sub-commands of the ``tilesparse`` CLI; each module defines ``register(subparsers)``."""

@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny randomly initialised models of four architecture families."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ARCHES = ("llama", "qwen2", "gemma3", "gpt2", "opt")
+
+
+def make_tiny_model(arch: str = "llama", *, seed: int = 0, layers: int = 2):
+    """A tiny random causal LM of the given family (hidden 64, vocab 128), in eval mode, fp32."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=128)
+    if arch == "llama":
+        cfg = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **common)
+        model = tf.LlamaForCausalLM(cfg)
+    elif arch == "qwen2":
+        cfg = tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **common)
+        model = tf.Qwen2ForCausalLM(cfg)
+    elif arch == "gemma3":
+        cfg = tf.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  max_position_embeddings=256, sliding_window=64, **common)
+        model = tf.Gemma3ForCausalLM(cfg)
+    elif arch == "gpt2":
+        cfg = tf.GPT2Config(n_embd=64, n_layer=layers, n_head=4, n_positions=256, bos_token_id=0,
+                            eos_token_id=0, **common)
+        model = tf.GPT2LMHeadModel(cfg)
+    elif arch == "opt":
+        cfg = tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=layers, num_attention_heads=4,
+                           max_position_embeddings=256, word_embed_proj_dim=64, **common)
+        model = tf.OPTForCausalLM(cfg)
+    else:  # pragma: no cover
+        raise ValueError(arch)
+    return model.eval()
+
+
+@pytest.fixture(params=ARCHES)
+def tiny_any(request):
+    """One tiny model per architecture family."""
+    return make_tiny_model(request.param)
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_model("llama")
+
+
+@pytest.fixture
+def tmp_cache(tmp_path, monkeypatch):
+    """An empty tilesparse cache dir for the test."""
+    monkeypatch.setenv("TILESPARSE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
