@@ -60,3 +60,33 @@ def tmp_cache(tmp_path, monkeypatch):
     """An empty tilesparse cache dir for the test."""
     monkeypatch.setenv("TILESPARSE_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+def make_char_tokenizer():
+    """A character-level fast tokenizer (printable ASCII + newline, < 128 ids) that needs no download."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["<unk>", "<s>", "\n"] + [chr(c) for c in range(32, 127)]
+    vocab = {c: i for i, c in enumerate(chars)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>")
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A saved tiny LLaMA folder (model + character tokenizer) usable as ``--model``."""
+    model = make_tiny_model("llama")
+    path = tmp_path / "tiny-llama"
+    model.save_pretrained(path)
+    make_char_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    """A plain text file with enough characters for a few 64-token windows."""
+    p = tmp_path / "text.txt"
+    p.write_text(("It is a truth universally acknowledged, that a single man in possession "
+                  "of a good fortune, must be in want of a wife.\n") * 20, encoding="utf-8")
+    return p

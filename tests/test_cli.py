@@ -1,0 +1,75 @@
+import pytest
+
+from tilesparse.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("eval", "info", "fetch"):
+        assert cmd in out
+
+
+@pytest.mark.parametrize("cmd", ["eval", "info", "fetch"])
+def test_subcommand_help(capsys, cmd):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0 and "usage" in capsys.readouterr().out
+
+
+def test_eval_on_text_file(capsys, tiny_model_dir, text_file):
+    code, out, err = run_cli(capsys, "eval", "--model", str(tiny_model_dir), "--text-file", str(text_file),
+                             "--seqlen", "64", "--windows", "3", "--json")
+    assert code == 0, err
+    import json
+
+    res = json.loads(out)
+    assert res["windows"] == 3 and res["seqlen"] == 64 and res["text"] == "text.txt"
+    assert 1 < res["perplexity"] < 1e4
+
+
+def test_info(capsys, tiny_model_dir):
+    code, out, err = run_cli(capsys, "info", "--model", str(tiny_model_dir), "--tile", "32", "--layers")
+    assert code == 0, err
+    assert "model.layers.1.mlp.down_proj" in out and "2x4" in out  # 64 x 128 with 32x32 tiles
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--model", "/no/such/dir"], "does not exist"),
+    (["--text-file", "/no/such/file.txt"], "does not exist"),
+    (["--seqlen", "0"], "at least 2"),
+    (["--seqlen", "100000"], "exceeds the model's context"),
+    (["--seqlen", "100000", "--windows", "-1"], "--windows"),
+])
+def test_eval_bad_input_is_one_line(capsys, tiny_model_dir, text_file, extra, msg):
+    argv = ["eval", "--model", str(tiny_model_dir), "--text-file", str(text_file)]
+    # later flags win in argparse, so extra overrides the defaults above
+    code, out, err = run_cli(capsys, *argv, *extra)
+    assert code == 2
+    lines = [l for l in err.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and msg in lines[0], err
+
+
+def test_eval_empty_and_short_text(capsys, tiny_model_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    code, _, err = run_cli(capsys, "eval", "--model", str(tiny_model_dir), "--text-file", str(empty))
+    assert code == 2 and "is empty" in err
+    short = tmp_path / "short.txt"
+    short.write_text("only a few characters")
+    code, _, err = run_cli(capsys, "eval", "--model", str(tiny_model_dir), "--text-file", str(short),
+                           "--seqlen", "128")
+    assert code == 2 and "shorter than one window" in err
+
+
+def test_info_bad_tile(capsys, tiny_model_dir):
+    code, _, err = run_cli(capsys, "info", "--model", str(tiny_model_dir), "--tile", "64x30")
+    assert code == 2 and "multiple of 4" in err
