@@ -1,0 +1,291 @@
+"""Layer-level checks and benchmarks of the hybrid kernels (GPU).
+
+    PYTHONPATH=src python3 benchmarks/kernels.py --check            # correctness on the GPU
+    PYTHONPATH=src python3 benchmarks/kernels.py --out table.md     # the layer table (CUDA graphs + eager)
+    PYTHONPATH=src python3 benchmarks/kernels.py --shapes 4096x4096 --tokens 1,16 --fracs 0.5,1 --verbose
+
+Timing: every op is timed over ``copies`` distinct weight copies whose dense bytes together exceed
+4x the L2 (so no weight is served from L2), inside one CUDA graph (and, separately, eagerly), median
+of ``--reps`` replays, divided by the number of copies. Inputs are fresh random data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from tilesparse.kernels import format as fmt
+from tilesparse.kernels import ops
+from tilesparse.kernels.reference import rel_error
+from tilesparse.masks.nm import topk_mask
+from tilesparse.masks.tiles import DENSE, SPARSE, ZERO, TileGrid
+
+SHAPES = {  # (out, in)
+    "4096x4096": (4096, 4096),  # LLaMA-2-7B q/k/v/o
+    "11008x4096": (11008, 4096),  # LLaMA-2-7B gate/up
+    "4096x11008": (4096, 11008),  # LLaMA-2-7B down
+    "14336x4096": (14336, 4096),  # LLaMA-3-8B gate/up
+    "4096x14336": (4096, 14336),  # LLaMA-3-8B down
+}
+
+
+def random_kinds(grid: TileGrid, frac_sparse: float, frac_zero: float = 0.0, gen=None) -> torch.Tensor:
+    """Tile map with exactly round(frac * tiles) 2:4 (and zero) tiles at random places, the rest dense."""
+    n = grid.n_rows * grid.n_cols
+    perm = torch.randperm(n, generator=gen)
+    kinds = torch.full((n,), DENSE, dtype=torch.int8)
+    ns = round(frac_sparse * n)
+    nz = round(frac_zero * n)
+    kinds[perm[:ns]] = SPARSE
+    kinds[perm[ns:ns + nz]] = ZERO
+    return kinds.reshape(grid.shape)
+
+
+def random_packed(N, K, frac, tile=(128, 128), dtype=torch.bfloat16, device="cuda", frac_zero=0.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    grid = TileGrid(N, K, *tile)
+    kinds = random_kinds(grid, frac, frac_zero, g)
+    W = (torch.randn(N, K, device=device) * 0.02).to(dtype)
+    m24 = topk_mask(torch.rand(N, K, device=device))
+    return fmt.pack_from_kinds(W, kinds, m24, tile), W, m24
+
+
+# ------------------------------------------------------------------ correctness
+def check(args) -> bool:
+    dev = "cuda"
+    torch.manual_seed(1)
+    cases = [  # N, K, tile, frac_sparse, frac_zero
+        (4096, 4096, (128, 128), 0.5, 0.0),
+        (1000, 576, (128, 128), 0.4, 0.2),  # partial edge tiles both ways
+        (576, 1536, (64, 64), 0.6, 0.1),
+        (256, 256, (128, 128), 1.0, 0.0),  # all 2:4
+        (256, 384, (128, 128), 0.0, 0.0),  # all dense (plain)
+        (384, 256, (128, 128), 0.0, 0.5),  # dense + zero
+        (200, 96, (16, 16), 0.5, 0.2),
+        (130, 200, (32, 64), 0.5, 0.2),
+        (128, 128, (128, 128), 0.0, 1.0),  # all zero
+    ]
+    Ms = [1, 2, 5, 16, 33, 64, 65, 200]
+    ok = True
+    n = 0
+    worst = 0.0
+    t0 = time.time()
+    for ci, (N, K, tile, fs, fz) in enumerate(cases):
+        for dtype in (torch.bfloat16, torch.float16):
+            p, W, m24 = random_packed(N, K, fs, tile, dtype, dev, fz, seed=ci)
+            Wm = p.unpack()
+            if not torch.equal(ops.unpack_triton(p), Wm):
+                print(f"FAIL unpack_triton {N}x{K} tile {tile} {dtype}")
+                ok = False
+            bias = torch.randn(N, device=dev).to(dtype) if ci % 2 == 0 else None
+            full = ci == 0 and dtype == torch.bfloat16
+            for M in Ms:
+                x = torch.randn(M, K, device=dev).to(dtype)
+                ref = torch.nn.functional.linear(x.double(), Wm.double(), None if bias is None else bias.double())
+                cfgs = ops.candidate_configs(M, p, force_kernel=True)
+                if not full:  # one config per mode and split kind, plus the heuristic
+                    keep, seen = [], set()
+                    for c in cfgs:
+                        sig = (c.path, c.mode, c.split > 1)
+                        if sig not in seen:
+                            seen.add(sig)
+                            keep.append(c)
+                    cfgs = keep + [ops.heuristic_config(M, p)]
+                for cfg in cfgs:
+                    if cfg.path == "triton":
+                        out = torch.full((M, N), float("nan"), device=dev, dtype=dtype)
+                        ops.launch_triton(x, p, bias, cfg, out)
+                    elif cfg.path == "dense" and not p.is_plain_dense():
+                        continue
+                    else:
+                        out = ops.run_config(x, p, bias, cfg)
+                    torch.cuda.synchronize()
+                    e = rel_error(out, ref)
+                    worst = max(worst, e if math.isfinite(e) else 1e9)
+                    n += 1
+                    if not e < 1e-2:
+                        ok = False
+                        print(f"FAIL {N}x{K} tile {tile} fs={fs} fz={fz} {dtype} M={M} bias={bias is not None} "
+                              f"{cfg.short()}: rel err {e:.3e}")
+            # tuned public path with 3-D and non-contiguous input
+            x3 = torch.randn(2, 7, 2 * K, device=dev).to(dtype)[:, :, ::2]
+            y = ops.hybrid_linear(x3, p, bias)
+            ref = torch.nn.functional.linear(x3.double(), Wm.double(), None if bias is None else bias.double())
+            e = rel_error(y, ref)
+            n += 1
+            if not e < 1e-2 or y.shape != (2, 7, N):
+                ok = False
+                print(f"FAIL public 3-D non-contiguous {N}x{K} {dtype}: {e:.3e} {tuple(y.shape)}")
+    # bad inputs: clear errors, never wrong output
+    p, _, _ = random_packed(256, 256, 0.5, (128, 128), torch.bfloat16, dev)
+    for what, fn, exc in [
+        ("wrong dtype", lambda: ops.hybrid_linear(torch.randn(3, 256, device=dev), p), TypeError),
+        ("wrong K", lambda: ops.hybrid_linear(torch.randn(3, 255, device=dev).bfloat16(), p), ValueError),
+        ("cpu input", lambda: ops.hybrid_linear(torch.randn(3, 256).bfloat16(), p), ValueError),
+    ]:
+        try:
+            fn()
+            print(f"FAIL bad input '{what}' did not raise")
+            ok = False
+        except exc:
+            pass
+    print(f"check: {n} kernel runs, worst rel err {worst:.2e}, {'PASS' if ok else 'FAIL'} ({time.time() - t0:.0f}s)")
+    return ok
+
+
+# ------------------------------------------------------------------ timing
+def _median_ms(fn_list, graph: bool, reps: int) -> float:
+    """Median time of one op (ms), run over every callable of ``fn_list`` in turn."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fn_list:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = None
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for f in fn_list:
+                f()
+        g.replay()
+        torch.cuda.synchronize()
+    ts = []
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(reps):
+        e0.record()
+        if graph:
+            g.replay()
+        else:
+            for f in fn_list:
+                f()
+        e1.record()
+        e1.synchronize()
+        ts.append(e0.elapsed_time(e1))
+    del g
+    return statistics.median(ts) / len(fn_list)
+
+
+def bench(args) -> None:
+    dev = "cuda"
+    props = torch.cuda.get_device_properties(0)
+    l2 = getattr(props, "L2_cache_size", 50 << 20)
+    shapes = [s for s in args.shapes.split(",")]
+    tokens = [int(t) for t in args.tokens.split(",")]
+    fracs = [float(f) for f in args.fracs.split(",")]
+    rows = []
+    from torch.sparse import to_sparse_semi_structured
+
+    for sname in shapes:
+        N, K = SHAPES[sname] if sname in SHAPES else tuple(int(v) for v in sname.split("x"))
+        dense_bytes = N * K * 2
+        copies = max(2, math.ceil(4 * l2 / dense_bytes))
+        W = [(torch.randn(N, K, device=dev) * 0.02).bfloat16() for _ in range(copies)]
+        m24 = topk_mask(torch.rand(N, K, device=dev))
+        sp24 = None
+        try:
+            sp24 = [to_sparse_semi_structured(w * m24) for w in W]
+        except Exception as e:  # noqa: BLE001
+            print(f"torch 2:4 unavailable: {type(e).__name__}: {str(e)[:100]}")
+        for M in tokens:
+            x = torch.randn(M, K, device=dev).bfloat16()
+            dense_fns = [lambda w=w: torch.nn.functional.linear(x, w) for w in W]
+            t_dense_g = _median_ms(dense_fns, True, args.reps)
+            t_dense_e = _median_ms(dense_fns, False, args.reps)
+            t_sp_g = t_sp_e = float("nan")
+            if sp24 is not None:
+                try:
+                    sp_fns = [lambda w=w: torch.nn.functional.linear(x, w) for w in sp24]
+                    t_sp_e = _median_ms(sp_fns, False, args.reps)
+                    t_sp_g = _median_ms(sp_fns, True, args.reps)
+                except Exception as e:  # noqa: BLE001
+                    print(f"torch 2:4 failed at M={M}: {type(e).__name__}: {str(e)[:100]}")
+            for f in fracs:
+                p0, _, _ = random_packed(N, K, f, (128, 128), torch.bfloat16, dev, seed=int(f * 100))
+                ps = [p0] + [p0.clone() for _ in range(copies - 1)]
+                best, times = ops.autotune(x, p0, None, verbose=args.verbose, force_kernel=args.verbose)
+                ops._TUNED[ops.tune_key(M, p0, False)] = best
+                if args.verbose:
+                    for c, t in sorted(times.items(), key=lambda kv: kv[1]):
+                        print(f"    {sname} M={M} f={f:.2f} {c.short():40s} {t * 1e3:8.1f} us")
+                # correctness of the tuned path on this shape
+                ref = torch.nn.functional.linear(x.double(), p0.unpack().double())
+                err = rel_error(ops.hybrid_linear(x, p0), ref)
+                hyb_fns = [lambda p=p: ops.hybrid_linear(x, p) for p in ps]
+                t_h_g = _median_ms(hyb_fns, True, args.reps)
+                t_h_e = _median_ms(hyb_fns, False, args.reps)
+                bound = fmt.bytes_bound_speedup(f)
+                row = dict(shape=sname, M=M, f=f, dense_g=t_dense_g, hyb_g=t_h_g, dense_e=t_dense_e, hyb_e=t_h_e,
+                           sp_g=t_sp_g, sp_e=t_sp_e, bound=bound, cfg=best.short(), err=err,
+                           hbytes=p0.nbytes(), dbytes=dense_bytes)
+                rows.append(row)
+                print(f"{sname:>11} M={M:5d} f={f:.2f} dense {t_dense_g * 1e3:8.1f} us  hybrid {t_h_g * 1e3:8.1f} us "
+                      f"x{t_dense_g / t_h_g:5.2f} (bound {bound:.2f}, {t_dense_g / t_h_g / bound * 100:5.1f}%)  "
+                      f"eager x{t_dense_e / t_h_e:5.2f}  err {err:.1e}  [{best.short()}]", flush=True)
+                del ps
+            del x
+        del W, sp24
+        torch.cuda.empty_cache()
+    write_table(rows, args, props)
+
+
+def write_table(rows, args, props) -> None:
+    lines = [
+        f"# Hybrid kernels, layer level ({props.name})",
+        "",
+        f"Measured {datetime.date.today().isoformat()} on {props.name} ({props.multi_processor_count} SMs), "
+        f"torch {torch.__version__}, triton {__import__('triton').__version__}, bf16, random weights and inputs.",
+        f"Command: `PYTHONPATH=src python3 benchmarks/kernels.py {' '.join(sys.argv[1:])}`",
+        "",
+        "Times in microseconds per call, rotating over weight copies > 4x L2; `x dense` = dense time / hybrid time;",
+        "`bound` = bytes bound 1/(1-0.4375 f) (the memory-bound ceiling; prefill should be >= 0.97x instead);",
+        "`% bound` = speedup / bound; torch 2:4 = `to_sparse_semi_structured` (cuSPARSELt) on a fully 2:4 weight.",
+        "",
+        "| shape (out x in) | tokens | 2:4 tiles | dense (graph) | hybrid (graph) | x dense | bound | % bound |"
+        " dense (eager) | hybrid (eager) | x dense eager | torch 2:4 graph | x torch 2:4 | hybrid/dense bytes | config |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        sp = r["sp_g"]
+        lines.append(
+            f"| {r['shape']} | {r['M']} | {r['f'] * 100:.0f}% | {r['dense_g'] * 1e3:.1f} | {r['hyb_g'] * 1e3:.1f} | "
+            f"{r['dense_g'] / r['hyb_g']:.2f} | {r['bound']:.2f} | {r['dense_g'] / r['hyb_g'] / r['bound'] * 100:.0f}% | "
+            f"{r['dense_e'] * 1e3:.1f} | {r['hyb_e'] * 1e3:.1f} | {r['dense_e'] / r['hyb_e']:.2f} | "
+            f"{sp * 1e3:.1f} | {sp / r['hyb_g']:.2f} | {r['hbytes'] / r['dbytes']:.3f} | {r['cfg']} |")
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as fh:
+            fh.write(text)
+    print(text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="run the correctness checks and exit")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--tokens", default="1,16,64,256,2048,8192")
+    ap.add_argument("--fracs", default="0,0.25,0.5,0.75,1")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--verbose", action="store_true", help="print every candidate's time")
+    ap.add_argument("--out", default=None, help="markdown file for the table")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU")
+        return 2
+    if args.check:
+        return 0 if check(args) else 1
+    bench(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""``hybrid_linear``: dispatch, per-shape autotuning and launching of the hybrid kernels.
+
+Paths (chosen per call):
+
+* ``"dense"`` -- the layer has only dense tiles and ``dn_vals`` is ``W``: ``F.linear`` on that view
+  (cuBLAS, no extra memory).
+* Triton ``hybrid_linear_kernel`` in one of its modes (see :mod:`.triton_hybrid`) -- the decode path
+  and one prefill candidate.
+* ``"unpack"`` (prefill candidate) -- unpack the layer on the GPU into a *transient* scratch buffer
+  (one per device and dtype, as large as the largest layer it has served; reused by every layer) and
+  call ``F.linear`` on it. Its resident cost is that one buffer, reported by :func:`workspace_bytes`.
+
+Choice: autotuned on the first call per (layer shape, tile size, sparse-fraction bucket, token-count
+bucket, dtype, bias) by timing every candidate with ``triton.testing.do_bench`` (median, L2 flushed),
+cached for the process. Outside tuning (``TILESPARSE_AUTOTUNE=0``, CPU interpreter, or during CUDA
+graph capture) a fixed heuristic is used.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .format import PackedHybrid
+
+try:  # triton is optional: without it everything runs through the torch reference
+    import triton
+
+    from . import triton_hybrid as _tk
+
+    HAVE_TRITON = True
+except Exception:  # pragma: no cover - depends on the environment
+    triton = None
+    _tk = None
+    HAVE_TRITON = False
+
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """One way to run a layer: ``path`` is ``"triton"``, ``"dense"`` or ``"unpack"``."""
+
+    path: str = "triton"
+    mode: int = 1
+    bm: int = 16
+    bn: int = 32
+    bk: int = 128
+    split: int = 1
+    warps: int = 4
+    stages: int = 3
+
+    def short(self) -> str:
+        if self.path != "triton":
+            return self.path
+        m = {0: "fma", 1: "swap", 2: "mm"}[self.mode]
+        return f"{m} bm{self.bm} bn{self.bn} bk{self.bk} s{self.split} w{self.warps} st{self.stages}"
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def kernel_supported(packed: PackedHybrid) -> bool:
+    """True when the Triton kernels handle this layer's tile size and dtype."""
+    return (HAVE_TRITON and packed.dtype in KERNEL_DTYPES
+            and packed.tile_rows % 16 == 0 and packed.tile_cols % 16 == 0)
+
+
+def _pow2_at_least(n: int, lo: int = 1) -> int:
+    return max(lo, 1 << max(0, math.ceil(math.log2(max(1, n)))))
+
+
+def _largest_pow2_divisor_le(n: int, cap: int) -> int:
+    b = 1
+    while b * 2 <= cap and n % (b * 2) == 0:
+        b *= 2
+    return b
+
+
+def _fit(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
+    """Clamp block sizes to the tile size; ``None`` if the config cannot run on this layer."""
+    if cfg.path != "triton":
+        return cfg
+    bn = _largest_pow2_divisor_le(packed.tile_rows, cfg.bn)
+    bk = _largest_pow2_divisor_le(packed.tile_cols, cfg.bk)
+    if bk < 16 or (cfg.mode != 0 and bn < 16):
+        return None
+    return KernelConfig("triton", cfg.mode, cfg.bm, bn, bk, cfg.split, cfg.warps, cfg.stages)
+
+
+def heuristic_config(M: int, packed: PackedHybrid) -> KernelConfig:
+    """Fixed choice without tuning (good enough on the CPU interpreter and as a fallback)."""
+    if packed.is_plain_dense():
+        return KernelConfig("dense")
+    if M <= 2:
+        cfg = KernelConfig("triton", 0, _pow2_at_least(M), 32, 128, 1, 4, 3)
+    elif M <= 64:
+        cfg = KernelConfig("triton", 1, _pow2_at_least(M, 16), 32, 128, 1, 4, 3)
+    else:
+        cfg = KernelConfig("triton", 2, 128, 128, 64, 1, 8, 3)
+    return _fit(cfg, packed)
+
+
+def candidate_configs(M: int, packed: PackedHybrid, force_kernel: bool = False) -> list[KernelConfig]:
+    """Configurations the autotuner times for ``M`` tokens (``force_kernel``: Triton ones even for a
+    plain dense layer, for benchmarks)."""
+    T = KernelConfig
+    c: list[KernelConfig] = []
+    if packed.is_plain_dense():
+        if not force_kernel:
+            return [T("dense")]
+        c.append(T("dense"))
+    if M <= 4:
+        bm = _pow2_at_least(M)
+        for bn in (16, 32):
+            for split in (1, 2, 4):
+                c.append(T("triton", 0, bm, bn, 128, split, 4, 3))
+    if M <= 64:
+        bm = _pow2_at_least(M, 16)
+        for bn in ((16, 32, 64) if M <= 16 else (32, 64, 128)):
+            for split in (1, 2, 4):
+                c.append(T("triton", 1, bm, bn, 128, split, 4, 3))
+    else:
+        for bm, bn, bk, w, st in ((128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 64, 64, 4, 4),
+                                  (64, 128, 64, 4, 4), (128, 128, 32, 4, 4), (256, 128, 64, 8, 3)):
+            c.append(T("triton", 2, bm, bn, bk, 1, w, st))
+        c.append(T("unpack"))
+    out, seen = [], set()
+    for cfg in c:
+        f = _fit(cfg, packed)
+        if f is not None and f not in seen:
+            seen.add(f)
+            out.append(f)
+    return out
+
+
+# ---------------------------------------------------------------- workspaces (per device)
+_WS: dict = {}
+_KEEP: list = []  # buffers ever handed out stay alive (CUDA graphs may still point at them)
+
+
+def _buffer(kind: str, device: torch.device, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    key = (kind, str(device), dtype)
+    buf = _WS.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = torch.zeros(max(numel, 1 << 16 if kind == "lock" else numel), dtype=dtype, device=device)
+        _WS[key] = buf
+        _KEEP.append(buf)
+    return buf
+
+
+def workspace_bytes(device=None) -> int:
+    """Bytes held by the transient workspaces (split-K partials, locks, unpack scratch)."""
+    return sum(b.numel() * b.element_size() for (k, d, _), b in _WS.items() if device is None or d == str(device))
+
+
+# ---------------------------------------------------------------- launching
+def launch_triton(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfig, out: torch.Tensor) -> None:
+    """Run ``hybrid_linear_kernel`` with ``cfg`` on a 2-D ``x2 [M, K]`` into ``out [M, N]``."""
+    M = x2.shape[0]
+    N = packed.out_features
+    R = packed.grid.n_rows
+    grid0 = R * (packed.tile_rows // cfg.bn)
+    grid2 = triton.cdiv(M, cfg.bm)
+    dev = x2.device
+    if cfg.split > 1:
+        ws = _buffer("ws", dev, cfg.split * M * N, torch.float32)
+        lock = _buffer("lock", dev, grid0 * grid2, torch.int32)
+    else:
+        ws, lock = out, out  # unused
+    _tk.hybrid_linear_kernel[(grid0, cfg.split, grid2)](
+        x2, out, bias if bias is not None else out, ws, lock,
+        packed.sp_vals, packed.sp_meta, packed.dn_vals, packed.sp_cols, packed.sp_ptr,
+        packed.dn_cols, packed.dn_ptr, packed.row_info,
+        M, N, x2.stride(0), x2.stride(1), out.stride(0),
+        TILE_R=packed.tile_rows, TILE_C=packed.tile_cols,
+        MODE=cfg.mode, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SPLIT=cfg.split, HAS_BIAS=bias is not None,
+        DOT_F32=interpreting() and packed.dtype == torch.bfloat16,
+        num_warps=cfg.warps, num_stages=cfg.stages,
+    )
+
+
+def unpack_triton(packed: PackedHybrid, out: torch.Tensor | None = None, bn: int = 32, bk: int = 64) -> torch.Tensor:
+    """Dense masked weight ``[out, in]`` unpacked on the device by ``unpack_kernel``."""
+    N, K = packed.shape
+    if out is None:
+        out = torch.empty(N, K, dtype=packed.dtype, device=packed.device)
+    bn = _largest_pow2_divisor_le(packed.tile_rows, bn)
+    bk = _largest_pow2_divisor_le(packed.tile_cols, bk)
+    if bk < 8:
+        raise ValueError(f"tile_cols={packed.tile_cols} too small for unpack_kernel")
+    grid = (packed.grid.n_rows * (packed.tile_rows // bn), packed.grid.n_cols)
+    _tk.unpack_kernel[grid](
+        out, packed.sp_vals, packed.sp_meta, packed.dn_vals, packed.tile_kinds, packed.tile_slot, packed.row_info,
+        N, K, packed.grid.n_cols, TILE_R=packed.tile_rows, TILE_C=packed.tile_cols, BN=bn, BK=bk,
+    )
+    return out
+
+
+def run_config(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfig) -> torch.Tensor:
+    """Compute ``x2 @ W^T (+ bias)`` with one explicit configuration; returns ``[M, N]``."""
+    N, K = packed.shape
+    if cfg.path == "dense":
+        return torch.nn.functional.linear(x2, packed.dense_view(), bias)
+    if cfg.path == "unpack":
+        scratch = _buffer("scratch", x2.device, N * K, packed.dtype)[: N * K].view(N, K)
+        unpack_triton(packed, scratch)
+        return torch.nn.functional.linear(x2, scratch, bias)
+    out = torch.empty(x2.shape[0], N, dtype=x2.dtype, device=x2.device)
+    launch_triton(x2, packed, bias, cfg, out)
+    return out
+
+
+# ---------------------------------------------------------------- autotuning
+_TUNED: dict = {}
+
+
+def _m_bucket(M: int) -> int:
+    return _pow2_at_least(M)
+
+
+def tune_key(M: int, packed: PackedHybrid, has_bias: bool) -> tuple:
+    return (packed.out_features, packed.in_features, packed.tile_rows, packed.tile_cols,
+            round(packed.sparse_fraction() * 4), _m_bucket(M), str(packed.dtype), str(packed.device), has_bias,
+            packed.is_plain_dense())
+
+
+def autotune(x2: torch.Tensor, packed: PackedHybrid, bias, verbose: bool = False,
+             force_kernel: bool = False) -> tuple[KernelConfig, dict]:
+    """Time every candidate on these inputs (median of ``do_bench``, L2 flushed) and return the fastest."""
+    times = {}
+    for cfg in candidate_configs(x2.shape[0], packed, force_kernel):
+        try:
+            run_config(x2, packed, bias, cfg)
+            torch.cuda.synchronize()
+            times[cfg] = triton.testing.do_bench(lambda: run_config(x2, packed, bias, cfg),
+                                                 warmup=5, rep=25, return_mode="median")
+        except Exception as e:  # a config that fails to compile/launch (e.g. out of shared memory)
+            if verbose:
+                print(f"  skip {cfg.short()}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+    if not times:
+        raise RuntimeError("no kernel configuration could run for this layer")
+    best = min(times, key=times.get)
+    return best, times
+
+
+def choose_config(x2: torch.Tensor, packed: PackedHybrid, bias) -> KernelConfig:
+    """The cached, tuned or heuristic configuration for this call."""
+    key = tune_key(x2.shape[0], packed, bias is not None)
+    cfg = _TUNED.get(key)
+    if cfg is not None:
+        return cfg
+    can_tune = (x2.is_cuda and not interpreting() and os.environ.get("TILESPARSE_AUTOTUNE", "1") != "0"
+                and not torch.cuda.is_current_stream_capturing())
+    if not can_tune:
+        return heuristic_config(x2.shape[0], packed)
+    cfg, _ = autotune(x2, packed, bias)
+    _TUNED[key] = cfg
+    return cfg
+
+
+def clear_tuning_cache() -> None:
+    """Forget every tuned choice."""
+    _TUNED.clear()
+
+
+# ---------------------------------------------------------------- public op
+def check_input(x: torch.Tensor, packed: PackedHybrid, bias: torch.Tensor | None) -> None:
+    """Raise a one-line ``TypeError``/``ValueError`` for inputs the layer cannot take."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[-1] != packed.in_features:
+        raise ValueError(f"input's last dimension is {tuple(x.shape)[-1:] or '()'}, the layer expects in_features={packed.in_features}")
+    if x.dtype != packed.dtype:
+        raise TypeError(f"input dtype {x.dtype} does not match the layer's weight dtype {packed.dtype}")
+    if x.device != packed.device:
+        raise ValueError(f"input is on {x.device}, the layer's weights are on {packed.device}")
+    if bias is not None and (bias.shape != (packed.out_features,) or bias.dtype != packed.dtype):
+        raise ValueError(f"bias must be [{packed.out_features}] {packed.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+
+
+def hybrid_linear(x: torch.Tensor, packed: PackedHybrid, bias: torch.Tensor | None = None,
+                  config: KernelConfig | None = None, use_triton: bool | None = None) -> torch.Tensor:
+    """``Y = x @ (W*M)^T + bias`` for a packed hybrid layer; ``x [..., in]`` -> ``[..., out]``.
+
+    Runs the Triton kernels on CUDA (or on CPU under ``TRITON_INTERPRET=1`` when ``use_triton`` is
+    true) and the torch reference otherwise. ``config`` forces one configuration (tests, benchmarks).
+    """
+    check_input(x, packed, bias)
+    if use_triton is None:
+        use_triton = x.is_cuda and kernel_supported(packed)
+    if not use_triton:
+        from .reference import reference_linear
+        return reference_linear(x, packed, bias)
+    if not kernel_supported(packed):
+        raise ValueError(f"the Triton kernels need 16-bit weights and tile sizes that are multiples of 16 "
+                         f"(got {packed.dtype}, {packed.tile_rows}x{packed.tile_cols}); use the reference path")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, packed.in_features)
+    if x2.shape[0] == 0:
+        return x.new_empty(*lead, packed.out_features)
+    cfg = config if config is not None else choose_config(x2, packed, bias)
+    cfg = _fit(cfg, packed) or heuristic_config(x2.shape[0], packed)
+    return run_config(x2, packed, bias, cfg).reshape(*lead, packed.out_features)

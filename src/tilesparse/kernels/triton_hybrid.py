@@ -1,0 +1,214 @@
+"""Triton kernels for the packed hybrid format: ``Y = X @ W^T (+ bias)`` and on-device unpacking.
+
+One kernel, three accumulation modes chosen per call (constexpr ``MODE``):
+
+* ``MODE_FMA`` (decode, 1-4 tokens): expanded weights times ``x`` accumulated element-wise in fp32
+  registers over the whole K loop, one reduction at the end (no tensor cores, no shuffles per step).
+* ``MODE_SWAP`` (decode, up to ~64 tokens): ``acc[BN, BM] += W[BN, BK] @ X^T[BK, BM]`` on tensor
+  cores; the weight rows fill the MMA's large dimension, the few tokens its small one.
+* ``MODE_MM`` (prefill): ``acc[BM, BN] += X[BM, BK] @ W^T[BK, BN]``.
+
+A program owns ``BN`` rows of one tile-row and streams that tile-row's 2:4 K-space (compressed values
++ 4-bit metadata expanded in registers with a few shifts/masks/selects) and then its dense K-space
+into one fp32 accumulator. All-zero tiles are never visited. ``SPLIT > 1`` splits both K-spaces over
+``SPLIT`` programs; partial sums go to an fp32 workspace and the last program to arrive (an atomic
+counter per output block, reset by that program) adds them up -- one launch, no memset.
+
+Pointer-alignment facts the format guarantees (row strides and block offsets multiples of 8 values /
+16 metadata bytes) are passed to the compiler with ``tl.multiple_of`` so loads are 16 bytes wide.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+MODE_FMA = 0
+MODE_SWAP = 1
+MODE_MM = 2
+
+
+@triton.jit
+def _expand24(v, mt, BN: tl.constexpr, BK: tl.constexpr):
+    """Compressed values ``v[BN, BK/2]`` + metadata bytes ``mt[BN, BK/8]`` (int32) -> dense ``[BN, BK]``."""
+    nib = tl.reshape(tl.join(mt & 15, mt >> 4), (BN, BK // 4))  # one nibble per group of 4
+    p0 = nib & 3
+    p1 = nib >> 2
+    v0, v1 = tl.split(tl.reshape(v, (BN, BK // 4, 2)))
+    zero = tl.zeros_like(v0)
+    d0 = tl.where(p0 == 0, v0, zero)
+    d1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero))
+    d2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero))
+    d3 = tl.where(p1 == 3, v1, zero)
+    # [BN, G, j, i] = d_{2j+i}  ->  flattened position 4g + 2j + i
+    return tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BN, BK))
+
+
+@triton.jit
+def _accumulate(acc, w, x_ptr, offs_m, m_ok, xk, k_ok, stride_xm, stride_xk, MODE: tl.constexpr,
+                DOT_F32: tl.constexpr):
+    if MODE == 0:
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + xk[None, :] * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    elif MODE == 1:
+        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + xk[:, None] * stride_xk,
+                     mask=m_ok[None, :] & k_ok[:, None], other=0.0)
+        if DOT_F32:  # only for the CPU interpreter, whose bf16 tl.dot is broken
+            acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc)
+        else:
+            acc = tl.dot(w, xt, acc)
+    else:
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + xk[None, :] * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if DOT_F32:
+            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+    return acc
+
+
+@triton.jit
+def hybrid_linear_kernel(
+    x_ptr, out_ptr, bias_ptr, ws_ptr, lock_ptr,
+    sp_vals_ptr, sp_meta_ptr, dn_vals_ptr, sp_cols_ptr, sp_ptr_ptr, dn_cols_ptr, dn_ptr_ptr, row_info_ptr,
+    M, N, stride_xm, stride_xk, stride_om,
+    TILE_R: tl.constexpr, TILE_C: tl.constexpr,
+    MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    BPT: tl.constexpr = TILE_R // BN  # row blocks per tile-row
+    r = pid_n // BPT
+    offs_i = (pid_n % BPT) * BN + tl.arange(0, BN)  # rows inside the tile-row
+    rows = r * TILE_R + offs_i
+    row_ok = rows < N
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    m_ok = offs_m < M
+    ar_k = tl.arange(0, BK)
+    ar_v = tl.arange(0, BK // 2)
+    ar_t = tl.arange(0, BK // 8)
+
+    info = row_info_ptr + r * 8
+    sp_len = tl.load(info + 0)
+    sp_off = tl.multiple_of(tl.load(info + 1), 8)
+    sp_stride = tl.multiple_of(tl.load(info + 2), 8)
+    mt_off = tl.multiple_of(tl.load(info + 3), 16)
+    mt_stride = tl.multiple_of(tl.load(info + 4), 16)
+    dn_len = tl.load(info + 5)
+    dn_off = tl.multiple_of(tl.load(info + 6), 8)
+    dn_stride = tl.multiple_of(tl.load(info + 7), 8)
+    sp_first = tl.load(sp_ptr_ptr + r)
+    dn_first = tl.load(dn_ptr_ptr + r)
+
+    if MODE == 0:
+        acc = tl.zeros((BM, BN, BK), dtype=tl.float32)
+    elif MODE == 1:
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+
+    # ---- 2:4 tiles of this tile-row
+    v_rows = sp_vals_ptr + sp_off + offs_i[:, None].to(tl.int64) * sp_stride
+    t_rows = sp_meta_ptr + mt_off + offs_i[:, None].to(tl.int64) * mt_stride
+    n_chunks = tl.cdiv(sp_len, BK)
+    c_lo = pid_s * n_chunks // SPLIT
+    c_hi = (pid_s + 1) * n_chunks // SPLIT
+    for c in range(c_lo, c_hi):
+        kk = c * BK
+        slot = kk // TILE_C
+        col0 = tl.load(sp_cols_ptr + sp_first + slot).to(tl.int64) * TILE_C + (kk - slot * TILE_C)
+        kv = kk // 2 + ar_v
+        v = tl.load(v_rows + kv[None, :], mask=row_ok[:, None] & (kv[None, :] < sp_stride), other=0.0)
+        kt = kk // 8 + ar_t
+        mt = tl.load(t_rows + kt[None, :], mask=row_ok[:, None] & (kt[None, :] < mt_stride), other=0)
+        w = _expand24(v, mt.to(tl.int32), BN, BK)
+        acc = _accumulate(acc, w, x_ptr, offs_m, m_ok, col0 + ar_k, (kk + ar_k) < sp_len,
+                          stride_xm, stride_xk, MODE, DOT_F32)
+
+    # ---- dense tiles of this tile-row
+    d_rows = dn_vals_ptr + dn_off + offs_i[:, None].to(tl.int64) * dn_stride
+    n_chunks = tl.cdiv(dn_len, BK)
+    c_lo = pid_s * n_chunks // SPLIT
+    c_hi = (pid_s + 1) * n_chunks // SPLIT
+    for c in range(c_lo, c_hi):
+        kk = c * BK
+        slot = kk // TILE_C
+        col0 = tl.load(dn_cols_ptr + dn_first + slot).to(tl.int64) * TILE_C + (kk - slot * TILE_C)
+        kd = kk + ar_k
+        w = tl.load(d_rows + kd[None, :], mask=row_ok[:, None] & (kd[None, :] < dn_stride), other=0.0)
+        acc = _accumulate(acc, w, x_ptr, offs_m, m_ok, col0 + ar_k, kd < dn_len,
+                          stride_xm, stride_xk, MODE, DOT_F32)
+
+    if MODE == 0:
+        y = tl.sum(acc, axis=2)
+    elif MODE == 1:
+        y = tl.trans(acc)
+    else:
+        y = acc
+    out_mask = m_ok[:, None] & row_ok[None, :]
+    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + rows[None, :]
+    if SPLIT == 1:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        ws = ws_ptr + offs_m[:, None].to(tl.int64) * N + rows[None, :]
+        MN = M.to(tl.int64) * N
+        tl.store(ws + pid_s * MN, y, mask=out_mask)
+        tl.debug_barrier()
+        lock = lock_ptr + pid_m * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(lock, 1, sem="acq_rel")
+        if arrived == SPLIT - 1:
+            tot = tl.zeros((BM, BN), dtype=tl.float32)
+            for s in range(SPLIT):
+                tot += tl.load(ws + s * MN, mask=out_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                tot += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptrs, tot.to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(lock, 0)
+
+
+@triton.jit
+def unpack_kernel(
+    out_ptr, sp_vals_ptr, sp_meta_ptr, dn_vals_ptr, kinds_ptr, slot_ptr, row_info_ptr,
+    N, K, n_tile_cols,
+    TILE_R: tl.constexpr, TILE_C: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """Write the dense masked weight ``[N, K]`` (row-major) of a packed layer; one program per
+    ``BN`` rows x one tile."""
+    pid_n = tl.program_id(0)
+    c = tl.program_id(1)
+    BPT: tl.constexpr = TILE_R // BN
+    r = pid_n // BPT
+    offs_i = (pid_n % BPT) * BN + tl.arange(0, BN)
+    rows = r * TILE_R + offs_i
+    row_ok = rows < N
+    kind = tl.load(kinds_ptr + r * n_tile_cols + c).to(tl.int32)
+    slot = tl.load(slot_ptr + r * n_tile_cols + c)
+    info = row_info_ptr + r * 8
+    ar_k = tl.arange(0, BK)
+    for kc in range(0, TILE_C, BK):
+        cols = c * TILE_C + kc + ar_k
+        ok = row_ok[:, None] & (cols[None, :] < K)
+        if kind == 0:
+            kk = slot * TILE_C + kc
+            sp_stride = tl.multiple_of(tl.load(info + 2), 8)
+            mt_stride = tl.multiple_of(tl.load(info + 4), 16)
+            kv = kk // 2 + tl.arange(0, BK // 2)
+            v = tl.load(sp_vals_ptr + tl.load(info + 1) + offs_i[:, None].to(tl.int64) * sp_stride + kv[None, :],
+                        mask=row_ok[:, None] & (kv[None, :] < sp_stride), other=0.0)
+            kt = kk // 8 + tl.arange(0, BK // 8)
+            mt = tl.load(sp_meta_ptr + tl.load(info + 3) + offs_i[:, None].to(tl.int64) * mt_stride + kt[None, :],
+                         mask=row_ok[:, None] & (kt[None, :] < mt_stride), other=0)
+            w = _expand24(v, mt.to(tl.int32), BN, BK)
+        elif kind == 1:
+            kd = slot * TILE_C + kc + ar_k
+            dn_stride = tl.multiple_of(tl.load(info + 7), 8)
+            w = tl.load(dn_vals_ptr + tl.load(info + 6) + offs_i[:, None].to(tl.int64) * dn_stride + kd[None, :],
+                        mask=row_ok[:, None] & (kd[None, :] < dn_stride), other=0.0)
+        else:
+            w = tl.zeros((BN, BK), dtype=out_ptr.dtype.element_ty)
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=ok)
