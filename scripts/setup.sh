@@ -13,8 +13,11 @@ stamp="$VENV/.tilesparse-installed"
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing torch==2.13.0 (CPU) and tilesparse[dev]"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check torch==2.13.0
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev]"
+  pip_install() {  # hide pip's notes about this machine's unused local index folders
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v '^WARNING: Location' >&2)
+  }
+  pip_install torch==2.13.0
+  pip_install -e ".[dev]"
   echo "$want" > "$stamp"
 fi
 "$VENV/bin/tilesparse" fetch
