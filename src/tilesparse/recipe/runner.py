@@ -1,0 +1,219 @@
+"""Execute a recipe end to end, resuming from finished stages.
+
+Layout of the output folder::
+
+    OUT/recipe.yaml                  the recipe as run
+    OUT/stages/<run>/mask/           mask artifact (+ updated weights for SparseGPT with update_weights)
+    OUT/stages/<run>/eval.json       perplexities and zero-shot scores of that run
+    OUT/stages/<run>/export/         packed hybrid model (when export.packed)
+    OUT/report.md, OUT/*.png         regenerated on every run from the stage results
+
+Every stage folder/file carries the fingerprint of the recipe part it depends on (``stage.json``
+written last, atomically). A stage whose fingerprint matches is skipped; anything else is rebuilt, so
+an interrupted recipe run again continues where it stopped and a changed recipe recomputes only
+what changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import TilesparseError
+from .schema import MethodConfig, Recipe, fingerprint
+
+STAGE_FILE = "stage.json"
+
+
+@dataclass
+class RunSpec:
+    """One model to produce: a method at one target sparsity."""
+
+    method: MethodConfig
+    target: float
+
+    @property
+    def run_id(self) -> str:
+        safe = self.method.name.replace(":", "").replace("/", "-").replace(" ", "-")
+        return safe if self.method.kind == "dense" else f"{safe}-s{round(100 * self.target):02d}"
+
+
+@dataclass
+class RunResult:
+    """What the report needs about one run."""
+
+    run_id: str
+    method: str
+    kind: str
+    target: float
+    measured_sparsity: float
+    perplexity: dict[str, float] = field(default_factory=dict)
+    zeroshot: dict = field(default_factory=dict)
+    mask_seconds: float = 0.0
+    details: dict = field(default_factory=dict)
+    mask_dir: str | None = None
+    export_dir: str | None = None
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _stage_done(folder: Path, fp: str) -> dict | None:
+    f = folder / STAGE_FILE
+    if not f.is_file():
+        return None
+    try:
+        info = json.loads(f.read_text())
+    except json.JSONDecodeError:
+        return None
+    return info if info.get("fingerprint") == fp else None
+
+
+def _json_done(path: Path, fp: str) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return info if info.get("fingerprint") == fp else None
+
+
+class RecipeRunner:
+    """Runs the stages of a :class:`Recipe` into an output folder (see module docstring)."""
+
+    def __init__(self, recipe: Recipe, out_dir: str | Path | None = None, *, progress: bool = True,
+                 log=print):
+        self.recipe = recipe
+        self.out = Path(out_dir or recipe.output)
+        self.progress = progress
+        self.log = log
+        self._loaded = None
+        self._pristine = None  # state of the prunable weights as loaded
+
+    # ------------------------------------------------------------------ model handling
+    def model(self):
+        """The base model (loaded once; prunable weights restored before every use)."""
+        from ..models import find_prunable_linears, load_model
+
+        if self._loaded is None:
+            self._loaded = load_model(self.recipe.model, dtype=self.recipe.dtype, device=self.recipe.device)
+            self._pristine = {l.name: l.module.weight.detach().clone() for l in
+                              find_prunable_linears(self._loaded.model)}
+        else:
+            self.restore()
+        return self._loaded
+
+    def restore(self) -> None:
+        """Put the pristine prunable weights back (after masking or weight updates)."""
+        import torch
+
+        if self._loaded is None:
+            return
+        with torch.no_grad():
+            for name, w in self._pristine.items():
+                self._loaded.model.get_submodule(name).weight.copy_(w)
+
+    # ------------------------------------------------------------------ planning
+    def plan(self) -> list[RunSpec]:
+        return [RunSpec(m, s) for m in self.recipe.methods for s in m.targets()]
+
+    def base_fingerprint(self) -> str:
+        r = self.recipe
+        return fingerprint(r.model, r.dtype, r.tile_shape)
+
+    def mask_fingerprint(self, spec: RunSpec) -> str:
+        r = self.recipe
+        data = r.data if spec.method.kind != "dense" else None
+        return fingerprint(self.base_fingerprint(), data, spec.method, spec.target)
+
+    def eval_fingerprint(self, spec: RunSpec) -> str:
+        return fingerprint(self.mask_fingerprint(spec), self.recipe.evaluation)
+
+    # ------------------------------------------------------------------ stages
+    def run(self) -> list[RunResult]:
+        """Run every stage not already finished; returns the results and writes the report."""
+        from .stages import evaluate_run, export_run, make_mask
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(self.out / "recipe.json", self.recipe.to_dict())
+        plan = self.plan()
+        results: list[RunResult] = []
+        t_all = time.perf_counter()
+        for i, spec in enumerate(plan, 1):
+            folder = self.out / "stages" / spec.run_id
+            head = f"[{i}/{len(plan)}] {spec.run_id}"
+            # mask stage
+            mfp = self.mask_fingerprint(spec)
+            mask_dir = folder / "mask"
+            info = _stage_done(mask_dir, mfp)
+            if info is None:
+                if mask_dir.exists():
+                    shutil.rmtree(mask_dir)
+                self.log(f"{head}: building mask ({spec.method.kind})")
+                t0 = time.perf_counter()
+                details = make_mask(self, spec, mask_dir)
+                info = {"fingerprint": mfp, "seconds": time.perf_counter() - t0, **details}
+                _write_json_atomic(mask_dir / STAGE_FILE, info)
+            else:
+                self.log(f"{head}: mask stage done, reused")
+            # evaluation stage
+            efp = self.eval_fingerprint(spec)
+            eval_file = folder / "eval.json"
+            ev = _json_done(eval_file, efp)
+            if ev is None:
+                self.log(f"{head}: evaluating")
+                ev = {"fingerprint": efp, **evaluate_run(self, spec, mask_dir)}
+                _write_json_atomic(eval_file, ev)
+            else:
+                self.log(f"{head}: evaluation done, reused")
+            # export stage
+            export_dir = None
+            if self.recipe.export.packed and self._should_export(spec):
+                export_dir = folder / "export"
+                xfp = fingerprint(mfp, "export-v1")
+                if _stage_done(export_dir, xfp) is None:
+                    if export_dir.exists():
+                        shutil.rmtree(export_dir)
+                    self.log(f"{head}: exporting packed model")
+                    details = export_run(self, spec, mask_dir, export_dir)
+                    _write_json_atomic(export_dir / STAGE_FILE, {"fingerprint": xfp, **details})
+                else:
+                    self.log(f"{head}: export done, reused")
+            results.append(RunResult(
+                run_id=spec.run_id, method=spec.method.name, kind=spec.method.kind, target=spec.target,
+                measured_sparsity=float(info.get("measured_sparsity", 0.0)),
+                perplexity=ev.get("perplexity", {}), zeroshot=ev.get("zeroshot", {}),
+                mask_seconds=float(info.get("seconds", 0.0)), details=info,
+                mask_dir=str(mask_dir) if spec.method.kind != "dense" else None,
+                export_dir=str(export_dir) if export_dir else None,
+            ))
+        self.restore()
+        from ..evaluation.report import write_report
+
+        write_report(self.recipe, results, self.out, total_seconds=time.perf_counter() - t_all)
+        self.log(f"report: {self.out / 'report.md'}")
+        return results
+
+    def _should_export(self, spec: RunSpec) -> bool:
+        which = self.recipe.export.which
+        if spec.method.kind == "dense":
+            return False
+        if which is None:
+            return spec.method.kind == "learn" or (spec.method.kind == "oneshot" and spec.method.pattern != "unstructured")
+        return spec.run_id in which or spec.method.name in which
+
+
+def run_recipe(recipe: Recipe, out_dir: str | Path | None = None, *, progress: bool = True) -> list[RunResult]:
+    """Run a recipe (see :class:`RecipeRunner`)."""
+    if not recipe.methods:
+        raise TilesparseError("recipe has no methods")
+    return RecipeRunner(recipe, out_dir, progress=progress).run()

@@ -1,0 +1,149 @@
+"""The stage functions of a recipe run: build a mask, evaluate it, export the packed model.
+
+Each takes the :class:`~tilesparse.recipe.runner.RecipeRunner` (for the model and the recipe) and
+returns a JSON-serialisable dict of details; the runner handles fingerprints and skipping.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import TilesparseError
+
+UPDATED_WEIGHTS = "updated_weights.safetensors"
+
+
+def _calibration(runner, loaded):
+    from ..pruning import calibration_ids
+
+    d = runner.recipe.data
+    return calibration_ids(loaded, d.calibration, d.calib_samples, d.calib_seqlen, d.seed)
+
+
+def make_mask(runner, spec, mask_dir: Path) -> dict:
+    """Build the mask of one run into ``mask_dir``; returns details (measured sparsity, timings...)."""
+    mask_dir.mkdir(parents=True, exist_ok=True)
+    m = spec.method
+    if m.kind == "dense":
+        return {"measured_sparsity": 0.0}
+    loaded = runner.model()
+    if m.kind == "oneshot":
+        return _oneshot(runner, loaded, spec, mask_dir)
+    return _learned(runner, loaded, spec, mask_dir)
+
+
+def _oneshot(runner, loaded, spec, mask_dir: Path) -> dict:
+    from ..io import save_mask_artifact
+    from ..models import find_prunable_linears
+    from ..pruning import PruneConfig, prune_text
+
+    m, d = spec.method, runner.recipe.data
+    cfg = PruneConfig(method=m.method, pattern=m.pattern, sparsity=spec.target, tile=runner.recipe.tile_shape,
+                      update_weights=m.update_weights)
+    ms = prune_text(loaded, cfg, d.calibration, d.calib_samples, d.calib_seqlen, d.seed, progress=runner.progress)
+    save_mask_artifact(ms, mask_dir)
+    if m.update_weights:
+        from safetensors.torch import save_file
+
+        weights = {l.name: l.module.weight.detach().contiguous().cpu() for l in find_prunable_linears(loaded.model)}
+        save_file(weights, str(mask_dir / UPDATED_WEIGHTS))
+        runner.restore()
+    return {"measured_sparsity": ms.sparsity(), "per_layer": ms.per_layer()}
+
+
+def _learned(runner, loaded, spec, mask_dir: Path) -> dict:
+    from ..data import load_text, tokenize
+    from ..io import save_mask_artifact
+    from ..learning.config import make_config
+    from ..learning.final import density_report
+    from ..learning.trainer import learn_masks
+    from ..models import find_prunable_linears
+
+    m, d = spec.method, runner.recipe.data
+    overrides = dict(mode=m.mode, sparsity=spec.target if m.mode != "maskllm" else 0.5, steps=m.steps,
+                     batch=m.batch, seqlen=m.seqlen, lr=m.lr, prior=m.prior, tile=runner.recipe.tile_shape,
+                     seed=d.seed, text=d.train, calib_samples=d.calib_samples, calib_seqlen=d.calib_seqlen,
+                     dtype=runner.recipe.dtype)
+    unknown = set(m.options) - set(make_config().to_dict())
+    if unknown:
+        raise TilesparseError(f"recipe: {m.name}.options has unknown learning settings: {sorted(unknown)}")
+    overrides.update(m.options)
+    cfg = make_config(**overrides)
+    train_ids = tokenize(loaded.tokenizer, load_text(d.train).text)
+    calib = None
+    if cfg.prior in ("wanda", "sparsegpt"):
+        calib, _ = _calibration(runner, loaded)
+    work = mask_dir.parent / "learn"  # checkpoints live beside the mask so an interrupted run resumes
+    resume = (work / "checkpoint.pt").is_file() or any(work.glob("checkpoint*"))
+    res = learn_masks(loaded.model, cfg, train_ids, out_dir=work, resume=resume, model_name=loaded.name,
+                      calib_ids=calib, progress=runner.progress)
+    ms = res.maskset
+    save_mask_artifact(ms, mask_dir)
+    block_of = {l.name: l.block_index for l in find_prunable_linears(loaded.model)}
+    return {"measured_sparsity": ms.sparsity(), "per_layer": ms.per_layer(),
+            "density": density_report(ms, block_of), "steps": cfg.steps, "tokens": res.tokens,
+            "learn_seconds": res.seconds, "config": cfg.to_dict()}
+
+
+def apply_run(runner, spec, mask_dir: Path):
+    """The base model with this run's mask (and updated weights, if any) applied; returns the MaskSet."""
+    loaded = runner.model()
+    if spec.method.kind == "dense":
+        return loaded, None
+    from ..io import apply_masks, load_mask_artifact
+
+    upd = mask_dir / UPDATED_WEIGHTS
+    if upd.is_file():
+        from safetensors.torch import load_file
+
+        with torch.no_grad():
+            for name, w in load_file(str(upd)).items():
+                loaded.model.get_submodule(name).weight.copy_(w)
+    ms = load_mask_artifact(mask_dir, loaded.model, check_fingerprint=not upd.is_file())
+    apply_masks(loaded.model, ms)
+    return loaded, ms
+
+
+def evaluate_run(runner, spec, mask_dir: Path) -> dict:
+    """Perplexity on every recipe text and zero-shot scores of one run."""
+    from ..evaluation import evaluate_text
+
+    ev = runner.recipe.evaluation
+    loaded, _ = apply_run(runner, spec, mask_dir)
+    out = {"perplexity": {}, "perplexity_details": {}, "zeroshot": {}}
+    for text in ev.perplexity.texts:
+        res = evaluate_text(loaded, text, seqlen=ev.perplexity.seqlen, max_windows=ev.perplexity.windows,
+                            batch_size=ev.perplexity.batch_size, progress=runner.progress)
+        out["perplexity"][res.text] = res.perplexity
+        out["perplexity_details"][res.text] = res.to_dict()
+        runner.log(f"    {res}")
+    if ev.zeroshot.enabled:
+        try:
+            from ..evaluation.zeroshot import run_zeroshot
+        except ImportError as exc:
+            out["zeroshot"] = {"unavailable": f"zero-shot evaluation not installed ({exc})"}
+        else:
+            zs = run_zeroshot(loaded, ev.zeroshot.tasks, limit=ev.zeroshot.limit,
+                              batch_size=ev.zeroshot.batch_size, device=runner.recipe.device)
+            out["zeroshot"] = zs.to_dict()
+    runner.restore()
+    return out
+
+
+def export_run(runner, spec, mask_dir: Path, export_dir: Path) -> dict:
+    """Pack the masked model of one run into the hybrid format and save it (weights as shipped)."""
+    from ..kernels.linear import convert_model
+    from ..io.packed import save_packed_model
+
+    loaded, ms = apply_run(runner, spec, mask_dir)
+    model = loaded.model
+    dense_bytes = sum(model.get_submodule(n).weight.numel() * 2 for n in ms.layers)  # bf16 reference
+    convert_model(model, ms.to_bool(), tile=runner.recipe.tile_shape, dtype=torch.bfloat16)
+    info = save_packed_model(loaded, export_dir)
+    # converting replaced modules: reload the pristine model for later stages
+    runner._loaded = None
+    info = dict(info or {})
+    info.setdefault("dense_linear_bytes_bf16", dense_bytes)
+    return info

@@ -1,0 +1,78 @@
+import json
+
+import pytest
+
+from tilesparse.recipe import RecipeRunner, parse_recipe
+from tilesparse.recipe import stages
+
+
+def tiny_recipe(model_dir, text_file, out, **over):
+    d = {
+        "model": str(model_dir), "tile": 32, "output": str(out),
+        "data": {"calibration": str(text_file), "calib_samples": 4, "calib_seqlen": 64, "train": str(text_file)},
+        "methods": [
+            {"name": "dense", "kind": "dense"},
+            {"name": "magnitude-2:4", "kind": "oneshot", "method": "magnitude", "pattern": "2:4"},
+            {"name": "wanda-hybrid", "kind": "oneshot", "method": "wanda", "pattern": "hybrid",
+             "sparsities": [0.25, 0.4]},
+        ],
+        "evaluation": {"perplexity": {"texts": [str(text_file)], "seqlen": 64, "windows": 3},
+                       "zeroshot": {"enabled": False}},
+        "export": {"packed": False},
+    }
+    d.update(over)
+    return parse_recipe(d)
+
+
+def test_recipe_runs_then_resumes(tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "run"
+    logs = []
+    results = RecipeRunner(tiny_recipe(tiny_model_dir, text_file, out), progress=False, log=logs.append).run()
+    assert [r.run_id for r in results] == ["dense", "magnitude-24-s50", "wanda-hybrid-s25", "wanda-hybrid-s40"]
+    sp = {r.run_id: r.measured_sparsity for r in results}
+    assert sp["dense"] == 0 and sp["magnitude-24-s50"] == pytest.approx(0.5)
+    assert abs(sp["wanda-hybrid-s25"] - 0.25) < 0.1 and abs(sp["wanda-hybrid-s40"] - 0.4) < 0.1
+    ppl = {r.run_id: r.perplexity["text.txt"] for r in results}
+    assert all(v > 1 for v in ppl.values())
+    assert ppl["dense"] != ppl["magnitude-24-s50"]  # the mask was really applied
+    report = (out / "report.md").read_text()
+    assert "wanda-hybrid-s40" in report and (out / "tradeoff-text-txt.png").is_file()
+    assert not any("reused" in l for l in logs)
+
+    # second run: every stage is reused, same numbers
+    logs2 = []
+    again = RecipeRunner(tiny_recipe(tiny_model_dir, text_file, out), progress=False, log=logs2.append).run()
+    assert sum("reused" in l for l in logs2) == 2 * 4
+    assert [r.perplexity for r in again] == [r.perplexity for r in results]
+
+    # changing only the evaluation re-evaluates but keeps the masks
+    r3 = tiny_recipe(tiny_model_dir, text_file, out,
+                     evaluation={"perplexity": {"texts": [str(text_file)], "seqlen": 64, "windows": 2},
+                                 "zeroshot": {"enabled": False}})
+    logs3 = []
+    RecipeRunner(r3, progress=False, log=logs3.append).run()
+    assert sum("mask stage done, reused" in l for l in logs3) == 4
+    assert sum("evaluating" in l for l in logs3) == 4
+
+
+def test_interrupted_recipe_resumes_from_finished_stages(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real = stages.make_mask
+    calls = []
+
+    def crash_on_third(runner, spec, mask_dir):
+        calls.append(spec.run_id)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C in the middle
+        return real(runner, spec, mask_dir)
+
+    monkeypatch.setattr(stages, "make_mask", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        RecipeRunner(tiny_recipe(tiny_model_dir, text_file, out), progress=False, log=lambda s: None).run()
+    monkeypatch.setattr(stages, "make_mask", real)
+    logs = []
+    RecipeRunner(tiny_recipe(tiny_model_dir, text_file, out), progress=False, log=logs.append).run()
+    assert sum("mask stage done, reused" in l for l in logs) == 2
+    assert sum("building mask" in l for l in logs) == 2
+    data = json.loads((out / "results.json").read_text())
+    assert len(data) == 4
