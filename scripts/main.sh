@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: set up (idempotent), then evaluate the default model.
+# The main job: set up (idempotent), then run the default recipe (or the recipe given as argument).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/tilesparse eval "$@"
+exec .venv/bin/tilesparse run "$@"

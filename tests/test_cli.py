@@ -73,3 +73,20 @@ def test_eval_empty_and_short_text(capsys, tiny_model_dir, tmp_path):
 def test_info_bad_tile(capsys, tiny_model_dir):
     code, _, err = run_cli(capsys, "info", "--model", str(tiny_model_dir), "--tile", "64x30")
     assert code == 2 and "multiple of 4" in err
+
+
+def test_generate_tiny(capsys, tiny_model_dir):
+    code, out, err = run_cli(capsys, "generate", "--model", str(tiny_model_dir), "--prompt", "ab",
+                             "--max-new-tokens", "5", "--no-chat")
+    assert code == 0, err
+    assert "dense: 5 tokens" in out
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--temperature", "-1"], "--temperature"),
+    (["--hybrid"], "--hybrid needs --mask"),
+])
+def test_generate_bad_input(capsys, tiny_model_dir, extra, msg):
+    code, _, err = run_cli(capsys, "generate", "--model", str(tiny_model_dir), *extra)
+    assert code == 2 and msg in err

@@ -1,0 +1,75 @@
+"""``tilesparse generate``: generate text with a dense or hybrid-sparse model."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from ..errors import TilesparseError
+from .common import add_model_args, quiet_libraries
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate text with a dense or hybrid-sparse model",
+                       description="Greedy (or sampled) generation. With --mask the mask artifact is applied; "
+                                   "with --hybrid the masked linears are replaced by HybridLinear modules "
+                                   "(packed format: Triton kernels on a GPU, the torch reference on CPU).")
+    add_model_args(p)
+    p.add_argument("--prompt", default="Tell me a short story about a whale.", help="the prompt")
+    p.add_argument("--mask", default=None, help="mask artifact (folder or .safetensors) to apply")
+    p.add_argument("--hybrid", action="store_true", help="run the masked linears through HybridLinear")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the model's chat template")
+    p.set_defaults(func=run)
+
+
+def build_inputs(tokenizer, prompt: str, chat: bool):
+    """Token ids of the prompt, through the chat template when the tokenizer has one and ``chat``."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+        return ids["input_ids"]
+    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..models import load_model
+
+    quiet_libraries()
+    if args.max_new_tokens <= 0:
+        raise TilesparseError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise TilesparseError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.hybrid and not args.mask:
+        raise TilesparseError("--hybrid needs --mask (the tile map to pack)")
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    note = "dense"
+    if args.mask:
+        from ..io import apply_mask_file
+
+        ms = apply_mask_file(loaded, args.mask)
+        note = f"masked, {100 * ms.sparsity():.1f} % sparse"
+        if args.hybrid:
+            from ..kernels.linear import convert_model
+
+            convert_model(loaded.model, ms.to_bool(), tile=ms.layers[next(iter(ms.layers))].tile,
+                          dtype=next(loaded.model.parameters()).dtype)
+            note += ", HybridLinear"
+    torch.manual_seed(args.seed)
+    ids = build_inputs(loaded.tokenizer, args.prompt, not args.no_chat).to(args.device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = loaded.model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+            do_sample=args.temperature > 0, temperature=args.temperature if args.temperature > 0 else None,
+            top_p=None, top_k=None, pad_token_id=loaded.tokenizer.pad_token_id or loaded.tokenizer.eos_token_id,
+        )
+    dt = time.perf_counter() - t0
+    new = out[0, ids.shape[1]:]
+    print(loaded.tokenizer.decode(new, skip_special_tokens=True).strip())
+    print(f"[{loaded.name}, {note}: {new.numel()} tokens in {dt:.1f} s]", flush=True)
+    return 0
