@@ -287,11 +287,10 @@ def pack_from_kinds(
             idx = torch.cat([torch.arange(c * TC, min((c + 1) * TC, grid.in_features)) for c in sc]).to(dev)
             block = w[r0:r1].index_select(1, idx)  # [rh, sp_len]
             m = mask24[r0:r1].to(dev).bool().index_select(1, idx)
-            bad_cols = [c for c in sc if not _is24(mask24[r0:r1, c * TC:min((c + 1) * TC, grid.in_features)])]
-            if bad_cols:
-                c = bad_cols[0]
-                check_2to4(mask24[r0:r1, c * TC:min((c + 1) * TC, grid.in_features)],
-                           what=f"2:4 tile ({r}, {c})")
+            if not _is24(m):  # locate the first offending tile for a precise message
+                for c in sc:
+                    check_2to4(mask24[r0:r1, c * TC:min((c + 1) * TC, grid.in_features)],
+                               what=f"2:4 tile ({r}, {c})")
             ids = ids_from_mask(m).long()  # [rh, G]
             pos = _PAT_POS.to(dev)[ids]  # [rh, G, 2]
             g = torch.arange(sp_len // 4, device=dev) * 4

@@ -11,7 +11,7 @@ Paths (chosen per call):
   call ``F.linear`` on it. Its resident cost is that one buffer, reported by :func:`workspace_bytes`.
 
 Choice: autotuned on the first call per (layer shape, tile size, sparse-fraction bucket, token-count
-bucket, dtype, bias) by timing every candidate with ``triton.testing.do_bench`` (median, L2 flushed),
+bucket, dtype, bias) by timing every candidate with a cold L2 inside CUDA graphs (:func:`time_cold`),
 cached for the process. Outside tuning (``TILESPARSE_AUTOTUNE=0``, CPU interpreter, or during CUDA
 graph capture) a fixed heuristic is used.
 """
@@ -52,12 +52,14 @@ class KernelConfig:
     split: int = 1
     warps: int = 4
     stages: int = 3
+    meta16: bool = False
 
     def short(self) -> str:
         if self.path != "triton":
             return self.path
-        m = {0: "fma", 1: "swap", 2: "mm"}[self.mode]
-        return f"{m} bm{self.bm} bn{self.bn} bk{self.bk} s{self.split} w{self.warps} st{self.stages}"
+        m = {0: "fma", 1: "swap", 2: "mm", 3: "gather"}[self.mode]
+        return (f"{m} bm{self.bm} bn{self.bn} bk{self.bk} s{self.split} w{self.warps} st{self.stages}"
+                + (" m16" if self.meta16 else ""))
 
 
 def interpreting() -> bool:
@@ -87,9 +89,13 @@ def _fit(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
         return cfg
     bn = _largest_pow2_divisor_le(packed.tile_rows, cfg.bn)
     bk = _largest_pow2_divisor_le(packed.tile_cols, cfg.bk)
-    if bk < 16 or (cfg.mode != 0 and bn < 16):
+    if bk < 16:
         return None
-    return KernelConfig("triton", cfg.mode, cfg.bm, bn, bk, cfg.split, cfg.warps, cfg.stages)
+    if cfg.mode in (1, 2) and (bn < 32 or bk < 32):
+        # tensor-core modes need 32x32 blocks (wrong results were seen on the H100 with 16x16 ones):
+        # fall back to the FMA mode, 4 tokens per program
+        return KernelConfig("triton", 0, min(4, cfg.bm), bn, bk, 1, 4, 3, cfg.meta16)
+    return KernelConfig("triton", cfg.mode, cfg.bm, bn, bk, cfg.split, cfg.warps, cfg.stages, cfg.meta16)
 
 
 def heuristic_config(M: int, packed: PackedHybrid) -> KernelConfig:
@@ -97,11 +103,11 @@ def heuristic_config(M: int, packed: PackedHybrid) -> KernelConfig:
     if packed.is_plain_dense():
         return KernelConfig("dense")
     if M <= 2:
-        cfg = KernelConfig("triton", 0, _pow2_at_least(M), 32, 128, 1, 4, 3)
+        cfg = KernelConfig("triton", 3, _pow2_at_least(M), 32, 128, 4, 4, 3, True)
     elif M <= 64:
-        cfg = KernelConfig("triton", 1, _pow2_at_least(M, 16), 32, 128, 1, 4, 3)
+        cfg = KernelConfig("triton", 1, _pow2_at_least(M, 16), 64, 128, 4, 4, 3, True)
     else:
-        cfg = KernelConfig("triton", 2, 128, 128, 64, 1, 8, 3)
+        cfg = KernelConfig("triton", 2, 128, 128, 64, 1, 8, 3, True)
     return _fit(cfg, packed)
 
 
@@ -116,18 +122,22 @@ def candidate_configs(M: int, packed: PackedHybrid, force_kernel: bool = False) 
         c.append(T("dense"))
     if M <= 4:
         bm = _pow2_at_least(M)
-        for bn in (16, 32):
-            for split in (1, 2, 4):
-                c.append(T("triton", 0, bm, bn, 128, split, 4, 3))
+        for mode in (0, 3):
+            for bn in (16, 32, 64):
+                for split in (1, 2, 4, 8):
+                    c.append(T("triton", mode, bm, bn, 128, split, 4, 3, True))
     if M <= 64:
         bm = _pow2_at_least(M, 16)
-        for bn in ((16, 32, 64) if M <= 16 else (32, 64, 128)):
-            for split in (1, 2, 4):
-                c.append(T("triton", 1, bm, bn, 128, split, 4, 3))
+        for bn in (32, 64, 128):
+            for split in (2, 4, 8):
+                c.append(T("triton", 1, bm, bn, 128, split, 4, 3, True))
+        if M > 16:
+            for bn in (64, 128):
+                for split in (2, 4):
+                    c.append(T("triton", 2, 64, bn, 128, split, 4, 3, True))
     else:
-        for bm, bn, bk, w, st in ((128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 64, 64, 4, 4),
-                                  (64, 128, 64, 4, 4), (128, 128, 32, 4, 4), (256, 128, 64, 8, 3)):
-            c.append(T("triton", 2, bm, bn, bk, 1, w, st))
+        for bm, bn, bk, w, st in ((256, 128, 64, 8, 3), (128, 128, 64, 8, 3)):
+            c.append(T("triton", 2, bm, bn, bk, 1, w, st, True))
         c.append(T("unpack"))
     out, seen = [], set()
     for cfg in c:
@@ -174,12 +184,12 @@ def launch_triton(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfi
         ws, lock = out, out  # unused
     _tk.hybrid_linear_kernel[(grid0, cfg.split, grid2)](
         x2, out, bias if bias is not None else out, ws, lock,
-        packed.sp_vals, packed.sp_meta, packed.dn_vals, packed.sp_cols, packed.sp_ptr,
+        packed.sp_vals, packed.sp_meta, packed.sp_meta.view(torch.int16), packed.dn_vals, packed.sp_cols, packed.sp_ptr,
         packed.dn_cols, packed.dn_ptr, packed.row_info,
         M, N, x2.stride(0), x2.stride(1), out.stride(0),
         TILE_R=packed.tile_rows, TILE_C=packed.tile_cols,
         MODE=cfg.mode, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SPLIT=cfg.split, HAS_BIAS=bias is not None,
-        DOT_F32=interpreting() and packed.dtype == torch.bfloat16,
+        DOT_F32=interpreting() and packed.dtype == torch.bfloat16, META16=cfg.meta16,
         num_warps=cfg.warps, num_stages=cfg.stages,
     )
 
@@ -229,16 +239,55 @@ def tune_key(M: int, packed: PackedHybrid, has_bias: bool) -> tuple:
             packed.is_plain_dense())
 
 
+def _flush_buffer(device) -> torch.Tensor:
+    key = ("flush", str(device), torch.uint8)
+    if key not in _WS:
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+        _WS[key] = torch.empty(2 * l2, dtype=torch.uint8, device=device)
+    return _WS[key]
+
+
+def time_cold(fn, device, reps: int = 10, rounds: int = 7) -> float:
+    """Median time (ms) of ``fn`` with a cold L2, launch gaps removed: a CUDA graph of ``reps`` x
+    (L2 flush, fn) minus one of ``reps`` x (L2 flush)."""
+    flush = _flush_buffer(device)
+    s = torch.cuda.Stream(device)
+    s.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(s)
+    graphs = []
+    for with_fn in (True, False):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(reps):
+                flush.zero_()
+                if with_fn:
+                    fn()
+        graphs.append(g)
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    ts = {0: [], 1: []}
+    for _ in range(rounds):
+        for i, g in enumerate(graphs):
+            e0.record()
+            g.replay()
+            e1.record()
+            e1.synchronize()
+            ts[i].append(e0.elapsed_time(e1))
+    ts0, ts1 = sorted(ts[0]), sorted(ts[1])
+    return max(1e-6, (ts0[len(ts0) // 2] - ts1[len(ts1) // 2]) / reps)
+
+
 def autotune(x2: torch.Tensor, packed: PackedHybrid, bias, verbose: bool = False,
              force_kernel: bool = False) -> tuple[KernelConfig, dict]:
-    """Time every candidate on these inputs (median of ``do_bench``, L2 flushed) and return the fastest."""
+    """Time every candidate on these inputs (cold L2, CUDA graphs; see :func:`time_cold`) and return
+    the fastest."""
     times = {}
     for cfg in candidate_configs(x2.shape[0], packed, force_kernel):
         try:
             run_config(x2, packed, bias, cfg)
             torch.cuda.synchronize()
-            times[cfg] = triton.testing.do_bench(lambda: run_config(x2, packed, bias, cfg),
-                                                 warmup=5, rep=25, return_mode="median")
+            times[cfg] = time_cold(lambda: run_config(x2, packed, bias, cfg), x2.device)
         except Exception as e:  # a config that fails to compile/launch (e.g. out of shared memory)
             if verbose:
                 print(f"  skip {cfg.short()}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")

@@ -6,6 +6,8 @@ One kernel, three accumulation modes chosen per call (constexpr ``MODE``):
   registers over the whole K loop, one reduction at the end (no tensor cores, no shuffles per step).
 * ``MODE_SWAP`` (decode, up to ~64 tokens): ``acc[BN, BM] += W[BN, BK] @ X^T[BK, BM]`` on tensor
   cores; the weight rows fill the MMA's large dimension, the few tokens its small one.
+* ``MODE_GATHER`` (decode, 1-4 tokens): like ``MODE_FMA`` but 2:4 tiles are never expanded: each
+  kept value multiplies ``x`` at its position (``x`` selected per group with the 2-bit positions).
 * ``MODE_MM`` (prefill): ``acc[BM, BN] += X[BM, BK] @ W^T[BK, BN]``.
 
 A program owns ``BN`` rows of one tile-row and streams that tile-row's 2:4 K-space (compressed values
@@ -26,12 +28,12 @@ import triton.language as tl
 MODE_FMA = 0
 MODE_SWAP = 1
 MODE_MM = 2
+MODE_GATHER = 3
 
 
 @triton.jit
-def _expand24(v, mt, BN: tl.constexpr, BK: tl.constexpr):
-    """Compressed values ``v[BN, BK/2]`` + metadata bytes ``mt[BN, BK/8]`` (int32) -> dense ``[BN, BK]``."""
-    nib = tl.reshape(tl.join(mt & 15, mt >> 4), (BN, BK // 4))  # one nibble per group of 4
+def _expand24(v, nib, BN: tl.constexpr, BK: tl.constexpr):
+    """Compressed values ``v[BN, BK/2]`` + group codes ``nib[BN, BK/4]`` (int32) -> dense ``[BN, BK]``."""
     p0 = nib & 3
     p1 = nib >> 2
     v0, v1 = tl.split(tl.reshape(v, (BN, BK // 4, 2)))
@@ -45,9 +47,44 @@ def _expand24(v, mt, BN: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
+def _load_nibbles(t_rows, t16_rows, kk, row_ok, mt_stride, BN: tl.constexpr, BK: tl.constexpr,
+                  META16: tl.constexpr):
+    """4-bit group codes ``[BN, BK/4]`` (int32) of the chunk starting at sparse position ``kk``."""
+    if META16:  # one 16-bit word per 4 groups, broadcast + shift (no join/reshape of loaded data)
+        kw = kk // 16 + tl.arange(0, BK // 16)
+        wd = tl.load(t16_rows + kw[None, :], mask=row_ok[:, None] & (kw[None, :] * 2 < mt_stride), other=0)
+        wd = wd.to(tl.int32) & 0xFFFF
+        sh = (tl.arange(0, 4) * 4)[None, None, :]
+        nib = tl.reshape((wd[:, :, None] >> sh) & 15, (BN, BK // 4))
+    else:
+        kt = kk // 8 + tl.arange(0, BK // 8)
+        mt = tl.load(t_rows + kt[None, :], mask=row_ok[:, None] & (kt[None, :] < mt_stride), other=0).to(tl.int32)
+        nib = tl.reshape(tl.join(mt & 15, mt >> 4), (BN, BK // 4))
+    return nib
+
+
+@triton.jit
+def _gather_fma(acc, v, nib, x_ptr, offs_m, m_ok, xk, k_ok, stride_xm, stride_xk,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """acc[BM, BN, BK/4] += v0 * x[4g + p0] + v1 * x[4g + p1] (the compressed values are never expanded)."""
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + xk[None, :] * stride_xk,
+                mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    xe, xo = tl.split(tl.reshape(x, (BM, BK // 4, 2, 2)))  # xe[g, i] = x[4g + 2i], xo[g, i] = x[4g + 2i + 1]
+    x0, x2 = tl.split(xe)
+    x1, x3 = tl.split(xo)
+    p0 = (nib & 3)[None, :, :]
+    p1 = (nib >> 2)[None, :, :]
+    v0, v1 = tl.split(tl.reshape(v, (BN, BK // 4, 2)))
+    xs0 = tl.where(p0 == 0, x0[:, None, :], tl.where(p0 == 1, x1[:, None, :], x2[:, None, :]))
+    xs1 = tl.where(p1 == 3, x3[:, None, :], tl.where(p1 == 2, x2[:, None, :], x1[:, None, :]))
+    acc += v0.to(tl.float32)[None, :, :] * xs0 + v1.to(tl.float32)[None, :, :] * xs1
+    return acc
+
+
+@triton.jit
 def _accumulate(acc, w, x_ptr, offs_m, m_ok, xk, k_ok, stride_xm, stride_xk, MODE: tl.constexpr,
                 DOT_F32: tl.constexpr):
-    if MODE == 0:
+    if MODE == 0 or MODE == 3:
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + xk[None, :] * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
@@ -68,14 +105,14 @@ def _accumulate(acc, w, x_ptr, offs_m, m_ok, xk, k_ok, stride_xm, stride_xk, MOD
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "N"])
 def hybrid_linear_kernel(
     x_ptr, out_ptr, bias_ptr, ws_ptr, lock_ptr,
-    sp_vals_ptr, sp_meta_ptr, dn_vals_ptr, sp_cols_ptr, sp_ptr_ptr, dn_cols_ptr, dn_ptr_ptr, row_info_ptr,
+    sp_vals_ptr, sp_meta_ptr, sp_meta16_ptr, dn_vals_ptr, sp_cols_ptr, sp_ptr_ptr, dn_cols_ptr, dn_ptr_ptr, row_info_ptr,
     M, N, stride_xm, stride_xk, stride_om,
     TILE_R: tl.constexpr, TILE_C: tl.constexpr,
     MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, META16: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -89,7 +126,6 @@ def hybrid_linear_kernel(
     m_ok = offs_m < M
     ar_k = tl.arange(0, BK)
     ar_v = tl.arange(0, BK // 2)
-    ar_t = tl.arange(0, BK // 8)
 
     info = row_info_ptr + r * 8
     sp_len = tl.load(info + 0)
@@ -105,6 +141,9 @@ def hybrid_linear_kernel(
 
     if MODE == 0:
         acc = tl.zeros((BM, BN, BK), dtype=tl.float32)
+    elif MODE == 3:
+        acc = tl.zeros((BM, BN, BK), dtype=tl.float32)  # dense tiles
+        acc_s = tl.zeros((BM, BN, BK // 4), dtype=tl.float32)  # 2:4 tiles
     elif MODE == 1:
         acc = tl.zeros((BN, BM), dtype=tl.float32)
     else:
@@ -113,6 +152,7 @@ def hybrid_linear_kernel(
     # ---- 2:4 tiles of this tile-row
     v_rows = sp_vals_ptr + sp_off + offs_i[:, None].to(tl.int64) * sp_stride
     t_rows = sp_meta_ptr + mt_off + offs_i[:, None].to(tl.int64) * mt_stride
+    t16_rows = sp_meta16_ptr + mt_off // 2 + offs_i[:, None].to(tl.int64) * (mt_stride // 2)
     n_chunks = tl.cdiv(sp_len, BK)
     c_lo = pid_s * n_chunks // SPLIT
     c_hi = (pid_s + 1) * n_chunks // SPLIT
@@ -120,13 +160,17 @@ def hybrid_linear_kernel(
         kk = c * BK
         slot = kk // TILE_C
         col0 = tl.load(sp_cols_ptr + sp_first + slot).to(tl.int64) * TILE_C + (kk - slot * TILE_C)
+        col0 = tl.multiple_of(col0, BK)
         kv = kk // 2 + ar_v
         v = tl.load(v_rows + kv[None, :], mask=row_ok[:, None] & (kv[None, :] < sp_stride), other=0.0)
-        kt = kk // 8 + ar_t
-        mt = tl.load(t_rows + kt[None, :], mask=row_ok[:, None] & (kt[None, :] < mt_stride), other=0)
-        w = _expand24(v, mt.to(tl.int32), BN, BK)
-        acc = _accumulate(acc, w, x_ptr, offs_m, m_ok, col0 + ar_k, (kk + ar_k) < sp_len,
-                          stride_xm, stride_xk, MODE, DOT_F32)
+        nib = _load_nibbles(t_rows, t16_rows, kk, row_ok, mt_stride, BN, BK, META16)
+        if MODE == 3:
+            acc_s = _gather_fma(acc_s, v, nib, x_ptr, offs_m, m_ok, col0 + ar_k, (kk + ar_k) < sp_len,
+                                stride_xm, stride_xk, BM, BN, BK)
+        else:
+            w = _expand24(v, nib, BN, BK)
+            acc = _accumulate(acc, w, x_ptr, offs_m, m_ok, col0 + ar_k, (kk + ar_k) < sp_len,
+                              stride_xm, stride_xk, MODE, DOT_F32)
 
     # ---- dense tiles of this tile-row
     d_rows = dn_vals_ptr + dn_off + offs_i[:, None].to(tl.int64) * dn_stride
@@ -137,6 +181,7 @@ def hybrid_linear_kernel(
         kk = c * BK
         slot = kk // TILE_C
         col0 = tl.load(dn_cols_ptr + dn_first + slot).to(tl.int64) * TILE_C + (kk - slot * TILE_C)
+        col0 = tl.multiple_of(col0, BK)
         kd = kk + ar_k
         w = tl.load(d_rows + kd[None, :], mask=row_ok[:, None] & (kd[None, :] < dn_stride), other=0.0)
         acc = _accumulate(acc, w, x_ptr, offs_m, m_ok, col0 + ar_k, kd < dn_len,
@@ -144,6 +189,8 @@ def hybrid_linear_kernel(
 
     if MODE == 0:
         y = tl.sum(acc, axis=2)
+    elif MODE == 3:
+        y = tl.sum(acc, axis=2) + tl.sum(acc_s, axis=2)
     elif MODE == 1:
         y = tl.trans(acc)
     else:
@@ -156,15 +203,16 @@ def hybrid_linear_kernel(
         tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         ws = ws_ptr + offs_m[:, None].to(tl.int64) * N + rows[None, :]
-        MN = M.to(tl.int64) * N
-        tl.store(ws + pid_s * MN, y, mask=out_mask)
+        MN = N * M
+        tl.store(ws + pid_s * MN, y, mask=out_mask)  # SPLIT*M*N < 2**31 (split only for few tokens)
         tl.debug_barrier()
         lock = lock_ptr + pid_m * tl.num_programs(0) + pid_n
         arrived = tl.atomic_add(lock, 1, sem="acq_rel")
         if arrived == SPLIT - 1:
             tot = tl.zeros((BM, BN), dtype=tl.float32)
             for s in range(SPLIT):
-                tot += tl.load(ws + s * MN, mask=out_mask, other=0.0, cache_modifier=".cg")
+                tot += tl.load(ws, mask=out_mask, other=0.0, cache_modifier=".cg")
+                ws += MN
             if HAS_BIAS:
                 tot += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
             tl.store(out_ptrs, tot.to(out_ptr.dtype.element_ty), mask=out_mask)
@@ -202,8 +250,8 @@ def unpack_kernel(
                         mask=row_ok[:, None] & (kv[None, :] < sp_stride), other=0.0)
             kt = kk // 8 + tl.arange(0, BK // 8)
             mt = tl.load(sp_meta_ptr + tl.load(info + 3) + offs_i[:, None].to(tl.int64) * mt_stride + kt[None, :],
-                         mask=row_ok[:, None] & (kt[None, :] < mt_stride), other=0)
-            w = _expand24(v, mt.to(tl.int32), BN, BK)
+                         mask=row_ok[:, None] & (kt[None, :] < mt_stride), other=0).to(tl.int32)
+            w = _expand24(v, tl.reshape(tl.join(mt & 15, mt >> 4), (BN, BK // 4)), BN, BK)
         elif kind == 1:
             kd = slot * TILE_C + kc + ar_k
             dn_stride = tl.multiple_of(tl.load(info + 7), 8)
