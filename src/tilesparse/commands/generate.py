@@ -56,8 +56,7 @@ def run(args: argparse.Namespace) -> int:
         if args.hybrid:
             from ..kernels.linear import convert_model
 
-            convert_model(loaded.model, ms.to_bool(), tile=ms.layers[next(iter(ms.layers))].tile,
-                          dtype=next(loaded.model.parameters()).dtype)
+            convert_model(loaded.model, ms.to_bool(), tile=next(iter(ms)).tile)
             note += ", HybridLinear"
     torch.manual_seed(args.seed)
     ids = build_inputs(loaded.tokenizer, args.prompt, not args.no_chat).to(args.device)
