@@ -1,1 +1,20 @@
-"""tilesparse.kernels."""
+"""tilesparse.kernels: packed hybrid (dense / 2:4 / all-zero tiles) format, Triton GPU kernels and
+``HybridLinear``.
+
+* :mod:`.format` -- :class:`PackedHybrid`, :func:`pack`, :func:`pack_from_kinds`, :func:`unpack` (pure tensor math)
+* :mod:`.reference` -- the torch reference product (CPU path, test oracle)
+* :mod:`.triton_hybrid` -- the Triton kernels; :mod:`.ops` -- :func:`hybrid_linear` (dispatch + autotune)
+* :mod:`.linear` -- :class:`HybridLinear`, :func:`convert_model`
+* packed checkpoints: :mod:`tilesparse.io.packed`
+"""
+
+from .format import PackedHybrid, bytes_bound_speedup, hybrid_bytes, pack, pack_from_kinds, unpack
+from .linear import HybridLinear, convert_model, hybrid_layers
+from .ops import KernelConfig, hybrid_linear, kernel_supported, workspace_bytes
+from .reference import reference_linear
+
+__all__ = [
+    "PackedHybrid", "pack", "pack_from_kinds", "unpack", "hybrid_bytes", "bytes_bound_speedup",
+    "HybridLinear", "convert_model", "hybrid_layers", "hybrid_linear", "KernelConfig", "kernel_supported",
+    "workspace_bytes", "reference_linear",
+]

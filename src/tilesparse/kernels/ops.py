@@ -164,8 +164,16 @@ def _buffer(kind: str, device: torch.device, numel: int, dtype: torch.dtype) -> 
 
 
 def workspace_bytes(device=None) -> int:
-    """Bytes held by the transient workspaces (split-K partials, locks, unpack scratch)."""
-    return sum(b.numel() * b.element_size() for (k, d, _), b in _WS.items() if device is None or d == str(device))
+    """Bytes held by the transient workspaces (split-K partials, locks, unpack scratch; not the
+    autotuner's L2-flush buffer, which :func:`release_workspaces` frees)."""
+    return sum(b.numel() * b.element_size() for (k, d, _), b in _WS.items()
+               if k != "flush" and (device is None or d == str(device)))
+
+
+def release_workspaces() -> None:
+    """Drop the cached workspaces (only safe when no captured CUDA graph still uses them)."""
+    _WS.clear()
+    _KEEP.clear()
 
 
 # ---------------------------------------------------------------- launching

@@ -1,0 +1,132 @@
+"""Packed hybrid checkpoints: safetensors files with JSON metadata.
+
+A file holds, for every packed layer ``name``, its stored tensors as ``"{name}::{field}"`` (see
+:attr:`tilesparse.kernels.format.PackedHybrid.STORED`; derived tables are rebuilt on load) and its
+bias as ``"{name}::bias"``; any other tensors (the rest of a model's state) as ``"state::{key}"``.
+The safetensors header metadata key ``"tilesparse"`` holds JSON: format name and version, and per
+layer its shape, tile size and dtype. Tensors shared in memory (tied embeddings) are stored once and
+listed under ``"aliases"``.
+
+So a pruned model ships in its packed size: the file is the packed linears plus the untouched rest.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..kernels.format import FORMAT_VERSION, PackedHybrid
+
+FORMAT_NAME = "tilesparse-packed"
+_SEP = "::"
+
+
+def save_packed(path: str | Path, layers: dict[str, PackedHybrid], biases: dict[str, torch.Tensor] | None = None,
+                state: dict[str, torch.Tensor] | None = None, extra_metadata: dict | None = None) -> int:
+    """Write packed layers (+ optional biases and other tensors) to a safetensors file; returns its size in bytes."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    meta_layers = {}
+    for name, p in layers.items():
+        if _SEP in name:
+            raise ValueError(f"layer name {name!r} must not contain {_SEP!r}")
+        for field, t in p.stored_tensors().items():
+            tensors[f"{name}{_SEP}{field}"] = t.detach().contiguous().cpu()
+        b = (biases or {}).get(name)
+        if b is not None:
+            tensors[f"{name}{_SEP}bias"] = b.detach().contiguous().cpu()
+        meta_layers[name] = {"out_features": p.out_features, "in_features": p.in_features,
+                             "tile_rows": p.tile_rows, "tile_cols": p.tile_cols,
+                             "dtype": str(p.dtype).replace("torch.", ""), "has_bias": b is not None}
+    aliases = {}
+    seen: dict[tuple, str] = {}
+    for key, t in (state or {}).items():
+        sig = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.numel() and sig in seen:
+            aliases[key] = seen[sig]
+            continue
+        seen[sig] = key
+        tensors[f"state{_SEP}{key}"] = t.detach().contiguous().cpu()
+    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "layers": meta_layers, "aliases": aliases}
+    if extra_metadata:
+        meta["extra"] = extra_metadata
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"tilesparse": json.dumps(meta)})
+    return path.stat().st_size
+
+
+def load_packed(path: str | Path, device: str | torch.device = "cpu"):
+    """Read a file written by :func:`save_packed`.
+
+    Returns ``(layers: dict[name, PackedHybrid], biases: dict[name, Tensor], state: dict[key, Tensor], meta)``.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        raw = (f.metadata() or {}).get("tilesparse")
+        if raw is None:
+            raise ValueError(f"{path}: not a tilesparse packed file (no 'tilesparse' metadata)")
+        meta = json.loads(raw)
+        if meta.get("format") != FORMAT_NAME:
+            raise ValueError(f"{path}: unknown format {meta.get('format')!r}")
+        if int(meta.get("version", -1)) > FORMAT_VERSION:
+            raise ValueError(f"{path}: format version {meta['version']} is newer than this library's {FORMAT_VERSION}")
+        keys = set(f.keys())
+        layers, biases = {}, {}
+        for name, info in meta["layers"].items():
+            kw = {}
+            for field in PackedHybrid.STORED:
+                k = f"{name}{_SEP}{field}"
+                if k not in keys:
+                    raise ValueError(f"{path}: layer {name!r} misses tensor {field!r}")
+                kw[field] = f.get_tensor(k)
+            layers[name] = PackedHybrid(out_features=int(info["out_features"]), in_features=int(info["in_features"]),
+                                        tile_rows=int(info["tile_rows"]), tile_cols=int(info["tile_cols"]), **kw)
+            if info.get("has_bias"):
+                biases[name] = f.get_tensor(f"{name}{_SEP}bias")
+        state = {k[len("state" + _SEP):]: f.get_tensor(k) for k in keys if k.startswith("state" + _SEP)}
+    for alias, src in meta.get("aliases", {}).items():
+        state[alias] = state[src]
+    return layers, biases, state, meta
+
+
+def save_packed_model(model: nn.Module, path: str | Path, extra_metadata: dict | None = None) -> int:
+    """Save a model converted with :func:`tilesparse.kernels.convert_model`: its ``HybridLinear``
+    layers packed, every other parameter/buffer as is. Returns the file size in bytes."""
+    from ..kernels.linear import HybridLinear
+
+    hyb = {n: m for n, m in model.named_modules() if isinstance(m, HybridLinear)}
+    prefixes = tuple(n + "." for n in hyb)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+    return save_packed(path, {n: m.packed for n, m in hyb.items()},
+                       {n: m.bias for n, m in hyb.items() if m.bias is not None}, state, extra_metadata)
+
+
+def load_packed_model(model: nn.Module, path: str | Path, use_triton: bool | None = None) -> nn.Module:
+    """Load a file of :func:`save_packed_model` into ``model`` (same architecture, e.g. built from its
+    config): the packed layers replace the ``nn.Linear`` modules of the same names, the rest of the
+    state is loaded strictly. The model's device and dtype are kept. Returns ``model``."""
+    from ..kernels.linear import HybridLinear, _set_submodule
+
+    ref = next(iter(model.parameters()), None)
+    device = ref.device if ref is not None else torch.device("cpu")
+    layers, biases, state, _ = load_packed(path, device)
+    names = dict(model.named_modules())
+    for name, p in layers.items():
+        old = names.get(name)
+        if not isinstance(old, (nn.Linear, HybridLinear)):
+            raise ValueError(f"{path}: packed layer {name!r} has no nn.Linear of that name in the model")
+        if (old.out_features, old.in_features) != p.shape:
+            raise ValueError(f"{name}: packed shape {p.shape} != model's {(old.out_features, old.in_features)}")
+        _set_submodule(model, name, HybridLinear(p, biases.get(name), use_triton))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    hyb_prefixes = tuple(n + "." for n in layers)
+    missing = [k for k in missing if not k.startswith(hyb_prefixes)]
+    if missing or unexpected:
+        raise ValueError(f"{path}: state does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model

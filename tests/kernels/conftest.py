@@ -1,0 +1,53 @@
+"""Kernel tests run the Triton kernels on the CPU through the interpreter (TRITON_INTERPRET=1).
+
+The variable must be set before the kernels' ``@triton.jit`` decorators run; if the kernel module was
+imported earlier in this session without it, the ``interp`` fixture reloads it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture(scope="session")
+def interp():
+    """The interpreted kernel module (skips when triton is not installed)."""
+    pytest.importorskip("triton")
+    os.environ["TRITON_INTERPRET"] = "1"
+    from tilesparse.kernels import triton_hybrid
+
+    if type(triton_hybrid.hybrid_linear_kernel).__name__ != "InterpretedFunction":
+        triton_hybrid = importlib.reload(triton_hybrid)
+    return triton_hybrid
+
+
+def random_layer(N, K, tile, frac_sparse, frac_zero=0.0, dtype=torch.bfloat16, seed=0):
+    """A random weight, a hybrid keep-mask with the given tile fractions, and its packed form."""
+    from tilesparse.kernels.format import pack
+    from tilesparse.masks.nm import topk_mask
+    from tilesparse.masks.tiles import DENSE, SPARSE, ZERO, TileGrid, hybrid_mask
+
+    g = torch.Generator().manual_seed(seed)
+    grid = TileGrid(N, K, *tile)
+    n = grid.n_rows * grid.n_cols
+    perm = torch.randperm(n, generator=g)
+    kinds = torch.full((n,), DENSE, dtype=torch.int8)
+    ns, nz = round(frac_sparse * n), round(frac_zero * n)
+    kinds[perm[:ns]] = SPARSE
+    kinds[perm[ns:ns + nz]] = ZERO
+    kinds = kinds.reshape(grid.shape)
+    W = torch.randn(N, K, generator=g).to(dtype)
+    mask = hybrid_mask(kinds, topk_mask(torch.rand(N, K, generator=g)), grid)
+    return W, mask, pack(W, mask, tile)
+
+
+@pytest.fixture
+def make_layer():
+    """Factory fixture: ``make_layer(N, K, tile, frac_sparse, frac_zero=0, dtype=bf16, seed=0)``."""
+    return random_layer
