@@ -271,6 +271,21 @@ def write_table(rows, args, props) -> None:
     print(text)
 
 
+def profile(args) -> None:
+    """Launch a few fixed configurations once each (for ``ncu``): 4096x4096, all tiles 2:4."""
+    dev = "cuda"
+    p, W, _ = random_packed(4096, 4096, 1.0, (128, 128), torch.bfloat16, dev)
+    T = ops.KernelConfig
+    for M, cfg in ((1, T("triton", 3, 1, 16, 128, 4, 4, 3, True)), (1, T("triton", 0, 1, 32, 128, 2, 4, 3, True)),
+                   (16, T("triton", 1, 16, 32, 128, 4, 4, 3, True))):
+        x = torch.randn(M, 4096, device=dev).bfloat16()
+        for _ in range(2):
+            ops.run_config(x, p, None, cfg)
+        torch.nn.functional.linear(x, W)
+    torch.cuda.synchronize()
+    print("profile launches done")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="run the correctness checks and exit")
@@ -278,6 +293,7 @@ def main() -> int:
     ap.add_argument("--tokens", default="1,16,64,256,2048,8192")
     ap.add_argument("--fracs", default="0,0.25,0.5,0.75,1")
     ap.add_argument("--quick", action="store_true", help="with --check: fewer cases")
+    ap.add_argument("--profile", action="store_true", help="a few fixed launches to run under ncu")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--verbose", action="store_true", help="print every candidate's time")
     ap.add_argument("--out", default=None, help="markdown file for the table")
@@ -287,6 +303,9 @@ def main() -> int:
         return 2
     if args.check:
         return 0 if check(args) else 1
+    if args.profile:
+        profile(args)
+        return 0
     bench(args)
     return 0
 
