@@ -1,0 +1,330 @@
+"""Learnable masks on a model: module swap, per-layer mask construction inside the forward.
+
+:class:`MaskedModel` replaces every prunable linear (``nn.Linear`` or GPT-2 ``Conv1D``) inside the
+decoder blocks with a :class:`MaskedLinear` that holds the frozen original module plus fp32 logits:
+
+- ``tile_logits [n_rows, n_cols]`` (PATCH-Joint, PATCH-Tile),
+- ``pattern_logits [out, in/4, 6]`` (PATCH-Joint, MaskLLM) or compact fixed pattern ids
+  ``ids [out, in/4]`` uint8 (PATCH-Tile).
+
+The mask of a layer is built inside that layer's forward (never all layers at once), so with gradient
+checkpointing of the decoder blocks only one block's masks live at a time. The current schedule values
+(scale, temperature), the stochastic switch and the per-step records (sampled tile values for the
+density, masked-weight norms for the magnitude regulariser) live in a shared :class:`MaskState`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..masks.nm import GROUP, N_PATTERNS, mask_from_ids
+from ..masks.tiles import TileGrid
+from ..models import find_decoder_blocks, find_prunable_linears
+from .final import LayerFinal, build_final_maskset, final_pattern_ids
+from .relax import (binary_concrete, expand_tiles, expected_tile_density, gumbel_noise, gumbel_softmax,
+                    logistic_noise, mix_masks, soft_24_mask, tile_index)
+
+
+@dataclass
+class MaskState:
+    """Values shared by all masked layers during one step (set by the trainer)."""
+
+    tile_k: float = 1.0
+    tile_tau: float = 1.0
+    pattern_k: float = 1.0
+    pattern_tau: float = 1.0
+    hard_tile: bool = False
+    hard_24: bool = False
+    stochastic: bool = True  # sample noise (training); False = noise-free relaxation
+    record_norms: bool = False
+    tile_values: dict = field(default_factory=dict)  # layer index -> tile tensor (in graph)
+    norms: dict = field(default_factory=dict)  # layer index -> ||M*W||_F (in graph)
+
+    def clear(self) -> None:
+        self.tile_values.clear()
+        self.norms.clear()
+
+
+class MaskedLinear(nn.Module):
+    """A frozen linear layer whose weight is multiplied by a learnable relaxed mask in ``forward``."""
+
+    def __init__(self, inner: nn.Module, *, index: int, name: str, mode: str, grid: TileGrid, state: MaskState,
+                 transposed: bool, tile_logits: torch.Tensor | None, pattern_logits: torch.Tensor | None,
+                 ids: torch.Tensor | None):
+        super().__init__()
+        self.inner = inner
+        self.index, self.layer_name, self.mode, self.grid, self.transposed = index, name, mode, grid, transposed
+        self._state = [state]  # a list keeps it out of the module tree
+        dev = inner.weight.device
+        self.tile_logits = nn.Parameter(tile_logits.to(dev, torch.float32)) if tile_logits is not None else None
+        self.pattern_logits = (nn.Parameter(pattern_logits.to(dev, torch.float32))
+                               if pattern_logits is not None else None)
+        if ids is not None:
+            self.register_buffer("ids", ids.to(dev, torch.uint8))
+        else:
+            self.ids = None
+        rows, cols = tile_index(grid, dev)
+        self.register_buffer("row_index", rows, persistent=False)
+        self.register_buffer("col_index", cols, persistent=False)
+
+    @property
+    def state(self) -> MaskState:
+        return self._state[0]
+
+    def weight_oi(self) -> torch.Tensor:
+        w = self.inner.weight
+        return w.t() if self.transposed else w
+
+    def tile_values(self) -> torch.Tensor | None:
+        """Relaxed per-tile dense value ``T`` for the current schedule (samples noise when stochastic)."""
+        if self.tile_logits is None:
+            return None
+        st = self.state
+        noise = logistic_noise(self.tile_logits.shape, device=self.tile_logits.device) if st.stochastic else None
+        return binary_concrete(self.tile_logits, st.tile_k, st.tile_tau, noise=noise, hard=st.hard_tile)
+
+    def mask24(self) -> torch.Tensor:
+        """2:4 part: soft ``[out, in]`` fp32 mask (learned) or boolean mask from the fixed ids."""
+        if self.pattern_logits is None:
+            return mask_from_ids(self.ids)
+        st = self.state
+        noise = gumbel_noise(self.pattern_logits.shape, device=self.pattern_logits.device) if st.stochastic else None
+        probs = gumbel_softmax(self.pattern_logits, st.pattern_k, st.pattern_tau, noise=noise, hard=st.hard_24)
+        return soft_24_mask(probs)
+
+    def masked_weight(self) -> torch.Tensor:
+        """``W * M`` as ``[out, in]`` in the weight's dtype; records tile values and the norm in the state."""
+        w = self.weight_oi()
+        m24 = self.mask24()
+        t = self.tile_values()
+        st = self.state
+        if t is None:
+            wm = w * m24.to(w.dtype)
+        else:
+            st.tile_values[self.index] = t
+            tf = expand_tiles(t, self.row_index, self.col_index)
+            if m24.dtype == torch.bool:  # fixed 2:4: kept weights stay, the others scale with T
+                wm = torch.where(m24, w, w * tf.to(w.dtype))
+            else:
+                wm = w * mix_masks(tf, m24).to(w.dtype)
+        if st.record_norms:
+            st.norms[self.index] = torch.linalg.vector_norm(wm.float())
+        return wm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wm = self.masked_weight()
+        bias = self.inner.bias
+        if not self.transposed:
+            return F.linear(x, wm, bias)
+        shape = x.shape[:-1] + (wm.shape[0],)  # GPT-2 Conv1D semantics
+        y = x.reshape(-1, x.shape[-1]) @ wm.t()
+        if bias is not None:
+            y = y + bias
+        return y.reshape(shape)
+
+
+class MaskedModel:
+    """Wrap a model's prunable linears with learnable masks; restore them with :meth:`remove`.
+
+    ``tile_init`` / ``pattern_init`` / ``ids`` map layer names to initial tile logits, initial pattern
+    logits and fixed 2:4 ids (whichever the mode uses). Layers whose ``in`` is not a multiple of 4 are
+    left dense and unwrapped.
+    """
+
+    def __init__(self, model: nn.Module, mode: str, *, tile: tuple[int, int] = (128, 128),
+                 tile_init: dict[str, torch.Tensor] | None = None,
+                 pattern_init: dict[str, torch.Tensor] | None = None,
+                 ids: dict[str, torch.Tensor] | None = None):
+        if mode not in ("joint", "tile", "maskllm"):
+            raise ValueError(f"unknown mode {mode!r}")
+        self.model, self.mode, self.tile = model, mode, tuple(tile)
+        self.state = MaskState()
+        self.linears = find_prunable_linears(model)
+        self.block_of = {lin.name: lin.block_index for lin in self.linears}
+        self.layers: list[MaskedLinear] = []
+        self.fixed: list = []  # layers left dense (in % 4 != 0)
+        self._checkpointed: list = []
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for lin in self.linears:
+            grid = TileGrid(lin.out_features, lin.in_features, *self.tile)
+            if lin.in_features % GROUP:
+                self.fixed.append(lin)
+                continue
+            shape24 = (lin.out_features, lin.in_features // GROUP, N_PATTERNS)
+            t_init = p_init = l_ids = None
+            if mode in ("joint", "tile"):
+                t_init = (tile_init or {}).get(lin.name)
+                t_init = torch.zeros(grid.shape) if t_init is None else t_init
+                if tuple(t_init.shape) != grid.shape:
+                    raise ValueError(f"{lin.name}: tile logits {tuple(t_init.shape)} do not match grid {grid.shape}")
+            if mode in ("joint", "maskllm"):
+                p_init = (pattern_init or {}).get(lin.name)
+                p_init = torch.zeros(shape24) if p_init is None else p_init
+                if tuple(p_init.shape) != shape24:
+                    raise ValueError(f"{lin.name}: pattern logits {tuple(p_init.shape)} do not match {shape24}")
+            else:
+                l_ids = (ids or {}).get(lin.name)
+                if l_ids is None or tuple(l_ids.shape) != shape24[:2]:
+                    raise ValueError(f"{lin.name}: PATCH-Tile needs fixed 2:4 ids of shape {shape24[:2]}")
+            wrapped = MaskedLinear(lin.module, index=len(self.layers), name=lin.name, mode=mode, grid=grid,
+                                   state=self.state, transposed=lin.transposed, tile_logits=t_init,
+                                   pattern_logits=p_init, ids=l_ids)
+            self._swap(lin.name, wrapped)
+            self.layers.append(wrapped)
+        self.total_numel = sum(lin.numel for lin in self.linears)
+        self.fixed_numel = sum(lin.numel for lin in self.fixed)
+        with torch.no_grad():
+            self.weight_norm_sum = float(sum(torch.linalg.vector_norm(l.weight_oi().float()) for l in self.layers))
+        self._tile_numel = [l.grid.tile_numel().to(torch.float32).to(l.inner.weight.device) for l in self.layers]
+
+    # -- module surgery -------------------------------------------------------------------------
+    def _swap(self, name: str, new: nn.Module) -> None:
+        parent_name, _, child = name.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        setattr(parent, child, new)
+
+    def remove(self) -> None:
+        """Put the original linear modules back (logits are dropped from the model)."""
+        for layer in self.layers:
+            self._swap(layer.layer_name, layer.inner)
+        self.disable_checkpointing()
+        self.layers = []
+
+    def enable_checkpointing(self) -> None:
+        """Recompute every decoder block in backward (non-reentrant; RNG state preserved, so the
+        recomputed masks equal the sampled ones)."""
+        from torch.utils.checkpoint import checkpoint
+
+        if self._checkpointed:
+            return
+        _, blocks = find_decoder_blocks(self.model)
+        for block in blocks:
+            orig = block.forward
+
+            @functools.wraps(orig)
+            def fwd(*args, __orig=orig, **kwargs):
+                if not torch.is_grad_enabled():
+                    return __orig(*args, **kwargs)
+                return checkpoint(__orig, *args, use_reentrant=False, **kwargs)
+
+            block.forward = fwd
+            self._checkpointed.append((block, orig))
+
+    def disable_checkpointing(self) -> None:
+        for block, _ in self._checkpointed:
+            if "forward" in block.__dict__:
+                del block.forward
+        self._checkpointed = []
+
+    # -- parameters -----------------------------------------------------------------------------
+    def tile_parameters(self) -> list[nn.Parameter]:
+        return [l.tile_logits for l in self.layers if l.tile_logits is not None]
+
+    def pattern_parameters(self) -> list[nn.Parameter]:
+        return [l.pattern_logits for l in self.layers if l.pattern_logits is not None]
+
+    def parameters(self) -> list[nn.Parameter]:
+        return self.tile_parameters() + self.pattern_parameters()
+
+    def logits_state(self) -> dict[str, torch.Tensor]:
+        """All learnable logits and fixed ids, by ``<layer name>:<kind>`` (CPU copies)."""
+        out = {}
+        for l in self.layers:
+            if l.tile_logits is not None:
+                out[f"{l.layer_name}:tile"] = l.tile_logits.detach().cpu().clone()
+            if l.pattern_logits is not None:
+                out[f"{l.layer_name}:pattern"] = l.pattern_logits.detach().cpu().clone()
+            if l.ids is not None:
+                out[f"{l.layer_name}:ids"] = l.ids.detach().cpu().clone()
+        return out
+
+    @torch.no_grad()
+    def load_logits_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`logits_state` (shapes must match)."""
+        expected = set(self.logits_state().keys())
+        if set(state) != expected:
+            missing = sorted(expected - set(state))[:3]
+            extra = sorted(set(state) - expected)[:3]
+            raise ValueError(f"logit state does not match the model (missing {missing}, unexpected {extra})")
+        for l in self.layers:
+            for kind, t in (("tile", l.tile_logits), ("pattern", l.pattern_logits), ("ids", l.ids)):
+                if t is not None:
+                    src = state[f"{l.layer_name}:{kind}"]
+                    if tuple(src.shape) != tuple(t.shape):
+                        raise ValueError(f"{l.layer_name}:{kind}: shape {tuple(src.shape)} != {tuple(t.shape)}")
+                    t.copy_(src.to(t.device, t.dtype))
+
+    def logit_bytes(self) -> dict[str, int]:
+        """Bytes of tile logits, pattern logits, fixed ids, and of the masked weights."""
+        tile = sum(p.numel() * p.element_size() for p in self.tile_parameters())
+        pat = sum(p.numel() * p.element_size() for p in self.pattern_parameters())
+        ids = sum(l.ids.numel() * l.ids.element_size() for l in self.layers if l.ids is not None)
+        weights = sum(l.inner.weight.numel() * l.inner.weight.element_size() for l in self.layers)
+        return {"tile_logits": tile, "pattern_logits": pat, "ids": ids, "weights": weights}
+
+    # -- schedules and regulariser inputs ----------------------------------------------------------
+    def set_values(self, *, tile_k: float, tile_tau: float, pattern_k: float, pattern_tau: float,
+                   hard_tile: bool = False, hard_24: bool = False, stochastic: bool = True,
+                   record_norms: bool = False) -> None:
+        s = self.state
+        s.tile_k, s.tile_tau, s.pattern_k, s.pattern_tau = tile_k, tile_tau, pattern_k, pattern_tau
+        s.hard_tile, s.hard_24, s.stochastic, s.record_norms = hard_tile, hard_24, stochastic, record_norms
+
+    def layer_kept(self, estimate: str) -> list[torch.Tensor]:
+        """Kept-weight count of every wrapped layer from the sampled (last forward) or expected tile values."""
+        out = []
+        for l, tn in zip(self.layers, self._tile_numel):
+            if l.tile_logits is None:
+                out.append(torch.tensor(l.grid.numel * 0.5, device=tn.device))
+                continue
+            if estimate == "sampled":
+                t = self.state.tile_values.get(l.index)
+                if t is None:
+                    raise RuntimeError(f"{l.layer_name}: no sampled tile values (was the forward run?)")
+            else:
+                t = torch.sigmoid(self.state.tile_k * l.tile_logits)
+            out.append(expected_tile_density(t, tn))
+        return out
+
+    def densities(self, estimate: str = "sampled", scope: str = "global") -> torch.Tensor:
+        """Relaxed density: one global value (numel-weighted) or one per decoder block."""
+        kept = self.layer_kept(estimate)
+        if scope == "global":
+            return (torch.stack(kept).sum() + self.fixed_numel) / self.total_numel
+        per_block: dict[int, list] = {}
+        sizes: dict[int, int] = {}
+        for l, k in zip(self.layers, kept):
+            b = self.block_of[l.layer_name]
+            per_block.setdefault(b, []).append(k)
+            sizes[b] = sizes.get(b, 0) + l.grid.numel
+        for f in self.fixed:
+            per_block.setdefault(f.block_index, []).append(torch.tensor(float(f.numel), device=kept[0].device))
+            sizes[f.block_index] = sizes.get(f.block_index, 0) + f.numel
+        return torch.stack([torch.stack(per_block[b]).sum() / sizes[b] for b in sorted(per_block)])
+
+    def masked_norm_sum(self) -> torch.Tensor:
+        """Sum of ``||M*W||_F`` recorded in the last forward (needs ``record_norms``)."""
+        return torch.stack([self.state.norms[l.index] for l in self.layers]).sum()
+
+    # -- final mask -----------------------------------------------------------------------------
+    def final_maskset(self, sparsity: float, meta: dict | None = None):
+        """Binary mask set: argmax 2:4 (or fixed ids), tiles at the exact global budget (MaskLLM: all 2:4)."""
+        finals = []
+        for l in self.layers:
+            ids = final_pattern_ids(l.pattern_logits.detach().cpu()) if l.pattern_logits is not None else l.ids.cpu()
+            scores = l.tile_logits.detach().cpu() if l.tile_logits is not None else None
+            finals.append(LayerFinal(l.layer_name, l.grid, ids, scores))
+        for f in self.fixed:
+            finals.append(LayerFinal(f.name, TileGrid(f.out_features, f.in_features, *self.tile), None, None))
+        order = {lin.name: i for i, lin in enumerate(self.linears)}
+        finals.sort(key=lambda x: order[x.name])
+        return build_final_maskset(finals, sparsity, all_sparse=self.mode == "maskllm", meta=meta)
+
+
+__all__ = ["MaskState", "MaskedLinear", "MaskedModel"]
