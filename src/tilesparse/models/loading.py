@@ -13,6 +13,8 @@ from torch import nn
 from ..errors import TilesparseError
 from .discovery import find_prunable_linears
 
+PACKED_FILE = "model.packed.safetensors"  # a folder exported in the packed hybrid format
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -74,6 +76,8 @@ def load_model(spec: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
         else:
             path, name = str(spec), str(spec)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if gguf_file is None and (Path(path) / PACKED_FILE).is_file():
+        return _load_packed_folder(Path(path), name, torch_dtype, device)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
@@ -87,6 +91,27 @@ def load_model(spec: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
     model.to(device).eval()
     find_prunable_linears(model)  # fail early for architectures without decoder linears
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=path if not gguf_file else str(spec))
+
+
+def _load_packed_folder(path: Path, name: str, dtype: torch.dtype, device: str) -> LoadedModel:
+    """A folder exported in the packed hybrid format: architecture from its config, weights packed."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from ..io.packed import load_packed_model
+
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.to_empty(device=device)
+    try:
+        load_packed_model(model, path / PACKED_FILE)
+    except ValueError as exc:
+        raise TilesparseError(f"cannot load packed model {path}: {exc}") from exc
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=f"{name} (packed hybrid)", source=str(path))
 
 
 def model_context_length(model: nn.Module) -> int | None:

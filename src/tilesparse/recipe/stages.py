@@ -133,17 +133,24 @@ def evaluate_run(runner, spec, mask_dir: Path) -> dict:
 
 
 def export_run(runner, spec, mask_dir: Path, export_dir: Path) -> dict:
-    """Pack the masked model of one run into the hybrid format and save it (weights as shipped)."""
-    from ..kernels.linear import convert_model
+    """Pack the masked model of one run into the hybrid format (bf16) and save a folder that ships:
+    ``model.packed.safetensors`` + config + tokenizer, loadable with ``load_model(export_dir)``."""
     from ..io.packed import save_packed_model
+    from ..kernels.linear import convert_model
+    from ..models.loading import PACKED_FILE
 
     loaded, ms = apply_run(runner, spec, mask_dir)
-    model = loaded.model
-    dense_bytes = sum(model.get_submodule(n).weight.numel() * 2 for n in ms.layers)  # bf16 reference
-    convert_model(model, ms.to_bool(), tile=runner.recipe.tile_shape, dtype=torch.bfloat16)
-    info = save_packed_model(loaded, export_dir)
-    # converting replaced modules: reload the pristine model for later stages
-    runner._loaded = None
-    info = dict(info or {})
-    info.setdefault("dense_linear_bytes_bf16", dense_bytes)
-    return info
+    model = loaded.model.to(torch.bfloat16)
+    dense_bytes = sum(p.numel() * 2 for p in model.parameters())
+    masked_linear_bytes = sum(model.get_submodule(n).weight.numel() * 2 for n in ms.layers)
+    convert_model(model, ms.to_bool(), tile=runner.recipe.tile_shape)
+    export_dir.mkdir(parents=True, exist_ok=True)
+    size = save_packed_model(model, export_dir / PACKED_FILE,
+                             extra_metadata={"run": spec.run_id, "model": loaded.name,
+                                             "sparsity": f"{ms.sparsity():.6f}"})
+    model.config.save_pretrained(export_dir)
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.save_pretrained(export_dir)
+    runner._loaded = None  # the modules were replaced: reload the pristine model for later stages
+    return {"file_bytes": int(size), "dense_bf16_bytes": int(dense_bytes),
+            "linear_dense_bf16_bytes": int(masked_linear_bytes), "file_vs_dense": size / dense_bytes}
