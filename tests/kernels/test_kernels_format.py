@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels_testutil import interp, make_layer  # noqa: F401 (fixtures)
+
 from tilesparse.kernels.format import (PackedHybrid, bytes_bound_speedup, hybrid_bytes, pack, pack_from_kinds,
                                        unpack)
 from tilesparse.masks.nm import NotTwoFourError, topk_mask

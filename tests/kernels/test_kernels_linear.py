@@ -6,6 +6,8 @@ import copy
 
 import pytest
 import torch
+
+from kernels_testutil import interp, make_layer  # noqa: F401 (fixtures)
 from torch import nn
 
 from tilesparse.io.packed import load_packed, load_packed_model, save_packed, save_packed_model

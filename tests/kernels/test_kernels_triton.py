@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels_testutil import interp, make_layer  # noqa: F401 (fixtures)
+
 from tilesparse.kernels import ops
 from tilesparse.kernels.ops import KernelConfig as C
 from tilesparse.kernels.reference import rel_error

@@ -1,7 +1,9 @@
-"""Kernel tests run the Triton kernels on the CPU through the interpreter (TRITON_INTERPRET=1).
+"""Shared fixtures of the kernel tests (imported by name from each test module; a module of its own, not
+a ``conftest.py``, so it never shadows ``tests/conftest.py`` for other test directories).
 
-The variable must be set before the kernels' ``@triton.jit`` decorators run; if the kernel module was
-imported earlier in this session without it, the ``interp`` fixture reloads it.
+The kernels run on the CPU through the Triton interpreter (TRITON_INTERPRET=1). The variable must be set
+before the kernels' ``@triton.jit`` decorators run; if the kernel module was imported earlier in this
+session without it, the ``interp`` fixture reloads it.
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ import os
 
 import pytest
 import torch
-
-os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(scope="session")
