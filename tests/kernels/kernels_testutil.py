@@ -14,6 +14,9 @@ import os
 import pytest
 import torch
 
+# must precede the first import of triton in this process (triton reads it when imported)
+os.environ["TRITON_INTERPRET"] = "1"
+
 
 @pytest.fixture(scope="session")
 def interp():
