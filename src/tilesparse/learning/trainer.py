@@ -237,6 +237,7 @@ class LearnResult:
     tokens: int
     out_dir: Path | None = None
     files: dict = field(default_factory=dict)
+    logits: dict = field(default_factory=dict)  # final logits (and fixed ids) by "<layer>:<kind>", CPU
 
 
 class StopRequested(Exception):
@@ -443,7 +444,7 @@ def _train(model, masked: MaskedModel, cfg: LearnConfig, train_ids, ck, out, ran
                                      indent=1, default=str), out / "report.json")
         files["report"] = str(out / "report.json")
         files["checkpoint"] = str(out / CHECKPOINT)
-    return LearnResult(maskset, cfg, history, report, seconds, tokens, out, files)
+    return LearnResult(maskset, cfg, history, report, seconds, tokens, out, files, masked.logits_state())
 
 
 __all__ = [

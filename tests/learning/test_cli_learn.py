@@ -1,0 +1,70 @@
+import json
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from tilesparse.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny LLaMA with a byte-level tokenizer saved as an HF folder, plus a training text file."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny")
+    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="!", eos_token="!").save_pretrained(d)
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=256, vocab_size=256)
+    tf.LlamaForCausalLM(cfg).save_pretrained(d)
+    text = d / "train.txt"
+    text.write_text("It is a truth universally acknowledged, that a tiny model needs masks. " * 200)
+    return d, text
+
+
+def _args(model_dir, text, out, *extra):
+    return ["learn", "--model", str(model_dir), "--text", str(text), "--mode", "joint", "--sparsity", "0.3",
+            "--steps", "2", "--seqlen", "32", "--batch", "2", "--prior", "magnitude", "--tile", "16",
+            "--no-progress", "--out", str(out), *extra]
+
+
+def test_learn_cli_writes_masks_and_resumes(tiny_dir, tmp_path, capsys):
+    d, text = tiny_dir
+    out = tmp_path / "run"
+    assert main(_args(d, text, out, "--json")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 2 and abs(summary["measured_sparsity"] - 0.3) < 0.05
+    assert (out / "masks.safetensors").is_file() and (out / "checkpoint.pt").is_file()
+    # the same --out again is refused; --resume of the finished run returns its result
+    assert main(_args(d, text, out)) == 2
+    assert "already holds" in capsys.readouterr().err
+    assert main(["learn", "--model", str(d), "--resume", str(out), "--no-progress", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["measured_sparsity"] == summary["measured_sparsity"]
+    # resuming with a changed setting is a one-line error
+    assert main(["learn", "--model", str(d), "--resume", str(out), "--sparsity", "0.45"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot resume") and "\n" not in err
+
+
+@pytest.mark.parametrize("extra,msg", [(["--sparsity", "0.7"], "sparsity"), (["--steps", "0"], "steps"),
+                                       (["--text", "prideprejudice"], "evaluation text")])
+def test_learn_cli_bad_input(tiny_dir, tmp_path, capsys, extra, msg):
+    d, text = tiny_dir
+    args = _args(d, text, tmp_path / "x")
+    # later options win in argparse
+    assert main(args + extra) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_learn_cli_needs_out(capsys):
+    assert main(["learn"]) == 2
+    assert "--out" in capsys.readouterr().err
