@@ -10,18 +10,34 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 
 import pytest
 import torch
 
-# must precede the first import of triton in this process (triton reads it when imported)
-os.environ["TRITON_INTERPRET"] = "1"
+# must precede the first import of triton in this process (triton decorates its own library functions
+# when imported). If another test module imported triton first (transformers does), the interpreted tests
+# cannot run in this process: ``interp`` then skips them and test_kernels_interpreted.py runs them in a
+# fresh subprocess instead.
+if "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def interpreter_ready() -> bool:
+    """True when triton is (or will be) imported in interpreter mode in this process."""
+    if "triton" not in sys.modules:
+        return os.environ.get("TRITON_INTERPRET") == "1"
+    import triton.language as tl
+
+    return type(tl.cdiv).__name__ == "InterpretedFunction"
 
 
 @pytest.fixture(scope="session")
 def interp():
     """The interpreted kernel module (skips when triton is not installed)."""
     pytest.importorskip("triton")
+    if not interpreter_ready():
+        pytest.skip("triton was imported without TRITON_INTERPRET=1; run in a subprocess by test_kernels_interpreted.py")
     os.environ["TRITON_INTERPRET"] = "1"
     from tilesparse.kernels import triton_hybrid
 
