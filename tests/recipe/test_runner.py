@@ -96,3 +96,20 @@ def test_export_ships_a_loadable_packed_model(tiny_model_dir, text_file, tmp_pat
     shipped = evaluate_text(lm, str(text_file), seqlen=64, max_windows=3, progress=False).perplexity
     # bf16 packed model vs fp32 masked model: same function up to bf16 rounding
     assert shipped == pytest.approx(res.perplexity["text.txt"], rel=0.02)
+
+
+def test_learned_method_stage(tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "run"
+    r = tiny_recipe(tiny_model_dir, text_file, out,
+                    methods=[{"name": "patch-joint", "kind": "learn", "mode": "joint", "sparsities": [0.35],
+                              "steps": 3, "batch": 2, "seqlen": 32, "prior": "magnitude",
+                              "options": {"checkpoint_every": 2}}])
+    (res,) = RecipeRunner(r, progress=False, log=lambda s: None).run()
+    assert abs(res.measured_sparsity - 0.35) < 0.1
+    assert res.details["steps"] == 3 and res.details["tokens"] == 3 * 2 * 32
+    assert (out / "block-density.png").is_file() and (out / "tile-maps.png").is_file()
+    report = (out / "report.md").read_text()
+    assert "Density per decoder block" in report and "3 steps" in report
+    logs = []
+    RecipeRunner(r, progress=False, log=logs.append).run()
+    assert any("mask stage done, reused" in l for l in logs)
