@@ -21,3 +21,4 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 "$VENV/bin/tilesparse" fetch
+"$VENV/bin/python" -c "from tilesparse.evaluation.zeroshot import prepare_tasks; prepare_tasks()"

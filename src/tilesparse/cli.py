@@ -15,7 +15,7 @@ import sys
 from . import __version__
 from .errors import TilesparseError
 
-COMMANDS = ("fetch", "eval", "info", "prune", "learn", "pack", "run", "generate")
+COMMANDS = ("fetch", "eval", "info", "prune", "learn", "pack", "run", "generate", "zeroshot")
 
 
 def build_parser() -> argparse.ArgumentParser:

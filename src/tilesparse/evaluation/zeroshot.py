@@ -1,0 +1,384 @@
+"""Zero-shot evaluation through lm-eval-harness (0.4.13), offline from locally built task files.
+
+:func:`prepare_tasks` builds (once, cached under ``cache_dir()/zeroshot/``) a folder of lm-eval task
+YAMLs over local JSONL files:
+
+- five BIG-bench multiple-choice tasks from the PyPI sdist ``bigbench==1.0.0`` (see
+  :mod:`tilesparse.data.bigbench`): ``bb_goal_inference`` and ``bb_step_inference``
+  (goal_step_wikihow), ``bb_social_iqa``, ``bb_winowhy``, ``bb_timedial`` - metrics acc and acc_norm;
+- ``persuasion_cloze``: a LAMBADA-style last-word cloze over Persuasion (evaluation-only text, see
+  :mod:`tilesparse.data.cloze`) - metrics acc (the target is the greedy continuation) and perplexity.
+
+:func:`run_zeroshot` evaluates an in-memory model (possibly masked/pruned) with lm-eval's ``HFLM``
+and ``simple_evaluate``. The standard lm-eval tasks (hellaswag, piqa, arc, winogrande, ...) load
+their data from the Hugging Face hub; when it is not reachable they are reported as unavailable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import socket
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import TilesparseError
+from ..paths import cache_dir
+
+BUILD_VERSION = 2
+DEFAULT_LIMIT = 200
+SEED = 1234
+CLOZE_TASK = "persuasion_cloze"
+CLOZE_TEXT = "persuasion"
+BIGBENCH_NAMES = ("bb_goal_inference", "bb_step_inference", "bb_social_iqa", "bb_winowhy", "bb_timedial")
+LOCAL_TASKS: list[str] = [*BIGBENCH_NAMES, CLOZE_TASK]
+# standard lm-eval tasks whose data come from the Hugging Face hub (used only when it is reachable)
+STANDARD_TASKS: list[str] = ["hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande", "boolq",
+                             "openbookqa", "lambada_openai"]
+UNREACHABLE = "unavailable (data not reachable)"
+HUB_HOST = "huggingface.co"
+
+
+# --------------------------------------------------------------------------------------- task files
+def zeroshot_dir() -> Path:
+    return cache_dir() / "zeroshot"
+
+
+def _write_jsonl(path: Path, docs: list[dict]) -> None:
+    part = path.with_suffix(".jsonl.part")
+    with part.open("w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps(d, ensure_ascii=False) + "\n")
+    part.replace(path)
+
+
+def _dataset_block(jsonl: Path, hf_cache: Path) -> dict:
+    return {"dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"test": str(jsonl)}, "cache_dir": str(hf_cache)},
+            "test_split": "test"}
+
+
+def write_multiple_choice_task(out_dir: Path, name: str, docs: list[dict], *, description: str = "") -> Path:
+    """Write ``<name>.jsonl`` (docs ``{query, choices, gold}``) and ``<name>.yaml`` (lm-eval
+    ``multiple_choice`` task, metrics acc and acc_norm) into ``out_dir``; returns the YAML path."""
+    import yaml
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jsonl = out_dir / f"{name}.jsonl"
+    _write_jsonl(jsonl, docs)
+    cfg = {"task": name, **_dataset_block(jsonl, out_dir / "hf_cache"),
+           "output_type": "multiple_choice", "doc_to_text": "query", "doc_to_choice": "choices",
+           "doc_to_target": "gold", "target_delimiter": " ",
+           "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
+                           for m in ("acc", "acc_norm")],
+           "metadata": {"version": BUILD_VERSION, "description": description}}
+    path = out_dir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def write_cloze_task(out_dir: Path, name: str, docs: list[dict], *, description: str = "") -> Path:
+    """Write ``<name>.jsonl`` (docs ``{context, target}``) and ``<name>.yaml`` (lm-eval
+    ``loglikelihood`` task like LAMBADA: acc = target is the greedy continuation, and perplexity)."""
+    import yaml
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jsonl = out_dir / f"{name}.jsonl"
+    _write_jsonl(jsonl, docs)
+    cfg = {"task": name, **_dataset_block(jsonl, out_dir / "hf_cache"),
+           "output_type": "loglikelihood", "doc_to_text": "context", "doc_to_target": "target",
+           "target_delimiter": "",
+           "metric_list": [{"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False},
+                           {"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+           "metadata": {"version": BUILD_VERSION, "description": description}}
+    path = out_dir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def _check_limit(limit, what: str = "limit") -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+        raise TilesparseError(f"{what} must be a positive integer (or None for all items), got {limit!r}")
+
+
+def _chance(docs: list[dict]) -> float:
+    return sum(1.0 / len(d["choices"]) for d in docs) / len(docs)
+
+
+def cloze_text() -> str:
+    """The text of the cloze task: Persuasion (an evaluation-only text, never used for training)."""
+    from ..data import load_text
+
+    return load_text(CLOZE_TEXT).text
+
+
+def prepare_tasks(limit: int | None = DEFAULT_LIMIT) -> Path:
+    """Build (or reuse) the local lm-eval task folder and return it (the ``include_path``).
+
+    ``limit`` caps the items per task (``None``: all); the items are a seeded random subset, the same
+    for every run, and a smaller limit selects a subset of a larger one. Idempotent and cached under
+    ``cache_dir()/zeroshot/tasks-<limit>/``; the BIG-bench task.json files are kept under
+    ``cache_dir()/zeroshot/bigbench/`` (the 358 MB sdist is downloaded once and deleted).
+    """
+    from ..data.bigbench import BIGBENCH_TASKS, convert_task, fetch_task_jsons, load_task_json
+
+    _check_limit(limit)
+    root = zeroshot_dir()
+    out = root / f"tasks-{'all' if limit is None else limit}"
+    manifest_path = out / "manifest.json"
+    want = {"version": BUILD_VERSION, "limit": limit, "seed": SEED, "dir": str(out.resolve()),
+            "tasks": LOCAL_TASKS}
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        if {k: manifest.get(k) for k in want} == want and all(
+                (out / f"{t}.yaml").is_file() and (out / f"{t}.jsonl").is_file() for t in LOCAL_TASKS):
+            return out
+    except (OSError, json.JSONDecodeError):
+        pass
+
+    jsons = fetch_task_jsons(root / "bigbench", list(BIGBENCH_NAMES))
+    info: dict[str, dict] = {}
+    for name in BIGBENCH_NAMES:
+        task = load_task_json(jsons[name])
+        docs = convert_task(task, name, limit=limit, seed=SEED)
+        write_multiple_choice_task(out, name, docs,
+                                   description=f"BIG-bench {BIGBENCH_TASKS[name].rsplit('/', 1)[0]}")
+        info[name] = {"n": len(docs), "chance": round(_chance(docs), 4), "source": f"bigbench==1.0.0 "
+                                                                         f"{BIGBENCH_TASKS[name]}"}
+    from ..data.cloze import build_cloze
+
+    docs = build_cloze(cloze_text(), limit=limit, seed=SEED)
+    write_cloze_task(out, CLOZE_TASK, docs, description="last-word cloze over Persuasion (Jane Austen)")
+    info[CLOZE_TASK] = {"n": len(docs), "chance": 0.0, "source": f"tilesparse embedded text {CLOZE_TEXT}"}
+    manifest_path.write_text(json.dumps({**want, "info": info}, indent=2))
+    return out
+
+
+def task_info(include_path: Path) -> dict[str, dict]:
+    """Per-task ``{n, chance, source}`` recorded by :func:`prepare_tasks` (empty for other folders)."""
+    try:
+        return json.loads((Path(include_path) / "manifest.json").read_text()).get("info", {})
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def local_task_names(include_path: Path) -> list[str]:
+    """Task names defined by the YAML files of an include folder."""
+    import yaml
+
+    names = []
+    for p in sorted(Path(include_path).glob("*.yaml")):
+        try:
+            cfg = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(cfg, dict) and isinstance(cfg.get("task"), str):
+            names.append(cfg["task"])
+    order = {t: i for i, t in enumerate(LOCAL_TASKS)}
+    return sorted(names, key=lambda t: (order.get(t, len(order)), t))
+
+
+# --------------------------------------------------------------------------------------- results
+@dataclass
+class TaskScore:
+    """One task's scores (acc_norm / perplexity are ``None`` where the task does not define them)."""
+
+    task: str
+    acc: float
+    acc_stderr: float | None
+    n: int
+    acc_norm: float | None = None
+    acc_norm_stderr: float | None = None
+    perplexity: float | None = None
+    chance: float | None = None
+
+
+@dataclass
+class ZeroShotResult:
+    """Scores per task, their mean acc, and the requested tasks whose data were not reachable."""
+
+    model: str
+    scores: list[TaskScore]
+    unavailable: dict[str, str] = field(default_factory=dict)
+    limit: int | None = None
+    seconds: float = 0.0
+
+    @property
+    def mean_acc(self) -> float | None:
+        return sum(s.acc for s in self.scores) / len(self.scores) if self.scores else None
+
+    @property
+    def mean_acc_norm(self) -> float | None:
+        vals = [s.acc_norm for s in self.scores if s.acc_norm is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    def __getitem__(self, task: str) -> TaskScore:
+        for s in self.scores:
+            if s.task == task:
+                return s
+        raise KeyError(task)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "limit": self.limit, "seconds": round(self.seconds, 2),
+                "tasks": {s.task: {k: v for k, v in asdict(s).items() if k != "task"} for s in self.scores},
+                "mean_acc": self.mean_acc, "mean_acc_norm": self.mean_acc_norm,
+                "unavailable": dict(self.unavailable)}
+
+    def __str__(self) -> str:
+        def f(x, digits=3):
+            return "-" if x is None else f"{x:.{digits}f}"
+
+        lines = [f"zero-shot (lm-eval 0.4.13), model {self.model}, {self.seconds:.0f} s",
+                 f"{'task':<20} {'n':>5} {'acc':>7} {'± se':>7} {'acc_norm':>9} {'chance':>7} {'ppl':>8}"]
+        for s in self.scores:
+            lines.append(f"{s.task:<20} {s.n:>5} {f(s.acc):>7} {f(s.acc_stderr):>7} {f(s.acc_norm):>9} "
+                         f"{f(s.chance):>7} {f(s.perplexity, 2):>8}")
+        if self.scores:
+            lines.append(f"{'mean':<20} {'':>5} {f(self.mean_acc):>7} {'':>7} {f(self.mean_acc_norm):>9}")
+        for t, why in self.unavailable.items():
+            lines.append(f"{t:<20} {why}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------- running
+def hub_reachable(host: str = HUB_HOST, timeout: float = 3.0) -> bool:
+    """True when the Hugging Face hub answers (and offline mode is not forced)."""
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes")
+           for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return False
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _quiet_lm_eval() -> None:
+    os.environ.setdefault("DISABLE_MULTIPROC", "1")  # bootstrap stderr in-process (no worker pool)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("lm_eval", "lm-eval", "datasets", "evaluate", "absl", "filelock", "fsspec", "urllib3",
+                 "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    except Exception:  # pragma: no cover
+        pass
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except Exception:  # pragma: no cover
+        pass
+
+
+def _metric(res: dict, key: str):
+    v = res.get(f"{key},none")
+    return None if v is None or v == "N/A" or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def _import_lm_eval():
+    try:
+        import lm_eval  # noqa: F401
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise TilesparseError("zero-shot evaluation needs lm-eval: pip install 'lm-eval==0.4.13' "
+                              "(or tilesparse[eval])") from None
+    return lm_eval, HFLM, TaskManager
+
+
+def run_zeroshot(loaded, tasks: list[str] | str | None = None, *, limit: int | None = None,
+                 batch_size: int = 8, device: str | None = "cpu", include_path: str | Path | None = None,
+                 progress: bool = True) -> "ZeroShotResult":
+    """Zero-shot scores of an in-memory model (``tilesparse.models.LoadedModel``) with lm-eval.
+
+    ``tasks``: names from :data:`LOCAL_TASKS` and/or :data:`STANDARD_TASKS` (a list or a comma
+    separated string; default: all of both). ``limit``: items per task (default: the 200 prepared
+    ones). ``include_path``: a folder of task YAMLs to use instead of the prepared one (its tasks are
+    then the local tasks). The model is used as it is (masked or pruned weights included); with
+    ``device`` it is moved there first. Standard tasks whose data are not reachable are listed in
+    ``result.unavailable`` instead of failing. Progress goes to stderr, one line per task.
+    """
+    _check_limit(limit)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise TilesparseError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if include_path is None:
+        include_path = prepare_tasks(DEFAULT_LIMIT if limit is None or limit <= DEFAULT_LIMIT else limit)
+    include_path = Path(include_path)
+    if not include_path.is_dir():
+        raise TilesparseError(f"task folder {include_path} does not exist")
+    local = local_task_names(include_path)
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    if tasks is None:
+        tasks = local + [t for t in STANDARD_TASKS if t not in local]
+    if not tasks:
+        raise TilesparseError("no zero-shot tasks given")
+    unknown = [t for t in tasks if t not in local and t not in STANDARD_TASKS]
+    if unknown:
+        raise TilesparseError(f"unknown zero-shot task(s) {', '.join(unknown)}; choose from "
+                              f"{', '.join(local + STANDARD_TASKS)}")
+    tasks = list(dict.fromkeys(tasks))
+
+    _quiet_lm_eval()
+    lm_eval, HFLM, TaskManager = _import_lm_eval()
+    unavailable: dict[str, str] = {}
+    standard = [t for t in tasks if t not in local]
+    if standard and not hub_reachable():
+        unavailable.update({t: UNREACHABLE for t in standard})
+        standard = []
+    run_tasks = [t for t in tasks if t in local or t in standard]
+
+    model = loaded.model
+    if device is not None and str(next(model.parameters()).device) != str(device):
+        model.to(device)
+    model.eval()
+    t0 = time.perf_counter()
+    scores: list[TaskScore] = []
+    info = task_info(include_path)
+    if run_tasks:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tm = TaskManager(include_path=str(include_path), include_defaults=bool(standard))
+            lm = HFLM(pretrained=model, tokenizer=loaded.tokenizer, batch_size=batch_size,
+                      add_bos_token=True if getattr(loaded, "needs_bos", False) else None)
+        for i, task in enumerate(run_tasks, 1):
+            t1 = time.perf_counter()
+            if progress:
+                print(f"[zeroshot] {i}/{len(run_tasks)} {task} ...", file=sys.stderr, flush=True)
+            sink = io.StringIO()
+            try:
+                with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+                    warnings.simplefilter("ignore")
+                    out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=tm, limit=limit,
+                                                  bootstrap_iters=1000, log_samples=False,
+                                                  random_seed=0, numpy_random_seed=SEED,
+                                                  torch_random_seed=SEED, fewshot_random_seed=SEED)
+            except Exception as exc:  # network/data errors of the standard tasks
+                if task in local:
+                    raise
+                unavailable[task] = f"{UNREACHABLE}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                continue
+            res = out["results"][task]
+            n = out.get("n-samples", {}).get(task, {}).get("effective")
+            score = TaskScore(task=task, acc=_metric(res, "acc"), acc_stderr=_metric(res, "acc_stderr"),
+                              n=int(n) if n is not None else -1, acc_norm=_metric(res, "acc_norm"),
+                              acc_norm_stderr=_metric(res, "acc_norm_stderr"),
+                              perplexity=_metric(res, "perplexity"),
+                              chance=info.get(task, {}).get("chance"))
+            scores.append(score)
+            if progress:
+                print(f"[zeroshot] {task}: acc {score.acc:.3f} (n={score.n}, "
+                      f"{time.perf_counter() - t1:.0f} s)", file=sys.stderr, flush=True)
+    return ZeroShotResult(model=getattr(loaded, "name", type(model).__name__), scores=scores,
+                          unavailable=unavailable, limit=limit, seconds=time.perf_counter() - t0)
