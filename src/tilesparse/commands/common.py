@@ -29,19 +29,3 @@ def quiet_libraries() -> None:
 def print_json(obj) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
-
-def parse_tile(text: str) -> tuple[int, int]:
-    """Parse a tile size: ``128`` (square) or ``64x128`` (rows x cols); columns must be a multiple of 4."""
-    from ..errors import TilesparseError
-
-    try:
-        parts = [int(p) for p in str(text).lower().split("x")]
-    except ValueError:
-        raise TilesparseError(f"tile size {text!r} is not a number or ROWSxCOLS") from None
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or min(parts) <= 0:
-        raise TilesparseError(f"tile size {text!r} must be positive, e.g. 128 or 64x128")
-    if parts[1] % 4:
-        raise TilesparseError(f"tile columns must be a multiple of 4 (2:4 groups), got {parts[1]}")
-    return parts[0], parts[1]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_model_args, parse_tile, print_json, quiet_libraries
+from ..pruning.config import parse_tile
+from .common import add_model_args, print_json, quiet_libraries
 
 
 def register(sub) -> None:

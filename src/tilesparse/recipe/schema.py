@@ -141,8 +141,9 @@ class Recipe:
 
     @property
     def tile_shape(self) -> tuple[int, int]:
-        t = self.tile
-        return (t, t) if isinstance(t, int) else (int(t[0]), int(t[1]))
+        from ..pruning.config import parse_tile
+
+        return parse_tile(self.tile)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -226,9 +227,10 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
 def _validate(r: Recipe) -> Recipe:
     if not r.methods:
         raise TilesparseError("recipe: 'methods' must list at least one method")
-    th, tw = r.tile_shape
-    if th <= 0 or tw <= 0 or tw % 4:
-        raise TilesparseError(f"recipe: 'tile' must be positive with columns a multiple of 4, got {r.tile}")
+    try:
+        r.tile_shape
+    except TilesparseError as exc:
+        raise TilesparseError(f"recipe: 'tile': {exc}") from None
     if r.data.calib_samples <= 0 or r.data.calib_seqlen <= 1:
         raise TilesparseError("recipe: 'data.calib_samples' must be > 0 and 'data.calib_seqlen' > 1")
     p = r.evaluation.perplexity
