@@ -40,14 +40,15 @@ def register(sub) -> None:
                     "joint/maskllm mode, 2:4 pattern logits (Gumbel-softmax over the six candidates), "
                     "initialised from a one-shot prior. Writes OUT/masks.safetensors (use with "
                     "`tilesparse eval --mask OUT`), OUT/report.json and OUT/checkpoint.pt (resumable). "
-                    "CPU defaults (seqlen 256, batch 4, 120 steps) take about 15 minutes on the default "
+                    "CPU defaults (seqlen 256, batch 4, 64 steps) take about 15 minutes on the default "
                     "model; see docs/learning.md for reference-scale GPU settings.")
     add_model_args(p)
     p.add_argument("--mode", choices=("joint", "tile", "maskllm"), default=None,
                    help="joint = PATCH-Joint (learned tiles + learned 2:4, default), tile = PATCH-Tile "
                         "(learned tiles, fixed one-shot 2:4), maskllm = learned 2:4 everywhere (50 %%)")
     p.add_argument("--sparsity", type=float, default=None, help="target sparsity in [0, 0.5] (default 0.45)")
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default 120)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimiser steps (default 64: about 15 min on 2 idle CPU cores)")
     p.add_argument("--seqlen", type=int, default=None, help="tokens per training sequence (default 256)")
     p.add_argument("--batch", type=int, default=None, help="sequences per micro-batch per process (default 4)")
     p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimiser step (default 1)")

@@ -4,7 +4,8 @@
 decoder blocks with a :class:`MaskedLinear` that holds the frozen original module plus fp32 logits:
 
 - ``tile_logits [n_rows, n_cols]`` (PATCH-Joint, PATCH-Tile),
-- ``pattern_logits [out, in/4, 6]`` (PATCH-Joint, MaskLLM) or compact fixed pattern ids
+- ``pattern_logits [6, out, in/4]`` (candidate-major, PATCH-Joint and MaskLLM; given and reported to
+  users as ``[out, in/4, 6]`` by :func:`~.priors.pattern_prior_logits` and the final mask) or compact fixed pattern ids
   ``ids [out, in/4]`` uint8 (PATCH-Tile).
 
 The mask of a layer is built inside that layer's forward (never all layers at once), so with gradient
@@ -26,8 +27,8 @@ from ..masks.nm import GROUP, N_PATTERNS, mask_from_ids
 from ..masks.tiles import TileGrid
 from ..models import find_decoder_blocks, find_prunable_linears
 from .final import LayerFinal, build_final_maskset, final_pattern_ids
-from .relax import (binary_concrete, expand_tiles, expected_tile_density, gumbel_noise, gumbel_softmax,
-                    logistic_noise, mix_masks, soft_24_mask, tile_index)
+from .relax import (binary_concrete, expected_tile_density, fused_soft_24, gumbel_noise, joint_masked_weight,
+                    logistic_noise, tile_scaled_weight)
 
 
 @dataclass
@@ -62,15 +63,13 @@ class MaskedLinear(nn.Module):
         self._state = [state]  # a list keeps it out of the module tree
         dev = inner.weight.device
         self.tile_logits = nn.Parameter(tile_logits.to(dev, torch.float32)) if tile_logits is not None else None
-        self.pattern_logits = (nn.Parameter(pattern_logits.to(dev, torch.float32))
+        # candidate-major storage [6, out, in/4]: the softmax over candidates is then contiguous passes
+        self.pattern_logits = (nn.Parameter(pattern_logits.to(dev, torch.float32).permute(2, 0, 1).contiguous())
                                if pattern_logits is not None else None)
         if ids is not None:
             self.register_buffer("ids", ids.to(dev, torch.uint8))
         else:
             self.ids = None
-        rows, cols = tile_index(grid, dev)
-        self.register_buffer("row_index", rows, persistent=False)
-        self.register_buffer("col_index", cols, persistent=False)
 
     @property
     def state(self) -> MaskState:
@@ -88,14 +87,17 @@ class MaskedLinear(nn.Module):
         noise = logistic_noise(self.tile_logits.shape, device=self.tile_logits.device) if st.stochastic else None
         return binary_concrete(self.tile_logits, st.tile_k, st.tile_tau, noise=noise, hard=st.hard_tile)
 
+    def pattern_logits_natural(self) -> torch.Tensor | None:
+        """Pattern logits as ``[out, in/4, 6]`` (a view)."""
+        return None if self.pattern_logits is None else self.pattern_logits.permute(1, 2, 0)
+
     def mask24(self) -> torch.Tensor:
         """2:4 part: soft ``[out, in]`` fp32 mask (learned) or boolean mask from the fixed ids."""
         if self.pattern_logits is None:
             return mask_from_ids(self.ids)
         st = self.state
         noise = gumbel_noise(self.pattern_logits.shape, device=self.pattern_logits.device) if st.stochastic else None
-        probs = gumbel_softmax(self.pattern_logits, st.pattern_k, st.pattern_tau, noise=noise, hard=st.hard_24)
-        return soft_24_mask(probs)
+        return fused_soft_24(self.pattern_logits, st.pattern_k, st.pattern_tau, noise=noise, hard=st.hard_24)
 
     def masked_weight(self) -> torch.Tensor:
         """``W * M`` as ``[out, in]`` in the weight's dtype; records tile values and the norm in the state."""
@@ -107,11 +109,10 @@ class MaskedLinear(nn.Module):
             wm = w * m24.to(w.dtype)
         else:
             st.tile_values[self.index] = t
-            tf = expand_tiles(t, self.row_index, self.col_index)
             if m24.dtype == torch.bool:  # fixed 2:4: kept weights stay, the others scale with T
-                wm = torch.where(m24, w, w * tf.to(w.dtype))
+                wm = tile_scaled_weight(w, m24, t, self.grid)
             else:
-                wm = w * mix_masks(tf, m24).to(w.dtype)
+                wm = joint_masked_weight(w, m24, t, self.grid)
         if st.record_norms:
             st.norms[self.index] = torch.linalg.vector_norm(wm.float())
         return wm
@@ -233,7 +234,8 @@ class MaskedModel:
         return self.tile_parameters() + self.pattern_parameters()
 
     def logits_state(self) -> dict[str, torch.Tensor]:
-        """All learnable logits and fixed ids, by ``<layer name>:<kind>`` (CPU copies)."""
+        """All learnable logits and fixed ids, by ``<layer name>:<kind>`` (CPU copies; pattern logits in the
+        candidate-major storage layout ``[6, out, in/4]``)."""
         out = {}
         for l in self.layers:
             if l.tile_logits is not None:
@@ -317,7 +319,8 @@ class MaskedModel:
         """Binary mask set: argmax 2:4 (or fixed ids), tiles at the exact global budget (MaskLLM: all 2:4)."""
         finals = []
         for l in self.layers:
-            ids = final_pattern_ids(l.pattern_logits.detach().cpu()) if l.pattern_logits is not None else l.ids.cpu()
+            ids = (final_pattern_ids(l.pattern_logits_natural().detach().cpu()) if l.pattern_logits is not None
+                   else l.ids.cpu())
             scores = l.tile_logits.detach().cpu() if l.tile_logits is not None else None
             finals.append(LayerFinal(l.layer_name, l.grid, ids, scores))
         for f in self.fixed:

@@ -301,7 +301,8 @@ def learn_masks(model: nn.Module, cfg: LearnConfig, train_ids: torch.Tensor, *,
         for key, t in ck["logits"].items():
             name, _, kind = key.rpartition(":")
             split.setdefault(kind, {})[name] = t
-        tiles, patterns, ids = split["tile"], split["pattern"], split["ids"]
+        tiles, ids = split["tile"], split["ids"]
+        patterns = {k: v.permute(1, 2, 0) for k, v in split["pattern"].items()}  # stored candidate-major
     masked = MaskedModel(model, cfg.mode, tile=cfg.tile, tile_init=tiles, pattern_init=patterns, ids=ids)
     try:
         return _train(model, masked, cfg, train_ids, ck, out, rank, world, device, fingerprint, model_name,
