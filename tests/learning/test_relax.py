@@ -97,3 +97,41 @@ def test_mix_and_expected_density_count_partial_tiles():
     m24 = PATTERNS[0].repeat(10, 3).float()
     m = mix_masks(expand_tiles(t, rows, cols), m24)
     assert m.sum().item() == pytest.approx(kept.item())
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_fused_soft_24_equals_composition_in_value_and_gradient(hard):
+    from tilesparse.learning.relax import fused_soft_24
+
+    torch.manual_seed(0)
+    p = torch.randn(10, 8, 6, dtype=torch.float64, requires_grad=True)
+    noise = gumbel_noise(p.shape).double()
+    a = soft_24_mask(gumbel_softmax(p, 7.0, 0.7, noise=noise, hard=hard))
+    b = fused_soft_24(p.permute(2, 0, 1), 7.0, 0.7, noise=noise.permute(2, 0, 1).contiguous(), hard=hard)
+    w = torch.randn_like(a)
+    ga, = torch.autograd.grad((a * w).sum(), p)
+    gb, = torch.autograd.grad((b * w).sum(), p)
+    assert torch.allclose(a, b, atol=1e-12) and torch.allclose(ga, gb, atol=1e-12)
+    assert ga.abs().sum() > 0
+
+
+@pytest.mark.parametrize("grid", [TileGrid(10, 12, 4, 8), TileGrid(8, 16, 4, 8)])
+def test_fused_tile_and_joint_weights_equal_composition(grid):
+    from tilesparse.learning.relax import joint_masked_weight, tile_scaled_weight
+
+    torch.manual_seed(0)
+    w_ = torch.randn(grid.out_features, grid.in_features, dtype=torch.float64)
+    keep = torch.rand(w_.shape) > 0.5
+    t = torch.rand(grid.shape, dtype=torch.float64, requires_grad=True)
+    m24 = torch.rand(w_.shape, dtype=torch.float64, requires_grad=True)
+    rows, cols = tile_index(grid)
+    g = torch.randn_like(w_)
+    a = w_ * mix_masks(expand_tiles(t, rows, cols), keep.double())
+    b = tile_scaled_weight(w_, keep, t, grid)
+    assert torch.allclose(a, b)
+    assert torch.allclose(torch.autograd.grad((a * g).sum(), t)[0], torch.autograd.grad((b * g).sum(), t)[0])
+    a = w_ * mix_masks(expand_tiles(t, rows, cols), m24)
+    b = joint_masked_weight(w_, m24, t, grid)
+    ga = torch.autograd.grad((a * g).sum(), (t, m24))
+    gb = torch.autograd.grad((b * g).sum(), (t, m24))
+    assert torch.allclose(a, b) and all(torch.allclose(x, y) for x, y in zip(ga, gb))
