@@ -101,6 +101,14 @@ def check(args) -> bool:
                             seen.add(sig)
                             keep.append(c)
                     cfgs = keep + [ops.heuristic_config(M, p)]
+                else:  # the pipelined / unrolled K-loop knobs (not autotuner candidates, see KERNELS_NOTES v4)
+                    T = ops.KernelConfig
+                    if M <= 4:
+                        cfgs += [T("triton", 3, ops._pow2_at_least(M), 32, 128, 4, 4, 3, True, 4),
+                                 T("triton", 0, ops._pow2_at_least(M), 64, 128, 2, 8, 3, True, 4),
+                                 T("triton", 3, ops._pow2_at_least(M), 32, 128, 4, 4, 3, True, 0, 2)]
+                    elif M <= 64:
+                        cfgs += [T("triton", 1, ops._pow2_at_least(M, 16), 32, 128, 4, 4, 3, True, 4)]
                 for cfg in cfgs:
                     if cfg.path == "triton":
                         out = torch.full((M, N), float("nan"), device=dev, dtype=dtype)
@@ -286,6 +294,42 @@ def profile(args) -> None:
     print("profile launches done")
 
 
+def _precompile_worker(job):
+    """Compile (by launching once) every ``i % n == w`` candidate config for the token counts given."""
+    w, n, tokens = job
+    dev = "cuda"
+    done = 0
+    for dtype in (torch.bfloat16, torch.float16):
+        p, _, _ = random_packed(256, 256, 0.5, (128, 128), dtype, dev, seed=0)
+        for M in tokens:
+            x = torch.randn(M, 256, device=dev).to(dtype)
+            cfgs = [c for c in ops.candidate_configs(M, p, force_kernel=True) if c.path == "triton"]
+            for i, cfg in enumerate(cfgs):
+                if i % n != w:
+                    continue
+                for bias in (None, torch.zeros(256, device=dev, dtype=dtype)):
+                    try:
+                        out = torch.empty(M, 256, device=dev, dtype=dtype)
+                        ops.launch_triton(x, p, bias, cfg, out)
+                        done += 1
+                    except Exception as e:  # noqa: BLE001 - reported, the tuner skips it too
+                        print(f"  precompile skip {cfg.short()}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+    torch.cuda.synchronize()
+    return done
+
+
+def precompile(tokens: list[int], workers: int) -> None:
+    """Fill Triton's on-disk kernel cache for every candidate config, ``workers`` processes in parallel
+    (compilation is CPU-bound and serial otherwise); timings and checks then start warm."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    t0 = time.time()
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+        n = sum(ex.map(_precompile_worker, [(w, workers, tokens) for w in range(workers)]))
+    print(f"precompiled {n} launches in {time.time() - t0:.0f}s", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="run the correctness checks and exit")
@@ -297,10 +341,15 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--verbose", action="store_true", help="print every candidate's time")
     ap.add_argument("--out", default=None, help="markdown file for the table")
+    ap.add_argument("--precompile", type=int, default=0, metavar="WORKERS",
+                    help="first compile every candidate config in WORKERS parallel processes")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
         return 2
+    if args.precompile:
+        toks = [1, 2, 5, 16, 33, 64, 65, 200] if args.check else [int(t) for t in args.tokens.split(",")]
+        precompile(sorted({ops._pow2_at_least(t) for t in toks}), args.precompile)
     if args.check:
         return 0 if check(args) else 1
     if args.profile:

@@ -50,6 +50,12 @@ def test_modes_match_reference(interp, make_layer, case, dtype):
     ]
     if case is not CASES[0]:  # every mode on the first case, a subset on the others
         configs = configs[::2]
+    else:  # pipelined / unrolled K loops (tl.range num_stages / loop_unroll_factor)
+        configs += [
+            (1, C("triton", 3, 1, 16, 32, 2, 4, 3, True, 3, 2), bias),
+            (3, C("triton", 0, 4, 16, 64, 1, 8, 3, True, 4, 0), None),
+            (16, C("triton", 1, 16, 32, 64, 2, 4, 3, True, 3, 0), bias),
+        ]
     for M, cfg, b in configs:
         cfg = ops._fit(cfg, p)
         x = torch.randn(M, K).to(dtype)

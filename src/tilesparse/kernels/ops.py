@@ -53,13 +53,19 @@ class KernelConfig:
     warps: int = 4
     stages: int = 3
     meta16: bool = False
+    # >0: tl.range(num_stages=lstages) on the K loops (pipelines non-dot loads too) / loop_unroll_factor.
+    # Measured on the H100 (v4, benchmarks/KERNELS_NOTES.md): never faster than the plain loop, so the
+    # autotuner's candidates leave both at 0; kept for explicit configs and experiments.
+    lstages: int = 0
+    unroll: int = 0
 
     def short(self) -> str:
         if self.path != "triton":
             return self.path
         m = {0: "fma", 1: "swap", 2: "mm", 3: "gather"}[self.mode]
         return (f"{m} bm{self.bm} bn{self.bn} bk{self.bk} s{self.split} w{self.warps} st{self.stages}"
-                + (" m16" if self.meta16 else ""))
+                + (" m16" if self.meta16 else "") + (f" p{self.lstages}" if self.lstages else "")
+                + (f" u{self.unroll}" if self.unroll else ""))
 
 
 def interpreting() -> bool:
@@ -94,8 +100,9 @@ def _fit(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
     if cfg.mode in (1, 2) and (bn < 32 or bk < 32):
         # tensor-core modes need 32x32 blocks (wrong results were seen on the H100 with 16x16 ones):
         # fall back to the FMA mode, 4 tokens per program
-        return KernelConfig("triton", 0, min(4, cfg.bm), bn, bk, 1, 4, 3, cfg.meta16)
-    return KernelConfig("triton", cfg.mode, cfg.bm, bn, bk, cfg.split, cfg.warps, cfg.stages, cfg.meta16)
+        return KernelConfig("triton", 0, min(4, cfg.bm), bn, bk, 1, 4, 3, cfg.meta16, cfg.lstages, cfg.unroll)
+    return KernelConfig("triton", cfg.mode, cfg.bm, bn, bk, cfg.split, cfg.warps, cfg.stages, cfg.meta16,
+                        cfg.lstages, cfg.unroll)
 
 
 def heuristic_config(M: int, packed: PackedHybrid) -> KernelConfig:
@@ -198,6 +205,7 @@ def launch_triton(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfi
         TILE_R=packed.tile_rows, TILE_C=packed.tile_cols,
         MODE=cfg.mode, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SPLIT=cfg.split, HAS_BIAS=bias is not None,
         DOT_F32=interpreting() and packed.dtype == torch.bfloat16, META16=cfg.meta16,
+        LSTAGES=cfg.lstages or None, UNROLL=cfg.unroll or None,
         num_warps=cfg.warps, num_stages=cfg.stages,
     )
 

@@ -12,7 +12,11 @@ One kernel, three accumulation modes chosen per call (constexpr ``MODE``):
 
 A program owns ``BN`` rows of one tile-row and streams that tile-row's 2:4 K-space (compressed values
 + 4-bit metadata expanded in registers with a few shifts/masks/selects) and then its dense K-space
-into one fp32 accumulator. All-zero tiles are never visited. ``SPLIT > 1`` splits both K-spaces over
+into one fp32 accumulator. ``LSTAGES`` (``tl.range(num_stages=...)`` on the K loops) makes Triton's
+software pipeliner stage *every* load of the loop (values, metadata, x) through a cp.async ring, not only
+those feeding a ``tl.dot`` -- more bytes in flight per SM for the decode modes; ``UNROLL`` unrolls the
+K loops. ``None`` for both keeps the compiler's default (measured on the H100: neither knob made any decode
+config faster, see ``benchmarks/KERNELS_NOTES.md`` v4, so the autotuner leaves them at ``None``). All-zero tiles are never visited. ``SPLIT > 1`` splits both K-spaces over
 ``SPLIT`` programs; partial sums go to an fp32 workspace and the last program to arrive (an atomic
 counter per output block, reset by that program) adds them up -- one launch, no memset.
 
@@ -113,6 +117,7 @@ def hybrid_linear_kernel(
     TILE_R: tl.constexpr, TILE_C: tl.constexpr,
     MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, META16: tl.constexpr,
+    LSTAGES: tl.constexpr = None, UNROLL: tl.constexpr = None,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -156,7 +161,7 @@ def hybrid_linear_kernel(
     n_chunks = tl.cdiv(sp_len, BK)
     c_lo = pid_s * n_chunks // SPLIT
     c_hi = (pid_s + 1) * n_chunks // SPLIT
-    for c in range(c_lo, c_hi):
+    for c in tl.range(c_lo, c_hi, num_stages=LSTAGES, loop_unroll_factor=UNROLL):
         kk = c * BK
         slot = kk // TILE_C
         col0 = tl.load(sp_cols_ptr + sp_first + slot).to(tl.int64) * TILE_C + (kk - slot * TILE_C)
@@ -177,7 +182,7 @@ def hybrid_linear_kernel(
     n_chunks = tl.cdiv(dn_len, BK)
     c_lo = pid_s * n_chunks // SPLIT
     c_hi = (pid_s + 1) * n_chunks // SPLIT
-    for c in range(c_lo, c_hi):
+    for c in tl.range(c_lo, c_hi, num_stages=LSTAGES, loop_unroll_factor=UNROLL):
         kk = c * BK
         slot = kk // TILE_C
         col0 = tl.load(dn_cols_ptr + dn_first + slot).to(tl.int64) * TILE_C + (kk - slot * TILE_C)
