@@ -131,8 +131,24 @@ def main(argv=None) -> int:
         configs = [PruneConfig(method=args.prior, pattern="2:4")]
         configs += [PruneConfig(method=args.prior, pattern="unstructured", sparsity=s)
                     for s in sorted(set(sparsities) | set(learn_sp)) if s > 0]
-        sets = prune_model_multi(model, calib, configs, progress=progress)
-        prior_seconds = time.perf_counter() - t0
+        # prior masks are cached on disk (keyed by model, method, calibration) so a resumed table skips them
+        from tilesparse.io import load_mask_artifact, save_mask_artifact
+        from tilesparse.models import weights_fingerprint
+        from tilesparse.paths import cache_dir
+
+        tag = f"{weights_fingerprint(model)}-{args.prior}-{args.calib_samples}x{args.calib_seqlen}-s{args.seed}"
+        cdir = cache_dir() / "accuracy-priors" / tag
+        names = ["2:4"] + [f"u{c.sparsity}" for c in configs[1:]]
+        meta_file = cdir / "seconds.json"
+        if meta_file.exists() and all((cdir / n / "masks.safetensors").exists() for n in names):
+            sets = [load_mask_artifact(cdir / n) for n in names]
+            prior_seconds = json.loads(meta_file.read_text())["seconds"]
+        else:
+            sets = prune_model_multi(model, calib, configs, progress=progress)
+            prior_seconds = time.perf_counter() - t0
+            for n, ms in zip(names, sets):
+                save_mask_artifact(ms, cdir / n)
+            meta_file.write_text(json.dumps({"seconds": prior_seconds}))
         two_four = {m.name: m.to_bool() for m in sets[0] if m.pattern == "2:4"}
         unstructured = {c.sparsity: {m.name: m.to_bool() for m in ms} for c, ms in zip(configs[1:], sets[1:])}
         prior = (two_four, unstructured, sets[0])

@@ -103,3 +103,23 @@ def test_final_maskset_round_trips_through_artifact(tmp_path):
     assert back.sparsity() == pytest.approx(ms.sparsity())
     for m in ms:
         assert torch.equal(back.layers[m.name].to_bool(), m.to_bool())
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "magnitude"])
+def test_one_shot_adapter_gives_prior_masks_and_leaves_weights(method):
+    from conftest import make_tiny_model
+    from tilesparse.learning.priors import one_shot_masks
+    from tilesparse.models import find_prunable_linears, weights_fingerprint
+
+    model = make_tiny_model("llama")
+    before = weights_fingerprint(model)
+    linears = find_prunable_linears(model)
+    calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    shots = one_shot_masks(model, linears, calib, method=method, sparsity=0.35, need_unstructured=True,
+                           need_24=True, progress=False)
+    assert weights_fingerprint(model) == before
+    assert set(shots.two_four) == set(shots.unstructured) == {l.name for l in linears}
+    for l in linears:
+        assert is_2to4(shots.two_four[l.name])
+        kept = shots.unstructured[l.name].float().mean().item()
+        assert kept == pytest.approx(0.65, abs=0.02)
