@@ -269,7 +269,8 @@ def learn_masks(model: nn.Module, cfg: LearnConfig, train_ids: torch.Tensor, *,
     """Learn masks for ``model`` (weights frozen, left untouched) and return the final binary masks.
 
     ``train_ids`` is the 1-D token stream of the training text; ``calib_ids [n, len]`` feeds the one-shot
-    prior (ignored for ``prior='magnitude'``/``'none'``). With ``out_dir`` a checkpoint is written
+    prior (ignored for ``prior='magnitude'``/``'none'``); ``prior_masks`` (:class:`~.priors.OneShotMasks`)
+    replaces the pruner run with precomputed masks. With ``out_dir`` a checkpoint is written
     atomically every ``cfg.checkpoint_every`` steps and at the end, plus the mask artifact and a JSON
     report; ``resume=True`` continues from ``out_dir``'s checkpoint (which must come from the same model
     and config). ``callback(step, metrics)`` runs after every optimiser step (rank 0 and others).
