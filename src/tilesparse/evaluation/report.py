@@ -34,10 +34,8 @@ def _fmt(x, digits=2):
 
 
 def _zeroshot_mean(z: dict) -> float | None:
-    if not z or "mean" not in z:
-        return None
-    m = z["mean"]
-    return m.get("acc") if isinstance(m, dict) else m
+    """Mean ``acc`` over the zero-shot tasks of one run (``None`` when not evaluated)."""
+    return z.get("mean_acc") if z else None
 
 
 def _machine() -> str:
@@ -85,17 +83,26 @@ def write_report(recipe, results, out: Path, *, total_seconds: float = 0.0) -> P
     # zero-shot detail
     tasks = sorted({t for r in results for t in (r.zeroshot.get("tasks") or {})})
     if tasks:
-        lines += ["## Zero-shot accuracy per task (lm-eval, acc)", ""]
+        limit = next((r.zeroshot.get("limit") for r in results if r.zeroshot.get("limit")), None)
+        lines += ["## Zero-shot accuracy per task (lm-eval 0.4.13, acc / acc_norm in %)", "",
+                  f"{limit or 'all'} items per task; with so few items one standard error is about "
+                  "5-9 points, so only large differences mean anything.", ""]
         lines += ["| run | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
         for r in results:
             cells = []
             for t in tasks:
-                v = (r.zeroshot.get("tasks") or {}).get(t, {})
-                cells.append(_fmt(100 * v["acc"], 1) if isinstance(v, dict) and v.get("acc") is not None else "n/a")
+                v = (r.zeroshot.get("tasks") or {}).get(t) or {}
+                acc, norm = v.get("acc"), v.get("acc_norm")
+                cell = _fmt(100 * acc, 1) if acc is not None else "n/a"
+                if norm is not None:
+                    cell += f" / {100 * norm:.1f}"
+                cells.append(cell)
             lines.append(f"| {r.run_id} | " + " | ".join(cells) + " |")
         unavailable = next((r.zeroshot.get("unavailable") for r in results if r.zeroshot.get("unavailable")), None)
         if unavailable:
-            lines += ["", f"Not evaluated: {unavailable}"]
+            what = unavailable if isinstance(unavailable, str) else "; ".join(
+                f"{k}: {v}" for k, v in unavailable.items())
+            lines += ["", f"Not evaluated: {what}"]
         lines.append("")
     if not recipe.report.plots:
         (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
