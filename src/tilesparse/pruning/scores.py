@@ -28,7 +28,8 @@ def wanda_scores(weight: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
 def select_unstructured(scores: torch.Tensor, sparsity: float, scope: str = "layer") -> torch.Tensor:
     """Keep-mask pruning the ``round(sparsity * n)`` lowest scores, per ``row`` or over the whole ``layer``.
 
-    Exact counts (ties broken by position, lower index pruned first), never a threshold.
+    Exact counts, never a threshold (ties at the boundary: ``layer`` prunes the lower index first,
+    ``row`` any of the tied entries).
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"unstructured sparsity must lie in [0, 1), got {sparsity}")
@@ -36,7 +37,7 @@ def select_unstructured(scores: torch.Tensor, sparsity: float, scope: str = "lay
         k = int(round(sparsity * scores.shape[1]))
         keep = torch.ones_like(scores, dtype=torch.bool)
         if k:
-            idx = torch.sort(scores, dim=1, stable=True).indices[:, :k]
+            idx = torch.topk(scores, k, dim=1, largest=False, sorted=False).indices
             keep.scatter_(1, idx, False)
         return keep
     if scope != "layer":

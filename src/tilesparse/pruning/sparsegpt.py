@@ -125,7 +125,7 @@ def sparsegpt_prune(
     if pattern == "hybrid":
         if kinds is None:
             raise ValueError("hybrid pattern needs tile kinds")
-        rows_kind = TileGrid(out, cols, *tile).expand(kinds.to(torch.int8))  # [out, in] int8
+        rows_kind = TileGrid(out, cols, *tile).expand(kinds.to(device=W.device, dtype=torch.int8))  # [out, in]
     elif pattern == "fixed":
         if mask is None or tuple(mask.shape) != (out, cols):
             raise ValueError(f"{name}: fixed pattern needs a keep-mask of shape {(out, cols)}")
@@ -146,16 +146,18 @@ def sparsegpt_prune(
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
         W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
+        Err1 = torch.empty_like(W1)
         Hinv1 = U[i1:i2, i1:i2]
         d1 = torch.diagonal(Hinv1)
+        inv_d1 = 1.0 / d1
         if pattern == "unstructured":
             P1 = _lowest_k(W1 ** 2 / d1[None, :] ** 2, int(round(sparsity * W1.numel())))
         elif pattern == "fixed":
             P1 = ~mask[:, i1:i2].to(device=W.device, dtype=torch.bool)
         else:
             P1 = torch.zeros_like(W1, dtype=torch.bool)
+        # err_i = (w_i - q_i) / d_i = w_i * [pruned] / d_i: a per-entry factor, computed per group or block
+        F1 = P1.to(W1.dtype) * inv_d1[None, :] if not grouped else torch.empty_like(W1)
         for i in range(count):
             if grouped and i % 4 == 0:
                 sc = W1[:, i:i + 4] ** 2 / d1[None, i:i + 4] ** 2
@@ -165,15 +167,14 @@ def sparsegpt_prune(
                     k = rows_kind[:, i1 + i]
                     g = (g & (k == SPARSE)[:, None]) | (k == ZERO)[:, None]
                 P1[:, i:i + 4] = g
-            w = W1[:, i]
-            d = Hinv1[i, i]
-            q = w.masked_fill(P1[:, i], 0.0)
-            Q1[:, i] = q
-            err = (w - q) / d
-            total_err += (err ** 2).sum() / 2
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+                torch.mul(g.to(W1.dtype), inv_d1[None, i:i + 4], out=F1[:, i:i + 4])
+            err = W1[:, i] * F1[:, i]
+            # OBS update of the remaining columns of the block; column i itself becomes q_i (0 where pruned)
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1.0)
             Err1[:, i] = err
-        W[:, i1:i2] = Q1
+        W1.masked_fill_(P1, 0.0)  # exact zeros where pruned (the update leaves rounding residue)
+        total_err += Err1.double().pow(2).sum() / 2
+        W[:, i1:i2] = W1
         prune[:, i1:i2] = P1
         if i2 < cols:
             W[:, i2:] -= Err1 @ U[i1:i2, i2:]
