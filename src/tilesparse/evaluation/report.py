@@ -72,7 +72,9 @@ def write_report(recipe, results, out: Path, *, total_seconds: float = 0.0) -> P
     for r in results:
         learn = ""
         if r.details.get("steps"):
-            learn = f"{r.details['steps']} steps, {r.details.get('tokens', 0) / 1e6:.2f} M tokens"
+            tok = r.details.get("tokens", 0)
+            tok_s = f"{tok / 1e6:.2f} M" if tok >= 1e6 else f"{tok / 1e3:.1f} k"
+            learn = f"{r.details['steps']} steps, {tok_s} tokens"
         zs = _zeroshot_mean(r.zeroshot)
         row = [r.run_id, r.kind, f"{100 * r.target:.0f} %", f"{100 * r.measured_sparsity:.2f} %"]
         row += [_fmt(r.perplexity.get(t)) for t in texts]
@@ -84,9 +86,11 @@ def write_report(recipe, results, out: Path, *, total_seconds: float = 0.0) -> P
     tasks = sorted({t for r in results for t in (r.zeroshot.get("tasks") or {})})
     if tasks:
         limit = next((r.zeroshot.get("limit") for r in results if r.zeroshot.get("limit")), None)
+        errs = sorted(v["acc_stderr"] for r in results for v in (r.zeroshot.get("tasks") or {}).values()
+                      if isinstance(v, dict) and v.get("acc_stderr") is not None)
+        se = f"; the median standard error of one accuracy is {100 * errs[len(errs) // 2]:.1f} points" if errs else ""
         lines += ["## Zero-shot accuracy per task (lm-eval 0.4.13, acc / acc_norm in %)", "",
-                  f"{limit or 'all'} items per task; with so few items one standard error is about "
-                  "5-9 points, so only large differences mean anything.", ""]
+                  f"{limit or 'all'} items per task{se}.", ""]
         lines += ["| run | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
         for r in results:
             cells = []
