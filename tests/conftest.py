@@ -90,3 +90,15 @@ def text_file(tmp_path):
     p.write_text(("It is a truth universally acknowledged, that a single man in possession "
                   "of a good fortune, must be in want of a wife.\n") * 20, encoding="utf-8")
     return p
+
+
+def pytest_collection_modifyitems(config, items):
+    """``slow`` tests use the real default model. ``heavy`` ones (minutes each) run only when
+    ``TILESPARSE_SLOW=all``; ``TILESPARSE_SLOW=none`` skips every slow test (default: ``ci``, the
+    slow but not heavy ones)."""
+    mode = os.environ.get("TILESPARSE_SLOW", "ci")
+    for item in items:
+        if "slow" not in item.keywords:
+            continue
+        if mode == "none" or ("heavy" in item.keywords and mode != "all"):
+            item.add_marker(pytest.mark.skip(reason=f"slow test skipped (TILESPARSE_SLOW={mode}; 'all' runs it)"))

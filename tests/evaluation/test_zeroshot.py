@@ -203,10 +203,11 @@ def test_cli_zeroshot_errors(capsys, tmp_cache):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_default_model_above_chance_on_bigbench():
     """The embedded SmolLM2-135M-Instruct, dense, on 50 items of a real BIG-bench task (user cache).
 
-    Measured: acc 0.50 on bb_step_inference (chance 0.25, stderr 0.07); see docs/zeroshot.md.
+    Measured: acc 0.50 on bb_step_inference (chance 0.25, stderr 0.07); see the README (Zero-shot evaluation).
     """
     from tilesparse.models import load_model
 
