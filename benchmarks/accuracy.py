@@ -14,8 +14,9 @@ budget), the prior's 2:4 mask in the other tiles.
     PYTHONPATH=src python3 benchmarks/accuracy.py --device cuda --dtype bfloat16 --steps 2000 \\
         --seqlen 1024 --batch 8 --grad-accum 4 --out benchmarks/results/accuracy_cuda.md
 
-Rows are written to ``<out>.json`` as they finish, and an existing JSON resumes the table (finished rows
-are skipped), so a long run can be continued.
+Rows are written to a JSON file (``--rows-json``, default in the tilesparse cache) as they finish, and
+an existing JSON resumes the table (finished rows are skipped); prior masks are cached too, so a long
+run can be continued.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/accuracy_cpu.md")
+    p.add_argument("--rows-json", default=None,
+                   help="where finished rows are kept to resume the table (default: the tilesparse cache)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.threads:
@@ -86,7 +89,10 @@ def main(argv=None) -> int:
     sparsities = parse_list(args.sparsities, float)
     learn_sp = parse_list(args.learn_sparsities, float) if args.learn_sparsities else sparsities
     out_md = Path(args.out)
-    out_json = out_md.with_suffix(".json")
+    from tilesparse.paths import cache_dir as _cache_dir
+
+    out_json = Path(args.rows_json) if args.rows_json else _cache_dir() / "accuracy-rows" / f"{out_md.stem}.json"
+    out_json.parent.mkdir(parents=True, exist_ok=True)
     out_md.parent.mkdir(parents=True, exist_ok=True)
     done = json.loads(out_json.read_text()) if out_json.exists() else {"rows": []}
     finished = {r["key"] for r in done["rows"]}

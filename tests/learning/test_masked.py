@@ -131,3 +131,26 @@ def test_logit_state_round_trip_and_memory():
 def test_tile_mode_requires_ids():
     with pytest.raises(ValueError, match="fixed 2:4 ids"):
         MaskedModel(make_tiny_model("llama"), "tile", tile=TILE)
+
+
+def test_final_maskset_recovers_the_prior_patterns_and_tiles():
+    model = make_tiny_model("llama")
+    pri = {l.name: pattern_prior_logits(magnitude_24(l.weight), std=0.014, strength=3.0)
+           for l in find_prunable_linears(model)}
+    grids = _grids(model)
+    tiles = {}
+    for n, g in grids.items():
+        t = torch.full(g.shape, -1.0)
+        t.view(-1)[0] = 1.0  # first tile of every layer starts dense
+        tiles[n] = t
+    mm = MaskedModel(model, "joint", tile=TILE, pattern_init=pri, tile_init=tiles)
+    n_tiles = sum(g.n_rows * g.n_cols for g in grids.values())
+    total = sum(g.numel for g in grids.values())
+    target = 0.5 - sum(g.tile_numel()[0, 0].item() / 2 for g in grids.values()) / total
+    ms = mm.final_maskset(target)
+    mm.remove()
+    for l in find_prunable_linears(model):
+        lm = ms.layers[l.name]
+        assert torch.equal(lm.ids, ids_from_mask(magnitude_24(l.weight)))
+        assert lm.kinds.view(-1)[0] == 1 and int(lm.kinds.sum()) == 1  # only the first tile dense
+    assert ms.meta["dense_tiles"] == len(grids) and ms.meta["tiles"] == n_tiles
