@@ -41,7 +41,7 @@ def register(sub) -> None:
                     "initialised from a one-shot prior. Writes OUT/masks.safetensors (use with "
                     "`tilesparse eval --mask OUT`), OUT/report.json and OUT/checkpoint.pt (resumable). "
                     "CPU defaults (seqlen 256, batch 4, 64 steps) take about 15 minutes on the default "
-                    "model; see docs/learning.md for reference-scale GPU settings.")
+                    "model; see the README (Learning masks) for reference-scale GPU settings.")
     add_model_args(p)
     p.add_argument("--mode", choices=("joint", "tile", "maskllm"), default=None,
                    help="joint = PATCH-Joint (learned tiles + learned 2:4, default), tile = PATCH-Tile "
@@ -52,7 +52,7 @@ def register(sub) -> None:
     p.add_argument("--seqlen", type=int, default=None, help="tokens per training sequence (default 256)")
     p.add_argument("--batch", type=int, default=None, help="sequences per micro-batch per process (default 4)")
     p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimiser step (default 1)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: see docs/learning.md)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: see the README, Learning masks)")
     p.add_argument("--tile-lr", type=float, default=None, help="learning rate of the tile logits (default --lr)")
     p.add_argument("--warmup", type=float, default=None, help="warm-up: fraction (<1) or steps (default 0.05)")
     p.add_argument("--prior", choices=("sparsegpt", "wanda", "magnitude", "none"), default=None,
