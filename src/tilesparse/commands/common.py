@@ -29,3 +29,17 @@ def quiet_libraries() -> None:
 def print_json(obj) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
+
+
+def add_mask_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mask", default=None, help="mask artifact (folder or .safetensors) to apply to the model")
+
+
+def load_masked_model(args: argparse.Namespace):
+    """Load ``--model`` (dtype, device) and apply ``--mask`` if given; returns ``(loaded, maskset or None)``."""
+    from ..io import apply_mask_file
+    from ..models import load_model
+
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    maskset = apply_mask_file(loaded, args.mask) if getattr(args, "mask", None) else None
+    return loaded, maskset

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import TilesparseError
-from .common import add_model_args, print_json, quiet_libraries
+from .common import add_mask_arg, add_model_args, load_masked_model, print_json, quiet_libraries
 
 
 def register(sub) -> None:
@@ -20,7 +20,7 @@ def register(sub) -> None:
     p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--windows", type=int, default=10, help="number of windows; 0 = all (default 10)")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--mask", default=None, help="mask artifact to apply to the model before evaluating")
+    add_mask_arg(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
 
@@ -28,7 +28,6 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     quiet_libraries()
     from ..evaluation import evaluate_text
-    from ..models import load_model
 
     if args.windows < 0:
         raise TilesparseError(f"--windows must be >= 0, got {args.windows}")
@@ -38,13 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
         if not Path(args.text_file).is_file():
             raise TilesparseError(f"text file {args.text_file} does not exist")
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-    if args.mask:
-        try:
-            from ..io import apply_mask_file
-        except ImportError:
-            raise TilesparseError("mask artifacts are not supported by this build") from None
-        apply_mask_file(loaded, args.mask)
+    loaded, _ = load_masked_model(args)
     res = evaluate_text(loaded, source, seqlen=args.seqlen, max_windows=args.windows or None,
                         batch_size=args.batch_size)
     if args.json:

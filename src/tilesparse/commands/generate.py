@@ -6,7 +6,7 @@ import argparse
 import time
 
 from ..errors import TilesparseError
-from .common import add_model_args, quiet_libraries
+from .common import add_mask_arg, add_model_args, load_masked_model, quiet_libraries
 
 
 def register(sub) -> None:
@@ -16,7 +16,7 @@ def register(sub) -> None:
                                    "(packed format: Triton kernels on a GPU, the torch reference on CPU).")
     add_model_args(p)
     p.add_argument("--prompt", default="Tell me a short story about a whale.", help="the prompt")
-    p.add_argument("--mask", default=None, help="mask artifact (folder or .safetensors) to apply")
+    add_mask_arg(p)
     p.add_argument("--hybrid", action="store_true", help="run the masked linears through HybridLinear")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -37,8 +37,6 @@ def build_inputs(tokenizer, prompt: str, chat: bool):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..models import load_model
-
     quiet_libraries()
     if args.max_new_tokens <= 0:
         raise TilesparseError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
@@ -46,12 +44,9 @@ def run(args: argparse.Namespace) -> int:
         raise TilesparseError(f"--temperature must be >= 0, got {args.temperature}")
     if args.hybrid and not args.mask:
         raise TilesparseError("--hybrid needs --mask (the tile map to pack)")
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    loaded, ms = load_masked_model(args)
     note = "dense"
-    if args.mask:
-        from ..io import apply_mask_file
-
-        ms = apply_mask_file(loaded, args.mask)
+    if ms is not None:
         note = f"masked, {100 * ms.sparsity():.1f} % sparse"
         if args.hybrid:
             from ..kernels.linear import convert_model

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import TilesparseError
-from .common import add_model_args, print_json, quiet_libraries
+from .common import add_mask_arg, add_model_args, load_masked_model, print_json, quiet_libraries
 
 
 def register(sub) -> None:
@@ -20,7 +20,7 @@ def register(sub) -> None:
     p.add_argument("--limit", type=int, default=None,
                    help="items per task (default: the 200 prepared per task)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--mask", default=None, help="mask artifact to apply to the model before evaluating")
+    add_mask_arg(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
 
@@ -28,7 +28,6 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     quiet_libraries()
     from ..evaluation.zeroshot import LOCAL_TASKS, STANDARD_TASKS, _check_limit, run_zeroshot
-    from ..models import load_model
 
     _check_limit(args.limit, "--limit")
     if args.batch_size <= 0:
@@ -40,13 +39,7 @@ def run(args: argparse.Namespace) -> int:
         if not tasks or unknown:  # fail before loading the model
             raise TilesparseError(f"unknown zero-shot task(s) {', '.join(unknown) or repr(args.tasks)}; "
                                   f"choose from {', '.join(LOCAL_TASKS + STANDARD_TASKS)}")
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-    if args.mask:
-        try:
-            from ..io import apply_mask_file
-        except ImportError:
-            raise TilesparseError("mask artifacts are not supported by this build") from None
-        apply_mask_file(loaded, args.mask)
+    loaded, _ = load_masked_model(args)
     res = run_zeroshot(loaded, tasks, limit=args.limit, batch_size=args.batch_size, device=args.device)
     if args.json:
         print_json(res.to_dict())
