@@ -113,3 +113,26 @@ def test_learned_method_stage(tiny_model_dir, text_file, tmp_path):
     logs = []
     RecipeRunner(r, progress=False, log=logs.append).run()
     assert any("mask stage done, reused" in l for l in logs)
+
+
+def test_report_only_and_partial_report(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real = stages.make_mask
+    calls = []
+
+    def crash_on_third(runner, spec, mask_dir):
+        calls.append(spec.run_id)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(runner, spec, mask_dir)
+
+    monkeypatch.setattr(stages, "make_mask", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        RecipeRunner(tiny_recipe(tiny_model_dir, text_file, out), progress=False, log=lambda s: None).run()
+    partial = (out / "report.md").read_text()  # written after each finished run
+    assert "Partial report: 2 of 4 runs finished" in partial and "magnitude-24-s50" in partial
+    (out / "report.md").unlink()
+    runner = RecipeRunner(tiny_recipe(tiny_model_dir, text_file, out), progress=False, log=lambda s: None)
+    assert [r.run_id for r in runner.finished()] == ["dense", "magnitude-24-s50"]
+    text = runner.report_only().read_text()
+    assert "Partial report: 2 of 4 runs finished" in text and "rewritten from finished stages" in text

@@ -47,7 +47,7 @@ def _machine() -> str:
     return f"{dev}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
 
 
-def write_report(recipe, results, out: Path, *, total_seconds: float = 0.0) -> Path:
+def write_report(recipe, results, out: Path, *, total_seconds: float = 0.0, planned: int | None = None) -> Path:
     """Write ``out/report.md`` and PNG plots from the results of :class:`~tilesparse.recipe.runner.RecipeRunner`."""
     from ..io import load_mask_artifact
 
@@ -55,14 +55,18 @@ def write_report(recipe, results, out: Path, *, total_seconds: float = 0.0) -> P
     texts = list(dict.fromkeys(t for r in results for t in r.perplexity))
     dense = next((r for r in results if r.kind == "dense"), None)
     lines = [f"# tilesparse report: {recipe.model if recipe.model != 'default' else 'SmolLM2-135M-Instruct (Q4_1, dequantized)'}", ""]
-    lines += [f"Generated {time.strftime('%Y-%m-%d %H:%M')} on {_machine()}; this run took "
-              f"{total_seconds / 60:.1f} min (finished stages reused). Tile {recipe.tile_shape[0]}x"
+    took = (f"this run took {total_seconds / 60:.1f} min (finished stages reused)" if total_seconds
+            else "rewritten from finished stages")
+    lines += [f"Generated {time.strftime('%Y-%m-%d %H:%M')} on {_machine()}; {took}. Tile {recipe.tile_shape[0]}x"
               f"{recipe.tile_shape[1]}; calibration {recipe.data.calibration} "
               f"({recipe.data.calib_samples} x {recipe.data.calib_seqlen} tokens); learning text "
               f"{recipe.data.train}.", ""]
     p = recipe.evaluation.perplexity
     lines += [f"Perplexity: first {p.windows} non-overlapping windows of {p.seqlen} tokens of each text, "
               "exp(mean NLL) over all predicted tokens. Sparsity is measured over the pruned linears.", ""]
+    if planned is not None and len(results) < planned:
+        lines += [f"**Partial report: {len(results)} of {planned} runs finished.** Run the recipe again to "
+                  "finish the others (finished stages are reused).", ""]
     if recipe.notes:
         lines += [recipe.notes.strip(), ""]
     # main table

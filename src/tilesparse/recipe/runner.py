@@ -188,20 +188,50 @@ class RecipeRunner:
                     _write_json_atomic(export_dir / STAGE_FILE, {"fingerprint": xfp, **details})
                 else:
                     self.log(f"{head}: export done, reused")
-            results.append(RunResult(
-                run_id=spec.run_id, method=spec.method.name, kind=spec.method.kind, target=spec.target,
-                measured_sparsity=float(info.get("measured_sparsity", 0.0)),
-                perplexity=ev.get("perplexity", {}), zeroshot=ev.get("zeroshot", {}),
-                mask_seconds=float(info.get("seconds", 0.0)), details=info,
-                mask_dir=str(mask_dir) if spec.method.kind != "dense" else None,
-                export_dir=str(export_dir) if export_dir else None,
-            ))
+            results.append(self._result(spec, info, ev, export_dir))
+            if i < len(plan):  # a partial report survives an interruption of the later stages
+                self._write_report(results, len(plan), time.perf_counter() - t_all)
         self.restore()
-        from ..evaluation.report import write_report
-
-        write_report(self.recipe, results, self.out, total_seconds=time.perf_counter() - t_all)
+        self._write_report(results, len(plan), time.perf_counter() - t_all)
         self.log(f"report: {self.out / 'report.md'}")
         return results
+
+    def _result(self, spec: RunSpec, info: dict, ev: dict, export_dir: Path | None) -> RunResult:
+        mask_dir = self.out / "stages" / spec.run_id / "mask"
+        return RunResult(
+            run_id=spec.run_id, method=spec.method.name, kind=spec.method.kind, target=spec.target,
+            measured_sparsity=float(info.get("measured_sparsity", 0.0)),
+            perplexity=ev.get("perplexity", {}), zeroshot=ev.get("zeroshot", {}),
+            mask_seconds=float(info.get("seconds", 0.0)), details=info,
+            mask_dir=str(mask_dir) if spec.method.kind != "dense" else None,
+            export_dir=str(export_dir) if export_dir else None,
+        )
+
+    def _write_report(self, results: list[RunResult], planned: int, seconds: float) -> None:
+        from ..evaluation.report import write_report
+
+        write_report(self.recipe, results, self.out, total_seconds=seconds, planned=planned)
+
+    def finished(self) -> list[RunResult]:
+        """Results of the runs whose mask and evaluation stages are finished (nothing is computed)."""
+        done = []
+        for spec in self.plan():
+            folder = self.out / "stages" / spec.run_id
+            mfp = self.mask_fingerprint(spec)
+            info = _stage_done(folder / "mask", mfp)
+            ev = _json_done(folder / "eval.json", self.eval_fingerprint(spec))
+            if info is None or ev is None:
+                continue
+            export_dir = folder / "export"
+            xfp = fingerprint(mfp, "export-v1")
+            done.append(self._result(spec, info, ev, export_dir if _stage_done(export_dir, xfp) else None))
+        return done
+
+    def report_only(self) -> Path:
+        """Rewrite ``report.md`` from the finished stages without computing anything."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._write_report(self.finished(), len(self.plan()), 0.0)
+        return self.out / "report.md"
 
     def _should_export(self, spec: RunSpec) -> bool:
         which = self.recipe.export.which
