@@ -136,3 +136,17 @@ def test_report_only_and_partial_report(tiny_model_dir, text_file, tmp_path, mon
     assert [r.run_id for r in runner.finished()] == ["dense", "magnitude-24-s50"]
     text = runner.report_only().read_text()
     assert "Partial report: 2 of 4 runs finished" in text and "rewritten from finished stages" in text
+
+
+def test_stale_learning_checkpoint_is_not_resumed(tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "run"
+    r = tiny_recipe(tiny_model_dir, text_file, out,
+                    methods=[{"name": "patch-joint", "kind": "learn", "mode": "joint", "sparsities": [0.35],
+                              "steps": 2, "batch": 2, "seqlen": 32, "prior": "magnitude"}])
+    learn = out / "stages" / "patch-joint-s35" / "learn"
+    learn.mkdir(parents=True)
+    (learn / "stage-fingerprint").write_text("from-an-older-recipe")
+    (learn / "checkpoint.pt").write_bytes(b"not a checkpoint of this recipe")
+    (res,) = RecipeRunner(r, progress=False, log=lambda s: None).run()
+    assert res.details["steps"] == 2 and abs(res.measured_sparsity - 0.35) < 0.1
+    assert (learn / "stage-fingerprint").read_text() != "from-an-older-recipe"

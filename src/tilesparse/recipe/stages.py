@@ -6,6 +6,7 @@ returns a JSON-serialisable dict of details; the runner handles fingerprints and
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -75,8 +76,16 @@ def _learned(runner, loaded, spec, mask_dir: Path) -> dict:
     calib = None
     if cfg.prior in ("wanda", "sparsegpt"):
         calib, _ = _calibration(runner, loaded)
-    work = mask_dir.parent / "learn"  # checkpoints live beside the mask so an interrupted run resumes
-    resume = (work / "checkpoint.pt").is_file() or any(work.glob("checkpoint*"))
+    # checkpoints live beside the mask so an interrupted run resumes; checkpoints of an earlier,
+    # different version of this stage (another fingerprint) are discarded instead of resumed
+    work = mask_dir.parent / "learn"
+    fp_file = work / "stage-fingerprint"
+    fp = runner.mask_fingerprint(spec)
+    if work.exists() and (not fp_file.is_file() or fp_file.read_text().strip() != fp):
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    fp_file.write_text(fp)
+    resume = (work / "checkpoint.pt").is_file()
     res = learn_masks(loaded.model, cfg, train_ids, out_dir=work, resume=resume, model_name=loaded.name,
                       calib_ids=calib, progress=runner.progress)
     ms = res.maskset
