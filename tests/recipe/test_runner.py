@@ -55,21 +55,26 @@ def test_recipe_runs_then_resumes(tiny_model_dir, text_file, tmp_path):
     assert sum("evaluating" in l for l in logs3) == 4
 
 
-def test_interrupted_recipe_resumes_from_finished_stages(tiny_model_dir, text_file, tmp_path, monkeypatch):
-    out = tmp_path / "run"
+def interrupt_third_mask(monkeypatch, recipe):
+    """Run ``recipe`` with Ctrl-C pressed while the third mask is being built; restore make_mask after."""
     real = stages.make_mask
     calls = []
 
     def crash_on_third(runner, spec, mask_dir):
         calls.append(spec.run_id)
         if len(calls) == 3:
-            raise KeyboardInterrupt  # the user pressed Ctrl-C in the middle
+            raise KeyboardInterrupt
         return real(runner, spec, mask_dir)
 
     monkeypatch.setattr(stages, "make_mask", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
-        RecipeRunner(tiny_recipe(tiny_model_dir, text_file, out), progress=False, log=lambda s: None).run()
+        RecipeRunner(recipe, progress=False, log=lambda s: None).run()
     monkeypatch.setattr(stages, "make_mask", real)
+
+
+def test_interrupted_recipe_resumes_from_finished_stages(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    interrupt_third_mask(monkeypatch, tiny_recipe(tiny_model_dir, text_file, out))
     logs = []
     RecipeRunner(tiny_recipe(tiny_model_dir, text_file, out), progress=False, log=logs.append).run()
     assert sum("mask stage done, reused" in l for l in logs) == 2
@@ -117,18 +122,7 @@ def test_learned_method_stage(tiny_model_dir, text_file, tmp_path):
 
 def test_report_only_and_partial_report(tiny_model_dir, text_file, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    real = stages.make_mask
-    calls = []
-
-    def crash_on_third(runner, spec, mask_dir):
-        calls.append(spec.run_id)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(runner, spec, mask_dir)
-
-    monkeypatch.setattr(stages, "make_mask", crash_on_third)
-    with pytest.raises(KeyboardInterrupt):
-        RecipeRunner(tiny_recipe(tiny_model_dir, text_file, out), progress=False, log=lambda s: None).run()
+    interrupt_third_mask(monkeypatch, tiny_recipe(tiny_model_dir, text_file, out))
     partial = (out / "report.md").read_text()  # written after each finished run
     assert "Partial report: 2 of 4 runs finished" in partial and "magnitude-24-s50" in partial
     (out / "report.md").unlink()

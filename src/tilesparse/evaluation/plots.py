@@ -15,6 +15,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
 
+def _finish(fig, ax, path: Path, *, legend: bool = True) -> Path:
+    """Common tail of the line plots: grid, legend, layout, write the PNG, free the figure."""
+    ax.grid(True, which="both", alpha=0.3)
+    if legend:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_tradeoff(points: Mapping[str, Sequence[tuple[float, float]]], text: str, path: Path,
                   dense_ppl: float | None = None) -> Path:
     """Perplexity vs measured sparsity, one series per method (``{method: [(sparsity, ppl), ...]}``)."""
@@ -31,12 +42,7 @@ def plot_tradeoff(points: Mapping[str, Sequence[tuple[float, float]]], text: str
     ax.set_ylabel(f"perplexity ({text})")
     ax.set_yscale("log")
     ax.set_title(f"Perplexity vs sparsity: {text}")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path)
 
 
 def plot_block_density(series: Mapping[str, Sequence[float]], path: Path, target: Mapping[str, float] | None = None
@@ -50,12 +56,7 @@ def plot_block_density(series: Mapping[str, Sequence[float]], path: Path, target
     ax.set_xlabel("decoder block")
     ax.set_ylabel("density of the block's linears (%)")
     ax.set_title("Learned allocation: density per block (dotted: global target)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path)
 
 
 def plot_tile_maps(maps: Mapping[str, "object"], path: Path, title: str) -> Path:
@@ -88,9 +89,4 @@ def plot_speed(points: Mapping[str, Sequence[tuple[float, float]]], path: Path, 
     ax.set_xlabel("sparsity (%)")
     ax.set_ylabel("speed-up over dense")
     ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path)
