@@ -38,6 +38,7 @@ def plot_tradeoff(points: Mapping[str, Sequence[tuple[float, float]]], text: str
         ax.plot(xs, ys, style, label=method, markersize=6)
     if dense_ppl is not None:
         ax.axhline(dense_ppl, color="gray", ls="--", lw=1, label=f"dense ({dense_ppl:.1f})")
+    ax.set_xlim(-2, 52)  # the whole 0-50 % range, so runs of different recipes compare by eye
     ax.set_xlabel("sparsity of the pruned linears (%)")
     ax.set_ylabel(f"perplexity ({text})")
     ax.set_yscale("log")
