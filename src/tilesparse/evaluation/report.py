@@ -137,7 +137,8 @@ def write_report(recipe, results, out: Path, *, total_seconds: float = 0.0, plan
             if maps_run is None or r.target > maps_run[0].target:
                 maps_run = (r, ms)
         f = plot_block_density(series, out / "block-density.png", targets)
-        lines += ["Density per decoder block of the learned masks (the global budget is spread unevenly):", "",
+        lines += ["Density per decoder block of the learned masks: one global budget, so blocks may sit above or "
+                  "below the target (the spread grows with training; the priors start every layer at the target):", "",
                   f"![density per block]({f.name})", ""]
         r, ms = maps_run
         hybrid = [lm for lm in ms if lm.pattern == "hybrid"]
