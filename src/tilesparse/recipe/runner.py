@@ -66,18 +66,8 @@ def _write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _stage_done(folder: Path, fp: str) -> dict | None:
-    f = folder / STAGE_FILE
-    if not f.is_file():
-        return None
-    try:
-        info = json.loads(f.read_text())
-    except json.JSONDecodeError:
-        return None
-    return info if info.get("fingerprint") == fp else None
-
-
 def _json_done(path: Path, fp: str) -> dict | None:
+    """The JSON record at ``path`` if it exists, parses, and carries fingerprint ``fp``; else ``None``."""
     if not path.is_file():
         return None
     try:
@@ -85,6 +75,11 @@ def _json_done(path: Path, fp: str) -> dict | None:
     except json.JSONDecodeError:
         return None
     return info if info.get("fingerprint") == fp else None
+
+
+def _stage_done(folder: Path, fp: str) -> dict | None:
+    """The finished-stage record of a stage folder (see :func:`_json_done`)."""
+    return _json_done(folder / STAGE_FILE, fp)
 
 
 class RecipeRunner:
