@@ -200,7 +200,8 @@ def main(argv=None) -> int:
         if mode in rows_wanted:
             jobs += [(mode, s) for s in learn_sp]
     for mode, s in jobs:
-        key = f"learn-{mode}-{s}-{args.steps}"
+        key = f"learn-{mode}-{s}-{args.steps}" + (f"-lr{args.lr}" if args.lr else "") + (
+            f"-tlr{args.tile_lr}" if args.tile_lr else "")
         if key in finished:
             continue
         two_four, unstructured, _ = prior
@@ -215,12 +216,19 @@ def main(argv=None) -> int:
         last = res.history[-1]
         record(key, MODE_NAMES[mode], res.maskset.sparsity(), evaluate(), steps=cfg.steps, tokens=res.tokens,
                seconds=res.seconds + prior_seconds,
-               extra={"final_ce": last["ce"], "lr": cfg.lr, "tile_lr": cfg.tile_lr or cfg.lr,
+               extra={"target": s, "final_ce": last["ce"], "lr": cfg.lr, "tile_lr": cfg.tile_lr or cfg.lr,
                       "per_block_density": res.report["per_block"]})
         restore()
     write_markdown(done, args, loaded.name, out_md)
     print(out_md.read_text())
     return 0
+
+
+def machine(device: str) -> str:
+    """The machine the table ran on, in words (GPU name and torch version, or the CPU threads used)."""
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads"
 
 
 def write_markdown(done: dict, args, model_name: str, path: Path) -> None:
@@ -229,17 +237,22 @@ def write_markdown(done: dict, args, model_name: str, path: Path) -> None:
         f"Model: {model_name}. Perplexity: first {args.eval_windows} x {args.eval_seqlen}-token windows "
         f"(no BOS). Prior / one-shot: {args.prior} masks from {args.calib_samples} x {args.calib_seqlen} tokens "
         f"of austen-train (weights not updated). Learning: austen-train, seqlen {args.seqlen}, batch "
-        f"{args.batch} x accumulation {args.grad_accum}. Machine: {platform.machine()}, {os.cpu_count()} CPU "
-        f"threads (shared){', ' + torch.cuda.get_device_name() if args.device.startswith('cuda') else ''}.", "",
-        "| method | target | measured sparsity | PPL Pride&Prejudice | PPL Persuasion | steps | tokens | wall s |",
-        "|---|---|---|---|---|---|---|---|",
+        f"{args.batch} x accumulation {args.grad_accum}. Machine: {machine(args.device)}.", "",
+        "| method | target | measured sparsity | PPL Pride&Prejudice | PPL Persuasion | steps | tokens | lr (2:4 / tile) "
+        "| wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in done["rows"]:
         ppl = r["ppl"]
-        target = r["key"].split("-")[-2] if r["key"].startswith("learn-") else (
-            r["key"].split("-")[-1] if "hybrid" in r["key"] else ("0" if r["key"] == "dense" else "2:4"))
+        if "target" in r:
+            target = r["target"]
+        elif r["key"].startswith("learn-"):
+            target = r["key"].split("-")[2]
+        else:
+            target = r["key"].split("-")[-1] if "hybrid" in r["key"] else ("0" if r["key"] == "dense" else "2:4")
+        lr = f"{r['lr']:g} / {r['tile_lr']:g}" if "lr" in r else "-"
         lines.append(f"| {r['method']} | {target} | {r['sparsity']:.4f} | {ppl['prideprejudice']:.2f} | "
-                     f"{ppl['persuasion']:.2f} | {r['steps']} | {r['tokens']} | {r['seconds']:.0f} |")
+                     f"{ppl['persuasion']:.2f} | {r['steps']} | {r['tokens']} | {lr} | {r['seconds']:.0f} |")
     lines += ["", "Command: `PYTHONPATH=src python3 benchmarks/accuracy.py " + " ".join(sys.argv[1:]) + "`"]
     path.write_text("\n".join(lines) + "\n")
 

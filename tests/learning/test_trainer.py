@@ -46,7 +46,7 @@ def test_defaults_follow_design_per_mode():
     assert (j.l1, j.l2, j.lr) == (7.0, 10.0, 1e-3)
     assert make_config(mode="joint", sparsity=0.25).tile_tau == (2.0, 0.05)
     t = make_config(mode="tile", sparsity=0.35)
-    assert (t.tile_k, t.tile_tau, t.l1, t.l2, t.lr) == ((100, 500), (2, 0.05), 3.0, 0.1, 1e-4)
+    assert (t.tile_k, t.tile_tau, t.l1, t.l2, t.lr) == ((100, 500), (2, 0.05), 3.0, 0.1, 1e-3)
     assert make_config(mode="maskllm", sparsity=0.3).sparsity == 0.5
 
 
