@@ -38,12 +38,14 @@ def test_recipe_runs_then_resumes(tiny_model_dir, text_file, tmp_path):
     report = (out / "report.md").read_text()
     assert "wanda-hybrid-s40" in report and (out / "tradeoff-text-txt.png").is_file()
     assert not any("reused" in l for l in logs)
+    assert "(all 8 stages computed)" in report
 
     # second run: every stage is reused, same numbers
     logs2 = []
     again = RecipeRunner(tiny_recipe(tiny_model_dir, text_file, out), progress=False, log=logs2.append).run()
     assert sum("reused" in l for l in logs2) == 2 * 4
     assert [r.perplexity for r in again] == [r.perplexity for r in results]
+    assert "(8 of 8 stages reused from an earlier run)" in (out / "report.md").read_text()
 
     # changing only the evaluation re-evaluates but keeps the masks
     r3 = tiny_recipe(tiny_model_dir, text_file, out,

@@ -47,16 +47,26 @@ def _machine() -> str:
     return f"{dev}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
 
 
-def write_report(recipe, results, out: Path, *, total_seconds: float = 0.0, planned: int | None = None) -> Path:
-    """Write ``out/report.md`` and PNG plots from the results of :class:`~tilesparse.recipe.runner.RecipeRunner`."""
+def write_report(recipe, results, out: Path, *, total_seconds: float = 0.0, planned: int | None = None,
+                 reused_stages: tuple[int, int] | None = None) -> Path:
+    """Write ``out/report.md`` and PNG plots from the results of :class:`~tilesparse.recipe.runner.RecipeRunner`.
+
+    ``reused_stages`` = (stages reused from an earlier run, stages done so far) of the invocation that took
+    ``total_seconds``; the report says how much of that time was new work.
+    """
     from ..io import load_mask_artifact
 
     out = Path(out)
     texts = list(dict.fromkeys(t for r in results for t in r.perplexity))
     dense = next((r for r in results if r.kind == "dense"), None)
     lines = [f"# tilesparse report: {recipe.model if recipe.model != 'default' else 'SmolLM2-135M-Instruct (Q4_1, dequantized)'}", ""]
-    took = (f"this run took {total_seconds / 60:.1f} min (finished stages reused)" if total_seconds
-            else "rewritten from finished stages")
+    if not total_seconds:
+        took = "rewritten from finished stages"
+    else:
+        took = f"this run took {total_seconds / 60:.1f} min"
+        if reused_stages is not None and reused_stages[1]:
+            took += (f" (all {reused_stages[1]} stages computed)" if reused_stages[0] == 0 else
+                     f" ({reused_stages[0]} of {reused_stages[1]} stages reused from an earlier run)")
     lines += [f"Generated {time.strftime('%Y-%m-%d %H:%M')} on {_machine()}; {took}. Tile {recipe.tile_shape[0]}x"
               f"{recipe.tile_shape[1]}; calibration {recipe.data.calibration} "
               f"({recipe.data.calib_samples} x {recipe.data.calib_seqlen} tokens); learning text "

@@ -143,6 +143,7 @@ class RecipeRunner:
         plan = self.plan()
         results: list[RunResult] = []
         t_all = time.perf_counter()
+        self._stages = [0, 0]  # [reused, total] stages of this invocation, for the report
         for i, spec in enumerate(plan, 1):
             folder = self.out / "stages" / spec.run_id
             head = f"[{i}/{len(plan)}] {spec.run_id}"
@@ -159,7 +160,9 @@ class RecipeRunner:
                 info = {"fingerprint": mfp, "seconds": time.perf_counter() - t0, **details}
                 _write_json_atomic(mask_dir / STAGE_FILE, info)
             else:
+                self._count_reused()
                 self.log(f"{head}: mask stage done, reused")
+            self._stages[1] += 1
             # evaluation stage
             efp = self.eval_fingerprint(spec)
             eval_file = folder / "eval.json"
@@ -169,7 +172,9 @@ class RecipeRunner:
                 ev = {"fingerprint": efp, **evaluate_run(self, spec, mask_dir)}
                 _write_json_atomic(eval_file, ev)
             else:
+                self._count_reused()
                 self.log(f"{head}: evaluation done, reused")
+            self._stages[1] += 1
             # export stage
             export_dir = None
             if self.recipe.export.packed and self._should_export(spec):
@@ -182,7 +187,9 @@ class RecipeRunner:
                     details = export_run(self, spec, mask_dir, export_dir)
                     _write_json_atomic(export_dir / STAGE_FILE, {"fingerprint": xfp, **details})
                 else:
+                    self._count_reused()
                     self.log(f"{head}: export done, reused")
+                self._stages[1] += 1
             results.append(self._result(spec, info, ev, export_dir))
             if i < len(plan):  # a partial report survives an interruption of the later stages
                 self._write_report(results, len(plan), time.perf_counter() - t_all)
@@ -202,10 +209,15 @@ class RecipeRunner:
             export_dir=str(export_dir) if export_dir else None,
         )
 
+    def _count_reused(self) -> None:
+        self._stages[0] += 1
+
     def _write_report(self, results: list[RunResult], planned: int, seconds: float) -> None:
         from ..evaluation.report import write_report
 
-        write_report(self.recipe, results, self.out, total_seconds=seconds, planned=planned)
+        reused, total = getattr(self, "_stages", (0, 0))
+        write_report(self.recipe, results, self.out, total_seconds=seconds, planned=planned,
+                     reused_stages=(reused, total))
 
     def finished(self) -> list[RunResult]:
         """Results of the runs whose mask and evaluation stages are finished (nothing is computed)."""
