@@ -8,6 +8,12 @@ decoder blocks with a :class:`MaskedLinear` that holds the frozen original modul
   users as ``[out, in/4, 6]`` by :func:`~.priors.pattern_prior_logits` and the final mask) or compact fixed pattern ids
   ``ids [out, in/4]`` uint8 (PATCH-Tile).
 
+On CUDA (when Triton is importable) the masked weight is built by the fused kernels of
+:mod:`.fused_triton` (one forward and one backward kernel per layer, noise drawn in-kernel from a seed);
+the torch compositions of :mod:`.relax` are the reference and the CPU path. The switch is
+:attr:`MaskState.fused` (``MaskedModel(fused=...)``), else the environment variable
+``TILESPARSE_FUSED_MASK`` (``0``/``off``, ``1``/``on``, ``auto``), else auto (CUDA weights only).
+
 The mask of a layer is built inside that layer's forward (never all layers at once), so with gradient
 checkpointing of the decoder blocks only one block's masks live at a time. The current schedule values
 (scale, temperature), the stochastic switch and the per-step records (sampled tile values for the
@@ -17,6 +23,7 @@ density, masked-weight norms for the magnitude regulariser) live in a shared :cl
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +52,7 @@ class MaskState:
     record_norms: bool = False
     tile_values: dict = field(default_factory=dict)  # layer index -> tile tensor (in graph)
     norms: dict = field(default_factory=dict)  # layer index -> ||M*W||_F (in graph)
+    fused: bool | None = None  # fused Triton mask kernels: True/False force, None = env var, then auto
 
     def clear(self) -> None:
         self.tile_values.clear()
@@ -99,8 +107,45 @@ class MaskedLinear(nn.Module):
         noise = gumbel_noise(self.pattern_logits.shape, device=self.pattern_logits.device) if st.stochastic else None
         return fused_soft_24(self.pattern_logits, st.pattern_k, st.pattern_tau, noise=noise, hard=st.hard_24)
 
+    def use_fused(self) -> bool:
+        """Whether :meth:`masked_weight` takes the fused Triton path (see :func:`fused_choice`)."""
+        w = self.weight_oi()
+        choice = fused_choice(self.state.fused)
+        if choice is False:
+            return False
+        if choice is None and w.device.type != "cuda":
+            return False
+        fused = _fused_module()
+        if fused is None or not fused.available(w.device):
+            if choice:
+                raise RuntimeError("fused mask kernels forced on, but Triton cannot run on "
+                                   f"{w.device} (not installed, or a CPU without TRITON_INTERPRET=1)")
+            return False
+        return fused.supports(w, self.grid)
+
+    def _masked_weight_fused(self) -> torch.Tensor:
+        from . import fused_triton
+
+        w = self.weight_oi()
+        st = self.state
+        t = self.tile_values()
+        if t is not None:
+            st.tile_values[self.index] = t
+        if self.pattern_logits is not None:
+            wm, sq = fused_triton.fused_masked_weight(
+                w, self.grid, logits=self.pattern_logits, tiles=t, scale=st.pattern_k, tau=st.pattern_tau,
+                hard=st.hard_24, noise=st.stochastic, record_sq=st.record_norms)
+        else:
+            wm, sq = fused_triton.fused_masked_weight(w, self.grid, ids=self.ids, tiles=t,
+                                                      record_sq=st.record_norms)
+        if st.record_norms:
+            st.norms[self.index] = sq.sqrt()
+        return wm
+
     def masked_weight(self) -> torch.Tensor:
         """``W * M`` as ``[out, in]`` in the weight's dtype; records tile values and the norm in the state."""
+        if self.use_fused():
+            return self._masked_weight_fused()
         w = self.weight_oi()
         m24 = self.mask24()
         t = self.tile_values()
@@ -129,22 +174,53 @@ class MaskedLinear(nn.Module):
         return y.reshape(shape)
 
 
+_FUSED_MODULE: list = []
+
+
+def _fused_module():
+    """:mod:`.fused_triton`, or ``None`` when Triton is not importable (cached)."""
+    if not _FUSED_MODULE:
+        try:
+            from . import fused_triton
+        except Exception:  # no triton, or a triton that cannot initialise here
+            fused_triton = None
+        _FUSED_MODULE.append(fused_triton)
+    return _FUSED_MODULE[0]
+
+
+def fused_choice(explicit: bool | None = None) -> bool | None:
+    """``True``/``False`` when the fused mask kernels are forced on/off (``explicit``, else the environment
+    variable ``TILESPARSE_FUSED_MASK``), ``None`` for auto (used for CUDA weights when Triton imports)."""
+    if explicit is not None:
+        return bool(explicit)
+    env = os.environ.get("TILESPARSE_FUSED_MASK", "auto").strip().lower()
+    if env in ("", "auto"):
+        return None
+    if env in ("1", "on", "true", "yes"):
+        return True
+    if env in ("0", "off", "false", "no"):
+        return False
+    raise ValueError(f"TILESPARSE_FUSED_MASK must be 0/off, 1/on or auto, got {env!r}")
+
+
 class MaskedModel:
     """Wrap a model's prunable linears with learnable masks; restore them with :meth:`remove`.
 
     ``tile_init`` / ``pattern_init`` / ``ids`` map layer names to initial tile logits, initial pattern
-    logits and fixed 2:4 ids (whichever the mode uses). Layers whose ``in`` is not a multiple of 4 are
-    left dense and unwrapped.
+    logits and fixed 2:4 ids (whichever the mode uses). ``fused`` forces the fused Triton mask kernels on
+    or off (``None``: the ``TILESPARSE_FUSED_MASK`` variable, else on for CUDA weights); a layer the kernels
+    do not support (see :func:`.fused_triton.supports`) takes the torch path. Layers whose ``in`` is not a
+    multiple of 4 are left dense and unwrapped.
     """
 
     def __init__(self, model: nn.Module, mode: str, *, tile: tuple[int, int] = (128, 128),
                  tile_init: dict[str, torch.Tensor] | None = None,
                  pattern_init: dict[str, torch.Tensor] | None = None,
-                 ids: dict[str, torch.Tensor] | None = None):
+                 ids: dict[str, torch.Tensor] | None = None, fused: bool | None = None):
         if mode not in ("joint", "tile", "maskllm"):
             raise ValueError(f"unknown mode {mode!r}")
         self.model, self.mode, self.tile = model, mode, tuple(tile)
-        self.state = MaskState()
+        self.state = MaskState(fused=fused)
         self.linears = find_prunable_linears(model)
         self.block_of = {lin.name: lin.block_index for lin in self.linears}
         self.layers: list[MaskedLinear] = []
@@ -330,4 +406,4 @@ class MaskedModel:
         return build_final_maskset(finals, sparsity, all_sparse=self.mode == "maskllm", meta=meta)
 
 
-__all__ = ["MaskState", "MaskedLinear", "MaskedModel"]
+__all__ = ["MaskState", "MaskedLinear", "MaskedModel", "fused_choice"]
