@@ -1,6 +1,8 @@
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
 from tilesparse.recipe import RecipeRunner, parse_recipe
 from tilesparse.recipe import stages
@@ -103,6 +105,13 @@ def test_export_ships_a_loadable_packed_model(tiny_model_dir, text_file, tmp_pat
     shipped = evaluate_text(lm, str(text_file), seqlen=64, max_windows=3, progress=False).perplexity
     # bf16 packed model vs fp32 masked model: same function up to bf16 rounding
     assert shipped == pytest.approx(res.perplexity["text.txt"], rel=0.02)
+    assert info["reload_max_logit_diff"] < 1e-2  # the export was loaded back and checked
+    # the default dtype (float32, what the CLI uses) loads the bf16 export too: packed values follow the model
+    lm32 = load_model(res.export_dir)
+    hyb32 = [m for m in lm32.model.modules() if isinstance(m, HybridLinear)]
+    assert {m.packed.dtype for m in hyb32} == {torch.float32}
+    assert evaluate_text(lm32, str(text_file), seqlen=64, max_windows=3, progress=False).perplexity == \
+        pytest.approx(shipped, rel=0.02)
 
 
 def test_learned_method_stage(tiny_model_dir, text_file, tmp_path):
@@ -146,3 +155,19 @@ def test_stale_learning_checkpoint_is_not_resumed(tiny_model_dir, text_file, tmp
     (res,) = RecipeRunner(r, progress=False, log=lambda s: None).run()
     assert res.details["steps"] == 2 and abs(res.measured_sparsity - 0.35) < 0.1
     assert (learn / "stage-fingerprint").read_text() != "from-an-older-recipe"
+
+
+def test_export_check_refuses_a_model_that_does_not_match_its_file(tiny_model_dir, text_file, tmp_path):
+    from tilesparse.errors import TilesparseError
+    from tilesparse.models import load_model
+
+    out = tmp_path / "run"
+    r = tiny_recipe(tiny_model_dir, text_file, out, export={"packed": True},
+                    methods=[{"name": "mag", "kind": "oneshot", "method": "magnitude", "pattern": "2:4"}])
+    (res,) = RecipeRunner(r, progress=False, log=lambda s: None).run()
+    other = load_model(res.export_dir, dtype="bfloat16").model
+    stages.check_export(other, Path(res.export_dir))  # itself: passes
+    with torch.no_grad():
+        other.model.norm.weight.mul_(3.0)  # what a lost buffer or a wrong tensor would do
+    with pytest.raises(TilesparseError, match="export check failed"):
+        stages.check_export(other, Path(res.export_dir))

@@ -2,7 +2,9 @@
 
 A file holds, for every packed layer ``name``, its stored tensors as ``"{name}::{field}"`` (see
 :attr:`tilesparse.kernels.format.PackedHybrid.STORED`; derived tables are rebuilt on load) and its
-bias as ``"{name}::bias"``; any other tensors (the rest of a model's state) as ``"state::{key}"``.
+bias as ``"{name}::bias"``; any other tensors (the rest of a model's state) as ``"state::{key}"``;
+the model's non-persistent buffers (e.g. rotary ``inv_freq``, which ``state_dict`` leaves out and a model
+built on the meta device would hold as garbage) as ``"buffer::{key}"``, listed under ``"buffers"``.
 The safetensors header metadata key ``"tilesparse"`` holds JSON: format name and version, and per
 layer its shape, tile size and dtype. Tensors shared in memory (tied embeddings) are stored once and
 listed under ``"aliases"``.
@@ -25,8 +27,10 @@ _SEP = "::"
 
 
 def save_packed(path: str | Path, layers: dict[str, PackedHybrid], biases: dict[str, torch.Tensor] | None = None,
-                state: dict[str, torch.Tensor] | None = None, extra_metadata: dict | None = None) -> int:
-    """Write packed layers (+ optional biases and other tensors) to a safetensors file; returns its size in bytes."""
+                state: dict[str, torch.Tensor] | None = None, extra_metadata: dict | None = None,
+                buffers: dict[str, torch.Tensor] | None = None) -> int:
+    """Write packed layers (+ optional biases, other state tensors and non-persistent buffers) to a
+    safetensors file; returns its size in bytes."""
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
@@ -51,7 +55,10 @@ def save_packed(path: str | Path, layers: dict[str, PackedHybrid], biases: dict[
             continue
         seen[sig] = key
         tensors[f"state{_SEP}{key}"] = t.detach().contiguous().cpu()
-    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "layers": meta_layers, "aliases": aliases}
+    for key, t in (buffers or {}).items():
+        tensors[f"buffer{_SEP}{key}"] = t.detach().contiguous().cpu()
+    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "layers": meta_layers, "aliases": aliases,
+            "buffers": sorted(buffers or {})}
     if extra_metadata:
         meta["extra"] = extra_metadata
     path = Path(path)
@@ -63,7 +70,8 @@ def save_packed(path: str | Path, layers: dict[str, PackedHybrid], biases: dict[
 def load_packed(path: str | Path, device: str | torch.device = "cpu"):
     """Read a file written by :func:`save_packed`.
 
-    Returns ``(layers: dict[name, PackedHybrid], biases: dict[name, Tensor], state: dict[key, Tensor], meta)``.
+    Returns ``(layers: dict[name, PackedHybrid], biases: dict[name, Tensor], state: dict[key, Tensor], meta)``;
+    the non-persistent buffers are in ``meta["buffer_tensors"]`` (absent in files written before they were saved).
     """
     from safetensors import safe_open
 
@@ -90,21 +98,44 @@ def load_packed(path: str | Path, device: str | torch.device = "cpu"):
             if info.get("has_bias"):
                 biases[name] = f.get_tensor(f"{name}{_SEP}bias")
         state = {k[len("state" + _SEP):]: f.get_tensor(k) for k in keys if k.startswith("state" + _SEP)}
+        if "buffers" in meta:
+            meta["buffer_tensors"] = {k: f.get_tensor(f"buffer{_SEP}{k}") for k in meta["buffers"]}
     for alias, src in meta.get("aliases", {}).items():
         state[alias] = state[src]
     return layers, biases, state, meta
 
 
-def save_packed_model(model: nn.Module, path: str | Path, extra_metadata: dict | None = None) -> int:
+def non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers ``state_dict`` leaves out (``persistent=False``), by their full name; those of
+    ``HybridLinear`` layers (derived tables, rebuilt from the packed tensors) excepted."""
+    from ..kernels.linear import HybridLinear
+
+    out = {}
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, HybridLinear):
+            continue
+        for b in getattr(mod, "_non_persistent_buffers_set", ()):
+            t = mod._buffers.get(b)
+            if t is not None:
+                out[f"{mod_name}.{b}" if mod_name else b] = t
+    return out
+
+
+def save_packed_model(model: nn.Module, path: str | Path, extra_metadata: dict | None = None,
+                      buffers: dict[str, torch.Tensor] | None = None) -> int:
     """Save a model converted with :func:`tilesparse.kernels.convert_model`: its ``HybridLinear``
-    layers packed, every other parameter/buffer as is. Returns the file size in bytes."""
+    layers packed, every other parameter/buffer as is. ``buffers`` (default: the model's own) are the
+    non-persistent buffers to ship; pass the ones of the model before a dtype cast to keep e.g. rotary
+    frequencies in fp32. Returns the file size in bytes."""
     from ..kernels.linear import HybridLinear
 
     hyb = {n: m for n, m in model.named_modules() if isinstance(m, HybridLinear)}
     prefixes = tuple(n + "." for n in hyb)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+    if buffers is None:
+        buffers = non_persistent_buffers(model)
     return save_packed(path, {n: m.packed for n, m in hyb.items()},
-                       {n: m.bias for n, m in hyb.items() if m.bias is not None}, state, extra_metadata)
+                       {n: m.bias for n, m in hyb.items() if m.bias is not None}, state, extra_metadata, buffers)
 
 
 def load_packed_model(model: nn.Module, path: str | Path, use_triton: bool | None = None) -> nn.Module:
@@ -115,7 +146,10 @@ def load_packed_model(model: nn.Module, path: str | Path, use_triton: bool | Non
 
     ref = next(iter(model.parameters()), None)
     device = ref.device if ref is not None else torch.device("cpu")
-    layers, biases, state, _ = load_packed(path, device)
+    layers, biases, state, meta = load_packed(path, device)
+    if ref is not None and ref.dtype.is_floating_point:  # packed values follow the model's dtype
+        layers = {n: p if p.dtype == ref.dtype else p.to(dtype=ref.dtype) for n, p in layers.items()}
+        biases = {n: b.to(ref.dtype) for n, b in biases.items()}
     names = dict(model.named_modules())
     for name, p in layers.items():
         old = names.get(name)
@@ -129,4 +163,17 @@ def load_packed_model(model: nn.Module, path: str | Path, use_triton: bool | Non
     missing = [k for k in missing if not k.startswith(hyb_prefixes)]
     if missing or unexpected:
         raise ValueError(f"{path}: state does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    wanted = non_persistent_buffers(model)
+    shipped = meta.get("buffer_tensors")
+    if shipped is None and wanted:
+        raise ValueError(f"{path} was written without the model's non-persistent buffers ({sorted(wanted)[:2]}...); "
+                         "export it again with this version (`tilesparse run` re-exports automatically)")
+    if set(wanted) - set(shipped or {}):
+        raise ValueError(f"{path}: non-persistent buffers missing from the file: {sorted(set(wanted) - set(shipped))[:3]}")
+    for key, t in (shipped or {}).items():
+        parent, _, b = key.rpartition(".")
+        mod = model.get_submodule(parent) if parent else model
+        if b not in mod._buffers:
+            raise ValueError(f"{path}: buffer {key!r} has no place in the model")
+        mod._buffers[b] = t.to(device)
     return model

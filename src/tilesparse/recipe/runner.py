@@ -27,6 +27,7 @@ from ..errors import TilesparseError
 from .schema import MethodConfig, Recipe, fingerprint
 
 STAGE_FILE = "stage.json"
+EXPORT_VERSION = "export-v2"  # v2: the packed file ships non-persistent buffers (rotary inv_freq)
 
 
 @dataclass
@@ -179,7 +180,7 @@ class RecipeRunner:
             export_dir = None
             if self.recipe.export.packed and self._should_export(spec):
                 export_dir = folder / "export"
-                xfp = fingerprint(mfp, "export-v1")
+                xfp = fingerprint(mfp, EXPORT_VERSION)
                 if _stage_done(export_dir, xfp) is None:
                     if export_dir.exists():
                         shutil.rmtree(export_dir)
@@ -230,7 +231,7 @@ class RecipeRunner:
             if info is None or ev is None:
                 continue
             export_dir = folder / "export"
-            xfp = fingerprint(mfp, "export-v1")
+            xfp = fingerprint(mfp, EXPORT_VERSION)
             done.append(self._result(spec, info, ev, export_dir if _stage_done(export_dir, xfp) else None))
         return done
 

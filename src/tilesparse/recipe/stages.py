@@ -148,7 +148,11 @@ def export_run(runner, spec, mask_dir: Path, export_dir: Path) -> dict:
     from ..kernels.linear import convert_model
     from ..models.loading import PACKED_FILE
 
+    from ..io.packed import non_persistent_buffers
+
     loaded, ms = apply_run(runner, spec, mask_dir)
+    # rotary frequencies etc. ship as the loaded model holds them (fp32), not cast with the weights
+    buffers = {k: t.detach().clone() for k, t in non_persistent_buffers(loaded.model).items()}
     model = loaded.model.to(torch.bfloat16)
     dense_bytes = sum(p.numel() * 2 for p in model.parameters())
     masked_linear_bytes = sum(model.get_submodule(n).weight.numel() * 2 for n in ms.layers)
@@ -156,10 +160,33 @@ def export_run(runner, spec, mask_dir: Path, export_dir: Path) -> dict:
     export_dir.mkdir(parents=True, exist_ok=True)
     size = save_packed_model(model, export_dir / PACKED_FILE,
                              extra_metadata={"run": spec.run_id, "model": loaded.name,
-                                             "sparsity": f"{ms.sparsity():.6f}"})
+                                             "sparsity": f"{ms.sparsity():.6f}"}, buffers=buffers)
     model.config.save_pretrained(export_dir)
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(export_dir)
+    diff = check_export(model, export_dir)
     runner._loaded = None  # the modules were replaced: reload the pristine model for later stages
     return {"file_bytes": int(size), "dense_bf16_bytes": int(dense_bytes),
-            "linear_dense_bf16_bytes": int(masked_linear_bytes), "file_vs_dense": size / dense_bytes}
+            "linear_dense_bf16_bytes": int(masked_linear_bytes), "file_vs_dense": size / dense_bytes,
+            "reload_max_logit_diff": diff}
+
+
+def check_export(model, export_dir: Path, tokens: int = 32) -> float:
+    """Load the exported folder back (as a user would) and compare its logits with ``model``'s on a few
+    random tokens; raise :class:`TilesparseError` if they differ beyond bf16 rounding (a broken export
+    must not ship silently). Returns the largest absolute logit difference."""
+    from ..models import load_model
+
+    back = load_model(str(export_dir), dtype=torch.bfloat16, device=str(next(model.parameters()).device))
+    vocab = int(model.config.vocab_size)
+    ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0)).to(
+        next(model.parameters()).device)
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+        got = back.model(ids).logits.float()
+    diff = float((ref - got).abs().max())
+    scale = float(ref.abs().max())
+    if not diff <= 0.02 * max(scale, 1.0):
+        raise TilesparseError(f"export check failed: the reloaded model {export_dir} differs from the one exported "
+                              f"(max |logit diff| {diff:.3g} at logit scale {scale:.3g})")
+    return diff
