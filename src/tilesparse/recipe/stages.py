@@ -154,6 +154,9 @@ def export_run(runner, spec, mask_dir: Path, export_dir: Path) -> dict:
     # rotary frequencies etc. ship as the loaded model holds them (fp32), not cast with the weights
     buffers = {k: t.detach().clone() for k, t in non_persistent_buffers(loaded.model).items()}
     model = loaded.model.to(torch.bfloat16)
+    for key, t in buffers.items():  # as HF keeps them in a bf16 model, and as the file ships them
+        parent, _, name = key.rpartition(".")
+        (model.get_submodule(parent) if parent else model)._buffers[name] = t
     dense_bytes = sum(p.numel() * 2 for p in model.parameters())
     masked_linear_bytes = sum(model.get_submodule(n).weight.numel() * 2 for n in ms.layers)
     convert_model(model, ms.to_bool(), tile=runner.recipe.tile_shape)
