@@ -3,6 +3,10 @@
     PYTHONPATH=src python3 benchmarks/kernels.py --check            # correctness on the GPU
     PYTHONPATH=src python3 benchmarks/kernels.py --out table.md     # the layer table (CUDA graphs + eager)
     PYTHONPATH=src python3 benchmarks/kernels.py --shapes 4096x4096 --tokens 1,16 --fracs 0.5,1 --verbose
+    PYTHONPATH=src python3 benchmarks/kernels.py --decode --precompile 16 --tokens 1,4,16 --fracs 0.5,1 \
+        --shapes 4096x4096,11008x4096,4096x11008      # v5 flat kernel vs older kernels vs dense (decode cells)
+    PYTHONPATH=src python3 benchmarks/kernels.py --check --flat-only   # correctness of the v5 flat kernel only
+    ncu --profile-from-start off ... python3 benchmarks/kernels.py --ncu  # v5 profile launches
 
 Timing: every op is timed over ``copies`` distinct weight copies whose dense bytes together exceed
 4x the L2 (so no weight is served from L2), inside one CUDA graph (and, separately, eagerly), median
@@ -76,6 +80,8 @@ def check(args) -> bool:
     if args.quick:
         cases = [cases[1], cases[3], cases[6], cases[7]]
         Ms = [1, 5, 16, 33, 200]
+    if args.flat_only:
+        Ms = [1, 3, 5, 16]
     ok = True
     n = 0
     worst = 0.0
@@ -93,38 +99,46 @@ def check(args) -> bool:
                 x = torch.randn(M, K, device=dev).to(dtype)
                 ref = torch.nn.functional.linear(x.double(), Wm.double(), None if bias is None else bias.double())
                 cfgs = ops.candidate_configs(M, p, force_kernel=True)
+                if args.flat_only:
+                    cfgs = [c for c in cfgs if c.path == "flat"]
                 if not full:  # one config per mode and split kind, plus the heuristic
                     keep, seen = [], set()
                     for c in cfgs:
-                        sig = (c.path, c.mode, c.split > 1)
+                        sig = (c.path, c.mode, c.split > 1, c.nit > 1)
                         if sig not in seen:
                             seen.add(sig)
                             keep.append(c)
-                    cfgs = keep + [ops.heuristic_config(M, p)]
+                    cfgs = keep + ([] if args.flat_only else [ops.heuristic_config(M, p)])
                 else:  # the pipelined / unrolled K-loop knobs (not autotuner candidates, see KERNELS_NOTES v4)
                     T = ops.KernelConfig
-                    if M <= 4:
+                    if M <= 4 and not args.flat_only:
                         cfgs += [T("triton", 3, ops._pow2_at_least(M), 32, 128, 4, 4, 3, True, 4),
                                  T("triton", 0, ops._pow2_at_least(M), 64, 128, 2, 8, 3, True, 4),
                                  T("triton", 3, ops._pow2_at_least(M), 32, 128, 4, 4, 3, True, 0, 2)]
-                    elif M <= 64:
+                    elif M <= 64 and not args.flat_only:
                         cfgs += [T("triton", 1, ops._pow2_at_least(M, 16), 32, 128, 4, 4, 3, True, 4)]
+                    if M == 1:  # v5 persistent programs (not autotuner candidates, see KERNELS_NOTES v5)
+                        cfgs += [T("flat", 6, 1, 16, 0, 1, 4, 1, True, 0, 0, 4, 1, 4),
+                                 T("flat", 6, 1, 32, 0, 1, 4, 1, True, 0, 0, 2, 1, 6)]
                 for cfg in cfgs:
-                    if cfg.path == "triton":
-                        out = torch.full((M, N), float("nan"), device=dev, dtype=dtype)
-                        ops.launch_triton(x, p, bias, cfg, out)
-                    elif cfg.path == "dense" and not p.is_plain_dense():
-                        continue
-                    else:
-                        out = ops.run_config(x, p, bias, cfg)
-                    torch.cuda.synchronize()
-                    e = rel_error(out, ref)
-                    worst = max(worst, e if math.isfinite(e) else 1e9)
-                    n += 1
-                    if not e < 1e-2:
-                        ok = False
-                        print(f"FAIL {N}x{K} tile {tile} fs={fs} fz={fz} {dtype} M={M} bias={bias is not None} "
-                              f"{cfg.short()}: rel err {e:.3e}")
+                    for rep in range(2 if cfg.path == "flat" else 1):  # flat: twice (counters/workspace reset)
+                        if cfg.path in ("triton", "flat"):
+                            out = torch.full((M, N), float("nan"), device=dev, dtype=dtype)
+                            (ops.launch_triton if cfg.path == "triton" else ops.launch_flat)(x, p, bias, cfg, out)
+                        elif cfg.path == "dense" and not p.is_plain_dense():
+                            continue
+                        else:
+                            out = ops.run_config(x, p, bias, cfg)
+                        torch.cuda.synchronize()
+                        e = rel_error(out, ref)
+                        worst = max(worst, e if math.isfinite(e) else 1e9)
+                        n += 1
+                        if not e < 1e-2:
+                            ok = False
+                            print(f"FAIL {N}x{K} tile {tile} fs={fs} fz={fz} {dtype} M={M} bias={bias is not None} "
+                                  f"{cfg.short()} (run {rep}): rel err {e:.3e}")
+            if args.flat_only:
+                continue
             # tuned public path with 3-D and non-contiguous input
             x3 = torch.randn(2, 7, 2 * K, device=dev).to(dtype)[:, :, ::2]
             y = ops.hybrid_linear(x3, p, bias)
@@ -279,6 +293,65 @@ def write_table(rows, args, props) -> None:
     print(text)
 
 
+def decode(args) -> None:
+    """Per (shape, tokens, 2:4 fraction): every autotuner candidate timed the autotuner's way (cold L2, CUDA
+    graphs, ``ops.time_cold``); the best v5 ``flat`` config and the best older config then re-timed like the
+    layer table (graph over weight copies > 4x L2, median of ``--reps``), with dense ``F.linear``."""
+    dev = "cuda"
+    props = torch.cuda.get_device_properties(0)
+    l2 = getattr(props, "L2_cache_size", 50 << 20)
+    rows = []
+    t_start = time.time()
+    for sname in args.shapes.split(","):
+        N, K = SHAPES[sname] if sname in SHAPES else tuple(int(v) for v in sname.split("x"))
+        copies = max(2, math.ceil(4 * l2 / (N * K * 2)))
+        W = [(torch.randn(N, K, device=dev) * 0.02).bfloat16() for _ in range(copies)]
+        for M in [int(t) for t in args.tokens.split(",")]:
+            x = torch.randn(M, K, device=dev).bfloat16()
+            t_dense = _median_ms([lambda w=w: torch.nn.functional.linear(x, w) for w in W], True, args.reps)
+            for f in [float(v) for v in args.fracs.split(",")]:
+                p0, _, _ = random_packed(N, K, f, (128, 128), torch.bfloat16, dev, seed=int(f * 100))
+                ps = [p0] + [p0.clone() for _ in range(copies - 1)]
+                ref = torch.nn.functional.linear(x.double(), p0.unpack().double())
+                times = {}
+                for cfg in ops.candidate_configs(M, p0):
+                    try:
+                        ops.run_config(x, p0, None, cfg)
+                        torch.cuda.synchronize()
+                        times[cfg] = ops.time_cold(lambda: ops.run_config(x, p0, None, cfg), x.device)
+                    except Exception as e:  # noqa: BLE001
+                        print(f"  skip {cfg.short()}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+                new = {c: t for c, t in times.items() if c.path == "flat"}
+                old = {c: t for c, t in times.items() if c.path != "flat"}
+                top = sorted(new.items(), key=lambda kv: kv[1])[:args.top]
+                print(f"  {sname} M={M} f={f}: flat " + ", ".join(f"{c.short()} {t * 1e3:.1f}" for c, t in top)
+                      + f" | old best {min(old.values()) * 1e3:.1f}", flush=True)
+                res = {}
+                for tag, d in (("old", old), ("new", new)):
+                    best = min(d, key=d.get)
+                    err = rel_error(ops.run_config(x, p0, None, best), ref)
+                    t = _median_ms([lambda p=p: ops.run_config(x, p, None, best) for p in ps], True, args.reps)
+                    res[tag] = (best, t, err)
+                rows.append((sname, M, f, t_dense, res))
+                del ps
+            del x
+        del W
+        torch.cuda.empty_cache()
+    lines = [f"decode cells on {props.name} ({time.time() - t_start:.0f}s); us per call, graph, weight copies > 4x L2",
+             "| shape | M | f | dense | v3 best | v5 flat | v5 x dense | v3 x dense | bound | v5 % bound | v5 config | err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for sname, M, f, td, res in rows:
+        (cn, tn, en), (co, to, eo) = res["new"], res["old"]
+        b = fmt.bytes_bound_speedup(f)
+        lines.append(f"| {sname} | {M} | {f:.2f} | {td * 1e3:.1f} | {to * 1e3:.1f} | {tn * 1e3:.1f} | {td / tn:.2f} | "
+                     f"{td / to:.2f} | {b:.2f} | {td / tn / b * 100:.0f}% | {cn.short()} | {max(en, eo):.1e} |")
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text)
+    print(text)
+
+
 def profile(args) -> None:
     """Launch a few fixed configurations once each (for ``ncu``): 4096x4096, all tiles 2:4."""
     dev = "cuda"
@@ -294,23 +367,55 @@ def profile(args) -> None:
     print("profile launches done")
 
 
+def ncu_launches(args) -> None:
+    """v5 profile: a few flat / persistent / dense launches on 11008x4096 (all 2:4, and all dense tiles through
+    the flat kernel), each once inside cudaProfilerStart/Stop (run under ``ncu --profile-from-start off``)."""
+    dev = "cuda"
+    N, K = 11008, 4096
+    p1, W, _ = random_packed(N, K, 1.0, (128, 128), torch.bfloat16, dev, seed=3)
+    p0, _, _ = random_packed(N, K, 0.0, (128, 128), torch.bfloat16, dev, seed=4)
+    T = ops.KernelConfig
+    runs = [("asm bn16 ts4 f=1", p1, 1, T("flat", 5, 1, 16, 0, 1, 4, 1, True, 0, 0, 4, 1)),
+            ("asm bn16 ts4 f=0", p0, 1, T("flat", 5, 1, 16, 0, 1, 4, 1, True, 0, 0, 4, 1)),
+            ("gather3d bn32 ts4 f=1", p1, 1, T("flat", 3, 1, 32, 0, 1, 4, 1, True, 0, 0, 4, 1)),
+            ("persist bn16 ts4 c4 f=1", p1, 1, T("flat", 6, 1, 16, 0, 1, 4, 1, True, 0, 0, 4, 1, 4)),
+            ("dot bn64 ts2 it2 f=1", p1, 16, T("flat", 1, 16, 64, 0, 1, 4, 1, True, 0, 0, 2, 2)),
+            ("dot bn64 ts2 it2 f=0", p0, 16, T("flat", 1, 16, 64, 0, 1, 4, 1, True, 0, 0, 2, 2))]
+    xs = {M: torch.randn(M, K, device=dev).bfloat16() for M in (1, 16)}
+    for _, p, M, cfg in runs:
+        ops.run_config(xs[M], p, None, ops._fit(cfg, p))
+    for M in (1, 16):
+        torch.nn.functional.linear(xs[M], W)
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    for name, p, M, cfg in runs:
+        ops.run_config(xs[M], p, None, ops._fit(cfg, p))
+        torch.cuda.synchronize()
+        print(f"launched {name}", flush=True)
+    for M in (1, 16):
+        torch.nn.functional.linear(xs[M], W)
+        torch.cuda.synchronize()
+        print(f"launched dense M={M}", flush=True)
+    torch.cuda.cudart().cudaProfilerStop()
+
+
 def _precompile_worker(job):
     """Compile (by launching once) every ``i % n == w`` candidate config for the token counts given."""
-    w, n, tokens = job
+    w, n, tokens, dtypes, biases, paths = job
     dev = "cuda"
     done = 0
-    for dtype in (torch.bfloat16, torch.float16):
+    for dtype in dtypes:
         p, _, _ = random_packed(256, 256, 0.5, (128, 128), dtype, dev, seed=0)
         for M in tokens:
             x = torch.randn(M, 256, device=dev).to(dtype)
-            cfgs = [c for c in ops.candidate_configs(M, p, force_kernel=True) if c.path == "triton"]
+            cfgs = [c for c in ops.candidate_configs(M, p, force_kernel=True) if c.path in paths]
             for i, cfg in enumerate(cfgs):
                 if i % n != w:
                     continue
-                for bias in (None, torch.zeros(256, device=dev, dtype=dtype)):
+                for bias in (None, torch.zeros(256, device=dev, dtype=dtype))[:biases]:
                     try:
                         out = torch.empty(M, 256, device=dev, dtype=dtype)
-                        ops.launch_triton(x, p, bias, cfg, out)
+                        (ops.launch_triton if cfg.path == "triton" else ops.launch_flat)(x, p, bias, cfg, out)
                         done += 1
                     except Exception as e:  # noqa: BLE001 - reported, the tuner skips it too
                         print(f"  precompile skip {cfg.short()}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
@@ -318,15 +423,18 @@ def _precompile_worker(job):
     return done
 
 
-def precompile(tokens: list[int], workers: int) -> None:
+def precompile(tokens: list[int], workers: int, bf16_only: bool = False, paths=("triton", "flat")) -> None:
     """Fill Triton's on-disk kernel cache for every candidate config, ``workers`` processes in parallel
-    (compilation is CPU-bound and serial otherwise); timings and checks then start warm."""
+    (compilation is CPU-bound and serial otherwise); timings and checks then start warm. ``bf16_only``:
+    bf16 without bias only (what the timing modes run); ``paths``: which kernels."""
     import concurrent.futures as cf
     import multiprocessing as mp
 
     t0 = time.time()
+    dts = (torch.bfloat16,) if bf16_only else (torch.bfloat16, torch.float16)
     with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-        n = sum(ex.map(_precompile_worker, [(w, workers, tokens) for w in range(workers)]))
+        n = sum(ex.map(_precompile_worker, [(w, workers, tokens, dts, 1 if bf16_only else 2, tuple(paths))
+                                            for w in range(workers)]))
     print(f"precompiled {n} launches in {time.time() - t0:.0f}s", flush=True)
 
 
@@ -337,10 +445,15 @@ def main() -> int:
     ap.add_argument("--tokens", default="1,16,64,256,2048,8192")
     ap.add_argument("--fracs", default="0,0.25,0.5,0.75,1")
     ap.add_argument("--quick", action="store_true", help="with --check: fewer cases")
+    ap.add_argument("--flat-only", action="store_true", help="with --check: only the v5 flat kernel's configs")
     ap.add_argument("--profile", action="store_true", help="a few fixed launches to run under ncu")
+    ap.add_argument("--ncu", action="store_true", help="v5: flat/persistent/dense launches to run under ncu")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--verbose", action="store_true", help="print every candidate's time")
+    ap.add_argument("--top", type=int, default=4, help="with --decode: how many flat configs to list per cell")
     ap.add_argument("--out", default=None, help="markdown file for the table")
+    ap.add_argument("--decode", action="store_true",
+                    help="decode comparison: best v5 flat kernel vs best older (v3) kernel vs dense, per cell")
     ap.add_argument("--precompile", type=int, default=0, metavar="WORKERS",
                     help="first compile every candidate config in WORKERS parallel processes")
     args = ap.parse_args()
@@ -348,12 +461,25 @@ def main() -> int:
         print("needs a CUDA GPU")
         return 2
     if args.precompile:
-        toks = [1, 2, 5, 16, 33, 64, 65, 200] if args.check else [int(t) for t in args.tokens.split(",")]
-        precompile(sorted({ops._pow2_at_least(t) for t in toks}), args.precompile)
+        if args.check:  # what the check runs: both dtypes, with and without bias
+            toks = [1, 3, 5, 16] if args.flat_only else [1, 2, 5, 16, 33, 64, 65, 200]
+            precompile(sorted({ops._pow2_at_least(t) for t in toks}), args.precompile,
+                       paths=("flat",) if args.flat_only else ("triton", "flat"))
+        if args.decode or not args.check:  # what the timings run: bf16 without bias
+            toks = [int(t) for t in args.tokens.split(",")]
+            precompile(sorted({ops._pow2_at_least(t) for t in toks}), args.precompile, bf16_only=True)
     if args.check:
-        return 0 if check(args) else 1
+        ok = check(args)
+        if not ok or not args.decode:
+            return 0 if ok else 1
+    if args.decode:
+        decode(args)
+        return 0
     if args.profile:
         profile(args)
+        return 0
+    if args.ncu:
+        ncu_launches(args)
         return 0
     bench(args)
     return 0

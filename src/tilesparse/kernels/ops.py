@@ -6,6 +6,9 @@ Paths (chosen per call):
   (cuBLAS, no extra memory).
 * Triton ``hybrid_linear_kernel`` in one of its modes (see :mod:`.triton_hybrid`) -- the decode path
   and one prefill candidate.
+* ``"flat"`` (v5, up to 16 tokens) -- ``hybrid_flat_kernel``: a flat grid of per-program work descriptors
+  (:func:`flat_plan`, built once per layer and configuration and cached on the ``PackedHybrid``), fp32 atomics
+  and an arrival counter instead of a split-K tail.
 * ``"unpack"`` (prefill candidate) -- unpack the layer on the GPU into a *transient* scratch buffer
   (one per device and dtype, as large as the largest layer it has served; reused by every layer) and
   call ``F.linear`` on it. Its resident cost is that one buffer, reported by :func:`workspace_bytes`.
@@ -58,8 +61,20 @@ class KernelConfig:
     # autotuner's candidates leave both at 0; kept for explicit configs and experiments.
     lstages: int = 0
     unroll: int = 0
+    # path "flat" (v5 decode kernel, ``hybrid_flat_kernel``): 2:4 tiles per chunk (dense: max(1, ts // 2))
+    # and chunks per program; ``mode`` 1 = tensor cores (tl.dot), 3 = gather/FMA on [BM, BN, K/4] tensors,
+    # 4 = gather/FMA on int32 value pairs ([BN, K/16, 4] tensors), 5 = 4 with an inline-asm prmt select (bf16).
+    ts: int = 0
+    nit: int = 1
+    # mode 6 (one token): persistent programs, ``ctas`` per SM, walking the items with the next item's loads
+    # in flight (``hybrid_flat_persist_kernel``)
+    ctas: int = 0
 
     def short(self) -> str:
+        if self.path == "flat":
+            m = {1: "dot", 3: "gather", 4: "pairs", 5: "asm", 6: "persist"}.get(self.mode, str(self.mode))
+            return (f"flat-{m} bm{self.bm} bn{self.bn} ts{self.ts} "
+                    f"it{self.nit} w{self.warps}" + (f" c{self.ctas}" if self.ctas else ""))
         if self.path != "triton":
             return self.path
         m = {0: "fma", 1: "swap", 2: "mm", 3: "gather"}[self.mode]
@@ -89,8 +104,33 @@ def _largest_pow2_divisor_le(n: int, cap: int) -> int:
     return b
 
 
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
 def _fit(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
     """Clamp block sizes to the tile size; ``None`` if the config cannot run on this layer."""
+    if cfg.path == "flat":
+        if not _is_pow2(packed.tile_cols) or cfg.bm > 16 or cfg.mode not in (1, 3, 4, 5, 6):
+            return None
+        mode = cfg.mode
+        if mode == 6:  # one token, dense chunk = half the 2:4 chunk's positions, int32 views of both value arrays
+            if cfg.bm != 1 or cfg.ts < 2 or cfg.ts % 2 or packed.dn_vals.numel() % 2 or packed.in_features % 2:
+                return None
+            bn = _largest_pow2_divisor_le(packed.tile_rows, cfg.bn)
+            return KernelConfig("flat", 6, 1, bn, 0, 1, cfg.warps, 1, True, 0, 0, cfg.ts, 1, max(1, cfg.ctas))
+        if mode == 5 and packed.dtype != torch.bfloat16:
+            mode = 4  # the inline-asm select is written for bf16
+        if max(packed.sp_vals.numel(), packed.dn_vals.numel(), packed.sp_meta.numel()) >= 2 ** 31 - 2 ** 20:
+            return None  # the descriptors hold int32 offsets
+        bn = _largest_pow2_divisor_le(packed.tile_rows, cfg.bn)
+        ts = max(1, cfg.ts)
+        if cfg.mode == 1:  # tensor cores: blocks of at least 32 (16x16 ones were wrong on the H100, v3)
+            if bn < 32:
+                return None
+            while max(1, ts // 2) * packed.tile_cols < 32:
+                ts *= 2
+        return KernelConfig("flat", mode, cfg.bm, bn, 0, 1, cfg.warps, 1, True, 0, 0, ts, max(1, cfg.nit))
     if cfg.path != "triton":
         return cfg
     bn = _largest_pow2_divisor_le(packed.tile_rows, cfg.bn)
@@ -118,6 +158,29 @@ def heuristic_config(M: int, packed: PackedHybrid) -> KernelConfig:
     return _fit(cfg, packed)
 
 
+# v5 flat decode kernel (``hybrid_flat_kernel``) among the autotuner's candidates for M <= 16 tokens
+FLAT_CANDIDATES = os.environ.get("TILESPARSE_FLAT", "1") != "0"
+
+
+def flat_candidates(M: int) -> list[KernelConfig]:
+    """The flat decode kernel's candidate configurations for ``M <= 16`` tokens:
+    (mode, bn, 2:4 tiles per chunk, chunks per program, warps). The persistent mode 6 is not among them
+    (measured slower on the H200, benchmarks/KERNELS_NOTES.md v5)."""
+    T = KernelConfig
+    c = []
+    if M <= 4:
+        bm = _pow2_at_least(M)
+        for mode, bn, ts, nit, w in ((5, 16, 4, 1, 4), (5, 32, 4, 1, 4), (5, 32, 2, 1, 4), (5, 64, 2, 1, 4),
+                                     (5, 32, 4, 2, 4), (5, 64, 4, 1, 8), (5, 16, 8, 1, 4), (5, 32, 8, 1, 8),
+                                     (4, 32, 4, 1, 4), (4, 16, 4, 1, 4), (3, 32, 4, 1, 4), (3, 16, 4, 1, 4),
+                                     (3, 32, 2, 1, 4)):
+            c.append(T("flat", mode, bm, bn, 0, 1, w, 1, True, 0, 0, ts, nit))
+    for bn, ts, nit, w in ((32, 2, 1, 4), (64, 2, 1, 4), (64, 1, 2, 4), (64, 2, 2, 4), (128, 1, 2, 8),
+                           (128, 2, 1, 8), (64, 4, 1, 8), (128, 1, 4, 8), (64, 2, 2, 8), (64, 2, 1, 8)):
+        c.append(T("flat", 1, 16, bn, 0, 1, w, 1, True, 0, 0, ts, nit))
+    return c
+
+
 def candidate_configs(M: int, packed: PackedHybrid, force_kernel: bool = False) -> list[KernelConfig]:
     """Configurations the autotuner times for ``M`` tokens (``force_kernel``: Triton ones even for a
     plain dense layer, for benchmarks)."""
@@ -133,6 +196,8 @@ def candidate_configs(M: int, packed: PackedHybrid, force_kernel: bool = False) 
             for bn in (16, 32, 64):
                 for split in (1, 2, 4, 8):
                     c.append(T("triton", mode, bm, bn, 128, split, 4, 3, True))
+    if M <= 16 and FLAT_CANDIDATES:
+        c += flat_candidates(M)
     if M <= 64:
         bm = _pow2_at_least(M, 16)
         for bn in (32, 64, 128):
@@ -210,6 +275,129 @@ def launch_triton(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfi
     )
 
 
+_SMS: dict = {}
+
+
+def _sm_count(device) -> int:
+    d = torch.device(device)
+    if d.type != "cuda":
+        return 2  # CPU interpreter: a small grid, so that programs walk several items
+    key = str(d)
+    if key not in _SMS:
+        _SMS[key] = torch.cuda.get_device_properties(d).multi_processor_count
+    return _SMS[key]
+
+
+class FlatPlan:
+    """Per-program work descriptors of ``hybrid_flat_kernel`` for one layer and (bn, ts, td, nit)."""
+
+    def __init__(self, desc: torch.Tensor, xcb: torch.Tensor, n_blocks: int):
+        self.desc, self.xcb, self.n_blocks = desc, xcb, n_blocks
+        self.n_programs = desc.shape[0]
+
+
+def flat_plan(packed: PackedHybrid, bn: int, ts: int, td: int, nit: int) -> FlatPlan:
+    """Build (once; cached on ``packed``) the descriptors of the flat decode kernel.
+
+    Items: per tile-row, runs of ``ts * nit`` consecutive 2:4 tiles and of ``td * nit`` dense tiles (one
+    empty item for a tile-row without tiles, whose output is the bias). Programs: one per (row block of
+    ``bn`` rows, item), row-block major, so the programs of one row block run close together in time.
+    """
+    cache = packed.__dict__.setdefault("_flat_plans", {})
+    key = (bn, ts, td, nit)
+    plan = cache.get(key)
+    if plan is not None:
+        return plan
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("flat_plan: descriptors must be built before CUDA graph capture")
+    TR, TC, N = packed.tile_rows, packed.tile_cols, packed.out_features
+    info = packed.row_info.cpu().tolist()
+    sp_ptr, dn_ptr = packed.sp_ptr.cpu().tolist(), packed.dn_ptr.cpu().tolist()
+    sp_cols, dn_cols = packed.sp_cols.cpu().tolist(), packed.dn_cols.cpu().tolist()
+    slots = nit * max(ts, td)
+    desc, xcb = [], []
+    blk = 0
+    for r in range(len(info)):
+        sp_len, sp_off, sp_stride, mt_off, mt_stride, dn_len, dn_off, dn_stride = info[r]
+        items = []
+        cs = sp_cols[sp_ptr[r]:sp_ptr[r + 1]]
+        per = ts * nit
+        for s0 in range(0, len(cs), per):
+            pos0 = s0 * TC
+            items.append((0, sp_off + pos0 // 2, sp_stride, (mt_off + pos0 // 8) // 2, mt_stride // 2,
+                          min(sp_len - pos0, per * TC), cs[s0:s0 + per]))
+        cd = dn_cols[dn_ptr[r]:dn_ptr[r + 1]]
+        per = td * nit
+        for s0 in range(0, len(cd), per):
+            pos0 = s0 * TC
+            items.append((1, dn_off + pos0, dn_stride, 0, 0, min(dn_len - pos0, per * TC), cd[s0:s0 + per]))
+        if not items:
+            items.append((2, 0, 0, 0, 0, 0, []))
+        cbs = []
+        for it in items:
+            cbs.append(len(xcb))
+            xcb += [c * TC for c in it[6]] + [0] * (slots - len(it[6]))
+        for b in range(TR // bn):
+            row0 = r * TR + b * bn
+            if row0 >= N:
+                break
+            for it, cb in zip(items, cbs):
+                desc.append([it[0], it[1], it[2], it[3], it[4], it[5], row0, b * bn, len(items), cb, blk, 0])
+            blk += 1
+    dev = packed.device
+    plan = FlatPlan(torch.tensor(desc, dtype=torch.int32, device=dev),
+                    torch.tensor(xcb + [0] * slots, dtype=torch.int32, device=dev), blk)
+    cache[key] = plan
+    return plan
+
+
+def _pairs_ready(x2: torch.Tensor) -> torch.Tensor:
+    """``x2 [M, K]`` (K even) laid out so that it can be viewed as int32 pairs."""
+    if x2.stride(1) != 1 or x2.stride(0) % 2 or x2.storage_offset() % 2:
+        x2 = x2.clone(memory_format=torch.contiguous_format)
+    return x2
+
+
+def launch_flat(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfig, out: torch.Tensor) -> None:
+    """Run ``hybrid_flat_kernel`` (v5 decode kernel) with ``cfg`` on ``x2 [M, K]`` (M <= cfg.bm <= 16)."""
+    M, K = x2.shape
+    N = packed.out_features
+    if M > cfg.bm:
+        raise ValueError(f"flat kernel: {M} tokens > bm={cfg.bm}")
+    td = max(1, cfg.ts // 2)
+    plan = flat_plan(packed, cfg.bn, cfg.ts, td, cfg.nit)
+    dev = x2.device
+    ws = _buffer("flat_ws", dev, M * N, torch.float32)
+    cnt = _buffer("flat_cnt", dev, plan.n_blocks, torch.int32)
+    TC = packed.tile_cols
+    if cfg.mode == 6:
+        x2 = _pairs_ready(x2)
+        grid = max(1, min(plan.n_programs, _sm_count(dev) * cfg.ctas))
+        _tk.hybrid_flat_persist_kernel[(grid,)](
+            x2.view(torch.int32), out, bias if bias is not None else out, ws, cnt, plan.desc, plan.xcb,
+            packed.sp_vals.view(torch.int32), packed.sp_meta.view(torch.int16), packed.dn_vals.view(torch.int32),
+            N, K, plan.n_programs,
+            TILE_C=TC, BN=cfg.bn, TS=cfg.ts, HAS_BIAS=bias is not None, BF16=packed.dtype == torch.bfloat16,
+            ASM=packed.dtype == torch.bfloat16 and not interpreting(), num_warps=cfg.warps, num_stages=1,
+        )
+        return
+    pairs = cfg.mode in (4, 5)
+    if pairs and K % 2 == 0:
+        x2 = _pairs_ready(x2)
+    x32 = x2.view(torch.int32) if pairs and K % 2 == 0 else x2  # (K odd: no 2:4 tiles, x32 unused)
+    _tk.hybrid_flat_kernel[(plan.n_programs,)](
+        x2, x32, out, bias if bias is not None else out, ws, cnt, plan.desc, plan.xcb,
+        packed.sp_vals, packed.sp_vals.view(torch.int32), packed.sp_meta.view(torch.int16),
+        packed.dn_vals,
+        M, N, K, x2.stride(0), x2.stride(1), out.stride(0),
+        TILE_C=TC, BM=cfg.bm, BN=cfg.bn, TS=cfg.ts, TD=td, NIT=cfg.nit, DOT=cfg.mode == 1,
+        HAS_BIAS=bias is not None, DOT_F32=interpreting() and packed.dtype == torch.bfloat16,
+        MA=math.gcd(8, max(1, TC // 16)),
+        PAIRS=pairs, BF16=packed.dtype == torch.bfloat16, ASM=cfg.mode == 5 and not interpreting(),
+        num_warps=cfg.warps, num_stages=1,
+    )
+
+
 def unpack_triton(packed: PackedHybrid, out: torch.Tensor | None = None, bn: int = 32, bk: int = 64) -> torch.Tensor:
     """Dense masked weight ``[out, in]`` unpacked on the device by ``unpack_kernel``."""
     N, K = packed.shape
@@ -237,7 +425,10 @@ def run_config(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfig) 
         unpack_triton(packed, scratch)
         return torch.nn.functional.linear(x2, scratch, bias)
     out = torch.empty(x2.shape[0], N, dtype=x2.dtype, device=x2.device)
-    launch_triton(x2, packed, bias, cfg, out)
+    if cfg.path == "flat":
+        launch_flat(x2, packed, bias, cfg, out)
+    else:
+        launch_triton(x2, packed, bias, cfg, out)
     return out
 
 
