@@ -59,6 +59,8 @@ def main(argv=None) -> int:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=None, help="override the learning rate of every learned row")
     p.add_argument("--tile-lr", type=float, default=None)
+    p.add_argument("--eval-texts", default=",".join(EVAL_TEXTS),
+                   help="comma-separated perplexity texts (embedded names or files)")
     p.add_argument("--eval-windows", type=int, default=10)
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
@@ -108,7 +110,7 @@ def main(argv=None) -> int:
 
     def evaluate() -> dict:
         return {t: evaluate_text(loaded, t, seqlen=args.eval_seqlen, max_windows=args.eval_windows,
-                                 progress=False).perplexity for t in EVAL_TEXTS}
+                                 progress=False).perplexity for t in parse_list(args.eval_texts)}
 
     def record(key, method, sparsity, ppl, steps=0, tokens=0, seconds=0.0, extra=None):
         row = {"key": key, "method": method, "sparsity": sparsity, "ppl": ppl, "steps": steps, "tokens": tokens,
@@ -232,15 +234,16 @@ def machine(device: str) -> str:
 
 
 def write_markdown(done: dict, args, model_name: str, path: Path) -> None:
+    texts = list(dict.fromkeys(t for r in done["rows"] for t in r["ppl"]))
     lines = [
         f"# Accuracy ({args.device}, {args.dtype})", "",
         f"Model: {model_name}. Perplexity: first {args.eval_windows} x {args.eval_seqlen}-token windows "
         f"(no BOS). Prior / one-shot: {args.prior} masks from {args.calib_samples} x {args.calib_seqlen} tokens "
         f"of austen-train (weights not updated). Learning: austen-train, seqlen {args.seqlen}, batch "
         f"{args.batch} x accumulation {args.grad_accum}. Machine: {machine(args.device)}.", "",
-        "| method | target | measured sparsity | PPL Pride&Prejudice | PPL Persuasion | steps | tokens | lr (2:4 / tile) "
-        "| wall s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | target | measured sparsity | " + " | ".join(f"PPL {t}" for t in texts)
+        + " | steps | tokens | lr (2:4 / tile) | wall s |",
+        "|---|---|---|" + "---|" * len(texts) + "---|---|---|---|",
     ]
     for r in done["rows"]:
         ppl = r["ppl"]
@@ -251,8 +254,9 @@ def write_markdown(done: dict, args, model_name: str, path: Path) -> None:
         else:
             target = r["key"].split("-")[-1] if "hybrid" in r["key"] else ("0" if r["key"] == "dense" else "2:4")
         lr = f"{r['lr']:g} / {r['tile_lr']:g}" if "lr" in r else "-"
-        lines.append(f"| {r['method']} | {target} | {r['sparsity']:.4f} | {ppl['prideprejudice']:.2f} | "
-                     f"{ppl['persuasion']:.2f} | {r['steps']} | {r['tokens']} | {lr} | {r['seconds']:.0f} |")
+        cells = " | ".join(f"{ppl[t]:.2f}" if t in ppl else "-" for t in texts)
+        lines.append(f"| {r['method']} | {target} | {r['sparsity']:.4f} | {cells} | {r['steps']} | {r['tokens']} | "
+                     f"{lr} | {r['seconds']:.0f} |")
     lines += ["", "Command: `PYTHONPATH=src python3 benchmarks/accuracy.py " + " ".join(sys.argv[1:]) + "`"]
     path.write_text("\n".join(lines) + "\n")
 
