@@ -20,6 +20,7 @@ if "triton" not in sys.modules:
 import pytest
 import torch
 
+from tilesparse.errors import TilesparseError
 from tilesparse.learning.relax import fused_soft_24, joint_masked_weight, tile_scaled_weight
 from tilesparse.masks.nm import mask_from_ids
 from tilesparse.masks.tiles import TileGrid
@@ -145,7 +146,7 @@ def test_program_blocks_smaller_than_tiles(ft, mode, monkeypatch):
     ref = _run_ref(mode, grid, w, logits, tiles, ids, gout, noise=None)
     _compare(got, ref, torch.float32, f"{mode} small blocks")
     monkeypatch.setenv("TILESPARSE_FUSED_BLOCKS", "8,6,4")
-    with pytest.raises(ValueError):
+    with pytest.raises(TilesparseError, match="powers of two"):
         ft.blocks()
 
 
@@ -271,7 +272,7 @@ def test_switch(monkeypatch):
         assert fused_choice() is want
     assert fused_choice(False) is False  # the argument wins over the variable
     monkeypatch.setenv("TILESPARSE_FUSED_MASK", "maybe")
-    with pytest.raises(ValueError):
+    with pytest.raises(TilesparseError, match="TILESPARSE_FUSED_MASK"):
         fused_choice()
 
 

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..errors import TilesparseError
 from ..masks.nm import GROUP, N_PATTERNS
 from ..masks.tiles import TileGrid
 
@@ -332,9 +333,9 @@ def _parse_blocks(text: str | None) -> tuple[int, int, int]:
     try:
         br, bg, nw = (int(x) for x in text.split(","))
     except ValueError:
-        raise ValueError(f"TILESPARSE_FUSED_BLOCKS must be 'rows,groups,warps', got {text!r}") from None
+        raise TilesparseError(f"TILESPARSE_FUSED_BLOCKS must be 'rows,groups,warps', got {text!r}") from None
     if any(v <= 0 or v & (v - 1) for v in (br, bg, nw)):
-        raise ValueError(f"TILESPARSE_FUSED_BLOCKS values must be powers of two, got {text!r}")
+        raise TilesparseError(f"TILESPARSE_FUSED_BLOCKS values must be powers of two, got {text!r}")
     return br, bg, nw
 
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import TilesparseError
 from ..masks.nm import GROUP, N_PATTERNS, mask_from_ids
 from ..masks.tiles import TileGrid
 from ..models import find_decoder_blocks, find_prunable_linears
@@ -118,7 +119,7 @@ class MaskedLinear(nn.Module):
         fused = _fused_module()
         if fused is None or not fused.available(w.device):
             if choice:
-                raise RuntimeError("fused mask kernels forced on, but Triton cannot run on "
+                raise TilesparseError("fused mask kernels forced on, but Triton cannot run on "
                                    f"{w.device} (not installed, or a CPU without TRITON_INTERPRET=1)")
             return False
         return fused.supports(w, self.grid)
@@ -200,7 +201,7 @@ def fused_choice(explicit: bool | None = None) -> bool | None:
         return True
     if env in ("0", "off", "false", "no"):
         return False
-    raise ValueError(f"TILESPARSE_FUSED_MASK must be 0/off, 1/on or auto, got {env!r}")
+    raise TilesparseError(f"TILESPARSE_FUSED_MASK must be 0/off, 1/on or auto, got {env!r}")
 
 
 class MaskedModel:
