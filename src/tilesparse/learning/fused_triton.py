@@ -198,13 +198,11 @@ def _block(n_out, n_grp, tile_r, tile_g, sub_r, sub_g, BLOCK_R: tl.constexpr, BL
 
 
 @triton.jit
-def _fwd_kernel(w_ptr, swr, swc, lg_ptr, ids_ptr, t_ptr, t_stride, seed_ptr, out_ptr, sq_ptr,
-                n_out, n_in, n_grp, tile_r, tile_g, sub_r, sub_g, n_pc, sot, inv_tau,
-                FIXED: tl.constexpr, HAS_T: tl.constexpr, NOISE: tl.constexpr, HARD: tl.constexpr,
-                RECORD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
-    pid_r, pid_c, ti, tj, rows, cols, m2, mw, off2 = _block(n_out, n_grp, tile_r, tile_g, sub_r, sub_g,
-                                                             BLOCK_R, BLOCK_G)
-    plane = n_out * n_grp
+def _program_mask(lg_ptr, ids_ptr, t_ptr, t_stride, seed_ptr, ti, tj, plane, off2, m2, sot, inv_tau,
+                  FIXED: tl.constexpr, HAS_T: tl.constexpr, NOISE: tl.constexpr, HARD: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+    """This program's mask ``T + (1 - T) M24`` (or ``M24``), its 2:4 part ``M24`` ``[R, 4G]``, the tile value
+    ``T`` (0.0 without tiles) and the candidate probabilities y0..y5 (same seed -> same noise in fwd and bwd)."""
     seed = 0
     if NOISE:
         seed = tl.load(seed_ptr)
@@ -215,7 +213,22 @@ def _fwd_kernel(w_ptr, swr, swc, lg_ptr, ids_ptr, t_ptr, t_stride, seed_ptr, out
         t = tl.load(t_ptr + ti * t_stride + tj).to(tl.float32)
         mask = t + (1.0 - t) * m24
     else:
+        t = 0.0
         mask = m24
+    return mask, m24, t, y0, y1, y2, y3, y4, y5
+
+
+@triton.jit
+def _fwd_kernel(w_ptr, swr, swc, lg_ptr, ids_ptr, t_ptr, t_stride, seed_ptr, out_ptr, sq_ptr,
+                n_out, n_in, n_grp, tile_r, tile_g, sub_r, sub_g, n_pc, sot, inv_tau,
+                FIXED: tl.constexpr, HAS_T: tl.constexpr, NOISE: tl.constexpr, HARD: tl.constexpr,
+                RECORD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+    pid_r, pid_c, ti, tj, rows, cols, m2, mw, off2 = _block(n_out, n_grp, tile_r, tile_g, sub_r, sub_g,
+                                                             BLOCK_R, BLOCK_G)
+    plane = n_out * n_grp
+    mask, m24, t, y0, y1, y2, y3, y4, y5 = _program_mask(lg_ptr, ids_ptr, t_ptr, t_stride, seed_ptr, ti, tj, plane,
+                                                         off2, m2, sot, inv_tau, FIXED, HAS_T, NOISE, HARD,
+                                                         BLOCK_R, BLOCK_G)
     w = tl.load(w_ptr + rows[:, None] * swr + cols[None, :] * swc, mask=mw, other=0.0).to(tl.float32)
     out = (w * mask).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows[:, None] * n_in + cols[None, :], out, mask=mw)
@@ -233,19 +246,11 @@ def _bwd_kernel(g_ptr, sgr, sgc, w_ptr, swr, swc, lg_ptr, ids_ptr, t_ptr, t_stri
     pid_r, pid_c, ti, tj, rows, cols, m2, mw, off2 = _block(n_out, n_grp, tile_r, tile_g, sub_r, sub_g,
                                                              BLOCK_R, BLOCK_G)
     plane = n_out * n_grp
-    seed = 0
-    if NOISE:
-        seed = tl.load(seed_ptr)
-    m0, m1, m2_, m3, y0, y1, y2, y3, y4, y5 = _mask24(lg_ptr, ids_ptr, plane, off2, m2, seed, sot, inv_tau,
-                                                      FIXED, NOISE, HARD)
-    m24 = _interleave(m0, m1, m2_, m3, BLOCK_R, BLOCK_G)
+    mask, m24, t, y0, y1, y2, y3, y4, y5 = _program_mask(lg_ptr, ids_ptr, t_ptr, t_stride, seed_ptr, ti, tj, plane,
+                                                         off2, m2, sot, inv_tau, FIXED, HAS_T, NOISE, HARD,
+                                                         BLOCK_R, BLOCK_G)
     w = tl.load(w_ptr + rows[:, None] * swr + cols[None, :] * swc, mask=mw, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + rows[:, None] * sgr + cols[None, :] * sgc, mask=mw, other=0.0).to(tl.float32)
-    if HAS_T:
-        t = tl.load(t_ptr + ti * t_stride + tj).to(tl.float32)
-        mask = t + (1.0 - t) * m24
-    else:
-        mask = m24
     if RECORD:  # d(sum (W M)^2) / d(W M) = 2 W M (of the stored, rounded value)
         wm = (w * mask).to(w_ptr.dtype.element_ty).to(tl.float32)
         g += 2.0 * tl.load(gsq_ptr) * wm
