@@ -70,3 +70,16 @@ def random_layer(N, K, tile, frac_sparse, frac_zero=0.0, dtype=torch.bfloat16, s
 def make_layer():
     """Factory fixture: ``make_layer(N, K, tile, frac_sparse, frac_zero=0, dtype=bf16, seed=0)``."""
     return random_layer
+
+
+CASES = [  # N, K, tile, frac_sparse, frac_zero
+    (100, 200, (32, 64), 0.5, 0.2),   # partial edge tiles both ways, all three kinds
+    (64, 96, (16, 32), 1.0, 0.0),     # only 2:4 tiles
+    (48, 64, (16, 32), 0.0, 0.3),     # only dense (+ zero) tiles
+    (72, 52, (16, 32), 0.5, 0.0),     # edge tile with an odd number of groups
+]
+
+
+def case_id(c) -> str:
+    """Test id of a :data:`CASES` entry."""
+    return f"{c[0]}x{c[1]}-t{c[2][0]}x{c[2][1]}-s{c[3]}-z{c[4]}"

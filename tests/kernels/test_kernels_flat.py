@@ -7,20 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels_testutil import interp, make_layer  # noqa: F401 (fixtures)
+from kernels_testutil import CASES, case_id, interp, make_layer  # noqa: F401 (fixtures)
 
 from tilesparse.kernels import ops
 from tilesparse.kernels.format import pack_from_kinds
 from tilesparse.kernels.ops import KernelConfig as C
-from tilesparse.kernels.reference import rel_error
+from tilesparse.kernels.reference import reference_linear_f64, rel_error
 from tilesparse.masks.nm import topk_mask
 from tilesparse.masks.tiles import DENSE, SPARSE, ZERO
 
 TOL = 1e-2
-
-
-def _ref(x, p, bias):
-    return torch.nn.functional.linear(x.double(), p.unpack().double(), None if bias is None else bias.double())
 
 
 def _flat(mode, bm, bn, ts, nit, warps=4):
@@ -37,17 +33,10 @@ def _check(x, p, bias, cfg):
     f = ops._fit(cfg, p)
     assert f is not None, cfg.short()
     a = _run(x, p, bias, f)
-    err = rel_error(a, _ref(x, p, bias))
+    err = rel_error(a, reference_linear_f64(x, p, bias))
     assert err < TOL, f"M={x.shape[0]} {f.short()} bias={bias is not None}: rel err {err:.3e}"
     return a
 
-
-CASES = [  # N, K, tile, frac_sparse, frac_zero
-    (100, 200, (32, 64), 0.5, 0.2),   # partial edge tiles both ways, all three kinds
-    (64, 96, (16, 32), 1.0, 0.0),     # only 2:4 tiles
-    (48, 64, (16, 32), 0.0, 0.3),     # only dense (+ zero) tiles
-    (72, 52, (16, 32), 0.5, 0.0),     # edge tile with an odd number of groups
-]
 
 GATHER = [  # (M, cfg): modes 3 (3-D gather), 4 (int32 pairs), 5 (pairs + asm select on the GPU)
     (1, _flat(5, 1, 32, 2, 1)),
@@ -63,7 +52,7 @@ DOT = [  # tensor-core mode (needs tiles of >= 32 rows)
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-t{c[2][0]}x{c[2][1]}-s{c[3]}-z{c[4]}")
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_flat_matches_reference(interp, make_layer, case, dtype):
     N, K, tile, fs, fz = case
@@ -107,7 +96,7 @@ def test_flat_counters_reset_and_plans_cached(interp, make_layer):
         f = ops._fit(cfg, p)
         a, b = _run(x, p, None, f), _run(x, p, None, f)
         assert torch.equal(a, b)
-        assert rel_error(a, _ref(x, p, None)) < TOL
+        assert rel_error(a, reference_linear_f64(x, p, None)) < TOL
         ws = ops._WS[("flat_ws", "cpu", torch.float32)]
         cnt = ops._WS[("flat_cnt", "cpu", torch.int32)]
         assert not ws.any() and not cnt.any()
@@ -162,14 +151,14 @@ def test_flat_noncontiguous_input(interp, make_layer):
     x = torch.randn(3, 400).half()[:, ::2]
     for cfg in (_flat(4, 4, 32, 2, 1), _flat(1, 16, 32, 2, 1)):
         y = ops.run_config(x, p, None, ops._fit(cfg, p))
-        assert rel_error(y, _ref(x, p, None)) < TOL
+        assert rel_error(y, reference_linear_f64(x, p, None)) < TOL
 
 
 def _persist(bn, ts, ctas=1, warps=4):
     return C("flat", 6, 1, bn, 0, 1, warps, 1, True, 0, 0, ts, 1, ctas)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-t{c[2][0]}x{c[2][1]}-s{c[3]}-z{c[4]}")
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_persistent_matches_reference(interp, make_layer, case, dtype):
     """One token, programs walking several items each (the CPU grid is 2 x ctas programs)."""
@@ -193,4 +182,4 @@ def test_persistent_row_kinds_and_reset(interp):
     assert ops._fit(_persist(32, 1), p) is None  # needs an even number of 2:4 tiles per item
     # odd storage offset: x is copied before its int32 view
     xo = torch.randn(1, p.in_features + 1).bfloat16()[:, 1:]
-    assert rel_error(ops.run_config(xo, p, None, f), _ref(xo, p, None)) < TOL
+    assert rel_error(ops.run_config(xo, p, None, f), reference_linear_f64(xo, p, None)) < TOL

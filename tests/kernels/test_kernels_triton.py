@@ -5,17 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels_testutil import interp, make_layer  # noqa: F401 (fixtures)
+from kernels_testutil import CASES, case_id, interp, make_layer  # noqa: F401 (fixtures)
 
 from tilesparse.kernels import ops
 from tilesparse.kernels.ops import KernelConfig as C
-from tilesparse.kernels.reference import rel_error
+from tilesparse.kernels.reference import reference_linear_f64, rel_error
 
 TOL = 1e-2  # bf16 / fp16 operands, fp32 accumulation
-
-
-def _ref(x, p, bias):
-    return torch.nn.functional.linear(x.double(), p.unpack().double(), None if bias is None else bias.double())
 
 
 def _run(x, p, bias, cfg):
@@ -24,15 +20,7 @@ def _run(x, p, bias, cfg):
     return out
 
 
-CASES = [  # N, K, tile, frac_sparse, frac_zero
-    (100, 200, (32, 64), 0.5, 0.2),   # partial edge tiles both ways, all three kinds
-    (64, 96, (16, 32), 1.0, 0.0),     # only 2:4 tiles
-    (48, 64, (16, 32), 0.0, 0.3),     # only dense (+ zero) tiles
-    (72, 52, (16, 32), 0.5, 0.0),     # edge tile with an odd number of groups
-]
-
-
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-t{c[2][0]}x{c[2][1]}-s{c[3]}-z{c[4]}")
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_modes_match_reference(interp, make_layer, case, dtype):
     N, K, tile, fs, fz = case
@@ -60,7 +48,7 @@ def test_modes_match_reference(interp, make_layer, case, dtype):
         cfg = ops._fit(cfg, p)
         x = torch.randn(M, K).to(dtype)
         out = _run(x, p, b, cfg)
-        err = rel_error(out, _ref(x, p, b))
+        err = rel_error(out, reference_linear_f64(x, p, b))
         assert err < TOL, f"M={M} {cfg.short()}: rel err {err:.3e}"
 
 
@@ -69,7 +57,7 @@ def test_public_path_heuristic_configs(interp, make_layer, M):
     _, _, p = make_layer(100, 200, (32, 64), 0.5, 0.2, torch.bfloat16, seed=M)
     x = torch.randn(M, 200).bfloat16()
     y = ops.hybrid_linear(x, p, use_triton=True)
-    assert rel_error(y, _ref(x, p, None)) < TOL
+    assert rel_error(y, reference_linear_f64(x, p, None)) < TOL
 
 
 def test_3d_and_noncontiguous_input(interp, make_layer):
@@ -79,9 +67,9 @@ def test_3d_and_noncontiguous_input(interp, make_layer):
     assert not x.is_contiguous()
     y = ops.hybrid_linear(x, p, bias, use_triton=True)
     assert y.shape == (2, 5, 100)
-    assert rel_error(y, _ref(x.reshape(-1, 200), p, bias).reshape(2, 5, 100)) < TOL
+    assert rel_error(y, reference_linear_f64(x.reshape(-1, 200), p, bias).reshape(2, 5, 100)) < TOL
     xt = torch.randn(200, 6).half().t()  # transposed view
-    assert rel_error(ops.hybrid_linear(xt, p, bias, use_triton=True), _ref(xt, p, bias)) < TOL
+    assert rel_error(ops.hybrid_linear(xt, p, bias, use_triton=True), reference_linear_f64(xt, p, bias)) < TOL
 
 
 def test_split_k_counter_reset(interp, make_layer):
@@ -91,7 +79,7 @@ def test_split_k_counter_reset(interp, make_layer):
     x = torch.randn(4, 256).bfloat16()
     a, b = _run(x, p, None, cfg), _run(x, p, None, cfg)
     assert torch.equal(a, b)
-    assert rel_error(a, _ref(x, p, None)) < TOL
+    assert rel_error(a, reference_linear_f64(x, p, None)) < TOL
 
 
 def test_unpack_kernel_exact(interp, make_layer):
@@ -103,7 +91,7 @@ def test_unpack_path(interp, make_layer):
     _, _, p = make_layer(100, 200, (32, 64), 0.5, 0.2, torch.bfloat16, seed=12)
     x = torch.randn(70, 200).bfloat16()
     y = ops.run_config(x, p, None, C("unpack"))
-    assert rel_error(y, _ref(x, p, None)) < TOL
+    assert rel_error(y, reference_linear_f64(x, p, None)) < TOL
 
 
 def test_small_tiles_fall_back_to_fma_mode(make_layer):
