@@ -76,16 +76,7 @@ def _gather_fma(acc, v, nib, x_ptr, offs_m, m_ok, xk, k_ok, stride_xm, stride_xk
     """acc[BM, BN, BK/4] += v0 * x[4g + p0] + v1 * x[4g + p1] (the compressed values are never expanded)."""
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + xk[None, :] * stride_xk,
                 mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-    xe, xo = tl.split(tl.reshape(x, (BM, BK // 4, 2, 2)))  # xe[g, i] = x[4g + 2i], xo[g, i] = x[4g + 2i + 1]
-    x0, x2 = tl.split(xe)
-    x1, x3 = tl.split(xo)
-    p0 = (nib & 3)[None, :, :]
-    p1 = (nib >> 2)[None, :, :]
-    v0, v1 = tl.split(tl.reshape(v, (BN, BK // 4, 2)))
-    xs0 = tl.where(p0 == 0, x0[:, None, :], tl.where(p0 == 1, x1[:, None, :], x2[:, None, :]))
-    xs1 = tl.where(p1 == 3, x3[:, None, :], tl.where(p1 == 2, x2[:, None, :], x1[:, None, :]))
-    acc += v0.to(tl.float32)[None, :, :] * xs0 + v1.to(tl.float32)[None, :, :] * xs1
-    return acc
+    return _gather_acc(acc, v, nib, x, BM, BN, BK)
 
 
 @triton.jit
@@ -307,7 +298,7 @@ def _flat_x(x_ptr, xcb_ptr, cb, c0, npos, offs_m, m_ok, K, stride_xm, stride_xk,
 @triton.jit
 def _gather_acc(acc, v, nib, x, BM: tl.constexpr, BN: tl.constexpr, KX: tl.constexpr):
     """acc[BM, BN, KX/4] += v0 * x[4g + p0] + v1 * x[4g + p1] with x already in registers (fp32)."""
-    xe, xo = tl.split(tl.reshape(x, (BM, KX // 4, 2, 2)))
+    xe, xo = tl.split(tl.reshape(x, (BM, KX // 4, 2, 2)))  # xe[g, i] = x[4g + 2i], xo[g, i] = x[4g + 2i + 1]
     x0, x2 = tl.split(xe)
     x1, x3 = tl.split(xo)
     p0 = (nib & 3)[None, :, :]
