@@ -4,7 +4,7 @@
     PYTHONPATH=src python3 benchmarks/kernels.py --out table.md     # the layer table (CUDA graphs + eager)
     PYTHONPATH=src python3 benchmarks/kernels.py --shapes 4096x4096 --tokens 1,16 --fracs 0.5,1 --verbose
     PYTHONPATH=src python3 benchmarks/kernels.py --decode --precompile 16 --tokens 1,4,16 --fracs 0.5,1 \
-        --shapes 4096x4096,11008x4096,4096x11008      # v5 flat kernel vs older kernels vs dense (decode cells)
+        --shapes 4096x4096,11008x4096,4096x11008      # v6 stream vs v5 flat vs v3 kernels vs dense (decode cells)
     PYTHONPATH=src python3 benchmarks/kernels.py --check --flat-only   # correctness of the v5 flat kernel only
     ncu --profile-from-start off ... python3 benchmarks/kernels.py --ncu  # v5 profile launches
 
@@ -80,8 +80,11 @@ def check(args) -> bool:
     if args.quick:
         cases = [cases[1], cases[3], cases[6], cases[7]]
         Ms = [1, 5, 16, 33, 200]
-    if args.flat_only:
+    only = "flat" if args.flat_only else "stream" if args.stream_only else None
+    if only == "flat":
         Ms = [1, 3, 5, 16]
+    elif only == "stream":
+        Ms = [1, 3, 5, 16, 33, 64]
     ok = True
     n = 0
     worst = 0.0
@@ -99,32 +102,35 @@ def check(args) -> bool:
                 x = torch.randn(M, K, device=dev).to(dtype)
                 ref = torch.nn.functional.linear(x.double(), Wm.double(), None if bias is None else bias.double())
                 cfgs = ops.candidate_configs(M, p, force_kernel=True)
-                if args.flat_only:
-                    cfgs = [c for c in cfgs if c.path == "flat"]
+                if only:
+                    cfgs = [c for c in cfgs if c.path == only]
                 if not full:  # one config per mode and split kind, plus the heuristic
                     keep, seen = [], set()
                     for c in cfgs:
-                        sig = (c.path, c.mode, c.split > 1, c.nit > 1)
+                        sig = (c.path, c.mode, c.split > 1, c.nit > 1, c.pref)
                         if sig not in seen:
                             seen.add(sig)
                             keep.append(c)
-                    cfgs = keep + ([] if args.flat_only else [ops.heuristic_config(M, p)])
+                    cfgs = keep + ([] if only else [ops.heuristic_config(M, p)])
                 else:  # the pipelined / unrolled K-loop knobs (not autotuner candidates, see KERNELS_NOTES v4)
                     T = ops.KernelConfig
-                    if M <= 4 and not args.flat_only:
+                    if M <= 4 and not only:
                         cfgs += [T("triton", 3, ops._pow2_at_least(M), 32, 128, 4, 4, 3, True, 4),
                                  T("triton", 0, ops._pow2_at_least(M), 64, 128, 2, 8, 3, True, 4),
                                  T("triton", 3, ops._pow2_at_least(M), 32, 128, 4, 4, 3, True, 0, 2)]
-                    elif M <= 64 and not args.flat_only:
+                    elif M <= 64 and not only:
                         cfgs += [T("triton", 1, ops._pow2_at_least(M, 16), 32, 128, 4, 4, 3, True, 4)]
-                    if M == 1:  # v5 persistent programs (not autotuner candidates, see KERNELS_NOTES v5)
+                    if M == 1 and only != "stream":  # v5 persistent programs (not candidates, KERNELS_NOTES v5)
                         cfgs += [T("flat", 6, 1, 16, 0, 1, 4, 1, True, 0, 0, 4, 1, 4),
                                  T("flat", 6, 1, 32, 0, 1, 4, 1, True, 0, 0, 2, 1, 6)]
                 for cfg in cfgs:
-                    for rep in range(2 if cfg.path == "flat" else 1):  # flat: twice (counters/workspace reset)
-                        if cfg.path in ("triton", "flat"):
+                    # flat / stream: twice (their counters and workspace must be left reset)
+                    for rep in range(2 if cfg.path in ("flat", "stream") else 1):
+                        if cfg.path in ("triton", "flat", "stream"):
                             out = torch.full((M, N), float("nan"), device=dev, dtype=dtype)
-                            (ops.launch_triton if cfg.path == "triton" else ops.launch_flat)(x, p, bias, cfg, out)
+                            launch = {"triton": ops.launch_triton, "flat": ops.launch_flat,
+                                      "stream": ops.launch_stream}[cfg.path]
+                            launch(x, p, bias, cfg, out)
                         elif cfg.path == "dense" and not p.is_plain_dense():
                             continue
                         else:
@@ -137,7 +143,7 @@ def check(args) -> bool:
                             ok = False
                             print(f"FAIL {N}x{K} tile {tile} fs={fs} fz={fz} {dtype} M={M} bias={bias is not None} "
                                   f"{cfg.short()} (run {rep}): rel err {e:.3e}")
-            if args.flat_only:
+            if only:
                 continue
             # tuned public path with 3-D and non-contiguous input
             x3 = torch.randn(2, 7, 2 * K, device=dev).to(dtype)[:, :, ::2]
@@ -293,10 +299,15 @@ def write_table(rows, args, props) -> None:
     print(text)
 
 
+FAMILIES = (("v3", lambda c: c.path == "triton"), ("v5", lambda c: c.path == "flat"),
+            ("v6", lambda c: c.path == "stream"))
+
+
 def decode(args) -> None:
     """Per (shape, tokens, 2:4 fraction): every autotuner candidate timed the autotuner's way (cold L2, CUDA
-    graphs, ``ops.time_cold``); the best v5 ``flat`` config and the best older config then re-timed like the
-    layer table (graph over weight copies > 4x L2, median of ``--reps``), with dense ``F.linear``."""
+    graphs, ``ops.time_cold``); the best config of each kernel family (v3 ``triton``, v5 ``flat``, v6 ``stream``)
+    then re-timed like the layer table (graph over weight copies > 4x L2, median of ``--reps``), with dense
+    ``F.linear``."""
     dev = "cuda"
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 50 << 20)
@@ -321,14 +332,15 @@ def decode(args) -> None:
                         times[cfg] = ops.time_cold(lambda: ops.run_config(x, p0, None, cfg), x.device)
                     except Exception as e:  # noqa: BLE001
                         print(f"  skip {cfg.short()}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-                new = {c: t for c, t in times.items() if c.path == "flat"}
-                old = {c: t for c, t in times.items() if c.path != "flat"}
-                top = sorted(new.items(), key=lambda kv: kv[1])[:args.top]
-                print(f"  {sname} M={M} f={f}: flat " + ", ".join(f"{c.short()} {t * 1e3:.1f}" for c, t in top)
-                      + f" | old best {min(old.values()) * 1e3:.1f}", flush=True)
                 res = {}
-                for tag, d in (("old", old), ("new", new)):
-                    best = min(d, key=d.get)
+                for tag, sel in FAMILIES:
+                    d = {c: t for c, t in times.items() if sel(c)}
+                    if not d:
+                        continue
+                    top = sorted(d.items(), key=lambda kv: kv[1])[:args.top]
+                    print(f"  {sname} M={M} f={f} {tag}: " + ", ".join(f"{c.short()} {t * 1e3:.1f}" for c, t in top),
+                          flush=True)
+                    best = top[0][0]
                     err = rel_error(ops.run_config(x, p0, None, best), ref)
                     t = _median_ms([lambda p=p: ops.run_config(x, p, None, best) for p in ps], True, args.reps)
                     res[tag] = (best, t, err)
@@ -338,13 +350,16 @@ def decode(args) -> None:
         del W
         torch.cuda.empty_cache()
     lines = [f"decode cells on {props.name} ({time.time() - t_start:.0f}s); us per call, graph, weight copies > 4x L2",
-             "| shape | M | f | dense | v3 best | v5 flat | v5 x dense | v3 x dense | bound | v5 % bound | v5 config | err |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape | M | f | dense | v3 best | v5 flat | v6 stream | v6 x dense | bound | v6 % bound | v6 config "
+             "| err |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for sname, M, f, td, res in rows:
-        (cn, tn, en), (co, to, eo) = res["new"], res["old"]
+        def t_of(tag):
+            return f"{res[tag][1] * 1e3:.1f}" if tag in res else "-"
         b = fmt.bytes_bound_speedup(f)
-        lines.append(f"| {sname} | {M} | {f:.2f} | {td * 1e3:.1f} | {to * 1e3:.1f} | {tn * 1e3:.1f} | {td / tn:.2f} | "
-                     f"{td / to:.2f} | {b:.2f} | {td / tn / b * 100:.0f}% | {cn.short()} | {max(en, eo):.1e} |")
+        cn, tn, _ = res.get("v6", (None, float("nan"), 0.0))
+        err = max(e for _, _, e in res.values())
+        lines.append(f"| {sname} | {M} | {f:.2f} | {td * 1e3:.1f} | {t_of('v3')} | {t_of('v5')} | {t_of('v6')} | "
+                     f"{td / tn:.2f} | {b:.2f} | {td / tn / b * 100:.0f}% | {cn.short() if cn else '-'} | {err:.1e} |")
     text = "\n".join(lines) + "\n"
     if args.out:
         with open(args.out, "w") as fh:
@@ -415,7 +430,8 @@ def _precompile_worker(job):
                 for bias in (None, torch.zeros(256, device=dev, dtype=dtype))[:biases]:
                     try:
                         out = torch.empty(M, 256, device=dev, dtype=dtype)
-                        (ops.launch_triton if cfg.path == "triton" else ops.launch_flat)(x, p, bias, cfg, out)
+                        {"triton": ops.launch_triton, "flat": ops.launch_flat,
+                         "stream": ops.launch_stream}[cfg.path](x, p, bias, cfg, out)
                         done += 1
                     except Exception as e:  # noqa: BLE001 - reported, the tuner skips it too
                         print(f"  precompile skip {cfg.short()}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
@@ -423,7 +439,7 @@ def _precompile_worker(job):
     return done
 
 
-def precompile(tokens: list[int], workers: int, bf16_only: bool = False, paths=("triton", "flat")) -> None:
+def precompile(tokens: list[int], workers: int, bf16_only: bool = False, paths=("triton", "flat", "stream")) -> None:
     """Fill Triton's on-disk kernel cache for every candidate config, ``workers`` processes in parallel
     (compilation is CPU-bound and serial otherwise); timings and checks then start warm. ``bf16_only``:
     bf16 without bias only (what the timing modes run); ``paths``: which kernels."""
@@ -446,14 +462,15 @@ def main() -> int:
     ap.add_argument("--fracs", default="0,0.25,0.5,0.75,1")
     ap.add_argument("--quick", action="store_true", help="with --check: fewer cases")
     ap.add_argument("--flat-only", action="store_true", help="with --check: only the v5 flat kernel's configs")
+    ap.add_argument("--stream-only", action="store_true", help="with --check: only the v6 stream kernel's configs")
     ap.add_argument("--profile", action="store_true", help="a few fixed launches to run under ncu")
     ap.add_argument("--ncu", action="store_true", help="v5: flat/persistent/dense launches to run under ncu")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--verbose", action="store_true", help="print every candidate's time")
-    ap.add_argument("--top", type=int, default=4, help="with --decode: how many flat configs to list per cell")
+    ap.add_argument("--top", type=int, default=4, help="with --decode: how many configs of each kernel family to list per cell")
     ap.add_argument("--out", default=None, help="markdown file for the table")
     ap.add_argument("--decode", action="store_true",
-                    help="decode comparison: best v5 flat kernel vs best older (v3) kernel vs dense, per cell")
+                    help="decode comparison: best v6 stream, v5 flat and v3 kernel vs dense, per cell")
     ap.add_argument("--precompile", type=int, default=0, metavar="WORKERS",
                     help="first compile every candidate config in WORKERS parallel processes")
     args = ap.parse_args()
@@ -462,9 +479,11 @@ def main() -> int:
         return 2
     if args.precompile:
         if args.check:  # what the check runs: both dtypes, with and without bias
-            toks = [1, 3, 5, 16] if args.flat_only else [1, 2, 5, 16, 33, 64, 65, 200]
+            toks = ([1, 3, 5, 16] if args.flat_only else [1, 3, 5, 16, 33, 64] if args.stream_only
+                    else [1, 2, 5, 16, 33, 64, 65, 200])
             precompile(sorted({ops._pow2_at_least(t) for t in toks}), args.precompile,
-                       paths=("flat",) if args.flat_only else ("triton", "flat"))
+                       paths=("flat",) if args.flat_only else ("stream",) if args.stream_only
+                       else ("triton", "flat", "stream"))
         if args.decode or not args.check:  # what the timings run: bf16 without bias
             toks = [int(t) for t in args.tokens.split(",")]
             precompile(sorted({ops._pow2_at_least(t) for t in toks}), args.precompile, bf16_only=True)

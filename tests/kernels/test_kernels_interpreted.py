@@ -22,7 +22,8 @@ def test_interpreted_kernels_in_subprocess():
     env = dict(os.environ, TRITON_INTERPRET="1")
     src = str(HERE.parents[1] / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    files = [str(HERE / "test_kernels_triton.py"), str(HERE / "test_kernels_linear.py"), str(HERE / "test_kernels_flat.py")]
+    files = [str(HERE / "test_kernels_triton.py"), str(HERE / "test_kernels_linear.py"), str(HERE / "test_kernels_flat.py"),
+             str(HERE / "test_kernels_stream.py")]
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not in_subprocess",
                         *files], cwd=str(HERE.parents[1]), env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]

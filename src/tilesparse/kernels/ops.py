@@ -9,6 +9,9 @@ Paths (chosen per call):
 * ``"flat"`` (v5, up to 16 tokens) -- ``hybrid_flat_kernel``: a flat grid of per-program work descriptors
   (:func:`flat_plan`, built once per layer and configuration and cached on the ``PackedHybrid``), fp32 atomics
   and an arrival counter instead of a split-K tail.
+* ``"stream"`` (v6, up to 64 tokens) -- ``hybrid_stream_kernel`` (:mod:`.triton_stream`): long-lived
+  programs that each walk ``BN`` rows of a tile-row in large chunks with the next chunk's loads in flight;
+  one token by FMA without expanding the 2:4 values, more tokens by tensor cores on four position planes.
 * ``"unpack"`` (prefill candidate) -- unpack the layer on the GPU into a *transient* scratch buffer
   (one per device and dtype, as large as the largest layer it has served; reused by every layer) and
   call ``F.linear`` on it. Its resident cost is that one buffer, reported by :func:`workspace_bytes`.
@@ -33,11 +36,12 @@ try:  # triton is optional: without it everything runs through the torch referen
     import triton
 
     from . import triton_hybrid as _tk
+    from . import triton_stream as _ts
 
     HAVE_TRITON = True
 except Exception:  # pragma: no cover - depends on the environment
     triton = None
-    _tk = None
+    _tk = _ts = None
     HAVE_TRITON = False
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
@@ -69,8 +73,17 @@ class KernelConfig:
     # mode 6 (one token): persistent programs, ``ctas`` per SM, walking the items with the next item's loads
     # in flight (``hybrid_flat_persist_kernel``)
     ctas: int = 0
+    # path "stream" (v6, ``hybrid_stream_kernel``): ``mode`` 0 = FMA (one token), 1 = tensor cores with the
+    # 2:4 planes built by selects, 2 = the same with an inline-PTX shift expansion (GPU); ``ts``/``td`` = 2:4 /
+    # dense tiles per chunk, ``pref`` = next chunk's loads in flight, ``split`` = programs per row block.
+    td: int = 0
+    pref: int = 0
 
     def short(self) -> str:
+        if self.path == "stream":
+            m = {0: "fma", 1: "dot", 2: "dotasm"}.get(self.mode, str(self.mode))
+            return (f"stream-{m} bm{self.bm} bn{self.bn} ts{self.ts} td{self.td} s{self.split} "
+                    f"w{self.warps} p{self.pref}")
         if self.path == "flat":
             m = {1: "dot", 3: "gather", 4: "pairs", 5: "asm", 6: "persist"}.get(self.mode, str(self.mode))
             return (f"flat-{m} bm{self.bm} bn{self.bn} ts{self.ts} "
@@ -110,6 +123,8 @@ def _is_pow2(n: int) -> bool:
 
 def _fit(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
     """Clamp block sizes to the tile size; ``None`` if the config cannot run on this layer."""
+    if cfg.path == "stream":
+        return _fit_stream(cfg, packed)
     if cfg.path == "flat":
         if not _is_pow2(packed.tile_cols) or cfg.bm > 16 or cfg.mode not in (1, 3, 4, 5, 6):
             return None
@@ -145,6 +160,49 @@ def _fit(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
                         cfg.lstages, cfg.unroll)
 
 
+def _fit_stream(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
+    TC = packed.tile_cols
+    if not _is_pow2(TC) or cfg.mode not in (0, 1, 2) or cfg.split < 1:
+        return None
+    bn = _largest_pow2_divisor_le(packed.tile_rows, cfg.bn)
+    ts, td, mode = max(1, cfg.ts), max(1, cfg.td), cfg.mode
+    if mode == 0:
+        if cfg.bm != 1:
+            return None
+    else:
+        if bn < 32 or cfg.bm < 16:  # tensor cores: 32+ weight rows (16-row blocks were wrong on the H100, v3)
+            return None
+        while ts * TC < 64:  # planes of >= 16 groups (the dot's K)
+            ts *= 2
+        while td * TC < 32:
+            td *= 2
+        if mode == 2 and interpreting():
+            mode = 1  # inline PTX does not run on the CPU interpreter
+    return KernelConfig("stream", mode, cfg.bm, bn, 0, cfg.split, cfg.warps, 1, True, 0, 0, ts, 1, 0, td,
+                        1 if cfg.pref else 0)
+
+
+def stream_candidates(M: int) -> list[KernelConfig]:
+    """The v6 streaming kernel's candidate configurations for ``M <= 64`` tokens."""
+    c = []
+
+    def T(mode, bm, bn, ts, td, w, pref, split):
+        return KernelConfig("stream", mode, bm, bn, 0, split, w, 1, True, 0, 0, ts, 1, 0, td, pref)
+    if M == 1:
+        for bn, ts, td, w, pref, split in ((8, 4, 4, 4, 1, 1), (8, 4, 2, 4, 1, 1), (16, 2, 2, 8, 0, 1),
+                                           (16, 2, 2, 4, 0, 1), (8, 8, 4, 4, 0, 1), (16, 8, 4, 4, 0, 1),
+                                           (8, 2, 2, 8, 1, 1), (4, 4, 4, 4, 1, 1), (8, 4, 4, 4, 1, 2),
+                                           (16, 4, 2, 8, 1, 1)):
+            c.append(T(0, 1, bn, ts, td, w, pref, split))
+    bm = _pow2_at_least(M, 16)
+    for mode in (2, 1):
+        for bn, ts, td, w, pref, split in ((64, 2, 1, 4, 1, 4), (64, 2, 2, 8, 1, 4), (32, 2, 1, 4, 1, 4),
+                                           (64, 2, 1, 4, 0, 4), (32, 1, 1, 4, 1, 4), (64, 2, 1, 8, 1, 2),
+                                           (64, 1, 1, 4, 1, 4), (64, 2, 1, 4, 1, 1)):
+            c.append(T(mode, bm, bn, ts, td, w, pref, split))
+    return c
+
+
 def heuristic_config(M: int, packed: PackedHybrid) -> KernelConfig:
     """Fixed choice without tuning (good enough on the CPU interpreter and as a fallback)."""
     if packed.is_plain_dense():
@@ -160,6 +218,8 @@ def heuristic_config(M: int, packed: PackedHybrid) -> KernelConfig:
 
 # v5 flat decode kernel (``hybrid_flat_kernel``) among the autotuner's candidates for M <= 16 tokens
 FLAT_CANDIDATES = os.environ.get("TILESPARSE_FLAT", "1") != "0"
+# v6 streaming kernel (``hybrid_stream_kernel``) among the candidates for M <= 64 tokens
+STREAM_CANDIDATES = os.environ.get("TILESPARSE_STREAM", "1") != "0"
 
 
 def flat_candidates(M: int) -> list[KernelConfig]:
@@ -196,6 +256,8 @@ def candidate_configs(M: int, packed: PackedHybrid, force_kernel: bool = False) 
             for bn in (16, 32, 64):
                 for split in (1, 2, 4, 8):
                     c.append(T("triton", mode, bm, bn, 128, split, 4, 3, True))
+    if M <= 64 and STREAM_CANDIDATES:
+        c += stream_candidates(M)
     if M <= 16 and FLAT_CANDIDATES:
         c += flat_candidates(M)
     if M <= 64:
@@ -398,6 +460,32 @@ def launch_flat(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfig,
     )
 
 
+def launch_stream(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfig, out: torch.Tensor) -> None:
+    """Run ``hybrid_stream_kernel`` (v6) with ``cfg`` on ``x2 [M, K]`` (M <= cfg.bm) into ``out [M, N]``."""
+    M = x2.shape[0]
+    N = packed.out_features
+    if M > cfg.bm:
+        raise ValueError(f"stream kernel: {M} tokens > bm={cfg.bm}")
+    grid0 = packed.grid.n_rows * (packed.tile_rows // cfg.bn)
+    dev = x2.device
+    if cfg.split > 1:
+        ws = _buffer("stream_ws", dev, M * N, torch.float32)
+        cnt = _buffer("stream_cnt", dev, grid0, torch.int32)
+    else:
+        ws = cnt = out  # unused
+    sp_vals32 = packed.sp_vals.view(torch.int32) if packed.sp_vals.numel() % 2 == 0 else packed.sp_vals
+    _ts.hybrid_stream_kernel[(grid0, cfg.split)](
+        x2, out, bias if bias is not None else out, ws, cnt,
+        packed.sp_vals, sp_vals32, packed.sp_meta, packed.dn_vals, packed.sp_cols, packed.sp_ptr,
+        packed.dn_cols, packed.dn_ptr, packed.row_info,
+        M, N, x2.stride(0), x2.stride(1), out.stride(0),
+        TILE_R=packed.tile_rows, TILE_C=packed.tile_cols, BM=cfg.bm, BN=cfg.bn, TS=cfg.ts, TD=cfg.td,
+        SPLIT=cfg.split, PREF=bool(cfg.pref), DOT=cfg.mode != 0, ASM=cfg.mode == 2 and not interpreting(),
+        HAS_BIAS=bias is not None, F32=interpreting(), EVEN=packed.in_features % packed.tile_cols == 0,
+        num_warps=cfg.warps, num_stages=1,
+    )
+
+
 def unpack_triton(packed: PackedHybrid, out: torch.Tensor | None = None, bn: int = 32, bk: int = 64) -> torch.Tensor:
     """Dense masked weight ``[out, in]`` unpacked on the device by ``unpack_kernel``."""
     N, K = packed.shape
@@ -427,6 +515,8 @@ def run_config(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfig) 
     out = torch.empty(x2.shape[0], N, dtype=x2.dtype, device=x2.device)
     if cfg.path == "flat":
         launch_flat(x2, packed, bias, cfg, out)
+    elif cfg.path == "stream":
+        launch_stream(x2, packed, bias, cfg, out)
     else:
         launch_triton(x2, packed, bias, cfg, out)
     return out

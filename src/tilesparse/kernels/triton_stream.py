@@ -1,0 +1,316 @@
+"""v6 decode kernel for the packed hybrid format: long-lived streaming programs (``hybrid_stream_kernel``).
+
+Why (``benchmarks/decode_probe.py``, H200): a plain Triton GEMV in which each program owns a few rows and
+walks the whole K range in large chunks (4-16 KB per program per step), with the next chunk's loads issued
+before the current one is used, reads a dense weight as fast as cuBLAS at one token and an all-2:4 weight
+1.1-1.35x faster than cuBLAS reads the dense one -- where the short programs of v5 (``hybrid_flat_kernel``)
+spent most of their life outside their single load phase. This kernel is that structure on the packed
+format:
+
+* grid ``(row blocks, SPLIT)``: a program owns ``BN`` rows of one tile-row and ``1/SPLIT`` of that
+  tile-row's 2:4 chunks and of its dense chunks (a chunk = ``TS`` 2:4 tiles or ``TD`` dense tiles, in the
+  order the format stores them, so the values are one contiguous run per row);
+* loop over the chunks with the loads of chunk ``i + 1`` (values, metadata, x, column indices) in flight
+  while chunk ``i`` is used (``PREF``);
+* ``DOT = False`` (one token): fp32 FMA, x picked per kept value with the 2-bit positions (no expansion);
+  ``DOT = True`` (up to ``BM`` tokens): the 2:4 values are expanded into four position planes
+  ``D_q[n, g]`` (the weight at column ``4g + q``) and ``acc += D_q @ X_q^T`` on tensor cores, ``X_q`` the
+  matching strided planes of x; dense tiles are one ``tl.dot`` per chunk. ``ASM`` (GPU, 16-bit types):
+  the planes come from shifts of the int32 value pair by ``16 * p`` (inline PTX, 15 integer instructions
+  per group) instead of bf16 selects;
+* ``SPLIT > 1``: fp32 atomics into a zeroed workspace and an arrival counter per row block; the last
+  program writes the output (+ bias) and re-zeroes workspace and counter (one launch).
+
+All-zero tiles are stored nowhere and never visited; a tile-row without tiles writes the bias (or zeros).
+Loads are masked per tile (``EVEN``: ``in_features`` is a multiple of the tile width, as in every LLM shape,
+so the masks are constant over a tile and the loads stay 16 bytes wide) or, with a partial edge tile, per
+element against the per-tile-row lengths.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _cols(cols_ptr, cbase, ntiles, t0, KC: tl.constexpr, TILE_C: tl.constexpr):
+    """Input columns of the ``KC`` positions of a chunk starting at tile ``t0`` of a tile-row's list."""
+    p = tl.arange(0, KC)
+    t = t0 + p // TILE_C
+    col = tl.load(cols_ptr + cbase + t, mask=t < ntiles, other=0) * TILE_C + p % TILE_C
+    return tl.max_contiguous(tl.multiple_of(col, TILE_C), TILE_C)  # runs of TILE_C from a tile's base
+
+
+@triton.jit
+def _ok(idx, per_tile: tl.constexpr, t0, ntiles, n_valid, EVEN: tl.constexpr):
+    """Which chunk elements ``idx`` (``per_tile`` per tile, counted from tile ``t0``) are stored. EVEN (no
+    partial edge tile): a per-tile test, constant over runs of ``per_tile`` so loads stay vectorised;
+    otherwise per element against ``n_valid``."""
+    if EVEN:
+        return t0 + idx // per_tile < ntiles
+    else:
+        return t0 * per_tile + idx < n_valid
+
+
+@triton.jit
+def _load_sp(sp_vals_ptr, sp_vals32_ptr, sp_meta_ptr, x_ptr, cols_ptr, cbase, ntiles, c, vrow, mrow, sp_len,
+             offs_m, m_ok, row_ok, stride_xm, stride_xk, TS: tl.constexpr, TILE_C: tl.constexpr, PAIRS: tl.constexpr,
+             EVEN: tl.constexpr):
+    """Loads of 2:4 chunk ``c``: values ``[BN, KS/2]`` (int32 pairs ``[BN, KS/4]`` if PAIRS), metadata
+    bytes ``[BN, KS/8]``, x ``[BM, KS]``."""
+    KS: tl.constexpr = TS * TILE_C
+    t0 = c * TS
+    if PAIRS:
+        j = tl.arange(0, KS // 4)
+        ok = _ok(j, TILE_C // 4, t0, ntiles, sp_len // 4, EVEN)
+        v = tl.load(sp_vals32_ptr + (vrow // 2)[:, None] + (c * (KS // 4) + j)[None, :],
+                    mask=row_ok[:, None] & ok[None, :], other=0)
+    else:
+        j = tl.arange(0, KS // 2)
+        ok = _ok(j, TILE_C // 2, t0, ntiles, sp_len // 2, EVEN)
+        v = tl.load(sp_vals_ptr + vrow[:, None] + (c * (KS // 2) + j)[None, :],
+                    mask=row_ok[:, None] & ok[None, :], other=0.0)
+    jm = tl.arange(0, KS // 8)
+    ok = _ok(jm, TILE_C // 8, t0, ntiles, (sp_len + 7) // 8, EVEN)
+    mb = tl.load(sp_meta_ptr + mrow[:, None] + (c * (KS // 8) + jm)[None, :], mask=row_ok[:, None] & ok[None, :],
+                 other=0)
+    col = _cols(cols_ptr, cbase, ntiles, t0, KS, TILE_C)
+    ok = _ok(tl.arange(0, KS), TILE_C, t0, ntiles, sp_len, EVEN)
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + col[None, :] * stride_xk,
+                mask=m_ok[:, None] & ok[None, :], other=0.0)
+    return v, mb, x
+
+
+@triton.jit
+def _load_dn(dn_vals_ptr, x_ptr, cols_ptr, cbase, ntiles, c, vrow, dn_len, offs_m, m_ok, row_ok,
+             stride_xm, stride_xk, TD: tl.constexpr, TILE_C: tl.constexpr, EVEN: tl.constexpr):
+    """Loads of dense chunk ``c``: values ``[BN, KD]``, x ``[BM, KD]``."""
+    KD: tl.constexpr = TD * TILE_C
+    t0 = c * TD
+    j = tl.arange(0, KD)
+    ok = _ok(j, TILE_C, t0, ntiles, dn_len, EVEN)
+    w = tl.load(dn_vals_ptr + vrow[:, None] + (c * KD + j)[None, :], mask=row_ok[:, None] & ok[None, :], other=0.0)
+    col = _cols(cols_ptr, cbase, ntiles, t0, KD, TILE_C)
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + col[None, :] * stride_xk,
+                mask=m_ok[:, None] & ok[None, :], other=0.0)
+    return w, x
+
+
+@triton.jit
+def _codes(mb, BN: tl.constexpr, G: tl.constexpr):
+    """Metadata bytes ``[BN, G/2]`` -> per-group codes ``p0 | p1 << 2`` ``[BN, G]`` (low nibble first)."""
+    mb = mb.to(tl.int32)
+    return tl.reshape(tl.join(mb & 15, mb >> 4), (BN, G))
+
+
+@triton.jit
+def _planes(x, BM: tl.constexpr, G: tl.constexpr):
+    """x ``[BM, 4G]`` -> its four position planes ``x[:, 4g + q]``, each ``[BM, G]``."""
+    xe, xo = tl.split(tl.reshape(x, (BM, G, 2, 2)))
+    x0, x2 = tl.split(xe)
+    x1, x3 = tl.split(xo)
+    return x0, x1, x2, x3
+
+
+_SHIFT_ASM = tl.constexpr("""{
+        .reg .b32 sa, sb, v0, v1, t0, t1, w01, w23;
+        and.b32 sa, $5, 3;
+        shl.b32 sa, sa, 4;
+        and.b32 sb, $5, 12;
+        shl.b32 sb, sb, 2;
+        and.b32 v0, $4, 65535;
+        shr.u32 v1, $4, 16;
+        shl.b32 t0, v0, sa;
+        shl.b32 t1, v1, sb;
+        or.b32 w01, t0, t1;
+        xor.b32 sa, sa, 32;
+        xor.b32 sb, sb, 32;
+        shl.b32 t0, v0, sa;
+        shl.b32 t1, v1, sb;
+        or.b32 w23, t0, t1;
+        mov.b32 {$0, $1}, w01;
+        mov.b32 {$2, $3}, w23;
+        }""")
+
+
+@triton.jit
+def _expand_shift(v32, code, BF16: tl.constexpr):
+    """Inline PTX: int32 value pair ``v0 | v1 << 16`` + code -> the group's four 16-bit weights
+    (``v0 << 16 p0 | v1 << 16 p1`` as 64 bits; shifts of 32 or more give zero)."""
+    if BF16:
+        return tl.inline_asm_elementwise(_SHIFT_ASM, "=h,=h,=h,=h,r,r", [v32, code],
+                                         dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
+                                         is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(_SHIFT_ASM, "=h,=h,=h,=h,r,r", [v32, code],
+                                         dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def _dot_acc(acc, a, x, F32: tl.constexpr):
+    """acc[BN, BM] += a[BN, k] @ x[BM, k]^T (fp32 operands on the CPU interpreter, which has no bf16 dot)."""
+    if F32:
+        acc += tl.dot(a.to(tl.float32), tl.trans(x.to(tl.float32)))
+    else:
+        acc += tl.dot(a, tl.trans(x))
+    return acc
+
+
+@triton.jit
+def _sp_step(acc, v, mb, x, BM: tl.constexpr, BN: tl.constexpr, KS: tl.constexpr, DOT: tl.constexpr,
+             ASM: tl.constexpr, F32: tl.constexpr, DT: tl.constexpr):
+    G: tl.constexpr = KS // 4
+    code = _codes(mb, BN, G)
+    if DOT:
+        x0, x1, x2, x3 = _planes(x, BM, G)
+        if ASM:
+            d0, d1, d2, d3 = _expand_shift(v, code, DT == tl.bfloat16)
+        else:
+            v0, v1 = tl.split(tl.reshape(v, (BN, G, 2)))
+            p0 = code & 3
+            p1 = code >> 2
+            z = tl.zeros_like(v0)
+            d0 = tl.where(p0 == 0, v0, z)
+            d1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, z))
+            d2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, z))
+            d3 = tl.where(p1 == 3, v1, z)
+        acc = _dot_acc(acc, d0, x0, F32)
+        acc = _dot_acc(acc, d1, x1, F32)
+        acc = _dot_acc(acc, d2, x2, F32)
+        acc = _dot_acc(acc, d3, x3, F32)
+    else:  # one token: acc[BN, G] += v0 * x[4g + p0] + v1 * x[4g + p1]
+        x0, x1, x2, x3 = _planes(x.to(tl.float32), 1, G)
+        v0, v1 = tl.split(tl.reshape(v, (BN, G, 2)))
+        p0 = code & 3
+        p1 = code >> 2
+        xs0 = tl.where(p0 == 0, x0, tl.where(p0 == 1, x1, x2))
+        xs1 = tl.where(p1 == 3, x3, tl.where(p1 == 2, x2, x1))
+        acc += v0.to(tl.float32) * xs0 + v1.to(tl.float32) * xs1
+    return acc
+
+
+@triton.jit
+def _dn_step(acc, w, x, DOT: tl.constexpr, F32: tl.constexpr):
+    if DOT:
+        acc = _dot_acc(acc, w, x, F32)
+    else:
+        acc += w.to(tl.float32) * x.to(tl.float32)  # x [1, KD] broadcast over the rows
+    return acc
+
+
+@triton.jit(do_not_specialize=["M", "N"])
+def hybrid_stream_kernel(
+    x_ptr, out_ptr, bias_ptr, ws_ptr, cnt_ptr,
+    sp_vals_ptr, sp_vals32_ptr, sp_meta_ptr, dn_vals_ptr, sp_cols_ptr, sp_ptr_ptr, dn_cols_ptr, dn_ptr_ptr,
+    row_info_ptr,
+    M, N, stride_xm, stride_xk, stride_om,
+    TILE_R: tl.constexpr, TILE_C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TS: tl.constexpr,
+    TD: tl.constexpr, SPLIT: tl.constexpr, PREF: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, F32: tl.constexpr, EVEN: tl.constexpr,
+):
+    """``Y = X @ W^T (+ bias)`` for ``M <= BM`` tokens (``BM = 1`` unless ``DOT``); see the module docstring."""
+    pid = tl.program_id(0)
+    s = tl.program_id(1)
+    NB: tl.constexpr = TILE_R // BN
+    r = pid // NB
+    row0 = r * TILE_R + (pid % NB) * BN
+    offs_n = tl.arange(0, BN)
+    rows = row0 + offs_n
+    row_ok = rows < N
+    rr = ((pid % NB) * BN + offs_n).to(tl.int64)  # row inside the tile-row
+    offs_m = tl.arange(0, BM)
+    m_ok = offs_m < M
+    DT: tl.constexpr = sp_vals_ptr.dtype.element_ty
+    KS: tl.constexpr = TS * TILE_C
+    KD: tl.constexpr = TD * TILE_C
+
+    ri = row_info_ptr + r * 8
+    sp_len = tl.load(ri + 0)
+    sp_vrow = tl.multiple_of(tl.load(ri + 1) + rr * tl.load(ri + 2), 8)
+    sp_mrow = tl.multiple_of(tl.load(ri + 3) + rr * tl.load(ri + 4), 16)
+    dn_len = tl.load(ri + 5)
+    dn_vrow = tl.multiple_of(tl.load(ri + 6) + rr * tl.load(ri + 7), 8)
+    sp_base = tl.load(sp_ptr_ptr + r)
+    n_sp = tl.load(sp_ptr_ptr + r + 1) - sp_base
+    dn_base = tl.load(dn_ptr_ptr + r)
+    n_dn = tl.load(dn_ptr_ptr + r + 1) - dn_base
+
+    if DOT:
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+        acc_d = acc
+    else:
+        acc = tl.zeros((BN, KS // 4), dtype=tl.float32)
+        acc_d = tl.zeros((BN, KD), dtype=tl.float32)
+
+    # ---- 2:4 chunks of this program
+    nsc = tl.cdiv(n_sp, TS)
+    per = tl.cdiv(nsc, SPLIT)
+    c0 = s * per
+    c1 = tl.minimum(c0 + per, nsc)
+    if PREF:
+        if c0 < c1:
+            v, mb, x = _load_sp(sp_vals_ptr, sp_vals32_ptr, sp_meta_ptr, x_ptr, sp_cols_ptr, sp_base, n_sp, c0,
+                                sp_vrow, sp_mrow, sp_len, offs_m, m_ok, row_ok, stride_xm, stride_xk, TS, TILE_C,
+                                ASM and DOT, EVEN)
+            for c in range(c0 + 1, c1):
+                vn, mbn, xn = _load_sp(sp_vals_ptr, sp_vals32_ptr, sp_meta_ptr, x_ptr, sp_cols_ptr, sp_base, n_sp,
+                                       c, sp_vrow, sp_mrow, sp_len, offs_m, m_ok, row_ok, stride_xm, stride_xk, TS,
+                                       TILE_C, ASM and DOT, EVEN)
+                acc = _sp_step(acc, v, mb, x, BM, BN, KS, DOT, ASM, F32, DT)
+                v, mb, x = vn, mbn, xn
+            acc = _sp_step(acc, v, mb, x, BM, BN, KS, DOT, ASM, F32, DT)
+    else:
+        for c in range(c0, c1):
+            v, mb, x = _load_sp(sp_vals_ptr, sp_vals32_ptr, sp_meta_ptr, x_ptr, sp_cols_ptr, sp_base, n_sp, c,
+                                sp_vrow, sp_mrow, sp_len, offs_m, m_ok, row_ok, stride_xm, stride_xk, TS, TILE_C,
+                                ASM and DOT, EVEN)
+            acc = _sp_step(acc, v, mb, x, BM, BN, KS, DOT, ASM, F32, DT)
+
+    # ---- dense chunks of this program
+    ndc = tl.cdiv(n_dn, TD)
+    per = tl.cdiv(ndc, SPLIT)
+    c0 = s * per
+    c1 = tl.minimum(c0 + per, ndc)
+    if DOT:
+        acc_d = acc
+    if PREF:
+        if c0 < c1:
+            w, x = _load_dn(dn_vals_ptr, x_ptr, dn_cols_ptr, dn_base, n_dn, c0, dn_vrow, dn_len, offs_m, m_ok,
+                            row_ok, stride_xm, stride_xk, TD, TILE_C, EVEN)
+            for c in range(c0 + 1, c1):
+                wn, xn = _load_dn(dn_vals_ptr, x_ptr, dn_cols_ptr, dn_base, n_dn, c, dn_vrow, dn_len, offs_m,
+                                  m_ok, row_ok, stride_xm, stride_xk, TD, TILE_C, EVEN)
+                acc_d = _dn_step(acc_d, w, x, DOT, F32)
+                w, x = wn, xn
+            acc_d = _dn_step(acc_d, w, x, DOT, F32)
+    else:
+        for c in range(c0, c1):
+            w, x = _load_dn(dn_vals_ptr, x_ptr, dn_cols_ptr, dn_base, n_dn, c, dn_vrow, dn_len, offs_m, m_ok,
+                            row_ok, stride_xm, stride_xk, TD, TILE_C, EVEN)
+            acc_d = _dn_step(acc_d, w, x, DOT, F32)
+
+    if DOT:
+        y = tl.trans(acc_d)  # [BM, BN]
+    else:
+        y = (tl.sum(acc, 1) + tl.sum(acc_d, 1))[None, :]  # [1, BN]
+
+    out_mask = m_ok[:, None] & row_ok[None, :]
+    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + rows[None, :]
+    if SPLIT == 1:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        ws = ws_ptr + offs_m[:, None].to(tl.int64) * N + rows[None, :]
+        tl.atomic_add(ws, y, mask=out_mask, sem="relaxed")
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+        if arrived == SPLIT - 1:
+            tot = tl.load(ws, mask=out_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                tot += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptrs, tot.to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(ws, tl.zeros_like(tot), mask=out_mask)
+            tl.atomic_xchg(cnt_ptr + pid, 0)
