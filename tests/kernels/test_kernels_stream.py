@@ -19,8 +19,8 @@ from tilesparse.masks.tiles import DENSE, SPARSE, ZERO
 TOL = 1e-2
 
 
-def _stream(mode, bm, bn, ts, td, split=1, pref=1, warps=4):
-    return C("stream", mode, bm, bn, 0, split, warps, 1, True, 0, 0, ts, 1, 0, td, pref)
+def _stream(mode, bm, bn, ts, td, split=1, pref=1, warps=4, xt=0):
+    return C("stream", mode, bm, bn, 0, split, warps, 1, True, 0, 0, ts, 1, 0, td, pref, xt)
 
 
 def _run(x, p, bias, cfg):
@@ -42,11 +42,13 @@ FMA = [  # one token
     (1, _stream(0, 1, 8, 2, 2, 1, 1)),
     (1, _stream(0, 1, 16, 1, 1, 2, 0)),
     (1, _stream(0, 1, 4, 4, 2, 3, 1)),
+    (1, _stream(0, 1, 8, 4, 1, 2, 1, xt=1)),  # one accumulator (dense chunk = a quarter of the 2:4 one), x per tile
 ]
 DOT = [  # tensor cores (needs tiles of >= 32 rows)
     (16, _stream(1, 16, 32, 2, 1, 1, 1)),
     (5, _stream(2, 16, 32, 1, 1, 2, 0)),
     (20, _stream(1, 32, 32, 2, 2, 3, 1)),
+    (7, _stream(2, 16, 32, 1, 1, 1, 1, xt=1)),
 ]
 
 

@@ -78,12 +78,13 @@ class KernelConfig:
     # dense tiles per chunk, ``pref`` = next chunk's loads in flight, ``split`` = programs per row block.
     td: int = 0
     pref: int = 0
+    xt: int = 0  # stream: x loaded per tile ([BM, T, TILE_C]) instead of per position
 
     def short(self) -> str:
         if self.path == "stream":
             m = {0: "fma", 1: "dot", 2: "dotasm"}.get(self.mode, str(self.mode))
             return (f"stream-{m} bm{self.bm} bn{self.bn} ts{self.ts} td{self.td} s{self.split} "
-                    f"w{self.warps} p{self.pref}")
+                    f"w{self.warps} p{self.pref}" + (" xt" if self.xt else ""))
         if self.path == "flat":
             m = {1: "dot", 3: "gather", 4: "pairs", 5: "asm", 6: "persist"}.get(self.mode, str(self.mode))
             return (f"flat-{m} bm{self.bm} bn{self.bn} ts{self.ts} "
@@ -179,27 +180,33 @@ def _fit_stream(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
         if mode == 2 and interpreting():
             mode = 1  # inline PTX does not run on the CPU interpreter
     return KernelConfig("stream", mode, cfg.bm, bn, 0, cfg.split, cfg.warps, 1, True, 0, 0, ts, 1, 0, td,
-                        1 if cfg.pref else 0)
+                        1 if cfg.pref else 0, 1 if cfg.xt else 0)
 
 
 def stream_candidates(M: int) -> list[KernelConfig]:
     """The v6 streaming kernel's candidate configurations for ``M <= 64`` tokens."""
     c = []
 
-    def T(mode, bm, bn, ts, td, w, pref, split):
-        return KernelConfig("stream", mode, bm, bn, 0, split, w, 1, True, 0, 0, ts, 1, 0, td, pref)
+    def T(mode, bm, bn, ts, td, w, pref, split, xt=0):
+        return KernelConfig("stream", mode, bm, bn, 0, split, w, 1, True, 0, 0, ts, 1, 0, td, pref, xt)
     if M == 1:
         for bn, ts, td, w, pref, split in ((8, 4, 4, 4, 1, 1), (8, 4, 2, 4, 1, 1), (16, 2, 2, 8, 0, 1),
                                            (16, 2, 2, 4, 0, 1), (8, 8, 4, 4, 0, 1), (16, 8, 4, 4, 0, 1),
                                            (8, 2, 2, 8, 1, 1), (4, 4, 4, 4, 1, 1), (8, 4, 4, 4, 1, 2),
-                                           (16, 4, 2, 8, 1, 1)):
+                                           (16, 4, 2, 8, 1, 1), (8, 4, 1, 4, 1, 1), (8, 8, 2, 4, 0, 1),
+                                           (16, 4, 1, 4, 0, 1)):
             c.append(T(0, 1, bn, ts, td, w, pref, split))
+        for bn, ts, td, w, pref in ((8, 8, 4, 4, 0), (8, 4, 1, 4, 1), (8, 8, 2, 4, 0), (16, 4, 2, 8, 1)):
+            c.append(T(0, 1, bn, ts, td, w, pref, 1, 1))
     bm = _pow2_at_least(M, 16)
     for mode in (2, 1):
         for bn, ts, td, w, pref, split in ((64, 2, 1, 4, 1, 4), (64, 2, 2, 8, 1, 4), (32, 2, 1, 4, 1, 4),
                                            (64, 2, 1, 4, 0, 4), (32, 1, 1, 4, 1, 4), (64, 2, 1, 8, 1, 2),
                                            (64, 1, 1, 4, 1, 4), (64, 2, 1, 4, 1, 1)):
             c.append(T(mode, bm, bn, ts, td, w, pref, split))
+    for bn, ts, td, w, pref, split in ((64, 1, 1, 4, 1, 4), (32, 1, 1, 4, 1, 4), (64, 1, 1, 4, 1, 2),
+                                       (64, 2, 1, 8, 1, 4)):
+        c.append(T(2, bm, bn, ts, td, w, pref, split, 1))
     return c
 
 
@@ -481,7 +488,7 @@ def launch_stream(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfi
         M, N, x2.stride(0), x2.stride(1), out.stride(0),
         TILE_R=packed.tile_rows, TILE_C=packed.tile_cols, BM=cfg.bm, BN=cfg.bn, TS=cfg.ts, TD=cfg.td,
         SPLIT=cfg.split, PREF=bool(cfg.pref), DOT=cfg.mode != 0, ASM=cfg.mode == 2 and not interpreting(),
-        HAS_BIAS=bias is not None, F32=interpreting(), EVEN=packed.in_features % packed.tile_cols == 0,
+        HAS_BIAS=bias is not None, F32=interpreting(), EVEN=packed.in_features % packed.tile_cols == 0, XT=bool(cfg.xt),
         num_warps=cfg.warps, num_stages=1,
     )
 

@@ -54,9 +54,33 @@ def _ok(idx, per_tile: tl.constexpr, t0, ntiles, n_valid, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _load_x(x_ptr, cols_ptr, cbase, ntiles, t0, n_valid, offs_m, m_ok, stride_xm, stride_xk, BM: tl.constexpr,
+            T: tl.constexpr, TILE_C: tl.constexpr, EVEN: tl.constexpr, XT: tl.constexpr):
+    """x ``[BM, T * TILE_C]`` at the input columns of the chunk's ``T`` tiles (zero where not stored). XT: one
+    column-index load per tile and a ``[BM, T, TILE_C]`` load reshaped; otherwise one index load per position."""
+    KC: tl.constexpr = T * TILE_C
+    if XT:
+        t = t0 + tl.arange(0, T)
+        cb = tl.multiple_of(tl.load(cols_ptr + cbase + t, mask=t < ntiles, other=0) * TILE_C, TILE_C)
+        q = tl.arange(0, TILE_C)
+        ok = m_ok[:, None, None] & (t < ntiles)[None, :, None]
+        if not EVEN:
+            ok = ok & ((t0 + tl.arange(0, T))[:, None] * TILE_C + q[None, :] < n_valid)[None, :, :]
+        x = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + (cb[None, :, None] + q[None, None, :]) * stride_xk,
+                    mask=ok, other=0.0)
+        x = tl.reshape(x, (BM, KC))
+    else:
+        col = _cols(cols_ptr, cbase, ntiles, t0, KC, TILE_C)
+        ok = _ok(tl.arange(0, KC), TILE_C, t0, ntiles, n_valid, EVEN)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + col[None, :] * stride_xk,
+                    mask=m_ok[:, None] & ok[None, :], other=0.0)
+    return x
+
+
+@triton.jit
 def _load_sp(sp_vals_ptr, sp_vals32_ptr, sp_meta_ptr, x_ptr, cols_ptr, cbase, ntiles, c, vrow, mrow, sp_len,
-             offs_m, m_ok, row_ok, stride_xm, stride_xk, TS: tl.constexpr, TILE_C: tl.constexpr, PAIRS: tl.constexpr,
-             EVEN: tl.constexpr):
+             offs_m, m_ok, row_ok, stride_xm, stride_xk, BM: tl.constexpr, TS: tl.constexpr, TILE_C: tl.constexpr,
+             PAIRS: tl.constexpr, EVEN: tl.constexpr, XT: tl.constexpr):
     """Loads of 2:4 chunk ``c``: values ``[BN, KS/2]`` (int32 pairs ``[BN, KS/4]`` if PAIRS), metadata
     bytes ``[BN, KS/8]``, x ``[BM, KS]``."""
     KS: tl.constexpr = TS * TILE_C
@@ -75,25 +99,23 @@ def _load_sp(sp_vals_ptr, sp_vals32_ptr, sp_meta_ptr, x_ptr, cols_ptr, cbase, nt
     ok = _ok(jm, TILE_C // 8, t0, ntiles, (sp_len + 7) // 8, EVEN)
     mb = tl.load(sp_meta_ptr + mrow[:, None] + (c * (KS // 8) + jm)[None, :], mask=row_ok[:, None] & ok[None, :],
                  other=0)
-    col = _cols(cols_ptr, cbase, ntiles, t0, KS, TILE_C)
-    ok = _ok(tl.arange(0, KS), TILE_C, t0, ntiles, sp_len, EVEN)
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + col[None, :] * stride_xk,
-                mask=m_ok[:, None] & ok[None, :], other=0.0)
+    x = _load_x(x_ptr, cols_ptr, cbase, ntiles, t0, sp_len, offs_m, m_ok, stride_xm, stride_xk, BM, TS, TILE_C,
+                EVEN, XT)
     return v, mb, x
 
 
 @triton.jit
 def _load_dn(dn_vals_ptr, x_ptr, cols_ptr, cbase, ntiles, c, vrow, dn_len, offs_m, m_ok, row_ok,
-             stride_xm, stride_xk, TD: tl.constexpr, TILE_C: tl.constexpr, EVEN: tl.constexpr):
+             stride_xm, stride_xk, BM: tl.constexpr, TD: tl.constexpr, TILE_C: tl.constexpr, EVEN: tl.constexpr,
+             XT: tl.constexpr):
     """Loads of dense chunk ``c``: values ``[BN, KD]``, x ``[BM, KD]``."""
     KD: tl.constexpr = TD * TILE_C
     t0 = c * TD
     j = tl.arange(0, KD)
     ok = _ok(j, TILE_C, t0, ntiles, dn_len, EVEN)
     w = tl.load(dn_vals_ptr + vrow[:, None] + (c * KD + j)[None, :], mask=row_ok[:, None] & ok[None, :], other=0.0)
-    col = _cols(cols_ptr, cbase, ntiles, t0, KD, TILE_C)
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + col[None, :] * stride_xk,
-                mask=m_ok[:, None] & ok[None, :], other=0.0)
+    x = _load_x(x_ptr, cols_ptr, cbase, ntiles, t0, dn_len, offs_m, m_ok, stride_xm, stride_xk, BM, TD, TILE_C,
+                EVEN, XT)
     return w, x
 
 
@@ -208,7 +230,7 @@ def hybrid_stream_kernel(
     M, N, stride_xm, stride_xk, stride_om,
     TILE_R: tl.constexpr, TILE_C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TS: tl.constexpr,
     TD: tl.constexpr, SPLIT: tl.constexpr, PREF: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr,
-    HAS_BIAS: tl.constexpr, F32: tl.constexpr, EVEN: tl.constexpr,
+    HAS_BIAS: tl.constexpr, F32: tl.constexpr, EVEN: tl.constexpr, XT: tl.constexpr = False,
 ):
     """``Y = X @ W^T (+ bias)`` for ``M <= BM`` tokens (``BM = 1`` unless ``DOT``); see the module docstring."""
     pid = tl.program_id(0)
@@ -243,6 +265,7 @@ def hybrid_stream_kernel(
     else:
         acc = tl.zeros((BN, KS // 4), dtype=tl.float32)
         acc_d = tl.zeros((BN, KD), dtype=tl.float32)
+    SHARED: tl.constexpr = DOT or KD == KS // 4  # one accumulator for both kinds of chunks
 
     # ---- 2:4 chunks of this program
     nsc = tl.cdiv(n_sp, TS)
@@ -252,20 +275,20 @@ def hybrid_stream_kernel(
     if PREF:
         if c0 < c1:
             v, mb, x = _load_sp(sp_vals_ptr, sp_vals32_ptr, sp_meta_ptr, x_ptr, sp_cols_ptr, sp_base, n_sp, c0,
-                                sp_vrow, sp_mrow, sp_len, offs_m, m_ok, row_ok, stride_xm, stride_xk, TS, TILE_C,
-                                ASM and DOT, EVEN)
+                                sp_vrow, sp_mrow, sp_len, offs_m, m_ok, row_ok, stride_xm, stride_xk, BM, TS, TILE_C,
+                                ASM and DOT, EVEN, XT)
             for c in range(c0 + 1, c1):
                 vn, mbn, xn = _load_sp(sp_vals_ptr, sp_vals32_ptr, sp_meta_ptr, x_ptr, sp_cols_ptr, sp_base, n_sp,
-                                       c, sp_vrow, sp_mrow, sp_len, offs_m, m_ok, row_ok, stride_xm, stride_xk, TS,
-                                       TILE_C, ASM and DOT, EVEN)
+                                       c, sp_vrow, sp_mrow, sp_len, offs_m, m_ok, row_ok, stride_xm, stride_xk, BM,
+                                       TS, TILE_C, ASM and DOT, EVEN, XT)
                 acc = _sp_step(acc, v, mb, x, BM, BN, KS, DOT, ASM, F32, DT)
                 v, mb, x = vn, mbn, xn
             acc = _sp_step(acc, v, mb, x, BM, BN, KS, DOT, ASM, F32, DT)
     else:
         for c in range(c0, c1):
             v, mb, x = _load_sp(sp_vals_ptr, sp_vals32_ptr, sp_meta_ptr, x_ptr, sp_cols_ptr, sp_base, n_sp, c,
-                                sp_vrow, sp_mrow, sp_len, offs_m, m_ok, row_ok, stride_xm, stride_xk, TS, TILE_C,
-                                ASM and DOT, EVEN)
+                                sp_vrow, sp_mrow, sp_len, offs_m, m_ok, row_ok, stride_xm, stride_xk, BM, TS, TILE_C,
+                                ASM and DOT, EVEN, XT)
             acc = _sp_step(acc, v, mb, x, BM, BN, KS, DOT, ASM, F32, DT)
 
     # ---- dense chunks of this program
@@ -273,28 +296,30 @@ def hybrid_stream_kernel(
     per = tl.cdiv(ndc, SPLIT)
     c0 = s * per
     c1 = tl.minimum(c0 + per, ndc)
-    if DOT:
+    if SHARED:
         acc_d = acc
     if PREF:
         if c0 < c1:
             w, x = _load_dn(dn_vals_ptr, x_ptr, dn_cols_ptr, dn_base, n_dn, c0, dn_vrow, dn_len, offs_m, m_ok,
-                            row_ok, stride_xm, stride_xk, TD, TILE_C, EVEN)
+                            row_ok, stride_xm, stride_xk, BM, TD, TILE_C, EVEN, XT)
             for c in range(c0 + 1, c1):
                 wn, xn = _load_dn(dn_vals_ptr, x_ptr, dn_cols_ptr, dn_base, n_dn, c, dn_vrow, dn_len, offs_m,
-                                  m_ok, row_ok, stride_xm, stride_xk, TD, TILE_C, EVEN)
+                                  m_ok, row_ok, stride_xm, stride_xk, BM, TD, TILE_C, EVEN, XT)
                 acc_d = _dn_step(acc_d, w, x, DOT, F32)
                 w, x = wn, xn
             acc_d = _dn_step(acc_d, w, x, DOT, F32)
     else:
         for c in range(c0, c1):
             w, x = _load_dn(dn_vals_ptr, x_ptr, dn_cols_ptr, dn_base, n_dn, c, dn_vrow, dn_len, offs_m, m_ok,
-                            row_ok, stride_xm, stride_xk, TD, TILE_C, EVEN)
+                            row_ok, stride_xm, stride_xk, BM, TD, TILE_C, EVEN, XT)
             acc_d = _dn_step(acc_d, w, x, DOT, F32)
 
     if DOT:
         y = tl.trans(acc_d)  # [BM, BN]
+    elif SHARED:
+        y = tl.sum(acc_d, 1)[None, :]  # [1, BN]
     else:
-        y = (tl.sum(acc, 1) + tl.sum(acc_d, 1))[None, :]  # [1, BN]
+        y = (tl.sum(acc, 1) + tl.sum(acc_d, 1))[None, :]
 
     out_mask = m_ok[:, None] & row_ok[None, :]
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + rows[None, :]
