@@ -143,11 +143,26 @@ def check(args) -> bool:
                         if not e < 1e-2:
                             ok = False
                             print(f"FAIL {N}x{K} tile {tile} fs={fs} fz={fz} {dtype} M={M} bias={bias is not None} "
-                                  f"{cfg.short()} (run {rep}): rel err {e:.3e}")
+                                  f"{cfg.short()} (run {rep}): rel err {e:.3e}", flush=True)
             if only:
                 continue
-            # tuned public path with 3-D and non-contiguous input
+            # tuned public path with 3-D and non-contiguous input; first every candidate on that input
             x3 = torch.randn(2, 7, 2 * K, device=dev).to(dtype)[:, :, ::2]
+            x3f = x3.reshape(-1, K)
+            ref3 = torch.nn.functional.linear(x3f.double(), Wm.double(), None if bias is None else bias.double())
+            for cfg in ops.candidate_configs(x3f.shape[0], p, force_kernel=True):
+                try:
+                    out = ops.run_config(x3f, p, bias, cfg)
+                    torch.cuda.synchronize()
+                except Exception as e:  # noqa: BLE001
+                    print(f"FAIL {N}x{K} tile {tile} {dtype} non-contiguous M=14 {cfg.short()}: "
+                          f"{type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+                    raise
+                e = rel_error(out, ref3)
+                n += 1
+                if not e < 1e-2:
+                    ok = False
+                    print(f"FAIL {N}x{K} tile {tile} {dtype} non-contiguous M=14 {cfg.short()}: rel err {e:.3e}")
             y = ops.hybrid_linear(x3, p, bias)
             ref = torch.nn.functional.linear(x3.double(), Wm.double(), None if bias is None else bias.double())
             e = rel_error(y, ref)
@@ -343,6 +358,8 @@ def decode(args) -> None:
                           flush=True)
                     best = top[0][0]
                     err = rel_error(ops.run_config(x, p0, None, best), ref)
+                    if not err < 1e-2:
+                        print(f"  WRONG {sname} M={M} f={f} {tag} {best.short()}: rel err {err:.2e}", flush=True)
                     t = _median_ms([lambda p=p: ops.run_config(x, p, None, best) for p in ps], True, args.reps)
                     res[tag] = (best, t, err)
                 rows.append((sname, M, f, t_dense, res))

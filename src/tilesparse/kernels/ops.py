@@ -593,6 +593,8 @@ def autotune(x2: torch.Tensor, packed: PackedHybrid, bias, verbose: bool = False
             torch.cuda.synchronize()
             times[cfg] = time_cold(lambda: run_config(x2, packed, bias, cfg), x2.device)
         except Exception as e:  # a config that fails to compile/launch (e.g. out of shared memory)
+            if "CUDA" in str(e) and "illegal" in str(e).lower():  # a faulting kernel poisons the context
+                raise RuntimeError(f"kernel configuration {cfg.short()} faulted: {e}") from e
             if verbose:
                 print(f"  skip {cfg.short()}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
     if not times:
