@@ -491,6 +491,7 @@ def main() -> int:
                     help="decode comparison: best v6 stream, v5 flat and v3 kernel vs dense, per cell")
     ap.add_argument("--precompile", type=int, default=0, metavar="WORKERS",
                     help="first compile every candidate config in WORKERS parallel processes")
+    ap.add_argument("--precompile-only", action="store_true", help="with --precompile: compile, then exit")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
@@ -505,6 +506,8 @@ def main() -> int:
         if args.decode or not args.check:  # what the timings run: bf16 without bias
             toks = [int(t) for t in args.tokens.split(",")]
             precompile(sorted({ops._pow2_at_least(t) for t in toks}), args.precompile, bf16_only=True)
+        if args.precompile_only:
+            return 0
     if args.check:
         ok = check(args)
         if not ok or not args.decode:

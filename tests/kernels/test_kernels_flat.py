@@ -121,7 +121,7 @@ def test_flat_plan_programs(make_layer):
     assert (plan.desc[:, 8] >= 1).all()
 
 
-def test_flat_fit_and_candidates(make_layer):
+def test_flat_fit_and_candidates(make_layer, monkeypatch):
     _, _, p = make_layer(128, 128, (16, 16), 0.5)
     assert ops._fit(_flat(1, 16, 64, 1, 1), p) is None  # tensor cores need 32-row blocks
     f = ops._fit(_flat(5, 1, 64, 1, 1), p)
@@ -133,6 +133,8 @@ def test_flat_fit_and_candidates(make_layer):
     _, _, p3 = make_layer(96, 96, (48, 48), 0.5)
     assert ops._fit(_flat(5, 1, 32, 2, 1), p3) is None  # tile columns not a power of 2
     _, _, p4 = make_layer(128, 128, (32, 32), 0.5)
+    assert not any(c.path == "flat" for c in ops.candidate_configs(4, p4))  # opt-in since v6 (TILESPARSE_FLAT=1)
+    monkeypatch.setattr(ops, "FLAT_CANDIDATES", True)
     for M in (1, 4, 16, 17):
         flat = [c for c in ops.candidate_configs(M, p4) if c.path == "flat"]
         assert bool(flat) == (M <= 16)

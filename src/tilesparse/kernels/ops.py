@@ -223,8 +223,11 @@ def heuristic_config(M: int, packed: PackedHybrid) -> KernelConfig:
     return _fit(cfg, packed)
 
 
-# v5 flat decode kernel (``hybrid_flat_kernel``) among the autotuner's candidates for M <= 16 tokens
-FLAT_CANDIDATES = os.environ.get("TILESPARSE_FLAT", "1") != "0"
+# v5 flat decode kernel (``hybrid_flat_kernel``) among the autotuner's candidates for M <= 16 tokens: opt-in
+# (TILESPARSE_FLAT=1) since session 3: one of its configurations faulted on the H200 (illegal address; flat-dot
+# bn64 ts1 it4 w8, 64x64 tiles, 14 non-contiguous tokens; benchmarks/KERNELS_NOTES.md v6) and the v6 stream
+# kernel is faster in 16 of the 18 decode cells measured.
+FLAT_CANDIDATES = os.environ.get("TILESPARSE_FLAT", "0") == "1"
 # v6 streaming kernel (``hybrid_stream_kernel``) among the candidates for M <= 64 tokens
 STREAM_CANDIDATES = os.environ.get("TILESPARSE_STREAM", "1") != "0"
 
