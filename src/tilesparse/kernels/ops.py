@@ -479,7 +479,7 @@ def launch_stream(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfi
     grid0 = packed.grid.n_rows * (packed.tile_rows // cfg.bn)
     dev = x2.device
     if cfg.split > 1:
-        ws = _buffer("stream_ws", dev, M * N, torch.float32)
+        ws = _buffer("stream_ws", dev, cfg.split * M * N, torch.float32)
         cnt = _buffer("stream_cnt", dev, grid0, torch.int32)
     else:
         ws = cnt = out  # unused

@@ -18,8 +18,9 @@ format:
   matching strided planes of x; dense tiles are one ``tl.dot`` per chunk. ``ASM`` (GPU, 16-bit types):
   the planes come from shifts of the int32 value pair by ``16 * p`` (inline PTX, 15 integer instructions
   per group) instead of bf16 selects;
-* ``SPLIT > 1``: fp32 atomics into a zeroed workspace and an arrival counter per row block; the last
-  program writes the output (+ bias) and re-zeroes workspace and counter (one launch).
+* ``SPLIT > 1``: each program stores its fp32 partial sums in its own slice of a workspace and counts its
+  arrival per row block; the last to arrive adds the slices, writes the output (+ bias) and resets the counter
+  (one launch).
 
 All-zero tiles are stored nowhere and never visited; a tile-row without tiles writes the bias (or zeros).
 Loads are masked per tile (``EVEN``: ``in_features`` is a multiple of the tile width, as in every LLM shape,
@@ -328,14 +329,19 @@ def hybrid_stream_kernel(
             y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
+        # per-split slices of the workspace, plain stores (no float atomics, nothing to re-zero); the last
+        # program of the row block to arrive adds the slices up. (An fp32-atomic variant gave rare wrong sums on
+        # the H200 with fewer tokens than BM: benchmarks/KERNELS_NOTES.md v6.)
+        MN = M * N
         ws = ws_ptr + offs_m[:, None].to(tl.int64) * N + rows[None, :]
-        tl.atomic_add(ws, y, mask=out_mask, sem="relaxed")
+        tl.store(ws + s * MN, y, mask=out_mask)
         tl.debug_barrier()
         arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
         if arrived == SPLIT - 1:
-            tot = tl.load(ws, mask=out_mask, other=0.0, cache_modifier=".cg")
+            tot = tl.zeros((BM, BN), dtype=tl.float32)
+            for k in tl.static_range(SPLIT):
+                tot += tl.load(ws + k * MN, mask=out_mask, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
                 tot += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
             tl.store(out_ptrs, tot.to(out_ptr.dtype.element_ty), mask=out_mask)
-            tl.store(ws, tl.zeros_like(tot), mask=out_mask)
             tl.atomic_xchg(cnt_ptr + pid, 0)
