@@ -483,16 +483,15 @@ def launch_stream(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfi
         cnt = _buffer("stream_cnt", dev, grid0, torch.int32)
     else:
         ws = cnt = out  # unused
-    sp_vals32 = packed.sp_vals.view(torch.int32) if packed.sp_vals.numel() % 2 == 0 else packed.sp_vals
     _ts.hybrid_stream_kernel[(grid0, cfg.split)](
         x2, out, bias if bias is not None else out, ws, cnt,
-        packed.sp_vals, sp_vals32, packed.sp_meta, packed.dn_vals, packed.sp_cols, packed.sp_ptr,
+        packed.sp_vals, packed.sp_vals.view(torch.int32), packed.sp_meta, packed.dn_vals, packed.sp_cols, packed.sp_ptr,
         packed.dn_cols, packed.dn_ptr, packed.row_info,
         M, N, x2.stride(0), x2.stride(1), out.stride(0),
         TILE_R=packed.tile_rows, TILE_C=packed.tile_cols, BM=cfg.bm, BN=cfg.bn, TS=cfg.ts, TD=cfg.td,
         SPLIT=cfg.split, PREF=bool(cfg.pref), DOT=cfg.mode != 0, ASM=cfg.mode == 2 and not interpreting(),
-        HAS_BIAS=bias is not None, F32=interpreting(), EVEN=packed.in_features % packed.tile_cols == 0, XT=bool(cfg.xt),
-        num_warps=cfg.warps, num_stages=1,
+        HAS_BIAS=bias is not None, F32=interpreting(), EVEN=packed.in_features % packed.tile_cols == 0,
+        XT=bool(cfg.xt), num_warps=cfg.warps, num_stages=1,
     )
 
 

@@ -3,7 +3,7 @@
 Why (``benchmarks/decode_probe.py``, H200): a plain Triton GEMV in which each program owns a few rows and
 walks the whole K range in large chunks (4-16 KB per program per step), with the next chunk's loads issued
 before the current one is used, reads a dense weight as fast as cuBLAS at one token and an all-2:4 weight
-1.1-1.35x faster than cuBLAS reads the dense one -- where the short programs of v5 (``hybrid_flat_kernel``)
+1.09-1.35x faster than cuBLAS reads the dense one -- where the short programs of v5 (``hybrid_flat_kernel``)
 spent most of their life outside their single load phase. This kernel is that structure on the packed
 format:
 
