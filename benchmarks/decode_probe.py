@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import statistics
 import sys
 import time
 
@@ -366,24 +365,10 @@ def check(args) -> bool:
 
 
 def _median_us(fns, reps: int) -> float:
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    g.replay()
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    ts = []
-    for _ in range(reps):
-        e0.record()
-        g.replay()
-        e1.record()
-        e1.synchronize()
-        ts.append(e0.elapsed_time(e1))
-    return statistics.median(ts) * 1e3 / len(fns)
+    """Median time of one call (us): a CUDA graph over ``fns`` (the layer table's timer)."""
+    from kernels import _median_ms  # benchmarks/kernels.py, on sys.path as this script's folder
+
+    return _median_ms(fns, True, reps) * 1e3
 
 
 def bench(args) -> None:

@@ -72,6 +72,21 @@ def make_layer():
     return random_layer
 
 
+def rows_layer(dtype, tile=(32, 32), seed=5):
+    """4 tile-rows: all dense, all 2:4, all zero (rows 64-95 for 32-row tiles), mixed (with a zero tile);
+    K=160 -> 5 tile columns; the last tile-row is partial."""
+    from tilesparse.kernels.format import pack_from_kinds
+    from tilesparse.masks.nm import topk_mask
+    from tilesparse.masks.tiles import DENSE, SPARSE, ZERO
+
+    N, K = 4 * tile[0] - 8, 160
+    kinds = torch.tensor([[DENSE] * 5, [SPARSE] * 5, [ZERO] * 5, [SPARSE, ZERO, DENSE, SPARSE, DENSE]],
+                         dtype=torch.int8)
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(N, K, generator=g).to(dtype)
+    return pack_from_kinds(W, kinds, topk_mask(torch.rand(N, K, generator=g)), tile)
+
+
 CASES = [  # N, K, tile, frac_sparse, frac_zero
     (100, 200, (32, 64), 0.5, 0.2),   # partial edge tiles both ways, all three kinds
     (64, 96, (16, 32), 1.0, 0.0),     # only 2:4 tiles

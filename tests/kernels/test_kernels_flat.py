@@ -7,14 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels_testutil import CASES, case_id, interp, make_layer  # noqa: F401 (fixtures)
+from kernels_testutil import CASES, case_id, interp, make_layer, rows_layer  # noqa: F401 (fixtures)
 
 from tilesparse.kernels import ops
-from tilesparse.kernels.format import pack_from_kinds
 from tilesparse.kernels.ops import KernelConfig as C
 from tilesparse.kernels.reference import reference_linear_f64, rel_error
-from tilesparse.masks.nm import topk_mask
-from tilesparse.masks.tiles import DENSE, SPARSE, ZERO
 
 TOL = 1e-2
 
@@ -64,20 +61,10 @@ def test_flat_matches_reference(interp, make_layer, case, dtype):
         _check(x, p, bias if i % 2 == 0 else None, cfg)
 
 
-def _rows_layer(dtype, tile=(32, 32)):
-    """4 tile-rows: all dense, all 2:4, all zero, mixed (with a zero tile); K=160 -> 5 tile columns."""
-    N, K = 4 * tile[0] - 8, 160  # last tile-row partial
-    kinds = torch.tensor([[DENSE] * 5, [SPARSE] * 5, [ZERO] * 5, [SPARSE, ZERO, DENSE, SPARSE, DENSE]],
-                         dtype=torch.int8)
-    g = torch.Generator().manual_seed(5)
-    W = torch.randn(N, K, generator=g).to(dtype)
-    return pack_from_kinds(W, kinds, topk_mask(torch.rand(N, K, generator=g)), tile)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_flat_row_kinds(interp, dtype):
     """All-dense, all-2:4 and all-zero tile-rows (the latter's output is the bias alone)."""
-    p = _rows_layer(dtype)
+    p = rows_layer(dtype, seed=5)
     bias = torch.randn(p.out_features).to(dtype)
     for M, cfg in GATHER + DOT:
         for b in (bias, None):
@@ -173,7 +160,7 @@ def test_persistent_matches_reference(interp, make_layer, case, dtype):
 
 
 def test_persistent_row_kinds_and_reset(interp):
-    p = _rows_layer(torch.bfloat16)
+    p = rows_layer(torch.bfloat16, seed=5)
     bias = torch.randn(p.out_features).bfloat16()
     x = torch.randn(1, p.in_features).bfloat16()
     f = ops._fit(_persist(32, 2, 2), p)
