@@ -72,6 +72,26 @@ def make_layer():
     return random_layer
 
 
+def run_poisoned(launch, x, p, bias, cfg):
+    """``launch(x, p, bias, cfg, out)`` into an output pre-filled with NaN (so unwritten entries show)."""
+    out = torch.full((x.shape[0], p.out_features), float("nan"), dtype=x.dtype)
+    launch(x, p, bias, cfg, out)
+    return out
+
+
+def check_config(launch, x, p, bias, cfg, tol=1e-2):
+    """Fit ``cfg`` to the layer, launch it and compare with the float64 reference; returns the output."""
+    from tilesparse.kernels import ops
+    from tilesparse.kernels.reference import reference_linear_f64, rel_error
+
+    f = ops._fit(cfg, p)
+    assert f is not None, cfg.short()
+    a = run_poisoned(launch, x, p, bias, f)
+    err = rel_error(a, reference_linear_f64(x, p, bias))
+    assert err < tol, f"M={x.shape[0]} {f.short()} bias={bias is not None}: rel err {err:.3e}"
+    return a
+
+
 def rows_layer(dtype, tile=(32, 32), seed=5):
     """4 tile-rows: all dense, all 2:4, all zero (rows 64-95 for 32-row tiles), mixed (with a zero tile);
     K=160 -> 5 tile columns; the last tile-row is partial."""

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels_testutil import CASES, case_id, interp, make_layer, rows_layer  # noqa: F401 (fixtures)
+from kernels_testutil import (CASES, case_id, check_config, interp, make_layer,  # noqa: F401 (fixtures)
+                              rows_layer, run_poisoned)
 
 from tilesparse.kernels import ops
 from tilesparse.kernels.ops import KernelConfig as C
@@ -21,18 +22,11 @@ def _flat(mode, bm, bn, ts, nit, warps=4):
 
 
 def _run(x, p, bias, cfg):
-    out = torch.full((x.shape[0], p.out_features), float("nan"), dtype=x.dtype)  # poison
-    ops.launch_flat(x, p, bias, cfg, out)
-    return out
+    return run_poisoned(ops.launch_flat, x, p, bias, cfg)
 
 
 def _check(x, p, bias, cfg):
-    f = ops._fit(cfg, p)
-    assert f is not None, cfg.short()
-    a = _run(x, p, bias, f)
-    err = rel_error(a, reference_linear_f64(x, p, bias))
-    assert err < TOL, f"M={x.shape[0]} {f.short()} bias={bias is not None}: rel err {err:.3e}"
-    return a
+    return check_config(ops.launch_flat, x, p, bias, cfg, TOL)
 
 
 GATHER = [  # (M, cfg): modes 3 (3-D gather), 4 (int32 pairs), 5 (pairs + asm select on the GPU)
