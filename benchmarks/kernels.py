@@ -496,6 +496,9 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
         return 2
+    if args.flat_only:  # the v5 flat kernel is opt-in (not among the default candidates); also for the workers
+        os.environ["TILESPARSE_FLAT"] = "1"
+        ops.FLAT_CANDIDATES = True
     if args.precompile:
         if args.check:  # what the check runs: both dtypes, with and without bias
             toks = ([1, 3, 5, 16] if args.flat_only else [1, 3, 5, 16, 33, 64] if args.stream_only
