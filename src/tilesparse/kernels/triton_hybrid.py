@@ -39,16 +39,47 @@ MODE_GATHER = 3
 
 
 @triton.jit
-def _expand24(v, nib, BN: tl.constexpr, BK: tl.constexpr):
-    """Compressed values ``v[BN, BK/2]`` + group codes ``nib[BN, BK/4]`` (int32) -> dense ``[BN, BK]``."""
-    p0 = nib & 3
-    p1 = nib >> 2
-    v0, v1 = tl.split(tl.reshape(v, (BN, BK // 4, 2)))
+def _nibbles(mb, BN: tl.constexpr, G: tl.constexpr):
+    """Metadata bytes ``[BN, G/2]`` -> per-group codes ``p0 | p1 << 2`` ``[BN, G]`` (int32; low nibble = even
+    group)."""
+    mb = mb.to(tl.int32)
+    return tl.reshape(tl.join(mb & 15, mb >> 4), (BN, G))
+
+
+@triton.jit
+def _pos_planes(v0, v1, p0, p1):
+    """A group's kept values (``v0`` at position ``p0``, ``v1`` at ``p1``) -> its weights at positions 0..3
+    (zero where pruned)."""
     zero = tl.zeros_like(v0)
     d0 = tl.where(p0 == 0, v0, zero)
     d1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero))
     d2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero))
     d3 = tl.where(p1 == 3, v1, zero)
+    return d0, d1, d2, d3
+
+
+@triton.jit
+def _x_planes(x, BM: tl.constexpr, G: tl.constexpr):
+    """x ``[BM, 4G]`` -> its four position planes ``x[:, 4g + q]``, q = 0..3, each ``[BM, G]``."""
+    xe, xo = tl.split(tl.reshape(x, (BM, G, 2, 2)))  # xe[g, i] = x[4g + 2i], xo[g, i] = x[4g + 2i + 1]
+    x0, x2 = tl.split(xe)
+    x1, x3 = tl.split(xo)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _pick_x(p0, p1, x0, x1, x2, x3):
+    """(x[p0], x[p1]) of a group from its four x values (p0 in 0..2, p1 in 1..3)."""
+    xs0 = tl.where(p0 == 0, x0, tl.where(p0 == 1, x1, x2))
+    xs1 = tl.where(p1 == 3, x3, tl.where(p1 == 2, x2, x1))
+    return xs0, xs1
+
+
+@triton.jit
+def _expand24(v, nib, BN: tl.constexpr, BK: tl.constexpr):
+    """Compressed values ``v[BN, BK/2]`` + group codes ``nib[BN, BK/4]`` (int32) -> dense ``[BN, BK]``."""
+    v0, v1 = tl.split(tl.reshape(v, (BN, BK // 4, 2)))
+    d0, d1, d2, d3 = _pos_planes(v0, v1, nib & 3, nib >> 2)
     # [BN, G, j, i] = d_{2j+i}  ->  flattened position 4g + 2j + i
     return tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BN, BK))
 
@@ -65,8 +96,8 @@ def _load_nibbles(t_rows, t16_rows, kk, row_ok, mt_stride, BN: tl.constexpr, BK:
         nib = tl.reshape((wd[:, :, None] >> sh) & 15, (BN, BK // 4))
     else:
         kt = kk // 8 + tl.arange(0, BK // 8)
-        mt = tl.load(t_rows + kt[None, :], mask=row_ok[:, None] & (kt[None, :] < mt_stride), other=0).to(tl.int32)
-        nib = tl.reshape(tl.join(mt & 15, mt >> 4), (BN, BK // 4))
+        mt = tl.load(t_rows + kt[None, :], mask=row_ok[:, None] & (kt[None, :] < mt_stride), other=0)
+        nib = _nibbles(mt, BN, BK // 4)
     return nib
 
 
@@ -101,6 +132,35 @@ def _accumulate(acc, w, x_ptr, offs_m, m_ok, xk, k_ok, stride_xm, stride_xk, MOD
         else:
             acc = tl.dot(x, tl.trans(w), acc)
     return acc
+
+
+@triton.jit
+def _write_output(y, out_ptr, bias_ptr, ws_ptr, lock, offs_m, m_ok, rows, row_ok, s, M, N, stride_om,
+                  SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Store ``y [BM, BN]`` (fp32 partial sums over this program's K range) as the output block (+ bias).
+    ``SPLIT > 1``: the program stores ``y`` in its own slice ``s`` of the fp32 workspace ``[SPLIT, M, N]``
+    (plain stores, SPLIT*M*N < 2**31: split only for few tokens) and counts its arrival at ``lock``; the last of
+    the ``SPLIT`` programs to arrive adds the slices, writes the output and resets ``lock`` (one launch)."""
+    out_mask = m_ok[:, None] & row_ok[None, :]
+    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + rows[None, :]
+    if SPLIT == 1:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        ws = ws_ptr + offs_m[:, None].to(tl.int64) * N + rows[None, :]
+        MN = N * M
+        tl.store(ws + s * MN, y, mask=out_mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(lock, 1, sem="acq_rel")
+        if arrived == SPLIT - 1:
+            tot = tl.zeros_like(y)
+            for k in tl.static_range(SPLIT):
+                tot += tl.load(ws + k * MN, mask=out_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                tot += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptrs, tot.to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(lock, 0)
 
 
 @triton.jit(do_not_specialize=["M", "N"])
@@ -194,28 +254,8 @@ def hybrid_linear_kernel(
         y = tl.trans(acc)
     else:
         y = acc
-    out_mask = m_ok[:, None] & row_ok[None, :]
-    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + rows[None, :]
-    if SPLIT == 1:
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        ws = ws_ptr + offs_m[:, None].to(tl.int64) * N + rows[None, :]
-        MN = N * M
-        tl.store(ws + pid_s * MN, y, mask=out_mask)  # SPLIT*M*N < 2**31 (split only for few tokens)
-        tl.debug_barrier()
-        lock = lock_ptr + pid_m * tl.num_programs(0) + pid_n
-        arrived = tl.atomic_add(lock, 1, sem="acq_rel")
-        if arrived == SPLIT - 1:
-            tot = tl.zeros((BM, BN), dtype=tl.float32)
-            for s in range(SPLIT):
-                tot += tl.load(ws, mask=out_mask, other=0.0, cache_modifier=".cg")
-                ws += MN
-            if HAS_BIAS:
-                tot += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptrs, tot.to(out_ptr.dtype.element_ty), mask=out_mask)
-            tl.atomic_xchg(lock, 0)
+    _write_output(y, out_ptr, bias_ptr, ws_ptr, lock_ptr + pid_m * tl.num_programs(0) + pid_n, offs_m, m_ok,
+                  rows, row_ok, pid_s, M, N, stride_om, SPLIT, HAS_BIAS)
 
 
 @triton.jit
@@ -249,8 +289,8 @@ def unpack_kernel(
                         mask=row_ok[:, None] & (kv[None, :] < sp_stride), other=0.0)
             kt = kk // 8 + tl.arange(0, BK // 8)
             mt = tl.load(sp_meta_ptr + tl.load(info + 3) + offs_i[:, None].to(tl.int64) * mt_stride + kt[None, :],
-                         mask=row_ok[:, None] & (kt[None, :] < mt_stride), other=0).to(tl.int32)
-            w = _expand24(v, tl.reshape(tl.join(mt & 15, mt >> 4), (BN, BK // 4)), BN, BK)
+                         mask=row_ok[:, None] & (kt[None, :] < mt_stride), other=0)
+            w = _expand24(v, _nibbles(mt, BN, BK // 4), BN, BK)
         elif kind == 1:
             kd = slot * TILE_C + kc + ar_k
             dn_stride = tl.multiple_of(tl.load(info + 7), 8)
@@ -298,14 +338,10 @@ def _flat_x(x_ptr, xcb_ptr, cb, c0, npos, offs_m, m_ok, K, stride_xm, stride_xk,
 @triton.jit
 def _gather_acc(acc, v, nib, x, BM: tl.constexpr, BN: tl.constexpr, KX: tl.constexpr):
     """acc[BM, BN, KX/4] += v0 * x[4g + p0] + v1 * x[4g + p1] with x already in registers (fp32)."""
-    xe, xo = tl.split(tl.reshape(x, (BM, KX // 4, 2, 2)))  # xe[g, i] = x[4g + 2i], xo[g, i] = x[4g + 2i + 1]
-    x0, x2 = tl.split(xe)
-    x1, x3 = tl.split(xo)
-    p0 = (nib & 3)[None, :, :]
-    p1 = (nib >> 2)[None, :, :]
+    x0, x1, x2, x3 = _x_planes(x, BM, KX // 4)
     v0, v1 = tl.split(tl.reshape(v, (BN, KX // 4, 2)))
-    xs0 = tl.where(p0 == 0, x0[:, None, :], tl.where(p0 == 1, x1[:, None, :], x2[:, None, :]))
-    xs1 = tl.where(p1 == 3, x3[:, None, :], tl.where(p1 == 2, x2[:, None, :], x1[:, None, :]))
+    xs0, xs1 = _pick_x((nib & 3)[None, :, :], (nib >> 2)[None, :, :],
+                       x0[:, None, :], x1[:, None, :], x2[:, None, :], x3[:, None, :])
     acc += v0.to(tl.float32)[None, :, :] * xs0 + v1.to(tl.float32)[None, :, :] * xs1
     return acc
 
@@ -354,14 +390,8 @@ def _pair_fma(acc, v, nib, xa, xb, BF16: tl.constexpr, ASM: tl.constexpr):
             [v, nib, xa, xb, acc],
             dtype=tl.float32, is_pure=True, pack=1)
     else:
-        p0 = nib & 3
-        p1 = nib >> 2
-        x0 = _lo_f32(xa, BF16)
-        x1 = _hi_f32(xa, BF16)
-        x2 = _lo_f32(xb, BF16)
-        x3 = _hi_f32(xb, BF16)
-        xs0 = tl.where(p0 == 0, x0, tl.where(p0 == 1, x1, x2))
-        xs1 = tl.where(p1 == 3, x3, tl.where(p1 == 2, x2, x1))
+        xs0, xs1 = _pick_x(nib & 3, nib >> 2, _lo_f32(xa, BF16), _hi_f32(xa, BF16), _lo_f32(xb, BF16),
+                           _hi_f32(xb, BF16))
         return acc + _lo_f32(v, BF16) * xs0 + _hi_f32(v, BF16) * xs1
 
 

@@ -33,6 +33,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .triton_hybrid import _nibbles, _pick_x, _pos_planes, _write_output, _x_planes
+
 
 @triton.jit
 def _cols(cols_ptr, cbase, ntiles, t0, KC: tl.constexpr, TILE_C: tl.constexpr):
@@ -120,22 +122,6 @@ def _load_dn(dn_vals_ptr, x_ptr, cols_ptr, cbase, ntiles, c, vrow, dn_len, offs_
     return w, x
 
 
-@triton.jit
-def _codes(mb, BN: tl.constexpr, G: tl.constexpr):
-    """Metadata bytes ``[BN, G/2]`` -> per-group codes ``p0 | p1 << 2`` ``[BN, G]`` (low nibble first)."""
-    mb = mb.to(tl.int32)
-    return tl.reshape(tl.join(mb & 15, mb >> 4), (BN, G))
-
-
-@triton.jit
-def _planes(x, BM: tl.constexpr, G: tl.constexpr):
-    """x ``[BM, 4G]`` -> its four position planes ``x[:, 4g + q]``, each ``[BM, G]``."""
-    xe, xo = tl.split(tl.reshape(x, (BM, G, 2, 2)))
-    x0, x2 = tl.split(xe)
-    x1, x3 = tl.split(xo)
-    return x0, x1, x2, x3
-
-
 _SHIFT_ASM = tl.constexpr("""{
         .reg .b32 sa, sb, v0, v1, t0, t1, w01, w23;
         and.b32 sa, $5, 3;
@@ -185,31 +171,22 @@ def _dot_acc(acc, a, x, F32: tl.constexpr):
 def _sp_step(acc, v, mb, x, BM: tl.constexpr, BN: tl.constexpr, KS: tl.constexpr, DOT: tl.constexpr,
              ASM: tl.constexpr, F32: tl.constexpr, DT: tl.constexpr):
     G: tl.constexpr = KS // 4
-    code = _codes(mb, BN, G)
+    code = _nibbles(mb, BN, G)
     if DOT:
-        x0, x1, x2, x3 = _planes(x, BM, G)
+        x0, x1, x2, x3 = _x_planes(x, BM, G)
         if ASM:
             d0, d1, d2, d3 = _expand_shift(v, code, DT == tl.bfloat16)
         else:
             v0, v1 = tl.split(tl.reshape(v, (BN, G, 2)))
-            p0 = code & 3
-            p1 = code >> 2
-            z = tl.zeros_like(v0)
-            d0 = tl.where(p0 == 0, v0, z)
-            d1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, z))
-            d2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, z))
-            d3 = tl.where(p1 == 3, v1, z)
+            d0, d1, d2, d3 = _pos_planes(v0, v1, code & 3, code >> 2)
         acc = _dot_acc(acc, d0, x0, F32)
         acc = _dot_acc(acc, d1, x1, F32)
         acc = _dot_acc(acc, d2, x2, F32)
         acc = _dot_acc(acc, d3, x3, F32)
     else:  # one token: acc[BN, G] += v0 * x[4g + p0] + v1 * x[4g + p1]
-        x0, x1, x2, x3 = _planes(x.to(tl.float32), 1, G)
+        x0, x1, x2, x3 = _x_planes(x.to(tl.float32), 1, G)
         v0, v1 = tl.split(tl.reshape(v, (BN, G, 2)))
-        p0 = code & 3
-        p1 = code >> 2
-        xs0 = tl.where(p0 == 0, x0, tl.where(p0 == 1, x1, x2))
-        xs1 = tl.where(p1 == 3, x3, tl.where(p1 == 2, x2, x1))
+        xs0, xs1 = _pick_x(code & 3, code >> 2, x0, x1, x2, x3)
         acc += v0.to(tl.float32) * xs0 + v1.to(tl.float32) * xs1
     return acc
 
@@ -262,10 +239,8 @@ def hybrid_stream_kernel(
 
     if DOT:
         acc = tl.zeros((BN, BM), dtype=tl.float32)
-        acc_d = acc
     else:
         acc = tl.zeros((BN, KS // 4), dtype=tl.float32)
-        acc_d = tl.zeros((BN, KD), dtype=tl.float32)
     SHARED: tl.constexpr = DOT or KD == KS // 4  # one accumulator for both kinds of chunks
 
     # ---- 2:4 chunks of this program
@@ -299,6 +274,8 @@ def hybrid_stream_kernel(
     c1 = tl.minimum(c0 + per, ndc)
     if SHARED:
         acc_d = acc
+    else:
+        acc_d = tl.zeros((BN, KD), dtype=tl.float32)
     if PREF:
         if c0 < c1:
             w, x = _load_dn(dn_vals_ptr, x_ptr, dn_cols_ptr, dn_base, n_dn, c0, dn_vrow, dn_len, offs_m, m_ok,
@@ -322,26 +299,7 @@ def hybrid_stream_kernel(
     else:
         y = (tl.sum(acc, 1) + tl.sum(acc_d, 1))[None, :]
 
-    out_mask = m_ok[:, None] & row_ok[None, :]
-    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + rows[None, :]
-    if SPLIT == 1:
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        # per-split slices of the workspace, plain stores (no float atomics, nothing to re-zero); the last
-        # program of the row block to arrive adds the slices up. (An fp32-atomic variant gave rare wrong sums on
-        # the H200 with fewer tokens than BM: benchmarks/KERNELS_NOTES.md v6.)
-        MN = M * N
-        ws = ws_ptr + offs_m[:, None].to(tl.int64) * N + rows[None, :]
-        tl.store(ws + s * MN, y, mask=out_mask)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
-        if arrived == SPLIT - 1:
-            tot = tl.zeros((BM, BN), dtype=tl.float32)
-            for k in tl.static_range(SPLIT):
-                tot += tl.load(ws + k * MN, mask=out_mask, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                tot += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptrs, tot.to(out_ptr.dtype.element_ty), mask=out_mask)
-            tl.atomic_xchg(cnt_ptr + pid, 0)
+    # split-K: per-split workspace slices, last arriver adds them (an fp32-atomic variant gave rare wrong sums on
+    # the H200 with fewer tokens than BM: benchmarks/KERNELS_NOTES.md v6)
+    _write_output(y, out_ptr, bias_ptr, ws_ptr, cnt_ptr + pid, offs_m, m_ok, rows, row_ok, s, M, N, stride_om,
+                  SPLIT, HAS_BIAS)
