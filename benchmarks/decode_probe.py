@@ -23,24 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
+from tilesparse.kernels.triton_hybrid import _expand24, _nibbles, _pick_x, _pos_planes, _x_planes
+from tilesparse.kernels.triton_stream import _dot_acc
+
 
 # ---------------------------------------------------------------------------------------------- kernels
-@triton.jit
-def _x_planes(xc, G: tl.constexpr):
-    """x chunk [4G] (fp32) -> the four planes x[4g + q], q = 0..3, each [G]."""
-    xe, xo = tl.split(tl.reshape(xc, (G, 2, 2)))
-    x0, x2 = tl.split(xe)
-    x1, x3 = tl.split(xo)
-    return x0, x1, x2, x3
-
-
-@triton.jit
-def _codes(mb, BN: tl.constexpr, G: tl.constexpr):
-    """meta bytes [BN, G/2] -> per-group codes [BN, G] (low nibble = even group)."""
-    mb = mb.to(tl.int32)
-    return tl.reshape(tl.join(mb & 15, mb >> 4), (BN, G))
-
-
 @triton.jit
 def _load24(vals, meta, x_ptr, r64, row_ok, c, KH, KM, K, offs_m, m_ok, BK: tl.constexpr):
     j = tl.arange(0, BK // 2)
@@ -81,29 +68,10 @@ def _fma24(acc, v, mb, xc, BN: tl.constexpr, BK: tl.constexpr):
     """acc[BN, G] += v0 * x[4g + p0] + v1 * x[4g + p1] (one token; x selected per row by tl.where)."""
     G: tl.constexpr = BK // 4
     v0, v1 = tl.split(tl.reshape(v, (BN, G, 2)))
-    nib = _codes(mb, BN, G)
-    p0 = nib & 3
-    p1 = nib >> 2
-    x0, x1, x2, x3 = _x_planes(tl.reshape(xc.to(tl.float32), (BK,)), G)
-    xs0 = tl.where(p0 == 0, x0[None, :], tl.where(p0 == 1, x1[None, :], x2[None, :]))
-    xs1 = tl.where(p1 == 3, x3[None, :], tl.where(p1 == 2, x2[None, :], x1[None, :]))
+    nib = _nibbles(mb, BN, G)
+    x0, x1, x2, x3 = _x_planes(xc.to(tl.float32), 1, G)
+    xs0, xs1 = _pick_x(nib & 3, nib >> 2, x0, x1, x2, x3)
     return acc + v0.to(tl.float32) * xs0 + v1.to(tl.float32) * xs1
-
-
-@triton.jit
-def _expand24(v, mb, BN: tl.constexpr, BK: tl.constexpr):
-    """2:4 values + codes -> the dense [BN, BK] tile (zeros where pruned)."""
-    G: tl.constexpr = BK // 4
-    v0, v1 = tl.split(tl.reshape(v, (BN, G, 2)))
-    nib = _codes(mb, BN, G)
-    p0 = nib & 3
-    p1 = nib >> 2
-    z = tl.zeros_like(v0)
-    d0 = tl.where(p0 == 0, v0, z)
-    d1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, z))
-    d2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, z))
-    d3 = tl.where(p1 == 3, v1, z)
-    return tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BN, BK))  # [g, b, a] = d[2b + a]
 
 
 def selector_tables(device):
@@ -166,52 +134,30 @@ def _step(acc, a, b, xc, tab64, tab32, KIND: tl.constexpr, BN: tl.constexpr, BK:
         acc = _fma24(acc, a, b, xc, BN, BK)
     elif KIND == 5:  # planes from a table-driven prmt expansion (a = int32 value pairs [BN, G])
         G: tl.constexpr = BK // 4
-        nib = _codes(b, BN, G)
-        sel = tl.load(tab64 + nib)
-        d0, d1, d2, d3 = _expand_asm(a, sel)
-        xe, xo = tl.split(tl.reshape(xc, (xc.shape[0], G, 2, 2)))
-        x0, x2 = tl.split(xe)
-        x1, x3 = tl.split(xo)
-        acc += tl.dot(d0, tl.trans(x0))
-        acc += tl.dot(d1, tl.trans(x1))
-        acc += tl.dot(d2, tl.trans(x2))
-        acc += tl.dot(d3, tl.trans(x3))
+        d0, d1, d2, d3 = _expand_asm(a, tl.load(tab64 + _nibbles(b, BN, G)))
+        x0, x1, x2, x3 = _x_planes(xc, xc.shape[0], G)
+        acc = _dot_acc(acc, d0, x0, F32)
+        acc = _dot_acc(acc, d1, x1, F32)
+        acc = _dot_acc(acc, d2, x2, F32)
+        acc = _dot_acc(acc, d3, x3, F32)
     elif KIND == 6:  # one token, x pair picked by a table-driven prmt (a = int32 pairs, xc = x as int32 pairs)
         G: tl.constexpr = BK // 4
-        nib = _codes(b, BN, G)
-        sel = tl.load(tab32 + nib)
+        sel = tl.load(tab32 + _nibbles(b, BN, G))
         xa, xb = tl.split(tl.reshape(xc, (G, 2)))
         acc = _xsel_fma_asm(acc, a, sel, xa[None, :], xb[None, :])
     elif KIND == 4:  # 2:4 as four planes: acc += sum_q D_q @ X_q^T, D_q[n, g] = weight at 4g + q
         G: tl.constexpr = BK // 4
         v0, v1 = tl.split(tl.reshape(a, (BN, G, 2)))
-        nib = _codes(b, BN, G)
-        p0 = nib & 3
-        p1 = nib >> 2
-        z = tl.zeros_like(v0)
-        xe, xo = tl.split(tl.reshape(xc, (xc.shape[0], G, 2, 2)))
-        x0, x2 = tl.split(xe)
-        x1, x3 = tl.split(xo)
-        d0 = tl.where(p0 == 0, v0, z)
-        d1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, z))
-        d2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, z))
-        d3 = tl.where(p1 == 3, v1, z)
-        if F32:
-            acc += tl.dot(d0.to(tl.float32), tl.trans(x0.to(tl.float32)))
-            acc += tl.dot(d1.to(tl.float32), tl.trans(x1.to(tl.float32)))
-            acc += tl.dot(d2.to(tl.float32), tl.trans(x2.to(tl.float32)))
-            acc += tl.dot(d3.to(tl.float32), tl.trans(x3.to(tl.float32)))
-        else:
-            acc += tl.dot(d0, tl.trans(x0))
-            acc += tl.dot(d1, tl.trans(x1))
-            acc += tl.dot(d2, tl.trans(x2))
-            acc += tl.dot(d3, tl.trans(x3))
+        nib = _nibbles(b, BN, G)
+        d0, d1, d2, d3 = _pos_planes(v0, v1, nib & 3, nib >> 2)
+        x0, x1, x2, x3 = _x_planes(xc, xc.shape[0], G)
+        acc = _dot_acc(acc, d0, x0, F32)
+        acc = _dot_acc(acc, d1, x1, F32)
+        acc = _dot_acc(acc, d2, x2, F32)
+        acc = _dot_acc(acc, d3, x3, F32)
     else:
-        w = a if KIND == 2 else _expand24(a, b, BN, BK)
-        if F32:  # the CPU interpreter has no bf16 dot
-            acc += tl.dot(w.to(tl.float32), tl.trans(xc.to(tl.float32)))
-        else:
-            acc += tl.dot(w, tl.trans(xc))
+        w = a if KIND == 2 else _expand24(a, _nibbles(b, BN, BK // 4), BN, BK)
+        acc = _dot_acc(acc, w, xc, F32)
     return acc
 
 
