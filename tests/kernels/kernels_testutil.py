@@ -92,6 +92,27 @@ def check_config(launch, x, p, bias, cfg, tol=1e-2):
     return a
 
 
+def check_configs(check, p, cfgs, dtype):
+    """``check(x, p, bias, cfg)`` for every ``(M, cfg)`` on fresh random ``x``, with a bias every other time."""
+    bias = torch.randn(p.out_features).to(dtype)
+    for i, (M, cfg) in enumerate(cfgs):
+        check(torch.randn(M, p.in_features).to(dtype), p, bias if i % 2 == 0 else None, cfg)
+
+
+def row_kinds_outputs(check, p, cfgs, dtype):
+    """On a :func:`rows_layer`: ``check`` every ``(M, cfg)`` with and without bias and assert that the all-zero
+    tile-row (rows 64-95) holds the bias alone; yields ``(cfg, x, bias, y)`` for further checks."""
+    bias = torch.randn(p.out_features).to(dtype)
+    zero_rows = slice(64, 96)
+    for M, cfg in cfgs:
+        for b in (bias, None):
+            x = torch.randn(M, p.in_features).to(dtype)
+            y = check(x, p, b, cfg)
+            expect = torch.zeros_like(y[:, zero_rows]) if b is None else b[zero_rows].expand_as(y[:, zero_rows])
+            assert torch.equal(y[:, zero_rows], expect)
+            yield cfg, x, b, y
+
+
 def rows_layer(dtype, tile=(32, 32), seed=5):
     """4 tile-rows: all dense, all 2:4, all zero (rows 64-95 for 32-row tiles), mixed (with a zero tile);
     K=160 -> 5 tile columns; the last tile-row is partial."""

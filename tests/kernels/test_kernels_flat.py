@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels_testutil import (CASES, case_id, check_config, interp, make_layer,  # noqa: F401 (fixtures)
-                              rows_layer, run_poisoned)
+from kernels_testutil import (CASES, case_id, check_config, check_configs, interp,  # noqa: F401 (fixtures)
+                              make_layer, row_kinds_outputs, rows_layer, run_poisoned)
 
 from tilesparse.kernels import ops
 from tilesparse.kernels.ops import KernelConfig as C
@@ -48,25 +48,14 @@ DOT = [  # tensor-core mode (needs tiles of >= 32 rows)
 def test_flat_matches_reference(interp, make_layer, case, dtype):
     N, K, tile, fs, fz = case
     _, _, p = make_layer(N, K, tile, fs, fz, dtype, seed=N + K)
-    bias = torch.randn(N).to(dtype)
-    cfgs = GATHER + (DOT if tile[0] >= 32 else [])
-    for i, (M, cfg) in enumerate(cfgs):
-        x = torch.randn(M, K).to(dtype)
-        _check(x, p, bias if i % 2 == 0 else None, cfg)
+    check_configs(_check, p, GATHER + (DOT if tile[0] >= 32 else []), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_flat_row_kinds(interp, dtype):
     """All-dense, all-2:4 and all-zero tile-rows (the latter's output is the bias alone)."""
-    p = rows_layer(dtype, seed=5)
-    bias = torch.randn(p.out_features).to(dtype)
-    for M, cfg in GATHER + DOT:
-        for b in (bias, None):
-            x = torch.randn(M, p.in_features).to(dtype)
-            y = _check(x, p, b, cfg)
-            zero_rows = slice(64, 96)
-            expect = torch.zeros_like(y[:, zero_rows]) if b is None else b[zero_rows].expand_as(y[:, zero_rows])
-            assert torch.equal(y[:, zero_rows], expect)
+    for _ in row_kinds_outputs(_check, rows_layer(dtype, seed=5), GATHER + DOT, dtype):
+        pass
 
 
 def test_flat_counters_reset_and_plans_cached(interp, make_layer):

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels_testutil import (CASES, case_id, check_config, interp, make_layer,  # noqa: F401 (fixtures)
-                              rows_layer, run_poisoned)
+from kernels_testutil import (CASES, case_id, check_config, check_configs, interp,  # noqa: F401 (fixtures)
+                              make_layer, row_kinds_outputs, rows_layer, run_poisoned)
 
 from tilesparse.kernels import ops
 from tilesparse.kernels.ops import KernelConfig as C
@@ -48,11 +48,7 @@ DOT = [  # tensor cores (needs tiles of >= 32 rows)
 def test_stream_matches_reference(interp, make_layer, case, dtype):
     N, K, tile, fs, fz = case
     _, _, p = make_layer(N, K, tile, fs, fz, dtype, seed=N + K + 1)
-    bias = torch.randn(N).to(dtype)
-    cfgs = FMA + (DOT if tile[0] >= 32 else [])
-    for i, (M, cfg) in enumerate(cfgs):
-        x = torch.randn(M, K).to(dtype)
-        _check(x, p, bias if i % 2 == 0 else None, cfg)
+    check_configs(_check, p, FMA + (DOT if tile[0] >= 32 else []), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -60,17 +56,10 @@ def test_stream_row_kinds_and_reset(interp, dtype):
     """All-dense, all-2:4 and all-zero tile-rows (the latter's output is the bias alone); the split-K arrival
     counters are left at zero, so the same launch twice gives the same result."""
     p = rows_layer(dtype, seed=6)
-    bias = torch.randn(p.out_features).to(dtype)
-    for M, cfg in FMA + DOT:
-        for b in (bias, None):
-            x = torch.randn(M, p.in_features).to(dtype)
-            y = _check(x, p, b, cfg)
-            zero_rows = slice(64, 96)
-            expect = torch.zeros_like(y[:, zero_rows]) if b is None else b[zero_rows].expand_as(y[:, zero_rows])
-            assert torch.equal(y[:, zero_rows], expect)
-            if cfg.split > 1:
-                assert torch.equal(y, _run(x, p, b, ops._fit(cfg, p)))
-                assert not ops._WS[("stream_cnt", "cpu", torch.int32)].any()
+    for cfg, x, b, y in row_kinds_outputs(_check, p, FMA + DOT, dtype):
+        if cfg.split > 1:
+            assert torch.equal(y, _run(x, p, b, ops._fit(cfg, p)))
+            assert not ops._WS[("stream_cnt", "cpu", torch.int32)].any()
 
 
 def test_stream_fit_and_candidates(make_layer):
