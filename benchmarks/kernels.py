@@ -62,6 +62,9 @@ def random_packed(N, K, frac, tile=(128, 128), dtype=torch.bfloat16, device="cud
 
 
 # ------------------------------------------------------------------ correctness
+LAUNCH = {"triton": ops.launch_triton, "flat": ops.launch_flat, "stream": ops.launch_stream, "mma": ops.launch_mma}
+
+
 def check(args) -> bool:
     dev = "cuda"
     torch.manual_seed(1)
@@ -81,10 +84,10 @@ def check(args) -> bool:
     if args.quick:
         cases = [cases[1], cases[3], cases[6], cases[7]]
         Ms = [1, 5, 16, 33, 200]
-    only = "flat" if args.flat_only else "stream" if args.stream_only else None
+    only = "flat" if args.flat_only else "stream" if args.stream_only else "mma" if args.mma_only else None
     if only == "flat":
         Ms = [1, 3, 5, 16]
-    elif only == "stream":
+    elif only in ("stream", "mma"):
         Ms = [1, 3, 5, 16, 33, 64]
     ok = True
     n = 0
@@ -125,12 +128,11 @@ def check(args) -> bool:
                         cfgs += [T("flat", 6, 1, 16, 0, 1, 4, 1, True, 0, 0, 4, 1, 4),
                                  T("flat", 6, 1, 32, 0, 1, 4, 1, True, 0, 0, 2, 1, 6)]
                 for cfg in cfgs:
-                    # flat / stream: twice (their counters and workspace must be left reset)
-                    for rep in range(2 if cfg.path in ("flat", "stream") else 1):
-                        if cfg.path in ("triton", "flat", "stream"):
+                    # flat / stream / mma: twice (their counters and workspace must be left reset)
+                    for rep in range(2 if cfg.path in ("flat", "stream", "mma") else 1):
+                        if cfg.path in LAUNCH:
                             out = torch.full((M, N), float("nan"), device=dev, dtype=dtype)
-                            launch = {"triton": ops.launch_triton, "flat": ops.launch_flat,
-                                      "stream": ops.launch_stream}[cfg.path]
+                            launch = LAUNCH[cfg.path]
                             launch(x, p, bias, cfg, out)
                         elif cfg.path == "dense" and not p.is_plain_dense():
                             continue
@@ -316,12 +318,13 @@ def write_table(rows, args, props) -> None:
 
 
 FAMILIES = (("v3", lambda c: c.path == "triton"), ("v5", lambda c: c.path == "flat"),
-            ("v6", lambda c: c.path == "stream"))
+            ("v6", lambda c: c.path == "stream"), ("v7", lambda c: c.path == "mma"))
 
 
 def decode(args) -> None:
     """Per (shape, tokens, 2:4 fraction): every autotuner candidate timed the autotuner's way (cold L2, CUDA
-    graphs, ``ops.time_cold``); the best config of each kernel family (v3 ``triton``, v5 ``flat``, v6 ``stream``)
+    graphs, ``ops.time_cold``); the best config of each kernel family (v3 ``triton``, v5 ``flat``, v6 ``stream``,
+    v7 ``mma``)
     then re-timed like the layer table (graph over weight copies > 4x L2, median of ``--reps``), with dense
     ``F.linear``."""
     dev = "cuda"
@@ -342,6 +345,8 @@ def decode(args) -> None:
                 ref = torch.nn.functional.linear(x.double(), p0.unpack().double())
                 times = {}
                 for cfg in ops.candidate_configs(M, p0):
+                    if args.paths and cfg.path not in args.paths.split(","):
+                        continue
                     try:
                         ops.run_config(x, p0, None, cfg)
                         torch.cuda.synchronize()
@@ -368,16 +373,17 @@ def decode(args) -> None:
         del W
         torch.cuda.empty_cache()
     lines = [f"decode cells on {props.name} ({time.time() - t_start:.0f}s); us per call, graph, weight copies > 4x L2",
-             "| shape | M | f | dense | v3 best | v5 flat | v6 stream | v6 x dense | bound | v6 % bound | v6 config "
-             "| err |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape | M | f | dense | v3 best | v5 flat | v6 stream | v7 mma | best x dense | bound | best % bound "
+             "| best config | err |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for sname, M, f, td, res in rows:
         def t_of(tag):
             return f"{res[tag][1] * 1e3:.1f}" if tag in res else "-"
         b = fmt.bytes_bound_speedup(f)
-        cn, tn, _ = res.get("v6", (None, float("nan"), 0.0))
-        err = max(e for _, _, e in res.values())
+        cn, tn, _ = min(res.values(), key=lambda v: v[1]) if res else (None, float("nan"), 0.0)
+        err = max((e for _, _, e in res.values()), default=float("nan"))
         lines.append(f"| {sname} | {M} | {f:.2f} | {td * 1e3:.1f} | {t_of('v3')} | {t_of('v5')} | {t_of('v6')} | "
-                     f"{td / tn:.2f} | {b:.2f} | {td / tn / b * 100:.0f}% | {cn.short() if cn else '-'} | {err:.1e} |")
+                     f"{t_of('v7')} | {td / tn:.2f} | {b:.2f} | {td / tn / b * 100:.0f}% | "
+                     f"{cn.short() if cn else '-'} | {err:.1e} |")
     text = "\n".join(lines) + "\n"
     if args.out:
         with open(args.out, "w") as fh:
@@ -448,8 +454,7 @@ def _precompile_worker(job):
                 for bias in (None, torch.zeros(256, device=dev, dtype=dtype))[:biases]:
                     try:
                         out = torch.empty(M, 256, device=dev, dtype=dtype)
-                        {"triton": ops.launch_triton, "flat": ops.launch_flat,
-                         "stream": ops.launch_stream}[cfg.path](x, p, bias, cfg, out)
+                        LAUNCH[cfg.path](x, p, bias, cfg, out)
                         done += 1
                     except Exception as e:  # noqa: BLE001 - reported, the tuner skips it too
                         print(f"  precompile skip {cfg.short()}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
@@ -481,6 +486,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="with --check: fewer cases")
     ap.add_argument("--flat-only", action="store_true", help="with --check: only the v5 flat kernel's configs")
     ap.add_argument("--stream-only", action="store_true", help="with --check: only the v6 stream kernel's configs")
+    ap.add_argument("--paths", default="", help="with --decode: only these kernel paths (e.g. stream,mma)")
+    ap.add_argument("--mma-only", action="store_true", help="with --check: only the v7 mma kernel's configs")
     ap.add_argument("--profile", action="store_true", help="a few fixed launches to run under ncu")
     ap.add_argument("--ncu", action="store_true", help="v5: flat/persistent/dense launches to run under ncu")
     ap.add_argument("--reps", type=int, default=30)

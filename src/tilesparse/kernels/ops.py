@@ -12,6 +12,8 @@ Paths (chosen per call):
 * ``"stream"`` (v6, up to 64 tokens) -- ``hybrid_stream_kernel`` (:mod:`.triton_stream`): long-lived
   programs that each walk ``BN`` rows of a tile-row in large chunks with the next chunk's loads in flight;
   one token by FMA without expanding the 2:4 values, more tokens by tensor cores on four position planes.
+* ``"mma"`` (v7, up to 64 tokens) -- :mod:`.cuda_mma`: CUDA C++ (NVRTC) on sparse tensor cores: 2:4 tiles by
+  ``mma.sp`` straight from the stored values and positions, dense tiles by ``mma``; GPU only.
 * ``"unpack"`` (prefill candidate) -- unpack the layer on the GPU into a *transient* scratch buffer
   (one per device and dtype, as large as the largest layer it has served; reused by every layer) and
   call ``F.linear`` on it. Its resident cost is that one buffer, reported by :func:`workspace_bytes`.
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import cuda_mma as _cm
 from .format import PackedHybrid
 
 try:  # triton is optional: without it everything runs through the torch reference
@@ -81,6 +84,8 @@ class KernelConfig:
     xt: int = 0  # stream: x loaded per tile ([BM, T, TILE_C]) instead of per position
 
     def short(self) -> str:
+        if self.path == "mma":
+            return f"mma bm{self.bm} w{self.warps} s{self.split} sb{self.ts}"
         if self.path == "stream":
             m = {0: "fma", 1: "dot", 2: "dotasm"}.get(self.mode, str(self.mode))
             return (f"stream-{m} bm{self.bm} bn{self.bn} ts{self.ts} td{self.td} s{self.split} "
@@ -126,6 +131,8 @@ def _fit(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
     """Clamp block sizes to the tile size; ``None`` if the config cannot run on this layer."""
     if cfg.path == "stream":
         return _fit_stream(cfg, packed)
+    if cfg.path == "mma":
+        return _fit_mma(cfg, packed)
     if cfg.path == "flat":
         if not _is_pow2(packed.tile_cols) or cfg.bm > 16 or cfg.mode not in (1, 3, 4, 5, 6):
             return None
@@ -183,6 +190,28 @@ def _fit_stream(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
                         1 if cfg.pref else 0, 1 if cfg.xt else 0)
 
 
+def _fit_mma(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
+    if interpreting() or not _cm.mma_supported(packed) or cfg.split < 1 or cfg.ts < 1:
+        return None
+    warps = cfg.warps
+    while warps > 1 and packed.tile_rows % (16 * warps):
+        warps //= 2
+    bm = 8 * _cm.octets(min(cfg.bm, _cm.MAX_TOKENS))
+    if _cm.octets(bm) * cfg.ts > 16:  # static shared memory: 2 * sb * octets KB
+        return None
+    split = cfg.split
+    while -(-packed.in_features // 64) > _cm.MAX_STEPS * split:  # 64-column steps per block
+        split *= 2
+    return KernelConfig("mma", 0, bm, 16 * warps, 0, split, warps, 1, True, 0, 0, cfg.ts)
+
+
+def mma_candidates(M: int) -> list[KernelConfig]:
+    """The v7 kernel's candidate configurations for ``M <= 64`` tokens: (warps, split, steps per batch)."""
+    bm = 8 * _cm.octets(M)
+    return [KernelConfig("mma", 0, bm, 0, 0, split, w, 1, True, 0, 0, sb)
+            for w in (4, 8) for split in (1, 2, 4, 8, 16) for sb in (1, 2)]
+
+
 def stream_candidates(M: int) -> list[KernelConfig]:
     """The v6 streaming kernel's candidate configurations for ``M <= 64`` tokens."""
     c = []
@@ -230,6 +259,8 @@ def heuristic_config(M: int, packed: PackedHybrid) -> KernelConfig:
 FLAT_CANDIDATES = os.environ.get("TILESPARSE_FLAT", "0") == "1"
 # v6 streaming kernel (``hybrid_stream_kernel``) among the candidates for M <= 64 tokens
 STREAM_CANDIDATES = os.environ.get("TILESPARSE_STREAM", "1") != "0"
+# v7 sparse-tensor-core kernel (:mod:`.cuda_mma`) among the candidates for M <= 64 tokens (CUDA, sm_80+)
+MMA_CANDIDATES = os.environ.get("TILESPARSE_MMA", "1") != "0"
 
 
 def flat_candidates(M: int) -> list[KernelConfig]:
@@ -266,6 +297,8 @@ def candidate_configs(M: int, packed: PackedHybrid, force_kernel: bool = False) 
             for bn in (16, 32, 64):
                 for split in (1, 2, 4, 8):
                     c.append(T("triton", mode, bm, bn, 128, split, 4, 3, True))
+    if M <= 64 and MMA_CANDIDATES and _cm.available():
+        c += mma_candidates(M)
     if M <= 64 and STREAM_CANDIDATES:
         c += stream_candidates(M)
     if M <= 16 and FLAT_CANDIDATES:
@@ -495,6 +528,18 @@ def launch_stream(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfi
     )
 
 
+def launch_mma(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfig, out: torch.Tensor) -> None:
+    """Run the v7 kernel (:mod:`.cuda_mma`) with ``cfg`` on ``x2 [M, K]`` into ``out [M, N]``."""
+    M = x2.shape[0]
+    if M > cfg.bm:
+        raise ValueError(f"mma kernel: {M} tokens > bm={cfg.bm}")
+    ws = cnt = None
+    if cfg.split > 1:
+        ws = _buffer("mma_ws", x2.device, M * packed.out_features, torch.float32)
+        cnt = _buffer("mma_cnt", x2.device, packed.grid.n_rows * (packed.tile_rows // cfg.bn), torch.int32)
+    _cm.launch(x2, packed, bias, out, cfg.warps, cfg.split, cfg.ts, ws, cnt)
+
+
 def unpack_triton(packed: PackedHybrid, out: torch.Tensor | None = None, bn: int = 32, bk: int = 64) -> torch.Tensor:
     """Dense masked weight ``[out, in]`` unpacked on the device by ``unpack_kernel``."""
     N, K = packed.shape
@@ -526,6 +571,8 @@ def run_config(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfig) 
         launch_flat(x2, packed, bias, cfg, out)
     elif cfg.path == "stream":
         launch_stream(x2, packed, bias, cfg, out)
+    elif cfg.path == "mma":
+        launch_mma(x2, packed, bias, cfg, out)
     else:
         launch_triton(x2, packed, bias, cfg, out)
     return out

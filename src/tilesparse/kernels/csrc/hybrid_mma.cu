@@ -1,0 +1,319 @@
+// Hybrid (dense / 2:4 tile) linear for 1-64 tokens on sparse tensor cores: v7 decode kernel.
+//
+// Y[M, N] = X[M, K] @ W^T for one packed layer (tilesparse.kernels.format), compiled at run time by NVRTC
+// (tilesparse/kernels/cuda_mma.py) with these macros:
+//   DT_BF16   1 = bfloat16, 0 = float16
+//   NOCT      token octets (the MMA's N = 8 tokens each): 1, 2, 4 or 8
+//   WARPS     warps per block; each warp owns 16 output rows of one tile-row (a "slab")
+//   SB        64-column steps per batch (x staged in shared memory per batch)
+//   META_H    sparse-MMA metadata register layout: 1 = a thread carries 16 K-columns of rows g and g+8,
+//             2 = a thread carries all 32 K-columns of one row
+//   HAS_BIAS  1 = add bias
+//
+// Work: block (chunk, j) = 16*WARPS rows of one tile-row and the j-th of `split` equal parts of that
+// tile-row's 64-column steps (its 2:4 steps first, then its dense steps). 2:4 steps run two
+// mma.sp.m16n8k32 per token octet straight on the stored values and the format's own 2-bit positions; dense
+// steps run four mma.m16n8k16. The K order inside a step is permuted (identically for W and X) so that a
+// thread reads 16 contiguous bytes of W per row; X is staged in shared memory in that fragment order.
+// split > 1: fp32 atomics into ws[M, N] (kept zero between calls) and the last block of a chunk to arrive
+// writes the output and clears its part of ws and its counter.
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef unsigned short u16;
+
+#define TPB (WARPS * 32)
+#define MIN_BLOCKS (512 / TPB)  // at most 128 registers per thread: 16 warps per SM
+#define BR (WARPS * 16)
+#define XS_WORDS (SB * NOCT * 256)
+#define MAX_STEPS 512  // 64-column steps per block (cuda_mma.py picks split so that this holds)
+
+#if DT_BF16
+#define MMA_T "bf16"
+#else
+#define MMA_T "f16"
+#endif
+
+__device__ __forceinline__ uint4 ldg16(const void* p) {
+    uint4 v;
+    asm("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ uint2 ldg8(const void* p) {
+    uint2 v;
+    asm("ld.global.nc.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ u32 ldg4(const void* p) {
+    u32 v;
+    asm("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ float ld_cg(const float* p) {
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ float to_f32(u16 h) {
+    float f;
+#if DT_BF16
+    u32 w = ((u32)h) << 16;
+    asm("mov.b32 %0, %1;" : "=f"(f) : "r"(w));
+#else
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+#endif
+    return f;
+}
+
+__device__ __forceinline__ u16 from_f32(float f) {
+    u16 h;
+#if DT_BF16
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#else
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#endif
+    return h;
+}
+
+// D += A(16x32, 2:4 compressed to 16x16) * B(32x8); sel: which thread pair of a quad holds the metadata
+template <int SEL>
+__device__ __forceinline__ void mma_sp(float* d, u32 a0, u32 a1, u32 a2, u32 a3, uint4 b, u32 e) {
+    asm volatile(
+        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32." MMA_T "." MMA_T ".f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, %13;"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b.x), "r"(b.y), "r"(b.z), "r"(b.w), "r"(e), "n"(SEL));
+}
+
+// D += A(16x16) * B(16x8)
+__device__ __forceinline__ void mma_dense(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32." MMA_T "." MMA_T ".f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// nibbles k, k+4, k+8, k+12 of a row's 16 groups (one 64-column step) packed into 16 bits
+__device__ __forceinline__ u32 gather4(u64 m, int k) {
+    u64 v = (m >> (4 * k)) & 0x000F000F000F000FULL;
+    v |= v >> 12;
+    return (u32)(v & 0xFFu) | ((u32)(v >> 24) & 0xFF00u);
+}
+
+// this thread's metadata register for a 2:4 step (used by MMA (t >> 1) of the step)
+__device__ __forceinline__ u32 meta_reg(u64 mg, u64 mg8, int t) {
+#if META_H == 1
+    return gather4(mg, t) | (gather4(mg8, t) << 16);
+#else
+    const u64 m = (t & 1) ? mg8 : mg;
+    const int s = t >> 1;
+    return gather4(m, 2 * s) | (gather4(m, 2 * s + 1) << 16);
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(TPB, MIN_BLOCKS) KNAME(
+    const u16* __restrict__ x, u16* __restrict__ out, const u16* __restrict__ bias,
+    float* __restrict__ ws, int* __restrict__ cnt,
+    const u16* __restrict__ spv, const unsigned char* __restrict__ spm, const u16* __restrict__ dnv,
+    const int* __restrict__ sp_cols, const int* __restrict__ sp_ptr,
+    const int* __restrict__ dn_cols, const int* __restrict__ dn_ptr,
+    const long long* __restrict__ row_info,
+    int M, int N, int sx, int so, int split, int chunks_per_tr, int TR, int log2_tc) {
+    __shared__ __align__(16) u32 xs[2 * XS_WORDS];
+    __shared__ int s_cb[MAX_STEPS];
+    __shared__ int s_last;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int chunk = blockIdx.x, j = blockIdx.y;
+    const int r = chunk / chunks_per_tr, b = chunk - r * chunks_per_tr;
+    const int row0 = r * TR + b * BR;
+    if (row0 >= N) return;
+    const int TC = 1 << log2_tc;
+    const long long* ri = row_info + 8 * r;
+    const int sp_len = (int)ri[0], dn_len = (int)ri[5];
+    const long long sp_off = ri[1], sp_stride = ri[2], mt_off = ri[3], mt_stride = ri[4];
+    const long long dn_off = ri[6], dn_stride = ri[7];
+    const int n_sp = sp_len >> 6, n_all = n_sp + (dn_len >> 6);
+    const int s_beg = (int)((long long)n_all * j / split), s_end = (int)((long long)n_all * (j + 1) / split);
+    const int rows_tr = min(TR, N - r * TR);
+    const int wrow = b * BR + warp * 16;  // the warp's first row inside the tile-row
+    const bool wvalid = wrow < rows_tr;   // N % 16 == 0: a slab is wholly inside or wholly beyond
+    const int sp_p0 = sp_ptr[r], dn_p0 = dn_ptr[r];
+    const long long rg = wvalid ? wrow + g : 0;
+    const u16* spA = spv + sp_off + rg * sp_stride + 8 * t;
+    const unsigned char* mA = spm + mt_off + rg * mt_stride;
+    const u16* dnA = dnv + dn_off + rg * dn_stride + 8 * t;
+
+    float acc[NOCT][4];
+#pragma unroll
+    for (int o = 0; o < NOCT; ++o) acc[o][0] = acc[o][1] = acc[o][2] = acc[o][3] = 0.f;
+
+    // this warp's weights of the SB steps from s0: 2:4 step = rows g, g+8 in a0, a1, their metadata in a2;
+    // dense step = the two 32-column halves of rows g, g+8 in a0..a3
+    auto load_w = [&](int s0, uint4 (&a0)[SB], uint4 (&a1)[SB], uint4 (&a2)[SB], uint4 (&a3)[SB]) {
+        const int nb = min(SB, s_end - s0);
+#pragma unroll
+        for (int i = 0; i < SB; ++i) {
+            const int st = s0 + i;
+            a0[i] = a1[i] = a2[i] = a3[i] = make_uint4(0, 0, 0, 0);
+            if (i < nb && wvalid) {
+                if (st < n_sp) {
+                    const u16* p = spA + 32 * st;
+                    a0[i] = ldg16(p);
+                    a1[i] = ldg16(p + 8 * sp_stride);
+                    const uint2 mg = ldg8(mA + 8 * st), mg8 = ldg8(mA + 8 * mt_stride + 8 * st);
+                    a2[i] = make_uint4(mg.x, mg.y, mg8.x, mg8.y);
+                } else {
+                    const u16* p = dnA + 64 * (st - n_sp);
+                    a0[i] = ldg16(p);
+                    a1[i] = ldg16(p + 8 * dn_stride);
+                    a2[i] = ldg16(p + 32);
+                    a3[i] = ldg16(p + 8 * dn_stride + 32);
+                }
+            }
+        }
+    };
+    // two batches of weights in registers: the next one's loads are in flight during this one's MMAs
+    uint4 a0[SB], a1[SB], a2[SB], a3[SB], b0_[SB], b1_[SB], b2_[SB], b3_[SB];
+    if (s_beg < s_end) load_w(s_beg, a0, a1, a2, a3);
+
+    // first input column of every step of this block (2:4 steps first, then dense)
+    const int nsteps = s_end - s_beg;
+    for (int i = tid; i < nsteps; i += TPB) {
+        const int st = s_beg + i;
+        const bool sp = st < n_sp;
+        const int pos = 64 * (sp ? st : st - n_sp);
+        const int tile = sp ? sp_cols[sp_p0 + (pos >> log2_tc)] : dn_cols[dn_p0 + (pos >> log2_tc)];
+        s_cb[i] = (tile << log2_tc) + (pos & (TC - 1));
+    }
+    __syncthreads();
+    // x of a batch -> shared memory in fragment order [step][octet][half][lane][4 words], by 4-byte cp.async
+    // (tokens >= M are zero-filled)
+    auto stage = [&](int sb0, u32* dst) {
+        const int nbb = min(SB, s_end - sb0);
+        for (int idx = tid; idx < nbb * NOCT * 256; idx += TPB) {
+            const int e = 2 * (idx & 31);
+            const int n = (idx >> 5) & (NOCT * 8 - 1);
+            const int i = idx / (NOCT * 256);
+            int half, tt, reg;
+            if (sb0 + i < n_sp) {  // e = 32a + 16h + 8s + 4bb + 2c: MMA s, quad position 2h + c, register a + 2bb
+                half = (e >> 3) & 1;
+                tt = 2 * ((e >> 4) & 1) + ((e >> 1) & 1);
+                reg = (e >> 5) + 2 * ((e >> 2) & 1);
+            } else {               // e = 32u + 8t + 2j: sub-step u, quad position t, word j
+                half = e >> 5;
+                tt = (e >> 3) & 3;
+                reg = (e >> 1) & 3;
+            }
+            const u32* d = dst + ((i * NOCT + (n >> 3)) * 2 + half) * 128 + ((n & 7) * 4 + tt) * 4 + reg;
+            const bool ok = n < M;
+            const u16* src = x + (ok ? (long long)n * sx + s_cb[sb0 - s_beg + i] + e : 0);
+            const u32 da = (u32)__cvta_generic_to_shared(d);
+            asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(da), "l"(src), "r"(ok ? 4 : 0));
+        }
+        asm volatile("cp.async.commit_group;");
+    };
+    if (s_beg < s_end) stage(s_beg, xs);
+
+    for (int s0 = s_beg, batch = 0; s0 < s_end; s0 += SB, ++batch) {
+        const int nb = min(SB, s_end - s0);
+        // 1. the next batch's weights
+        if (s0 + SB < s_end) load_w(s0 + SB, b0_, b1_, b2_, b3_);
+        // 2. x of this batch has landed (everyone's copies); all warps are done with the other buffer,
+        //    which now receives the next batch
+        asm volatile("cp.async.wait_group 0;" ::: "memory");
+        __syncthreads();
+        const u32* xcur = xs + (batch & 1) * XS_WORDS;
+        if (s0 + SB < s_end) stage(s0 + SB, xs + ((batch + 1) & 1) * XS_WORDS);
+        // 3. tensor cores
+        if (wvalid) {
+#pragma unroll
+            for (int i = 0; i < SB; ++i) {
+                if (i < nb) {
+                    const int st = s0 + i;
+                    const u32* xb = xcur + (i * NOCT) * 256 + lane * 4;
+                    if (st < n_sp) {
+                        const u32 e = meta_reg(((u64)a2[i].y << 32) | a2[i].x, ((u64)a2[i].w << 32) | a2[i].z, t);
+#pragma unroll
+                        for (int o = 0; o < NOCT; ++o) {
+                            const uint4 b0 = *reinterpret_cast<const uint4*>(xb + o * 256);
+                            const uint4 b1 = *reinterpret_cast<const uint4*>(xb + o * 256 + 128);
+                            mma_sp<0>(acc[o], a0[i].x, a1[i].x, a0[i].y, a1[i].y, b0, e);
+                            mma_sp<1>(acc[o], a0[i].z, a1[i].z, a0[i].w, a1[i].w, b1, e);
+                        }
+                    } else {
+#pragma unroll
+                        for (int o = 0; o < NOCT; ++o) {
+                            const uint4 b0 = *reinterpret_cast<const uint4*>(xb + o * 256);
+                            const uint4 b1 = *reinterpret_cast<const uint4*>(xb + o * 256 + 128);
+                            mma_dense(acc[o], a0[i].x, a1[i].x, a0[i].y, a1[i].y, b0.x, b0.y);
+                            mma_dense(acc[o], a0[i].z, a1[i].z, a0[i].w, a1[i].w, b0.z, b0.w);
+                            mma_dense(acc[o], a2[i].x, a3[i].x, a2[i].y, a3[i].y, b1.x, b1.y);
+                            mma_dense(acc[o], a2[i].z, a3[i].z, a2[i].w, a3[i].w, b1.z, b1.w);
+                        }
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < SB; ++i) {
+            a0[i] = b0_[i];
+            a1[i] = b1_[i];
+            a2[i] = b2_[i];
+            a3[i] = b3_[i];
+        }
+    }
+
+    // accumulator k of octet o: row g + 8 (k >> 1), token 8 o + 2 t + (k & 1)
+    const int grow = r * TR + wrow + g;
+    if (split == 1) {
+        if (wvalid) {
+#pragma unroll
+            for (int o = 0; o < NOCT; ++o)
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    const int tok = 8 * o + 2 * t + (k & 1), row = grow + 8 * (k >> 1);
+                    if (tok < M) {
+                        float v = acc[o][k];
+#if HAS_BIAS
+                        v += to_f32(bias[row]);
+#endif
+                        out[(long long)tok * so + row] = from_f32(v);
+                    }
+                }
+        }
+        return;
+    }
+    if (wvalid) {
+#pragma unroll
+        for (int o = 0; o < NOCT; ++o)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const int tok = 8 * o + 2 * t + (k & 1), row = grow + 8 * (k >> 1);
+                if (tok < M) atomicAdd(ws + (long long)tok * N + row, acc[o][k]);
+            }
+    }
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) s_last = atomicAdd(cnt + chunk, 1) == split - 1;
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    const int rows_here = min(BR, rows_tr - b * BR);
+    for (int idx = tid; idx < M * rows_here; idx += TPB) {
+        const int tok = idx / rows_here, row = row0 + (idx - tok * rows_here);
+        float* w = ws + (long long)tok * N + row;
+        float v = ld_cg(w);
+        *w = 0.f;
+#if HAS_BIAS
+        v += to_f32(bias[row]);
+#endif
+        out[(long long)tok * so + row] = from_f32(v);
+    }
+    if (tid == 0) cnt[chunk] = 0;
+}
