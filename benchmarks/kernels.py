@@ -515,7 +515,9 @@ def main() -> int:
                        else ("triton", "flat", "stream"))
         if args.decode or not args.check:  # what the timings run: bf16 without bias
             toks = [int(t) for t in args.tokens.split(",")]
-            precompile(sorted({ops._pow2_at_least(t) for t in toks}), args.precompile, bf16_only=True)
+            paths = tuple(q for q in (args.paths.split(",") if args.paths else ("triton", "flat", "stream"))
+                          if q in ("triton", "flat", "stream"))  # (the v7 kernel compiles in-process, NVRTC)
+            precompile(sorted({ops._pow2_at_least(t) for t in toks}), args.precompile, bf16_only=True, paths=paths)
         if args.precompile_only:
             return 0
     if args.check:
