@@ -2,8 +2,8 @@
 
 The v7 kernel (``src/tilesparse/kernels/csrc/hybrid_mma.cu``) assumes (1) the A-fragment layout of the PTX
 ISA, (2) a B fragment with register ``i`` holding K rows ``2t + 8i + {0, 1}`` of column ``g`` (lane = 4g + t),
-(3) one of two metadata layouts (``META_H``): 1 = the thread pair's registers carry 16 K-columns each of
-rows g and g + 8 (low / high half), 2 = each carries all 32 K-columns of one row (g / g + 8). This script
+(3) a metadata layout; two candidates are tested: 1 = the thread pair's registers carry 16 K-columns each of
+rows g and g + 8 (low / high half; what the kernel uses), 2 = each carries all 32 K-columns of one row. This script
 runs single MMAs on chosen registers and compares with a float64 emulation of each assumption.
 
     python3 benchmarks/mma_probe.py        # GPU; prints the layouts that match
@@ -98,7 +98,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
         return 2
-    src = cm.configured_source(cm.MmaKey(True, 1, 4, 1, 1, False)) + PROBE
+    src = cm.configured_source(cm.MmaKey(True, 1, 4, 1, False)) + PROBE
     kern = torch.cuda._compile_kernel(src, "mma_probe", nvcc_options=["-std=c++17"])
     rng = np.random.default_rng(0)
     # (2) B layout, independent of the metadata layout: every nibble the same, one A value set at a time
@@ -137,7 +137,7 @@ def main() -> int:
             err = np.abs(D - want).max() / max(1e-9, np.abs(want).max())
             res[meta] &= bool(err < 1e-2)
     for meta in (1, 2):
-        print(f"metadata layout META_H={meta}: {'MATCH' if res[meta] else 'NO MATCH'}")
+        print(f"metadata layout {meta}: {'MATCH' if res[meta] else 'NO MATCH'}")
     return 0 if b_ok and (res[1] or res[2]) else 1
 
 

@@ -21,8 +21,8 @@ from tilesparse.kernels import ops
 from tilesparse.kernels.ops import KernelConfig as C
 from tilesparse.kernels.reference import reference_linear_f64, rel_error
 
-KEYS = [cm.MmaKey(True, 1, 4, 2, 1, True), cm.MmaKey(True, 2, 8, 2, 1, False), cm.MmaKey(False, 8, 4, 1, 1, True),
-        cm.MmaKey(True, 4, 4, 2, 2, False)]
+KEYS = [cm.MmaKey(True, 1, 4, 2, True), cm.MmaKey(True, 2, 8, 2, False), cm.MmaKey(False, 8, 4, 1, True),
+        cm.MmaKey(True, 4, 4, 1, False)]
 
 
 def _libnvrtc():

@@ -13,7 +13,6 @@ the Triton CPU interpreter: it is checked on the GPU by ``benchmarks/kernels.py 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from importlib import resources
 
@@ -23,9 +22,6 @@ from .format import PackedHybrid
 
 MAX_TOKENS = 64
 MAX_STEPS = 512  # 64-column steps per block (csrc/hybrid_mma.cu)
-# sparse-MMA metadata register layout (see csrc/hybrid_mma.cu, META_H); checked on the GPU by
-# benchmarks/mma_probe.py
-META_LAYOUT = int(os.environ.get("TILESPARSE_MMA_META", "1"))
 
 
 @dataclass(frozen=True)
@@ -34,13 +30,12 @@ class MmaKey:
     noct: int
     warps: int
     sb: int
-    meta: int
     bias: bool
 
     @property
     def name(self) -> str:
         return (f"hybrid_mma_{'bf16' if self.bf16 else 'f16'}_o{self.noct}_w{self.warps}_s{self.sb}"
-                f"_m{self.meta}{'_b' if self.bias else ''}")
+                f"{'_b' if self.bias else ''}")
 
 
 _SOURCE: str | None = None
@@ -59,7 +54,7 @@ def configured_source(key: MmaKey) -> str:
     """The source with the macros of one configuration prepended."""
     head = "".join(f"#define {k} {v}\n" for k, v in (
         ("DT_BF16", int(key.bf16)), ("NOCT", key.noct), ("WARPS", key.warps), ("SB", key.sb),
-        ("META_H", key.meta), ("HAS_BIAS", int(key.bias)), ("KNAME", key.name)))
+        ("HAS_BIAS", int(key.bias)), ("KNAME", key.name)))
     return head + source()
 
 
@@ -115,7 +110,7 @@ def launch(x2: torch.Tensor, packed: PackedHybrid, bias, out: torch.Tensor, warp
     br = 16 * warps
     if packed.tile_rows % br:
         raise ValueError(f"mma kernel: {br} rows per block do not divide tile_rows={packed.tile_rows}")
-    key = MmaKey(packed.dtype == torch.bfloat16, octets(M), warps, sb, META_LAYOUT, bias is not None)
+    key = MmaKey(packed.dtype == torch.bfloat16, octets(M), warps, sb, bias is not None)
     if -(-packed.in_features // 64) > MAX_STEPS * split:
         raise ValueError(f"mma kernel: split={split} leaves more than {MAX_STEPS} steps per block")
     cpt = packed.tile_rows // br

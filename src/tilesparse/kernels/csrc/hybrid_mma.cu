@@ -5,16 +5,17 @@
 //   DT_BF16   1 = bfloat16, 0 = float16
 //   NOCT      token octets (the MMA's N = 8 tokens each): 1, 2, 4 or 8
 //   WARPS     warps per block; each warp owns 16 output rows of one tile-row (a "slab")
-//   SB        64-column steps per batch (x staged in shared memory per batch)
-//   META_H    sparse-MMA metadata register layout: 1 = a thread carries 16 K-columns of rows g and g+8,
-//             2 = a thread carries all 32 K-columns of one row
+//   SB        64-column steps per batch
 //   HAS_BIAS  1 = add bias
 //
 // Work: block (chunk, j) = 16*WARPS rows of one tile-row and the j-th of `split` equal parts of that
 // tile-row's 64-column steps (its 2:4 steps first, then its dense steps). 2:4 steps run two
 // mma.sp.m16n8k32 per token octet straight on the stored values and the format's own 2-bit positions; dense
 // steps run four mma.m16n8k16. The K order inside a step is permuted (identically for W and X) so that a
-// thread reads 16 contiguous bytes of W per row; X is staged in shared memory in that fragment order.
+// thread reads 16 contiguous bytes of W per row. Per batch of SB steps, X is copied into shared memory in
+// that fragment order by cp.async (double-buffered) and the next batch's weights are loaded into a second set of
+// registers while this batch's MMAs run. Sparse-MMA metadata: the selected thread pair of each quad carries 16
+// K-columns each, row g in the low and row g + 8 in the high half (checked by benchmarks/mma_probe.py).
 // split > 1: fp32 atomics into ws[M, N] (kept zero between calls) and the last block of a chunk to arrive
 // writes the output and clears its part of ws and its counter.
 
@@ -105,15 +106,9 @@ __device__ __forceinline__ u32 gather4(u64 m, int k) {
     return (u32)(v & 0xFFu) | ((u32)(v >> 24) & 0xFF00u);
 }
 
-// this thread's metadata register for a 2:4 step (used by MMA (t >> 1) of the step)
+// this thread's metadata register for a 2:4 step (used by MMA (t >> 1) of the step, selector t >> 1)
 __device__ __forceinline__ u32 meta_reg(u64 mg, u64 mg8, int t) {
-#if META_H == 1
     return gather4(mg, t) | (gather4(mg8, t) << 16);
-#else
-    const u64 m = (t & 1) ? mg8 : mg;
-    const int s = t >> 1;
-    return gather4(m, 2 * s) | (gather4(m, 2 * s + 1) << 16);
-#endif
 }
 
 extern "C" __global__ void __launch_bounds__(TPB, MIN_BLOCKS) KNAME(
@@ -269,35 +264,27 @@ extern "C" __global__ void __launch_bounds__(TPB, MIN_BLOCKS) KNAME(
         }
     }
 
+    auto store = [&](int tok, int row, float v) {
+#if HAS_BIAS
+        v += to_f32(bias[row]);
+#endif
+        out[(long long)tok * so + row] = from_f32(v);
+    };
     // accumulator k of octet o: row g + 8 (k >> 1), token 8 o + 2 t + (k & 1)
     const int grow = r * TR + wrow + g;
-    if (split == 1) {
-        if (wvalid) {
-#pragma unroll
-            for (int o = 0; o < NOCT; ++o)
-#pragma unroll
-                for (int k = 0; k < 4; ++k) {
-                    const int tok = 8 * o + 2 * t + (k & 1), row = grow + 8 * (k >> 1);
-                    if (tok < M) {
-                        float v = acc[o][k];
-#if HAS_BIAS
-                        v += to_f32(bias[row]);
-#endif
-                        out[(long long)tok * so + row] = from_f32(v);
-                    }
-                }
-        }
-        return;
-    }
     if (wvalid) {
 #pragma unroll
         for (int o = 0; o < NOCT; ++o)
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
                 const int tok = 8 * o + 2 * t + (k & 1), row = grow + 8 * (k >> 1);
-                if (tok < M) atomicAdd(ws + (long long)tok * N + row, acc[o][k]);
+                if (tok < M) {
+                    if (split == 1) store(tok, row, acc[o][k]);
+                    else atomicAdd(ws + (long long)tok * N + row, acc[o][k]);
+                }
             }
     }
+    if (split == 1) return;
     __threadfence();
     __syncthreads();
     if (tid == 0) s_last = atomicAdd(cnt + chunk, 1) == split - 1;
@@ -308,12 +295,9 @@ extern "C" __global__ void __launch_bounds__(TPB, MIN_BLOCKS) KNAME(
     for (int idx = tid; idx < M * rows_here; idx += TPB) {
         const int tok = idx / rows_here, row = row0 + (idx - tok * rows_here);
         float* w = ws + (long long)tok * N + row;
-        float v = ld_cg(w);
+        const float v = ld_cg(w);
         *w = 0.f;
-#if HAS_BIAS
-        v += to_f32(bias[row]);
-#endif
-        out[(long long)tok * so + row] = from_f32(v);
+        store(tok, row, v);
     }
     if (tid == 0) cnt[chunk] = 0;
 }
