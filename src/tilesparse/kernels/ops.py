@@ -193,9 +193,7 @@ def _fit_stream(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
 def _fit_mma(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
     if interpreting() or not _cm.mma_supported(packed) or cfg.split < 1 or cfg.ts < 1:
         return None
-    warps = cfg.warps
-    while warps > 1 and packed.tile_rows % (16 * warps):
-        warps //= 2
+    warps = _largest_pow2_divisor_le(packed.tile_rows // 16, cfg.warps)
     bm = 8 * _cm.octets(min(cfg.bm, _cm.MAX_TOKENS))
     if _cm.octets(bm) * cfg.ts > 16:  # static shared memory: 2 * sb * octets KB
         return None

@@ -47,12 +47,6 @@ __device__ __forceinline__ uint2 ldg8(const void* p) {
     return v;
 }
 
-__device__ __forceinline__ u32 ldg4(const void* p) {
-    u32 v;
-    asm("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
-    return v;
-}
-
 __device__ __forceinline__ float ld_cg(const float* p) {
     float v;
     asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
