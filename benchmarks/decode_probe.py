@@ -64,6 +64,20 @@ def _loadd(w_ptr, x_ptr, r64, row_ok, c, K, offs_m, m_ok, BK: tl.constexpr):
 
 
 @triton.jit
+def _load_chunk(vals, vals32, meta, w_ptr, x_ptr, x32_ptr, r64, row_ok, c, KH, KM, K, offs_m, m_ok,
+                BK: tl.constexpr, KIND: tl.constexpr, SP: tl.constexpr, PAIRS: tl.constexpr):
+    """Chunk ``c`` of the layout the kernel reads: (values, metadata, x) for 2:4, (w, w, x) for dense."""
+    if PAIRS:
+        a, b, xc = _load24p(vals32, meta, x_ptr, x32_ptr, r64, row_ok, c, KH, KM, K, offs_m, m_ok, BK, KIND == 6)
+    elif SP:
+        a, b, xc = _load24(vals, meta, x_ptr, r64, row_ok, c, KH, KM, K, offs_m, m_ok, BK)
+    else:
+        a, xc = _loadd(w_ptr, x_ptr, r64, row_ok, c, K, offs_m, m_ok, BK)
+        b = a
+    return a, b, xc
+
+
+@triton.jit
 def _fma24(acc, v, mb, xc, BN: tl.constexpr, BK: tl.constexpr):
     """acc[BN, G] += v0 * x[4g + p0] + v1 * x[4g + p1] (one token; x selected per row by tl.where)."""
     G: tl.constexpr = BK // 4
@@ -184,36 +198,19 @@ def probe_kernel(x_ptr, x32_ptr, w_ptr, vals, vals32, meta, tab64, tab32, out_pt
     else:
         acc = tl.zeros((BN, BM), dtype=tl.float32)
     if PREF:
-        if PAIRS:
-            a, b, xc = _load24p(vals32, meta, x_ptr, x32_ptr, r64, row_ok, c0, KH, KM, K, offs_m, m_ok, BK, KIND == 6)
-        elif SP:
-            a, b, xc = _load24(vals, meta, x_ptr, r64, row_ok, c0, KH, KM, K, offs_m, m_ok, BK)
-        else:
-            a, xc = _loadd(w_ptr, x_ptr, r64, row_ok, c0, K, offs_m, m_ok, BK)
-            b = a
+        a, b, xc = _load_chunk(vals, vals32, meta, w_ptr, x_ptr, x32_ptr, r64, row_ok, c0, KH, KM, K, offs_m, m_ok,
+                               BK, KIND, SP, PAIRS)
         for c in range(c0 + 1, c1):
-            if PAIRS:
-                an, bn_, xn = _load24p(vals32, meta, x_ptr, x32_ptr, r64, row_ok, c, KH, KM, K, offs_m, m_ok, BK,
-                                       KIND == 6)
-            elif SP:
-                an, bn_, xn = _load24(vals, meta, x_ptr, r64, row_ok, c, KH, KM, K, offs_m, m_ok, BK)
-            else:
-                an, xn = _loadd(w_ptr, x_ptr, r64, row_ok, c, K, offs_m, m_ok, BK)
-                bn_ = an
+            an, bn_, xn = _load_chunk(vals, vals32, meta, w_ptr, x_ptr, x32_ptr, r64, row_ok, c, KH, KM, K, offs_m,
+                                      m_ok, BK, KIND, SP, PAIRS)
             acc = _step(acc, a, b, xc, tab64, tab32, KIND, BN, BK, F32)
             a, b, xc = an, bn_, xn
         if c0 < c1:
             acc = _step(acc, a, b, xc, tab64, tab32, KIND, BN, BK, F32)
     else:
         for c in range(c0, c1):
-            if PAIRS:
-                a, b, xc = _load24p(vals32, meta, x_ptr, x32_ptr, r64, row_ok, c, KH, KM, K, offs_m, m_ok, BK,
-                                    KIND == 6)
-            elif SP:
-                a, b, xc = _load24(vals, meta, x_ptr, r64, row_ok, c, KH, KM, K, offs_m, m_ok, BK)
-            else:
-                a, xc = _loadd(w_ptr, x_ptr, r64, row_ok, c, K, offs_m, m_ok, BK)
-                b = a
+            a, b, xc = _load_chunk(vals, vals32, meta, w_ptr, x_ptr, x32_ptr, r64, row_ok, c, KH, KM, K, offs_m, m_ok,
+                                   BK, KIND, SP, PAIRS)
             acc = _step(acc, a, b, xc, tab64, tab32, KIND, BN, BK, F32)
     if FMA:
         y = tl.sum(acc, 1)[None, :]  # [1, BN]
