@@ -104,24 +104,20 @@ def _probs(lg_ptr, plane, off, m2, seed, sot, inv_tau, NOISE: tl.constexpr):
 
 
 @triton.jit
+def _take_if_greater(best, idx, y, k: tl.constexpr):
+    """(best, idx) updated with candidate ``k`` of value ``y`` where it is strictly greater."""
+    upd = y > best
+    return tl.where(upd, y, best), tl.where(upd, k, idx)
+
+
+@triton.jit
 def _argmax6(y0, y1, y2, y3, y4, y5):
     """Index of the first maximum (as ``torch.argmax``)."""
-    best = y0
-    idx = tl.zeros(y0.shape, tl.int32)
-    upd = y1 > best
-    best = tl.where(upd, y1, best)
-    idx = tl.where(upd, 1, idx)
-    upd = y2 > best
-    best = tl.where(upd, y2, best)
-    idx = tl.where(upd, 2, idx)
-    upd = y3 > best
-    best = tl.where(upd, y3, best)
-    idx = tl.where(upd, 3, idx)
-    upd = y4 > best
-    best = tl.where(upd, y4, best)
-    idx = tl.where(upd, 4, idx)
-    upd = y5 > best
-    idx = tl.where(upd, 5, idx)
+    best, idx = _take_if_greater(y0, tl.zeros(y0.shape, tl.int32), y1, 1)
+    best, idx = _take_if_greater(best, idx, y2, 2)
+    best, idx = _take_if_greater(best, idx, y3, 3)
+    best, idx = _take_if_greater(best, idx, y4, 4)
+    best, idx = _take_if_greater(best, idx, y5, 5)
     return idx
 
 
