@@ -7,6 +7,7 @@
         --shapes 4096x4096,11008x4096,4096x11008      # v6 stream vs v5 flat vs v3 kernels vs dense (decode cells)
     PYTHONPATH=src python3 benchmarks/kernels.py --check --flat-only   # correctness of the v5 flat kernel only
     ncu --profile-from-start off ... python3 benchmarks/kernels.py --ncu  # v5 profile launches
+    ncu --profile-from-start off ... python3 benchmarks/kernels.py --ncu-mma  # v7 / v8 profile launches
 
 Timing: every op is timed over ``copies`` distinct weight copies whose dense bytes together exceed
 4x the L2 (so no weight is served from L2), inside one CUDA graph (and, separately, eagerly), median
@@ -318,13 +319,14 @@ def write_table(rows, args, props) -> None:
 
 
 FAMILIES = (("v3", lambda c: c.path == "triton"), ("v5", lambda c: c.path == "flat"),
-            ("v6", lambda c: c.path == "stream"), ("v7", lambda c: c.path == "mma"))
+            ("v6", lambda c: c.path == "stream"), ("v7", lambda c: c.path == "mma" and c.mode != 8),
+            ("v8", lambda c: c.path == "mma" and c.mode == 8))
 
 
 def decode(args) -> None:
     """Per (shape, tokens, 2:4 fraction): every autotuner candidate timed the autotuner's way (cold L2, CUDA
     graphs, ``ops.time_cold``); the best config of each kernel family (v3 ``triton``, v5 ``flat``, v6 ``stream``,
-    v7 ``mma``)
+    v7 / v8 ``mma``)
     then re-timed like the layer table (graph over weight copies > 4x L2, median of ``--reps``), with dense
     ``F.linear``."""
     dev = "cuda"
@@ -373,8 +375,8 @@ def decode(args) -> None:
         del W
         torch.cuda.empty_cache()
     lines = [f"decode cells on {props.name} ({time.time() - t_start:.0f}s); us per call, graph, weight copies > 4x L2",
-             "| shape | M | f | dense | v3 best | v5 flat | v6 stream | v7 mma | best x dense | bound | best % bound "
-             "| best config | err |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape | M | f | dense | v3 best | v5 flat | v6 stream | v7 mma | v8 mma | best x dense | bound "
+             "| best % bound | best config | err |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for sname, M, f, td, res in rows:
         def t_of(tag):
             return f"{res[tag][1] * 1e3:.1f}" if tag in res else "-"
@@ -382,7 +384,7 @@ def decode(args) -> None:
         cn, tn, _ = min(res.values(), key=lambda v: v[1]) if res else (None, float("nan"), 0.0)
         err = max((e for _, _, e in res.values()), default=float("nan"))
         lines.append(f"| {sname} | {M} | {f:.2f} | {td * 1e3:.1f} | {t_of('v3')} | {t_of('v5')} | {t_of('v6')} | "
-                     f"{t_of('v7')} | {td / tn:.2f} | {b:.2f} | {td / tn / b * 100:.0f}% | "
+                     f"{t_of('v7')} | {t_of('v8')} | {td / tn:.2f} | {b:.2f} | {td / tn / b * 100:.0f}% | "
                      f"{cn.short() if cn else '-'} | {err:.1e} |")
     text = "\n".join(lines) + "\n"
     if args.out:
@@ -438,6 +440,34 @@ def ncu_launches(args) -> None:
     torch.cuda.cudart().cudaProfilerStop()
 
 
+def ncu_mma_launches(args) -> None:
+    """v7 / v8 profile: the sparse-tensor-core kernels and dense ``F.linear`` on 4096x4096 (1 token, all 2:4;
+    16 tokens, half 2:4) and 11008x4096 (16 tokens, half 2:4), each once inside cudaProfilerStart/Stop (run
+    under ``ncu --profile-from-start off``)."""
+    dev = "cuda"
+    T = ops.KernelConfig
+    cells = [(4096, 4096, 1, 1.0), (4096, 4096, 16, 0.5), (11008, 4096, 16, 0.5)]
+    cfgs = [T("mma", 0, 16, 0, 0, 8, 4, 1, True, 0, 0, 2), T("mma", 8, 16, 0, 0, 1, 4, 1, True, 0, 0, 2, 8),
+            T("mma", 8, 16, 0, 0, 1, 8, 1, True, 0, 0, 2, 16)]
+    for N, K, M, f in cells:
+        p, W, _ = random_packed(N, K, f, (128, 128), torch.bfloat16, dev, seed=5)
+        x = torch.randn(M, K, device=dev).bfloat16()
+        fitted = [ops._fit(c, p) for c in cfgs]
+        for c in fitted:
+            ops.run_config(x, p, None, c)
+        torch.nn.functional.linear(x, W)
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStart()
+        for c in fitted:
+            ops.run_config(x, p, None, c)
+            torch.cuda.synchronize()
+            print(f"launched {N}x{K} M={M} f={f} {c.short()}", flush=True)
+        torch.nn.functional.linear(x, W)
+        torch.cuda.synchronize()
+        print(f"launched {N}x{K} M={M} dense", flush=True)
+        torch.cuda.cudart().cudaProfilerStop()
+
+
 def _precompile_worker(job):
     """Compile (by launching once) every ``i % n == w`` candidate config for the token counts given."""
     w, n, tokens, dtypes, biases, paths = job
@@ -487,7 +517,8 @@ def main() -> int:
     ap.add_argument("--flat-only", action="store_true", help="with --check: only the v5 flat kernel's configs")
     ap.add_argument("--stream-only", action="store_true", help="with --check: only the v6 stream kernel's configs")
     ap.add_argument("--paths", default="", help="with --decode: only these kernel paths (e.g. stream,mma)")
-    ap.add_argument("--mma-only", action="store_true", help="with --check: only the v7 mma kernel's configs")
+    ap.add_argument("--mma-only", action="store_true", help="with --check: only the v7 / v8 mma kernels' configs")
+    ap.add_argument("--ncu-mma", action="store_true", help="v7 / v8 / dense launches to run under ncu")
     ap.add_argument("--profile", action="store_true", help="a few fixed launches to run under ncu")
     ap.add_argument("--ncu", action="store_true", help="v5: flat/persistent/dense launches to run under ncu")
     ap.add_argument("--reps", type=int, default=30)
@@ -532,6 +563,9 @@ def main() -> int:
         return 0
     if args.ncu:
         ncu_launches(args)
+        return 0
+    if args.ncu_mma:
+        ncu_mma_launches(args)
         return 0
     bench(args)
     return 0

@@ -1,4 +1,4 @@
-"""v7 sparse-tensor-core kernel (:mod:`tilesparse.kernels.cuda_mma`, CUDA C++ through NVRTC).
+"""v7 / v8 sparse-tensor-core kernels (:mod:`tilesparse.kernels.cuda_mma`, CUDA C++ through NVRTC).
 
 On the CPU: the configuration logic, and the CUDA source compiled to PTX for sm_90 by NVRTC (the
 ``nvidia-cuda-nvrtc`` wheel of the dev extras; skipped without it). The kernel's results are checked on a GPU:
@@ -22,7 +22,8 @@ from tilesparse.kernels.ops import KernelConfig as C
 from tilesparse.kernels.reference import reference_linear_f64, rel_error
 
 KEYS = [cm.MmaKey(True, 1, 4, 2, True), cm.MmaKey(True, 2, 8, 2, False), cm.MmaKey(False, 8, 4, 1, True),
-        cm.MmaKey(True, 4, 4, 1, False)]
+        cm.MmaKey(True, 4, 4, 1, False), cm.MmaKey(True, 1, 4, 2, True, 8, 8), cm.MmaKey(True, 2, 8, 2, False, 8, 16),
+        cm.MmaKey(False, 8, 4, 1, True, 8, 4), cm.MmaKey(True, 4, 8, 2, False, 8, 8)]
 
 
 def _libnvrtc():
@@ -68,6 +69,40 @@ def test_configured_source_and_names():
     assert len({k.name for k in KEYS}) == len(KEYS)
 
 
+def test_step_table_lists_each_kinds_columns():
+    from tilesparse.masks.tiles import DENSE, SPARSE
+    for N, K, tile in ((256, 512, (128, 128)), (192, 320, (64, 128)), (128, 256, (64, 64))):
+        p = random_layer(N, K, tile, 0.5, 0.2, seed=N + K)[2]
+        tab = cm.step_table(p)
+        assert cm.step_table(p) is tab and tab.dtype == torch.int32  # cached on the layer
+        TC = p.tile_cols
+        for r in range(p.grid.n_rows):
+            want = []
+            for kind in (SPARSE, DENSE):
+                for c in range(p.grid.n_cols):
+                    if int(p.tile_kinds[r, c]) == kind:
+                        want += [c * TC + 64 * q for q in range(min(TC, K - c * TC) // 64)]
+            assert tab[r, :len(want)].tolist() == want
+        S = max(int(p.row_info[r, 0] + p.row_info[r, 5]) // 64 for r in range(p.grid.n_rows))
+        assert cm.max_steps(p) == S and tab.shape[1] == -(-K // 2048) * 32 and not tab[:, S:].any()
+
+
+def test_v8_fit_derives_split_from_steps_per_block(monkeypatch):
+    p = random_layer(256, 4096, (128, 128), 0.5)[2]
+    monkeypatch.setattr(cm, "mma_supported", lambda packed: True)
+    monkeypatch.setattr(ops, "interpreting", lambda: False)
+    cfg = ops._fit(C("mma", 8, 16, 0, 0, 1, 8, 1, True, 0, 0, 2, 8), p)
+    assert (cfg.mode, cfg.split, cfg.nit, cfg.ts, cfg.bn) == (8, 8, 8, 2, 128)  # 64 steps / 8 per block
+    assert ops._fit(C("mma", 8, 64, 0, 0, 1, 4, 1, True, 0, 0, 2, 8), p) is None  # 8 octets x 8 steps > 32 KB
+    assert ops._fit(C("mma", 8, 32, 0, 0, 1, 4, 1, True, 0, 0, 2, 8), p) is None  # > 8 x pieces per thread
+    assert ops._fit(C("mma", 8, 32, 0, 0, 1, 8, 1, True, 0, 0, 2, 8), p).split == 8
+    q = random_layer(256, 192, (128, 64), 0.5)[2]
+    cfg = ops._fit(C("mma", 8, 8, 0, 0, 1, 4, 1, True, 0, 0, 2, 32), q)
+    assert (cfg.split, cfg.nit) == (1, 4)  # 3 steps: one block, 4 steps of x
+    for M in (1, 16, 64):
+        assert all(cm.v8_fits(c.nit, c.ts, cm.octets(M), c.warps) for c in ops.mma_candidates(M) if c.mode == 8)
+
+
 def test_octets():
     assert [cm.octets(m) for m in (1, 8, 9, 16, 17, 32, 33, 64)] == [1, 1, 2, 2, 4, 4, 8, 8]
 
@@ -92,6 +127,13 @@ def test_launch_rejects_too_many_tokens():
         cm.launch(x, p, None, torch.empty(65, 256, dtype=torch.bfloat16), 4, 1, 2, None, None)
 
 
+def test_v8_launch_rejects_a_split_that_leaves_too_many_steps():
+    p = random_layer(256, 1024, (128, 128), 0.5)[2]  # 16 steps per tile-row at most
+    x = torch.randn(4, 1024).bfloat16()
+    with pytest.raises(ValueError, match="do not fit"):
+        cm.launch(x, p, None, torch.empty(4, 256, dtype=torch.bfloat16), 4, 1, 2, None, None, ver=8, spb=8)
+
+
 @pytest.mark.skipif(not cm.available(), reason="needs a CUDA GPU of compute capability 8.0+")
 @pytest.mark.parametrize("M,split,dtype,bias", [(1, 1, torch.bfloat16, False), (16, 4, torch.bfloat16, True),
                                                 (33, 2, torch.float16, True), (64, 8, torch.float16, False)])
@@ -101,8 +143,11 @@ def test_mma_matches_reference_on_gpu(M, split, dtype, bias, monkeypatch):
     b = torch.randn(512, device="cuda").to(dtype) if bias else None
     x = torch.randn(M, 1024, device="cuda").to(dtype)
     ref = reference_linear_f64(x.cpu(), p.to("cpu"), None if b is None else b.cpu())
-    for warps in (4, 8):
-        cfg = ops._fit(C("mma", 0, M, 0, 0, split, warps, 1, True, 0, 0, 2), p)
+    for mode, warps, spb in ((0, 4, 0), (0, 8, 0), (8, 4, 4), (8, 8, 16)):
+        cfg = ops._fit(C("mma", mode, M, 0, 0, split, warps, 1, True, 0, 0, 2, spb), p)
+        if cfg is None:  # v8: x of spb steps does not fit for these many tokens
+            assert mode == 8 and not cm.v8_fits(spb, 2, cm.octets(M), warps)
+            continue
         for _ in range(2):  # the split-K counters and workspace must be left reset
             out = torch.full((M, 512), float("nan"), device="cuda", dtype=dtype)
             ops.launch_mma(x, p, b, cfg, out)

@@ -12,8 +12,9 @@ Paths (chosen per call):
 * ``"stream"`` (v6, up to 64 tokens) -- ``hybrid_stream_kernel`` (:mod:`.triton_stream`): long-lived
   programs that each walk ``BN`` rows of a tile-row in large chunks with the next chunk's loads in flight;
   one token by FMA without expanding the 2:4 values, more tokens by tensor cores on four position planes.
-* ``"mma"`` (v7, up to 64 tokens) -- :mod:`.cuda_mma`: CUDA C++ (NVRTC) on sparse tensor cores: 2:4 tiles by
-  ``mma.sp`` straight from the stored values and positions, dense tiles by ``mma``; GPU only.
+* ``"mma"`` (v7 ``mode`` 0 and v8 ``mode`` 8, up to 64 tokens) -- :mod:`.cuda_mma`: CUDA C++ (NVRTC) on
+  sparse tensor cores: 2:4 tiles by ``mma.sp`` straight from the stored values and positions, dense tiles by
+  ``mma``; GPU only.
 * ``"unpack"`` (prefill candidate) -- unpack the layer on the GPU into a *transient* scratch buffer
   (one per device and dtype, as large as the largest layer it has served; reused by every layer) and
   call ``F.linear`` on it. Its resident cost is that one buffer, reported by :func:`workspace_bytes`.
@@ -85,6 +86,8 @@ class KernelConfig:
 
     def short(self) -> str:
         if self.path == "mma":
+            if self.mode == 8:
+                return f"mma8 bm{self.bm} w{self.warps} s{self.split} sb{self.ts} p{self.nit}"
             return f"mma bm{self.bm} w{self.warps} s{self.split} sb{self.ts}"
         if self.path == "stream":
             m = {0: "fma", 1: "dot", 2: "dotasm"}.get(self.mode, str(self.mode))
@@ -195,19 +198,31 @@ def _fit_mma(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
         return None
     warps = _largest_pow2_divisor_le(packed.tile_rows // 16, cfg.warps)
     bm = 8 * _cm.octets(min(cfg.bm, _cm.MAX_TOKENS))
+    steps = -(-packed.in_features // 64)  # 64-column steps of a full tile-row
+    if cfg.mode == 8:  # v8: x of spb steps in shared memory, split = enough blocks for every step
+        spb = min(cfg.nit, _pow2_at_least(steps))
+        sb = min(cfg.ts, spb)
+        if not _cm.v8_fits(spb, sb, _cm.octets(bm), warps):
+            return None
+        return KernelConfig("mma", 8, bm, 16 * warps, 0, -(-steps // spb), warps, 1, True, 0, 0, sb, spb)
     if _cm.octets(bm) * cfg.ts > 16:  # static shared memory: 2 * sb * octets KB
         return None
     split = cfg.split
-    while -(-packed.in_features // 64) > _cm.MAX_STEPS * split:  # 64-column steps per block
+    while steps > _cm.MAX_STEPS * split:  # 64-column steps per block
         split *= 2
     return KernelConfig("mma", 0, bm, 16 * warps, 0, split, warps, 1, True, 0, 0, cfg.ts)
 
 
 def mma_candidates(M: int) -> list[KernelConfig]:
-    """The v7 kernel's candidate configurations for ``M <= 64`` tokens: (warps, split, steps per batch)."""
+    """The sparse-tensor-core kernels' candidate configurations for ``M <= 64`` tokens: v7 (warps, split,
+    steps per batch) and v8 (warps, steps per batch, steps per block; split follows from the layer)."""
     bm = 8 * _cm.octets(M)
-    return [KernelConfig("mma", 0, bm, 0, 0, split, w, 1, True, 0, 0, sb)
-            for w in (4, 8) for split in (1, 2, 4, 8, 16) for sb in (1, 2)]
+    v7 = [KernelConfig("mma", 0, bm, 0, 0, split, w, 1, True, 0, 0, sb)
+          for w in (4, 8) for split in (1, 2, 4, 8, 16) for sb in (1, 2)]
+    v8 = [KernelConfig("mma", 8, bm, 0, 0, 1, w, 1, True, 0, 0, sb, spb)
+          for w in (4, 8) for sb, spb in ((1, 4), (1, 8), (1, 16), (1, 32), (2, 4), (2, 8), (2, 16), (2, 32), (4, 4))
+          if _cm.v8_fits(spb, sb, _cm.octets(M), w)]  # (sb 4 with two batches in flight spills registers)
+    return v7 + v8
 
 
 def stream_candidates(M: int) -> list[KernelConfig]:
@@ -257,7 +272,7 @@ def heuristic_config(M: int, packed: PackedHybrid) -> KernelConfig:
 FLAT_CANDIDATES = os.environ.get("TILESPARSE_FLAT", "0") == "1"
 # v6 streaming kernel (``hybrid_stream_kernel``) among the candidates for M <= 64 tokens
 STREAM_CANDIDATES = os.environ.get("TILESPARSE_STREAM", "1") != "0"
-# v7 sparse-tensor-core kernel (:mod:`.cuda_mma`) among the candidates for M <= 64 tokens (CUDA, sm_80+)
+# v7 / v8 sparse-tensor-core kernels (:mod:`.cuda_mma`) among the candidates for M <= 64 tokens (CUDA, sm_80+)
 MMA_CANDIDATES = os.environ.get("TILESPARSE_MMA", "1") != "0"
 
 
@@ -527,7 +542,7 @@ def launch_stream(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfi
 
 
 def launch_mma(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfig, out: torch.Tensor) -> None:
-    """Run the v7 kernel (:mod:`.cuda_mma`) with ``cfg`` on ``x2 [M, K]`` into ``out [M, N]``."""
+    """Run the v7 / v8 kernel (:mod:`.cuda_mma`) with ``cfg`` on ``x2 [M, K]`` into ``out [M, N]``."""
     M = x2.shape[0]
     if M > cfg.bm:
         raise ValueError(f"mma kernel: {M} tokens > bm={cfg.bm}")
@@ -535,7 +550,7 @@ def launch_mma(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfig, 
     if cfg.split > 1:
         ws = _buffer("mma_ws", x2.device, M * packed.out_features, torch.float32)
         cnt = _buffer("mma_cnt", x2.device, packed.grid.n_rows * (packed.tile_rows // cfg.bn), torch.int32)
-    _cm.launch(x2, packed, bias, out, cfg.warps, cfg.split, cfg.ts, ws, cnt)
+    _cm.launch(x2, packed, bias, out, cfg.warps, cfg.split, cfg.ts, ws, cnt, 8 if cfg.mode == 8 else 7, cfg.nit)
 
 
 def unpack_triton(packed: PackedHybrid, out: torch.Tensor | None = None, bn: int = 32, bk: int = 64) -> torch.Tensor:

@@ -1,0 +1,126 @@
+// Helpers shared by the sparse-tensor-core decode kernels (hybrid_mma.cu v7, hybrid_mma8.cu v8): loads,
+// conversions, the dense and sparse MMAs and the metadata gather. Prepended by tilesparse/kernels/cuda_mma.py.
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef unsigned short u16;
+
+#if DT_BF16
+#define MMA_T "bf16"
+#else
+#define MMA_T "f16"
+#endif
+
+__device__ __forceinline__ uint4 ldg16(const void* p) {
+    uint4 v;
+    asm("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ uint2 ldg8(const void* p) {
+    uint2 v;
+    asm("ld.global.nc.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ float ld_cg(const float* p) {
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ float to_f32(u16 h) {
+    float f;
+#if DT_BF16
+    u32 w = ((u32)h) << 16;
+    asm("mov.b32 %0, %1;" : "=f"(f) : "r"(w));
+#else
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+#endif
+    return f;
+}
+
+__device__ __forceinline__ u16 from_f32(float f) {
+    u16 h;
+#if DT_BF16
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#else
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#endif
+    return h;
+}
+
+// D += A(16x32, 2:4 compressed to 16x16) * B(32x8); sel: which thread pair of a quad holds the metadata
+template <int SEL>
+__device__ __forceinline__ void mma_sp(float* d, u32 a0, u32 a1, u32 a2, u32 a3, uint4 b, u32 e) {
+    asm volatile(
+        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32." MMA_T "." MMA_T ".f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, %13;"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b.x), "r"(b.y), "r"(b.z), "r"(b.w), "r"(e), "n"(SEL));
+}
+
+// D += A(16x16) * B(16x8)
+__device__ __forceinline__ void mma_dense(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32." MMA_T "." MMA_T ".f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// nibbles k, k+4, k+8, k+12 of a row's 16 groups (one 64-column step) packed into 16 bits
+__device__ __forceinline__ u32 gather4(u64 m, int k) {
+    u64 v = (m >> (4 * k)) & 0x000F000F000F000FULL;
+    v |= v >> 12;
+    return (u32)(v & 0xFFu) | ((u32)(v >> 24) & 0xFF00u);
+}
+
+// this thread's metadata register for a 2:4 step (used by MMA (t >> 1) of the step, selector t >> 1)
+__device__ __forceinline__ u32 meta_reg(u64 mg, u64 mg8, int t) {
+    return gather4(mg, t) | (gather4(mg8, t) << 16);
+}
+
+__device__ __forceinline__ void store_out(u16* out, const u16* bias, int so, int tok, int row, float v) {
+#if HAS_BIAS
+    v += to_f32(bias[row]);
+#endif
+    out[(long long)tok * so + row] = from_f32(v);
+}
+
+// A block's results (its warps' accumulators; k of octet o = row grow + 8 (k >> 1), token 8 o + 2 t + (k & 1)).
+// split == 1: straight to out (+ bias). split > 1: fp32 atomics into ws[M, N] (kept zero between calls); the
+// last block of the row chunk to arrive writes out rows [row0, row0 + rows_here) and clears them in ws, and
+// its counter.
+__device__ __forceinline__ void write_out(float (&acc)[NOCT][4], u16* out, const u16* bias, float* ws, int* cnt,
+                                          int* s_last, int M, int N, int so, int split, int chunk, int grow,
+                                          bool wvalid, int row0, int rows_here, int tid, int tpb) {
+    const int t = tid & 3;
+    if (wvalid) {
+#pragma unroll
+        for (int o = 0; o < NOCT; ++o)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const int tok = 8 * o + 2 * t + (k & 1), row = grow + 8 * (k >> 1);
+                if (tok < M) {
+                    if (split == 1) store_out(out, bias, so, tok, row, acc[o][k]);
+                    else atomicAdd(ws + (long long)tok * N + row, acc[o][k]);
+                }
+            }
+    }
+    if (split == 1) return;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) *s_last = atomicAdd(cnt + chunk, 1) == split - 1;
+    __syncthreads();
+    if (!*s_last) return;
+    __threadfence();
+    for (int idx = tid; idx < M * rows_here; idx += tpb) {
+        const int tok = idx / rows_here, row = row0 + (idx - tok * rows_here);
+        float* w = ws + (long long)tok * N + row;
+        const float v = ld_cg(w);
+        *w = 0.f;
+        store_out(out, bias, so, tok, row, v);
+    }
+    if (tid == 0) cnt[chunk] = 0;
+}
