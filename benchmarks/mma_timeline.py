@@ -1,7 +1,7 @@
 """Per-block timeline of the v8 sparse-tensor-core kernel (GPU): where a decode call's time goes.
 
     PYTHONPATH=src python3 benchmarks/mma_timeline.py                       # the default cells
-    PYTHONPATH=src python3 benchmarks/mma_timeline.py --cells 4096x4096:16:0.5 --configs w4sb2p8,w8sb2p16
+    PYTHONPATH=src python3 benchmarks/mma_timeline.py --cells 4096x4096:16:0.5 --configs w4sb2p8,w4sb2p8pf
 
 The probe build of the kernel (``PROBE=1``) has thread 0 of every block record the global timer and the SM
 clock at entry, after its x is staged (block barrier), after its last MMA, and at exit (after the split-K
@@ -26,11 +26,11 @@ from kernels import random_packed  # noqa: E402
 
 
 def _cfg(spec: str, M: int) -> ops.KernelConfig:
-    m = re.fullmatch(r"w(\d+)sb(\d+)p(\d+)", spec)
+    m = re.fullmatch(r"w(\d+)sb(\d+)p(\d+)(pf)?", spec)
     if not m:
-        raise SystemExit(f"config '{spec}': expected w<warps>sb<steps per batch>p<steps per block>")
-    w, sb, spb = (int(v) for v in m.groups())
-    return ops.KernelConfig("mma", 8, 8 * cm.octets(M), 0, 0, 1, w, 1, True, 0, 0, sb, spb)
+        raise SystemExit(f"config '{spec}': expected w<warps>sb<steps per batch>p<steps per block>[pf]")
+    w, sb, spb = (int(v) for v in m.groups()[:3])
+    return ops.KernelConfig("mma", 8, 8 * cm.octets(M), 0, 0, 1, w, 1, True, 0, 0, sb, spb, pref=int(bool(m[4])))
 
 
 def _q(t: torch.Tensor, q: float) -> float:
@@ -51,7 +51,7 @@ def timeline(N: int, K: int, M: int, f: float, spec: str, flush: torch.Tensor, r
     probe = torch.zeros(n_blocks, 8, device="cuda", dtype=torch.int64)
 
     def run():
-        cm.launch(x, p, None, out, cfg.warps, cfg.split, cfg.ts, ws, cnt, 8, cfg.nit, probe)
+        cm.launch(x, p, None, out, cfg.warps, cfg.split, cfg.ts, ws, cnt, 8, cfg.nit, probe, bool(cfg.pref))
 
     run()  # compile, warm the instruction cache
     spans, rows = [], []
@@ -83,7 +83,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cells", default="4096x4096:1:1,4096x4096:16:0.5,11008x4096:16:0.5",
                     help="comma-separated NxK:tokens:2:4-fraction")
-    ap.add_argument("--configs", default="w4sb2p8,w8sb2p16,w4sb4p4")
+    ap.add_argument("--configs", default="w4sb2p8,w4sb2p8pf,w8sb2p16pf,w4sb4p4,w4sb4p4pf")
     ap.add_argument("--reps", type=int, default=9)
     args = ap.parse_args()
     if not cm.available():

@@ -23,7 +23,8 @@ from tilesparse.kernels.reference import reference_linear_f64, rel_error
 
 KEYS = [cm.MmaKey(True, 1, 4, 2, True), cm.MmaKey(True, 2, 8, 2, False), cm.MmaKey(False, 8, 4, 1, True),
         cm.MmaKey(True, 4, 4, 1, False), cm.MmaKey(True, 1, 4, 2, True, 8, 8), cm.MmaKey(True, 2, 8, 2, False, 8, 16),
-        cm.MmaKey(False, 8, 4, 1, True, 8, 4), cm.MmaKey(True, 4, 8, 2, False, 8, 8)]
+        cm.MmaKey(False, 8, 4, 1, True, 8, 4), cm.MmaKey(True, 4, 8, 2, False, 8, 8),
+        cm.MmaKey(True, 2, 4, 2, False, 8, 8, pf=True)]
 
 
 def _libnvrtc():
@@ -61,6 +62,7 @@ def test_source_compiles_for_sm90(key):
     assert f".entry {key.name}(" in ptx
     assert "mma.sp::ordered_metadata.sync.aligned.m16n8k32" in ptx
     assert ("bf16" if key.bf16 else "f16") in ptx.split("mma.sp::ordered_metadata")[1].split(";")[0]
+    assert ("cp.async.bulk.prefetch.L2" in ptx) == key.pf
 
 
 def test_configured_source_and_names():
@@ -143,8 +145,8 @@ def test_mma_matches_reference_on_gpu(M, split, dtype, bias, monkeypatch):
     b = torch.randn(512, device="cuda").to(dtype) if bias else None
     x = torch.randn(M, 1024, device="cuda").to(dtype)
     ref = reference_linear_f64(x.cpu(), p.to("cpu"), None if b is None else b.cpu())
-    for mode, warps, spb in ((0, 4, 0), (0, 8, 0), (8, 4, 4), (8, 8, 16)):
-        cfg = ops._fit(C("mma", mode, M, 0, 0, split, warps, 1, True, 0, 0, 2, spb), p)
+    for mode, warps, spb, pf in ((0, 4, 0, 0), (0, 8, 0, 0), (8, 4, 4, 0), (8, 8, 16, 1), (8, 4, 8, 1)):
+        cfg = ops._fit(C("mma", mode, M, 0, 0, split, warps, 1, True, 0, 0, 2, spb, pref=pf), p)
         if cfg is None:  # v8: x of spb steps does not fit for these many tokens
             assert mode == 8 and not cm.v8_fits(spb, 2, cm.octets(M), warps)
             continue

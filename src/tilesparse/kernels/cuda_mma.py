@@ -38,10 +38,11 @@ class MmaKey:
     ver: int = 7
     spb: int = 0  # v8: steps per block
     probe: bool = False  # v8: per-block timeline output (benchmarks/mma_timeline.py)
+    pf: bool = False  # v8: the block's weights prefetched into L2 first
 
     @property
     def name(self) -> str:
-        v = (f"_p{self.spb}" + ("_probe" if self.probe else "")) if self.ver == 8 else ""
+        v = (f"_p{self.spb}" + ("_pf" if self.pf else "") + ("_probe" if self.probe else "")) if self.ver == 8 else ""
         return (f"hybrid_mma{'8' if self.ver == 8 else ''}_{'bf16' if self.bf16 else 'f16'}_o{self.noct}"
                 f"_w{self.warps}_s{self.sb}{v}{'_b' if self.bias else ''}")
 
@@ -62,7 +63,7 @@ def configured_source(key: MmaKey) -> str:
     macros = [("DT_BF16", int(key.bf16)), ("NOCT", key.noct), ("WARPS", key.warps), ("SB", key.sb),
               ("HAS_BIAS", int(key.bias)), ("KNAME", key.name)]
     if key.ver == 8:
-        macros += [("SPB", key.spb), ("PROBE", int(key.probe))]
+        macros += [("SPB", key.spb), ("PF", int(key.pf)), ("PROBE", int(key.probe))]
     head = "".join(f"#define {k} {v}\n" for k, v in macros)
     return head + source("mma_common.cuh") + source("hybrid_mma8.cu" if key.ver == 8 else "hybrid_mma.cu")
 
@@ -148,7 +149,7 @@ def v8_fits(spb: int, sb: int, noct: int, warps: int) -> bool:
 
 def launch(x2: torch.Tensor, packed: PackedHybrid, bias, out: torch.Tensor, warps: int, split: int, sb: int,
            ws: torch.Tensor | None, cnt: torch.Tensor | None, ver: int = 7, spb: int = 0,
-           probe: torch.Tensor | None = None) -> None:
+           probe: torch.Tensor | None = None, pf: bool = False) -> None:
     """Run the kernel (``ver`` 7 or 8) on ``x2 [M, K]`` (``M <= 64``) into ``out [M, N]``; ``warps * 16`` must
     divide ``tile_rows``; ``split > 1`` needs ``ws`` (fp32, ``>= M * N``, zero) and ``cnt`` (int32, ``>=``
     number of row chunks, zero), which the kernel leaves zero. v8: ``split`` must leave at most ``spb`` steps
@@ -166,7 +167,7 @@ def launch(x2: torch.Tensor, packed: PackedHybrid, bias, out: torch.Tensor, warp
     if packed.tile_rows % br:
         raise ValueError(f"mma kernel: {br} rows per block do not divide tile_rows={packed.tile_rows}")
     key = MmaKey(packed.dtype == torch.bfloat16, octets(M), warps, sb, bias is not None, ver, spb if ver == 8 else 0,
-                 probe is not None)
+                 probe is not None, pf and ver == 8)
     if probe is not None and ver != 8:
         raise ValueError("mma kernel: the timeline probe is v8 only")
     if ver == 7 and -(-packed.in_features // 64) > MAX_STEPS * split:

@@ -80,6 +80,7 @@ class KernelConfig:
     # path "stream" (v6, ``hybrid_stream_kernel``): ``mode`` 0 = FMA (one token), 1 = tensor cores with the
     # 2:4 planes built by selects, 2 = the same with an inline-PTX shift expansion (GPU); ``ts``/``td`` = 2:4 /
     # dense tiles per chunk, ``pref`` = next chunk's loads in flight, ``split`` = programs per row block.
+    # path "mma" mode 8 (v8): ``ts`` = steps per batch, ``nit`` = steps per block, ``pref`` = L2 prefetch.
     td: int = 0
     pref: int = 0
     xt: int = 0  # stream: x loaded per tile ([BM, T, TILE_C]) instead of per position
@@ -87,7 +88,8 @@ class KernelConfig:
     def short(self) -> str:
         if self.path == "mma":
             if self.mode == 8:
-                return f"mma8 bm{self.bm} w{self.warps} s{self.split} sb{self.ts} p{self.nit}"
+                return (f"mma8 bm{self.bm} w{self.warps} s{self.split} sb{self.ts} p{self.nit}"
+                        + (" pf" if self.pref else ""))
             return f"mma bm{self.bm} w{self.warps} s{self.split} sb{self.ts}"
         if self.path == "stream":
             m = {0: "fma", 1: "dot", 2: "dotasm"}.get(self.mode, str(self.mode))
@@ -204,7 +206,8 @@ def _fit_mma(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
         sb = min(cfg.ts, spb)
         if not _cm.v8_fits(spb, sb, _cm.octets(bm), warps):
             return None
-        return KernelConfig("mma", 8, bm, 16 * warps, 0, -(-steps // spb), warps, 1, True, 0, 0, sb, spb)
+        return KernelConfig("mma", 8, bm, 16 * warps, 0, -(-steps // spb), warps, 1, True, 0, 0, sb, spb,
+                            pref=1 if cfg.pref else 0)
     if _cm.octets(bm) * cfg.ts > 16:  # static shared memory: 2 * sb * octets KB
         return None
     split = cfg.split
@@ -219,9 +222,11 @@ def mma_candidates(M: int) -> list[KernelConfig]:
     bm = 8 * _cm.octets(M)
     v7 = [KernelConfig("mma", 0, bm, 0, 0, split, w, 1, True, 0, 0, sb)
           for w in (4, 8) for split in (1, 2, 4, 8, 16) for sb in (1, 2)]
+    # (sb 4 with two batches in flight spills registers; the L2 prefetch, pref=1, was never faster on the H200:
+    # the x loads queue behind it, benchmarks/KERNELS_NOTES.md v8, so it is not a candidate)
     v8 = [KernelConfig("mma", 8, bm, 0, 0, 1, w, 1, True, 0, 0, sb, spb)
           for w in (4, 8) for sb, spb in ((1, 4), (1, 8), (1, 16), (1, 32), (2, 4), (2, 8), (2, 16), (2, 32), (4, 4))
-          if _cm.v8_fits(spb, sb, _cm.octets(M), w)]  # (sb 4 with two batches in flight spills registers)
+          if _cm.v8_fits(spb, sb, _cm.octets(M), w)]
     return v7 + v8
 
 
@@ -550,7 +555,8 @@ def launch_mma(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfig, 
     if cfg.split > 1:
         ws = _buffer("mma_ws", x2.device, M * packed.out_features, torch.float32)
         cnt = _buffer("mma_cnt", x2.device, packed.grid.n_rows * (packed.tile_rows // cfg.bn), torch.int32)
-    _cm.launch(x2, packed, bias, out, cfg.warps, cfg.split, cfg.ts, ws, cnt, 8 if cfg.mode == 8 else 7, cfg.nit)
+    _cm.launch(x2, packed, bias, out, cfg.warps, cfg.split, cfg.ts, ws, cnt, 8 if cfg.mode == 8 else 7, cfg.nit,
+               pf=bool(cfg.pref))
 
 
 def unpack_triton(packed: PackedHybrid, out: torch.Tensor | None = None, bn: int = 32, bk: int = 64) -> torch.Tensor:

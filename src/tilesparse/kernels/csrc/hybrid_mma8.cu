@@ -13,7 +13,8 @@
 // never wait for each other; the two register sets alternate by batch (the loop is unrolled: no copies) and
 // the steps' offsets are compile-time constants folded into the loads. Macros: DT_BF16, NOCT, WARPS, SB as
 // v7; SPB = steps per block (split is chosen on the host so that every block has at most SPB; shared memory
-// SPB * NOCT KB); PROBE = 1 adds a per-block timeline output (benchmarks/mma_timeline.py).
+// SPB * NOCT KB); PF = 1 first sends all the block's weight bytes towards L2 (bulk prefetch, sm_90); PROBE = 1
+// adds a per-block timeline output (benchmarks/mma_timeline.py).
 // (helpers: mma_common.cuh, prepended by cuda_mma.py)
 
 #define TPB (WARPS * 32)
@@ -110,6 +111,21 @@ extern "C" __global__ void __launch_bounds__(TPB, MIN_BLOCKS) KNAME(
             }
         }
     };
+#if PF
+    // all the weight bytes of the block's steps set moving into L2 at once (one bulk prefetch per row and kind:
+    // lanes 0-15 take the warp's 16 rows), so that the register loads of the later batches hit L2
+    if (wvalid && lane < 16 && nsteps > 0) {
+        const long long row = wrow + lane;
+        const int nsp_b = max(0, min(nsp, nsteps)), ndn_b = nsteps - nsp_b;
+        if (nsp_b > 0) {
+            prefetch_l2(spv + sp_off + row * sp_stride + 32 * s_beg, 64 * nsp_b);
+            const unsigned char* m = spm + mt_off + row * mt_stride + 8 * s_beg;
+            for (int o = 0; o < 8 * nsp_b; o += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(m + o));
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(m + 8 * nsp_b - 1));
+        }
+        if (ndn_b > 0) prefetch_l2(dnv + dn_off + row * dn_stride + 64 * max(0, s_beg - n_sp), 128 * ndn_b);
+    }
+#endif
     load_w(0, 0);
 #pragma unroll
     for (int q = 0; q < XI; ++q) {

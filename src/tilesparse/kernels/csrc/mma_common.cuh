@@ -23,6 +23,15 @@ __device__ __forceinline__ uint2 ldg8(const void* p) {
     return v;
 }
 
+// start moving `bytes` (a multiple of 16, 16-byte aligned) from global memory into L2 (no registers, no wait)
+__device__ __forceinline__ void prefetch_l2(const void* p, u32 bytes) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#else
+    for (u32 o = 0; o < bytes; o += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"((const char*)p + o));
+#endif
+}
+
 __device__ __forceinline__ float ld_cg(const float* p) {
     float v;
     asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
