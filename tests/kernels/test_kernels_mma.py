@@ -87,6 +87,8 @@ def test_step_table_lists_each_kinds_columns():
             assert tab[r, :len(want)].tolist() == want
         S = max(int(p.row_info[r, 0] + p.row_info[r, 5]) // 64 for r in range(p.grid.n_rows))
         assert cm.max_steps(p) == S and tab.shape[1] == -(-K // 2048) * 32 and not tab[:, S:].any()
+        p.rebuild_layout()  # a new layout drops the cached table
+        assert cm.step_table(p) is not tab
 
 
 def test_v8_fit_derives_split_from_steps_per_block(monkeypatch):
