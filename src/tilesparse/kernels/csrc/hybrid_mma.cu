@@ -148,26 +148,7 @@ extern "C" __global__ void __launch_bounds__(TPB, MIN_BLOCKS) KNAME(
                 if (i < nb) {
                     const int st = s0 + i;
                     const u32* xb = xcur + (i * NOCT) * 256 + lane * 4;
-                    if (st < n_sp) {
-                        const u32 e = meta_reg(((u64)a2[i].y << 32) | a2[i].x, ((u64)a2[i].w << 32) | a2[i].z, t);
-#pragma unroll
-                        for (int o = 0; o < NOCT; ++o) {
-                            const uint4 b0 = *reinterpret_cast<const uint4*>(xb + o * 256);
-                            const uint4 b1 = *reinterpret_cast<const uint4*>(xb + o * 256 + 128);
-                            mma_sp<0>(acc[o], a0[i].x, a1[i].x, a0[i].y, a1[i].y, b0, e);
-                            mma_sp<1>(acc[o], a0[i].z, a1[i].z, a0[i].w, a1[i].w, b1, e);
-                        }
-                    } else {
-#pragma unroll
-                        for (int o = 0; o < NOCT; ++o) {
-                            const uint4 b0 = *reinterpret_cast<const uint4*>(xb + o * 256);
-                            const uint4 b1 = *reinterpret_cast<const uint4*>(xb + o * 256 + 128);
-                            mma_dense(acc[o], a0[i].x, a1[i].x, a0[i].y, a1[i].y, b0.x, b0.y);
-                            mma_dense(acc[o], a0[i].z, a1[i].z, a0[i].w, a1[i].w, b0.z, b0.w);
-                            mma_dense(acc[o], a2[i].x, a3[i].x, a2[i].y, a3[i].y, b1.x, b1.y);
-                            mma_dense(acc[o], a2[i].z, a3[i].z, a2[i].w, a3[i].w, b1.z, b1.w);
-                        }
-                    }
+                    mma_step(acc, a0[i], a1[i], a2[i], a3[i], xb, st < n_sp, t);
                 }
             }
         }

@@ -165,27 +165,7 @@ extern "C" __global__ void __launch_bounds__(TPB, MIN_BLOCKS) KNAME(
                     const int k = bt * SB + i;
                     if (k < nsteps) {
                         const u32* xb = xs + (k * NOCT) * 256 + lane * 4;
-                        const uint4 w0 = W0[cur][i], w1 = W1[cur][i], w2 = W2[cur][i], w3 = W3[cur][i];
-                        if (k < nsp) {
-                            const u32 e = meta_reg(((u64)w2.y << 32) | w2.x, ((u64)w2.w << 32) | w2.z, t);
-#pragma unroll
-                            for (int o = 0; o < NOCT; ++o) {
-                                const uint4 x0 = *reinterpret_cast<const uint4*>(xb + o * 256);
-                                const uint4 x1 = *reinterpret_cast<const uint4*>(xb + o * 256 + 128);
-                                mma_sp<0>(acc[o], w0.x, w1.x, w0.y, w1.y, x0, e);
-                                mma_sp<1>(acc[o], w0.z, w1.z, w0.w, w1.w, x1, e);
-                            }
-                        } else {
-#pragma unroll
-                            for (int o = 0; o < NOCT; ++o) {
-                                const uint4 x0 = *reinterpret_cast<const uint4*>(xb + o * 256);
-                                const uint4 x1 = *reinterpret_cast<const uint4*>(xb + o * 256 + 128);
-                                mma_dense(acc[o], w0.x, w1.x, w0.y, w1.y, x0.x, x0.y);
-                                mma_dense(acc[o], w0.z, w1.z, w0.w, w1.w, x0.z, x0.w);
-                                mma_dense(acc[o], w2.x, w3.x, w2.y, w3.y, x1.x, x1.y);
-                                mma_dense(acc[o], w2.z, w3.z, w2.w, w3.w, x1.z, x1.w);
-                            }
-                        }
+                        mma_step(acc, W0[cur][i], W1[cur][i], W2[cur][i], W3[cur][i], xb, k < nsp, t);
                     }
                 }
             }

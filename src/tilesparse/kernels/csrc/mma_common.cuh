@@ -90,6 +90,33 @@ __device__ __forceinline__ u32 meta_reg(u64 mg, u64 mg8, int t) {
     return gather4(mg, t) | (gather4(mg8, t) << 16);
 }
 
+// one 64-column step of a warp: 2:4 (rows g, g+8 in w0, w1, their metadata in w2) by two mma.sp per token octet,
+// or dense (the two 32-column halves of rows g, g+8 in w0..w3) by four mma; xb = this lane's x fragments of the
+// step in shared memory ([octet][half][lane][4 words])
+__device__ __forceinline__ void mma_step(float (&acc)[NOCT][4], const uint4 w0, const uint4 w1, const uint4 w2,
+                                         const uint4 w3, const u32* xb, bool sparse, int t) {
+    if (sparse) {
+        const u32 e = meta_reg(((u64)w2.y << 32) | w2.x, ((u64)w2.w << 32) | w2.z, t);
+#pragma unroll
+        for (int o = 0; o < NOCT; ++o) {
+            const uint4 x0 = *reinterpret_cast<const uint4*>(xb + o * 256);
+            const uint4 x1 = *reinterpret_cast<const uint4*>(xb + o * 256 + 128);
+            mma_sp<0>(acc[o], w0.x, w1.x, w0.y, w1.y, x0, e);
+            mma_sp<1>(acc[o], w0.z, w1.z, w0.w, w1.w, x1, e);
+        }
+    } else {
+#pragma unroll
+        for (int o = 0; o < NOCT; ++o) {
+            const uint4 x0 = *reinterpret_cast<const uint4*>(xb + o * 256);
+            const uint4 x1 = *reinterpret_cast<const uint4*>(xb + o * 256 + 128);
+            mma_dense(acc[o], w0.x, w1.x, w0.y, w1.y, x0.x, x0.y);
+            mma_dense(acc[o], w0.z, w1.z, w0.w, w1.w, x0.z, x0.w);
+            mma_dense(acc[o], w2.x, w3.x, w2.y, w3.y, x1.x, x1.y);
+            mma_dense(acc[o], w2.z, w3.z, w2.w, w3.w, x1.z, x1.w);
+        }
+    }
+}
+
 __device__ __forceinline__ void store_out(u16* out, const u16* bias, int so, int tok, int row, float v) {
 #if HAS_BIAS
     v += to_f32(bias[row]);
