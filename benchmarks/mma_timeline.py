@@ -69,11 +69,11 @@ def timeline(N: int, K: int, M: int, f: float, spec: str, flush: torch.Tensor, r
         rows.append(((g0 - t0) / 1e3, (g1 - t0) / 1e3, (c1 - c0) / ghz / 1e3, (c2 - c1) / ghz / 1e3,
                      (c3 - c2) / ghz / 1e3, ghz))
         spans.append(float(g1.max() - t0) / 1e3)
-    best = sorted(range(reps), key=lambda i: spans[i])[reps // 2]  # the median run
-    start, end, stage, loop, tail, ghz = rows[best]
+    med = sorted(range(reps), key=lambda i: spans[i])[reps // 2]  # the run with the median span
+    start, end, stage, loop, tail, ghz = rows[med]
     ref = torch.nn.functional.linear(x.double(), p.unpack().double())
     err = float((out.double() - ref).norm() / ref.norm())
-    return (f"| {N}x{K} | {M} | {f:.2f} | {cfg.short()} | {n_blocks} | {spans[best]:.1f} | "
+    return (f"| {N}x{K} | {M} | {f:.2f} | {cfg.short()} | {n_blocks} | {spans[med]:.1f} | "
             f"{_q(start, 0.5):.1f} / {_q(start, 1.0):.1f} | {_q(end, 0.5):.1f} | "
             f"{_q(stage, 0.5):.2f} / {_q(stage, 0.9):.2f} | {_q(loop, 0.5):.2f} / {_q(loop, 0.9):.2f} | "
             f"{_q(tail, 0.5):.2f} / {_q(tail, 0.9):.2f} | {ghz:.2f} | {err:.1e} |")

@@ -120,7 +120,7 @@ class MaskedLinear(nn.Module):
         if fused is None or not fused.available(w.device):
             if choice:
                 raise TilesparseError("fused mask kernels forced on, but Triton cannot run on "
-                                   f"{w.device} (not installed, or a CPU without TRITON_INTERPRET=1)")
+                                      f"{w.device} (not installed, or a CPU without TRITON_INTERPRET=1)")
             return False
         return fused.supports(w, self.grid)
 
