@@ -109,10 +109,14 @@ def check(args) -> bool:
                 cfgs = ops.candidate_configs(M, p, force_kernel=True)
                 if only:
                     cfgs = [c for c in cfgs if c.path == only]
+                if only == "mma" and args.mma_modes:
+                    cfgs = [c for c in cfgs if str(c.mode) in args.mma_modes.split(",")]
                 if not full:  # one config per mode and split kind, plus the heuristic
                     keep, seen = [], set()
                     for c in cfgs:
                         sig = (c.path, c.mode, c.split > 1, c.nit > 1, c.pref)
+                        if c.mode == 9 and c.path == "mma":  # v9: every candidate (few; new in session 6)
+                            sig += (c.warps, c.nit, c.ts)
                         if sig not in seen:
                             seen.add(sig)
                             keep.append(c)
@@ -319,14 +323,14 @@ def write_table(rows, args, props) -> None:
 
 
 FAMILIES = (("v3", lambda c: c.path == "triton"), ("v5", lambda c: c.path == "flat"),
-            ("v6", lambda c: c.path == "stream"), ("v7", lambda c: c.path == "mma" and c.mode != 8),
-            ("v8", lambda c: c.path == "mma" and c.mode == 8))
+            ("v6", lambda c: c.path == "stream"), ("v7", lambda c: c.path == "mma" and c.mode not in (8, 9)),
+            ("v8", lambda c: c.path == "mma" and c.mode == 8), ("v9", lambda c: c.path == "mma" and c.mode == 9))
 
 
 def decode(args) -> None:
     """Per (shape, tokens, 2:4 fraction): every autotuner candidate timed the autotuner's way (cold L2, CUDA
     graphs, ``ops.time_cold``); the best config of each kernel family (v3 ``triton``, v5 ``flat``, v6 ``stream``,
-    v7 / v8 ``mma``)
+    v7 / v8 / v9 ``mma``)
     then re-timed like the layer table (graph over weight copies > 4x L2, median of ``--reps``), with dense
     ``F.linear``."""
     dev = "cuda"
@@ -375,8 +379,8 @@ def decode(args) -> None:
         del W
         torch.cuda.empty_cache()
     lines = [f"decode cells on {props.name} ({time.time() - t_start:.0f}s); us per call, graph, weight copies > 4x L2",
-             "| shape | M | f | dense | v3 best | v5 flat | v6 stream | v7 mma | v8 mma | best x dense | bound "
-             "| best % bound | best config | err |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape | M | f | dense | v3 best | v5 flat | v6 stream | v7 mma | v8 mma | v9 mma | best x dense | bound "
+             "| best % bound | best config | err |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for sname, M, f, td, res in rows:
         def t_of(tag):
             return f"{res[tag][1] * 1e3:.1f}" if tag in res else "-"
@@ -384,7 +388,7 @@ def decode(args) -> None:
         cn, tn, _ = min(res.values(), key=lambda v: v[1]) if res else (None, float("nan"), 0.0)
         err = max((e for _, _, e in res.values()), default=float("nan"))
         lines.append(f"| {sname} | {M} | {f:.2f} | {td * 1e3:.1f} | {t_of('v3')} | {t_of('v5')} | {t_of('v6')} | "
-                     f"{t_of('v7')} | {t_of('v8')} | {td / tn:.2f} | {b:.2f} | {td / tn / b * 100:.0f}% | "
+                     f"{t_of('v7')} | {t_of('v8')} | {t_of('v9')} | {td / tn:.2f} | {b:.2f} | {td / tn / b * 100:.0f}% | "
                      f"{cn.short() if cn else '-'} | {err:.1e} |")
     text = "\n".join(lines) + "\n"
     if args.out:
@@ -441,7 +445,7 @@ def ncu_launches(args) -> None:
 
 
 def ncu_mma_launches(args) -> None:
-    """v7 / v8 profile: the sparse-tensor-core kernels and dense ``F.linear`` on 4096x4096 (1 token, all 2:4;
+    """v7 / v8 / v9 profile: the sparse-tensor-core kernels and dense ``F.linear`` on 4096x4096 (1 token, all 2:4;
     16 tokens, half 2:4) and 11008x4096 (16 tokens, half 2:4), each once inside cudaProfilerStart/Stop (run
     under ``ncu --profile-from-start off``)."""
     dev = "cuda"
@@ -449,6 +453,8 @@ def ncu_mma_launches(args) -> None:
     cells = [(4096, 4096, 1, 1.0), (4096, 4096, 16, 0.5), (11008, 4096, 16, 0.5)]
     cfgs = [T("mma", 0, 16, 0, 0, 8, 4, 1, True, 0, 0, 2), T("mma", 8, 16, 0, 0, 1, 4, 1, True, 0, 0, 2, 8),
             T("mma", 8, 16, 0, 0, 1, 8, 1, True, 0, 0, 2, 16)]
+    if args.mma_modes:  # e.g. "9": only those modes, with v9's candidates
+        cfgs = [c for c in cfgs + ops.v9_candidates(16) if str(c.mode) in args.mma_modes.split(",")]
     for N, K, M, f in cells:
         p, W, _ = random_packed(N, K, f, (128, 128), torch.bfloat16, dev, seed=5)
         x = torch.randn(M, K, device=dev).bfloat16()
@@ -517,7 +523,8 @@ def main() -> int:
     ap.add_argument("--flat-only", action="store_true", help="with --check: only the v5 flat kernel's configs")
     ap.add_argument("--stream-only", action="store_true", help="with --check: only the v6 stream kernel's configs")
     ap.add_argument("--paths", default="", help="with --decode: only these kernel paths (e.g. stream,mma)")
-    ap.add_argument("--mma-only", action="store_true", help="with --check: only the v7 / v8 mma kernels' configs")
+    ap.add_argument("--mma-only", action="store_true", help="with --check: only the v7 / v8 / v9 mma kernels' configs")
+    ap.add_argument("--mma-modes", default="", help="with --mma-only: only these mma modes (0 = v7, 8, 9)")
     ap.add_argument("--ncu-mma", action="store_true", help="v7 / v8 / dense launches to run under ncu")
     ap.add_argument("--profile", action="store_true", help="a few fixed launches to run under ncu")
     ap.add_argument("--ncu", action="store_true", help="v5: flat/persistent/dense launches to run under ncu")

@@ -24,7 +24,8 @@ from tilesparse.kernels.reference import reference_linear_f64, rel_error
 KEYS = [cm.MmaKey(True, 1, 4, 2, True), cm.MmaKey(True, 2, 8, 2, False), cm.MmaKey(False, 8, 4, 1, True),
         cm.MmaKey(True, 4, 4, 1, False), cm.MmaKey(True, 1, 4, 2, True, 8, 8), cm.MmaKey(True, 2, 8, 2, False, 8, 16),
         cm.MmaKey(False, 8, 4, 1, True, 8, 4), cm.MmaKey(True, 4, 8, 2, False, 8, 8),
-        cm.MmaKey(True, 2, 4, 2, False, 8, 8, pf=True)]
+        cm.MmaKey(True, 2, 4, 2, False, 8, 8, pf=True), cm.MmaKey(True, 2, 4, 1, False, 9, 4, nst=5),
+        cm.MmaKey(False, 1, 8, 1, True, 9, 2, nst=5), cm.MmaKey(True, 8, 4, 1, True, 9, 8, nst=2)]
 
 
 def _libnvrtc():
@@ -63,6 +64,9 @@ def test_source_compiles_for_sm90(key):
     assert "mma.sp::ordered_metadata.sync.aligned.m16n8k32" in ptx
     assert ("bf16" if key.bf16 else "f16") in ptx.split("mma.sp::ordered_metadata")[1].split(";")[0]
     assert ("cp.async.bulk.prefetch.L2" in ptx) == key.pf
+    # v9: weights by 2-D tensor copies and x by cp.async, both completing on mbarriers
+    for op in ("cp.async.bulk.tensor.2d", "cp.async.mbarrier.arrive.noinc", "mbarrier.try_wait.parity"):
+        assert (op in ptx) == (key.ver == 9)
 
 
 def test_configured_source_and_names():
@@ -107,6 +111,55 @@ def test_v8_fit_derives_split_from_steps_per_block(monkeypatch):
         assert all(cm.v8_fits(c.nit, c.ts, cm.octets(M), c.warps) for c in ops.mma_candidates(M) if c.mode == 8)
 
 
+def test_v9_item_table_cuts_each_kind_into_items():
+    for N, K, tile, spb in ((256, 1024, (128, 128), 4), (1000, 576, (128, 128), 2), (192, 1280, (64, 128), 8)):
+        p = random_layer(N, K, tile, 0.5, 0.2, seed=N + spb)[2]
+        items, split = cm.item_table(p, spb)
+        assert cm.item_table(p, spb)[0] is items and items.shape == (p.grid.n_rows, split, 4 + spb)
+        tab = cm.step_table(p)
+        for r in range(p.grid.n_rows):
+            n_sp, n_dn = int(p.row_info[r, 0]) // 64, int(p.row_info[r, 5]) // 64
+            got = {1: [], 0: []}
+            kinds = []
+            for kind, m, k0, _, *cols in items[r].tolist():
+                if m == 0:
+                    assert kind == 0 and not any(cols)
+                    continue
+                assert k0 == len(got[kind]) and cols[:m] == tab[r, k0 + (0 if kind else n_sp):][:m].tolist()
+                got[kind] += cols[:m]
+                kinds.append(kind)
+            assert len(got[1]) == n_sp and len(got[0]) == n_dn  # every step once, in order
+            assert all(a != b for a, b in zip(kinds, kinds[1:min(len(kinds), 2 * min(kinds.count(0), kinds.count(1)))]))
+        assert split == max(-(-int(p.row_info[r, 0]) // 64 // spb) - (-int(p.row_info[r, 5]) // 64 // spb)
+                            for r in range(p.grid.n_rows))
+        p.rebuild_layout()
+        assert cm.item_table(p, spb)[0] is not items
+
+
+def test_v9_block_ranges_and_fit(monkeypatch):
+    p = random_layer(1024, 2048, (128, 128), 0.5, 0.0, seed=3)[2]
+    items, split = cm.item_table(p, 4)
+    T = p.grid.n_rows * 2 * split  # 64-row chunks
+    for blocks, cost in ((132, None), (7, None), (132, 2048)):
+        r = cm.block_ranges(p, 4, 64, blocks, cost).tolist()
+        assert r[0] == 0 and r[-1] == T and all(a <= b for a, b in zip(r, r[1:])) and len(r) == blocks + 1
+    even = cm.block_ranges(p, 4, 64, 7)
+    assert max(even[1:] - even[:-1]) - min(even[1:] - even[:-1]) <= 1  # the default: equal item counts
+    with pytest.raises(ValueError, match="items per block"):
+        cm.block_ranges(p, 4, 64, 2)
+    assert cm.v9_fits(4, 2, 4, 5) and not cm.v9_fits(4, 2, 4, 6) and not cm.v9_fits(3, 1, 4, 2)
+    assert not cm.v9_fits(16, 2, 4, 2) and not cm.v9_fits(2, 1, 4, 1)
+    for M in (1, 16, 64):
+        assert all(cm.v9_fits(c.nit, cm.octets(M), c.warps, c.ts) for c in ops.v9_candidates(M))
+    monkeypatch.setattr(cm, "mma_supported", lambda packed: True)
+    monkeypatch.setattr(cm, "v9_available", lambda: True)
+    monkeypatch.setattr(cm, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(ops, "interpreting", lambda: False)
+    cfg = ops._fit(C("mma", 9, 16, 0, 0, 1, 4, 1, True, 0, 0, 5, 4), p)
+    assert (cfg.mode, cfg.split, cfg.nit, cfg.ts, cfg.bn) == (9, split, 4, 5, 64)
+    assert ops._fit(C("mma", 9, 16, 0, 0, 1, 4, 1, True, 0, 0, 6, 4), p) is None  # 6 stages do not fit
+
+
 def test_octets():
     assert [cm.octets(m) for m in (1, 8, 9, 16, 17, 32, 33, 64)] == [1, 1, 2, 2, 4, 4, 8, 8]
 
@@ -147,10 +200,12 @@ def test_mma_matches_reference_on_gpu(M, split, dtype, bias, monkeypatch):
     b = torch.randn(512, device="cuda").to(dtype) if bias else None
     x = torch.randn(M, 1024, device="cuda").to(dtype)
     ref = reference_linear_f64(x.cpu(), p.to("cpu"), None if b is None else b.cpu())
-    for mode, warps, spb, pf in ((0, 4, 0, 0), (0, 8, 0, 0), (8, 4, 4, 0), (8, 8, 16, 1), (8, 4, 8, 1)):
+    for mode, warps, spb, pf in ((0, 4, 0, 0), (0, 8, 0, 0), (8, 4, 4, 0), (8, 8, 16, 1), (8, 4, 8, 1),
+                                 (9, 4, 4, 0), (9, 8, 2, 0), (9, 4, 8, 0)):
         cfg = ops._fit(C("mma", mode, M, 0, 0, split, warps, 1, True, 0, 0, 2, spb, pref=pf), p)
-        if cfg is None:  # v8: x of spb steps does not fit for these many tokens
-            assert mode == 8 and not cm.v8_fits(spb, 2, cm.octets(M), warps)
+        if cfg is None:  # v8: x of spb steps does not fit for these many tokens; v9: sm_90 only
+            assert (mode == 8 and not cm.v8_fits(spb, 2, cm.octets(M), warps)) or (mode == 9 and (
+                not cm.v9_available() or not cm.v9_fits(spb, cm.octets(M), warps, 2)))
             continue
         for _ in range(2):  # the split-K counters and workspace must be left reset
             out = torch.full((M, 512), float("nan"), device="cuda", dtype=dtype)

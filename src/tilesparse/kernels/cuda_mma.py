@@ -39,11 +39,17 @@ class MmaKey:
     spb: int = 0  # v8: steps per block
     probe: bool = False  # v8: per-block timeline output (benchmarks/mma_timeline.py)
     pf: bool = False  # v8: the block's weights prefetched into L2 first
+    nst: int = 0  # v9: shared-memory stages (v9 uses ``spb`` as steps per item; ``sb`` is unused, 1)
 
     @property
     def name(self) -> str:
-        v = (f"_p{self.spb}" + ("_pf" if self.pf else "") + ("_probe" if self.probe else "")) if self.ver == 8 else ""
-        return (f"hybrid_mma{'8' if self.ver == 8 else ''}_{'bf16' if self.bf16 else 'f16'}_o{self.noct}"
+        v = ""
+        if self.ver == 8:
+            v = f"_p{self.spb}" + ("_pf" if self.pf else "") + ("_probe" if self.probe else "")
+        elif self.ver == 9:
+            v = f"_p{self.spb}_n{self.nst}"
+        tag = {7: "", 8: "8", 9: "9"}[self.ver]
+        return (f"hybrid_mma{tag}_{'bf16' if self.bf16 else 'f16'}_o{self.noct}"
                 f"_w{self.warps}_s{self.sb}{v}{'_b' if self.bias else ''}")
 
 
@@ -64,8 +70,17 @@ def configured_source(key: MmaKey) -> str:
               ("HAS_BIAS", int(key.bias)), ("KNAME", key.name)]
     if key.ver == 8:
         macros += [("SPB", key.spb), ("PF", int(key.pf)), ("PROBE", int(key.probe))]
+    elif key.ver == 9:
+        macros += [("SPB", key.spb), ("NST", key.nst)]
     head = "".join(f"#define {k} {v}\n" for k, v in macros)
-    return head + source("mma_common.cuh") + source("hybrid_mma8.cu" if key.ver == 8 else "hybrid_mma.cu")
+    body = {7: "hybrid_mma.cu", 8: "hybrid_mma8.cu", 9: "hybrid_mma9.cu"}[key.ver]
+    return head + source("mma_common.cuh") + source(body)
+
+
+def v9_available() -> bool:
+    """True when the v9 kernel can run: a CUDA device of compute capability 9.0+ (bulk copies, mbarrier
+    transaction counts)."""
+    return available() and torch.cuda.get_device_capability()[0] >= 9
 
 
 def available() -> bool:
@@ -147,27 +162,185 @@ def v8_fits(spb: int, sb: int, noct: int, warps: int) -> bool:
     return sb <= spb and spb * noct <= V8_SMEM_KB and spb * noct <= 4 * warps
 
 
+V9_SMEM = 227 * 1024  # v9: dynamic shared memory a block may take (sm_90)
+
+
+def v9_smem(spb: int, noct: int, warps: int, nst: int) -> int:
+    """v9's dynamic shared memory: ``nst`` stages of one work item's weights (``16 * warps`` rows of ``spb``
+    64-column steps: dense values, or 2:4 values + metadata) and x (``8 * noct`` tokens of ``spb`` steps,
+    padded); see ``hybrid_mma9.cu``."""
+    br = 16 * warps
+    return nst * (br * spb * 128 + br * spb * 8 + 8 * noct * (128 * spb + 16))
+
+
+V9_MAX_ITEMS = 64  # items per block (hybrid_mma9.cu MAX_ITEMS: the block's item-table rows in shared memory)
+V9_STATIC_SMEM = V9_MAX_ITEMS * 4 * 20 + 512  # its static shared memory (at most), for v9_fits
+
+
+def v9_fits(spb: int, noct: int, warps: int, nst: int) -> bool:
+    """Whether a v9 configuration fits: 2, 4, 8 or 16 steps per item (whole tensor-copy boxes, 16-byte
+    metadata rows), at least two stages, and its stages in shared memory."""
+    return spb in (2, 4, 8, 16) and nst >= 2 and v9_smem(spb, noct, warps, nst) + V9_STATIC_SMEM <= V9_SMEM
+
+
+def item_table(packed: PackedHybrid, spb: int) -> tuple[torch.Tensor, int]:
+    """v9's work items per tile-row (built once per ``spb``, cached on ``packed``): int32 ``[R, split, 4 + spb]``,
+    row ``[r, j]`` = ``(kind, steps, first step of its kind, 0, input column of each step)``, kind 1 = 2:4; a
+    tile-row's 2:4 steps and its dense steps are cut into items of ``spb`` steps, and the two lists are
+    interleaved (2:4, dense, 2:4, ...: a range of items then carries both kinds' bytes); ``split`` = the most
+    items of any tile-row (shorter rows end with empty items)."""
+    cache = packed.__dict__.setdefault("_mma_v9", {})
+    if ("items", spb) in cache:
+        return cache[("items", spb)]
+    tab = step_table(packed).cpu()
+    info = packed.row_info.cpu()
+    rows = []
+    for r in range(packed.grid.n_rows):
+        n_sp, n_dn = int(info[r, 0]) // 64, int(info[r, 5]) // 64
+        kinds = []
+        for kind, n, base in ((1, n_sp, 0), (0, n_dn, n_sp)):
+            kinds.append([])
+            for k0 in range(0, n, spb):
+                m = min(spb, n - k0)
+                cols = tab[r, base + k0: base + k0 + m].tolist()
+                kinds[-1].append([kind, m, k0, 0] + cols + [0] * (spb - m))
+        sp, dn = kinds
+        its = [it for pair in zip(sp, dn) for it in pair] + sp[len(dn):] + dn[len(sp):]
+        rows.append(its)
+    split = max(1, max(len(its) for its in rows))
+    out = torch.zeros(len(rows), split, 4 + spb, dtype=torch.int32)
+    for r, its in enumerate(rows):
+        if its:
+            out[r, :len(its)] = torch.tensor(its, dtype=torch.int32)
+    res = (out.to(packed.device), split)
+    cache[("items", spb)] = res
+    return res
+
+
+# v9: an item's fixed cost in weight-byte equivalents, for block_ranges. Ranges of equal item counts (a large
+# cost) measured faster than ranges of equal bytes (2 KB per item) in every cell (benchmarks/KERNELS_NOTES.md v9)
+V9_ITEM_COST = 1 << 20
+
+
+def block_ranges(packed: PackedHybrid, spb: int, br: int, blocks: int, item_cost: int | None = None) -> torch.Tensor:
+    """v9's item range per block (cached on ``packed``): int32 ``[blocks + 1]`` cutting the chunk-major item
+    list into ``blocks`` contiguous ranges of about equal cost: weight bytes (a 2:4 step of a row costs 72
+    bytes, a dense one 128) plus ``item_cost`` (default :data:`V9_ITEM_COST`) per item."""
+    item_cost = V9_ITEM_COST if item_cost is None else item_cost
+    cache = packed.__dict__.setdefault("_mma_v9", {})
+    hit = cache.get(("ranges", spb, br, blocks, item_cost))
+    if hit is not None:
+        return hit
+    items, split = item_table(packed, spb)
+    it = items.cpu()
+    R, TR, N = packed.grid.n_rows, packed.tile_rows, packed.out_features
+    cpt = TR // br
+    step_bytes = torch.where(it[:, :, 0] == 1, 72, 128) * it[:, :, 1]  # [R, split], per row
+    rows = torch.tensor([[max(0, min(br, min(TR, N - r * TR) - b * br)) for b in range(cpt)] for r in range(R)])
+    cost = (rows[:, :, None] * step_bytes[:, None, :] + item_cost).reshape(-1).double()  # chunk-major
+    cum = torch.cat([torch.zeros(1, dtype=torch.float64), cost.cumsum(0)])
+    targets = cum[-1] * torch.arange(blocks + 1, dtype=torch.float64) / blocks
+    bounds = torch.searchsorted(cum, targets).clamp(max=cost.numel())
+    bounds[0], bounds[-1] = 0, cost.numel()
+    if int((bounds[1:] - bounds[:-1]).max()) > V9_MAX_ITEMS:
+        raise ValueError(f"mma kernel v9: more than {V9_MAX_ITEMS} items per block; use more steps per item")
+    res = bounds.to(torch.int32).to(packed.device)
+    cache[("ranges", spb, br, blocks, item_cost)] = res
+    return res
+
+
+def v9_plan(packed: PackedHybrid, spb: int, warps: int, noct: int, nst: int) -> tuple[int, int, torch.Tensor]:
+    """v9's launch: (dynamic shared memory, blocks, item ranges); ``ValueError`` when a block would get more
+    than :data:`V9_MAX_ITEMS` items."""
+    items, split = item_table(packed, spb)
+    smem = v9_smem(spb, noct, warps, nst)
+    per_sm = max(1, (228 * 1024) // (smem + V9_STATIC_SMEM + 1024))
+    n_chunks = packed.grid.n_rows * (packed.tile_rows // (16 * warps))
+    grid = min(n_chunks * split, _sm_count(packed.device) * per_sm)
+    return smem, grid, block_ranges(packed, spb, 16 * warps, grid)
+
+
+_TMAP_UINT8, _TMAP_UINT16 = 0, 1
+
+
+def _encode_tmap(buf, ptr: int, elem: int, dim0: int, rows: int, stride: int, box0: int, box1: int) -> None:
+    """Fill the 128-byte CUtensorMap ``buf`` for a row-major 2-D array (driver call, no swizzle, zero fill)."""
+    import ctypes
+    from torch.cuda._utils import _check_cuda, _get_gpu_runtime_library
+    lib = _get_gpu_runtime_library()
+    u64, u32 = ctypes.c_uint64, ctypes.c_uint32
+    _check_cuda(lib.cuTensorMapEncodeTiled(
+        buf, ctypes.c_int(_TMAP_UINT16 if elem == 2 else _TMAP_UINT8), u32(2), ctypes.c_void_p(ptr),
+        (u64 * 2)(dim0, rows), (u64 * 1)(stride), (u32 * 2)(box0, box1), (u32 * 2)(1, 1),
+        ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(3), ctypes.c_int(0)))  # no interleave / swizzle, L2 256B
+
+
+def tensor_maps(packed: PackedHybrid, spb: int, br: int) -> torch.Tensor:
+    """v9's tensor maps (built once per ``(spb, br)``, cached on ``packed``): uint8 ``[R * 384]`` on the device,
+    per tile-row the maps of its 2:4 values (box ``spb * 32 x br``), metadata (``spb * 8 x br``) and dense
+    values (``min(spb, 4) * 64 x br``); zeros where the tile-row has no tile of that kind."""
+    import ctypes
+    cache = packed.__dict__.setdefault("_mma_v9", {})
+    ptrs = (packed.sp_vals.data_ptr(), packed.sp_meta.data_ptr(), packed.dn_vals.data_ptr())
+    hit = cache.get(("tmaps", spb, br))
+    if hit is not None and hit[0] == ptrs:
+        return hit[1]
+    info = packed.row_info.cpu()
+    R, TR, N = packed.grid.n_rows, packed.tile_rows, packed.out_features
+    host = (ctypes.c_ubyte * (R * 384))()
+    for r in range(R):
+        sp_len, sp_off, sp_stride, mt_off, mt_stride, dn_len, dn_off, dn_stride = info[r].tolist()
+        rows = min(TR, N - r * TR)
+        base = ctypes.addressof(host) + r * 384
+        if sp_len:
+            _encode_tmap(ctypes.c_void_p(base), ptrs[0] + 2 * sp_off, 2, sp_len // 2, rows, 2 * sp_stride, 32 * spb, br)
+            _encode_tmap(ctypes.c_void_p(base + 128), ptrs[1] + mt_off, 1, sp_len // 8, rows, mt_stride, 8 * spb, br)
+        if dn_len:
+            _encode_tmap(ctypes.c_void_p(base + 256), ptrs[2] + 2 * dn_off, 2, dn_len, rows, 2 * dn_stride,
+                         64 * min(spb, 4), br)
+    maps = torch.frombuffer(bytearray(host), dtype=torch.uint8).to(packed.device)
+    cache[("tmaps", spb, br)] = (ptrs, maps)
+    return maps
+
+
+def _allow_smem(k, nbytes: int) -> None:
+    """Let compiled kernel ``k`` launch with ``nbytes`` of dynamic shared memory (> 48 KB needs an opt-in)."""
+    if nbytes < 48 * 1024 or getattr(k, "_tilesparse_smem", 0) >= nbytes:
+        return
+    if hasattr(k, "set_shared_memory_config"):
+        k.set_shared_memory_config(nbytes)
+    else:  # older torch: the driver attribute directly (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8)
+        from torch.cuda._utils import _check_cuda, _get_gpu_runtime_library
+        _check_cuda(_get_gpu_runtime_library().cuFuncSetAttribute(k.func, 8, nbytes))
+    k._tilesparse_smem = nbytes
+
+
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def launch(x2: torch.Tensor, packed: PackedHybrid, bias, out: torch.Tensor, warps: int, split: int, sb: int,
            ws: torch.Tensor | None, cnt: torch.Tensor | None, ver: int = 7, spb: int = 0,
            probe: torch.Tensor | None = None, pf: bool = False) -> None:
-    """Run the kernel (``ver`` 7 or 8) on ``x2 [M, K]`` (``M <= 64``) into ``out [M, N]``; ``warps * 16`` must
+    """Run the kernel (``ver`` 7, 8 or 9) on ``x2 [M, K]`` (``M <= 64``) into ``out [M, N]``; ``warps * 16`` must
     divide ``tile_rows``; ``split > 1`` needs ``ws`` (fp32, ``>= M * N``, zero) and ``cnt`` (int32, ``>=``
-    number of row chunks, zero), which the kernel leaves zero. v8: ``split`` must leave at most ``spb`` steps
-    per block; ``probe`` (v8, int64, 8 per block) receives each block's timeline (the probe build of the kernel)."""
+    number of row chunks, zero), which the kernel leaves zero. v8 / v9: ``split`` must leave at most ``spb``
+    steps per block (v8) or work item (v9); v9 reads ``sb`` as its number of shared-memory stages and needs
+    sm_90; ``probe`` (v8, int64, 8 per block) receives each block's timeline (the probe build of the kernel)."""
     M, _ = x2.shape
     N = packed.out_features
     if M > MAX_TOKENS:
         raise ValueError(f"mma kernel: {M} tokens > {MAX_TOKENS}")
-    if ver not in (7, 8):
+    if ver not in (7, 8, 9):
         raise ValueError(f"mma kernel: no version {ver}")
-    a = 16 if ver == 8 else 4  # v8 loads x by 16 bytes, v7 copies 4 bytes
+    a = 16 if ver >= 8 else 4  # v8 loads x by 16 bytes, v9 copies runs of 128 bytes, v7 copies 4 bytes
     if x2.stride(1) != 1 or x2.stride(0) % (a // 2) or x2.data_ptr() % a:
         x2 = x2.contiguous()
     br = 16 * warps
     if packed.tile_rows % br:
         raise ValueError(f"mma kernel: {br} rows per block do not divide tile_rows={packed.tile_rows}")
-    key = MmaKey(packed.dtype == torch.bfloat16, octets(M), warps, sb, bias is not None, ver, spb if ver == 8 else 0,
-                 probe is not None, pf and ver == 8)
+    key = MmaKey(packed.dtype == torch.bfloat16, octets(M), warps, 1 if ver == 9 else sb, bias is not None, ver,
+                 spb if ver >= 8 else 0, probe is not None, pf and ver == 8, sb if ver == 9 else 0)
     if probe is not None and ver != 8:
         raise ValueError("mma kernel: the timeline probe is v8 only")
     if ver == 7 and -(-packed.in_features // 64) > MAX_STEPS * split:
@@ -177,6 +350,13 @@ def launch(x2: torch.Tensor, packed: PackedHybrid, bias, out: torch.Tensor, warp
         if not v8_fits(spb, sb, key.noct, warps) or split * spb < max_steps(packed) or split * spb > tab.shape[1]:
             raise ValueError(f"mma kernel v8: split={split}, spb={spb}, sb={sb}, warps={warps} do not fit "
                              f"{max_steps(packed)} steps and {key.noct} token octets")
+    if ver == 9:  # sb = stages; split = the item table's items per chunk
+        if not v9_fits(spb, key.noct, warps, sb) or not _aligned(packed.sp_meta, 16):
+            raise ValueError(f"mma kernel v9: spb={spb}, stages={sb}, warps={warps} do not fit {key.noct} token "
+                             "octets (or the metadata is not 16-byte aligned)")
+        items, v9_split = item_table(packed, spb)
+        if split != v9_split:
+            raise ValueError(f"mma kernel v9: split={split}, but the layer has {v9_split} items per row chunk")
     cpt = packed.tile_rows // br
     n_chunks = packed.grid.n_rows * cpt
     if split > 1 and (ws is None or cnt is None or ws.numel() < M * N or cnt.numel() < n_chunks):
@@ -185,6 +365,14 @@ def launch(x2: torch.Tensor, packed: PackedHybrid, bias, out: torch.Tensor, warp
     common = [x2.view(u16), out.view(u16), (bias if bias is not None else out).view(u16),
               ws if split > 1 else out, cnt if split > 1 else out,
               packed.sp_vals.view(u16), packed.sp_meta, packed.dn_vals.view(u16)]
+    if ver == 9:
+        smem, grid, ranges = v9_plan(packed, spb, warps, key.noct, sb)
+        args = common[:5] + [tensor_maps(packed, spb, br), items, ranges, M, N, x2.stride(0), out.stride(0), split,
+                             cpt, packed.tile_rows]
+        k = kernel(key)
+        _allow_smem(k, smem)
+        k(grid=(grid, 1, 1), block=(32 * (warps + 1), 1, 1), args=args, shared_mem=smem)
+        return
     if ver == 8:
         args = common + [tab, packed.row_info, M, N, x2.stride(0), out.stride(0), split, cpt, packed.tile_rows,
                          tab.shape[1]] + ([probe] if probe is not None else [])

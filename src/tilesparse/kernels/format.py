@@ -151,7 +151,7 @@ class PackedHybrid:
         self._plain_dense = bool((kinds == DENSE).all()) and sizes["dn_vals"] == self.grid.numel
         self.row_info = info.to(self.dn_vals.device)
         self.tile_slot = slot.to(self.dn_vals.device)
-        for k in ("_flat_plans", "_mma_steps", "_mma_max_steps"):  # kernel descriptors (ops.flat_plan,
+        for k in ("_flat_plans", "_mma_steps", "_mma_max_steps", "_mma_v9"):  # kernel descriptors (ops.flat_plan,
             self.__dict__.pop(k, None)  # cuda_mma.step_table) are per layout
 
     def clone(self) -> "PackedHybrid":

@@ -80,7 +80,8 @@ class KernelConfig:
     # path "stream" (v6, ``hybrid_stream_kernel``): ``mode`` 0 = FMA (one token), 1 = tensor cores with the
     # 2:4 planes built by selects, 2 = the same with an inline-PTX shift expansion (GPU); ``ts``/``td`` = 2:4 /
     # dense tiles per chunk, ``pref`` = next chunk's loads in flight, ``split`` = programs per row block.
-    # path "mma" mode 8 (v8): ``ts`` = steps per batch, ``nit`` = steps per block, ``pref`` = L2 prefetch.
+    # path "mma" mode 8 (v8): ``ts`` = steps per batch, ``nit`` = steps per block, ``pref`` = L2 prefetch;
+    # mode 9 (v9): ``ts`` = shared-memory stages, ``nit`` = steps per work item, ``warps`` = consumer warps.
     td: int = 0
     pref: int = 0
     xt: int = 0  # stream: x loaded per tile ([BM, T, TILE_C]) instead of per position
@@ -90,6 +91,8 @@ class KernelConfig:
             if self.mode == 8:
                 return (f"mma8 bm{self.bm} w{self.warps} s{self.split} sb{self.ts} p{self.nit}"
                         + (" pf" if self.pref else ""))
+            if self.mode == 9:
+                return f"mma9 bm{self.bm} w{self.warps} s{self.split} n{self.ts} p{self.nit}"
             return f"mma bm{self.bm} w{self.warps} s{self.split} sb{self.ts}"
         if self.path == "stream":
             m = {0: "fma", 1: "dot", 2: "dotasm"}.get(self.mode, str(self.mode))
@@ -208,6 +211,17 @@ def _fit_mma(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
             return None
         return KernelConfig("mma", 8, bm, 16 * warps, 0, -(-steps // spb), warps, 1, True, 0, 0, sb, spb,
                             pref=1 if cfg.pref else 0)
+    if cfg.mode == 9:  # v9: work items of spb steps through ts shared-memory stages (sm_90)
+        spb = cfg.nit
+        if not _cm.v9_available() or not _cm.v9_fits(spb, _cm.octets(bm), warps, cfg.ts) \
+                or packed.sp_meta.data_ptr() % 16:
+            return None
+        try:
+            _cm.v9_plan(packed, spb, warps, _cm.octets(bm), cfg.ts)
+        except ValueError:  # too many items per block
+            return None
+        split = _cm.item_table(packed, spb)[1]
+        return KernelConfig("mma", 9, bm, 16 * warps, 0, split, warps, 1, True, 0, 0, cfg.ts, spb)
     if _cm.octets(bm) * cfg.ts > 16:  # static shared memory: 2 * sb * octets KB
         return None
     split = cfg.split
@@ -227,7 +241,20 @@ def mma_candidates(M: int) -> list[KernelConfig]:
     v8 = [KernelConfig("mma", 8, bm, 0, 0, 1, w, 1, True, 0, 0, sb, spb)
           for w in (4, 8) for sb, spb in ((1, 4), (1, 8), (1, 16), (1, 32), (2, 4), (2, 8), (2, 16), (2, 32), (4, 4))
           if _cm.v8_fits(spb, sb, _cm.octets(M), w)]
-    return v7 + v8
+    return v7 + v8 + v9_candidates(M)
+
+
+def v9_candidates(M: int) -> list[KernelConfig]:
+    """v9 (sm_90): consumer warps x steps per work item, each with as many stages (<= 6) as shared memory
+    holds."""
+    bm, noct = 8 * _cm.octets(M), _cm.octets(M)
+    c = []
+    for w in (4, 8):
+        for spb in (2, 4, 8):
+            nst = max([n for n in range(2, 7) if _cm.v9_fits(spb, noct, w, n)], default=0)
+            if nst:
+                c.append(KernelConfig("mma", 9, bm, 0, 0, 1, w, 1, True, 0, 0, nst, spb))
+    return c
 
 
 def stream_candidates(M: int) -> list[KernelConfig]:
@@ -555,8 +582,8 @@ def launch_mma(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfig, 
     if cfg.split > 1:
         ws = _buffer("mma_ws", x2.device, M * packed.out_features, torch.float32)
         cnt = _buffer("mma_cnt", x2.device, packed.grid.n_rows * (packed.tile_rows // cfg.bn), torch.int32)
-    _cm.launch(x2, packed, bias, out, cfg.warps, cfg.split, cfg.ts, ws, cnt, 8 if cfg.mode == 8 else 7, cfg.nit,
-               pf=bool(cfg.pref))
+    _cm.launch(x2, packed, bias, out, cfg.warps, cfg.split, cfg.ts, ws, cnt, cfg.mode if cfg.mode in (8, 9) else 7,
+               cfg.nit, pf=bool(cfg.pref))
 
 
 def unpack_triton(packed: PackedHybrid, out: torch.Tensor | None = None, bn: int = 32, bk: int = 64) -> torch.Tensor:

@@ -1,0 +1,270 @@
+// Hybrid (dense / 2:4 tile) linear for 1-64 tokens on sparse tensor cores: v9 decode kernel (sm_90).
+//
+// v8's per-block timeline showed three costs that every block pays once per wave: two dependent loads before
+// the first MMA, a weight stream limited by the bytes a warp can hold in registers, and the split-K tail. v9
+// moves the weights with the copy engine and keeps the blocks alive:
+//   * work items: a row chunk of BR rows x up to SPB 64-column steps of ONE kind (a tile-row's 2:4 steps are cut
+//     into items of SPB, then its dense steps), described by a per-layer item table (cuda_mma.item_table: kind,
+//     steps, first step, and the steps' input columns); numbered chunk-major, `split` items per chunk;
+//   * a persistent grid (about one block per SM); every block takes one contiguous range of items (stream-K;
+//     cuda_mma.block_ranges cuts the item list into ranges of about equal bytes): consecutive items of one chunk
+//     add into the same registers, and only a chunk split between blocks goes through the fp32 workspace and
+//     the arrival counter;
+//   * one producer warp fills NST shared-memory stages ahead of the consumers: the item's weights by 2-D tensor
+//     copies (cp.async.bulk.tensor; one tensor map per tile-row and kind, cuda_mma.tensor_maps; rows beyond the
+//     layer and steps beyond the kind's last are zero-filled, not read), its x by 16-byte cp.async; both complete
+//     on the stage's mbarrier (byte count + the lanes' cp.async arrivals);
+//   * WARPS consumer warps (16 rows each) wait on the stage's barrier, run v7's MMAs on it and release it.
+// So the next items' weights and x are in flight while the current one computes and while a tail reduces, and
+// the bytes in flight are bounded by shared memory, not registers. (A first v9 that copied each row's segment
+// by a 1-D bulk copy was limited by the copy count: ~40 ns per copy per SM; benchmarks/KERNELS_NOTES.md v9.)
+// Fragments: a 2:4 step of row g is 16 bytes at 16 t of its 64 stored bytes (groups 4t..4t+3), a dense step
+// the 16 bytes at 16 t of each 64-byte half (v7). x stays in its plain layout [token][step][64 columns]: a
+// dense MMA reads 16 contiguous bytes per lane; a sparse MMA s reads 4 words at columns
+// 16 h + 8 s + 2 c + {0, 32, 4, 36} (t = 2 h + c), the K order v7 / v8 store x in.
+// Macros: DT_BF16, NOCT, WARPS (consumer warps), SPB (steps per item, even), NST (stages), HAS_BIAS, KNAME.
+// (helpers: mma_common.cuh, prepended by cuda_mma.py)
+
+#define TPB ((WARPS + 1) * 32)
+#define BR (WARPS * 16)
+#define NT (NOCT * 8)
+#define DBOX (SPB < 4 ? SPB : 4)        // dense steps per tensor copy (a box row is at most 256 elements)
+#define V_BYTES (BR * SPB * 128)          // weight values of one item (dense; 2:4 items use half)
+#define M_BYTES (BR * SPB * 8)            // 2:4 metadata of one item
+#define XT (SPB * 128 + 16)               // bytes per token of x in a stage
+#define STAGE_BYTES (V_BYTES + M_BYTES + NT * XT)
+#define IT_W (4 + SPB)                    // ints per item in the item table
+#define MAX_ITEMS 64                      // items per block (cuda_mma.block_ranges keeps to it)
+
+__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    u32 done = 0;
+    while (!done) {
+        asm volatile(
+            "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+            : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+    }
+}
+
+// box of a 2-D tensor map (global, 64-byte aligned) at element coordinates (c0 inner, c1 rows) -> shared memory
+__device__ __forceinline__ void tensor_copy(u32 dst, const void* tmap, int c0, int c1, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
+        ::"r"(dst), "l"(tmap), "r"(c0), "r"(c1), "r"(bar) : "memory");
+}
+
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+
+// this lane's arrival on `bar` once all its earlier cp.async have landed (counted in the barrier's init count)
+__device__ __forceinline__ void cp_async_arrive(u32 bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
+}
+
+__device__ __forceinline__ u32 lds32(u32 a) {
+    u32 v;
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(a));
+    return v;
+}
+
+__device__ __forceinline__ uint2 lds64(u32 a) {
+    uint2 v;
+    asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(a));
+    return v;
+}
+
+__device__ __forceinline__ uint4 lds128(u32 a) {
+    uint4 v;
+    asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a));
+    return v;
+}
+
+__device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;" ::"n"(WARPS * 32) : "memory"); }
+
+// a chunk's sums: straight to out when this block covered all of its items, else fp32 atomics into ws and
+// the block that brings the chunk's counter to `split` writes the rows out and clears ws and the counter
+__device__ __forceinline__ void chunk_out(float (&acc)[NOCT][4], u16* out, const u16* bias, float* ws, int* cnt,
+                                          int* s_last, int M, int N, int so, int split, int ncov, int chunk,
+                                          int row0, int rows_here, int warp, int lane) {
+    const int g = lane >> 2, t = lane & 3, tid = warp * 32 + lane;
+    const bool wvalid = warp * 16 < rows_here;
+    const int grow = row0 + warp * 16 + g;
+    if (wvalid) {
+#pragma unroll
+        for (int o = 0; o < NOCT; ++o)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const int tok = 8 * o + 2 * t + (k & 1), row = grow + 8 * (k >> 1);
+                if (tok < M) {
+                    if (ncov == split) store_out(out, bias, so, tok, row, acc[o][k]);
+                    else atomicAdd(ws + (long long)tok * N + row, acc[o][k]);
+                }
+            }
+    }
+    if (ncov == split) return;
+    __threadfence();
+    consumer_sync();
+    if (tid == 0) *s_last = atomicAdd(cnt + chunk, ncov) + ncov == split;
+    consumer_sync();
+    if (!*s_last) return;
+    __threadfence();
+    for (int idx = tid; idx < M * rows_here; idx += WARPS * 32) {
+        const int tok = idx / rows_here, row = row0 + (idx - tok * rows_here);
+        float* w = ws + (long long)tok * N + row;
+        const float v = ld_cg(w);
+        *w = 0.f;
+        store_out(out, bias, so, tok, row, v);
+    }
+    if (tid == 0) cnt[chunk] = 0;
+}
+
+// items: [chunk][split] -> item table row (tile-row r, item j): {kind (1 = 2:4), steps, first step of the kind, 0,
+// input column of each step}
+extern "C" __global__ void __launch_bounds__(TPB, 1) KNAME(
+    const u16* __restrict__ x, u16* __restrict__ out, const u16* __restrict__ bias,
+    float* __restrict__ ws, int* __restrict__ cnt, const unsigned char* __restrict__ tmaps,
+    const int* __restrict__ items, const int* __restrict__ ranges, int M, int N, int sx, int so, int split,
+    int chunks_per_tr, int TR) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    __shared__ __align__(8) u64 bars[2 * NST];  // full[NST], then empty[NST]
+    __shared__ int s_items[MAX_ITEMS * IT_W];   // this block's rows of the item table
+    __shared__ int s_last;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int i_beg = ranges[blockIdx.x], i_end = ranges[blockIdx.x + 1];  // this block's items (by bytes)
+    const u32 sbase = smem_addr(smem), full0 = smem_addr(bars), empty0 = full0 + 8 * NST;
+
+    // x slots of tokens >= M are never copied: zero them once (their MMA columns are not stored either)
+    for (int s = 0; s < NST; ++s)
+        for (int o = M * XT + 16 * tid; o < NT * XT; o += 16 * TPB)
+            *reinterpret_cast<uint4*>(smem + s * STAGE_BYTES + V_BYTES + M_BYTES + o) = make_uint4(0, 0, 0, 0);
+    for (int i = tid; i < (i_end - i_beg) * IT_W; i += TPB) {
+        const int it = i_beg + i / IT_W, chunk = it / split, r = chunk / chunks_per_tr;
+        s_items[i] = items[((long long)r * split + (it - chunk * split)) * IT_W + i % IT_W];
+    }
+    if (tid == 0) {
+        for (int s = 0; s < NST; ++s) {
+            mbar_init(full0 + 8 * s, 33);  // the producer's expect_tx arrival + its 32 lanes' cp.async arrivals
+            mbar_init(empty0 + 8 * s, WARPS);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    __syncthreads();
+
+    if (warp == WARPS) {
+        // ---- producer: the stage of item it (k-th of this block) once the consumers have released it
+        for (int it = i_beg, k = 0; it < i_end; ++it, ++k) {
+            const int* cur = s_items + k * IT_W;
+            const int s = k % NST;
+            const int chunk = it / split, r = chunk / chunks_per_tr, b = chunk - r * chunks_per_tr;
+            const int kind = cur[0], nst = cur[1], k0 = cur[2];
+            mbar_wait(empty0 + 8 * s, ((k / NST) & 1) ^ 1);
+            const u32 full = full0 + 8 * s, st = sbase + s * STAGE_BYTES;
+            if (lane == 0) {
+                const unsigned char* tm = tmaps + (long long)r * 384;
+                if (nst == 0) {
+                    mbar_arrive_tx(full, 0);
+                } else if (kind) {
+                    mbar_arrive_tx(full, BR * SPB * 72);
+                    tensor_copy(st, tm, 32 * k0, b * BR, full);
+                    tensor_copy(st + V_BYTES, tm + 128, 8 * k0, b * BR, full);
+                } else {
+                    mbar_arrive_tx(full, BR * SPB * 128);
+#pragma unroll
+                    for (int q = 0; q < SPB / DBOX; ++q)
+                        tensor_copy(st + q * BR * DBOX * 128, tm + 256, 64 * (k0 + q * DBOX), b * BR, full);
+                }
+            }
+            // x: per step, M tokens x 8 pieces of 16 bytes
+            const u32 xs = st + V_BYTES + M_BYTES;
+#pragma unroll
+            for (int q = 0; q < SPB; ++q) {
+                const int col = cur[4 + q];
+                if (q < nst)
+                    for (int p = lane; p < 8 * M; p += 32)
+                        cp_async16(xs + (p >> 3) * XT + q * 128 + 16 * (p & 7), x + (long long)(p >> 3) * sx + col + 8 * (p & 7));
+            }
+            cp_async_arrive(full);
+        }
+        return;
+    }
+
+    // ---- consumers: warp `warp` owns rows 16 warp .. 16 warp + 15 of each item's chunk
+    const int g = lane >> 2, t = lane & 3, h = t >> 1, cc = t & 1;
+    float acc[NOCT][4];
+#pragma unroll
+    for (int o = 0; o < NOCT; ++o) acc[o][0] = acc[o][1] = acc[o][2] = acc[o][3] = 0.f;
+    int ncov = 0;
+    for (int it = i_beg, k = 0; it < i_end; ++it, ++k) {
+        const int s = k % NST;
+        const int chunk = it / split, j = it - chunk * split, r = chunk / chunks_per_tr, b = chunk - r * chunks_per_tr;
+        const int rows_here = max(0, min(BR, min(TR, N - r * TR) - b * BR));
+        mbar_wait(full0 + 8 * s, (k / NST) & 1);
+        const int2 kn = *reinterpret_cast<const int2*>(s_items + k * IT_W);  // (kind, steps)
+        if (warp * 16 < rows_here && kn.y > 0) {
+            const u32 st = sbase + s * STAGE_BYTES;
+            const u32 xr = st + V_BYTES + M_BYTES + g * XT;
+            const int row = warp * 16 + g;
+            if (kn.x) {
+                const u32 wr = st + row * (SPB * 64), wr8 = wr + 8 * (SPB * 64);
+                const u32 mr = st + V_BYTES + row * (SPB * 8), mr8 = mr + 8 * (SPB * 8);
+#pragma unroll 2
+                for (int q = 0; q < kn.y; ++q) {
+                    const uint4 w0 = lds128(wr + 64 * q + 16 * t), w1 = lds128(wr8 + 64 * q + 16 * t);
+                    const uint2 mg = lds64(mr + 8 * q), mg8 = lds64(mr8 + 8 * q);
+                    const u32 e = meta_reg(((u64)mg.y << 32) | mg.x, ((u64)mg8.y << 32) | mg8.x, t);
+#pragma unroll
+                    for (int o = 0; o < NOCT; ++o) {
+                        const u32 xb = xr + o * 8 * XT + 128 * q + 32 * h + 4 * cc;
+                        const uint4 x0 = make_uint4(lds32(xb), lds32(xb + 64), lds32(xb + 8), lds32(xb + 72));
+                        const uint4 x1 = make_uint4(lds32(xb + 16), lds32(xb + 80), lds32(xb + 24), lds32(xb + 88));
+                        mma_sp<0>(acc[o], w0.x, w1.x, w0.y, w1.y, x0, e);
+                        mma_sp<1>(acc[o], w0.z, w1.z, w0.w, w1.w, x1, e);
+                    }
+                }
+            } else {
+#pragma unroll 2
+                for (int q = 0; q < kn.y; ++q) {
+                    // box q / DBOX: [BR rows][DBOX * 128 bytes]
+                    const u32 wr = st + (q / DBOX) * (BR * DBOX * 128) + row * (DBOX * 128) + (q % DBOX) * 128 + 16 * t;
+                    const uint4 w0 = lds128(wr), w1 = lds128(wr + 8 * DBOX * 128);
+                    const uint4 w2 = lds128(wr + 64), w3 = lds128(wr + 8 * DBOX * 128 + 64);
+#pragma unroll
+                    for (int o = 0; o < NOCT; ++o) {
+                        const u32 xb = xr + o * 8 * XT + 128 * q + 16 * t;
+                        const uint4 x0 = lds128(xb), x1 = lds128(xb + 64);
+                        mma_dense(acc[o], w0.x, w1.x, w0.y, w1.y, x0.x, x0.y);
+                        mma_dense(acc[o], w0.z, w1.z, w0.w, w1.w, x0.z, x0.w);
+                        mma_dense(acc[o], w2.x, w3.x, w2.y, w3.y, x1.x, x1.y);
+                        mma_dense(acc[o], w2.z, w3.z, w2.w, w3.w, x1.z, x1.w);
+                    }
+                }
+            }
+        }
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty0 + 8 * s);
+        ++ncov;
+        // the chunk ends here (its last item, or this block's last): its sums leave the registers
+        if (j == split - 1 || it == i_end - 1) {
+            chunk_out(acc, out, bias, ws, cnt, &s_last, M, N, so, split, ncov, chunk, r * TR + b * BR, rows_here,
+                      warp, lane);
+#pragma unroll
+            for (int o = 0; o < NOCT; ++o) acc[o][0] = acc[o][1] = acc[o][2] = acc[o][3] = 0.f;
+            ncov = 0;
+        }
+    }
+}
