@@ -100,35 +100,16 @@ __device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;"
 __device__ __forceinline__ void chunk_out(float (&acc)[NOCT][4], u16* out, const u16* bias, float* ws, int* cnt,
                                           int* s_last, int M, int N, int so, int split, int ncov, int chunk,
                                           int row0, int rows_here, int warp, int lane) {
-    const int g = lane >> 2, t = lane & 3, tid = warp * 32 + lane;
-    const bool wvalid = warp * 16 < rows_here;
-    const int grow = row0 + warp * 16 + g;
-    if (wvalid) {
-#pragma unroll
-        for (int o = 0; o < NOCT; ++o)
-#pragma unroll
-            for (int k = 0; k < 4; ++k) {
-                const int tok = 8 * o + 2 * t + (k & 1), row = grow + 8 * (k >> 1);
-                if (tok < M) {
-                    if (ncov == split) store_out(out, bias, so, tok, row, acc[o][k]);
-                    else atomicAdd(ws + (long long)tok * N + row, acc[o][k]);
-                }
-            }
-    }
+    const int tid = warp * 32 + lane;
+    if (warp * 16 < rows_here) acc_out(acc, out, bias, ws, M, N, so, row0 + warp * 16 + (lane >> 2), lane & 3,
+                                       ncov == split);
     if (ncov == split) return;
     __threadfence();
     consumer_sync();
     if (tid == 0) *s_last = atomicAdd(cnt + chunk, ncov) + ncov == split;
     consumer_sync();
     if (!*s_last) return;
-    __threadfence();
-    for (int idx = tid; idx < M * rows_here; idx += WARPS * 32) {
-        const int tok = idx / rows_here, row = row0 + (idx - tok * rows_here);
-        float* w = ws + (long long)tok * N + row;
-        const float v = ld_cg(w);
-        *w = 0.f;
-        store_out(out, bias, so, tok, row, v);
-    }
+    ws_out(out, bias, ws, M, N, so, row0, rows_here, tid, WARPS * 32);
     if (tid == 0) cnt[chunk] = 0;
 }
 

@@ -124,39 +124,48 @@ __device__ __forceinline__ void store_out(u16* out, const u16* bias, int so, int
     out[(long long)tok * so + row] = from_f32(v);
 }
 
-// A block's results (its warps' accumulators; k of octet o = row grow + 8 (k >> 1), token 8 o + 2 t + (k & 1)).
-// split == 1: straight to out (+ bias). split > 1: fp32 atomics into ws[M, N] (kept zero between calls); the
-// last block of the row chunk to arrive writes out rows [row0, row0 + rows_here) and clears them in ws, and
-// its counter.
-__device__ __forceinline__ void write_out(float (&acc)[NOCT][4], u16* out, const u16* bias, float* ws, int* cnt,
-                                          int* s_last, int M, int N, int so, int split, int chunk, int grow,
-                                          bool wvalid, int row0, int rows_here, int tid, int tpb) {
-    const int t = tid & 3;
-    if (wvalid) {
+// A warp's accumulators (k of octet o = row grow + 8 (k >> 1), token 8 o + 2 t + (k & 1)): straight to out (+ bias)
+// when `direct`, else added into ws[M, N] by fp32 atomics
+__device__ __forceinline__ void acc_out(const float (&acc)[NOCT][4], u16* out, const u16* bias, float* ws, int M,
+                                        int N, int so, int grow, int t, bool direct) {
 #pragma unroll
-        for (int o = 0; o < NOCT; ++o)
+    for (int o = 0; o < NOCT; ++o)
 #pragma unroll
-            for (int k = 0; k < 4; ++k) {
-                const int tok = 8 * o + 2 * t + (k & 1), row = grow + 8 * (k >> 1);
-                if (tok < M) {
-                    if (split == 1) store_out(out, bias, so, tok, row, acc[o][k]);
-                    else atomicAdd(ws + (long long)tok * N + row, acc[o][k]);
-                }
+        for (int k = 0; k < 4; ++k) {
+            const int tok = 8 * o + 2 * t + (k & 1), row = grow + 8 * (k >> 1);
+            if (tok < M) {
+                if (direct) store_out(out, bias, so, tok, row, acc[o][k]);
+                else atomicAdd(ws + (long long)tok * N + row, acc[o][k]);
             }
-    }
-    if (split == 1) return;
+        }
+}
+
+// a row chunk's summed rows [row0, row0 + rows_here) from ws to out (+ bias), clearing ws; by nthr threads
+__device__ __forceinline__ void ws_out(u16* out, const u16* bias, float* ws, int M, int N, int so, int row0,
+                                       int rows_here, int tid, int nthr) {
     __threadfence();
-    __syncthreads();
-    if (tid == 0) *s_last = atomicAdd(cnt + chunk, 1) == split - 1;
-    __syncthreads();
-    if (!*s_last) return;
-    __threadfence();
-    for (int idx = tid; idx < M * rows_here; idx += tpb) {
+    for (int idx = tid; idx < M * rows_here; idx += nthr) {
         const int tok = idx / rows_here, row = row0 + (idx - tok * rows_here);
         float* w = ws + (long long)tok * N + row;
         const float v = ld_cg(w);
         *w = 0.f;
         store_out(out, bias, so, tok, row, v);
     }
+}
+
+// A block's results (its warps' accumulators, acc_out). split == 1: straight to out (+ bias). split > 1: fp32
+// atomics into ws[M, N] (kept zero between calls); the last block of the row chunk to arrive writes out rows
+// [row0, row0 + rows_here) and clears them in ws, and its counter.
+__device__ __forceinline__ void write_out(float (&acc)[NOCT][4], u16* out, const u16* bias, float* ws, int* cnt,
+                                          int* s_last, int M, int N, int so, int split, int chunk, int grow,
+                                          bool wvalid, int row0, int rows_here, int tid, int tpb) {
+    if (wvalid) acc_out(acc, out, bias, ws, M, N, so, grow, tid & 3, split == 1);
+    if (split == 1) return;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) *s_last = atomicAdd(cnt + chunk, 1) == split - 1;
+    __syncthreads();
+    if (!*s_last) return;
+    ws_out(out, bias, ws, M, N, so, row0, rows_here, tid, tpb);
     if (tid == 0) cnt[chunk] = 0;
 }
