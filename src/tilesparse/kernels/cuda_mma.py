@@ -252,7 +252,7 @@ def block_ranges(packed: PackedHybrid, spb: int, br: int, blocks: int, item_cost
 def v9_plan(packed: PackedHybrid, spb: int, warps: int, noct: int, nst: int) -> tuple[int, int, torch.Tensor]:
     """v9's launch: (dynamic shared memory, blocks, item ranges); ``ValueError`` when a block would get more
     than :data:`V9_MAX_ITEMS` items."""
-    items, split = item_table(packed, spb)
+    split = item_table(packed, spb)[1]
     smem = v9_smem(spb, noct, warps, nst)
     per_sm = max(1, (228 * 1024) // (smem + V9_STATIC_SMEM + 1024))
     n_chunks = packed.grid.n_rows * (packed.tile_rows // (16 * warps))

@@ -45,24 +45,20 @@ extern "C" __global__ void __launch_bounds__(TPB, MIN_BLOCKS) KNAME(
     const int row0 = r * TR + b * BR;
     if (row0 >= N) return;
     const int TC = 1 << log2_tc;
-    const long long* ri = row_info + 8 * r;
-    const int sp_len = (int)ri[0], dn_len = (int)ri[5];
-    const long long sp_off = ri[1], sp_stride = ri[2], mt_off = ri[3], mt_stride = ri[4];
-    const long long dn_off = ri[6], dn_stride = ri[7];
-    const int n_sp = sp_len >> 6, n_all = n_sp + (dn_len >> 6);
+    const TileRow L = tile_row(row_info, r);
+    const long long sp_stride = L.sp_stride, mt_stride = L.mt_stride, dn_stride = L.dn_stride;
+    const int n_sp = L.sp_len >> 6, n_all = n_sp + (L.dn_len >> 6);
     const int s_beg = (int)((long long)n_all * j / split), s_end = (int)((long long)n_all * (j + 1) / split);
     const int rows_tr = min(TR, N - r * TR);
     const int wrow = b * BR + warp * 16;  // the warp's first row inside the tile-row
     const bool wvalid = wrow < rows_tr;   // N % 16 == 0: a slab is wholly inside or wholly beyond
     const int sp_p0 = sp_ptr[r], dn_p0 = dn_ptr[r];
-    const long long rg = wvalid ? wrow + g : 0;
-    const u16* spA = spv + sp_off + rg * sp_stride + 8 * t;
-    const unsigned char* mA = spm + mt_off + rg * mt_stride;
-    const u16* dnA = dnv + dn_off + rg * dn_stride + 8 * t;
+    const RowPtrs A = row_ptrs(L, spv, spm, dnv, wvalid ? wrow + g : 0, t);
+    const u16 *spA = A.sp, *dnA = A.dn;
+    const unsigned char* mA = A.mt;
 
     float acc[NOCT][4];
-#pragma unroll
-    for (int o = 0; o < NOCT; ++o) acc[o][0] = acc[o][1] = acc[o][2] = acc[o][3] = 0.f;
+    zero_acc(acc);
 
     // this warp's weights of the SB steps from s0: 2:4 step = rows g, g+8 in a0, a1, their metadata in a2;
     // dense step = the two 32-column halves of rows g, g+8 in a0..a3

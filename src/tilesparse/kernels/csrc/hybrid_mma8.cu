@@ -63,34 +63,27 @@ extern "C" __global__ void __launch_bounds__(TPB, MIN_BLOCKS) KNAME(
         if ((XPIECES % TPB == 0 || p < XPIECES) && n < M) xv[q] = ldg16(x + (long long)n * sx + srow[i] + 8 * ch);
     }
 
-    const long long* ri = row_info + 8 * r;
-    const int sp_len = (int)ri[0], dn_len = (int)ri[5];
-    const long long sp_off = ri[1], sp_stride = ri[2], mt_off = ri[3], mt_stride = ri[4];
-    const long long dn_off = ri[6], dn_stride = ri[7];
-    const int n_sp = sp_len >> 6, n_all = n_sp + (dn_len >> 6);
+    const TileRow L = tile_row(row_info, r);
+    const int n_sp = L.sp_len >> 6, n_all = n_sp + (L.dn_len >> 6);
     const int s_beg = j * SPB, s_end = min(s_beg + SPB, n_all);  // block j: steps [j SPB, (j + 1) SPB)
     const int rows_tr = min(TR, N - r * TR);
     const int wrow = b * BR + warp * 16;  // the warp's first row inside the tile-row
     const bool wvalid = wrow < rows_tr;   // N % 16 == 0: a slab is wholly inside or wholly beyond
-    const long long rg = wvalid ? wrow + g : 0;
-    const u16* spA = spv + sp_off + rg * sp_stride + 8 * t;
-    const unsigned char* mA = spm + mt_off + rg * mt_stride;
-    const u16* dnA = dnv + dn_off + rg * dn_stride + 8 * t;
+    const RowPtrs A = row_ptrs(L, spv, spm, dnv, wvalid ? wrow + g : 0, t);
 
     float acc[NOCT][4];
-#pragma unroll
-    for (int o = 0; o < NOCT; ++o) acc[o][0] = acc[o][1] = acc[o][2] = acc[o][3] = 0.f;
+    zero_acc(acc);
 
     // this warp's weights of steps k0 .. k0 + SB - 1 of the block (k0 is a compile-time constant after
     // unrolling, so the offsets fold into the loads) into register set `buf` (as v7): 2:4 step = rows g, g+8
     // in W0, W1, their metadata in W2; dense step = the two 32-column halves of rows g, g+8 in W0..W3
     const int nsteps = s_end - s_beg, nsp = n_sp - s_beg;  // the block's steps; the first nsp are 2:4
-    const u16* spB = spA + 32 * s_beg;
-    const u16* spB8 = spB + 8 * sp_stride;
-    const unsigned char* mB = mA + 8 * s_beg;
-    const unsigned char* mB8 = mB + 8 * mt_stride;
-    const u16* dnB = dnA + 64 * ((long long)s_beg - n_sp);
-    const u16* dnB8 = dnB + 8 * dn_stride;
+    const u16* spB = A.sp + 32 * s_beg;
+    const u16* spB8 = spB + 8 * L.sp_stride;
+    const unsigned char* mB = A.mt + 8 * s_beg;
+    const unsigned char* mB8 = mB + 8 * L.mt_stride;
+    const u16* dnB = A.dn + 64 * ((long long)s_beg - n_sp);
+    const u16* dnB8 = dnB + 8 * L.dn_stride;
     uint4 W0[2][SB], W1[2][SB], W2[2][SB], W3[2][SB];
     auto load_w = [&](const int k0, const int buf) {
 #pragma unroll
@@ -115,15 +108,15 @@ extern "C" __global__ void __launch_bounds__(TPB, MIN_BLOCKS) KNAME(
     // all the weight bytes of the block's steps set moving into L2 at once (one bulk prefetch per row and kind:
     // lanes 0-15 take the warp's 16 rows), so that the register loads of the later batches hit L2
     if (wvalid && lane < 16 && nsteps > 0) {
-        const long long row = wrow + lane;
+        const RowPtrs P = row_ptrs(L, spv, spm, dnv, wrow + lane, 0);
         const int nsp_b = max(0, min(nsp, nsteps)), ndn_b = nsteps - nsp_b;
         if (nsp_b > 0) {
-            prefetch_l2(spv + sp_off + row * sp_stride + 32 * s_beg, 64 * nsp_b);
-            const unsigned char* m = spm + mt_off + row * mt_stride + 8 * s_beg;
+            prefetch_l2(P.sp + 32 * s_beg, 64 * nsp_b);
+            const unsigned char* m = P.mt + 8 * s_beg;
             for (int o = 0; o < 8 * nsp_b; o += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(m + o));
             asm volatile("prefetch.global.L2 [%0];" ::"l"(m + 8 * nsp_b - 1));
         }
-        if (ndn_b > 0) prefetch_l2(dnv + dn_off + row * dn_stride + 64 * max(0, s_beg - n_sp), 128 * ndn_b);
+        if (ndn_b > 0) prefetch_l2(P.dn + 64 * max(0, s_beg - n_sp), 128 * ndn_b);
     }
 #endif
     load_w(0, 0);

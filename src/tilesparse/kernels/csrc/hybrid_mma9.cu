@@ -187,8 +187,7 @@ extern "C" __global__ void __launch_bounds__(TPB, 1) KNAME(
     // ---- consumers: warp `warp` owns rows 16 warp .. 16 warp + 15 of each item's chunk
     const int g = lane >> 2, t = lane & 3, h = t >> 1, cc = t & 1;
     float acc[NOCT][4];
-#pragma unroll
-    for (int o = 0; o < NOCT; ++o) acc[o][0] = acc[o][1] = acc[o][2] = acc[o][3] = 0.f;
+    zero_acc(acc);
     int ncov = 0;
     for (int it = i_beg, k = 0; it < i_end; ++it, ++k) {
         const int s = k % NST;
@@ -243,8 +242,7 @@ extern "C" __global__ void __launch_bounds__(TPB, 1) KNAME(
         if (j == split - 1 || it == i_end - 1) {
             chunk_out(acc, out, bias, ws, cnt, &s_last, M, N, so, split, ncov, chunk, r * TR + b * BR, rows_here,
                       warp, lane);
-#pragma unroll
-            for (int o = 0; o < NOCT; ++o) acc[o][0] = acc[o][1] = acc[o][2] = acc[o][3] = 0.f;
+            zero_acc(acc);
             ncov = 0;
         }
     }

@@ -78,6 +78,35 @@ __device__ __forceinline__ void mma_dense(float* d, u32 a0, u32 a1, u32 a2, u32 
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// tile-row r's layout (row_info[r]: lengths, offsets and strides of its 2:4 values, metadata and dense values)
+struct TileRow {
+    int sp_len, dn_len;
+    long long sp_off, sp_stride, mt_off, mt_stride, dn_off, dn_stride;
+};
+
+__device__ __forceinline__ TileRow tile_row(const long long* __restrict__ row_info, int r) {
+    const long long* ri = row_info + 8 * r;
+    return {(int)ri[0], (int)ri[5], ri[1], ri[2], ri[3], ri[4], ri[6], ri[7]};
+}
+
+// lane t's start in row rg of a tile-row: its 16 bytes of the 2:4 and dense values, the row's metadata
+struct RowPtrs {
+    const u16* sp;
+    const unsigned char* mt;
+    const u16* dn;
+};
+
+__device__ __forceinline__ RowPtrs row_ptrs(const TileRow& L, const u16* spv, const unsigned char* spm,
+                                            const u16* dnv, long long rg, int t) {
+    return {spv + L.sp_off + rg * L.sp_stride + 8 * t, spm + L.mt_off + rg * L.mt_stride,
+            dnv + L.dn_off + rg * L.dn_stride + 8 * t};
+}
+
+__device__ __forceinline__ void zero_acc(float (&acc)[NOCT][4]) {
+#pragma unroll
+    for (int o = 0; o < NOCT; ++o) acc[o][0] = acc[o][1] = acc[o][2] = acc[o][3] = 0.f;
+}
+
 // nibbles k, k+4, k+8, k+12 of a row's 16 groups (one 64-column step) packed into 16 bits
 __device__ __forceinline__ u32 gather4(u64 m, int k) {
     u64 v = (m >> (4 * k)) & 0x000F000F000F000FULL;
