@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import os
 import statistics
 import sys
 import time
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from tilesparse.kernels import ops
-from tilesparse.kernels.linear import HybridLinear, hybrid_layers
+from tilesparse.kernels.linear import HybridLinear
 from tilesparse.masks.nm import topk_mask
 from tilesparse.masks.tiles import DENSE, SPARSE, TileGrid, select_dense_tiles
 
@@ -164,6 +165,8 @@ def main() -> int:
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--sparsities", default="0.25,0.35,0.45")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--pdl", default="off", help="hybrid rows with the mma kernels launched as programmatic "
+                    "dependents (on), without (off), or both (on,off); see cuda_mma.pdl_enabled")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     props = torch.cuda.get_device_properties(0)
@@ -179,18 +182,21 @@ def main() -> int:
         if s > 0:
             achieved = hybridize(model, s)
         setup = time.time() - t0
-        torch.cuda.synchronize()
-        tokens, pre, dec = generate(model, prompt, args.gen, args.reps)
-        total = pre + dec
-        row = dict(s=s, achieved=achieved, pre=pre, dec=dec, total=total,
-                   tps=args.batch * args.gen / total, dec_tps=args.batch * (args.gen - 1) / dec,
-                   lin_bytes=linear_bytes(model), lin_dense=lb_dense, model_bytes=model_bytes(model),
-                   model_dense=mb_dense, mem=torch.cuda.memory_allocated(), ws=ops.workspace_bytes(),
-                   setup=setup)
-        rows.append(row)
-        print(f"sparsity {s:.2f} (achieved {achieved:.4f}): prefill {pre * 1e3:.1f} ms, decode {dec * 1e3:.1f} ms, "
-              f"{row['tps']:.0f} tok/s (decode only {row['dec_tps']:.0f}), linear bytes {row['lin_bytes'] / 1e9:.2f} GB "
-              f"({row['lin_bytes'] / lb_dense:.3f}x), setup {setup:.0f}s", flush=True)
+        for pdl in (["-"] if s == 0 else args.pdl.split(",")):
+            if pdl != "-":
+                os.environ["TILESPARSE_PDL"] = "1" if pdl == "on" else "0"
+            torch.cuda.synchronize()
+            tokens, pre, dec = generate(model, prompt, args.gen, args.reps)
+            total = pre + dec
+            row = dict(s=s, achieved=achieved, pre=pre, dec=dec, total=total, pdl=pdl,
+                       tps=args.batch * args.gen / total, dec_tps=args.batch * (args.gen - 1) / dec,
+                       lin_bytes=linear_bytes(model), lin_dense=lb_dense, model_bytes=model_bytes(model),
+                       model_dense=mb_dense, mem=torch.cuda.memory_allocated(), ws=ops.workspace_bytes(),
+                       setup=setup)
+            rows.append(row)
+            print(f"sparsity {s:.2f} (achieved {achieved:.4f}, PDL {pdl}): prefill {pre * 1e3:.1f} ms, decode "
+                  f"{dec * 1e3:.1f} ms, {row['tps']:.0f} tok/s (decode only {row['dec_tps']:.0f}), linear bytes "
+                  f"{row['lin_bytes'] / 1e9:.2f} GB ({row['lin_bytes'] / lb_dense:.3f}x), setup {setup:.0f}s", flush=True)
         del model, tokens
         gc.collect()
         torch.cuda.empty_cache()
@@ -202,16 +208,17 @@ def main() -> int:
         f"triton {__import__('triton').__version__}, transformers {__import__('transformers').__version__}.",
         f"LLaMA-2-7B config ({args.layers} of 32 decoder layers), random bf16 weights, batch {args.batch}, "
         f"{args.prompt} prompt + {args.gen} generated tokens (greedy), static KV cache, decode steps as CUDA-graph "
-        f"replays, prefill eager; median of {args.reps} runs.",
+        f"replays, prefill eager; median of {args.reps} runs. PDL: the hybrid rows' mma kernels launched as "
+        f"programmatic dependents (on) or as plain launches (off).",
         f"Command: `PYTHONPATH=src python3 benchmarks/e2e_decode.py {' '.join(sys.argv[1:])}`",
         "",
-        "| sparsity (achieved) | prefill ms | decode ms | tokens/s (total) | speedup | decode-only tokens/s | decode speedup |"
+        "| sparsity (achieved) | PDL | prefill ms | decode ms | tokens/s (total) | speedup | decode-only tokens/s | decode speedup |"
         " decoder linear weights GB | vs dense | whole model GB | vs dense |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['s'] * 100:.0f}% ({r['achieved'] * 100:.2f}%) | {r['pre'] * 1e3:.1f} | {r['dec'] * 1e3:.1f} | "
+            f"| {r['s'] * 100:.0f}% ({r['achieved'] * 100:.2f}%) | {r['pdl']} | {r['pre'] * 1e3:.1f} | {r['dec'] * 1e3:.1f} | "
             f"{r['tps']:.0f} | {d['total'] / r['total']:.3f}x | {r['dec_tps']:.0f} | {d['dec'] / r['dec']:.3f}x | "
             f"{r['lin_bytes'] / 1e9:.3f} | {r['lin_bytes'] / r['lin_dense']:.3f}x | {r['model_bytes'] / 1e9:.3f} | "
             f"{r['model_bytes'] / r['model_dense']:.3f}x |")

@@ -1,13 +1,16 @@
-"""Per-block timeline of the v8 sparse-tensor-core kernel (GPU): where a decode call's time goes.
+"""Per-block timeline of the v8 / v9 sparse-tensor-core kernels (GPU): where a decode call's time goes.
 
     PYTHONPATH=src python3 benchmarks/mma_timeline.py                       # the default cells
     PYTHONPATH=src python3 benchmarks/mma_timeline.py --cells 4096x4096:16:0.5 --configs w4sb2p8,w4sb2p8pf
+    PYTHONPATH=src python3 benchmarks/mma_timeline.py --v9 w4p4n2,w4p8n2    # v9, per work item
 
 The probe build of the kernel (``PROBE=1``) has thread 0 of every block record the global timer and the SM
 clock at entry, after its x is staged (block barrier), after its last MMA, and at exit (after the split-K
 reduction). Each launch runs on a cold L2 (a large buffer is written first). Printed per cell and config:
 the kernel's span by the global timer, when blocks start (launch ramp) and end, and the median / 90th
-percentile of each phase in microseconds (SM cycles at the clock the timer pairs give).
+percentile of each phase in microseconds (SM cycles at the clock the timer pairs give). With ``--v9`` the v9
+probe build records, per work item, when the producer has issued the stage's copies and when consumer warp 0
+finds the stage full and releases it (see :func:`timeline9`).
 """
 
 from __future__ import annotations
@@ -37,13 +40,17 @@ def _q(t: torch.Tensor, q: float) -> float:
     return float(torch.quantile(t.double(), q))
 
 
-def timeline(N: int, K: int, M: int, f: float, spec: str, flush: torch.Tensor, reps: int) -> str:
+def _cell(N: int, K: int, M: int, f: float, cfg: ops.KernelConfig):
+    """A random packed layer of the cell, the configuration fitted to it (None: does not fit), x and out."""
     p, _, _ = random_packed(N, K, f, (128, 128), torch.bfloat16, "cuda", seed=7)
-    cfg = ops._fit(_cfg(spec, M), p)
+    x = torch.randn(M, K, device="cuda").bfloat16()
+    return p, ops._fit(cfg, p), x, torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+
+
+def timeline(N: int, K: int, M: int, f: float, spec: str, flush: torch.Tensor, reps: int) -> str:
+    p, cfg, x, out = _cell(N, K, M, f, _cfg(spec, M))
     if cfg is None:
         return f"{N}x{K} M={M} f={f} {spec}: does not fit"
-    x = torch.randn(M, K, device="cuda").bfloat16()
-    out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
     cpt = p.tile_rows // cfg.bn
     n_blocks = p.grid.n_rows * cpt * cfg.split
     ws = torch.zeros(M * N, device="cuda", dtype=torch.float32)
@@ -79,28 +86,102 @@ def timeline(N: int, K: int, M: int, f: float, spec: str, flush: torch.Tensor, r
             f"{_q(tail, 0.5):.2f} / {_q(tail, 0.9):.2f} | {ghz:.2f} | {err:.1e} |")
 
 
+def _cfg9(spec: str, M: int) -> ops.KernelConfig:
+    m = re.fullmatch(r"w(\d+)p(\d+)n(\d+)", spec)
+    if not m:
+        raise SystemExit(f"v9 config '{spec}': expected w<consumer warps>p<steps per item>n<stages>")
+    w, spb, nst = (int(v) for v in m.groups())
+    return ops.KernelConfig("mma", 9, 8 * cm.octets(M), 0, 0, 1, w, 1, True, 0, 0, nst, spb)
+
+
+def timeline9(N: int, K: int, M: int, f: float, spec: str, flush: torch.Tensor, reps: int) -> str:
+    """v9: per item, the copy latency (producer's x copies issued -> stage full at consumer warp 0), the
+    consumers' wait for data (previous release -> full), their MMA time (full -> release) and the producer's
+    wait for a free stage (release of item k - stages -> issue of item k)."""
+    p, cfg, x, out = _cell(N, K, M, f, _cfg9(spec, M))
+    if cfg is None:
+        return f"| {N}x{K} | {M} | {f:.2f} | {spec}: does not fit |"
+    _, blocks, ranges = cm.v9_plan(p, cfg.nit, cfg.warps, cm.octets(M), cfg.ts)
+    W = 4 + 3 * cm.V9_MAX_ITEMS
+    probe = torch.zeros(blocks, W, device="cuda", dtype=torch.int64)
+    ws = torch.zeros(M * N, device="cuda", dtype=torch.float32)
+    cnt = torch.zeros(p.grid.n_rows * (p.tile_rows // cfg.bn), device="cuda", dtype=torch.int32)
+
+    def run():
+        cm.launch(x, p, None, out, cfg.warps, cfg.split, cfg.ts, ws, cnt, 9, cfg.nit, probe)
+
+    run()
+    n_it = (ranges[1:] - ranges[:-1]).cpu()
+    spans, stats = [], []
+    for _ in range(reps):
+        flush.add_(1)
+        torch.cuda.synchronize()
+        run()
+        torch.cuda.synchronize()
+        pr = probe.cpu()
+        g0, c0, c1, g1 = pr[:, 0], pr[:, 1], pr[:, 2], pr[:, 3]
+        ghz = float(((c1 - c0).double().sum() / (g1 - g0).double().sum()).clamp(min=0.5)) * 1e3  # cycles/us
+        lat, mma, wait, pstall, first, tail = [], [], [], [], [], []
+        for b in range(blocks):
+            n = int(n_it[b])
+            if n == 0:
+                continue
+            ev = pr[b, 4:4 + 3 * n].view(n, 3).double()
+            iss, full, rel = ev[:, 0], ev[:, 1], ev[:, 2]
+            lat.append((full - iss) / ghz)
+            mma.append((rel - full) / ghz)
+            wait.append((full[1:] - rel[:-1]) / ghz)
+            if n > cfg.ts:
+                pstall.append((iss[cfg.ts:] - rel[:-cfg.ts]) / ghz)
+            first.append(float(full[0] - c0[b]) / ghz)
+            tail.append(float(c1[b] - rel[-1]) / ghz)
+        cat = [torch.cat(v) if v else torch.zeros(1) for v in (lat, mma, wait, pstall)]
+        stats.append((cat, torch.tensor(first), torch.tensor(tail), (g0 - g0.min()) / 1e3, ghz / 1e3))
+        spans.append(float(g1.max() - g0.min()) / 1e3)
+    med = sorted(range(reps), key=lambda i: spans[i])[reps // 2]
+    (lat, mma, wait, pstall), first, tail, start, ghz = stats[med]
+    ref = torch.nn.functional.linear(x.double(), p.unpack().double())
+    err = float((out.double() - ref).norm() / ref.norm())
+    mq = lambda t: f"{_q(t, 0.5):.2f} / {_q(t, 0.9):.2f}"  # noqa: E731
+    return (f"| {N}x{K} | {M} | {f:.2f} | {cfg.short()} | {blocks} | {float(n_it.float().mean()):.1f} | "
+            f"{spans[med]:.1f} | {_q(start, 0.5):.1f} / {_q(start, 1.0):.1f} | {mq(first)} | {mq(lat)} | {mq(wait)} | "
+            f"{mq(mma)} | {mq(pstall)} | {mq(tail)} | {ghz:.2f} | {err:.1e} |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cells", default="4096x4096:1:1,4096x4096:16:0.5,11008x4096:16:0.5",
                     help="comma-separated NxK:tokens:2:4-fraction")
     ap.add_argument("--configs", default="w4sb2p8,w4sb2p8pf,w8sb2p16pf,w4sb4p4,w4sb4p4pf")
     ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--v9", default="", help="v9 configs instead (w<warps>p<steps per item>n<stages>, e.g. w4p4n2)")
     args = ap.parse_args()
     if not cm.available():
         print("needs a CUDA GPU of compute capability 8.0+")
         return 2
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
     flush = torch.zeros(2 * l2 // 4, device="cuda", dtype=torch.float32)
-    print(f"v8 per-block timeline on {torch.cuda.get_device_name()} (us; thread 0 of each block; median run of "
-          f"{args.reps}, cold L2)")
-    print("| shape | M | f | config | blocks | span | block start med / max | block end med | x staged "
-          "med / p90 | MMA loop med / p90 | tail med / p90 | GHz | err |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    if args.v9:
+        title = (f"v9 per-item timeline on {torch.cuda.get_device_name()} (us; producer lane 0 and consumer thread 0 "
+                 f"of each block; median run of {args.reps}, cold L2); med / p90 over items or blocks")
+        cols = ["shape", "M", "f", "config", "blocks", "items per block", "span", "block start med / max",
+                "first item full", "copy latency", "consumer wait", "MMA per item", "producer wait", "tail", "GHz",
+                "err"]
+        fn, specs = timeline9, args.v9
+    else:
+        title = (f"v8 per-block timeline on {torch.cuda.get_device_name()} (us; thread 0 of each block; median run "
+                 f"of {args.reps}, cold L2)")
+        cols = ["shape", "M", "f", "config", "blocks", "span", "block start med / max", "block end med",
+                "x staged med / p90", "MMA loop med / p90", "tail med / p90", "GHz", "err"]
+        fn, specs = timeline, args.configs
+    print(title)
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
     for cell in args.cells.split(","):
         shape, M, f = cell.split(":")
         N, K = (int(v) for v in shape.split("x"))
-        for spec in args.configs.split(","):
-            print(timeline(N, K, int(M), float(f), spec, flush, args.reps), flush=True)
+        for spec in specs.split(","):
+            print(fn(N, K, int(M), float(f), spec, flush, args.reps), flush=True)
     return 0
 
 

@@ -25,7 +25,8 @@ KEYS = [cm.MmaKey(True, 1, 4, 2, True), cm.MmaKey(True, 2, 8, 2, False), cm.MmaK
         cm.MmaKey(True, 4, 4, 1, False), cm.MmaKey(True, 1, 4, 2, True, 8, 8), cm.MmaKey(True, 2, 8, 2, False, 8, 16),
         cm.MmaKey(False, 8, 4, 1, True, 8, 4), cm.MmaKey(True, 4, 8, 2, False, 8, 8),
         cm.MmaKey(True, 2, 4, 2, False, 8, 8, pf=True), cm.MmaKey(True, 2, 4, 1, False, 9, 4, nst=5),
-        cm.MmaKey(False, 1, 8, 1, True, 9, 2, nst=5), cm.MmaKey(True, 8, 4, 1, True, 9, 8, nst=2)]
+        cm.MmaKey(False, 1, 8, 1, True, 9, 2, nst=5), cm.MmaKey(True, 8, 4, 1, True, 9, 8, nst=2),
+        cm.MmaKey(True, 2, 4, 1, False, 9, 4, probe=True, nst=2)]
 
 
 def _libnvrtc():
@@ -67,6 +68,30 @@ def test_source_compiles_for_sm90(key):
     # v9: weights by 2-D tensor copies and x by cp.async, both completing on mbarriers
     for op in ("cp.async.bulk.tensor.2d", "cp.async.mbarrier.arrive.noinc", "mbarrier.try_wait.parity"):
         assert (op in ptx) == (key.ver == 9)
+    # programmatic dependent launch: every version waits for the grid before; v9 also releases the next one,
+    # and its first weight copies come before the wait
+    assert "griddepcontrol.wait" in ptx
+    assert ("griddepcontrol.launch_dependents" in ptx) == (key.ver == 9)
+    if key.ver == 9:
+        assert ptx.index("cp.async.bulk.tensor.2d") < ptx.index("griddepcontrol.wait")
+    assert ("%globaltimer" in ptx) == key.probe  # the timeline build only
+
+
+def test_launch_config_matches_the_driver_layout():
+    Attr, Config = cm._launch_types()
+    assert ctypes.sizeof(Attr) == 72 and Attr.value.offset == 8  # CUlaunchAttribute: id, pad, 64-byte union
+    assert ctypes.sizeof(Config) == 56  # CUlaunchConfig: 7 uints, stream, attrs, numAttrs (padded)
+    assert (Config.smem.offset, Config.stream.offset, Config.attrs.offset, Config.n_attrs.offset) == (24, 32, 40, 48)
+
+
+def test_pdl_switch(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.delenv("TILESPARSE_PDL", raising=False)
+    assert not cm.pdl_enabled()  # opt-in
+    monkeypatch.setenv("TILESPARSE_PDL", "1")
+    assert cm.pdl_enabled()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert not cm.pdl_enabled()
 
 
 def test_configured_source_and_names():
@@ -150,7 +175,15 @@ def test_v9_block_ranges_and_fit(monkeypatch):
     assert cm.v9_fits(4, 2, 4, 5) and not cm.v9_fits(4, 2, 4, 6) and not cm.v9_fits(3, 1, 4, 2)
     assert not cm.v9_fits(16, 2, 4, 2) and not cm.v9_fits(2, 1, 4, 1)
     for M in (1, 16, 64):
-        assert all(cm.v9_fits(c.nit, cm.octets(M), c.warps, c.ts) for c in ops.v9_candidates(M))
+        cs = ops.v9_candidates(M)
+        assert all(cm.v9_fits(c.nit, cm.octets(M), c.warps, c.ts) for c in cs)
+        # per (warps, steps per item): the most stages for one block per SM, and for two when that fits
+        per_sm = {}
+        for c in cs:
+            per_sm.setdefault((c.warps, c.nit), []).append(cm.v9_blocks_per_sm(c.nit, cm.octets(M), c.warps, c.ts))
+        per_sm = {k: sorted(v) for k, v in per_sm.items()}
+        assert any(v[-1] >= 2 for v in per_sm.values()) and all(v[0] == 1 or len(v) == 1 for v in per_sm.values())
+    assert cm.v9_blocks_per_sm(2, 1, 4, 5) == 2 and cm.v9_blocks_per_sm(2, 1, 4, 6) == 1
     monkeypatch.setattr(cm, "mma_supported", lambda packed: True)
     monkeypatch.setattr(cm, "v9_available", lambda: True)
     monkeypatch.setattr(cm, "_sm_count", lambda device: 132)
@@ -211,3 +244,47 @@ def test_mma_matches_reference_on_gpu(M, split, dtype, bias, monkeypatch):
             out = torch.full((M, 512), float("nan"), device="cuda", dtype=dtype)
             ops.launch_mma(x, p, b, cfg, out)
             assert rel_error(out.cpu(), ref) < 1e-2
+
+
+@pytest.mark.skipif(not cm.available(), reason="needs a CUDA GPU of compute capability 8.0+")
+@pytest.mark.parametrize("mode,warps,spb", [(0, 4, 0), (8, 4, 8), (9, 4, 4), (9, 8, 2)])
+@pytest.mark.parametrize("pdl", ["1", "0"])
+def test_mma_chain_reads_the_previous_kernels_output(mode, warps, spb, pdl, monkeypatch):
+    """Each layer's input is the output the kernel before it has just written (ours or torch's; launched as
+    programmatic dependents on sm_90): a kernel reading x before its wait would see the NaNs the buffer held."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("TILESPARSE_PDL", pdl)
+    M, K = 16, 1024
+    layers = [random_layer(K, K, (128, 128), f, 0.1, seed=10 + i)[2].to("cuda") for i, f in enumerate((0.5, 1, 0.25))]
+    cfgs = [ops._fit(C("mma", mode, M, 0, 0, 2, warps, 1, True, 0, 0, 2, spb), p) for p in layers]
+    if any(c is None for c in cfgs):
+        assert mode == 9 and not cm.v9_available()
+        pytest.skip("v9 needs sm_90")
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16) / 8
+    ref = x.cpu().double()
+    for i, p in enumerate(layers):
+        ref = reference_linear_f64(ref.bfloat16(), p.to("cpu"), None).double() / (8 if i == 1 else 1)
+    for graph in (False, True):
+        bufs = [torch.full((M, K), float("nan"), device="cuda", dtype=torch.bfloat16) for _ in layers]
+
+        def chain():
+            h = x
+            for i, (p, c, o) in enumerate(zip(layers, cfgs, bufs)):
+                ops.launch_mma(h, p, None, c, o)  # layer 1 right after layer 0's kernel
+                if i == 1:
+                    o.div_(8)  # layer 2 after a torch kernel
+                h = o
+            return h
+
+        torch.cuda.synchronize()
+        if graph:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                chain()
+            for o in bufs:
+                o.fill_(float("nan"))
+            g.replay()
+        else:
+            chain()
+        torch.cuda.synchronize()
+        assert rel_error(bufs[-1].cpu(), ref) < 3e-2

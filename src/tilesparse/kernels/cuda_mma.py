@@ -37,7 +37,7 @@ class MmaKey:
     bias: bool
     ver: int = 7
     spb: int = 0  # v8: steps per block
-    probe: bool = False  # v8: per-block timeline output (benchmarks/mma_timeline.py)
+    probe: bool = False  # v8 / v9: per-block timeline output (benchmarks/mma_timeline.py)
     pf: bool = False  # v8: the block's weights prefetched into L2 first
     nst: int = 0  # v9: shared-memory stages (v9 uses ``spb`` as steps per item; ``sb`` is unused, 1)
 
@@ -47,7 +47,7 @@ class MmaKey:
         if self.ver == 8:
             v = f"_p{self.spb}" + ("_pf" if self.pf else "") + ("_probe" if self.probe else "")
         elif self.ver == 9:
-            v = f"_p{self.spb}_n{self.nst}"
+            v = f"_p{self.spb}_n{self.nst}" + ("_probe" if self.probe else "")
         tag = {7: "", 8: "8", 9: "9"}[self.ver]
         return (f"hybrid_mma{tag}_{'bf16' if self.bf16 else 'f16'}_o{self.noct}"
                 f"_w{self.warps}_s{self.sb}{v}{'_b' if self.bias else ''}")
@@ -71,7 +71,7 @@ def configured_source(key: MmaKey) -> str:
     if key.ver == 8:
         macros += [("SPB", key.spb), ("PF", int(key.pf)), ("PROBE", int(key.probe))]
     elif key.ver == 9:
-        macros += [("SPB", key.spb), ("NST", key.nst)]
+        macros += [("SPB", key.spb), ("NST", key.nst), ("PROBE", int(key.probe))]
     head = "".join(f"#define {k} {v}\n" for k, v in macros)
     body = {7: "hybrid_mma.cu", 8: "hybrid_mma8.cu", 9: "hybrid_mma9.cu"}[key.ver]
     return head + source("mma_common.cuh") + source(body)
@@ -183,6 +183,11 @@ def v9_fits(spb: int, noct: int, warps: int, nst: int) -> bool:
     return spb in (2, 4, 8, 16) and nst >= 2 and v9_smem(spb, noct, warps, nst) + V9_STATIC_SMEM <= V9_SMEM
 
 
+def v9_blocks_per_sm(spb: int, noct: int, warps: int, nst: int) -> int:
+    """v9 blocks that share one SM's 228 KB of shared memory (1 KB of it reserved per block)."""
+    return max(1, (228 * 1024) // (v9_smem(spb, noct, warps, nst) + V9_STATIC_SMEM + 1024))
+
+
 def item_table(packed: PackedHybrid, spb: int) -> tuple[torch.Tensor, int]:
     """v9's work items per tile-row (built once per ``spb``, cached on ``packed``): int32 ``[R, split, 4 + spb]``,
     row ``[r, j]`` = ``(kind, steps, first step of its kind, 0, input column of each step)``, kind 1 = 2:4; a
@@ -254,7 +259,7 @@ def v9_plan(packed: PackedHybrid, spb: int, warps: int, noct: int, nst: int) -> 
     than :data:`V9_MAX_ITEMS` items."""
     split = item_table(packed, spb)[1]
     smem = v9_smem(spb, noct, warps, nst)
-    per_sm = max(1, (228 * 1024) // (smem + V9_STATIC_SMEM + 1024))
+    per_sm = v9_blocks_per_sm(spb, noct, warps, nst)
     n_chunks = packed.grid.n_rows * (packed.tile_rows // (16 * warps))
     grid = min(n_chunks * split, _sm_count(packed.device) * per_sm)
     return smem, grid, block_ranges(packed, spb, 16 * warps, grid)
@@ -315,6 +320,57 @@ def _allow_smem(k, nbytes: int) -> None:
     k._tilesparse_smem = nbytes
 
 
+_LAUNCH_ATTR_PDL = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+_LAUNCH_TYPES: list = []
+
+
+def _launch_types():
+    """ctypes mirrors of the driver's ``CUlaunchAttribute`` (id, padding, 64-byte value union) and
+    ``CUlaunchConfig``."""
+    if not _LAUNCH_TYPES:
+        import ctypes
+
+        class Attr(ctypes.Structure):
+            _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+        class Config(ctypes.Structure):
+            _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("smem", ctypes.c_uint),
+                        ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(Attr)), ("n_attrs", ctypes.c_uint)]
+
+        _LAUNCH_TYPES.extend([Attr, Config])
+    return _LAUNCH_TYPES
+
+
+def pdl_enabled(device=None) -> bool:
+    """Whether the mma kernels are launched as programmatic dependents (``griddepcontrol``, compute capability
+    9.0+, opt-in: ``TILESPARSE_PDL=1``): a kernel's blocks may then start while the kernel before it in the
+    stream finishes, and each waits for it (``grid_dep_wait`` in ``mma_common.cuh``) before reading x or
+    writing its outputs; v9 copies its first stages' weights before that wait. Off by default: on the H200 it
+    saved 1-1.5 us per v9 call after a memory-bound kernel but made batch-16 decode of a 7B model 0.3-0.9 %
+    slower (``benchmarks/KERNELS_NOTES.md``, session 7)."""
+    import os
+    return os.environ.get("TILESPARSE_PDL", "0") == "1" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _launch(k, grid: tuple, block: tuple, args: list, shared_mem: int = 0, pdl: bool = False) -> None:
+    """Launch compiled kernel ``k`` on the current stream (``cuLaunchKernelEx``), as a programmatic dependent
+    when ``pdl``. Arguments as ``torch.cuda._compile_kernel``'s launcher takes them: tensors (passed as device
+    pointers) and Python ints (C ``int``)."""
+    import ctypes
+    from torch.cuda._utils import _check_cuda, _get_gpu_runtime_library
+    if not pdl:
+        k(grid=grid, block=block, args=args, shared_mem=shared_mem)
+        return
+    Attr, Config = _launch_types()
+    vals = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
+    ptrs = (ctypes.c_void_p * len(vals))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in vals])
+    attr = Attr(id=_LAUNCH_ATTR_PDL)
+    attr.value[0] = 1  # programmaticStreamSerializationAllowed
+    cfg = Config(grid=(ctypes.c_uint * 3)(*grid), block=(ctypes.c_uint * 3)(*block), smem=shared_mem,
+                 stream=torch.cuda.current_stream().cuda_stream, attrs=ctypes.pointer(attr), n_attrs=1)
+    _check_cuda(_get_gpu_runtime_library().cuLaunchKernelEx(ctypes.byref(cfg), k.func, ptrs, None))
+
+
 def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -326,7 +382,8 @@ def launch(x2: torch.Tensor, packed: PackedHybrid, bias, out: torch.Tensor, warp
     divide ``tile_rows``; ``split > 1`` needs ``ws`` (fp32, ``>= M * N``, zero) and ``cnt`` (int32, ``>=``
     number of row chunks, zero), which the kernel leaves zero. v8 / v9: ``split`` must leave at most ``spb``
     steps per block (v8) or work item (v9); v9 reads ``sb`` as its number of shared-memory stages and needs
-    sm_90; ``probe`` (v8, int64, 8 per block) receives each block's timeline (the probe build of the kernel)."""
+    sm_90; ``probe`` (int64; v8: 8 per block, v9: ``4 + 3 * V9_MAX_ITEMS`` per block) receives each block's
+    timeline (the probe build of the kernel)."""
     M, _ = x2.shape
     N = packed.out_features
     if M > MAX_TOKENS:
@@ -341,8 +398,8 @@ def launch(x2: torch.Tensor, packed: PackedHybrid, bias, out: torch.Tensor, warp
         raise ValueError(f"mma kernel: {br} rows per block do not divide tile_rows={packed.tile_rows}")
     key = MmaKey(packed.dtype == torch.bfloat16, octets(M), warps, 1 if ver == 9 else sb, bias is not None, ver,
                  spb if ver >= 8 else 0, probe is not None, pf and ver == 8, sb if ver == 9 else 0)
-    if probe is not None and ver != 8:
-        raise ValueError("mma kernel: the timeline probe is v8 only")
+    if probe is not None and ver == 7:
+        raise ValueError("mma kernel: the timeline probe is v8 / v9 only")
     if ver == 7 and -(-packed.in_features // 64) > MAX_STEPS * split:
         raise ValueError(f"mma kernel: split={split} leaves more than {MAX_STEPS} steps per block")
     if ver == 8:
@@ -368,10 +425,10 @@ def launch(x2: torch.Tensor, packed: PackedHybrid, bias, out: torch.Tensor, warp
     if ver == 9:
         smem, grid, ranges = v9_plan(packed, spb, warps, key.noct, sb)
         args = common[:5] + [tensor_maps(packed, spb, br), items, ranges, M, N, x2.stride(0), out.stride(0), split,
-                             cpt, packed.tile_rows]
+                             cpt, packed.tile_rows] + ([probe] if probe is not None else [])
         k = kernel(key)
         _allow_smem(k, smem)
-        k(grid=(grid, 1, 1), block=(32 * (warps + 1), 1, 1), args=args, shared_mem=smem)
+        _launch(k, (grid, 1, 1), (32 * (warps + 1), 1, 1), args, smem, pdl_enabled(x2.device))
         return
     if ver == 8:
         args = common + [tab, packed.row_info, M, N, x2.stride(0), out.stride(0), split, cpt, packed.tile_rows,
@@ -380,4 +437,4 @@ def launch(x2: torch.Tensor, packed: PackedHybrid, bias, out: torch.Tensor, warp
         args = common + [packed.sp_cols, packed.sp_ptr, packed.dn_cols, packed.dn_ptr, packed.row_info,
                          M, N, x2.stride(0), out.stride(0), split, cpt, packed.tile_rows,
                          packed.tile_cols.bit_length() - 1]
-    kernel(key)(grid=(n_chunks, split, 1), block=(32 * warps, 1, 1), args=args)
+    _launch(kernel(key), (n_chunks, split, 1), (32 * warps, 1, 1), args, 0, pdl_enabled(x2.device))

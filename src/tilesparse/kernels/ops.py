@@ -246,13 +246,14 @@ def mma_candidates(M: int) -> list[KernelConfig]:
 
 def v9_candidates(M: int) -> list[KernelConfig]:
     """v9 (sm_90): consumer warps x steps per work item, each with as many stages (<= 6) as shared memory
-    holds."""
+    holds for one block per SM, and with as many as it holds for two (when that is at least two stages)."""
     bm, noct = 8 * _cm.octets(M), _cm.octets(M)
     c = []
     for w in (4, 8):
         for spb in (2, 4, 8):
-            nst = max([n for n in range(2, 7) if _cm.v9_fits(spb, noct, w, n)], default=0)
-            if nst:
+            fit = [n for n in range(2, 7) if _cm.v9_fits(spb, noct, w, n)]
+            two = [n for n in fit if _cm.v9_blocks_per_sm(spb, noct, w, n) >= 2]
+            for nst in sorted({max(fit, default=0), max(two, default=0)} - {0}):
                 c.append(KernelConfig("mma", 9, bm, 0, 0, 1, w, 1, True, 0, 0, nst, spb))
     return c
 

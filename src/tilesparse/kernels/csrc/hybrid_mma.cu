@@ -44,6 +44,7 @@ extern "C" __global__ void __launch_bounds__(TPB, MIN_BLOCKS) KNAME(
     const int r = chunk / chunks_per_tr, b = chunk - r * chunks_per_tr;
     const int row0 = r * TR + b * BR;
     if (row0 >= N) return;
+    grid_dep_wait();  // programmatic launch: x and the outputs only once the grid before has finished
     const int TC = 1 << log2_tc;
     const TileRow L = tile_row(row_info, r);
     const long long sp_stride = L.sp_stride, mt_stride = L.mt_stride, dn_stride = L.dn_stride;

@@ -48,6 +48,7 @@ extern "C" __global__ void __launch_bounds__(TPB, MIN_BLOCKS) KNAME(
     const int r = chunk / chunks_per_tr, b = chunk - r * chunks_per_tr;
     const int row0 = r * TR + b * BR;
     if (row0 >= N) return;
+    grid_dep_wait();  // programmatic launch: x and the outputs only once the grid before has finished
     // x of all the block's steps -> shared memory in fragment order [step][octet][half][lane][4 words].
     // Piece p = (step i, token n, 8-column chunk ch) of the step's 64 columns; tokens >= M are zeros. The
     // step table row is padded (zeros) to a multiple of 32 steps, so all SPB entries exist; pieces of steps

@@ -14,7 +14,10 @@
 //     copies (cp.async.bulk.tensor; one tensor map per tile-row and kind, cuda_mma.tensor_maps; rows beyond the
 //     layer and steps beyond the kind's last are zero-filled, not read), its x by 16-byte cp.async; both complete
 //     on the stage's mbarrier (byte count + the lanes' cp.async arrivals);
-//   * WARPS consumer warps (16 rows each) wait on the stage's barrier, run v7's MMAs on it and release it.
+//   * WARPS consumer warps (16 rows each) wait on the stage's barrier, run v7's MMAs on it and release it;
+//   * when launched as a programmatic dependent (opt-in, cuda_mma.pdl_enabled): the first NST items' weight
+//     copies go out before griddepcontrol.wait, so they overlap the end of the kernel before; x and the outputs
+//     wait for it (without the launch attribute the wait returns at once).
 // So the next items' weights and x are in flight while the current one computes and while a tail reduces, and
 // the bytes in flight are bounded by shared memory, not registers. (A first v9 that copied each row's segment
 // by a 1-D bulk copy was limited by the copy count: ~40 ns per copy per SM; benchmarks/KERNELS_NOTES.md v9.)
@@ -22,7 +25,8 @@
 // the 16 bytes at 16 t of each 64-byte half (v7). x stays in its plain layout [token][step][64 columns]: a
 // dense MMA reads 16 contiguous bytes per lane; a sparse MMA s reads 4 words at columns
 // 16 h + 8 s + 2 c + {0, 32, 4, 36} (t = 2 h + c), the K order v7 / v8 store x in.
-// Macros: DT_BF16, NOCT, WARPS (consumer warps), SPB (steps per item, even), NST (stages), HAS_BIAS, KNAME.
+// Macros: DT_BF16, NOCT, WARPS (consumer warps), SPB (steps per item, even), NST (stages), HAS_BIAS, KNAME;
+// PROBE = 1 adds a per-block, per-item timeline output (benchmarks/mma_timeline.py --v9).
 // (helpers: mma_common.cuh, prepended by cuda_mma.py)
 
 #define TPB ((WARPS + 1) * 32)
@@ -119,7 +123,22 @@ extern "C" __global__ void __launch_bounds__(TPB, 1) KNAME(
     const u16* __restrict__ x, u16* __restrict__ out, const u16* __restrict__ bias,
     float* __restrict__ ws, int* __restrict__ cnt, const unsigned char* __restrict__ tmaps,
     const int* __restrict__ items, const int* __restrict__ ranges, int M, int N, int sx, int so, int split,
-    int chunks_per_tr, int TR) {
+    int chunks_per_tr, int TR
+#if PROBE
+    , long long* __restrict__ probe
+#endif
+    ) {
+#if PROBE  // per-block timeline (benchmarks/mma_timeline.py --v9): [entry timer, entry clock, end clock, end
+    // timer, then per item: x copies issued (producer), stage full and stage released (consumer warp 0)]
+    long long* pr = probe + (long long)blockIdx.x * (4 + 3 * MAX_ITEMS);
+    if (threadIdx.x == 0) {
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(pr[0])::"memory");
+        pr[1] = clock64();
+    }
+#define PROBE_AT(slot) pr[slot] = clock64()
+#else
+#define PROBE_AT(slot)
+#endif
     extern __shared__ __align__(128) unsigned char smem[];
     __shared__ __align__(8) u64 bars[2 * NST];  // full[NST], then empty[NST]
     __shared__ int s_items[MAX_ITEMS * IT_W];   // this block's rows of the item table
@@ -147,31 +166,42 @@ extern "C" __global__ void __launch_bounds__(TPB, 1) KNAME(
     __syncthreads();
 
     if (warp == WARPS) {
-        // ---- producer: the stage of item it (k-th of this block) once the consumers have released it
-        for (int it = i_beg, k = 0; it < i_end; ++it, ++k) {
+        // ---- producer: the stage of item it (k-th of this block) once the consumers have released it. The
+        // weights are constant: the first NST items' weights are copied before waiting for the grid this one
+        // depends on (programmatic launch, cuda_mma._launch); x only after it.
+        const int n = i_end - i_beg, pre = n < NST ? n : NST;
+        auto weights = [&](int k) {  // lane 0: the stage's byte count and the item's tensor copies
+            const int* cur = s_items + k * IT_W;
+            const int chunk = (i_beg + k) / split, r = chunk / chunks_per_tr, b = chunk - r * chunks_per_tr;
+            const int kind = cur[0], nst = cur[1], k0 = cur[2];
+            const u32 full = full0 + 8 * (k % NST), st = sbase + (k % NST) * STAGE_BYTES;
+            const unsigned char* tm = tmaps + (long long)r * 384;
+            if (nst == 0) {
+                mbar_arrive_tx(full, 0);
+            } else if (kind) {
+                mbar_arrive_tx(full, BR * SPB * 72);
+                tensor_copy(st, tm, 32 * k0, b * BR, full);
+                tensor_copy(st + V_BYTES, tm + 128, 8 * k0, b * BR, full);
+            } else {
+                mbar_arrive_tx(full, BR * SPB * 128);
+#pragma unroll
+                for (int q = 0; q < SPB / DBOX; ++q)
+                    tensor_copy(st + q * BR * DBOX * 128, tm + 256, 64 * (k0 + q * DBOX), b * BR, full);
+            }
+        };
+        if (lane == 0)
+            for (int k = 0; k < pre; ++k) weights(k);  // stages start empty
+        grid_dep_wait();
+        for (int k = 0; k < n; ++k) {
             const int* cur = s_items + k * IT_W;
             const int s = k % NST;
-            const int chunk = it / split, r = chunk / chunks_per_tr, b = chunk - r * chunks_per_tr;
-            const int kind = cur[0], nst = cur[1], k0 = cur[2];
-            mbar_wait(empty0 + 8 * s, ((k / NST) & 1) ^ 1);
-            const u32 full = full0 + 8 * s, st = sbase + s * STAGE_BYTES;
-            if (lane == 0) {
-                const unsigned char* tm = tmaps + (long long)r * 384;
-                if (nst == 0) {
-                    mbar_arrive_tx(full, 0);
-                } else if (kind) {
-                    mbar_arrive_tx(full, BR * SPB * 72);
-                    tensor_copy(st, tm, 32 * k0, b * BR, full);
-                    tensor_copy(st + V_BYTES, tm + 128, 8 * k0, b * BR, full);
-                } else {
-                    mbar_arrive_tx(full, BR * SPB * 128);
-#pragma unroll
-                    for (int q = 0; q < SPB / DBOX; ++q)
-                        tensor_copy(st + q * BR * DBOX * 128, tm + 256, 64 * (k0 + q * DBOX), b * BR, full);
-                }
+            if (k >= pre) {
+                mbar_wait(empty0 + 8 * s, ((k / NST) & 1) ^ 1);
+                if (lane == 0) weights(k);
             }
             // x: per step, M tokens x 8 pieces of 16 bytes
-            const u32 xs = st + V_BYTES + M_BYTES;
+            const u32 xs = sbase + s * STAGE_BYTES + V_BYTES + M_BYTES;
+            const int nst = cur[1];
 #pragma unroll
             for (int q = 0; q < SPB; ++q) {
                 const int col = cur[4 + q];
@@ -179,13 +209,16 @@ extern "C" __global__ void __launch_bounds__(TPB, 1) KNAME(
                     for (int p = lane; p < 8 * M; p += 32)
                         cp_async16(xs + (p >> 3) * XT + q * 128 + 16 * (p & 7), x + (long long)(p >> 3) * sx + col + 8 * (p & 7));
             }
-            cp_async_arrive(full);
+            cp_async_arrive(full0 + 8 * s);
+            if (lane == 0) PROBE_AT(4 + 3 * k);
         }
+        grid_dep_launch();  // this block reads no more input: the next grid may be scheduled
         return;
     }
 
     // ---- consumers: warp `warp` owns rows 16 warp .. 16 warp + 15 of each item's chunk
     const int g = lane >> 2, t = lane & 3, h = t >> 1, cc = t & 1;
+    grid_dep_wait();  // before any write of out / ws / cnt
     float acc[NOCT][4];
     zero_acc(acc);
     int ncov = 0;
@@ -194,6 +227,7 @@ extern "C" __global__ void __launch_bounds__(TPB, 1) KNAME(
         const int chunk = it / split, j = it - chunk * split, r = chunk / chunks_per_tr, b = chunk - r * chunks_per_tr;
         const int rows_here = max(0, min(BR, min(TR, N - r * TR) - b * BR));
         mbar_wait(full0 + 8 * s, (k / NST) & 1);
+        if (tid == 0) PROBE_AT(5 + 3 * k);
         const int2 kn = *reinterpret_cast<const int2*>(s_items + k * IT_W);  // (kind, steps)
         if (warp * 16 < rows_here && kn.y > 0) {
             const u32 st = sbase + s * STAGE_BYTES;
@@ -237,6 +271,7 @@ extern "C" __global__ void __launch_bounds__(TPB, 1) KNAME(
         }
         __syncwarp();
         if (lane == 0) mbar_arrive(empty0 + 8 * s);
+        if (tid == 0) PROBE_AT(6 + 3 * k);
         ++ncov;
         // the chunk ends here (its last item, or this block's last): its sums leave the registers
         if (j == split - 1 || it == i_end - 1) {
@@ -246,4 +281,10 @@ extern "C" __global__ void __launch_bounds__(TPB, 1) KNAME(
             ncov = 0;
         }
     }
+#if PROBE
+    if (tid == 0) {
+        pr[2] = clock64();
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(pr[3])::"memory");
+    }
+#endif
 }

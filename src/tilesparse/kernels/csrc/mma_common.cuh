@@ -1,5 +1,6 @@
-// Helpers shared by the sparse-tensor-core decode kernels (hybrid_mma.cu v7, hybrid_mma8.cu v8): loads,
-// conversions, the dense and sparse MMAs and the metadata gather. Prepended by tilesparse/kernels/cuda_mma.py.
+// Helpers shared by the sparse-tensor-core decode kernels (hybrid_mma.cu v7, hybrid_mma8.cu v8, hybrid_mma9.cu
+// v9): loads, conversions, the dense and sparse MMAs, the metadata gather, the dependent-launch controls.
+// Prepended by tilesparse/kernels/cuda_mma.py.
 
 typedef unsigned int u32;
 typedef unsigned long long u64;
@@ -29,6 +30,21 @@ __device__ __forceinline__ void prefetch_l2(const void* p, u32 bytes) {
     asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
 #else
     for (u32 o = 0; o < bytes; o += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"((const char*)p + o));
+#endif
+}
+
+// programmatic dependent launch (sm_90; both are no-ops for a kernel launched without it, cuda_mma._launch):
+// wait until the grids this one depends on have finished and their writes are visible -- every thread calls it
+// before its first read of x or first write of out / ws / cnt; and let the next grid be scheduled
+__device__ __forceinline__ void grid_dep_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void grid_dep_launch() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
 
