@@ -47,6 +47,25 @@ def _cell(N: int, K: int, M: int, f: float, cfg: ops.KernelConfig):
     return p, ops._fit(cfg, p), x, torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
 
 
+def _probe_runs(run, probe: torch.Tensor, flush: torch.Tensor, reps: int) -> list[torch.Tensor]:
+    """``run`` once (compile, warm the instruction cache), then ``reps`` times on a cold L2; the probe's
+    contents after each of those."""
+    run()
+    res = []
+    for _ in range(reps):
+        flush.add_(1)  # evict the weights from L2
+        torch.cuda.synchronize()
+        run()
+        torch.cuda.synchronize()
+        res.append(probe.cpu())
+    return res
+
+
+def _rel_err(x: torch.Tensor, p, out: torch.Tensor) -> float:
+    ref = torch.nn.functional.linear(x.double(), p.unpack().double())
+    return float((out.double() - ref).norm() / ref.norm())
+
+
 def timeline(N: int, K: int, M: int, f: float, spec: str, flush: torch.Tensor, reps: int) -> str:
     p, cfg, x, out = _cell(N, K, M, f, _cfg(spec, M))
     if cfg is None:
@@ -60,14 +79,8 @@ def timeline(N: int, K: int, M: int, f: float, spec: str, flush: torch.Tensor, r
     def run():
         cm.launch(x, p, None, out, cfg.warps, cfg.split, cfg.ts, ws, cnt, 8, cfg.nit, probe, bool(cfg.pref))
 
-    run()  # compile, warm the instruction cache
     spans, rows = [], []
-    for _ in range(reps):
-        flush.add_(1)  # evict the weights from L2
-        torch.cuda.synchronize()
-        run()
-        torch.cuda.synchronize()
-        pr = probe.cpu()
+    for pr in _probe_runs(run, probe, flush, reps):
         live = pr[:, 5] > 0
         pr = pr[live]
         g0, c0, c1, c2, c3, g1 = (pr[:, i] for i in range(6))
@@ -78,8 +91,7 @@ def timeline(N: int, K: int, M: int, f: float, spec: str, flush: torch.Tensor, r
         spans.append(float(g1.max() - t0) / 1e3)
     med = sorted(range(reps), key=lambda i: spans[i])[reps // 2]  # the run with the median span
     start, end, stage, loop, tail, ghz = rows[med]
-    ref = torch.nn.functional.linear(x.double(), p.unpack().double())
-    err = float((out.double() - ref).norm() / ref.norm())
+    err = _rel_err(x, p, out)
     return (f"| {N}x{K} | {M} | {f:.2f} | {cfg.short()} | {n_blocks} | {spans[med]:.1f} | "
             f"{_q(start, 0.5):.1f} / {_q(start, 1.0):.1f} | {_q(end, 0.5):.1f} | "
             f"{_q(stage, 0.5):.2f} / {_q(stage, 0.9):.2f} | {_q(loop, 0.5):.2f} / {_q(loop, 0.9):.2f} | "
@@ -110,17 +122,11 @@ def timeline9(N: int, K: int, M: int, f: float, spec: str, flush: torch.Tensor, 
     def run():
         cm.launch(x, p, None, out, cfg.warps, cfg.split, cfg.ts, ws, cnt, 9, cfg.nit, probe)
 
-    run()
     n_it = (ranges[1:] - ranges[:-1]).cpu()
     spans, stats = [], []
-    for _ in range(reps):
-        flush.add_(1)
-        torch.cuda.synchronize()
-        run()
-        torch.cuda.synchronize()
-        pr = probe.cpu()
+    for pr in _probe_runs(run, probe, flush, reps):
         g0, c0, c1, g1 = pr[:, 0], pr[:, 1], pr[:, 2], pr[:, 3]
-        ghz = float(((c1 - c0).double().sum() / (g1 - g0).double().sum()).clamp(min=0.5)) * 1e3  # cycles/us
+        cyc_us = float(((c1 - c0).double().sum() / (g1 - g0).double().sum()).clamp(min=0.5)) * 1e3
         lat, mma, wait, pstall, first, tail = [], [], [], [], [], []
         for b in range(blocks):
             n = int(n_it[b])
@@ -128,20 +134,19 @@ def timeline9(N: int, K: int, M: int, f: float, spec: str, flush: torch.Tensor, 
                 continue
             ev = pr[b, 4:4 + 3 * n].view(n, 3).double()
             iss, full, rel = ev[:, 0], ev[:, 1], ev[:, 2]
-            lat.append((full - iss) / ghz)
-            mma.append((rel - full) / ghz)
-            wait.append((full[1:] - rel[:-1]) / ghz)
+            lat.append((full - iss) / cyc_us)
+            mma.append((rel - full) / cyc_us)
+            wait.append((full[1:] - rel[:-1]) / cyc_us)
             if n > cfg.ts:
-                pstall.append((iss[cfg.ts:] - rel[:-cfg.ts]) / ghz)
-            first.append(float(full[0] - c0[b]) / ghz)
-            tail.append(float(c1[b] - rel[-1]) / ghz)
+                pstall.append((iss[cfg.ts:] - rel[:-cfg.ts]) / cyc_us)
+            first.append(float(full[0] - c0[b]) / cyc_us)
+            tail.append(float(c1[b] - rel[-1]) / cyc_us)
         cat = [torch.cat(v) if v else torch.zeros(1) for v in (lat, mma, wait, pstall)]
-        stats.append((cat, torch.tensor(first), torch.tensor(tail), (g0 - g0.min()) / 1e3, ghz / 1e3))
+        stats.append((cat, torch.tensor(first), torch.tensor(tail), (g0 - g0.min()) / 1e3, cyc_us / 1e3))
         spans.append(float(g1.max() - g0.min()) / 1e3)
     med = sorted(range(reps), key=lambda i: spans[i])[reps // 2]
     (lat, mma, wait, pstall), first, tail, start, ghz = stats[med]
-    ref = torch.nn.functional.linear(x.double(), p.unpack().double())
-    err = float((out.double() - ref).norm() / ref.norm())
+    err = _rel_err(x, p, out)
     mq = lambda t: f"{_q(t, 0.5):.2f} / {_q(t, 0.9):.2f}"  # noqa: E731
     return (f"| {N}x{K} | {M} | {f:.2f} | {cfg.short()} | {blocks} | {float(n_it.float().mean()):.1f} | "
             f"{spans[med]:.1f} | {_q(start, 0.5):.1f} / {_q(start, 1.0):.1f} | {mq(first)} | {mq(lat)} | {mq(wait)} | "
