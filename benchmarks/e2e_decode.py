@@ -22,7 +22,7 @@ import time
 import torch
 from torch import nn
 
-from tilesparse.kernels import ops
+from tilesparse.kernels import cuda_mma, ops
 from tilesparse.kernels.linear import HybridLinear
 from tilesparse.masks.nm import topk_mask
 from tilesparse.masks.tiles import DENSE, SPARSE, TileGrid, select_dense_tiles
@@ -172,6 +172,10 @@ def main() -> int:
     props = torch.cuda.get_device_properties(0)
     g = torch.Generator(device="cuda").manual_seed(0)
     prompt = torch.randint(0, 32000, (args.batch, args.prompt), device="cuda", generator=g)
+    if cuda_mma.available() and args.batch <= cuda_mma.MAX_TOKENS:  # the decode steps' candidates, NVRTC in parallel
+        t0 = time.time()
+        n = cuda_mma.precompile(ops.mma_keys(args.batch), os.cpu_count() or 4)
+        print(f"precompiled {n} mma kernels in {time.time() - t0:.0f}s", flush=True)
     rows = []
     for s in [0.0] + [float(v) for v in args.sparsities.split(",")]:
         t0 = time.time()

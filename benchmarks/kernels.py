@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from tilesparse.kernels import cuda_mma as _cm
 from tilesparse.kernels import format as fmt
 from tilesparse.kernels import ops
 from tilesparse.kernels.reference import rel_error
@@ -284,6 +285,7 @@ def bench(args) -> None:
                 print(f"{sname:>11} M={M:5d} f={f:.2f} dense {t_dense_g * 1e3:8.1f} us  hybrid {t_h_g * 1e3:8.1f} us "
                       f"x{t_dense_g / t_h_g:5.2f} (bound {bound:.2f}, {t_dense_g / t_h_g / bound * 100:5.1f}%)  "
                       f"eager x{t_dense_e / t_h_e:5.2f}  err {err:.1e}  [{best.short()}]", flush=True)
+                write_table(rows, args, props, echo=False)  # so far (a run cut short keeps its rows)
                 del ps
             del x
         del W, sp24
@@ -291,7 +293,7 @@ def bench(args) -> None:
     write_table(rows, args, props)
 
 
-def write_table(rows, args, props) -> None:
+def write_table(rows, args, props, echo: bool = True) -> None:
     lines = [
         f"# Hybrid kernels, layer level ({props.name})",
         "",
@@ -319,7 +321,8 @@ def write_table(rows, args, props) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as fh:
             fh.write(text)
-    print(text)
+    if echo:
+        print(text)
 
 
 FAMILIES = (("v3", lambda c: c.path == "triton"), ("v5", lambda c: c.path == "flat"),
@@ -556,6 +559,12 @@ def main() -> int:
             paths = tuple(q for q in (args.paths.split(",") if args.paths else ("triton", "flat", "stream"))
                           if q in ("triton", "flat", "stream"))  # (the v7 kernel compiles in-process, NVRTC)
             precompile(sorted({ops._pow2_at_least(t) for t in toks}), args.precompile, bf16_only=True, paths=paths)
+            if not args.paths or "mma" in args.paths.split(","):
+                t0 = time.time()
+                keys = [k for t in sorted({ops._pow2_at_least(t) for t in toks}) if t <= _cm.MAX_TOKENS
+                        for k in ops.mma_keys(t)]
+                print(f"precompiled {_cm.precompile(keys, args.precompile)} mma kernels in {time.time() - t0:.0f}s",
+                      flush=True)
         if args.precompile_only:
             return 0
     if args.check:

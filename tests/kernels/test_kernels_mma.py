@@ -210,6 +210,21 @@ def test_candidates_cover_tokens():
         assert cs and all(c.path == "mma" and c.bm >= M and c.bm % 8 == 0 for c in cs)
 
 
+def test_mma_keys_are_the_candidates_compiled_configurations(monkeypatch):
+    monkeypatch.setattr(cm, "v9_available", lambda: True)
+    for M in (1, 16, 64):
+        keys = ops.mma_keys(M)
+        assert len(set(keys)) == len(keys)
+        assert all(k.noct == cm.octets(M) and k.bf16 and not k.bias and not k.probe for k in keys)
+        wanted = {(c.mode if c.mode in (8, 9) else 7, c.warps, c.ts, c.nit if c.mode in (8, 9) else 0)
+                  for c in ops.mma_candidates(M)}  # every candidate's kernel, once
+        assert {(k.ver, k.warps, k.nst if k.ver == 9 else k.sb, k.spb) for k in keys} == wanted
+        assert all(k.sb == 1 for k in keys if k.ver == 9)
+    monkeypatch.setattr(cm, "v9_available", lambda: False)
+    assert all(k.ver != 9 for k in ops.mma_keys(16))
+    assert ops.mma_keys(16, bf16=False, bias=True)[0].name.startswith("hybrid_mma_f16_o2")
+
+
 def test_launch_rejects_too_many_tokens():
     p = random_layer(256, 256, (128, 128), 0.5)[2]
     x = torch.randn(65, 256).bfloat16()
@@ -244,6 +259,22 @@ def test_mma_matches_reference_on_gpu(M, split, dtype, bias, monkeypatch):
             out = torch.full((M, 512), float("nan"), device="cuda", dtype=dtype)
             ops.launch_mma(x, p, b, cfg, out)
             assert rel_error(out.cpu(), ref) < 1e-2
+
+
+@pytest.mark.skipif(not cm.available(), reason="needs a CUDA GPU of compute capability 8.0+")
+def test_precompile_fills_the_kernel_cache(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    keys = ops.mma_keys(16)[:3] + ops.mma_keys(1)[-2:]
+    for k in keys:
+        cm._KERNELS.pop(k, None)
+    assert cm.precompile(keys + keys[:1], threads=4) == len(keys)
+    assert all(k in cm._KERNELS for k in keys) and cm.precompile(keys) == 0
+    p = random_layer(256, 512, (128, 128), 0.5, 0.0, torch.bfloat16, seed=3)[2].to("cuda")
+    x = torch.randn(16, 512, device="cuda").bfloat16()
+    cfg = ops._fit(ops.mma_candidates(16)[0], p)
+    out = torch.empty(16, 256, device="cuda", dtype=torch.bfloat16)
+    ops.launch_mma(x, p, None, cfg, out)  # a precompiled kernel runs
+    assert rel_error(out.cpu(), reference_linear_f64(x.cpu(), p.to("cpu"), None)) < 1e-2
 
 
 @pytest.mark.skipif(not cm.available(), reason="needs a CUDA GPU of compute capability 8.0+")

@@ -99,6 +99,43 @@ def kernel(key: MmaKey):
     return k
 
 
+def make_key(bf16: bool, M: int, warps: int, sb: int, bias: bool, ver: int, spb: int, probe: bool = False,
+             pf: bool = False) -> MmaKey:
+    """The compiled configuration that :func:`launch` uses for these arguments (``sb`` is v9's stage count)."""
+    return MmaKey(bf16, octets(M), warps, 1 if ver == 9 else sb, bias, ver, spb if ver >= 8 else 0, probe,
+                  pf and ver == 8, sb if ver == 9 else 0)
+
+
+def precompile(keys, threads: int = 8) -> int:
+    """Compile the kernels of ``keys`` that are not compiled yet, NVRTC in ``threads`` threads (it releases the
+    GIL; one kernel takes about a second), the modules loaded in this thread; returns how many were compiled."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torch.cuda._utils import _cuda_load_module, _nvrtc_compile
+
+    todo = [k for k in dict.fromkeys(keys) if k not in _KERNELS]
+    if not todo:
+        return 0
+    torch.cuda.init()
+
+    def build(k):  # a failure is left to kernel(), which raises it when the configuration is used
+        try:
+            res = _nvrtc_compile(configured_source(k), k.name, nvcc_options=["-std=c++17"])
+            return res if isinstance(res, tuple) else (res, k.name)
+        except Exception:  # noqa: BLE001
+            return None
+
+    with ThreadPoolExecutor(max(1, threads)) as ex:
+        binaries = list(ex.map(build, todo))
+    done = 0
+    for k, b in zip(todo, binaries):
+        if b is not None:
+            mod = _cuda_load_module(b[0], [b[1]])
+            _KERNELS[k] = mod[b[1]] if isinstance(mod, dict) else getattr(mod, b[1])
+            done += 1
+    return done
+
+
 def _aligned(t: torch.Tensor, a: int) -> bool:
     return t.numel() == 0 or t.data_ptr() % a == 0
 
@@ -396,8 +433,7 @@ def launch(x2: torch.Tensor, packed: PackedHybrid, bias, out: torch.Tensor, warp
     br = 16 * warps
     if packed.tile_rows % br:
         raise ValueError(f"mma kernel: {br} rows per block do not divide tile_rows={packed.tile_rows}")
-    key = MmaKey(packed.dtype == torch.bfloat16, octets(M), warps, 1 if ver == 9 else sb, bias is not None, ver,
-                 spb if ver >= 8 else 0, probe is not None, pf and ver == 8, sb if ver == 9 else 0)
+    key = make_key(packed.dtype == torch.bfloat16, M, warps, sb, bias is not None, ver, spb, probe is not None, pf)
     if probe is not None and ver == 7:
         raise ValueError("mma kernel: the timeline probe is v8 / v9 only")
     if ver == 7 and -(-packed.in_features // 64) > MAX_STEPS * split:

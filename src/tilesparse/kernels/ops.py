@@ -244,6 +244,14 @@ def mma_candidates(M: int) -> list[KernelConfig]:
     return v7 + v8 + v9_candidates(M)
 
 
+def mma_keys(M: int, bf16: bool = True, bias: bool = False) -> list:
+    """The compiled kernels (:class:`.cuda_mma.MmaKey`) that the mma candidates for ``M`` tokens launch, for
+    :func:`.cuda_mma.precompile` (v9 only where it can run)."""
+    return list(dict.fromkeys(  # (v7's candidates of different split share a kernel)
+        _cm.make_key(bf16, M, c.warps, c.ts, bias, c.mode if c.mode in (8, 9) else 7, c.nit, pf=bool(c.pref))
+        for c in mma_candidates(M) if c.mode != 9 or _cm.v9_available()))
+
+
 def v9_candidates(M: int) -> list[KernelConfig]:
     """v9 (sm_90): consumer warps x steps per work item, each with as many stages (<= 6) as shared memory
     holds for one block per SM, and with as many as it holds for two (when that is at least two stages)."""
