@@ -87,8 +87,9 @@ def model_bytes(model) -> int:
 
 
 @torch.no_grad()
-def generate(model, prompt: torch.Tensor, gen: int, reps: int):
-    """Returns (tokens, prefill_s, decode_s_per_run_list)."""
+def generate(model, prompt: torch.Tensor, gen: int, reps: int, graphs: bool = True):
+    """Returns (tokens, prefill_s, decode_s): medians over ``reps`` runs; decode steps as CUDA-graph replays, or
+    eager calls when ``graphs`` is false (what ``model.generate`` does by default)."""
     from transformers import StaticCache
 
     B, P = prompt.shape
@@ -122,11 +123,12 @@ def generate(model, prompt: torch.Tensor, gen: int, reps: int):
             step()
     torch.cuda.current_stream().wait_stream(s)
     torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
+    g = torch.cuda.CUDAGraph() if graphs else None
     try:
-        with torch.cuda.graph(g):
-            tok_static = step()
-        torch.cuda.synchronize()
+        if g is not None:
+            with torch.cuda.graph(g):
+                tok_static = step()
+            torch.cuda.synchronize()
     except Exception as e:  # noqa: BLE001 - report and time eagerly instead
         print(f"CUDA graph capture failed ({type(e).__name__}: {str(e)[:200]}); timing eager decode steps")
         g = None
@@ -167,6 +169,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--pdl", default="off", help="hybrid rows with the mma kernels launched as programmatic "
                     "dependents (on), without (off), or both (on,off); see cuda_mma.pdl_enabled")
+    ap.add_argument("--eager", action="store_true", help="decode steps as eager calls instead of CUDA-graph replays")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     props = torch.cuda.get_device_properties(0)
@@ -190,7 +193,7 @@ def main() -> int:
             if pdl != "-":
                 os.environ["TILESPARSE_PDL"] = "1" if pdl == "on" else "0"
             torch.cuda.synchronize()
-            tokens, pre, dec = generate(model, prompt, args.gen, args.reps)
+            tokens, pre, dec = generate(model, prompt, args.gen, args.reps, graphs=not args.eager)
             total = pre + dec
             row = dict(s=s, achieved=achieved, pre=pre, dec=dec, total=total, pdl=pdl,
                        tps=args.batch * args.gen / total, dec_tps=args.batch * (args.gen - 1) / dec,
@@ -211,8 +214,8 @@ def main() -> int:
         f"Measured {datetime.date.today().isoformat()} on {props.name}, torch {torch.__version__}, "
         f"triton {__import__('triton').__version__}, transformers {__import__('transformers').__version__}.",
         f"LLaMA-2-7B config ({args.layers} of 32 decoder layers), random bf16 weights, batch {args.batch}, "
-        f"{args.prompt} prompt + {args.gen} generated tokens (greedy), static KV cache, decode steps as CUDA-graph "
-        f"replays, prefill eager; median of {args.reps} runs. PDL: the hybrid rows' mma kernels launched as "
+        f"{args.prompt} prompt + {args.gen} generated tokens (greedy), static KV cache, decode steps as "
+        f"{'eager calls' if args.eager else 'CUDA-graph replays'}, prefill eager; median of {args.reps} runs. PDL: the hybrid rows' mma kernels launched as "
         f"programmatic dependents (on) or as plain launches (off).",
         f"Command: `PYTHONPATH=src python3 benchmarks/e2e_decode.py {' '.join(sys.argv[1:])}`",
         "",

@@ -319,3 +319,35 @@ def test_mma_chain_reads_the_previous_kernels_output(mode, warps, spb, pdl, monk
             chain()
         torch.cuda.synchronize()
         assert rel_error(bufs[-1].cpu(), ref) < 3e-2
+
+
+@pytest.mark.skipif(not cm.available(), reason="needs a CUDA GPU of compute capability 8.0+")
+@pytest.mark.parametrize("M", [1, 16])
+def test_prepared_launch_binds_fresh_inputs_each_call(M, monkeypatch):
+    """A prepared launch (what hybrid_linear keeps per layer) reads the x, bias and output of each call: fresh
+    buffers, a strided x, with and without split-K, eagerly and captured in a CUDA graph."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    p = random_layer(512, 1024, (128, 128), 0.5, 0.1, torch.bfloat16, seed=7)[2].to("cuda")
+    for mode, warps, spb, split in ((0, 4, 0, 1), (0, 4, 0, 4), (8, 4, 8, 1), (9, 4, 4, 1), (9, 8, 2, 1)):
+        cfg = ops._fit(C("mma", mode, M, 0, 0, split, warps, 1, True, 0, 0, 2, spb), p)
+        if cfg is None:
+            continue
+        run = ops._prepared_runner(p, cfg, M, True)
+        for i in range(3):
+            xb = torch.randn(M, 1024 + 64 * i, device="cuda").bfloat16()
+            x, b = xb[:, :1024], torch.randn(512, device="cuda").bfloat16()  # row stride 1024 + 64 i
+            ref = reference_linear_f64(x.cpu(), p.to("cpu"), b.cpu())
+            assert rel_error(run(x, b).cpu(), ref) < 1e-2, (cfg.short(), i)
+        x = torch.randn(M, 1024, device="cuda").bfloat16()
+        b = torch.randn(512, device="cuda").bfloat16()
+        run(x, b)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            y = run(x, b)
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        assert rel_error(y.cpu(), reference_linear_f64(x.cpu(), p.to("cpu"), b.cpu())) < 1e-2, cfg.short()
+    launch = cm.prepare(p, M, False, 4, 1, 2, None, None)
+    with pytest.raises(ValueError, match="prepared for"):
+        launch(torch.randn(M + 1, 1024, device="cuda").bfloat16(), torch.empty(M + 1, 512, device="cuda"))

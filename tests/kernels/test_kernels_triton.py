@@ -132,3 +132,62 @@ def test_empty_batch(interp, make_layer):
     _, _, p = make_layer(64, 64, (32, 32), 0.5, 0.0, torch.bfloat16)
     y = ops.hybrid_linear(torch.randn(0, 64).bfloat16(), p, use_triton=True)
     assert y.shape == (0, 64)
+
+
+def test_prepared_runners_are_cached_per_layer_and_rebuilt_after_tuning_changes(monkeypatch):
+    """hybrid_linear chooses, fits and prepares a layer's launch once per token count (and bias or not), keeps
+    it on the layer, and rebuilds it when the tuning table changes or the workspaces are released."""
+    from kernels_testutil import random_layer
+
+    from tilesparse.kernels.reference import reference_linear
+
+    p = random_layer(128, 256, (64, 64), 0.5)[2]
+    chosen, ran = [], []
+
+    def choose(x2, packed, bias):
+        chosen.append(x2.shape[0])
+        return ops.heuristic_config(x2.shape[0], packed)
+
+    def run(x2, packed, bias, cfg):  # the kernels cannot run here: the reference stands in
+        ran.append(cfg)
+        return reference_linear(x2, packed, bias)
+
+    monkeypatch.setattr(ops, "choose_config", choose)
+    monkeypatch.setattr(ops, "run_config", run)
+    x = torch.randn(3, 256).bfloat16()
+    b = torch.randn(128).bfloat16()
+    for _ in range(3):
+        y = ops.hybrid_linear(x, p, use_triton=True)
+    assert chosen == [3] and len(ran) == 3
+    assert torch.equal(y, reference_linear(x, p, None))
+    ops.hybrid_linear(x, p, b, use_triton=True)  # with bias: its own launch
+    ops.hybrid_linear(x[:1], p, use_triton=True)  # another token count
+    ops.hybrid_linear(x, p, use_triton=True)
+    assert chosen == [3, 3, 1]
+    ops._TUNED[("some", "key")] = ran[0]  # the tuning table moved: prepared again
+    try:
+        ops.hybrid_linear(x, p, use_triton=True)
+        assert chosen == [3, 3, 1, 3]
+        ops.release_workspaces()
+        ops.hybrid_linear(x, p, use_triton=True)
+        assert chosen == [3, 3, 1, 3, 3]
+    finally:
+        ops._TUNED.pop(("some", "key"))
+    forced = ran[0]
+    ops.hybrid_linear(x, p, config=forced, use_triton=True)  # a forced configuration is not chosen
+    assert len(chosen) == 5
+    p.rebuild_layout()  # a new layout drops the layer's prepared launches
+    ops.hybrid_linear(x, p, use_triton=True)
+    assert len(chosen) == 6
+
+
+def test_tuning_table_counts_its_changes():
+    t = ops._TuneTable()
+    g = t.gen
+    t["a"] = 1
+    t.update(b=2)
+    t.setdefault("c", 3)
+    del t["a"]
+    t.pop("b")
+    t.clear()
+    assert t.gen == g + 6 and not t

@@ -389,25 +389,6 @@ def pdl_enabled(device=None) -> bool:
     return os.environ.get("TILESPARSE_PDL", "0") == "1" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def _launch(k, grid: tuple, block: tuple, args: list, shared_mem: int = 0, pdl: bool = False) -> None:
-    """Launch compiled kernel ``k`` on the current stream (``cuLaunchKernelEx``), as a programmatic dependent
-    when ``pdl``. Arguments as ``torch.cuda._compile_kernel``'s launcher takes them: tensors (passed as device
-    pointers) and Python ints (C ``int``)."""
-    import ctypes
-    from torch.cuda._utils import _check_cuda, _get_gpu_runtime_library
-    if not pdl:
-        k(grid=grid, block=block, args=args, shared_mem=shared_mem)
-        return
-    Attr, Config = _launch_types()
-    vals = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
-    ptrs = (ctypes.c_void_p * len(vals))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in vals])
-    attr = Attr(id=_LAUNCH_ATTR_PDL)
-    attr.value[0] = 1  # programmaticStreamSerializationAllowed
-    cfg = Config(grid=(ctypes.c_uint * 3)(*grid), block=(ctypes.c_uint * 3)(*block), smem=shared_mem,
-                 stream=torch.cuda.current_stream().cuda_stream, attrs=ctypes.pointer(attr), n_attrs=1)
-    _check_cuda(_get_gpu_runtime_library().cuLaunchKernelEx(ctypes.byref(cfg), k.func, ptrs, None))
-
-
 def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -420,20 +401,26 @@ def launch(x2: torch.Tensor, packed: PackedHybrid, bias, out: torch.Tensor, warp
     number of row chunks, zero), which the kernel leaves zero. v8 / v9: ``split`` must leave at most ``spb``
     steps per block (v8) or work item (v9); v9 reads ``sb`` as its number of shared-memory stages and needs
     sm_90; ``probe`` (int64; v8: 8 per block, v9: ``4 + 3 * V9_MAX_ITEMS`` per block) receives each block's
-    timeline (the probe build of the kernel)."""
-    M, _ = x2.shape
+    timeline (the probe build of the kernel). One-off: :func:`prepare` once and call the result for repeated
+    launches of one layer."""
+    prepare(packed, x2.shape[0], bias is not None, warps, split, sb, ws, cnt, ver, spb, probe, pf)(x2, out, bias)
+
+
+def prepare(packed: PackedHybrid, M: int, has_bias: bool, warps: int, split: int, sb: int,
+            ws: torch.Tensor | None, cnt: torch.Tensor | None, ver: int = 7, spb: int = 0,
+            probe: torch.Tensor | None = None, pf: bool = False) -> "MmaLaunch":
+    """Check one configuration of the kernel against the layer and ``M`` tokens (arguments as :func:`launch`;
+    ``ValueError`` where they do not fit), compile it, and return the launch with everything but x, out and
+    bias bound (:class:`MmaLaunch`)."""
     N = packed.out_features
     if M > MAX_TOKENS:
         raise ValueError(f"mma kernel: {M} tokens > {MAX_TOKENS}")
     if ver not in (7, 8, 9):
         raise ValueError(f"mma kernel: no version {ver}")
-    a = 16 if ver >= 8 else 4  # v8 loads x by 16 bytes, v9 copies runs of 128 bytes, v7 copies 4 bytes
-    if x2.stride(1) != 1 or x2.stride(0) % (a // 2) or x2.data_ptr() % a:
-        x2 = x2.contiguous()
     br = 16 * warps
     if packed.tile_rows % br:
         raise ValueError(f"mma kernel: {br} rows per block do not divide tile_rows={packed.tile_rows}")
-    key = make_key(packed.dtype == torch.bfloat16, M, warps, sb, bias is not None, ver, spb, probe is not None, pf)
+    key = make_key(packed.dtype == torch.bfloat16, M, warps, sb, has_bias, ver, spb, probe is not None, pf)
     if probe is not None and ver == 7:
         raise ValueError("mma kernel: the timeline probe is v8 / v9 only")
     if ver == 7 and -(-packed.in_features // 64) > MAX_STEPS * split:
@@ -454,23 +441,85 @@ def launch(x2: torch.Tensor, packed: PackedHybrid, bias, out: torch.Tensor, warp
     n_chunks = packed.grid.n_rows * cpt
     if split > 1 and (ws is None or cnt is None or ws.numel() < M * N or cnt.numel() < n_chunks):
         raise ValueError("mma kernel: split > 1 needs ws [M*N] and cnt [row chunks]")
-    u16 = torch.int16
-    common = [x2.view(u16), out.view(u16), (bias if bias is not None else out).view(u16),
-              ws if split > 1 else out, cnt if split > 1 else out,
-              packed.sp_vals.view(u16), packed.sp_meta, packed.dn_vals.view(u16)]
+    # x, out, bias, ws, cnt: bound per call (0 until then; without bias / split the kernel gets out's pointer)
+    common = [0, 0, 0, ws if split > 1 else 0, cnt if split > 1 else 0, packed.sp_vals, packed.sp_meta,
+              packed.dn_vals]
+    extra = [probe] if probe is not None else []
+    k = kernel(key)
     if ver == 9:
         smem, grid, ranges = v9_plan(packed, spb, warps, key.noct, sb)
-        args = common[:5] + [tensor_maps(packed, spb, br), items, ranges, M, N, x2.stride(0), out.stride(0), split,
-                             cpt, packed.tile_rows] + ([probe] if probe is not None else [])
-        k = kernel(key)
         _allow_smem(k, smem)
-        _launch(k, (grid, 1, 1), (32 * (warps + 1), 1, 1), args, smem, pdl_enabled(x2.device))
-        return
+        args = common[:5] + [tensor_maps(packed, spb, br), items, ranges, M, N, 0, 0, split, cpt,
+                             packed.tile_rows] + extra
+        return MmaLaunch(k, (grid, 1, 1), (32 * (warps + 1), 1, 1), smem, args, 10, M, 16, split > 1)
     if ver == 8:
-        args = common + [tab, packed.row_info, M, N, x2.stride(0), out.stride(0), split, cpt, packed.tile_rows,
-                         tab.shape[1]] + ([probe] if probe is not None else [])
-    else:
-        args = common + [packed.sp_cols, packed.sp_ptr, packed.dn_cols, packed.dn_ptr, packed.row_info,
-                         M, N, x2.stride(0), out.stride(0), split, cpt, packed.tile_rows,
-                         packed.tile_cols.bit_length() - 1]
-    _launch(kernel(key), (n_chunks, split, 1), (32 * warps, 1, 1), args, 0, pdl_enabled(x2.device))
+        args = common + [tab, packed.row_info, M, N, 0, 0, split, cpt, packed.tile_rows, tab.shape[1]] + extra
+        return MmaLaunch(k, (n_chunks, split, 1), (32 * warps, 1, 1), 0, args, 12, M, 16, split > 1)
+    args = common + [packed.sp_cols, packed.sp_ptr, packed.dn_cols, packed.dn_ptr, packed.row_info,
+                     M, N, 0, 0, split, cpt, packed.tile_rows, packed.tile_cols.bit_length() - 1]
+    return MmaLaunch(k, (n_chunks, split, 1), (32 * warps, 1, 1), 0, args, 15, M, 4, split > 1)
+
+
+_LAUNCHERS: list = []
+
+
+def _launchers():
+    """``cuLaunchKernel`` and ``cuLaunchKernelEx`` with their own ctypes prototypes (torch's handles untouched)."""
+    if not _LAUNCHERS:
+        import ctypes
+
+        from torch.cuda._utils import _get_gpu_runtime_library
+        lib, vp, u = _get_gpu_runtime_library(), ctypes.c_void_p, ctypes.c_uint
+        _LAUNCHERS.append(ctypes.CFUNCTYPE(ctypes.c_int, vp, u, u, u, u, u, u, u, vp, vp, vp)(("cuLaunchKernel", lib)))
+        _LAUNCHERS.append(ctypes.CFUNCTYPE(ctypes.c_int, vp, vp, vp, vp)(("cuLaunchKernelEx", lib)))
+    return _LAUNCHERS
+
+
+class MmaLaunch:
+    """A prepared launch of one mma kernel configuration for one layer and token count (:func:`prepare`): the
+    kernel parameters live in a ctypes array built once, and a call only writes the pointers of x, out and
+    bias and x's row stride into it before ``cuLaunchKernel`` -- a few microseconds of host time instead of the
+    checks, table look-ups and argument conversion of a full :func:`launch`."""
+
+    def __init__(self, k, grid: tuple, block: tuple, smem: int, args: list, i_sx: int, M: int, align: int,
+                 split_k: bool):
+        import ctypes
+        self._args = args  # (keeps the bound tensors alive)
+        self._vals = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else
+                      (ctypes.c_void_p(0) if i < 5 else ctypes.c_int(a)) for i, a in enumerate(args)]
+        self._params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(v) for v in self._vals])
+        self._k, self._grid, self._block, self._smem = k, grid, block, smem
+        self._i_sx, self.M, self._align, self._split_k = i_sx, M, align, split_k
+        self._cc9 = torch.cuda.get_device_capability()[0] >= 9
+
+    def __call__(self, x2: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """``out [M, N] = x2 [M, K] @ W^T (+ bias)`` on the current stream (bias as prepared: given or not)."""
+        import ctypes
+        import os
+        if x2.shape[0] != self.M:
+            raise ValueError(f"mma kernel: prepared for {self.M} tokens, got {x2.shape[0]}")
+        a = self._align  # v8 loads x by 16 bytes, v9 copies runs of 128 bytes, v7 copies 4 bytes
+        if x2.stride(1) != 1 or x2.stride(0) % (a // 2) or x2.data_ptr() % a:
+            x2 = x2.contiguous()
+        v = self._vals
+        o = out.data_ptr()
+        v[0].value, v[1].value = x2.data_ptr(), o
+        v[2].value = bias.data_ptr() if bias is not None else o
+        if not self._split_k:
+            v[3].value = v[4].value = o
+        v[self._i_sx].value, v[self._i_sx + 1].value = x2.stride(0), out.stride(0)
+        stream = torch.cuda.current_stream().cuda_stream
+        g, b = self._grid, self._block
+        plain, ex = _launchers()
+        if self._cc9 and os.environ.get("TILESPARSE_PDL", "0") == "1":  # see pdl_enabled
+            Attr, Config = _launch_types()
+            attr = Attr(id=_LAUNCH_ATTR_PDL)
+            attr.value[0] = 1  # programmaticStreamSerializationAllowed
+            cfg = Config(grid=(ctypes.c_uint * 3)(*g), block=(ctypes.c_uint * 3)(*b), smem=self._smem,
+                         stream=stream, attrs=ctypes.pointer(attr), n_attrs=1)
+            res = ex(ctypes.addressof(cfg), self._k.func, self._params, None)
+        else:
+            res = plain(self._k.func, g[0], g[1], g[2], b[0], b[1], b[2], self._smem, stream, self._params, None)
+        if res:
+            from torch.cuda._utils import _check_cuda
+            _check_cuda(res)

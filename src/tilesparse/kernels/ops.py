@@ -405,6 +405,7 @@ def release_workspaces() -> None:
     """Drop the cached workspaces (only safe when no captured CUDA graph still uses them)."""
     _WS.clear()
     _KEEP.clear()
+    _TUNED._bump()  # prepared launches hold workspaces: rebuild them
 
 
 # ---------------------------------------------------------------- launching
@@ -634,7 +635,41 @@ def run_config(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfig) 
 
 
 # ---------------------------------------------------------------- autotuning
-_TUNED: dict = {}
+class _TuneTable(dict):
+    """The tuned choices, ``tune_key -> KernelConfig``; ``gen`` counts its changes (and workspace releases):
+    the per-layer launch caches of :func:`hybrid_linear` are rebuilt when it moves."""
+
+    gen = 0
+
+    def _bump(self) -> None:
+        self.gen += 1
+
+    def __setitem__(self, k, v):
+        super().__setitem__(k, v)
+        self._bump()
+
+    def __delitem__(self, k):
+        super().__delitem__(k)
+        self._bump()
+
+    def clear(self):
+        super().clear()
+        self._bump()
+
+    def pop(self, *a):
+        self._bump()
+        return super().pop(*a)
+
+    def update(self, *a, **kw):
+        super().update(*a, **kw)
+        self._bump()
+
+    def setdefault(self, k, v=None):
+        self._bump()
+        return super().setdefault(k, v)
+
+
+_TUNED: _TuneTable = _TuneTable()
 
 
 def _m_bucket(M: int) -> int:
@@ -762,6 +797,57 @@ def hybrid_linear(x: torch.Tensor, packed: PackedHybrid, bias: torch.Tensor | No
     x2 = x.reshape(-1, packed.in_features)
     if x2.shape[0] == 0:
         return x.new_empty(*lead, packed.out_features)
+    return _runner(x2, packed, bias, config)(x2, bias).reshape(*lead, packed.out_features)
+
+
+_MAX_RUNNERS = 64  # per layer (token counts x bias x forced configurations); the cache restarts beyond
+
+
+def _runner(x2: torch.Tensor, packed: PackedHybrid, bias, config: KernelConfig | None):
+    """The layer's launch for these many tokens, ``fn(x2, bias) -> out``: chosen (tuned, cached, or the
+    heuristic), fitted and prepared once per (tokens, bias or not, forced config), then kept on ``packed`` until
+    the tuning table changes -- so that an eager call costs little more host time than the launch itself. A
+    heuristic choice made during CUDA-graph capture (tuning cannot run there) is not kept."""
+    M, has_bias = x2.shape[0], bias is not None
+    cache = packed.__dict__.get("_runners")
+    if cache is None or cache[0] != _TUNED.gen:
+        cache = packed.__dict__["_runners"] = (_TUNED.gen, {})
+    key = (M, has_bias, config)
+    run = cache[1].get(key)
+    if run is not None:
+        return run
     cfg = config if config is not None else choose_config(x2, packed, bias)
-    cfg = _fit(cfg, packed) or heuristic_config(x2.shape[0], packed)
-    return run_config(x2, packed, bias, cfg).reshape(*lead, packed.out_features)
+    cfg = _fit(cfg, packed) or heuristic_config(M, packed)
+    run = _prepared_runner(packed, cfg, M, has_bias)
+    final = (config is not None or tune_key(M, packed, has_bias) in _TUNED
+             or not (x2.is_cuda and torch.cuda.is_current_stream_capturing()))
+    if final:
+        if cache[0] != _TUNED.gen:  # tuning just ran
+            cache = packed.__dict__["_runners"] = (_TUNED.gen, {})
+        if len(cache[1]) >= _MAX_RUNNERS:
+            cache[1].clear()
+        cache[1][key] = run
+    return run
+
+
+def _prepared_runner(packed: PackedHybrid, cfg: KernelConfig, M: int, has_bias: bool):
+    """``fn(x2, bias) -> out`` running fitted ``cfg`` on ``M`` tokens: the mma kernels' launch and the dense
+    layer's weight view bound once; the other paths through :func:`run_config`."""
+    N = packed.out_features
+    if cfg.path == "dense":
+        w = packed.dense_view()
+        return lambda x2, bias: torch.nn.functional.linear(x2, w, bias)
+    if cfg.path == "mma":
+        ws = cnt = None
+        if cfg.split > 1:
+            ws = _buffer("mma_ws", packed.device, M * N, torch.float32)
+            cnt = _buffer("mma_cnt", packed.device, packed.grid.n_rows * (packed.tile_rows // cfg.bn), torch.int32)
+        launch = _cm.prepare(packed, M, has_bias, cfg.warps, cfg.split, cfg.ts, ws, cnt,
+                             cfg.mode if cfg.mode in (8, 9) else 7, cfg.nit, pf=bool(cfg.pref))
+
+        def run(x2, bias):
+            out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+            launch(x2, out, bias)
+            return out
+        return run
+    return lambda x2, bias: run_config(x2, packed, bias, cfg)
