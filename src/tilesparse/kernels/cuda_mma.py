@@ -1,8 +1,8 @@
 """v7 / v8 decode kernels: the hybrid linear on sparse tensor cores (``mma.sp``), CUDA C++ compiled at run time.
 
 Triton has no sparse MMA, so these kernels are CUDA C++ (``csrc/hybrid_mma.cu`` v7, ``csrc/hybrid_mma8.cu``
-v8, helpers in ``csrc/mma_common.cuh``) compiled by NVRTC through torch (``torch.cuda._compile_kernel``:
-NVRTC ships with torch's CUDA wheels; no ``nvcc`` needed) for the current GPU and cached per configuration.
+v8, helpers in ``csrc/mma_common.cuh``) compiled by NVRTC through torch (the two steps of ``torch.cuda._compile_kernel``,
+``torch.cuda._utils._nvrtc_compile`` and ``_cuda_load_module``: NVRTC ships with torch's CUDA wheels; no ``nvcc``) for the current GPU and cached per configuration.
 2:4 tiles go to ``mma.sp.m16n8k32`` as stored (the format's 2-bit positions *are* the instruction's
 metadata), dense tiles to ``mma.m16n8k16``; see the sources' headers. v8 stages a block's x once (at most
 ``spb`` 64-column steps per block) and reads the steps' input columns from a per-layer step table
@@ -93,9 +93,21 @@ def available() -> bool:
 def kernel(key: MmaKey):
     """The compiled kernel of one configuration (NVRTC, once per process)."""
     k = _KERNELS.get(key)
-    if k is None:
-        k = torch.cuda._compile_kernel(configured_source(key), key.name, nvcc_options=["-std=c++17"])
-        _KERNELS[key] = k
+    return k if k is not None else _load(key, _compile(key))
+
+
+def _compile(key: MmaKey) -> tuple:
+    """NVRTC: ``(binary, mangled name)`` of one configuration (what ``torch.cuda._compile_kernel`` does first)."""
+    from torch.cuda._utils import _nvrtc_compile
+    res = _nvrtc_compile(configured_source(key), key.name, nvcc_options=["-std=c++17"])
+    return res if isinstance(res, tuple) else (res, key.name)
+
+
+def _load(key: MmaKey, binary: tuple):
+    """Load a compiled configuration into the current context and cache its kernel."""
+    from torch.cuda._utils import _cuda_load_module
+    mod = _cuda_load_module(binary[0], [binary[1]])
+    k = _KERNELS[key] = mod[binary[1]] if isinstance(mod, dict) else getattr(mod, binary[1])
     return k
 
 
@@ -111,8 +123,6 @@ def precompile(keys, threads: int = 8) -> int:
     GIL; one kernel takes about a second), the modules loaded in this thread; returns how many were compiled."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from torch.cuda._utils import _cuda_load_module, _nvrtc_compile
-
     todo = [k for k in dict.fromkeys(keys) if k not in _KERNELS]
     if not todo:
         return 0
@@ -120,20 +130,16 @@ def precompile(keys, threads: int = 8) -> int:
 
     def build(k):  # a failure is left to kernel(), which raises it when the configuration is used
         try:
-            res = _nvrtc_compile(configured_source(k), k.name, nvcc_options=["-std=c++17"])
-            return res if isinstance(res, tuple) else (res, k.name)
+            return _compile(k)
         except Exception:  # noqa: BLE001
             return None
 
     with ThreadPoolExecutor(max(1, threads)) as ex:
         binaries = list(ex.map(build, todo))
-    done = 0
     for k, b in zip(todo, binaries):
         if b is not None:
-            mod = _cuda_load_module(b[0], [b[1]])
-            _KERNELS[k] = mod[b[1]] if isinstance(mod, dict) else getattr(mod, b[1])
-            done += 1
-    return done
+            _load(k, b)
+    return sum(b is not None for b in binaries)
 
 
 def _aligned(t: torch.Tensor, a: int) -> bool:
@@ -490,12 +496,10 @@ class MmaLaunch:
         self._params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(v) for v in self._vals])
         self._k, self._grid, self._block, self._smem = k, grid, block, smem
         self._i_sx, self.M, self._align, self._split_k = i_sx, M, align, split_k
-        self._cc9 = torch.cuda.get_device_capability()[0] >= 9
 
     def __call__(self, x2: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         """``out [M, N] = x2 [M, K] @ W^T (+ bias)`` on the current stream (bias as prepared: given or not)."""
         import ctypes
-        import os
         if x2.shape[0] != self.M:
             raise ValueError(f"mma kernel: prepared for {self.M} tokens, got {x2.shape[0]}")
         a = self._align  # v8 loads x by 16 bytes, v9 copies runs of 128 bytes, v7 copies 4 bytes
@@ -511,7 +515,7 @@ class MmaLaunch:
         stream = torch.cuda.current_stream().cuda_stream
         g, b = self._grid, self._block
         plain, ex = _launchers()
-        if self._cc9 and os.environ.get("TILESPARSE_PDL", "0") == "1":  # see pdl_enabled
+        if pdl_enabled():  # (reads the environment first: the capability only when asked for)
             Attr, Config = _launch_types()
             attr = Attr(id=_LAUNCH_ATTR_PDL)
             attr.value[0] = 1  # programmaticStreamSerializationAllowed

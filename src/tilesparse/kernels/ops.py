@@ -583,17 +583,22 @@ def launch_stream(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfi
     )
 
 
-def launch_mma(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfig, out: torch.Tensor) -> None:
-    """Run the v7 / v8 kernel (:mod:`.cuda_mma`) with ``cfg`` on ``x2 [M, K]`` into ``out [M, N]``."""
-    M = x2.shape[0]
+def prepare_mma(packed: PackedHybrid, cfg: KernelConfig, M: int, has_bias: bool) -> "_cm.MmaLaunch":
+    """The v7 / v8 / v9 kernel (:mod:`.cuda_mma`) with ``cfg`` prepared for ``M`` tokens, its split-K
+    workspaces bound: call it with ``(x2, out, bias)``."""
     if M > cfg.bm:
         raise ValueError(f"mma kernel: {M} tokens > bm={cfg.bm}")
     ws = cnt = None
     if cfg.split > 1:
-        ws = _buffer("mma_ws", x2.device, M * packed.out_features, torch.float32)
-        cnt = _buffer("mma_cnt", x2.device, packed.grid.n_rows * (packed.tile_rows // cfg.bn), torch.int32)
-    _cm.launch(x2, packed, bias, out, cfg.warps, cfg.split, cfg.ts, ws, cnt, cfg.mode if cfg.mode in (8, 9) else 7,
-               cfg.nit, pf=bool(cfg.pref))
+        ws = _buffer("mma_ws", packed.device, M * packed.out_features, torch.float32)
+        cnt = _buffer("mma_cnt", packed.device, packed.grid.n_rows * (packed.tile_rows // cfg.bn), torch.int32)
+    return _cm.prepare(packed, M, has_bias, cfg.warps, cfg.split, cfg.ts, ws, cnt,
+                       cfg.mode if cfg.mode in (8, 9) else 7, cfg.nit, pf=bool(cfg.pref))
+
+
+def launch_mma(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfig, out: torch.Tensor) -> None:
+    """Run the v7 / v8 / v9 kernel (:mod:`.cuda_mma`) with ``cfg`` on ``x2 [M, K]`` into ``out [M, N]``."""
+    prepare_mma(packed, cfg, x2.shape[0], bias is not None)(x2, out, bias)
 
 
 def unpack_triton(packed: PackedHybrid, out: torch.Tensor | None = None, bn: int = 32, bk: int = 64) -> torch.Tensor:
@@ -809,25 +814,29 @@ def _runner(x2: torch.Tensor, packed: PackedHybrid, bias, config: KernelConfig |
     the tuning table changes -- so that an eager call costs little more host time than the launch itself. A
     heuristic choice made during CUDA-graph capture (tuning cannot run there) is not kept."""
     M, has_bias = x2.shape[0], bias is not None
-    cache = packed.__dict__.get("_runners")
-    if cache is None or cache[0] != _TUNED.gen:
-        cache = packed.__dict__["_runners"] = (_TUNED.gen, {})
     key = (M, has_bias, config)
-    run = cache[1].get(key)
+    run = _runner_cache(packed).get(key)
     if run is not None:
         return run
     cfg = config if config is not None else choose_config(x2, packed, bias)
     cfg = _fit(cfg, packed) or heuristic_config(M, packed)
     run = _prepared_runner(packed, cfg, M, has_bias)
-    final = (config is not None or tune_key(M, packed, has_bias) in _TUNED
-             or not (x2.is_cuda and torch.cuda.is_current_stream_capturing()))
-    if final:
-        if cache[0] != _TUNED.gen:  # tuning just ran
-            cache = packed.__dict__["_runners"] = (_TUNED.gen, {})
-        if len(cache[1]) >= _MAX_RUNNERS:
-            cache[1].clear()
-        cache[1][key] = run
+    if (config is not None or tune_key(M, packed, has_bias) in _TUNED
+            or not (x2.is_cuda and torch.cuda.is_current_stream_capturing())):
+        cache = _runner_cache(packed)  # (anew if tuning just ran)
+        if len(cache) >= _MAX_RUNNERS:
+            cache.clear()
+        cache[key] = run
     return run
+
+
+def _runner_cache(packed: PackedHybrid) -> dict:
+    """The layer's prepared launches for the current tuning generation (emptied when it moved)."""
+    gen, cache = packed.__dict__.get("_runners", (None, None))
+    if gen != _TUNED.gen:
+        cache = {}
+        packed.__dict__["_runners"] = (_TUNED.gen, cache)
+    return cache
 
 
 def _prepared_runner(packed: PackedHybrid, cfg: KernelConfig, M: int, has_bias: bool):
@@ -838,12 +847,7 @@ def _prepared_runner(packed: PackedHybrid, cfg: KernelConfig, M: int, has_bias: 
         w = packed.dense_view()
         return lambda x2, bias: torch.nn.functional.linear(x2, w, bias)
     if cfg.path == "mma":
-        ws = cnt = None
-        if cfg.split > 1:
-            ws = _buffer("mma_ws", packed.device, M * N, torch.float32)
-            cnt = _buffer("mma_cnt", packed.device, packed.grid.n_rows * (packed.tile_rows // cfg.bn), torch.int32)
-        launch = _cm.prepare(packed, M, has_bias, cfg.warps, cfg.split, cfg.ts, ws, cnt,
-                             cfg.mode if cfg.mode in (8, 9) else 7, cfg.nit, pf=bool(cfg.pref))
+        launch = prepare_mma(packed, cfg, M, has_bias)
 
         def run(x2, bias):
             out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
