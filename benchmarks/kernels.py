@@ -122,7 +122,7 @@ def check(args) -> bool:
                             seen.add(sig)
                             keep.append(c)
                     cfgs = keep + ([] if only else [ops.heuristic_config(M, p)])
-                else:  # the pipelined / unrolled K-loop knobs (not autotuner candidates, see KERNELS_NOTES v4)
+                else:  # the pipelined / unrolled K-loop knobs (not autotuner candidates, see docs/KERNELS.md v4)
                     T = ops.KernelConfig
                     if M <= 4 and not only:
                         cfgs += [T("triton", 3, ops._pow2_at_least(M), 32, 128, 4, 4, 3, True, 4),
@@ -130,7 +130,7 @@ def check(args) -> bool:
                                  T("triton", 3, ops._pow2_at_least(M), 32, 128, 4, 4, 3, True, 0, 2)]
                     elif M <= 64 and not only:
                         cfgs += [T("triton", 1, ops._pow2_at_least(M, 16), 32, 128, 4, 4, 3, True, 4)]
-                    if M == 1 and only != "stream":  # v5 persistent programs (not candidates, KERNELS_NOTES v5)
+                    if M == 1 and only != "stream":  # v5 persistent programs (not candidates, docs/KERNELS.md v5)
                         cfgs += [T("flat", 6, 1, 16, 0, 1, 4, 1, True, 0, 0, 4, 1, 4),
                                  T("flat", 6, 1, 32, 0, 1, 4, 1, True, 0, 0, 2, 1, 6)]
                 for cfg in cfgs:

@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/tilesparse run "$@"
+exec "${TILESPARSE_VENV:-.venv}/bin/tilesparse" run "$@"

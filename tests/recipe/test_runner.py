@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tilesparse.recipe import RecipeRunner, parse_recipe
+from tilesparse.io.export import check_export
 from tilesparse.recipe import stages
 
 
@@ -106,6 +107,18 @@ def test_export_ships_a_loadable_packed_model(tiny_model_dir, text_file, tmp_pat
     # bf16 packed model vs fp32 masked model: same function up to bf16 rounding
     assert shipped == pytest.approx(res.perplexity["text.txt"], rel=0.02)
     assert info["reload_max_logit_diff"] < 1e-2  # the export was loaded back and checked
+    # the shipped config says what the file holds
+    config = json.loads((Path(res.export_dir) / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+    assert config.get("_model_name_or_path", tiny_model_dir.name) == tiny_model_dir.name
+    # the report and results.json list the export's size, its reload check and every stage's status
+    report = (out / "report.md").read_text()
+    assert "## Packed exports" in report and f"{info['file_vs_dense']:.3f}x" in report and "passed (" in report
+    (row,) = json.loads((out / "results.json").read_text())
+    assert row["stages"] == {"mask": "computed", "evaluation": "computed", "export": "computed",
+                             "zeroshot": "skipped: disabled in the recipe (evaluation.zeroshot.enabled: false)"}
+    assert row["export"]["file_bytes"] == info["file_bytes"]
+    assert "| wanda-hybrid-s30 | computed | computed | computed | skipped: disabled" in report
     # the default dtype (float32, what the CLI uses) loads the bf16 export too: packed values follow the model
     lm32 = load_model(res.export_dir)
     hyb32 = [m for m in lm32.model.modules() if isinstance(m, HybridLinear)]
@@ -120,15 +133,52 @@ def test_learned_method_stage(tiny_model_dir, text_file, tmp_path):
                     methods=[{"name": "patch-joint", "kind": "learn", "mode": "joint", "sparsities": [0.35],
                               "steps": 3, "batch": 2, "seqlen": 32, "prior": "magnitude",
                               "options": {"checkpoint_every": 2}}])
-    (res,) = RecipeRunner(r, progress=False, log=lambda s: None).run()
+    res, prior = RecipeRunner(r, progress=False, log=lambda s: None).run()
     assert abs(res.measured_sparsity - 0.35) < 0.1
     assert res.details["steps"] == 3 and res.details["tokens"] == 3 * 2 * 32
     assert (out / "block-density.png").is_file() and (out / "tile-maps.png").is_file()
     report = (out / "report.md").read_text()
     assert "Density per decoder block" in report and "3 steps" in report
+    # the one-shot prior the run started from is its own row: same target, evaluated on the same texts
+    assert prior.run_id == "patch-joint-s35-prior" and prior.kind == "prior"
+    assert prior.method == "patch-joint prior (magnitude)" and "| patch-joint-s35-prior | prior |" in report
+    assert abs(prior.measured_sparsity - 0.35) < 0.1 and set(prior.perplexity) == set(res.perplexity)
+    assert prior.perplexity != res.perplexity
+    # the finished run's checkpoint is gone (recipe key keep_checkpoints keeps it)
+    assert not (out / "stages" / res.run_id / "learn" / "checkpoint.pt").exists()
     logs = []
     RecipeRunner(r, progress=False, log=logs.append).run()
-    assert any("mask stage done, reused" in l for l in logs)
+    assert sum("mask stage done, reused" in l for l in logs) == 2
+
+
+def test_prior_row_matches_the_one_shot_prior_and_checkpoints_can_be_kept(tiny_model_dir, text_file, tmp_path):
+    from tilesparse.io import load_mask_artifact
+    from tilesparse.learning.priors import magnitude_24
+    from tilesparse.masks.tiles import DENSE
+    from tilesparse.models import find_prunable_linears, load_model
+
+    out = tmp_path / "run"
+    r = tiny_recipe(tiny_model_dir, text_file, out, keep_checkpoints=True,
+                    methods=[{"name": "patch-tile", "kind": "learn", "mode": "tile", "sparsities": [0.25],
+                              "steps": 2, "batch": 2, "seqlen": 32, "prior": "magnitude"}])
+    res, prior = RecipeRunner(r, progress=False, log=lambda s: None).run()
+    assert (out / "stages" / res.run_id / "learn" / "checkpoint.pt").is_file()
+    ms = load_mask_artifact(prior.mask_dir)
+    model = load_model(str(tiny_model_dir)).model
+    for lin in find_prunable_linears(model):
+        lm = ms.layers[lin.name]
+        keep = lm.to_bool()
+        sparse_tiles = (lm.kinds != DENSE).repeat_interleave(32, 0).repeat_interleave(32, 1)
+        sparse_tiles = sparse_tiles[:lin.out_features, :lin.in_features]
+        # inside 2:4 tiles: the magnitude 2:4 mask; dense tiles: everything
+        assert torch.equal(keep[sparse_tiles], magnitude_24(lin.weight)[sparse_tiles])
+        assert bool(keep[~sparse_tiles].all())
+    # rebuilt without the learned stage's copy: the same mask
+    (out / "stages" / res.run_id / "mask" / "prior" / "masks.safetensors").unlink()
+    (out / "stages" / prior.run_id / "mask" / "stage.json").unlink()
+    _, again = RecipeRunner(r, progress=False, log=lambda s: None).run()
+    rebuilt = load_mask_artifact(again.mask_dir)
+    assert all(torch.equal(rebuilt.layers[n].to_bool(), ms.layers[n].to_bool()) for n in ms.layers)
 
 
 def test_report_only_and_partial_report(tiny_model_dir, text_file, tmp_path, monkeypatch):
@@ -152,7 +202,7 @@ def test_stale_learning_checkpoint_is_not_resumed(tiny_model_dir, text_file, tmp
     learn.mkdir(parents=True)
     (learn / "stage-fingerprint").write_text("from-an-older-recipe")
     (learn / "checkpoint.pt").write_bytes(b"not a checkpoint of this recipe")
-    (res,) = RecipeRunner(r, progress=False, log=lambda s: None).run()
+    res, _ = RecipeRunner(r, progress=False, log=lambda s: None).run()
     assert res.details["steps"] == 2 and abs(res.measured_sparsity - 0.35) < 0.1
     assert (learn / "stage-fingerprint").read_text() != "from-an-older-recipe"
 
@@ -166,8 +216,8 @@ def test_export_check_refuses_a_model_that_does_not_match_its_file(tiny_model_di
                     methods=[{"name": "mag", "kind": "oneshot", "method": "magnitude", "pattern": "2:4"}])
     (res,) = RecipeRunner(r, progress=False, log=lambda s: None).run()
     other = load_model(res.export_dir, dtype="bfloat16").model
-    stages.check_export(other, Path(res.export_dir))  # itself: passes
+    check_export(other, Path(res.export_dir))  # itself: passes
     with torch.no_grad():
         other.model.norm.weight.mul_(3.0)  # what a lost buffer or a wrong tensor would do
     with pytest.raises(TilesparseError, match="export check failed"):
-        stages.check_export(other, Path(res.export_dir))
+        check_export(other, Path(res.export_dir))

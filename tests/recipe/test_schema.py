@@ -35,6 +35,8 @@ def test_default_recipe_is_valid():
     (base(tile=30), "multiple of 4"),
     (base(evaluation={"perplexity": {"windows": "ten"}}), "must be an integer"),
     (base(evaluation={"zeroshot": {"enabled": "yes"}}), "true or false"),
+    (base(evaluation={"zeroshot": {"tasks": ["mobydick_cloze", "helaswag"]}}),
+     "'evaluation.zeroshot.tasks[1]': unknown task 'helaswag' (did you mean 'hellaswag'?)"),
     ([1, 2], "top level must be a mapping"),
 ])
 def test_bad_recipes(data, msg):

@@ -33,13 +33,34 @@ def print_json(obj) -> None:
 
 def add_mask_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask", default=None, help="mask artifact (folder or .safetensors) to apply to the model")
+    add_updated_weights_arg(p)
+
+
+def add_updated_weights_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-updated-weights", action="store_true",
+                   help="ignore updated_weights.safetensors beside the mask (SparseGPT's reconstructed weights, "
+                        "applied by default when present)")
 
 
 def load_masked_model(args: argparse.Namespace):
-    """Load ``--model`` (dtype, device) and apply ``--mask`` if given; returns ``(loaded, maskset or None)``."""
-    from ..io import apply_mask_file
+    """Load ``--model`` (dtype, device) and apply ``--mask`` if given (with the updated weights stored
+    beside it unless ``--no-updated-weights``); returns ``(loaded, maskset or None, note)``, the note
+    saying in words what the model is."""
+    from ..io.export import apply_mask_dir
     from ..models import load_model
 
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-    maskset = apply_mask_file(loaded, args.mask) if getattr(args, "mask", None) else None
-    return loaded, maskset
+    from ..kernels.linear import HybridLinear
+
+    packed = sum(isinstance(m, HybridLinear) for m in loaded.model.modules())
+    note = f"{packed} packed hybrid layers" if packed else "dense"
+    if not getattr(args, "mask", None):
+        return loaded, None, note
+    if packed:
+        from ..errors import TilesparseError
+
+        raise TilesparseError("--mask applies to a dense base model; this packed export already carries its mask")
+    ms, updated = apply_mask_dir(loaded, args.mask, updated_weights=not getattr(args, "no_updated_weights", False))
+    note = f"masked, {100 * ms.sparsity():.1f} % sparse, " + (
+        "with the updated weights stored beside the mask" if updated else "mask only")
+    return loaded, ms, note

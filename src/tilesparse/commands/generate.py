@@ -9,18 +9,23 @@ from ..errors import TilesparseError
 from .common import add_mask_arg, add_model_args, load_masked_model, quiet_libraries
 
 
+DEFAULT_PROMPT = "Tell me a short story about a whale."
+
+
 def register(sub) -> None:
-    p = sub.add_parser("generate", help="generate text with a dense or hybrid-sparse model",
-                       description="Greedy (or sampled) generation. With --mask the mask artifact is applied; "
-                                   "with --hybrid the masked linears are replaced by HybridLinear modules "
-                                   "(packed format: Triton kernels on a GPU, the torch reference on CPU).")
+    p = sub.add_parser("generate", help="generate text with a dense, masked or packed hybrid model",
+                       description="Greedy (or sampled) generation. --model may be a packed export "
+                                   "(tilesparse export / a recipe's export folder); with --mask the mask artifact "
+                                   "is applied to a dense base model, and with --hybrid its masked linears run "
+                                   "through HybridLinear (packed format: GPU kernels on a GPU, the torch "
+                                   "reference on a CPU).")
     add_model_args(p)
-    p.add_argument("--prompt", default="Tell me a short story about a whale.", help="the prompt")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"the prompt (default: {DEFAULT_PROMPT!r})")
     add_mask_arg(p)
     p.add_argument("--hybrid", action="store_true", help="run the masked linears through HybridLinear")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
     p.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the model's chat template")
     p.set_defaults(func=run)
 
@@ -44,15 +49,12 @@ def run(args: argparse.Namespace) -> int:
         raise TilesparseError(f"--temperature must be >= 0, got {args.temperature}")
     if args.hybrid and not args.mask:
         raise TilesparseError("--hybrid needs --mask (the tile map to pack)")
-    loaded, ms = load_masked_model(args)
-    note = "dense"
-    if ms is not None:
-        note = f"masked, {100 * ms.sparsity():.1f} % sparse"
-        if args.hybrid:
-            from ..kernels.linear import convert_model
+    loaded, ms, note = load_masked_model(args)
+    if ms is not None and args.hybrid:
+        from ..kernels.linear import convert_model
 
-            convert_model(loaded.model, ms.to_bool(), tile=next(iter(ms)).tile)
-            note += ", HybridLinear"
+        convert_model(loaded.model, ms.to_bool(), tile=next(iter(ms)).tile)
+        note += ", HybridLinear"
     torch.manual_seed(args.seed)
     ids = build_inputs(loaded.tokenizer, args.prompt, not args.no_chat).to(args.device)
     t0 = time.perf_counter()
@@ -65,5 +67,5 @@ def run(args: argparse.Namespace) -> int:
     dt = time.perf_counter() - t0
     new = out[0, ids.shape[1]:]
     print(loaded.tokenizer.decode(new, skip_special_tokens=True).strip())
-    print(f"[{loaded.name}, {note}: {new.numel()} tokens in {dt:.1f} s]", flush=True)
+    print(f"[{loaded.name}: {note}, {new.numel()} tokens in {dt:.1f} s]", flush=True)
     return 0

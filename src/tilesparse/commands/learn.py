@@ -39,9 +39,10 @@ def register(sub) -> None:
         description="Learn masks with frozen weights: tile logits (dense vs 2:4, binary concrete) and, in "
                     "joint/maskllm mode, 2:4 pattern logits (Gumbel-softmax over the six candidates), "
                     "initialised from a one-shot prior. Writes OUT/masks.safetensors (use with "
-                    "`tilesparse eval --mask OUT`), OUT/report.json and OUT/checkpoint.pt (resumable). "
+                    "`tilesparse eval --mask OUT`), OUT/prior/ (the prior's mask), OUT/report.json and, "
+                    "while it runs, OUT/checkpoint.pt (resumable; removed at the end unless --keep-checkpoint). "
                     "CPU defaults (seqlen 256, batch 4, 64 steps) take about 15 minutes on the default "
-                    "model; see the README (Learning masks) for reference-scale GPU settings.")
+                    "model; docs/NOTEBOOK.md (Learning masks) gives reference-scale GPU settings.")
     add_model_args(p)
     p.add_argument("--mode", choices=("joint", "tile", "maskllm"), default=None,
                    help="joint = PATCH-Joint (learned tiles + learned 2:4, default), tile = PATCH-Tile "
@@ -52,7 +53,7 @@ def register(sub) -> None:
     p.add_argument("--seqlen", type=int, default=None, help="tokens per training sequence (default 256)")
     p.add_argument("--batch", type=int, default=None, help="sequences per micro-batch per process (default 4)")
     p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimiser step (default 1)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: see the README, Learning masks)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3)")
     p.add_argument("--tile-lr", type=float, default=None, help="learning rate of the tile logits (default --lr)")
     p.add_argument("--warmup", type=float, default=None, help="warm-up: fraction (<1) or steps (default 0.05)")
     p.add_argument("--prior", choices=("sparsegpt", "wanda", "magnitude", "none"), default=None,
@@ -80,6 +81,9 @@ def register(sub) -> None:
     p.add_argument("--grad-checkpointing", action="store_true", default=None,
                    help="recompute decoder blocks in backward (less memory)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (50; 0 = end only)")
+    p.add_argument("--keep-checkpoint", action="store_true",
+                   help="keep OUT/checkpoint.pt once the run has finished (removed by default: logits and "
+                        "optimiser state, about 18 bytes per pruned weight in joint/maskllm mode)")
     p.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run whose checkpoint is in DIR (same model and settings)")
     p.add_argument("--out", default=None, help="output directory (required unless --resume)")
@@ -119,17 +123,11 @@ def config_from_args(args: argparse.Namespace, saved: dict | None = None):
     return finalize(base)
 
 
-def _check_text(text: str) -> None:
-    from ..data import EVAL_TEXTS
-
-    if text in EVAL_TEXTS or text == "austen-eval":
-        raise TilesparseError(f"{text!r} is an evaluation text; train on another text (default austen-train)")
-
-
 def run(args: argparse.Namespace) -> int:
     quiet_libraries()
-    from ..data import load_text, tokenize
-    from ..learning import format_density_report, init_distributed_from_env, learn_masks, load_checkpoint
+    from ..data import check_training_text, load_text, tokenize
+    from ..learning import (discard_checkpoint, format_density_report, init_distributed_from_env, learn_masks,
+                            load_checkpoint)
     from ..models import load_model
 
     if args.resume is None and args.out is None:
@@ -141,7 +139,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, saved)  # validates before the (slow) model load
     if args.resume is None and (out / "checkpoint.pt").exists():
         raise TilesparseError(f"{out} already holds a learning run; use --resume {out} or another --out")
-    _check_text(cfg.text)
+    if args.resume is None and (out / "summary.json").exists():
+        raise TilesparseError(f"{out} already holds a finished learning run; choose another --out")
+    check_training_text(cfg.text)
     rank, world = init_distributed_from_env(args.device)
     device = args.device
     if device.startswith("cuda") and world > 1:
@@ -160,6 +160,9 @@ def run(args: argparse.Namespace) -> int:
                       calib_ids=calib, progress=not args.no_progress)
     if rank != 0:
         return 0
+    if not args.keep_checkpoint:
+        discard_checkpoint(out)
+        res.files.pop("checkpoint", None)
     summary = {
         "mode": cfg.mode, "model": loaded.name, "target_sparsity": res.maskset.meta["target_sparsity"],
         "measured_sparsity": res.maskset.sparsity(), "steps": cfg.steps, "tokens": res.tokens,

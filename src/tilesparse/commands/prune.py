@@ -35,7 +35,8 @@ def register(sub) -> None:
     p.add_argument("--damp", type=float, default=0.01, help="SparseGPT damping (fraction of mean diag H)")
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT lazy-update block size")
     p.add_argument("--update-weights", action="store_true",
-                   help="SparseGPT: keep its reconstructed weights and save the pruned model to OUT/model")
+                   help="SparseGPT: keep its reconstructed weights (OUT/updated_weights.safetensors, applied with "
+                        "the mask by eval/export --mask OUT) and save the pruned model to OUT/model")
     p.add_argument("--save-model", action="store_true",
                    help="also save the pruned (masked) model as an HF folder in OUT/model")
     p.add_argument("--eval-text", default=None,
@@ -82,6 +83,10 @@ def run(args: argparse.Namespace) -> int:
         "seconds": round(seconds, 2),
         "warnings": notes,
     }
+    if args.update_weights:  # eval/export --mask OUT apply them with the mask
+        from ..io.export import save_updated_weights
+
+        summary["updated_weights"] = str(save_updated_weights(loaded.model, out))
     if args.update_weights or args.save_model:
         if not args.update_weights:
             apply_masks(loaded.model, ms)

@@ -1,10 +1,11 @@
-"""BIG-bench multiple-choice tasks from the PyPI sdist ``bigbench==1.0.0``, as lm-eval JSONL docs.
+"""Opt-in BIG-bench multiple-choice tasks (from the sdist ``bigbench==1.0.0``), as lm-eval JSONL docs.
 
-The sdist (358 MB) is fetched with ``pip download`` (never installed), only the selected
-``benchmark_tasks/<task>/task.json`` files are extracted into the cache, and the archive is deleted.
-Each example (``input`` + ``target_scores`` {choice: score}) becomes a doc ``{query, choices, gold}``
-(see :func:`format_example` for the prompt styles); the scored continuations are the choices, after
-one space.
+BIG-bench is never downloaded: the tasks are built only from a source the user gives (see
+:func:`bigbench_source`): an already downloaded ``bigbench-1.0.0.tar.gz`` (358 MB; only the selected
+``benchmark_tasks/<task>/task.json`` files are extracted, once, into the cache) or a folder of
+extracted ``task.json`` files. Each example (``input`` + ``target_scores`` {choice: score}) becomes
+a doc ``{query, choices, gold}`` (see :func:`format_example` for the prompt styles); the scored
+continuations are the choices, after one space.
 """
 
 from __future__ import annotations
@@ -12,19 +13,16 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import subprocess
-import sys
 import tarfile
-import tempfile
 import zlib
 from pathlib import Path
 
 from ..errors import TilesparseError
 
-SDIST_SPEC = "bigbench==1.0.0"
 SDIST_NAME = "bigbench-1.0.0.tar.gz"
-ENV_SDIST = "TILESPARSE_BIGBENCH_SDIST"  # optional path to an already downloaded sdist
+ENV_SDIST = "TILESPARSE_BIGBENCH_SDIST"  # path to a downloaded sdist or a folder of task.json files
+NOT_GIVEN = (f"BIG-bench sdist not given: set {ENV_SDIST}=/path/to/{SDIST_NAME} "
+             "(or a folder of its task.json files)")
 MEMBER_PREFIX = "bigbench-1.0.0/bigbench/benchmark_tasks/"
 
 # local task name -> task.json path under benchmark_tasks/
@@ -104,65 +102,71 @@ def convert_task(task: dict, name: str, *, limit: int | None = None, seed: int =
     return docs if limit is None else docs[:limit]
 
 
-def _download_sdist(dest: Path) -> Path:
-    """``pip download`` the sdist into ``dest`` (or use ``$TILESPARSE_BIGBENCH_SDIST``)."""
-    given = os.environ.get(ENV_SDIST)
-    if given:
-        p = Path(given).expanduser()
-        if not p.is_file():
-            raise TilesparseError(f"${ENV_SDIST}={given} is not a file")
-        return p
-    dest.mkdir(parents=True, exist_ok=True)
-    target = dest / SDIST_NAME
-    if target.is_file():
-        return target
-    print(f"[zeroshot] downloading the BIG-bench sdist ({SDIST_SPEC}, 358 MB) with pip", file=sys.stderr)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           "--disable-pip-version-check", "-q", SDIST_SPEC, "-d", str(dest)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0 or not target.is_file():
-        err = (proc.stderr or proc.stdout).strip().splitlines()
-        raise TilesparseError(f"cannot download {SDIST_SPEC} from PyPI: {err[-1] if err else 'no file'}")
-    return target
+def bigbench_source(path: str | os.PathLike | None = None) -> Path | None:
+    """The opt-in BIG-bench source: ``path``, else ``$TILESPARSE_BIGBENCH_SDIST``, else ``None``.
+
+    A source is an already downloaded ``bigbench-1.0.0.tar.gz`` or a folder holding the tasks'
+    ``task.json`` files (as in the sdist's ``bigbench/benchmark_tasks/``). Nothing is ever downloaded.
+    """
+    given = path if path not in (None, "") else os.environ.get(ENV_SDIST) or None
+    return None if given is None else Path(given).expanduser()
 
 
-def fetch_task_jsons(root: Path, names: list[str] | None = None) -> dict[str, Path]:
-    """The selected BIG-bench ``task.json`` files under ``root`` (downloaded and extracted if missing).
+def _in_folder(folder: Path, rel: str) -> Path | None:
+    for base in (folder, folder / "benchmark_tasks", folder / "bigbench" / "benchmark_tasks",
+                 folder / MEMBER_PREFIX):
+        if (base / rel).is_file():
+            return base / rel
+    return None
 
-    Idempotent: when every file is present nothing is fetched. The downloaded sdist is deleted after
-    extraction; only the task files are kept.
+
+def _extract(sdist: Path, members: dict[str, Path]) -> None:
+    """Copy the tar members named in ``members`` (member name -> target file) out of the sdist."""
+    try:
+        with tarfile.open(sdist, mode="r|gz") as tar:
+            for member in tar:
+                out = members.get(member.name)
+                if out is None or not member.isfile():
+                    continue
+                data = tar.extractfile(member).read()
+                out.parent.mkdir(parents=True, exist_ok=True)
+                part = out.with_suffix(".json.part")
+                part.write_bytes(data)
+                part.replace(out)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise TilesparseError(f"cannot read the BIG-bench sdist {sdist}: {exc}") from exc
+
+
+def locate_task_jsons(source: Path, cache: Path, names: list[str] | None = None
+                      ) -> tuple[dict[str, Path], dict[str, str]]:
+    """The ``task.json`` of each named task from ``source`` (see :func:`bigbench_source`), and the
+    reason for each task that it does not provide.
+
+    From a folder the files are used in place; from the sdist only the selected files are extracted,
+    once, into ``cache`` (later calls reuse them). Never raises for a missing or unreadable source.
     """
     names = list(BIGBENCH_TASKS) if names is None else names
-    wanted = {n: root / BIGBENCH_TASKS[n] for n in names}
+    if source.is_dir():
+        found = {n: _in_folder(source, BIGBENCH_TASKS[n]) for n in names}
+        return ({n: p for n, p in found.items() if p is not None},
+                {n: f"BIG-bench folder {source} has no {BIGBENCH_TASKS[n]}" for n, p in found.items() if p is None})
+    if not source.is_file():
+        return {}, {n: f"BIG-bench source {source} does not exist (${ENV_SDIST})" for n in names}
+    wanted = {n: cache / BIGBENCH_TASKS[n] for n in names}
     missing = {MEMBER_PREFIX + BIGBENCH_TASKS[n]: p for n, p in wanted.items() if not p.is_file()}
-    if not missing:
-        return wanted
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="sdist-", dir=root.parent))
-    try:
-        sdist = _download_sdist(tmp)
+    if missing:
         try:
-            with tarfile.open(sdist, mode="r|gz") as tar:
-                for member in tar:
-                    out = missing.get(member.name)
-                    if out is None or not member.isfile():
-                        continue
-                    data = tar.extractfile(member).read()
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    part = out.with_suffix(".json.part")
-                    part.write_bytes(data)
-                    part.replace(out)
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            raise TilesparseError(f"cannot read the BIG-bench sdist {sdist}: {exc}") from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    lost = [n for n, p in wanted.items() if not p.is_file()]
-    if lost:
-        raise TilesparseError(f"the BIG-bench sdist has no task.json for {', '.join(lost)}")
-    return wanted
+            _extract(source, missing)
+        except TilesparseError as exc:
+            return ({n: p for n, p in wanted.items() if p.is_file()},
+                    {n: str(exc) for n, p in wanted.items() if not p.is_file()})
+    return ({n: p for n, p in wanted.items() if p.is_file()},
+            {n: f"the BIG-bench sdist {source} has no {BIGBENCH_TASKS[n]}"
+             for n, p in wanted.items() if not p.is_file()})
 
 
 def load_task_json(path: Path) -> dict:
+    """A BIG-bench ``task.json`` as a dict (:class:`TilesparseError` when unreadable)."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:

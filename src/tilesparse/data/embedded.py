@@ -71,7 +71,11 @@ def ensure_texts(package: str) -> None:
     """Fetch one Debian package and cache all of its texts (idempotent)."""
     r_name = _SOURCES[package]
     with tempfile.TemporaryDirectory() as tmp:
-        root = apt_download_unpack(package, Path(tmp))
+        try:
+            root = apt_download_unpack(package, Path(tmp))
+        except TilesparseError as exc:
+            raise TilesparseError(f"the embedded texts are not available ({exc}); check that Debian's package "
+                                  f"archive can be reached (apt-get update), or give texts as file paths") from None
         base = root / "usr" / "lib" / "R" / "site-library" / r_name / "data" / "Rdata"
         if not Path(f"{base}.rdx").is_file():
             raise TilesparseError(f"Debian package {package} has no R data at {base}.rdx")

@@ -93,6 +93,12 @@ def load_text(source: str) -> TextSource:
     return TextSource(name=name, text=text)
 
 
+def check_training_text(source: str) -> None:
+    """Refuse to learn or calibrate on an evaluation text (one-line :class:`TilesparseError`)."""
+    if source in EVAL_TEXTS or source == "austen-eval":
+        raise TilesparseError(f"{source!r} is an evaluation text; train on another text (default austen-train)")
+
+
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """Token ids of ``text`` (no special tokens), as a 1-D int64 tensor."""
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]

@@ -122,6 +122,9 @@ def write_report(recipe, results, out: Path, *, total_seconds: float = 0.0, plan
                 f"{k}: {v}" for k, v in unavailable.items())
             lines += ["", f"Not evaluated: {what}"]
         lines.append("")
+    lines += _export_table(results) + _stage_table(results)
+    (out / "results.json").write_text(json.dumps([r.__dict__ for r in results], indent=2, default=str),
+                                      encoding="utf-8")
     if not recipe.report.plots:
         (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
         return out / "report.md"
@@ -168,6 +171,32 @@ def write_report(recipe, results, out: Path, *, total_seconds: float = 0.0, plan
         lines += [f"Kernel speed ({data.get('device', 'GPU')}, from {Path(kr).name}):", "", f"![speed]({f.name})", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (out / "results.json").write_text(json.dumps([r.__dict__ for r in results], indent=2, default=str),
-                                      encoding="utf-8")
     return path
+
+
+def _export_table(results) -> list[str]:
+    """Sizes of the packed exports and the result of loading each back."""
+    rows = [r for r in results if r.export]
+    if not rows:
+        return []
+    lines = ["## Packed exports", "",
+             "Each export is loaded back from disk and its logits compared with the model that was packed "
+             "(bf16; the check fails the run when they differ beyond bf16 rounding).", "",
+             "| run | folder | file size | vs dense bf16 model | reload check (max abs logit diff) |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        e = r.export
+        lines.append(f"| {r.run_id} | `{r.export_dir}` | {e['file_bytes'] / 2**20:.1f} MiB | "
+                     f"{e['file_vs_dense']:.3f}x | passed ({e['reload_max_logit_diff']:.3g}) |")
+    return lines + [""]
+
+
+def _stage_table(results) -> list[str]:
+    """What each stage of each run did: computed, reused from an earlier run, or skipped (with why)."""
+    if not any(r.stages for r in results):
+        return []
+    names = list(dict.fromkeys(k for r in results for k in r.stages))
+    lines = ["## Stages", "", "| run | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for r in results:
+        lines.append(f"| {r.run_id} | " + " | ".join(r.stages.get(k, "-") for k in names) + " |")
+    return lines + [""]

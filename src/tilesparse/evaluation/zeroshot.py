@@ -1,17 +1,27 @@
 """Zero-shot evaluation through lm-eval-harness (0.4.13), offline from locally built task files.
 
-:func:`prepare_tasks` builds (once, cached under ``cache_dir()/zeroshot/``) a folder of lm-eval task
-YAMLs over local JSONL files:
+:func:`prepare_tasks` builds (cached under ``cache_dir()/zeroshot/``) a folder of lm-eval task YAMLs
+over local JSONL files. The default suite, :data:`OFFLINE_TASKS`, is generated (seeded,
+deterministic) from the embedded evaluation-only texts that set-up already fetched - Persuasion,
+Pride and Prejudice and Moby Dick, never the texts that masks learn on; see
+:mod:`tilesparse.data.cloze` and :mod:`tilesparse.data.zeroshot_items`:
 
-- five BIG-bench multiple-choice tasks from the PyPI sdist ``bigbench==1.0.0`` (see
-  :mod:`tilesparse.data.bigbench`): ``bb_goal_inference`` and ``bb_step_inference``
-  (goal_step_wikihow), ``bb_social_iqa``, ``bb_winowhy``, ``bb_timedial`` - metrics acc and acc_norm;
-- ``persuasion_cloze``: a LAMBADA-style last-word cloze over Persuasion (evaluation-only text, see
-  :mod:`tilesparse.data.cloze`) - metrics acc (the target is the greedy continuation) and perplexity.
+- ``*_cloze``: LAMBADA-style last-word cloze - metrics acc (the target is the greedy continuation)
+  and perplexity (chance 0);
+- ``*_next_sentence``: which of four sentences follows the passage - acc and acc_norm (chance 1/4);
+- ``*_word_choice``: which of four words of similar frequency fills a gap - acc and acc_norm
+  (chance 1/4).
+
+Two optional sources add tasks and never stop a run; what cannot be had is listed with its reason
+in :attr:`ZeroShotResult.unavailable`:
+
+- BIG-bench (``bb_*``, :mod:`tilesparse.data.bigbench`): built only from a given sdist or folder
+  (``bigbench=`` or ``$TILESPARSE_BIGBENCH_SDIST``); never downloaded;
+- :data:`STANDARD_TASKS` (hellaswag, arc, piqa, winogrande, lambada_openai, boolq, ...): lm-eval's own
+  tasks, whose data come from the Hugging Face hub when it is reachable.
 
 :func:`run_zeroshot` evaluates an in-memory model (possibly masked/pruned) with lm-eval's ``HFLM``
-and ``simple_evaluate``. The standard lm-eval tasks (hellaswag, piqa, arc, winogrande, ...) load
-their data from the Hugging Face hub; when it is not reachable they are reported as unavailable.
+and ``simple_evaluate``.
 """
 
 from __future__ import annotations
@@ -29,25 +39,48 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..data.bigbench import BIGBENCH_TASKS, NOT_GIVEN
 from ..errors import TilesparseError
 from ..paths import cache_dir
 
-BUILD_VERSION = 2
+BUILD_VERSION = 3
 DEFAULT_LIMIT = 200
 SEED = 1234
-CLOZE_TASK = "persuasion_cloze"
-CLOZE_TEXT = "persuasion"
-BIGBENCH_NAMES = ("bb_goal_inference", "bb_step_inference", "bb_social_iqa", "bb_winowhy", "bb_timedial")
-LOCAL_TASKS: list[str] = [*BIGBENCH_NAMES, CLOZE_TASK]
+
+
+@dataclass(frozen=True)
+class OfflineTask:
+    """A task generated from an embedded evaluation-only text: ``kind`` is ``cloze``,
+    ``next_sentence`` or ``word_choice``."""
+
+    text: str
+    kind: str
+    description: str
+
+
+OFFLINE_TASKS: dict[str, OfflineTask] = {
+    "persuasion_cloze": OfflineTask("persuasion", "cloze", "last-word cloze over Persuasion (Jane Austen)"),
+    "mobydick_cloze": OfflineTask("mobydick", "cloze", "last-word cloze over Moby Dick (Herman Melville)"),
+    "prideprejudice_next_sentence": OfflineTask(
+        "prideprejudice", "next_sentence", "next sentence, 1 of 4, in Pride and Prejudice (Jane Austen)"),
+    "mobydick_next_sentence": OfflineTask(
+        "mobydick", "next_sentence", "next sentence, 1 of 4, in Moby Dick (Herman Melville)"),
+    "mobydick_word_choice": OfflineTask(
+        "mobydick", "word_choice", "gap word, 1 of 4 of similar frequency, in Moby Dick (Herman Melville)"),
+}
+BIGBENCH_NAMES = tuple(BIGBENCH_TASKS)
+# every task prepare_tasks can build: the offline suite, then the opt-in BIG-bench tasks
+LOCAL_TASKS: list[str] = [*OFFLINE_TASKS, *BIGBENCH_NAMES]
 # standard lm-eval tasks whose data come from the Hugging Face hub (used only when it is reachable)
-STANDARD_TASKS: list[str] = ["hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande", "boolq",
-                             "openbookqa", "lambada_openai"]
+STANDARD_TASKS: list[str] = ["hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande",
+                             "lambada_openai", "boolq", "openbookqa"]
 UNREACHABLE = "unavailable (data not reachable)"
 HUB_HOST = "huggingface.co"
 
 
 # --------------------------------------------------------------------------------------- task files
 def zeroshot_dir() -> Path:
+    """Where the zero-shot task folders are cached."""
     return cache_dir() / "zeroshot"
 
 
@@ -112,61 +145,127 @@ def _chance(docs: list[dict]) -> float:
     return sum(1.0 / len(d["choices"]) for d in docs) / len(docs)
 
 
-def cloze_text() -> str:
-    """The text of the cloze task: Persuasion (an evaluation-only text, never used for training)."""
-    from ..data import load_text
+def task_text(name: str) -> str:
+    """The prose of an embedded evaluation-only text (refuses the texts that masks learn on)."""
+    from ..data.embedded import EMBEDDED_TEXTS, TRAIN_TEXTS, embedded_text
+    from ..data.zeroshot_items import book_body
 
-    return load_text(CLOZE_TEXT).text
+    if name in TRAIN_TEXTS or name not in EMBEDDED_TEXTS:
+        raise TilesparseError(f"{name!r} is not an evaluation text (training texts: {', '.join(TRAIN_TEXTS)})")
+    return book_body(embedded_text(name))
 
 
-def prepare_tasks(limit: int | None = DEFAULT_LIMIT) -> Path:
+def build_offline_docs(task: OfflineTask, text: str, limit: int | None) -> list[dict]:
+    """The docs of one offline task over ``text`` (``limit`` items, seeded with :data:`SEED`)."""
+    from ..data.cloze import build_cloze
+    from ..data.zeroshot_items import build_next_sentence, build_word_choice
+
+    builders = {"cloze": build_cloze, "next_sentence": build_next_sentence, "word_choice": build_word_choice}
+    return builders[task.kind](text, limit=limit, seed=SEED)
+
+
+def _write_offline_tasks(out: Path, limit: int | None) -> dict[str, dict]:
+    info, texts = {}, {}
+    for name, task in OFFLINE_TASKS.items():
+        if task.text not in texts:
+            texts[task.text] = task_text(task.text)
+        docs = build_offline_docs(task, texts[task.text], limit)
+        if not docs:
+            raise TilesparseError(f"text {task.text!r} gives no items for {name}")
+        if task.kind == "cloze":
+            write_cloze_task(out, name, docs, description=task.description)
+            chance = 0.0
+        else:
+            write_multiple_choice_task(out, name, docs, description=task.description)
+            chance = round(_chance(docs), 4)
+        info[name] = {"n": len(docs), "chance": chance, "source": f"tilesparse embedded text {task.text}"}
+    return info
+
+
+def _write_bigbench_tasks(out: Path, source: Path | None, limit: int | None) -> tuple[dict, dict]:
+    """Build the BIG-bench tasks from ``source``; returns (info, unavailable reasons)."""
+    from ..data.bigbench import convert_task, load_task_json, locate_task_jsons
+
+    if source is None:
+        return {}, {name: NOT_GIVEN for name in BIGBENCH_NAMES}
+    jsons, unavailable = locate_task_jsons(source, zeroshot_dir() / "bigbench", list(BIGBENCH_NAMES))
+    info = {}
+    for name, path in jsons.items():
+        try:
+            docs = convert_task(load_task_json(path), name, limit=limit, seed=SEED)
+        except TilesparseError as exc:
+            unavailable[name] = str(exc)
+            continue
+        write_multiple_choice_task(out, name, docs,
+                                   description=f"BIG-bench {BIGBENCH_TASKS[name].rsplit('/', 1)[0]}")
+        info[name] = {"n": len(docs), "chance": round(_chance(docs), 4),
+                      "source": f"bigbench==1.0.0 {BIGBENCH_TASKS[name]}"}
+    return info, dict(sorted(unavailable.items(), key=lambda kv: BIGBENCH_NAMES.index(kv[0])))
+
+
+def _remove_stale(out: Path, keep: list[str]) -> None:
+    for path in [*out.glob("*.yaml"), *out.glob("*.jsonl")]:
+        if path.stem not in keep:
+            path.unlink()
+
+
+def prepare_tasks(limit: int | None = DEFAULT_LIMIT, *, bigbench: str | os.PathLike | None = None) -> Path:
     """Build (or reuse) the local lm-eval task folder and return it (the ``include_path``).
+
+    Always the offline suite (:data:`OFFLINE_TASKS`), from the embedded texts only: no network, no
+    pip. The BIG-bench tasks are added only when a source is given: ``bigbench`` or
+    ``$TILESPARSE_BIGBENCH_SDIST`` (a downloaded ``bigbench-1.0.0.tar.gz`` or a folder of its
+    ``task.json`` files); otherwise, or when the source lacks them, the manifest lists them as
+    unavailable with the reason (see :func:`unavailable_tasks`).
 
     ``limit`` caps the items per task (``None``: all); the items are a seeded random subset, the same
     for every run, and a smaller limit selects a subset of a larger one. Idempotent and cached under
-    ``cache_dir()/zeroshot/tasks-<limit>/``; the BIG-bench task.json files are kept under
-    ``cache_dir()/zeroshot/bigbench/`` (the 358 MB sdist is downloaded once and deleted).
+    ``cache_dir()/zeroshot/tasks-<limit>/``.
     """
-    from ..data.bigbench import BIGBENCH_TASKS, convert_task, fetch_task_jsons, load_task_json
+    from ..data.bigbench import bigbench_source
 
     _check_limit(limit)
-    root = zeroshot_dir()
-    out = root / f"tasks-{'all' if limit is None else limit}"
+    source = bigbench_source(bigbench)
+    out = zeroshot_dir() / f"tasks-{'all' if limit is None else limit}"
     manifest_path = out / "manifest.json"
     want = {"version": BUILD_VERSION, "limit": limit, "seed": SEED, "dir": str(out.resolve()),
-            "tasks": LOCAL_TASKS}
+            "tasks": list(OFFLINE_TASKS), "bigbench": None if source is None else str(source.resolve())}
     try:
         manifest = json.loads(manifest_path.read_text())
-        if {k: manifest.get(k) for k in want} == want and all(
-                (out / f"{t}.yaml").is_file() and (out / f"{t}.jsonl").is_file() for t in LOCAL_TASKS):
+        built = [t for t in LOCAL_TASKS if t in manifest.get("info", {})]
+        if ({k: manifest.get(k) for k in want} == want
+                and (source is None or not manifest.get("unavailable"))
+                and all((out / f"{t}.yaml").is_file() and (out / f"{t}.jsonl").is_file() for t in built)):
             return out
     except (OSError, json.JSONDecodeError):
         pass
 
-    jsons = fetch_task_jsons(root / "bigbench", list(BIGBENCH_NAMES))
-    info: dict[str, dict] = {}
-    for name in BIGBENCH_NAMES:
-        task = load_task_json(jsons[name])
-        docs = convert_task(task, name, limit=limit, seed=SEED)
-        write_multiple_choice_task(out, name, docs,
-                                   description=f"BIG-bench {BIGBENCH_TASKS[name].rsplit('/', 1)[0]}")
-        info[name] = {"n": len(docs), "chance": round(_chance(docs), 4), "source": f"bigbench==1.0.0 "
-                                                                         f"{BIGBENCH_TASKS[name]}"}
-    from ..data.cloze import build_cloze
-
-    docs = build_cloze(cloze_text(), limit=limit, seed=SEED)
-    write_cloze_task(out, CLOZE_TASK, docs, description="last-word cloze over Persuasion (Jane Austen)")
-    info[CLOZE_TASK] = {"n": len(docs), "chance": 0.0, "source": f"tilesparse embedded text {CLOZE_TEXT}"}
-    manifest_path.write_text(json.dumps({**want, "info": info}, indent=2))
+    out.mkdir(parents=True, exist_ok=True)
+    info = _write_offline_tasks(out, limit)
+    bb_info, unavailable = _write_bigbench_tasks(out, source, limit)
+    info.update(bb_info)
+    _remove_stale(out, list(info))
+    part = manifest_path.with_suffix(".json.part")
+    part.write_text(json.dumps({**want, "info": info, "unavailable": unavailable}, indent=2))
+    part.replace(manifest_path)
     return out
+
+
+def _manifest(include_path: Path) -> dict:
+    try:
+        return json.loads((Path(include_path) / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 
 def task_info(include_path: Path) -> dict[str, dict]:
     """Per-task ``{n, chance, source}`` recorded by :func:`prepare_tasks` (empty for other folders)."""
-    try:
-        return json.loads((Path(include_path) / "manifest.json").read_text()).get("info", {})
-    except (OSError, json.JSONDecodeError):
-        return {}
+    return _manifest(include_path).get("info", {})
+
+
+def unavailable_tasks(include_path: Path) -> dict[str, str]:
+    """The tasks :func:`prepare_tasks` could not build into this folder, with the reason for each."""
+    return _manifest(include_path).get("unavailable", {})
 
 
 def local_task_names(include_path: Path) -> list[str]:
@@ -235,15 +334,16 @@ class ZeroShotResult:
         def f(x, digits=3):
             return "-" if x is None else f"{x:.{digits}f}"
 
+        w = max([20, *(len(s.task) for s in self.scores), *(len(t) for t in self.unavailable)])
         lines = [f"zero-shot (lm-eval 0.4.13), model {self.model}, {self.seconds:.0f} s",
-                 f"{'task':<20} {'n':>5} {'acc':>7} {'± se':>7} {'acc_norm':>9} {'chance':>7} {'ppl':>8}"]
+                 f"{'task':<{w}} {'n':>5} {'acc':>7} {'± se':>7} {'acc_norm':>9} {'chance':>7} {'ppl':>8}"]
         for s in self.scores:
-            lines.append(f"{s.task:<20} {s.n:>5} {f(s.acc):>7} {f(s.acc_stderr):>7} {f(s.acc_norm):>9} "
+            lines.append(f"{s.task:<{w}} {s.n:>5} {f(s.acc):>7} {f(s.acc_stderr):>7} {f(s.acc_norm):>9} "
                          f"{f(s.chance):>7} {f(s.perplexity, 2):>8}")
         if self.scores:
-            lines.append(f"{'mean':<20} {'':>5} {f(self.mean_acc):>7} {'':>7} {f(self.mean_acc_norm):>9}")
+            lines.append(f"{'mean':<{w}} {'':>5} {f(self.mean_acc):>7} {'':>7} {f(self.mean_acc_norm):>9}")
         for t, why in self.unavailable.items():
-            lines.append(f"{t:<20} {why}")
+            lines.append(f"{t:<{w}} {why}")
         return "\n".join(lines)
 
 
@@ -297,43 +397,53 @@ def _import_lm_eval():
     return lm_eval, HFLM, TaskManager
 
 
-def run_zeroshot(loaded, tasks: list[str] | str | None = None, *, limit: int | None = None,
-                 batch_size: int = 8, device: str | None = "cpu", include_path: str | Path | None = None,
-                 progress: bool = True) -> "ZeroShotResult":
-    """Zero-shot scores of an in-memory model (``tilesparse.models.LoadedModel``) with lm-eval.
-
-    ``tasks``: names from :data:`LOCAL_TASKS` and/or :data:`STANDARD_TASKS` (a list or a comma
-    separated string; default: all of both). ``limit``: items per task (default: the 200 prepared
-    ones). ``include_path``: a folder of task YAMLs to use instead of the prepared one (its tasks are
-    then the local tasks). The model is used as it is (masked or pruned weights included); with
-    ``device`` it is moved there first. Standard tasks whose data are not reachable are listed in
-    ``result.unavailable`` instead of failing. Progress goes to stderr, one line per task.
-    """
-    _check_limit(limit)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise TilesparseError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if include_path is None:
-        include_path = prepare_tasks(DEFAULT_LIMIT if limit is None or limit <= DEFAULT_LIMIT else limit)
-    include_path = Path(include_path)
-    if not include_path.is_dir():
-        raise TilesparseError(f"task folder {include_path} does not exist")
-    local = local_task_names(include_path)
+def _task_list(tasks: list[str] | str | None, local: list[str], optional: list[str]) -> list[str]:
+    """The requested task names, checked (default: the folder's tasks and the standard ones)."""
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
     if tasks is None:
         tasks = local + [t for t in STANDARD_TASKS if t not in local]
     if not tasks:
         raise TilesparseError("no zero-shot tasks given")
-    unknown = [t for t in tasks if t not in local and t not in STANDARD_TASKS]
+    known = local + [t for t in optional if t not in local]
+    unknown = [t for t in tasks if t not in known]
     if unknown:
-        raise TilesparseError(f"unknown zero-shot task(s) {', '.join(unknown)}; choose from "
-                              f"{', '.join(local + STANDARD_TASKS)}")
-    tasks = list(dict.fromkeys(tasks))
+        raise TilesparseError(f"unknown zero-shot task(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    return list(dict.fromkeys(tasks))
+
+
+def run_zeroshot(loaded, tasks: list[str] | str | None = None, *, limit: int | None = None,
+                 batch_size: int = 8, device: str | None = "cpu", include_path: str | Path | None = None,
+                 progress: bool = True, bigbench: str | os.PathLike | None = None) -> "ZeroShotResult":
+    """Zero-shot scores of an in-memory model (``tilesparse.models.LoadedModel``) with lm-eval.
+
+    ``tasks``: names from :data:`LOCAL_TASKS` and/or :data:`STANDARD_TASKS` (a list or a comma
+    separated string; default: the prepared tasks and the standard ones). ``limit``: items per task
+    (default: the 200 prepared ones). ``bigbench``: the opt-in BIG-bench source (see
+    :func:`prepare_tasks`). ``include_path``: a folder of task YAMLs to use instead of the prepared
+    one. The model is used as it is (masked or pruned weights included); with ``device`` it is moved
+    there first. A requested task that cannot be had (BIG-bench without its source, standard tasks
+    without the hub) is listed in ``result.unavailable`` with the reason instead of failing. Progress
+    goes to stderr, one line per task.
+    """
+    _check_limit(limit)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise TilesparseError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if include_path is None:
+        include_path = prepare_tasks(DEFAULT_LIMIT if limit is None or limit <= DEFAULT_LIMIT else limit,
+                                     bigbench=bigbench)
+    include_path = Path(include_path)
+    if not include_path.is_dir():
+        raise TilesparseError(f"task folder {include_path} does not exist")
+    local = local_task_names(include_path)
+    tasks = _task_list(tasks, local, LOCAL_TASKS + STANDARD_TASKS)
+    not_built = {**{t: NOT_GIVEN for t in BIGBENCH_NAMES}, **unavailable_tasks(include_path)}
+    unavailable: dict[str, str] = {t: not_built.get(t, f"not in the task folder {include_path}")
+                                   for t in tasks if t in LOCAL_TASKS and t not in local}
 
     _quiet_lm_eval()
     lm_eval, HFLM, TaskManager = _import_lm_eval()
-    unavailable: dict[str, str] = {}
-    standard = [t for t in tasks if t not in local]
+    standard = [t for t in tasks if t not in local and t not in unavailable]
     if standard and not hub_reachable():
         unavailable.update({t: UNREACHABLE for t in standard})
         standard = []

@@ -266,7 +266,7 @@ def item_table(packed: PackedHybrid, spb: int) -> tuple[torch.Tensor, int]:
 
 
 # v9: an item's fixed cost in weight-byte equivalents, for block_ranges. Ranges of equal item counts (a large
-# cost) measured faster than ranges of equal bytes (2 KB per item) in every cell (benchmarks/KERNELS_NOTES.md v9)
+# cost) measured faster than ranges of equal bytes (2 KB per item) in every cell (docs/KERNELS.md v9)
 V9_ITEM_COST = 1 << 20
 
 
@@ -390,7 +390,7 @@ def pdl_enabled(device=None) -> bool:
     stream finishes, and each waits for it (``grid_dep_wait`` in ``mma_common.cuh``) before reading x or
     writing its outputs; v9 copies its first stages' weights before that wait. Off by default: on the H200 it
     saved 1-1.5 us per v9 call after a memory-bound kernel but made batch-16 decode of a 7B model 0.3-0.9 %
-    slower (``benchmarks/KERNELS_NOTES.md``, session 7)."""
+    slower (``docs/KERNELS.md``, session 7)."""
     import os
     return os.environ.get("TILESPARSE_PDL", "0") == "1" and torch.cuda.get_device_capability(device)[0] >= 9
 

@@ -65,7 +65,7 @@ class KernelConfig:
     stages: int = 3
     meta16: bool = False
     # >0: tl.range(num_stages=lstages) on the K loops (pipelines non-dot loads too) / loop_unroll_factor.
-    # Measured on the H100 (v4, benchmarks/KERNELS_NOTES.md): never faster than the plain loop, so the
+    # Measured on the H100 (v4, docs/KERNELS.md): never faster than the plain loop, so the
     # autotuner's candidates leave both at 0; kept for explicit configs and experiments.
     lstages: int = 0
     unroll: int = 0
@@ -237,7 +237,7 @@ def mma_candidates(M: int) -> list[KernelConfig]:
     v7 = [KernelConfig("mma", 0, bm, 0, 0, split, w, 1, True, 0, 0, sb)
           for w in (4, 8) for split in (1, 2, 4, 8, 16) for sb in (1, 2)]
     # (sb 4 with two batches in flight spills registers; the L2 prefetch, pref=1, was never faster on the H200:
-    # the x loads queue behind it, benchmarks/KERNELS_NOTES.md v8, so it is not a candidate)
+    # the x loads queue behind it, docs/KERNELS.md v8, so it is not a candidate)
     v8 = [KernelConfig("mma", 8, bm, 0, 0, 1, w, 1, True, 0, 0, sb, spb)
           for w in (4, 8) for sb, spb in ((1, 4), (1, 8), (1, 16), (1, 32), (2, 4), (2, 8), (2, 16), (2, 32), (4, 4))
           if _cm.v8_fits(spb, sb, _cm.octets(M), w)]
@@ -308,7 +308,7 @@ def heuristic_config(M: int, packed: PackedHybrid) -> KernelConfig:
 
 # v5 flat decode kernel (``hybrid_flat_kernel``) among the autotuner's candidates for M <= 16 tokens: opt-in
 # (TILESPARSE_FLAT=1) since session 3: one of its configurations faulted on the H200 (illegal address; flat-dot
-# bn64 ts1 it4 w8, 64x64 tiles, 14 non-contiguous tokens; benchmarks/KERNELS_NOTES.md v6) and the v6 stream
+# bn64 ts1 it4 w8, 64x64 tiles, 14 non-contiguous tokens; docs/KERNELS.md v6) and the v6 stream
 # kernel is faster in 16 of the 18 decode cells measured.
 FLAT_CANDIDATES = os.environ.get("TILESPARSE_FLAT", "0") == "1"
 # v6 streaming kernel (``hybrid_stream_kernel``) among the candidates for M <= 64 tokens
@@ -320,7 +320,7 @@ MMA_CANDIDATES = os.environ.get("TILESPARSE_MMA", "1") != "0"
 def flat_candidates(M: int) -> list[KernelConfig]:
     """The flat decode kernel's candidate configurations for ``M <= 16`` tokens:
     (mode, bn, 2:4 tiles per chunk, chunks per program, warps). The persistent mode 6 is not among them
-    (measured slower on the H200, benchmarks/KERNELS_NOTES.md v5)."""
+    (measured slower on the H200, docs/KERNELS.md v5)."""
     T = KernelConfig
     c = []
     if M <= 4:

@@ -16,7 +16,7 @@ into one fp32 accumulator. ``LSTAGES`` (``tl.range(num_stages=...)`` on the K lo
 software pipeliner stage *every* load of the loop (values, metadata, x) through a cp.async ring, not only
 those feeding a ``tl.dot`` -- more bytes in flight per SM for the decode modes; ``UNROLL`` unrolls the
 K loops. ``None`` for both keeps the compiler's default (measured on the H100: neither knob made any decode
-config faster, see ``benchmarks/KERNELS_NOTES.md`` v4, so the autotuner leaves them at ``None``). All-zero tiles are never visited. ``SPLIT > 1`` splits both K-spaces over
+config faster, see ``docs/KERNELS.md`` v4, so the autotuner leaves them at ``None``). All-zero tiles are never visited. ``SPLIT > 1`` splits both K-spaces over
 ``SPLIT`` programs; partial sums go to an fp32 workspace and the last program to arrive (an atomic
 counter per output block, reset by that program) adds them up -- one launch, no memset.
 

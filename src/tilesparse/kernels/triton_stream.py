@@ -300,6 +300,6 @@ def hybrid_stream_kernel(
         y = (tl.sum(acc, 1) + tl.sum(acc_d, 1))[None, :]
 
     # split-K: per-split workspace slices, last arriver adds them (an fp32-atomic variant gave rare wrong sums on
-    # the H200 with fewer tokens than BM: benchmarks/KERNELS_NOTES.md v6)
+    # the H200 with fewer tokens than BM: docs/KERNELS.md v6)
     _write_output(y, out_ptr, bias_ptr, ws_ptr, cnt_ptr + pid, offs_m, m_ok, rows, row_ok, s, M, N, stride_om,
                   SPLIT, HAS_BIAS)

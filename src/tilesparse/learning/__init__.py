@@ -11,10 +11,11 @@
 from .config import MODE_NAMES, MODES, LearnConfig, make_config
 from .final import build_final_maskset, density_report, format_density_report
 from .masked import MaskedLinear, MaskedModel
-from .trainer import LearnResult, StopRequested, init_distributed_from_env, learn_masks, load_checkpoint
+from .trainer import (LearnResult, StopRequested, discard_checkpoint, init_distributed_from_env, learn_masks,
+                      load_checkpoint)
 
 __all__ = [
     "MODES", "MODE_NAMES", "LearnConfig", "make_config", "MaskedLinear", "MaskedModel", "learn_masks",
-    "LearnResult", "StopRequested", "load_checkpoint", "init_distributed_from_env", "build_final_maskset",
+    "LearnResult", "StopRequested", "load_checkpoint", "discard_checkpoint", "init_distributed_from_env", "build_final_maskset",
     "density_report", "format_density_report",
 ]

@@ -118,7 +118,33 @@ def one_shot_masks(model, linears, calib_ids: torch.Tensor | None, *, method: st
     return out
 
 
+def prior_maskset(shots: OneShotMasks, linears, mode: str, sparsity: float, tile: tuple[int, int],
+                  meta: dict | None = None):
+    """The binary mask the prior stands for, without the random initialisation: what learning adds is
+    measured against it.
+
+    Tiles: the per-layer prior choice (:func:`tile_prior_logits` as scores, ranked globally at the exact
+    budget like a learned mask); 2:4: the one-shot pattern. ``mode='maskllm'`` gives the one-shot 2:4 mask
+    everywhere. Layers the one-shot pruner gave no 2:4 mask for stay dense.
+    """
+    from ..masks.nm import ids_from_mask
+    from .final import LayerFinal, build_final_maskset
+
+    finals = []
+    for lin in linears:
+        grid = TileGrid(lin.out_features, lin.in_features, *tile)
+        mask24 = shots.two_four.get(lin.name)
+        if mask24 is None:
+            finals.append(LayerFinal(lin.name, grid, None, None))
+            continue
+        scores = None
+        if mode != "maskllm" and lin.name in shots.unstructured:
+            scores = tile_prior_logits(shots.unstructured[lin.name].cpu(), grid, sparsity, std=1.0, strength=1.0)
+        finals.append(LayerFinal(lin.name, grid, ids_from_mask(mask24.cpu()), scores))
+    return build_final_maskset(finals, sparsity, all_sparse=mode == "maskllm", meta=meta)
+
+
 __all__ = [
     "PRIOR_METHODS", "init_logits", "tile_prior_logits", "pattern_prior_logits", "magnitude_unstructured",
-    "magnitude_24", "OneShotMasks", "one_shot_masks",
+    "magnitude_24", "OneShotMasks", "one_shot_masks", "prior_maskset",
 ]

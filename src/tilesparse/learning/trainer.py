@@ -31,13 +31,15 @@ from ..models import find_prunable_linears, weights_fingerprint
 from .config import MODE_NAMES, LearnConfig, check_resumable, finalize
 from .final import density_report
 from .masked import MaskedModel
-from .priors import OneShotMasks, init_logits, one_shot_masks, pattern_prior_logits, tile_prior_logits
+from .priors import (OneShotMasks, init_logits, one_shot_masks, pattern_prior_logits, prior_maskset,
+                     tile_prior_logits)
 from .regularizers import density_penalty, magnitude_bonus, magnitude_decay
 from .relax import LinearSchedule
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "tilesparse-learn-checkpoint"
 CHECKPOINT_VERSION = 1
+PRIOR_DIR = "prior"  # beside the checkpoint: the prior's binary mask, kept for resumed runs
 
 
 # -- distributed helpers -------------------------------------------------------------------------
@@ -184,6 +186,18 @@ def load_checkpoint(directory: str | os.PathLike) -> dict:
     return ck
 
 
+def discard_checkpoint(out_dir: str | os.PathLike) -> int:
+    """Delete the resumable state of a finished run in ``out_dir`` (checkpoint and its JSON note);
+    returns the bytes freed. The masks, the prior and the report stay."""
+    freed = 0
+    for name in (CHECKPOINT, "checkpoint.json"):
+        path = Path(out_dir) / name
+        if path.is_file():
+            freed += path.stat().st_size
+            path.unlink()
+    return freed
+
+
 # -- priors ----------------------------------------------------------------------------------
 def build_initial_logits(model: nn.Module, cfg: LearnConfig, calib_ids: torch.Tensor | None,
                          progress: bool = False, prior_masks: OneShotMasks | None = None
@@ -238,6 +252,7 @@ class LearnResult:
     out_dir: Path | None = None
     files: dict = field(default_factory=dict)
     logits: dict = field(default_factory=dict)  # final logits (and fixed ids) by "<layer>:<kind>", CPU
+    prior: object = None  # the one-shot prior as a binary MaskSet (what learning started from), if any
 
 
 class StopRequested(Exception):
@@ -294,10 +309,25 @@ def learn_masks(model: nn.Module, cfg: LearnConfig, train_ids: torch.Tensor, *,
                                   f"({ck.get('model')}, weights {ck.get('fingerprint')} vs {fingerprint})")
     t_start = time.perf_counter()
 
+    prior = None
     if ck is None:
-        tiles, patterns, ids = build_initial_logits(model, cfg, calib_ids, progress=progress and rank == 0,
-                                                    prior_masks=prior_masks)
+        if prior_masks is None:
+            linears = [l for l in find_prunable_linears(model) if l.in_features % 4 == 0]
+            prior_masks = one_shot_masks(model, linears, calib_ids, method=cfg.prior, sparsity=cfg.sparsity,
+                                         need_unstructured=cfg.mode in ("joint", "tile"), need_24=True,
+                                         progress=progress and rank == 0)
+        tiles, patterns, ids = build_initial_logits(model, cfg, calib_ids, prior_masks=prior_masks)
+        if prior_masks.two_four:
+            prior = prior_maskset(prior_masks, find_prunable_linears(model), cfg.mode, cfg.sparsity, cfg.tile,
+                                  meta={"method": f"one-shot prior ({cfg.prior})", "model": model_name,
+                                        "fingerprint": fingerprint, "prior": cfg.prior})
+            if out is not None and rank == 0:
+                _save_maskset(prior, out / PRIOR_DIR)
     else:
+        if out is not None and (out / PRIOR_DIR).is_dir():
+            from ..io import load_mask_artifact
+
+            prior = load_mask_artifact(out / PRIOR_DIR)
         split = {"tile": {}, "pattern": {}, "ids": {}}
         for key, t in ck["logits"].items():
             name, _, kind = key.rpartition(":")
@@ -306,8 +336,10 @@ def learn_masks(model: nn.Module, cfg: LearnConfig, train_ids: torch.Tensor, *,
         patterns = {k: v.permute(1, 2, 0) for k, v in split["pattern"].items()}  # stored candidate-major
     masked = MaskedModel(model, cfg.mode, tile=cfg.tile, tile_init=tiles, pattern_init=patterns, ids=ids)
     try:
-        return _train(model, masked, cfg, train_ids, ck, out, rank, world, device, fingerprint, model_name,
-                      progress, callback, t_start)
+        res = _train(model, masked, cfg, train_ids, ck, out, rank, world, device, fingerprint, model_name,
+                     progress, callback, t_start)
+        res.prior = prior
+        return res
     finally:
         masked.remove()
 
@@ -451,5 +483,5 @@ def _train(model, masked: MaskedModel, cfg: LearnConfig, train_ids, ck, out, ran
 
 __all__ = [
     "dist_info", "init_distributed_from_env", "warmup_steps", "lr_factor", "WindowSampler", "atomic_torch_save",
-    "load_checkpoint", "build_initial_logits", "LearnResult", "StopRequested", "learn_masks",
+    "load_checkpoint", "discard_checkpoint", "build_initial_logits", "LearnResult", "StopRequested", "learn_masks",
 ]

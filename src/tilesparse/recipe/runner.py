@@ -27,20 +27,36 @@ from ..errors import TilesparseError
 from .schema import MethodConfig, Recipe, fingerprint
 
 STAGE_FILE = "stage.json"
+COMPUTED, REUSED = "computed", "reused"
 EXPORT_VERSION = "export-v2"  # v2: the packed file ships non-persistent buffers (rotary inv_freq)
 
 
 @dataclass
 class RunSpec:
-    """One model to produce: a method at one target sparsity."""
+    """One model to produce: a method at one target sparsity. ``role='prior'`` is the one-shot prior a
+    learned run starts from, evaluated beside it so that the report shows what learning added."""
 
     method: MethodConfig
     target: float
+    role: str = "main"
+
+    @property
+    def learned_run_id(self) -> str:
+        safe = self.method.name.replace(":", "").replace("/", "-").replace(" ", "-")
+        return safe if self.method.kind == "dense" else f"{safe}-s{round(100 * self.target):02d}"
 
     @property
     def run_id(self) -> str:
-        safe = self.method.name.replace(":", "").replace("/", "-").replace(" ", "-")
-        return safe if self.method.kind == "dense" else f"{safe}-s{round(100 * self.target):02d}"
+        return f"{self.learned_run_id}-prior" if self.role == "prior" else self.learned_run_id
+
+    @property
+    def kind(self) -> str:
+        return "prior" if self.role == "prior" else self.method.kind
+
+    @property
+    def label(self) -> str:
+        """The method as the report names it."""
+        return f"{self.method.name} prior ({self.method.prior})" if self.role == "prior" else self.method.name
 
 
 @dataclass
@@ -58,6 +74,8 @@ class RunResult:
     details: dict = field(default_factory=dict)
     mask_dir: str | None = None
     export_dir: str | None = None
+    stages: dict = field(default_factory=dict)  # stage -> "computed" / "reused" / "skipped: reason"
+    export: dict = field(default_factory=dict)  # sizes and the reload check of the packed export
 
 
 def _write_json_atomic(path: Path, obj) -> None:
@@ -120,7 +138,15 @@ class RecipeRunner:
 
     # ------------------------------------------------------------------ planning
     def plan(self) -> list[RunSpec]:
-        return [RunSpec(m, s) for m in self.recipe.methods for s in m.targets()]
+        """Every run of the recipe in order; each learned run is followed by its one-shot prior
+        (``report.prior_rows``)."""
+        specs = []
+        for m in self.recipe.methods:
+            for s in m.targets():
+                specs.append(RunSpec(m, s))
+                if m.kind == "learn" and m.prior != "none" and self.recipe.report.prior_rows:
+                    specs.append(RunSpec(m, s, role="prior"))
+        return specs
 
     def base_fingerprint(self) -> str:
         r = self.recipe
@@ -129,7 +155,8 @@ class RecipeRunner:
     def mask_fingerprint(self, spec: RunSpec) -> str:
         r = self.recipe
         data = r.data if spec.method.kind != "dense" else None
-        return fingerprint(self.base_fingerprint(), data, spec.method, spec.target)
+        parts = [self.base_fingerprint(), data, spec.method, spec.target]
+        return fingerprint(*parts, spec.role) if spec.role != "main" else fingerprint(*parts)
 
     def eval_fingerprint(self, spec: RunSpec) -> str:
         return fingerprint(self.mask_fingerprint(spec), self.recipe.evaluation)
@@ -151,19 +178,19 @@ class RecipeRunner:
             # mask stage
             mfp = self.mask_fingerprint(spec)
             mask_dir = folder / "mask"
+            status = {}
             info = _stage_done(mask_dir, mfp)
             if info is None:
                 if mask_dir.exists():
                     shutil.rmtree(mask_dir)
-                self.log(f"{head}: building mask ({spec.method.kind})")
+                self.log(f"{head}: building mask ({spec.kind})")
                 t0 = time.perf_counter()
                 details = make_mask(self, spec, mask_dir)
                 info = {"fingerprint": mfp, "seconds": time.perf_counter() - t0, **details}
                 _write_json_atomic(mask_dir / STAGE_FILE, info)
+                status["mask"] = COMPUTED
             else:
-                self._count_reused()
-                self.log(f"{head}: mask stage done, reused")
-            self._stages[1] += 1
+                status["mask"] = self._reused(f"{head}: mask stage done, reused")
             # evaluation stage
             efp = self.eval_fingerprint(spec)
             eval_file = folder / "eval.json"
@@ -172,13 +199,16 @@ class RecipeRunner:
                 self.log(f"{head}: evaluating")
                 ev = {"fingerprint": efp, **evaluate_run(self, spec, mask_dir)}
                 _write_json_atomic(eval_file, ev)
+                status["evaluation"] = COMPUTED
             else:
-                self._count_reused()
-                self.log(f"{head}: evaluation done, reused")
-            self._stages[1] += 1
+                status["evaluation"] = self._reused(f"{head}: evaluation done, reused")
             # export stage
             export_dir = None
-            if self.recipe.export.packed and self._should_export(spec):
+            if not self.recipe.export.packed:
+                status["export"] = "skipped: export.packed is false"
+            elif not self._should_export(spec):
+                status["export"] = "skipped: not selected for export"
+            else:
                 export_dir = folder / "export"
                 xfp = fingerprint(mfp, EXPORT_VERSION)
                 if _stage_done(export_dir, xfp) is None:
@@ -187,11 +217,11 @@ class RecipeRunner:
                     self.log(f"{head}: exporting packed model")
                     details = export_run(self, spec, mask_dir, export_dir)
                     _write_json_atomic(export_dir / STAGE_FILE, {"fingerprint": xfp, **details})
+                    status["export"] = COMPUTED
                 else:
-                    self._count_reused()
-                    self.log(f"{head}: export done, reused")
-                self._stages[1] += 1
-            results.append(self._result(spec, info, ev, export_dir))
+                    status["export"] = self._reused(f"{head}: export done, reused")
+            self._stages[1] += sum(v in (COMPUTED, REUSED) for v in status.values())
+            results.append(self._result(spec, info, ev, export_dir, status))
             if i < len(plan):  # a partial report survives an interruption of the later stages
                 self._write_report(results, len(plan), time.perf_counter() - t_all)
         self.restore()
@@ -199,19 +229,27 @@ class RecipeRunner:
         self.log(f"report: {self.out / 'report.md'}")
         return results
 
-    def _result(self, spec: RunSpec, info: dict, ev: dict, export_dir: Path | None) -> RunResult:
+    def _result(self, spec: RunSpec, info: dict, ev: dict, export_dir: Path | None, status: dict) -> RunResult:
         mask_dir = self.out / "stages" / spec.run_id / "mask"
+        zs = ev.get("zeroshot", {})
+        status = {**status, "zeroshot": f"skipped: {zs['skipped']}" if "skipped" in zs else status["evaluation"]}
+        export = {}
+        if export_dir is not None:
+            record = json.loads((export_dir / STAGE_FILE).read_text())
+            export = {k: v for k, v in record.items() if k != "fingerprint"}
         return RunResult(
-            run_id=spec.run_id, method=spec.method.name, kind=spec.method.kind, target=spec.target,
+            run_id=spec.run_id, method=spec.label, kind=spec.kind, target=spec.target,
             measured_sparsity=float(info.get("measured_sparsity", 0.0)),
-            perplexity=ev.get("perplexity", {}), zeroshot=ev.get("zeroshot", {}),
+            perplexity=ev.get("perplexity", {}), zeroshot=zs,
             mask_seconds=float(info.get("seconds", 0.0)), details=info,
-            mask_dir=str(mask_dir) if spec.method.kind != "dense" else None,
-            export_dir=str(export_dir) if export_dir else None,
+            mask_dir=str(mask_dir) if spec.kind != "dense" else None,
+            export_dir=str(export_dir) if export_dir else None, stages=status, export=export,
         )
 
-    def _count_reused(self) -> None:
+    def _reused(self, message: str) -> str:
         self._stages[0] += 1
+        self.log(message)
+        return REUSED
 
     def _write_report(self, results: list[RunResult], planned: int, seconds: float) -> None:
         from ..evaluation.report import write_report
@@ -231,8 +269,10 @@ class RecipeRunner:
             if info is None or ev is None:
                 continue
             export_dir = folder / "export"
-            xfp = fingerprint(mfp, EXPORT_VERSION)
-            done.append(self._result(spec, info, ev, export_dir if _stage_done(export_dir, xfp) else None))
+            exported = _stage_done(export_dir, fingerprint(mfp, EXPORT_VERSION)) is not None
+            status = {"mask": REUSED, "evaluation": REUSED,
+                      "export": REUSED if exported else "skipped: not exported"}
+            done.append(self._result(spec, info, ev, export_dir if exported else None, status))
         return done
 
     def report_only(self) -> Path:
@@ -243,7 +283,7 @@ class RecipeRunner:
 
     def _should_export(self, spec: RunSpec) -> bool:
         which = self.recipe.export.which
-        if spec.method.kind == "dense":
+        if spec.kind in ("dense", "prior"):
             return False
         if which is None:
             return spec.method.kind == "learn" or (spec.method.kind == "oneshot" and spec.method.pattern != "unstructured")

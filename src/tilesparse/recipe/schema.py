@@ -57,7 +57,9 @@ class PerplexityConfig:
 
 @dataclass
 class ZeroShotConfig:
-    """Zero-shot tasks through lm-eval (``tasks: null`` = every local task)."""
+    """Zero-shot tasks through lm-eval (``tasks: null`` = the offline tasks, BIG-bench when its sdist is
+    given and the standard lm-eval tasks when the hub is reachable; see
+    :mod:`tilesparse.evaluation.zeroshot`)."""
 
     enabled: bool = True
     tasks: list[str] | None = None
@@ -116,9 +118,11 @@ class ExportConfig:
 
 @dataclass
 class ReportConfig:
-    """Report options; ``kernel_results`` = a JSON file of kernel speed results to plot."""
+    """Report options; ``kernel_results`` = a JSON file of kernel speed results to plot; ``prior_rows``:
+    evaluate the one-shot prior of every learned run beside it (what learning added)."""
 
     plots: bool = True
+    prior_rows: bool = True
     tile_map_layers: int = 4
     kernel_results: str | None = None
 
@@ -137,6 +141,7 @@ class Recipe:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    keep_checkpoints: bool = False  # keep each learned run's resumable checkpoint once the run is done
     notes: str = ""
 
     @property
@@ -239,6 +244,15 @@ def _validate(r: Recipe) -> Recipe:
     z = r.evaluation.zeroshot
     if z.limit is not None and z.limit <= 0:
         raise TilesparseError("recipe: 'evaluation.zeroshot.limit' must be positive or null")
+    if z.tasks is not None:
+        from ..evaluation.zeroshot import LOCAL_TASKS, STANDARD_TASKS
+
+        known = LOCAL_TASKS + STANDARD_TASKS
+        for i, task in enumerate(z.tasks):
+            if task not in known:
+                close = difflib.get_close_matches(task, known, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else f" (choose from {', '.join(known)})"
+                raise TilesparseError(f"recipe: 'evaluation.zeroshot.tasks[{i}]': unknown task '{task}'{hint}")
     seen = set()
     for i, m in enumerate(r.methods):
         where = f"methods[{i}] ({m.name})"

@@ -9,11 +9,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torch
-
 from ..errors import TilesparseError
-
-UPDATED_WEIGHTS = "updated_weights.safetensors"
+from ..io.export import apply_mask_dir, export_packed, save_updated_weights
+from ..learning.trainer import PRIOR_DIR
 
 
 def _calibration(runner, loaded):
@@ -30,6 +28,8 @@ def make_mask(runner, spec, mask_dir: Path) -> dict:
     if m.kind == "dense":
         return {"measured_sparsity": 0.0}
     loaded = runner.model()
+    if spec.role == "prior":
+        return _prior(runner, loaded, spec, mask_dir)
     if m.kind == "oneshot":
         return _oneshot(runner, loaded, spec, mask_dir)
     return _learned(runner, loaded, spec, mask_dir)
@@ -37,7 +37,6 @@ def make_mask(runner, spec, mask_dir: Path) -> dict:
 
 def _oneshot(runner, loaded, spec, mask_dir: Path) -> dict:
     from ..io import save_mask_artifact
-    from ..models import find_prunable_linears
     from ..pruning import PruneConfig, prune_text
 
     m, d = spec.method, runner.recipe.data
@@ -46,10 +45,7 @@ def _oneshot(runner, loaded, spec, mask_dir: Path) -> dict:
     ms = prune_text(loaded, cfg, d.calibration, d.calib_samples, d.calib_seqlen, d.seed, progress=runner.progress)
     save_mask_artifact(ms, mask_dir)
     if m.update_weights:
-        from safetensors.torch import save_file
-
-        weights = {l.name: l.module.weight.detach().contiguous().cpu() for l in find_prunable_linears(loaded.model)}
-        save_file(weights, str(mask_dir / UPDATED_WEIGHTS))
+        save_updated_weights(loaded.model, mask_dir)
         runner.restore()
     return {"measured_sparsity": ms.sparsity(), "per_layer": ms.per_layer()}
 
@@ -57,21 +53,12 @@ def _oneshot(runner, loaded, spec, mask_dir: Path) -> dict:
 def _learned(runner, loaded, spec, mask_dir: Path) -> dict:
     from ..data import load_text, tokenize
     from ..io import save_mask_artifact
-    from ..learning.config import make_config
     from ..learning.final import density_report
-    from ..learning.trainer import learn_masks
+    from ..learning.trainer import discard_checkpoint, learn_masks
     from ..models import find_prunable_linears
 
-    m, d = spec.method, runner.recipe.data
-    overrides = dict(mode=m.mode, sparsity=spec.target if m.mode != "maskllm" else 0.5, steps=m.steps,
-                     batch=m.batch, seqlen=m.seqlen, lr=m.lr, prior=m.prior, tile=runner.recipe.tile_shape,
-                     seed=d.seed, text=d.train, calib_samples=d.calib_samples, calib_seqlen=d.calib_seqlen,
-                     dtype=runner.recipe.dtype)
-    unknown = set(m.options) - set(make_config().to_dict())
-    if unknown:
-        raise TilesparseError(f"recipe: {m.name}.options has unknown learning settings: {sorted(unknown)}")
-    overrides.update(m.options)
-    cfg = make_config(**overrides)
+    d = runner.recipe.data
+    cfg = _learn_config(runner, spec)
     train_ids = tokenize(loaded.tokenizer, load_text(d.train).text)
     calib = None
     if cfg.prior in ("wanda", "sparsegpt"):
@@ -90,10 +77,53 @@ def _learned(runner, loaded, spec, mask_dir: Path) -> dict:
                       calib_ids=calib, progress=runner.progress)
     ms = res.maskset
     save_mask_artifact(ms, mask_dir)
+    if res.prior is not None:
+        save_mask_artifact(res.prior, mask_dir / PRIOR_DIR)
+    if not runner.recipe.keep_checkpoints:
+        discard_checkpoint(work)
     block_of = {l.name: l.block_index for l in find_prunable_linears(loaded.model)}
     return {"measured_sparsity": ms.sparsity(), "per_layer": ms.per_layer(),
             "density": density_report(ms, block_of), "steps": cfg.steps, "tokens": res.tokens,
             "learn_seconds": res.seconds, "config": cfg.to_dict()}
+
+
+def _learn_config(runner, spec):
+    """The learning configuration of a learned run (recipe keys, then the method's ``options``)."""
+    from ..learning.config import make_config
+
+    m, d = spec.method, runner.recipe.data
+    overrides = dict(mode=m.mode, sparsity=spec.target if m.mode != "maskllm" else 0.5, steps=m.steps,
+                     batch=m.batch, seqlen=m.seqlen, lr=m.lr, prior=m.prior, tile=runner.recipe.tile_shape,
+                     seed=d.seed, text=d.train, calib_samples=d.calib_samples, calib_seqlen=d.calib_seqlen,
+                     dtype=runner.recipe.dtype)
+    unknown = set(m.options) - set(make_config().to_dict())
+    if unknown:
+        raise TilesparseError(f"recipe: {m.name}.options has unknown learning settings: {sorted(unknown)}")
+    overrides.update(m.options)
+    return make_config(**overrides)
+
+
+def _prior(runner, loaded, spec, mask_dir: Path) -> dict:
+    """The one-shot prior a learned run starts from, as a mask: saved by the learned run's stage, or
+    computed here when that stage is older than this record (same pruner, same calibration)."""
+    from ..io import load_mask_artifact, save_mask_artifact
+    from ..learning.priors import one_shot_masks, prior_maskset
+    from ..models import find_prunable_linears
+
+    learned = runner.out / "stages" / spec.learned_run_id / "mask" / PRIOR_DIR
+    if (learned / "masks.safetensors").is_file():
+        ms = load_mask_artifact(learned)
+    else:
+        cfg = _learn_config(runner, spec)
+        calib = _calibration(runner, loaded)[0] if cfg.prior in ("wanda", "sparsegpt") else None
+        linears = find_prunable_linears(loaded.model)
+        shots = one_shot_masks(loaded.model, [l for l in linears if l.in_features % 4 == 0], calib,
+                               method=cfg.prior, sparsity=cfg.sparsity, need_unstructured=cfg.mode != "maskllm",
+                               need_24=True, progress=runner.progress)
+        ms = prior_maskset(shots, linears, cfg.mode, cfg.sparsity, cfg.tile,
+                           meta={"method": f"one-shot prior ({cfg.prior})", "model": loaded.name, "prior": cfg.prior})
+    save_mask_artifact(ms, mask_dir)
+    return {"measured_sparsity": ms.sparsity(), "per_layer": ms.per_layer(), "prior": spec.method.prior}
 
 
 def apply_run(runner, spec, mask_dir: Path):
@@ -101,18 +131,28 @@ def apply_run(runner, spec, mask_dir: Path):
     loaded = runner.model()
     if spec.method.kind == "dense":
         return loaded, None
-    from ..io import apply_masks, load_mask_artifact
-
-    upd = mask_dir / UPDATED_WEIGHTS
-    if upd.is_file():
-        from safetensors.torch import load_file
-
-        with torch.no_grad():
-            for name, w in load_file(str(upd)).items():
-                loaded.model.get_submodule(name).weight.copy_(w)
-    ms = load_mask_artifact(mask_dir, loaded.model, check_fingerprint=not upd.is_file())
-    apply_masks(loaded.model, ms)
+    ms, _ = apply_mask_dir(loaded, mask_dir)
     return loaded, ms
+
+
+def _zeroshot(runner, loaded) -> dict:
+    """Zero-shot scores, or ``{"skipped": reason}`` when the stage cannot run here (an optional source)."""
+    ev = runner.recipe.evaluation
+    if not ev.zeroshot.enabled:
+        return {"skipped": "disabled in the recipe (evaluation.zeroshot.enabled: false)"}
+    try:
+        from ..evaluation.zeroshot import run_zeroshot
+
+        zs = run_zeroshot(loaded, ev.zeroshot.tasks, limit=ev.zeroshot.limit, batch_size=ev.zeroshot.batch_size,
+                          device=runner.recipe.device, progress=runner.progress)
+    except ImportError as exc:
+        return {"skipped": f"zero-shot evaluation is not installed ({exc})"}
+    except TilesparseError as exc:
+        return {"skipped": str(exc)}
+    out = zs.to_dict()
+    if not zs.scores:
+        out["skipped"] = "no task could be run: " + "; ".join(f"{k}: {v}" for k, v in zs.unavailable.items())
+    return out
 
 
 def evaluate_run(runner, spec, mask_dir: Path) -> dict:
@@ -128,15 +168,9 @@ def evaluate_run(runner, spec, mask_dir: Path) -> dict:
         out["perplexity"][res.text] = res.perplexity
         out["perplexity_details"][res.text] = res.to_dict()
         runner.log(f"    {res}")
-    if ev.zeroshot.enabled:
-        try:
-            from ..evaluation.zeroshot import run_zeroshot
-        except ImportError as exc:
-            out["zeroshot"] = {"unavailable": f"zero-shot evaluation not installed ({exc})"}
-        else:
-            zs = run_zeroshot(loaded, ev.zeroshot.tasks, limit=ev.zeroshot.limit,
-                              batch_size=ev.zeroshot.batch_size, device=runner.recipe.device)
-            out["zeroshot"] = zs.to_dict()
+    out["zeroshot"] = _zeroshot(runner, loaded)
+    if "skipped" in out["zeroshot"]:
+        runner.log(f"    zero-shot skipped: {out['zeroshot']['skipped']}")
     runner.restore()
     return out
 
@@ -144,52 +178,8 @@ def evaluate_run(runner, spec, mask_dir: Path) -> dict:
 def export_run(runner, spec, mask_dir: Path, export_dir: Path) -> dict:
     """Pack the masked model of one run into the hybrid format (bf16) and save a folder that ships:
     ``model.packed.safetensors`` + config + tokenizer, loadable with ``load_model(export_dir)``."""
-    from ..io.packed import save_packed_model
-    from ..kernels.linear import convert_model
-    from ..models.loading import PACKED_FILE
-
-    from ..io.packed import non_persistent_buffers
-
     loaded, ms = apply_run(runner, spec, mask_dir)
-    # rotary frequencies etc. ship as the loaded model holds them (fp32), not cast with the weights
-    buffers = {k: t.detach().clone() for k, t in non_persistent_buffers(loaded.model).items()}
-    model = loaded.model.to(torch.bfloat16)
-    for key, t in buffers.items():  # as HF keeps them in a bf16 model, and as the file ships them
-        parent, _, name = key.rpartition(".")
-        (model.get_submodule(parent) if parent else model)._buffers[name] = t
-    dense_bytes = sum(p.numel() * 2 for p in model.parameters())
-    masked_linear_bytes = sum(model.get_submodule(n).weight.numel() * 2 for n in ms.layers)
-    convert_model(model, ms.to_bool(), tile=runner.recipe.tile_shape)
-    export_dir.mkdir(parents=True, exist_ok=True)
-    size = save_packed_model(model, export_dir / PACKED_FILE,
-                             extra_metadata={"run": spec.run_id, "model": loaded.name,
-                                             "sparsity": f"{ms.sparsity():.6f}"}, buffers=buffers)
-    model.config.save_pretrained(export_dir)
-    if loaded.tokenizer is not None:
-        loaded.tokenizer.save_pretrained(export_dir)
-    diff = check_export(model, export_dir)
-    runner._loaded = None  # the modules were replaced: reload the pristine model for later stages
-    return {"file_bytes": int(size), "dense_bf16_bytes": int(dense_bytes),
-            "linear_dense_bf16_bytes": int(masked_linear_bytes), "file_vs_dense": size / dense_bytes,
-            "reload_max_logit_diff": diff}
-
-
-def check_export(model, export_dir: Path, tokens: int = 32) -> float:
-    """Load the exported folder back (as a user would) and compare its logits with ``model``'s on a few
-    random tokens; raise :class:`TilesparseError` if they differ beyond bf16 rounding (a broken export
-    must not ship silently). Returns the largest absolute logit difference."""
-    from ..models import load_model
-
-    back = load_model(str(export_dir), dtype=torch.bfloat16, device=str(next(model.parameters()).device))
-    vocab = int(model.config.vocab_size)
-    ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0)).to(
-        next(model.parameters()).device)
-    with torch.no_grad():
-        ref = model(ids).logits.float()
-        got = back.model(ids).logits.float()
-    diff = float((ref - got).abs().max())
-    scale = float(ref.abs().max())
-    if not diff <= 0.02 * max(scale, 1.0):
-        raise TilesparseError(f"export check failed: the reloaded model {export_dir} differs from the one exported "
-                              f"(max |logit diff| {diff:.3g} at logit scale {scale:.3g})")
-    return diff
+    try:
+        return export_packed(loaded, ms, export_dir, tile=runner.recipe.tile_shape, metadata={"run": spec.run_id})
+    finally:
+        runner._loaded = None  # the modules were replaced: reload the pristine model for later stages

@@ -20,7 +20,7 @@
 //     wait for it (without the launch attribute the wait returns at once).
 // So the next items' weights and x are in flight while the current one computes and while a tail reduces, and
 // the bytes in flight are bounded by shared memory, not registers. (A first v9 that copied each row's segment
-// by a 1-D bulk copy was limited by the copy count: ~40 ns per copy per SM; benchmarks/KERNELS_NOTES.md v9.)
+// by a 1-D bulk copy was limited by the copy count: ~40 ns per copy per SM; docs/KERNELS.md v9.)
 // Fragments: a 2:4 step of row g is 16 bytes at 16 t of its 64 stored bytes (groups 4t..4t+3), a dense step
 // the 16 bytes at 16 t of each 64-byte half (v7). x stays in its plain layout [token][step][64 columns]: a
 // dense MMA reads 16 contiguous bytes per lane; a sparse MMA s reads 4 words at columns

@@ -1,0 +1,129 @@
+"""The public API: load a model, prune it in one shot or learn its masks, evaluate, export, run a recipe.
+
+Every function takes the :class:`~tilesparse.models.LoadedModel` that :func:`load_model` returns (a
+model, its tokenizer and its name). Masks are :class:`~tilesparse.masks.MaskSet` objects: they apply to
+the unmodified base model and are saved as small mask-only artifacts. Bad input raises
+:class:`~tilesparse.errors.TilesparseError` with a one-line message. The heavy libraries are imported
+when a function is first called, so ``import tilesparse`` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def load_model(model: str | os.PathLike | None = None, *, dtype: str = "float32", device: str = "cpu"):
+    """Load a causal LM and its tokenizer: an HF model folder, a ``.gguf`` file, a packed export
+    (``export``), a hub id when the hub is reachable, or ``None`` for the embedded default model
+    (SmolLM2-135M-Instruct, fetched into the cache on first use). Returns a ``LoadedModel``."""
+    from .models import load_model as _load
+
+    return _load(model, dtype=dtype, device=device)
+
+
+def prune(model, *, method: str = "sparsegpt", pattern: str = "2:4", sparsity: float | None = None,
+          tile: int | str | tuple[int, int] = 128, calibration: str = "austen-train", samples: int = 32,
+          seqlen: int = 512, seed: int = 0, update_weights: bool = False, progress: bool = True):
+    """One-shot masks for every linear layer inside the decoder blocks; returns a ``MaskSet``.
+
+    ``method``: ``magnitude``, ``wanda`` or ``sparsegpt``. ``pattern``: ``unstructured`` (any
+    ``sparsity`` in [0, 1)), ``2:4`` (50 %) or ``hybrid`` (dense and 2:4 tiles, ``sparsity`` in [0, 0.5]).
+    ``calibration`` is a text name or file (``samples`` x ``seqlen`` tokens). The weights are left as
+    they were, except with ``update_weights=True`` (SparseGPT keeps its reconstruction in the model).
+    """
+    from .pruning import PruneConfig, prune_text
+
+    cfg = PruneConfig(method=method, pattern=pattern, sparsity=sparsity, tile=tile, update_weights=update_weights)
+    return prune_text(model, cfg, calibration, samples, seqlen, seed, progress=progress)
+
+
+def learn(model, *, mode: str = "joint", sparsity: float = 0.45, text: str = "austen-train",
+          prior: str = "sparsegpt", out_dir: str | os.PathLike | None = None, progress: bool = True, **options):
+    """Learn masks with the weights frozen (PATCH); returns a ``LearnResult`` whose ``maskset`` is the
+    final binary mask and ``prior`` the one-shot mask learning started from.
+
+    ``mode``: ``joint`` (tiles and 2:4 patterns learned), ``tile`` (tiles learned, one-shot 2:4 kept) or
+    ``maskllm`` (learned 2:4 everywhere, 50 %). ``text``: the training text (a name or a file; evaluation
+    texts are refused). ``prior``: the one-shot method the logits start from (``sparsegpt``, ``wanda``,
+    ``magnitude`` or ``none``). ``options``: any other learning setting (``steps``, ``batch``,
+    ``seqlen``, ``lr``, ``tile``...; see ``tilesparse.learning.LearnConfig``). With ``out_dir`` the run
+    writes checkpoints there and can be resumed with the CLI's ``--resume``.
+    """
+    from .data import check_training_text, load_text, tokenize
+    from .learning import learn_masks, make_config
+    from .pruning import calibration_ids
+
+    check_training_text(text)
+    cfg = make_config(mode=mode, sparsity=sparsity, text=text, prior=prior, **options)
+    calib = None
+    if cfg.prior in ("wanda", "sparsegpt"):
+        calib, _ = calibration_ids(model, text, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)
+    ids = tokenize(model.tokenizer, load_text(text).text)
+    return learn_masks(model.model, cfg, ids, out_dir=out_dir, model_name=model.name, calib_ids=calib,
+                       progress=progress)
+
+
+def apply_masks(model, masks) -> None:
+    """Zero the masked weights of ``model`` in place (the dense model stays dense elsewhere)."""
+    from .io import apply_masks as _apply
+
+    _apply(model.model, masks)
+
+
+def perplexity(model, text: str = "prideprejudice", *, seqlen: int = 512, windows: int | None = 10,
+               batch_size: int = 4, progress: bool = True):
+    """Perplexity on a text (an embedded name such as ``mobydick``, or a file) under the pinned protocol:
+    non-overlapping windows from the start, ``exp(mean NLL)``. Returns a ``PerplexityResult``."""
+    from .evaluation import evaluate_text
+
+    return evaluate_text(model, text, seqlen=seqlen, max_windows=windows, batch_size=batch_size, progress=progress)
+
+
+def zeroshot(model, tasks: list[str] | str | None = None, *, limit: int | None = None, batch_size: int = 8,
+             device: str | None = None):
+    """Zero-shot accuracy through lm-eval (the offline tasks, and lm-eval's standard tasks when their
+    data can be reached; the others are listed in ``result.unavailable`` with the reason)."""
+    from .evaluation.zeroshot import run_zeroshot
+
+    return run_zeroshot(model, tasks, limit=limit, batch_size=batch_size, device=device)
+
+
+def save_masks(masks, path: str | os.PathLike) -> Path:
+    """Write a mask-only artifact (``path/masks.safetensors``, or the ``.safetensors`` path given)."""
+    from .io import save_mask_artifact
+
+    return save_mask_artifact(masks, path)
+
+
+def load_masks(path: str | os.PathLike, model=None):
+    """Read a mask artifact; with ``model`` (a ``LoadedModel``), check it was made for those weights."""
+    from .io import load_mask_artifact
+
+    return load_mask_artifact(path, model.model if model is not None else None)
+
+
+def export(model, masks, out_dir: str | os.PathLike, *, tile: int | str | tuple[int, int] | None = None) -> dict:
+    """Pack ``model`` with ``masks`` into a folder that ships (bf16 hybrid weights, config, tokenizer),
+    load it back and compare; returns the file sizes and the check. The model's linears are replaced by
+    packed layers in place: load the model again to keep working with the dense one."""
+    from .io.export import export_packed
+    from .pruning import parse_tile
+
+    apply_masks(model, masks)
+    shape = parse_tile(tile) if tile is not None else next(iter(masks)).tile
+    return export_packed(model, masks, out_dir, tile=shape)
+
+
+def run_recipe(recipe: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None, *,
+               progress: bool = True):
+    """Run a recipe YAML (``None``: the packaged default) end to end, reusing finished stages; returns
+    the per-run results and writes ``report.md`` and ``results.json`` in the output folder."""
+    from .recipe import default_recipe_path, load_recipe
+    from .recipe import run_recipe as _run
+
+    return _run(load_recipe(recipe or default_recipe_path()), out_dir, progress=progress)
+
+
+__all__ = ["load_model", "prune", "learn", "apply_masks", "perplexity", "zeroshot", "save_masks", "load_masks",
+           "export", "run_recipe"]
