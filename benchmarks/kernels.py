@@ -116,7 +116,7 @@ def check(args) -> bool:
                     keep, seen = [], set()
                     for c in cfgs:
                         sig = (c.path, c.mode, c.split > 1, c.nit > 1, c.pref)
-                        if c.mode == 9 and c.path == "mma":  # v9: every candidate (few; new in session 6)
+                        if c.mode == 9 and c.path == "mma":  # v9: every candidate (there are few)
                             sig += (c.warps, c.nit, c.ts)
                         if sig not in seen:
                             seen.add(sig)

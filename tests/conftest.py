@@ -8,6 +8,10 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# without a GPU the Triton kernels run through Triton's interpreter; the variable must be set before the
+# first import of triton (transformers imports it), so it is set here, before any test module loads
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 ARCHES = ("llama", "qwen2", "gemma3", "gpt2", "opt")
 

@@ -1,9 +1,9 @@
 """Shared fixtures of the kernel tests (imported by name from each test module; a module of its own, not
 a ``conftest.py``, so it never shadows ``tests/conftest.py`` for other test directories).
 
-The kernels run on the CPU through the Triton interpreter (TRITON_INTERPRET=1). The variable must be set
-before the kernels' ``@triton.jit`` decorators run; if the kernel module was imported earlier in this
-session without it, the ``interp`` fixture reloads it.
+The kernels run on the CPU through the Triton interpreter (TRITON_INTERPRET=1, set by ``tests/conftest.py``
+on a machine without a GPU before triton is first imported). If the kernel module was imported before
+the variable took effect, the ``interp`` fixture reloads it.
 """
 
 from __future__ import annotations
@@ -14,13 +14,6 @@ import sys
 
 import pytest
 import torch
-
-# must precede the first import of triton in this process (triton decorates its own library functions
-# when imported). If another test module imported triton first (transformers does), the interpreted tests
-# cannot run in this process: ``interp`` then skips them and test_kernels_interpreted.py runs them in a
-# fresh subprocess instead.
-if "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def interpreter_ready() -> bool:
@@ -37,7 +30,7 @@ def interp():
     """The interpreted kernel module (skips when triton is not installed)."""
     pytest.importorskip("triton")
     if not interpreter_ready():
-        pytest.skip("triton was imported without TRITON_INTERPRET=1; run in a subprocess by test_kernels_interpreted.py")
+        pytest.skip("interpreted kernels: a GPU machine runs the kernels themselves (TRITON_INTERPRET is not 1)")
     os.environ["TRITON_INTERPRET"] = "1"
     from tilesparse.kernels import triton_hybrid
 

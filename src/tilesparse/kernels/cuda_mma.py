@@ -390,7 +390,7 @@ def pdl_enabled(device=None) -> bool:
     stream finishes, and each waits for it (``grid_dep_wait`` in ``mma_common.cuh``) before reading x or
     writing its outputs; v9 copies its first stages' weights before that wait. Off by default: on the H200 it
     saved 1-1.5 us per v9 call after a memory-bound kernel but made batch-16 decode of a 7B model 0.3-0.9 %
-    slower (``docs/KERNELS.md``, session 7)."""
+    slower (``docs/KERNELS.md``)."""
     import os
     return os.environ.get("TILESPARSE_PDL", "0") == "1" and torch.cuda.get_device_capability(device)[0] >= 9
 

@@ -307,7 +307,7 @@ def heuristic_config(M: int, packed: PackedHybrid) -> KernelConfig:
 
 
 # v5 flat decode kernel (``hybrid_flat_kernel``) among the autotuner's candidates for M <= 16 tokens: opt-in
-# (TILESPARSE_FLAT=1) since session 3: one of its configurations faulted on the H200 (illegal address; flat-dot
+# (TILESPARSE_FLAT=1): one of its configurations faulted on the H200 (illegal address; flat-dot
 # bn64 ts1 it4 w8, 64x64 tiles, 14 non-contiguous tokens; docs/KERNELS.md v6) and the v6 stream
 # kernel is faster in 16 of the 18 decode cells measured.
 FLAT_CANDIDATES = os.environ.get("TILESPARSE_FLAT", "0") == "1"
