@@ -52,12 +52,13 @@ def learn(model, *, mode: str = "joint", sparsity: float = 0.45, text: str = "au
     """
     from .data import check_training_text, load_text, tokenize
     from .learning import learn_masks, make_config
+    from .options import CALIBRATED_METHODS
     from .pruning import calibration_ids
 
     check_training_text(text)
     cfg = make_config(mode=mode, sparsity=sparsity, text=text, prior=prior, **options)
     calib = None
-    if cfg.prior in ("wanda", "sparsegpt"):
+    if cfg.prior in CALIBRATED_METHODS:
         calib, _ = calibration_ids(model, text, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)
     ids = tokenize(model.tokenizer, load_text(text).text)
     return learn_masks(model.model, cfg, ids, out_dir=out_dir, model_name=model.name, calib_ids=calib,

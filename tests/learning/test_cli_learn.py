@@ -71,7 +71,8 @@ def test_learn_cli_removes_its_checkpoint_when_done(tiny_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra,msg", [(["--sparsity", "0.7"], "sparsity"), (["--steps", "0"], "steps"),
-                                       (["--text", "prideprejudice"], "evaluation text")])
+                                       (["--text", "prideprejudice"], "evaluation text"),
+                                       (["--text", "mobydick"], "evaluation text")])
 def test_learn_cli_bad_input(tiny_dir, tmp_path, capsys, extra, msg):
     d, text = tiny_dir
     args = _args(d, text, tmp_path / "x")

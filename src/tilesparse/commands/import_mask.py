@@ -52,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir() and out.suffix != ".safetensors":
         raise TilesparseError(f"--out {out} exists and is not a directory")
+    if not Path(args.file).expanduser().exists():  # before the (slow) model load
+        raise TilesparseError(f"mask file {args.file} does not exist")
     model = None
     if not args.no_model:
         from ..models import load_model

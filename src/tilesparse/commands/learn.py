@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from ..errors import TilesparseError
+from ..options import CALIBRATED_METHODS, LEARN_MODES, PRIORS
 from .common import add_model_args, print_json, quiet_libraries
 
 # option -> LearnConfig field; every option defaults to None = "config default" (or, with --resume,
@@ -44,7 +45,7 @@ def register(sub) -> None:
                     "CPU defaults (seqlen 256, batch 4, 64 steps) take about 15 minutes on the default "
                     "model; docs/NOTEBOOK.md (Learning masks) gives reference-scale GPU settings.")
     add_model_args(p)
-    p.add_argument("--mode", choices=("joint", "tile", "maskllm"), default=None,
+    p.add_argument("--mode", choices=LEARN_MODES, default=None,
                    help="joint = PATCH-Joint (learned tiles + learned 2:4, default), tile = PATCH-Tile "
                         "(learned tiles, fixed one-shot 2:4), maskllm = learned 2:4 everywhere (50 %%)")
     p.add_argument("--sparsity", type=float, default=None, help="target sparsity in [0, 0.5] (default 0.45)")
@@ -56,7 +57,7 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3)")
     p.add_argument("--tile-lr", type=float, default=None, help="learning rate of the tile logits (default --lr)")
     p.add_argument("--warmup", type=float, default=None, help="warm-up: fraction (<1) or steps (default 0.05)")
-    p.add_argument("--prior", choices=("sparsegpt", "wanda", "magnitude", "none"), default=None,
+    p.add_argument("--prior", choices=PRIORS, default=None,
                    help="one-shot method the logits start from (default sparsegpt)")
     p.add_argument("--prior-strength", type=float, default=None, help="prior strength in init stds (default 3)")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration segments for the prior (32)")
@@ -152,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     src = load_text(cfg.text)
     ids = tokenize(loaded.tokenizer, src.text)
     calib = None
-    if cfg.prior in ("sparsegpt", "wanda") and not args.resume:
+    if cfg.prior in CALIBRATED_METHODS and not args.resume:
         from ..pruning import calibration_ids
 
         calib, _ = calibration_ids(loaded, cfg.text, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)

@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import TilesparseError
+from ..options import PRUNE_METHODS, PRUNE_PATTERNS
 from .common import add_model_args, print_json, quiet_libraries
 
 
@@ -20,8 +21,9 @@ def register(sub) -> None:
                     "(tilesparse eval --mask OUT). Hybrid: dense tiles chosen from the tile density of an "
                     "unstructured mask at the target sparsity (globally), the other tiles 2:4.")
     add_model_args(p)
-    p.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt"), default="sparsegpt")
-    p.add_argument("--pattern", choices=("unstructured", "2:4", "hybrid"), default="2:4")
+    p.add_argument("--method", choices=PRUNE_METHODS, default="sparsegpt", help="one-shot pruner (default sparsegpt)")
+    p.add_argument("--pattern", choices=PRUNE_PATTERNS, default="2:4",
+                   help="unstructured, 2:4 (default) or hybrid (dense and 2:4 tiles)")
     p.add_argument("--sparsity", type=float, default=None,
                    help="target sparsity over the pruned linears: [0, 1) unstructured, [0, 0.5] hybrid "
                         "(required), 0.5 for 2:4 (default 0.5)")

@@ -30,10 +30,10 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ..errors import TilesparseError
+from ..options import LEARN_MODES as MODES
 from .priors import PRIOR_METHODS
 from .regularizers import DENSITY_ESTIMATES, DENSITY_SCOPES
 
-MODES = ("joint", "tile", "maskllm")
 MODE_NAMES = {"joint": "PATCH-Joint", "tile": "PATCH-Tile", "maskllm": "MaskLLM (learned 2:4)"}
 
 # Fields that must match for a checkpoint to be resumed (anything that changes the trajectory).

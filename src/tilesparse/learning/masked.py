@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TilesparseError
+from ..options import LEARN_MODES
 from ..masks.nm import GROUP, N_PATTERNS, mask_from_ids
 from ..masks.tiles import TileGrid
 from ..models import find_decoder_blocks, find_prunable_linears
@@ -218,7 +219,7 @@ class MaskedModel:
                  tile_init: dict[str, torch.Tensor] | None = None,
                  pattern_init: dict[str, torch.Tensor] | None = None,
                  ids: dict[str, torch.Tensor] | None = None, fused: bool | None = None):
-        if mode not in ("joint", "tile", "maskllm"):
+        if mode not in LEARN_MODES:
             raise ValueError(f"unknown mode {mode!r}")
         self.model, self.mode, self.tile = model, mode, tuple(tile)
         self.state = MaskState(fused=fused)

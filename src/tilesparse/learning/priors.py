@@ -18,8 +18,7 @@ import torch
 from ..errors import TilesparseError
 from ..masks.nm import candidate_overlap, topk_mask
 from ..masks.tiles import TileGrid, select_dense_tiles, tile_density
-
-PRIOR_METHODS = ("magnitude", "wanda", "sparsegpt", "none")
+from ..options import PRIORS as PRIOR_METHODS
 
 
 def init_logits(shape, std: float, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from ..errors import TilesparseError
-
-METHODS = ("magnitude", "wanda", "sparsegpt")
-PRUNE_PATTERNS = ("unstructured", "2:4", "hybrid")
+from ..options import PRUNE_METHODS as METHODS
+from ..options import PRUNE_PATTERNS
 
 
 def parse_tile(tile) -> tuple[int, int]:

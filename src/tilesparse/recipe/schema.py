@@ -32,6 +32,11 @@ from typing import Any
 import yaml
 
 from ..errors import TilesparseError
+from ..options import LEARN_MODES as _MODES
+from ..options import PRIORS as _PRIORS
+from ..options import PRUNE_METHODS as _ONESHOT_METHODS
+from ..options import PRUNE_PATTERNS as _PATTERNS
+from ..options import RECIPE_KINDS as _KINDS
 
 
 @dataclass
@@ -157,11 +162,6 @@ class Recipe:
 # ----------------------------------------------------------------------------------------------
 # strict parsing
 
-_KINDS = ("dense", "oneshot", "learn")
-_ONESHOT_METHODS = ("magnitude", "wanda", "sparsegpt")
-_PATTERNS = ("unstructured", "2:4", "hybrid")
-_MODES = ("tile", "joint", "maskllm")
-
 
 def _unknown(path: str, key: str, allowed: list[str]) -> TilesparseError:
     close = difflib.get_close_matches(key, allowed, n=1)
@@ -269,8 +269,11 @@ def _validate(r: Recipe) -> Recipe:
         if m.kind == "learn":
             if m.mode not in _MODES:
                 raise TilesparseError(f"recipe: {where}.mode must be one of {_MODES}, got {m.mode!r}")
-            if m.prior not in _ONESHOT_METHODS:
-                raise TilesparseError(f"recipe: {where}.prior must be one of {_ONESHOT_METHODS}, got {m.prior!r}")
+            if m.prior not in _PRIORS:
+                raise TilesparseError(f"recipe: {where}.prior must be one of {_PRIORS}, got {m.prior!r}")
+            if m.mode == "tile" and m.prior == "none":
+                raise TilesparseError(f"recipe: {where}: PATCH-Tile keeps a one-shot 2:4 pattern, so its prior "
+                                      "cannot be 'none'")
             for key in ("steps", "batch", "seqlen"):
                 v = getattr(m, key)
                 if v is not None and v < 1:

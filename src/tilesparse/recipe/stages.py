@@ -12,6 +12,7 @@ from pathlib import Path
 from ..errors import TilesparseError
 from ..io.export import apply_mask_dir, export_packed, save_updated_weights
 from ..learning.trainer import PRIOR_DIR
+from ..options import CALIBRATED_METHODS
 
 
 def _calibration(runner, loaded):
@@ -61,7 +62,7 @@ def _learned(runner, loaded, spec, mask_dir: Path) -> dict:
     cfg = _learn_config(runner, spec)
     train_ids = tokenize(loaded.tokenizer, load_text(d.train).text)
     calib = None
-    if cfg.prior in ("wanda", "sparsegpt"):
+    if cfg.prior in CALIBRATED_METHODS:
         calib, _ = _calibration(runner, loaded)
     # checkpoints live beside the mask so an interrupted run resumes; checkpoints of an earlier,
     # different version of this stage (another fingerprint) are discarded instead of resumed
@@ -115,7 +116,7 @@ def _prior(runner, loaded, spec, mask_dir: Path) -> dict:
         ms = load_mask_artifact(learned)
     else:
         cfg = _learn_config(runner, spec)
-        calib = _calibration(runner, loaded)[0] if cfg.prior in ("wanda", "sparsegpt") else None
+        calib = _calibration(runner, loaded)[0] if cfg.prior in CALIBRATED_METHODS else None
         linears = find_prunable_linears(loaded.model)
         shots = one_shot_masks(loaded.model, [l for l in linears if l.in_features % 4 == 0], calib,
                                method=cfg.prior, sparsity=cfg.sparsity, need_unstructured=cfg.mode != "maskllm",
