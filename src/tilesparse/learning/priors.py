@@ -117,6 +117,17 @@ def one_shot_masks(model, linears, calib_ids: torch.Tensor | None, *, method: st
     return out
 
 
+def one_shot_prior(model, calib_ids: torch.Tensor | None, *, method: str, mode: str, sparsity: float,
+                   progress: bool = True) -> OneShotMasks:
+    """The one-shot masks a learning run of ``mode`` starts from (:func:`one_shot_masks` over the
+    2:4-capable linears: 2:4 always, unstructured at the target for the tile prior)."""
+    from ..models import find_prunable_linears
+
+    linears = [l for l in find_prunable_linears(model) if l.in_features % 4 == 0]
+    return one_shot_masks(model, linears, calib_ids, method=method, sparsity=sparsity,
+                          need_unstructured=mode != "maskllm", need_24=True, progress=progress)
+
+
 def prior_maskset(shots: OneShotMasks, linears, mode: str, sparsity: float, tile: tuple[int, int],
                   meta: dict | None = None):
     """The binary mask the prior stands for, without the random initialisation: what learning adds is
@@ -124,7 +135,8 @@ def prior_maskset(shots: OneShotMasks, linears, mode: str, sparsity: float, tile
 
     Tiles: the per-layer prior choice (:func:`tile_prior_logits` as scores, ranked globally at the exact
     budget like a learned mask); 2:4: the one-shot pattern. ``mode='maskllm'`` gives the one-shot 2:4 mask
-    everywhere. Layers the one-shot pruner gave no 2:4 mask for stay dense.
+    everywhere. Layers the one-shot pruner gave no 2:4 mask for stay dense. ``meta`` (model name,
+    fingerprint...) is added to the method and prior recorded here.
     """
     from ..masks.nm import ids_from_mask
     from .final import LayerFinal, build_final_maskset
@@ -140,10 +152,11 @@ def prior_maskset(shots: OneShotMasks, linears, mode: str, sparsity: float, tile
         if mode != "maskllm" and lin.name in shots.unstructured:
             scores = tile_prior_logits(shots.unstructured[lin.name].cpu(), grid, sparsity, std=1.0, strength=1.0)
         finals.append(LayerFinal(lin.name, grid, ids_from_mask(mask24.cpu()), scores))
+    meta = {"method": f"one-shot prior ({shots.method})", "prior": shots.method, **(meta or {})}
     return build_final_maskset(finals, sparsity, all_sparse=mode == "maskllm", meta=meta)
 
 
 __all__ = [
     "PRIOR_METHODS", "init_logits", "tile_prior_logits", "pattern_prior_logits", "magnitude_unstructured",
-    "magnitude_24", "OneShotMasks", "one_shot_masks", "prior_maskset",
+    "magnitude_24", "OneShotMasks", "one_shot_masks", "one_shot_prior", "prior_maskset",
 ]

@@ -31,8 +31,8 @@ from ..models import find_prunable_linears, weights_fingerprint
 from .config import MODE_NAMES, LearnConfig, check_resumable, finalize
 from .final import density_report
 from .masked import MaskedModel
-from .priors import (OneShotMasks, init_logits, one_shot_masks, pattern_prior_logits, prior_maskset,
-                     tile_prior_logits)
+from .priors import (OneShotMasks, init_logits, one_shot_masks, one_shot_prior, pattern_prior_logits,
+                     prior_maskset, tile_prior_logits)
 from .regularizers import density_penalty, magnitude_bonus, magnitude_decay
 from .relax import LinearSchedule
 
@@ -312,15 +312,12 @@ def learn_masks(model: nn.Module, cfg: LearnConfig, train_ids: torch.Tensor, *,
     prior = None
     if ck is None:
         if prior_masks is None:
-            linears = [l for l in find_prunable_linears(model) if l.in_features % 4 == 0]
-            prior_masks = one_shot_masks(model, linears, calib_ids, method=cfg.prior, sparsity=cfg.sparsity,
-                                         need_unstructured=cfg.mode in ("joint", "tile"), need_24=True,
+            prior_masks = one_shot_prior(model, calib_ids, method=cfg.prior, mode=cfg.mode, sparsity=cfg.sparsity,
                                          progress=progress and rank == 0)
         tiles, patterns, ids = build_initial_logits(model, cfg, calib_ids, prior_masks=prior_masks)
         if prior_masks.two_four:
             prior = prior_maskset(prior_masks, find_prunable_linears(model), cfg.mode, cfg.sparsity, cfg.tile,
-                                  meta={"method": f"one-shot prior ({cfg.prior})", "model": model_name,
-                                        "fingerprint": fingerprint, "prior": cfg.prior})
+                                  meta={"model": model_name, "fingerprint": fingerprint})
             if out is not None and rank == 0:
                 _save_maskset(prior, out / PRIOR_DIR)
     else:

@@ -203,7 +203,7 @@ class RecipeRunner:
             else:
                 status["evaluation"] = self._reused(f"{head}: evaluation done, reused")
             # export stage
-            export_dir = None
+            export_dir, export = None, None
             if not self.recipe.export.packed:
                 status["export"] = "skipped: export.packed is false"
             elif not self._should_export(spec):
@@ -211,17 +211,18 @@ class RecipeRunner:
             else:
                 export_dir = folder / "export"
                 xfp = fingerprint(mfp, EXPORT_VERSION)
-                if _stage_done(export_dir, xfp) is None:
+                export = _stage_done(export_dir, xfp)
+                if export is None:
                     if export_dir.exists():
                         shutil.rmtree(export_dir)
                     self.log(f"{head}: exporting packed model")
-                    details = export_run(self, spec, mask_dir, export_dir)
-                    _write_json_atomic(export_dir / STAGE_FILE, {"fingerprint": xfp, **details})
+                    export = {"fingerprint": xfp, **export_run(self, spec, mask_dir, export_dir)}
+                    _write_json_atomic(export_dir / STAGE_FILE, export)
                     status["export"] = COMPUTED
                 else:
                     status["export"] = self._reused(f"{head}: export done, reused")
             self._stages[1] += sum(v in (COMPUTED, REUSED) for v in status.values())
-            results.append(self._result(spec, info, ev, export_dir, status))
+            results.append(self._result(spec, info, ev, export_dir, export, status))
             if i < len(plan):  # a partial report survives an interruption of the later stages
                 self._write_report(results, len(plan), time.perf_counter() - t_all)
         self.restore()
@@ -229,14 +230,13 @@ class RecipeRunner:
         self.log(f"report: {self.out / 'report.md'}")
         return results
 
-    def _result(self, spec: RunSpec, info: dict, ev: dict, export_dir: Path | None, status: dict) -> RunResult:
+    def _result(self, spec: RunSpec, info: dict, ev: dict, export_dir: Path | None, export: dict | None,
+                status: dict) -> RunResult:
+        """``export``: the export stage's record (``None`` when not exported)."""
         mask_dir = self.out / "stages" / spec.run_id / "mask"
         zs = ev.get("zeroshot", {})
         status = {**status, "zeroshot": f"skipped: {zs['skipped']}" if "skipped" in zs else status["evaluation"]}
-        export = {}
-        if export_dir is not None:
-            record = json.loads((export_dir / STAGE_FILE).read_text())
-            export = {k: v for k, v in record.items() if k != "fingerprint"}
+        export = {k: v for k, v in (export or {}).items() if k != "fingerprint"}
         return RunResult(
             run_id=spec.run_id, method=spec.label, kind=spec.kind, target=spec.target,
             measured_sparsity=float(info.get("measured_sparsity", 0.0)),
@@ -269,10 +269,10 @@ class RecipeRunner:
             if info is None or ev is None:
                 continue
             export_dir = folder / "export"
-            exported = _stage_done(export_dir, fingerprint(mfp, EXPORT_VERSION)) is not None
+            export = _stage_done(export_dir, fingerprint(mfp, EXPORT_VERSION))
             status = {"mask": REUSED, "evaluation": REUSED,
-                      "export": REUSED if exported else "skipped: not exported"}
-            done.append(self._result(spec, info, ev, export_dir if exported else None, status))
+                      "export": REUSED if export is not None else "skipped: not exported"}
+            done.append(self._result(spec, info, ev, export_dir if export is not None else None, export, status))
         return done
 
     def report_only(self) -> Path:

@@ -108,7 +108,7 @@ def _prior(runner, loaded, spec, mask_dir: Path) -> dict:
     """The one-shot prior a learned run starts from, as a mask: saved by the learned run's stage, or
     computed here when that stage is older than this record (same pruner, same calibration)."""
     from ..io import load_mask_artifact, save_mask_artifact
-    from ..learning.priors import one_shot_masks, prior_maskset
+    from ..learning.priors import one_shot_prior, prior_maskset
     from ..models import find_prunable_linears
 
     learned = runner.out / "stages" / spec.learned_run_id / "mask" / PRIOR_DIR
@@ -117,12 +117,10 @@ def _prior(runner, loaded, spec, mask_dir: Path) -> dict:
     else:
         cfg = _learn_config(runner, spec)
         calib = _calibration(runner, loaded)[0] if cfg.prior in CALIBRATED_METHODS else None
-        linears = find_prunable_linears(loaded.model)
-        shots = one_shot_masks(loaded.model, [l for l in linears if l.in_features % 4 == 0], calib,
-                               method=cfg.prior, sparsity=cfg.sparsity, need_unstructured=cfg.mode != "maskllm",
-                               need_24=True, progress=runner.progress)
-        ms = prior_maskset(shots, linears, cfg.mode, cfg.sparsity, cfg.tile,
-                           meta={"method": f"one-shot prior ({cfg.prior})", "model": loaded.name, "prior": cfg.prior})
+        shots = one_shot_prior(loaded.model, calib, method=cfg.prior, mode=cfg.mode, sparsity=cfg.sparsity,
+                               progress=runner.progress)
+        ms = prior_maskset(shots, find_prunable_linears(loaded.model), cfg.mode, cfg.sparsity, cfg.tile,
+                           meta={"model": loaded.name})
     save_mask_artifact(ms, mask_dir)
     return {"measured_sparsity": ms.sparsity(), "per_layer": ms.per_layer(), "prior": spec.method.prior}
 
