@@ -309,7 +309,7 @@ def check(args) -> bool:
 
 def _median_us(fns, reps: int) -> float:
     """Median time of one call (us): a CUDA graph over ``fns`` (the layer table's timer)."""
-    from kernels import _median_ms  # benchmarks/kernels.py, on sys.path as this script's folder
+    from kernel_speed import _median_ms  # benchmarks/kernel_speed.py, on sys.path as this script's folder
 
     return _median_ms(fns, True, reps) * 1e3
 

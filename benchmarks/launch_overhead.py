@@ -25,7 +25,7 @@ from tilesparse.kernels import ops
 from tilesparse.kernels.ops import KernelConfig as C
 
 sys.path.insert(0, __file__.rpartition("/")[0])
-from kernels import random_packed  # noqa: E402
+from kernel_speed import random_packed  # noqa: E402
 
 
 def _per_call_us(fn, calls: int, rounds: int = 5) -> float:

@@ -6,7 +6,9 @@ process's peak RSS) on the same model, batch and sequence length:
 - ``dense``: forward + backward with every weight trainable (a standard training step, no optimiser);
 - ``dense-frozen``: forward + backward with frozen weights (gradients reach only the embeddings);
 - ``tile`` / ``joint`` / ``maskllm``: one full mask-learning step as in the trainer (mask built inside
-  every layer's forward, CE + density + magnitude terms, backward, AdamW on the logits).
+  every layer's forward, CE + density + magnitude terms, backward, AdamW on the logits);
+- ``tile-kd`` / ``joint-kd`` / ``maskllm-kd``: the same step with the distillation loss (``loss='kd'``): one
+  no-grad forward of the unmasked model first, KL divergence from its logits instead of CE.
 
 Models: ``default`` (SmolLM2-135M) or ``llama7b`` (LLaMA-2-7B shapes: hidden 4096, MLP 11008, 32 heads;
 ``--layers`` blocks, random weights, vocab ``--vocab``) scaled to fit the device.
@@ -27,7 +29,7 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("dense", "dense-frozen", "tile", "joint", "maskllm")
+VARIANTS = ("dense", "dense-frozen", "tile", "joint", "maskllm", "tile-kd", "joint-kd", "maskllm-kd")
 
 
 def build_model(args):
@@ -57,7 +59,7 @@ def run_variant(args) -> dict:
 
     from tilesparse.learning.masked import MaskedModel
     from tilesparse.learning.priors import magnitude_24
-    from tilesparse.learning.regularizers import density_penalty, magnitude_bonus
+    from tilesparse.learning.regularizers import density_penalty, distillation_loss, magnitude_bonus
     from tilesparse.masks.nm import ids_from_mask
     from tilesparse.models import find_prunable_linears
 
@@ -75,9 +77,10 @@ def run_variant(args) -> dict:
         model.get_input_embeddings().weight.requires_grad_(True)
     else:
         ids = None
-        if args.variant == "tile":
+        mode, _, loss_kind = args.variant.partition("-")  # "joint-kd": the joint mode, distillation loss
+        if mode == "tile":
             ids = {l.name: ids_from_mask(magnitude_24(l.weight).cpu()) for l in find_prunable_linears(model)}
-        masked = MaskedModel(model, args.variant, tile=(args.tile, args.tile), ids=ids)
+        masked = MaskedModel(model, mode, tile=(args.tile, args.tile), ids=ids)
         masked.set_values(tile_k=100.0, tile_tau=2.0, pattern_k=100.0, pattern_tau=4.0, record_norms=True)
         opt = torch.optim.AdamW(masked.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
         if args.grad_checkpointing:
@@ -91,9 +94,15 @@ def run_variant(args) -> dict:
             return
         opt.zero_grad(set_to_none=True)
         masked.state.clear()
+        teacher = None
+        if loss_kind == "kd":  # as the trainer: one no-grad forward of the unmasked model first
+            with torch.no_grad(), masked.unmasked():
+                teacher = model(input_ids=batch, use_cache=False).logits[:, :-1]
         out = model(input_ids=batch, labels=batch, use_cache=False)
         loss = out.loss.float()
-        if args.variant != "maskllm":
+        if teacher is not None:
+            loss = distillation_loss(out.logits[:, :-1], teacher)
+        if mode != "maskllm":
             loss = loss + density_penalty(masked.densities("sampled"), 0.55, 7.0)
         loss = loss + magnitude_bonus(masked.masked_norm_sum(), masked.weight_norm_sum, 10.0, 0, 100)
         loss.backward()

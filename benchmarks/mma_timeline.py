@@ -25,7 +25,7 @@ from tilesparse.kernels import cuda_mma as cm
 from tilesparse.kernels import ops
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from kernels import random_packed  # noqa: E402
+from kernel_speed import random_packed  # noqa: E402
 
 
 def _cfg(spec: str, M: int) -> ops.KernelConfig:

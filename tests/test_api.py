@@ -49,6 +49,22 @@ def test_learn_returns_the_mask_and_its_prior(tiny_model_dir, text_file):
         ts.learn(lm, text="persuasion")
 
 
+def test_configs_as_objects(tiny_model_dir, text_file):
+    lm = ts.load_model(str(tiny_model_dir))
+    cfg = ts.PruneConfig(method="magnitude", pattern="hybrid", sparsity=0.25, tile=32)
+    masks = ts.prune(lm, cfg, progress=False)
+    assert abs(masks.sparsity() - 0.25) < 0.05
+    with pytest.raises(ts.TilesparseError, match="not both"):
+        ts.prune(lm, cfg, method="wanda")
+    with pytest.raises(ts.TilesparseError, match="takes a PruneConfig"):
+        ts.prune(lm, ts.LearnConfig())
+    with pytest.raises(ts.TilesparseError, match="'sparsity' must be <= 0.5"):
+        ts.LearnConfig(sparsity=0.7)
+    res = ts.learn(lm, ts.LearnConfig(mode="tile", sparsity=0.3, text=str(text_file), prior="magnitude", steps=1,
+                                      batch=1, seqlen=32, tile=(32, 32)), progress=False)
+    assert abs(res.maskset.sparsity() - 0.3) < 0.05
+
+
 @pytest.mark.slow
 def test_readme_python_quick_start_runs(tmp_path, monkeypatch):
     """The README's Python block, as written, on the embedded model."""

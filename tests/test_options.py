@@ -70,3 +70,40 @@ def test_an_unknown_learning_value_is_refused_everywhere(field, value):
         _recipe({"name": "a", "kind": "learn", "mode": "joint", "sparsities": [0.3], field: value})
     with pytest.raises(SystemExit):
         build_parser().parse_args(["learn", f"--{field}", value, "--out", "x"])
+
+
+def test_learn_and_prune_options_are_the_config_fields():
+    from tilesparse.commands.config_args import cli_fields
+    from tilesparse.learning.config import LearnConfig
+
+    def dests(command):
+        sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+        return {a.dest for a in sub.choices[command]._actions}
+
+    assert set(cli_fields(LearnConfig)) <= dests("learn")
+    assert set(cli_fields(LearnConfig)) == set(LearnConfig.model_fields) - {"dtype", "world_size"}
+    assert {"method", "pattern", "sparsity", "tile", "update_weights", "damp", "blocksize"} <= dests("prune")
+
+
+def test_learn_options_reach_the_config():
+    from tilesparse.commands.learn import config_from_args
+
+    args = build_parser().parse_args(["learn", "--out", "x", "--mode", "tile", "--density-scope", "block",
+                                      "--tile-k", "10,20", "--tile", "64x128", "--hard-24", "--prior", "wanda"])
+    cfg = config_from_args(args)
+    assert (cfg.mode, cfg.density_scope, cfg.tile_k, cfg.tile, cfg.hard_24, cfg.prior) == \
+        ("tile", "block", (10.0, 20.0), (64, 128), True, "wanda")
+    assert cfg.hard_tile is False and cfg.l1 == 3.0  # not given: the mode's default
+    resumed = config_from_args(build_parser().parse_args(["learn", "--resume", "x", "--steps", "9"]), cfg.to_dict())
+    assert resumed.model_dump() == {**cfg.model_dump(), "steps": 9}
+
+
+@pytest.mark.parametrize("options,msg", [
+    ({"stpes": 3}, "unknown key 'methods[0].options.stpes' (did you mean 'steps'?)"),
+    ({"density_scope": "blok"}, "'methods[0].options.density_scope' must be one of global, block, got 'blok'"),
+    ({"tile_tau": [0, 1]}, "'methods[0]': tile_tau temperatures must be positive"),
+])
+def test_recipe_learning_options_are_checked_with_their_path(options, msg):
+    with pytest.raises(TilesparseError) as e:
+        _recipe({"name": "a", "kind": "learn", "mode": "joint", "sparsities": [0.3], "options": options})
+    assert msg in str(e.value)

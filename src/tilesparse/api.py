@@ -22,47 +22,72 @@ def load_model(model: str | os.PathLike | None = None, *, dtype: str = "float32"
     return _load(model, dtype=dtype, device=device)
 
 
-def prune(model, *, method: str = "sparsegpt", pattern: str = "2:4", sparsity: float | None = None,
-          tile: int | str | tuple[int, int] = 128, calibration: str = "austen-train", samples: int = 32,
-          seqlen: int = 512, seed: int = 0, update_weights: bool = False, progress: bool = True):
+def _config(cls, config, settings: dict, what: str):
+    from .errors import TilesparseError
+
+    if config is None:
+        return cls(**settings)
+    if not isinstance(config, cls):
+        raise TilesparseError(f"{what} takes a {cls.__name__}, got {type(config).__name__}")
+    if settings:
+        raise TilesparseError(f"{what}: give a {cls.__name__} or its settings as keywords ({', '.join(settings)}), "
+                              "not both")
+    return config
+
+
+def prune(model, config=None, *, calibration: str = "austen-train", samples: int = 32, seqlen: int = 512,
+          seed: int = 0, progress: bool = True, **settings):
     """One-shot masks for every linear layer inside the decoder blocks; returns a ``MaskSet``.
 
-    ``method``: ``magnitude``, ``wanda`` or ``sparsegpt``. ``pattern``: ``unstructured`` (any
-    ``sparsity`` in [0, 1)), ``2:4`` (50 %) or ``hybrid`` (dense and 2:4 tiles, ``sparsity`` in [0, 0.5]).
-    ``calibration`` is a text name or file (``samples`` x ``seqlen`` tokens). The weights are left as
-    they were, except with ``update_weights=True`` (SparseGPT keeps its reconstruction in the model).
+    ``config`` is a :class:`~tilesparse.pruning.PruneConfig`, or give its settings as keywords:
+    ``method`` (``magnitude``, ``wanda``, ``sparsegpt``), ``pattern`` (``unstructured`` with any
+    ``sparsity`` in [0, 1), ``2:4`` = 50 %, or ``hybrid``: dense and 2:4 tiles, ``sparsity`` in [0, 0.5]),
+    ``tile``, ``update_weights`` (SparseGPT keeps its reconstruction in the model; otherwise the weights
+    are left as they were). ``calibration`` is a text name or file (``samples`` x ``seqlen`` tokens).
     """
     from .pruning import PruneConfig, prune_text
 
-    cfg = PruneConfig(method=method, pattern=pattern, sparsity=sparsity, tile=tile, update_weights=update_weights)
+    cfg = _config(PruneConfig, config, settings, "prune")
     return prune_text(model, cfg, calibration, samples, seqlen, seed, progress=progress)
 
 
-def learn(model, *, mode: str = "joint", sparsity: float = 0.45, text: str = "austen-train",
-          prior: str = "sparsegpt", out_dir: str | os.PathLike | None = None, progress: bool = True, **options):
+def learn(model, config=None, *, out_dir: str | os.PathLike | None = None, progress: bool = True, **settings):
     """Learn masks with the weights frozen (PATCH); returns a ``LearnResult`` whose ``maskset`` is the
     final binary mask and ``prior`` the one-shot mask learning started from.
 
-    ``mode``: ``joint`` (tiles and 2:4 patterns learned), ``tile`` (tiles learned, one-shot 2:4 kept) or
-    ``maskllm`` (learned 2:4 everywhere, 50 %). ``text``: the training text (a name or a file; evaluation
-    texts are refused). ``prior``: the one-shot method the logits start from (``sparsegpt``, ``wanda``,
-    ``magnitude`` or ``none``). ``options``: any other learning setting (``steps``, ``batch``,
-    ``seqlen``, ``lr``, ``tile``...; see ``tilesparse.learning.LearnConfig``). With ``out_dir`` the run
-    writes checkpoints there and can be resumed with the CLI's ``--resume``.
+    ``config`` is a :class:`~tilesparse.learning.LearnConfig`, or give its settings as keywords:
+    ``mode`` (``joint``: tiles and 2:4 patterns learned, ``tile``: tiles learned with the one-shot 2:4
+    kept, ``maskllm``: learned 2:4 everywhere), ``sparsity`` (default 0.45), ``text`` (the training text,
+    a name or a file; evaluation texts are refused), ``prior`` (``sparsegpt``, ``wanda``, ``magnitude``
+    or ``none``), ``steps``, ``batch``, ``seqlen``, ``lr``, ``tile``... With ``out_dir`` the run writes
+    checkpoints there and can be resumed with the CLI's ``--resume``.
     """
-    from .data import check_training_text, load_text, tokenize
-    from .learning import learn_masks, make_config
+    from .data import check_training_source, training_tokens
+    from .learning import LearnConfig, learn_masks
     from .options import CALIBRATED_METHODS
     from .pruning import calibration_ids
 
-    check_training_text(text)
-    cfg = make_config(mode=mode, sparsity=sparsity, text=text, prior=prior, **options)
+    cfg = _config(LearnConfig, config, settings, "learn")
+    check_training_source(cfg.text)
     calib = None
     if cfg.prior in CALIBRATED_METHODS:
-        calib, _ = calibration_ids(model, text, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)
-    ids = tokenize(model.tokenizer, load_text(text).text)
+        calib, _ = calibration_ids(model, cfg.text, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)
+    ids = training_tokens(model, cfg.text, seed=cfg.seed, progress=progress)
     return learn_masks(model.model, cfg, ids, out_dir=out_dir, model_name=model.name, calib_ids=calib,
                        progress=progress)
+
+
+def refit(model, masks, *, calibration: str = "austen-train", samples: int = 32, seqlen: int = 512, seed: int = 0,
+          progress: bool = True) -> dict:
+    """Reconstruct the kept weights for fixed masks (SparseGPT's layer-wise update; the masks do not
+    change): the model's prunable weights are replaced in place, zero where pruned. Use it after
+    ``learn`` (``ts.refit(lm, res.maskset)``), then ``export`` ships the refitted weights.
+    ``calibration`` is a text name, file, ``self:N`` or mixture (``samples`` x ``seqlen`` tokens).
+    Returns per-layer details and the time taken."""
+    from .pruning import calibration_ids, refit_weights
+
+    calib, _ = calibration_ids(model, calibration, samples, seqlen, seed)
+    return refit_weights(model.model, calib, masks, progress=progress)
 
 
 def apply_masks(model, masks) -> None:

@@ -1,6 +1,6 @@
-"""v5 flat decode kernel (``hybrid_flat_kernel``) vs the float64 reference, on the CPU through
+"""Flat decode kernel (``hybrid_flat_kernel``) vs the float64 reference, on the CPU through
 TRITON_INTERPRET=1 (small shapes). The inline-asm select (mode 5) runs only on the GPU; here mode 5 runs its
-plain-Triton twin (the same kernel with ``ASM`` off), and ``benchmarks/kernels.py --check`` covers the asm."""
+plain-Triton twin (the same kernel with ``ASM`` off), and ``benchmarks/kernel_speed.py --check`` covers the asm."""
 
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def test_flat_fit_and_candidates(make_layer, monkeypatch):
     _, _, p3 = make_layer(96, 96, (48, 48), 0.5)
     assert ops._fit(_flat(5, 1, 32, 2, 1), p3) is None  # tile columns not a power of 2
     _, _, p4 = make_layer(128, 128, (32, 32), 0.5)
-    assert not any(c.path == "flat" for c in ops.candidate_configs(4, p4))  # opt-in since v6 (TILESPARSE_FLAT=1)
+    assert not any(c.path == "flat" for c in ops.candidate_configs(4, p4))  # opt-in (TILESPARSE_FLAT=1)
     monkeypatch.setattr(ops, "FLAT_CANDIDATES", True)
     for M in (1, 4, 16, 17):
         flat = [c for c in ops.candidate_configs(M, p4) if c.path == "flat"]

@@ -1,8 +1,8 @@
-"""v7 / v8 sparse-tensor-core kernels (:mod:`tilesparse.kernels.cuda_mma`, CUDA C++ through NVRTC).
+"""v7 / v8 / v9 sparse-tensor-core kernels (:mod:`tilesparse.kernels.cuda_mma`, CUDA C++ through NVRTC).
 
 On the CPU: the configuration logic, and the CUDA source compiled to PTX for sm_90 by NVRTC (the
 ``nvidia-cuda-nvrtc`` wheel of the dev extras; skipped without it). The kernel's results are checked on a GPU:
-here when one is present, and by ``benchmarks/kernels.py --check --mma-only`` (``benchmarks/mma_probe.py``
+here when one is present, and by ``benchmarks/kernel_speed.py --check --mma-only`` (``benchmarks/mma_probe.py``
 checks the fragment and metadata layouts the kernel relies on)."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""v6 streaming decode kernel (``hybrid_stream_kernel``) vs the float64 reference, on the CPU through
+"""Streaming decode kernel (``hybrid_stream_kernel``) vs the float64 reference, on the CPU through
 TRITON_INTERPRET=1 (small shapes). Mode 2 (inline-PTX shift expansion) runs as mode 1 here (``_fit`` maps it),
-``benchmarks/kernels.py --check`` covers it on the GPU."""
+``benchmarks/kernel_speed.py --check`` covers it on the GPU."""
 
 from __future__ import annotations
 

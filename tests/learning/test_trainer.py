@@ -139,3 +139,67 @@ def test_learning_lowers_the_loss_on_a_learnable_signal():
     first = sum(h["ce"] for h in res.history[:3]) / 3
     last = sum(h["ce"] for h in res.history[-3:]) / 3
     assert last < first
+
+
+def test_distillation_loss_is_the_kl_divergence():
+    from tilesparse.learning.regularizers import distillation_loss
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
+    ps, pt = torch.softmax(s.double() / 2, -1), torch.softmax(t.double() / 2, -1)
+    ref = (pt * (pt.log() - ps.log())).sum(-1).mean() * 4
+    assert float(distillation_loss(s, t, temperature=2.0)) == pytest.approx(float(ref), rel=1e-5)
+    assert float(distillation_loss(t, t)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_unmasked_model_is_the_dense_teacher():
+    from tilesparse.learning import MaskedModel
+
+    model = make_tiny_model("llama")
+    x = _ids(32).view(2, 16)
+    with torch.no_grad():
+        dense = model(input_ids=x).logits
+        masked = MaskedModel(model, "maskllm", tile=TILE)
+        with masked.unmasked():
+            teacher = model(input_ids=x).logits
+        student = model(input_ids=x).logits
+    assert torch.equal(teacher, dense) and not torch.allclose(student, dense)
+    assert masked.state.bypass is False
+
+
+@pytest.mark.parametrize("loss", ["kd", "kd+ce"])
+def test_distillation_learns_and_resumes(tmp_path, loss):
+    full = learn_masks(make_tiny_model("llama"), _cfg(loss=loss, l2=0.0), _ids(), out_dir=tmp_path / "full",
+                       progress=False)
+    for h in full.history:  # the loss is the task term plus the (non-negative) density regulariser
+        assert h["kd"] > 0
+        task = h["kd"] if loss == "kd" else h["kd"] + h["ce"]
+        assert task - 1e-5 <= h["loss"] < task + 0.5 * h["ce"]
+    ref = load_checkpoint(tmp_path / "full")
+
+    def crash(step, _metrics):
+        if step == 3:
+            raise StopRequested
+
+    with pytest.raises(StopRequested):
+        learn_masks(make_tiny_model("llama"), _cfg(loss=loss, l2=0.0), _ids(), out_dir=tmp_path / "cut", progress=False,
+                    callback=crash)
+    learn_masks(make_tiny_model("llama"), _cfg(loss=loss, l2=0.0), _ids(), out_dir=tmp_path / "cut", resume=True,
+                progress=False)
+    got = load_checkpoint(tmp_path / "cut")
+    for k, v in ref["logits"].items():
+        assert torch.equal(v, got["logits"][k]), k
+    with pytest.raises(TilesparseError, match="loss"):
+        learn_masks(make_tiny_model("llama"), _cfg(loss="ce", l2=0.0), _ids(), out_dir=tmp_path / "cut", resume=True,
+                    progress=False)
+
+
+def test_a_checkpoint_without_a_loss_field_resumes_as_cross_entropy(tmp_path):
+    from tilesparse.learning.config import LearnConfig, check_resumable
+
+    saved = _cfg().to_dict()
+    del saved["loss"]
+    check_resumable(saved, _cfg(loss="ce"))
+    with pytest.raises(TilesparseError, match="loss"):
+        check_resumable(saved, _cfg(loss="kd"))
+    assert LearnConfig.from_dict(saved).loss == "ce"

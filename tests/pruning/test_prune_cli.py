@@ -32,7 +32,7 @@ def tiny_folder(tmp_path_factory):
 def test_prune_then_eval_with_mask(tiny_folder, tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["prune", "--model", str(tiny_folder), "--method", "wanda", "--pattern", "hybrid",
-               "--sparsity", "0.3", "--tile", "32", "--calib-text", "persuasion", "--calib-samples", "2",
+               "--sparsity", "0.3", "--tile", "32", "--calib-text", "emma", "--calib-samples", "2",
                "--seqlen", "32", "--out", str(out), "--no-progress"])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -51,7 +51,7 @@ def test_prune_then_eval_with_mask(tiny_folder, tmp_path, capsys):
 def test_update_weights_saves_model(tiny_folder, tmp_path, capsys):
     out = tmp_path / "sg"
     rc = main(["prune", "--model", str(tiny_folder), "--method", "sparsegpt", "--pattern", "2:4",
-               "--update-weights", "--calib-text", "persuasion", "--calib-samples", "2", "--seqlen", "32",
+               "--update-weights", "--calib-text", "emma", "--calib-samples", "2", "--seqlen", "32",
                "--out", str(out), "--no-progress", "--json"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
@@ -66,6 +66,7 @@ def test_update_weights_saves_model(tiny_folder, tmp_path, capsys):
     (["--tile", "128x130"], "multiple of 4"),
     (["--method", "wanda", "--update-weights"], "sparsegpt"),
     (["--calib-samples", "0"], "positive"),
+    (["--calib-text", "persuasion"], "evaluation text; calibrate on another text"),
 ])
 def test_bad_input_is_one_line_error(tiny_folder, tmp_path, capsys, argv, message):
     rc = main(["prune", "--model", str(tiny_folder), "--out", str(tmp_path / "x"), "--no-progress", *argv])

@@ -180,3 +180,38 @@ def test_progress_bar_names_blocks(tiny_llama, capsys):
     err = capsys.readouterr().err
     assert "wanda 2:4" in err and "blocks" in err
     assert len(find_decoder_blocks(tiny_llama)[1]) == 2
+
+
+def test_refit_keeps_the_mask_and_moves_the_outputs_back_towards_dense(tiny_any):
+    from tilesparse.io import apply_masks
+    from tilesparse.pruning import refit_weights
+
+    model = tiny_any
+    with torch.no_grad():
+        dense = model(input_ids=CALIB).logits
+    masks = prune_model(model, CALIB, PruneConfig(method="wanda", pattern="hybrid", sparsity=0.4, tile=16),
+                        progress=False)
+    before = _state(model)
+    apply_masks(model, masks)
+    with torch.no_grad():
+        masked = model(input_ids=CALIB).logits
+    for k, v in before.items():
+        model.state_dict()[k].copy_(v)
+    info = refit_weights(model, CALIB, masks, progress=False)
+    assert not info["fallback_layers"]
+    for layer in find_prunable_linears(model):
+        keep = masks.layers[layer.name].to_bool()
+        w = layer.module.weight.detach()
+        w = w.t() if layer.transposed else w
+        assert bool((w[~keep] == 0).all()), layer.name  # exactly the given mask
+    with torch.no_grad():
+        refit = model(input_ids=CALIB).logits
+    assert (refit - dense).pow(2).mean() < (masked - dense).pow(2).mean()
+
+
+def test_refit_refuses_a_mask_of_another_model(tiny_llama):
+    from tilesparse.pruning import refit_weights
+
+    other = prune_model(make_tiny_model("llama", layers=1), CALIB, PruneConfig(method="magnitude"), progress=False)
+    with pytest.raises(TilesparseError, match="has no layer"):
+        refit_weights(tiny_llama, CALIB, other, progress=False)

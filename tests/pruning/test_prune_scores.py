@@ -107,12 +107,12 @@ def test_hybrid_tile_kinds_keeps_non_24_layers_dense():
     (dict(tile=(128, 6)), "multiple of 4"),
     (dict(tile="64x"), "integer"),
     (dict(tile=0), "positive"),
-    (dict(method="obs"), "unknown pruning method"),
-    (dict(pattern="3:4"), "unknown pattern"),
+    (dict(method="obs"), "'method' must be one of magnitude, wanda, sparsegpt, got 'obs'"),
+    (dict(pattern="3:4"), r"'pattern' must be one of .* \(did you mean '2:4'\?\)"),
     (dict(method="wanda", update_weights=True), "sparsegpt"),
-    (dict(damp=0.0), "damping"),
+    (dict(damp=0.0), "'damp' must be > 0"),
     (dict(blocksize=30), "multiple of 4"),
-    (dict(sparsity="half", pattern="unstructured"), "not a number"),
+    (dict(sparsity="half", pattern="unstructured"), "'sparsity' must be a number"),
 ])
 def test_config_rejects_bad_input(kwargs, match):
     with pytest.raises(TilesparseError, match=match):

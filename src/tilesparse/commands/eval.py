@@ -14,7 +14,8 @@ def register(sub) -> None:
                                    "exp(mean NLL) over all predicted tokens.")
     add_model_args(p)
     p.add_argument("--text", default="prideprejudice",
-                   help="an embedded text by name (prideprejudice, persuasion, mobydick, emma, mansfieldpark, "
+                   help="an embedded text by name (prideprejudice, persuasion, mobydick, debian-reference "
+                        "[non-fiction: prose of the Debian Reference manual], emma, mansfieldpark, "
                         "sensesensibility, northangerabbey, austen-train, austen-eval; wikitext2 and c4 when the "
                         "hub is reachable) or the path of a UTF-8 text or JSONL file (default: prideprejudice)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")

@@ -12,27 +12,10 @@ import json
 from pathlib import Path
 
 from ..errors import TilesparseError
-from ..options import CALIBRATED_METHODS, LEARN_MODES, PRIORS
+from ..learning.config import LearnConfig
+from ..options import CALIBRATED_METHODS
 from .common import add_model_args, print_json, quiet_libraries
-
-# option -> LearnConfig field; every option defaults to None = "config default" (or, with --resume,
-# "the checkpoint's value") so that only options given explicitly are compared with a checkpoint.
-_FIELDS = {
-    "mode": "mode", "sparsity": "sparsity", "steps": "steps", "seqlen": "seqlen", "batch": "batch",
-    "grad_accum": "grad_accum", "lr": "lr", "tile_lr": "tile_lr", "warmup": "warmup", "prior": "prior",
-    "prior_strength": "prior_strength", "calib_samples": "calib_samples", "l1": "l1", "l2": "l2",
-    "density_scope": "density_scope", "density_estimate": "density_estimate", "seed": "seed", "text": "text",
-    "checkpoint_every": "checkpoint_every", "init_std": "init_std", "max_grad_norm": "max_grad_norm",
-}
-
-
-def _pair(text: str) -> tuple[float, float]:
-    try:
-        a, b = (float(x) for x in text.replace("->", ",").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected START,END (e.g. 4,0.05), got {text!r}") from None
-    return a, b
-
+from .config_args import add_config_options, config_values
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -45,43 +28,7 @@ def register(sub) -> None:
                     "CPU defaults (seqlen 256, batch 4, 64 steps) take about 15 minutes on the default "
                     "model; docs/NOTEBOOK.md (Learning masks) gives reference-scale GPU settings.")
     add_model_args(p)
-    p.add_argument("--mode", choices=LEARN_MODES, default=None,
-                   help="joint = PATCH-Joint (learned tiles + learned 2:4, default), tile = PATCH-Tile "
-                        "(learned tiles, fixed one-shot 2:4), maskllm = learned 2:4 everywhere (50 %%)")
-    p.add_argument("--sparsity", type=float, default=None, help="target sparsity in [0, 0.5] (default 0.45)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="optimiser steps (default 64: about 15 min on 2 idle CPU cores)")
-    p.add_argument("--seqlen", type=int, default=None, help="tokens per training sequence (default 256)")
-    p.add_argument("--batch", type=int, default=None, help="sequences per micro-batch per process (default 4)")
-    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimiser step (default 1)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3)")
-    p.add_argument("--tile-lr", type=float, default=None, help="learning rate of the tile logits (default --lr)")
-    p.add_argument("--warmup", type=float, default=None, help="warm-up: fraction (<1) or steps (default 0.05)")
-    p.add_argument("--prior", choices=PRIORS, default=None,
-                   help="one-shot method the logits start from (default sparsegpt)")
-    p.add_argument("--prior-strength", type=float, default=None, help="prior strength in init stds (default 3)")
-    p.add_argument("--calib-samples", type=int, default=None, help="calibration segments for the prior (32)")
-    p.add_argument("--tile", default=None, help="tile size N or ROWSxCOLS (default 128)")
-    p.add_argument("--l1", type=float, default=None, help="density regulariser weight (default by mode)")
-    p.add_argument("--l2", type=float, default=None, help="weight-magnitude regulariser weight (default by mode)")
-    p.add_argument("--tile-k", type=_pair, default=None, help="tile logit scale schedule START,END")
-    p.add_argument("--tile-tau", type=_pair, default=None, help="tile temperature schedule START,END")
-    p.add_argument("--pattern-k", type=_pair, default=None, help="2:4 logit scale schedule START,END")
-    p.add_argument("--pattern-tau", type=_pair, default=None, help="2:4 temperature schedule START,END")
-    p.add_argument("--density-scope", choices=("global", "block"), default=None,
-                   help="density regulariser over all layers (default) or per decoder block")
-    p.add_argument("--density-estimate", choices=("sampled", "expected"), default=None,
-                   help="density of the sampled relaxed mask (default) or its expectation")
-    p.add_argument("--hard-tile", action="store_true", default=None, help="straight-through binary tiles")
-    p.add_argument("--hard-24", action="store_true", default=None, help="straight-through one-hot 2:4")
-    p.add_argument("--init-std", type=float, default=None, help="std of the random logit init (0.014)")
-    p.add_argument("--max-grad-norm", type=float, default=None, help="gradient clipping (0 = off, default)")
-    p.add_argument("--seed", type=int, default=None, help="seed (data order, noise, init)")
-    p.add_argument("--text", default=None,
-                   help="training text (default austen-train; evaluation texts are refused)")
-    p.add_argument("--grad-checkpointing", action="store_true", default=None,
-                   help="recompute decoder blocks in backward (less memory)")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (50; 0 = end only)")
+    add_config_options(p, LearnConfig)
     p.add_argument("--keep-checkpoint", action="store_true",
                    help="keep OUT/checkpoint.pt once the run has finished (removed by default: logits and "
                         "optimiser state, about 18 bytes per pruned weight in joint/maskllm mode)")
@@ -97,36 +44,17 @@ def register(sub) -> None:
 
 
 def config_from_args(args: argparse.Namespace, saved: dict | None = None):
-    """A finalized :class:`~tilesparse.learning.LearnConfig` from CLI options (over ``saved`` when resuming)."""
-    from ..learning.config import LearnConfig, finalize
-
-    base = LearnConfig.from_dict(saved) if saved else LearnConfig()
-    kw = {}
-    for opt, fieldname in _FIELDS.items():
-        v = getattr(args, opt, None)
-        if v is not None:
-            kw[fieldname] = v
-    for opt in ("tile_k", "tile_tau", "pattern_k", "pattern_tau"):
-        v = getattr(args, opt, None)
-        if v is not None:
-            kw[opt] = tuple(v)
-    for opt in ("hard_tile", "hard_24", "grad_checkpointing"):
-        if getattr(args, opt, None):
-            kw[opt] = True
-    if getattr(args, "tile", None) is not None:
-        from ..pruning import parse_tile
-
-        kw["tile"] = parse_tile(args.tile)
+    """A validated :class:`~tilesparse.learning.LearnConfig` from CLI options (over ``saved`` when resuming)."""
+    values = LearnConfig.from_dict(saved).model_dump() if saved else {}
+    values.update(config_values(args, LearnConfig))
     if getattr(args, "dtype", None) is not None:
-        kw["dtype"] = args.dtype
-    for k, v in kw.items():
-        setattr(base, k, v)
-    return finalize(base)
+        values["dtype"] = args.dtype
+    return LearnConfig.parse(values)
 
 
 def run(args: argparse.Namespace) -> int:
     quiet_libraries()
-    from ..data import check_training_text, load_text, tokenize
+    from ..data import check_training_source, training_tokens
     from ..learning import (discard_checkpoint, format_density_report, init_distributed_from_env, learn_masks,
                             load_checkpoint)
     from ..models import load_model
@@ -142,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         raise TilesparseError(f"{out} already holds a learning run; use --resume {out} or another --out")
     if args.resume is None and (out / "summary.json").exists():
         raise TilesparseError(f"{out} already holds a finished learning run; choose another --out")
-    check_training_text(cfg.text)
+    check_training_source(cfg.text)
     rank, world = init_distributed_from_env(args.device)
     device = args.device
     if device.startswith("cuda") and world > 1:
@@ -150,8 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     loaded = load_model(args.model, dtype=args.dtype, device=device)
-    src = load_text(cfg.text)
-    ids = tokenize(loaded.tokenizer, src.text)
+    ids = training_tokens(loaded, cfg.text, seed=cfg.seed, progress=not args.no_progress and rank == 0)
     calib = None
     if cfg.prior in CALIBRATED_METHODS and not args.resume:
         from ..pruning import calibration_ids

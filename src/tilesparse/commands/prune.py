@@ -9,8 +9,9 @@ import warnings
 from pathlib import Path
 
 from ..errors import TilesparseError
-from ..options import PRUNE_METHODS, PRUNE_PATTERNS
+from ..pruning.config import PruneConfig
 from .common import add_model_args, print_json, quiet_libraries
+from .config_args import add_config_options, config_values
 
 
 def register(sub) -> None:
@@ -21,24 +22,13 @@ def register(sub) -> None:
                     "(tilesparse eval --mask OUT). Hybrid: dense tiles chosen from the tile density of an "
                     "unstructured mask at the target sparsity (globally), the other tiles 2:4.")
     add_model_args(p)
-    p.add_argument("--method", choices=PRUNE_METHODS, default="sparsegpt", help="one-shot pruner (default sparsegpt)")
-    p.add_argument("--pattern", choices=PRUNE_PATTERNS, default="2:4",
-                   help="unstructured, 2:4 (default) or hybrid (dense and 2:4 tiles)")
-    p.add_argument("--sparsity", type=float, default=None,
-                   help="target sparsity over the pruned linears: [0, 1) unstructured, [0, 0.5] hybrid "
-                        "(required), 0.5 for 2:4 (default 0.5)")
-    p.add_argument("--tile", default="128", help="tile size: N or ROWSxCOLS, columns a multiple of 4 (default 128)")
+    add_config_options(p, PruneConfig)
     p.add_argument("--calib-text", default="austen-train",
                    help="calibration text source (default austen-train: Emma, Mansfield Park, Sense and "
                         "Sensibility, Northanger Abbey)")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration segments (default 32)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration segment (default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed for the calibration segments")
-    p.add_argument("--damp", type=float, default=0.01, help="SparseGPT damping (fraction of mean diag H)")
-    p.add_argument("--blocksize", type=int, default=128, help="SparseGPT lazy-update block size")
-    p.add_argument("--update-weights", action="store_true",
-                   help="SparseGPT: keep its reconstructed weights (OUT/updated_weights.safetensors, applied with "
-                        "the mask by eval/export --mask OUT) and save the pruned model to OUT/model")
     p.add_argument("--save-model", action="store_true",
                    help="also save the pruned (masked) model as an HF folder in OUT/model")
     p.add_argument("--eval-text", default=None,
@@ -53,12 +43,15 @@ def run(args: argparse.Namespace) -> int:
     quiet_libraries()
     from ..io import apply_masks, save_mask_artifact, save_pruned_model
     from ..models import load_model
-    from ..pruning import PruneConfig, prune_text
+    from ..pruning import prune_text
 
-    cfg = PruneConfig(method=args.method, pattern=args.pattern, sparsity=args.sparsity, tile=args.tile,
-                      update_weights=args.update_weights, damp=args.damp, blocksize=args.blocksize)
+    cfg = PruneConfig(**config_values(args, PruneConfig))
     if args.calib_samples <= 0:
         raise TilesparseError(f"--calib-samples must be positive, got {args.calib_samples}")
+    if cfg.needs_calibration:
+        from ..data import check_training_text
+
+        check_training_text(args.calib_text, use="calibrate")  # before the (slow) model load
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise TilesparseError(f"--out {out} exists and is not a directory")

@@ -18,9 +18,10 @@ import zlib
 from pathlib import Path
 
 from ..errors import TilesparseError
+from ..settings import env_name, setting
 
 SDIST_NAME = "bigbench-1.0.0.tar.gz"
-ENV_SDIST = "TILESPARSE_BIGBENCH_SDIST"  # path to a downloaded sdist or a folder of task.json files
+ENV_SDIST = env_name("bigbench_sdist")  # path to a downloaded sdist or a folder of task.json files
 NOT_GIVEN = (f"BIG-bench sdist not given: set {ENV_SDIST}=/path/to/{SDIST_NAME} "
              "(or a folder of its task.json files)")
 MEMBER_PREFIX = "bigbench-1.0.0/bigbench/benchmark_tasks/"
@@ -108,8 +109,9 @@ def bigbench_source(path: str | os.PathLike | None = None) -> Path | None:
     A source is an already downloaded ``bigbench-1.0.0.tar.gz`` or a folder holding the tasks'
     ``task.json`` files (as in the sdist's ``bigbench/benchmark_tasks/``). Nothing is ever downloaded.
     """
-    given = path if path not in (None, "") else os.environ.get(ENV_SDIST) or None
-    return None if given is None else Path(given).expanduser()
+    if path not in (None, ""):
+        return Path(path).expanduser()
+    return setting("bigbench_sdist")
 
 
 def _in_folder(folder: Path, rel: str) -> Path | None:

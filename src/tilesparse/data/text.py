@@ -2,7 +2,8 @@
 
 A *text source* is a string naming where text comes from:
 
-- an embedded book key (``prideprejudice``, ``persuasion``, ``emma``, ``mobydick``, ...),
+- an embedded book key (``prideprejudice``, ``persuasion``, ``emma``, ``mobydick``, ...) or
+  ``debian-reference`` (prose of the Debian Reference manual: out-of-domain non-fiction, evaluation only),
 - ``austen-train`` (Emma, Mansfield Park, Sense and Sensibility, Northanger Abbey) or ``austen-eval``
   (Pride and Prejudice, Persuasion),
 - ``wikitext2`` or ``c4`` (through the ``datasets`` package, when installed and the hub reachable),
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import TilesparseError
-from .embedded import AUSTEN, EMBEDDED_TEXTS, EVAL_TEXTS, TRAIN_TEXTS, embedded_text
+from .embedded import AUSTEN, EMBEDDED_TEXTS, EVAL_TEXTS, OOD_EVAL_TEXTS, TRAIN_TEXTS, embedded_text
 
 GROUPS = {"austen-train": TRAIN_TEXTS, "austen-eval": EVAL_TEXTS}
 HF_DATASETS = {
@@ -93,13 +94,14 @@ def load_text(source: str) -> TextSource:
     return TextSource(name=name, text=text)
 
 
-HELD_OUT_TEXTS = (*EVAL_TEXTS, "austen-eval", "mobydick")  # evaluation only: in domain, and out of domain
+HELD_OUT_TEXTS = (*EVAL_TEXTS, "austen-eval", *OOD_EVAL_TEXTS)  # evaluation only: in domain, and out of domain
 
 
-def check_training_text(source: str) -> None:
-    """Refuse to learn on an evaluation text (one-line :class:`TilesparseError`)."""
+def check_training_text(source: str, use: str = "train") -> None:
+    """Refuse to learn (or calibrate, ``use='calibrate'``) on an evaluation text (one-line
+    :class:`TilesparseError`)."""
     if source in HELD_OUT_TEXTS:
-        raise TilesparseError(f"{source!r} is an evaluation text; train on another text (default austen-train)")
+        raise TilesparseError(f"{source!r} is an evaluation text; {use} on another text (default austen-train)")
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

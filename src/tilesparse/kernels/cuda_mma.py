@@ -1,17 +1,21 @@
-"""v7 / v8 decode kernels: the hybrid linear on sparse tensor cores (``mma.sp``), CUDA C++ compiled at run time.
+"""The v7 / v8 / v9 decode kernels: the hybrid linear on sparse tensor cores (``mma.sp``), CUDA C++ compiled at
+run time.
 
 Triton has no sparse MMA, so these kernels are CUDA C++ (``csrc/hybrid_mma.cu`` v7, ``csrc/hybrid_mma8.cu``
-v8, helpers in ``csrc/mma_common.cuh``) compiled by NVRTC through torch (the two steps of ``torch.cuda._compile_kernel``,
-``torch.cuda._utils._nvrtc_compile`` and ``_cuda_load_module``: NVRTC ships with torch's CUDA wheels; no ``nvcc``) for the current GPU and cached per configuration.
+v8, ``csrc/hybrid_mma9.cu`` v9, helpers in ``csrc/mma_common.cuh``) compiled by NVRTC through torch (the two
+steps of ``torch.cuda._compile_kernel``, ``torch.cuda._utils._nvrtc_compile`` and ``_cuda_load_module``: NVRTC
+ships with torch's CUDA wheels; no ``nvcc``) for the current GPU and cached per configuration.
 2:4 tiles go to ``mma.sp.m16n8k32`` as stored (the format's 2-bit positions *are* the instruction's
-metadata), dense tiles to ``mma.m16n8k16``; see the sources' headers. v8 stages a block's x once (at most
-``spb`` 64-column steps per block) and reads the steps' input columns from a per-layer step table
-(:func:`step_table`, cached on the layer).
+metadata), dense tiles to ``mma.m16n8k16``; see the sources' headers. v7 stages x per batch of steps; v8 stages
+a block's x once (at most ``spb`` 64-column steps per block) and reads the steps' input columns from a
+per-layer step table (:func:`step_table`, cached on the layer); v9 (sm_90) is a persistent kernel whose
+producer warp moves work items (:func:`item_table`) into shared-memory stages by tensor copies
+(:func:`tensor_maps`) for its consumer warps.
 
 Requirements (else :func:`mma_supported` is false and the Triton kernels serve the layer): a CUDA device
 of compute capability 8.0+, 16-bit weights, ``tile_cols`` a power of two >= 64, ``tile_rows % 16 == 0``,
 ``in_features % 64 == 0``, ``out_features % 16 == 0``, 16-byte aligned value arrays. It does not run on
-the Triton CPU interpreter: it is checked on the GPU by ``benchmarks/kernels.py --check``.
+the Triton CPU interpreter: it is checked on the GPU by ``benchmarks/kernel_speed.py --check``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from importlib import resources
 
 import torch
 
+from ..settings import setting
 from .format import PackedHybrid
 
 MAX_TOKENS = 64
@@ -265,8 +270,9 @@ def item_table(packed: PackedHybrid, spb: int) -> tuple[torch.Tensor, int]:
     return res
 
 
-# v9: an item's fixed cost in weight-byte equivalents, for block_ranges. Ranges of equal item counts (a large
-# cost) measured faster than ranges of equal bytes (2 KB per item) in every cell (docs/KERNELS.md v9)
+# v9: an item's fixed cost in weight-byte equivalents, for block_ranges. A large cost gives ranges of equal item
+# counts, which were faster than ranges of equal bytes (2 KB per item) in every H200 decode cell measured: a
+# block's time follows its item count more than its bytes.
 V9_ITEM_COST = 1 << 20
 
 
@@ -390,9 +396,8 @@ def pdl_enabled(device=None) -> bool:
     stream finishes, and each waits for it (``grid_dep_wait`` in ``mma_common.cuh``) before reading x or
     writing its outputs; v9 copies its first stages' weights before that wait. Off by default: on the H200 it
     saved 1-1.5 us per v9 call after a memory-bound kernel but made batch-16 decode of a 7B model 0.3-0.9 %
-    slower (``docs/KERNELS.md``)."""
-    import os
-    return os.environ.get("TILESPARSE_PDL", "0") == "1" and torch.cuda.get_device_capability(device)[0] >= 9
+    slower (``docs/KERNELS.md``, measured results)."""
+    return setting("pdl") and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _sm_count(device) -> int:

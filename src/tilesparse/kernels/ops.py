@@ -6,15 +6,15 @@ Paths (chosen per call):
   (cuBLAS, no extra memory).
 * Triton ``hybrid_linear_kernel`` in one of its modes (see :mod:`.triton_hybrid`) -- the decode path
   and one prefill candidate.
-* ``"flat"`` (v5, up to 16 tokens) -- ``hybrid_flat_kernel``: a flat grid of per-program work descriptors
+* ``"flat"`` (up to 16 tokens, opt-in) -- ``hybrid_flat_kernel``: a flat grid of per-program work descriptors
   (:func:`flat_plan`, built once per layer and configuration and cached on the ``PackedHybrid``), fp32 atomics
   and an arrival counter instead of a split-K tail.
-* ``"stream"`` (v6, up to 64 tokens) -- ``hybrid_stream_kernel`` (:mod:`.triton_stream`): long-lived
+* ``"stream"`` (up to 64 tokens) -- ``hybrid_stream_kernel`` (:mod:`.triton_stream`): long-lived
   programs that each walk ``BN`` rows of a tile-row in large chunks with the next chunk's loads in flight;
   one token by FMA without expanding the 2:4 values, more tokens by tensor cores on four position planes.
-* ``"mma"`` (v7 ``mode`` 0 and v8 ``mode`` 8, up to 64 tokens) -- :mod:`.cuda_mma`: CUDA C++ (NVRTC) on
-  sparse tensor cores: 2:4 tiles by ``mma.sp`` straight from the stored values and positions, dense tiles by
-  ``mma``; GPU only.
+* ``"mma"`` (v7 ``mode`` 0, v8 ``mode`` 8, v9 ``mode`` 9 on sm_90; up to 64 tokens) -- :mod:`.cuda_mma`: CUDA
+  C++ (NVRTC) on sparse tensor cores: 2:4 tiles by ``mma.sp`` straight from the stored values and positions,
+  dense tiles by ``mma``; GPU only.
 * ``"unpack"`` (prefill candidate) -- unpack the layer on the GPU into a *transient* scratch buffer
   (one per device and dtype, as large as the largest layer it has served; reused by every layer) and
   call ``F.linear`` on it. Its resident cost is that one buffer, reported by :func:`workspace_bytes`.
@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..settings import setting
 from . import cuda_mma as _cm
 from .format import PackedHybrid
 
@@ -65,11 +66,11 @@ class KernelConfig:
     stages: int = 3
     meta16: bool = False
     # >0: tl.range(num_stages=lstages) on the K loops (pipelines non-dot loads too) / loop_unroll_factor.
-    # Measured on the H100 (v4, docs/KERNELS.md): never faster than the plain loop, so the
-    # autotuner's candidates leave both at 0; kept for explicit configs and experiments.
+    # Never faster than the plain loop on the H100 (decode cells, 1 and 16 tokens), so the autotuner's
+    # candidates leave both at 0; kept for explicit configs and experiments.
     lstages: int = 0
     unroll: int = 0
-    # path "flat" (v5 decode kernel, ``hybrid_flat_kernel``): 2:4 tiles per chunk (dense: max(1, ts // 2))
+    # path "flat" (``hybrid_flat_kernel``): 2:4 tiles per chunk (dense: max(1, ts // 2))
     # and chunks per program; ``mode`` 1 = tensor cores (tl.dot), 3 = gather/FMA on [BM, BN, K/4] tensors,
     # 4 = gather/FMA on int32 value pairs ([BN, K/16, 4] tensors), 5 = 4 with an inline-asm prmt select (bf16).
     ts: int = 0
@@ -77,7 +78,7 @@ class KernelConfig:
     # mode 6 (one token): persistent programs, ``ctas`` per SM, walking the items with the next item's loads
     # in flight (``hybrid_flat_persist_kernel``)
     ctas: int = 0
-    # path "stream" (v6, ``hybrid_stream_kernel``): ``mode`` 0 = FMA (one token), 1 = tensor cores with the
+    # path "stream" (``hybrid_stream_kernel``): ``mode`` 0 = FMA (one token), 1 = tensor cores with the
     # 2:4 planes built by selects, 2 = the same with an inline-PTX shift expansion (GPU); ``ts``/``td`` = 2:4 /
     # dense tiles per chunk, ``pref`` = next chunk's loads in flight, ``split`` = programs per row block.
     # path "mma" mode 8 (v8): ``ts`` = steps per batch, ``nit`` = steps per block, ``pref`` = L2 prefetch;
@@ -156,7 +157,7 @@ def _fit(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
             return None  # the descriptors hold int32 offsets
         bn = _largest_pow2_divisor_le(packed.tile_rows, cfg.bn)
         ts = max(1, cfg.ts)
-        if cfg.mode == 1:  # tensor cores: blocks of at least 32 (16x16 ones were wrong on the H100, v3)
+        if cfg.mode == 1:  # tensor cores: blocks of at least 32 (16x16 ones give wrong results on the H100)
             if bn < 32:
                 return None
             while max(1, ts // 2) * packed.tile_cols < 32:
@@ -169,7 +170,7 @@ def _fit(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
     if bk < 16:
         return None
     if cfg.mode in (1, 2) and (bn < 32 or bk < 32):
-        # tensor-core modes need 32x32 blocks (wrong results were seen on the H100 with 16x16 ones):
+        # tensor-core modes need 32x32 blocks (16x16 ones give wrong results on the H100):
         # fall back to the FMA mode, 4 tokens per program
         return KernelConfig("triton", 0, min(4, cfg.bm), bn, bk, 1, 4, 3, cfg.meta16, cfg.lstages, cfg.unroll)
     return KernelConfig("triton", cfg.mode, cfg.bm, bn, bk, cfg.split, cfg.warps, cfg.stages, cfg.meta16,
@@ -186,7 +187,7 @@ def _fit_stream(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
         if cfg.bm != 1:
             return None
     else:
-        if bn < 32 or cfg.bm < 16:  # tensor cores: 32+ weight rows (16-row blocks were wrong on the H100, v3)
+        if bn < 32 or cfg.bm < 16:  # tensor cores: 32+ weight rows (16-row blocks give wrong results on the H100)
             return None
         while ts * TC < 64:  # planes of >= 16 groups (the dot's K)
             ts *= 2
@@ -232,12 +233,13 @@ def _fit_mma(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
 
 def mma_candidates(M: int) -> list[KernelConfig]:
     """The sparse-tensor-core kernels' candidate configurations for ``M <= 64`` tokens: v7 (warps, split,
-    steps per batch) and v8 (warps, steps per batch, steps per block; split follows from the layer)."""
+    steps per batch), v8 (warps, steps per batch, steps per block; split follows from the layer) and v9
+    (:func:`v9_candidates`)."""
     bm = 8 * _cm.octets(M)
     v7 = [KernelConfig("mma", 0, bm, 0, 0, split, w, 1, True, 0, 0, sb)
           for w in (4, 8) for split in (1, 2, 4, 8, 16) for sb in (1, 2)]
-    # (sb 4 with two batches in flight spills registers; the L2 prefetch, pref=1, was never faster on the H200:
-    # the x loads queue behind it, docs/KERNELS.md v8, so it is not a candidate)
+    # (sb 4 with two batches in flight spills registers; the L2 prefetch, pref=1, is not a candidate: the x loads
+    # queue behind it, and it was not faster in any H200 decode cell measured)
     v8 = [KernelConfig("mma", 8, bm, 0, 0, 1, w, 1, True, 0, 0, sb, spb)
           for w in (4, 8) for sb, spb in ((1, 4), (1, 8), (1, 16), (1, 32), (2, 4), (2, 8), (2, 16), (2, 32), (4, 4))
           if _cm.v8_fits(spb, sb, _cm.octets(M), w)]
@@ -267,7 +269,7 @@ def v9_candidates(M: int) -> list[KernelConfig]:
 
 
 def stream_candidates(M: int) -> list[KernelConfig]:
-    """The v6 streaming kernel's candidate configurations for ``M <= 64`` tokens."""
+    """The stream kernel's candidate configurations for ``M <= 64`` tokens."""
     c = []
 
     def T(mode, bm, bn, ts, td, w, pref, split, xt=0):
@@ -306,21 +308,21 @@ def heuristic_config(M: int, packed: PackedHybrid) -> KernelConfig:
     return _fit(cfg, packed)
 
 
-# v5 flat decode kernel (``hybrid_flat_kernel``) among the autotuner's candidates for M <= 16 tokens: opt-in
-# (TILESPARSE_FLAT=1): one of its configurations faulted on the H200 (illegal address; flat-dot
-# bn64 ts1 it4 w8, 64x64 tiles, 14 non-contiguous tokens; docs/KERNELS.md v6) and the v6 stream
-# kernel is faster in 16 of the 18 decode cells measured.
-FLAT_CANDIDATES = os.environ.get("TILESPARSE_FLAT", "0") == "1"
-# v6 streaming kernel (``hybrid_stream_kernel``) among the candidates for M <= 64 tokens
-STREAM_CANDIDATES = os.environ.get("TILESPARSE_STREAM", "1") != "0"
-# v7 / v8 sparse-tensor-core kernels (:mod:`.cuda_mma`) among the candidates for M <= 64 tokens (CUDA, sm_80+)
-MMA_CANDIDATES = os.environ.get("TILESPARSE_MMA", "1") != "0"
+# Which kernel families the autotuner considers (read once, at import; see :mod:`tilesparse.settings`).
+# The flat kernel (``hybrid_flat_kernel``) for M <= 16 tokens is opt-in (TILESPARSE_FLAT=1): one of its
+# configurations faults on the H200 (illegal address; flat-dot bn64 ts1 it4 w8, 64x64 tiles, 14 non-contiguous
+# tokens; not root-caused), and the stream kernel is faster in 16 of the 18 H200 decode cells measured.
+FLAT_CANDIDATES = setting("flat")
+# the streaming kernel (``hybrid_stream_kernel``) for M <= 64 tokens
+STREAM_CANDIDATES = setting("stream")
+# the v7 / v8 / v9 sparse-tensor-core kernels (:mod:`.cuda_mma`) for M <= 64 tokens (CUDA, sm_80+; v9 sm_90)
+MMA_CANDIDATES = setting("mma")
 
 
 def flat_candidates(M: int) -> list[KernelConfig]:
     """The flat decode kernel's candidate configurations for ``M <= 16`` tokens:
     (mode, bn, 2:4 tiles per chunk, chunks per program, warps). The persistent mode 6 is not among them
-    (measured slower on the H200, docs/KERNELS.md v5)."""
+    (never among the six fastest configurations of an H200 decode cell)."""
     T = KernelConfig
     c = []
     if M <= 4:
@@ -519,7 +521,7 @@ def _pairs_ready(x2: torch.Tensor) -> torch.Tensor:
 
 
 def launch_flat(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfig, out: torch.Tensor) -> None:
-    """Run ``hybrid_flat_kernel`` (v5 decode kernel) with ``cfg`` on ``x2 [M, K]`` (M <= cfg.bm <= 16)."""
+    """Run ``hybrid_flat_kernel`` (the flat decode kernel) with ``cfg`` on ``x2 [M, K]`` (M <= cfg.bm <= 16)."""
     M, K = x2.shape
     N = packed.out_features
     if M > cfg.bm:
@@ -559,7 +561,7 @@ def launch_flat(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfig,
 
 
 def launch_stream(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfig, out: torch.Tensor) -> None:
-    """Run ``hybrid_stream_kernel`` (v6) with ``cfg`` on ``x2 [M, K]`` (M <= cfg.bm) into ``out [M, N]``."""
+    """Run ``hybrid_stream_kernel`` with ``cfg`` on ``x2 [M, K]`` (M <= cfg.bm) into ``out [M, N]``."""
     M = x2.shape[0]
     N = packed.out_features
     if M > cfg.bm:
@@ -753,7 +755,7 @@ def choose_config(x2: torch.Tensor, packed: PackedHybrid, bias) -> KernelConfig:
     cfg = _TUNED.get(key)
     if cfg is not None:
         return cfg
-    can_tune = (x2.is_cuda and not interpreting() and os.environ.get("TILESPARSE_AUTOTUNE", "1") != "0"
+    can_tune = (x2.is_cuda and not interpreting() and setting("autotune")
                 and not torch.cuda.is_current_stream_capturing())
     if not can_tune:
         return heuristic_config(x2.shape[0], packed)

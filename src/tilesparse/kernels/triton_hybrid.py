@@ -15,12 +15,13 @@ A program owns ``BN`` rows of one tile-row and streams that tile-row's 2:4 K-spa
 into one fp32 accumulator. ``LSTAGES`` (``tl.range(num_stages=...)`` on the K loops) makes Triton's
 software pipeliner stage *every* load of the loop (values, metadata, x) through a cp.async ring, not only
 those feeding a ``tl.dot`` -- more bytes in flight per SM for the decode modes; ``UNROLL`` unrolls the
-K loops. ``None`` for both keeps the compiler's default (measured on the H100: neither knob made any decode
-config faster, see ``docs/KERNELS.md`` v4, so the autotuner leaves them at ``None``). All-zero tiles are never visited. ``SPLIT > 1`` splits both K-spaces over
+K loops. ``None`` for both keeps the compiler's default (on the H100 neither knob makes any decode config
+faster: the ring adds a shared-memory round trip and lowers occupancy, so the autotuner leaves them at
+``None``). All-zero tiles are never visited. ``SPLIT > 1`` splits both K-spaces over
 ``SPLIT`` programs; partial sums go to an fp32 workspace and the last program to arrive (an atomic
 counter per output block, reset by that program) adds them up -- one launch, no memset.
 
-``hybrid_flat_kernel`` (v5, decode up to 16 tokens) and its persistent variant are described above their code
+``hybrid_flat_kernel`` (decode up to 16 tokens, opt-in) and its persistent variant are described above their code
 (end of this module).
 
 Pointer-alignment facts the format guarantees (row strides and block offsets multiples of 8 values /
@@ -301,7 +302,7 @@ def unpack_kernel(
         tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-# ====================================================================== v5: flat decode kernel
+# ====================================================================== flat decode kernel
 # One program = BN output rows x one *item*: a run of up to NIT*TS consecutive 2:4 tiles (or NIT*TD dense
 # tiles) of one tile-row. Everything a program needs is in a precomputed per-program descriptor (built
 # once per layer and configuration by ``ops.flat_plan``), so its first loads (values, metadata, x) issue
@@ -631,7 +632,7 @@ def hybrid_flat_kernel(
             tl.atomic_xchg(cnt_ptr + blk, 0)
 
 
-# ---------------------------------------------------------------------- v5b: persistent variant (1 token)
+# ---------------------------------------------------------------------- persistent variant (1 token)
 # The same work items, walked by a fixed grid of programs (a few per SM): while item t is reduced and its
 # partial sums are published (atomics, fence, arrival counter), the loads of item t+1 are already in flight
 # and the descriptor of item t+2 is being read. Both kinds use one data shape: ``[BN, U, 4]`` int32 = the

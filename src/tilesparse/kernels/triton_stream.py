@@ -1,11 +1,10 @@
-"""v6 decode kernel for the packed hybrid format: long-lived streaming programs (``hybrid_stream_kernel``).
+"""Stream decode kernel for the packed hybrid format: long-lived streaming programs (``hybrid_stream_kernel``).
 
 Why (``benchmarks/decode_probe.py``, H200): a plain Triton GEMV in which each program owns a few rows and
 walks the whole K range in large chunks (4-16 KB per program per step), with the next chunk's loads issued
 before the current one is used, reads a dense weight as fast as cuBLAS at one token and an all-2:4 weight
-1.09-1.35x faster than cuBLAS reads the dense one -- where the short programs of v5 (``hybrid_flat_kernel``)
-spent most of their life outside their single load phase. This kernel is that structure on the packed
-format:
+1.09-1.35x faster than cuBLAS reads the dense one, whereas short programs (``hybrid_flat_kernel``) spend
+most of their life outside their single load phase. This kernel is that structure on the packed format:
 
 * grid ``(row blocks, SPLIT)``: a program owns ``BN`` rows of one tile-row and ``1/SPLIT`` of that
   tile-row's 2:4 chunks and of its dense chunks (a chunk = ``TS`` 2:4 tiles or ``TD`` dense tiles, in the
@@ -299,7 +298,8 @@ def hybrid_stream_kernel(
     else:
         y = (tl.sum(acc, 1) + tl.sum(acc_d, 1))[None, :]
 
-    # split-K: per-split workspace slices, last arriver adds them (an fp32-atomic variant gave rare wrong sums on
-    # the H200 with fewer tokens than BM: docs/KERNELS.md v6)
+    # split-K: per-split workspace slices, last arriver adds them (fp32 atomics into one workspace give rare wrong
+    # sums on the H200 with fewer tokens than BM, not root-caused; the slices gave none in 420 repeated launches
+    # of the same configurations)
     _write_output(y, out_ptr, bias_ptr, ws_ptr, cnt_ptr + pid, offs_m, m_ok, rows, row_ok, s, M, N, stride_om,
                   SPLIT, HAS_BIAS)

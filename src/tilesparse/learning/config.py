@@ -26,13 +26,15 @@ value) and at 27.9 with 1e-3 (``benchmarks/results/accuracy_h200.md``). Pass ``l
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import Field, model_validator
 
 from ..errors import TilesparseError
 from ..options import LEARN_MODES as MODES
-from .priors import PRIOR_METHODS
-from .regularizers import DENSITY_ESTIMATES, DENSITY_SCOPES
+from ..options import DensityEstimate, DensityScope, LearnLoss, LearnMode, Prior
+from ..pruning.config import Tile
+from ..typed_config import UserConfig, Pair, check
 
 MODE_NAMES = {"joint": "PATCH-Joint", "tile": "PATCH-Tile", "maskllm": "MaskLLM (learned 2:4)"}
 
@@ -41,65 +43,100 @@ IDENTITY_FIELDS = (
     "mode", "sparsity", "steps", "seqlen", "batch", "grad_accum", "tile", "lr", "tile_lr", "warmup",
     "tile_k", "tile_tau", "pattern_k", "pattern_tau", "l1", "l2", "density_scope", "density_estimate",
     "hard_tile", "hard_24", "init_std", "prior", "prior_strength", "calib_samples", "seed", "text",
-    "world_size", "dtype", "min_lr_ratio", "max_grad_norm",
+    "world_size", "dtype", "min_lr_ratio", "max_grad_norm", "loss", "kd_temperature", "ce_weight",
 )
+# What a saved config without a field meant (fields added after such checkpoints were written).
+IDENTITY_DEFAULTS = {"loss": "ce", "kd_temperature": 1.0, "ce_weight": 1.0}
+
+_BY_MODE = "default by mode"
+_NO_CLI = {"cli": False}
 
 
-@dataclass
-class LearnConfig:
-    """Everything that defines a mask-learning run (see the module docstring for the defaults)."""
+class LearnConfig(UserConfig):
+    """Everything that defines a mask-learning run (see the module docstring for the defaults).
 
-    mode: str = "joint"
-    sparsity: float = 0.45
-    steps: int = 64  # CPU default: about 15 min on an idle 2-core CPU with the SparseGPT prior (see docs)
-    seqlen: int = 256
-    batch: int = 4  # sequences per micro-batch and per process
-    grad_accum: int = 1
-    tile: tuple[int, int] = (128, 128)
-    lr: float | None = None  # 2:4 pattern logits (and tile logits unless tile_lr is set)
-    tile_lr: float | None = None
-    warmup: float = 0.05  # fraction of steps (< 1) or number of steps (>= 1)
-    min_lr_ratio: float = 0.0
-    tile_k: tuple[float, float] | None = None
-    tile_tau: tuple[float, float] | None = None
-    pattern_k: tuple[float, float] | None = None
-    pattern_tau: tuple[float, float] | None = None
-    l1: float | None = None
-    l2: float | None = None
-    density_scope: str = "global"
-    density_estimate: str = "sampled"
-    hard_tile: bool = False
-    hard_24: bool = False
-    init_std: float = 0.014
-    prior: str = "sparsegpt"
-    prior_strength: float = 3.0
-    calib_samples: int = 32
-    calib_seqlen: int = 512
-    max_grad_norm: float = 0.0  # 0 = no clipping
-    seed: int = 0
-    text: str = "austen-train"
-    dtype: str = "float32"
-    grad_checkpointing: bool = False
-    checkpoint_every: int = 50
-    world_size: int = 1
-    extra: dict = field(default_factory=dict)
+    Fields left as ``None`` are filled from the mode (and, for the tile temperature, the target sparsity)
+    when the config is validated. Every field except ``dtype`` and ``world_size`` is also a
+    ``tilesparse learn`` option and a recipe key (``methods[i].options``).
+    """
 
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["tile"] = list(self.tile)
-        for k in ("tile_k", "tile_tau", "pattern_k", "pattern_tau"):
-            if d[k] is not None:
-                d[k] = list(d[k])
-        return d
+    mode: LearnMode = Field("joint", description="joint = PATCH-Joint (learned tiles + learned 2:4), tile = "
+                            "PATCH-Tile (learned tiles, fixed one-shot 2:4), maskllm = learned 2:4 everywhere (50 %)")
+    sparsity: float = Field(0.45, ge=0.0, le=0.5, description="target sparsity in [0, 0.5] (maskllm: 0.5)")
+    steps: int = Field(64, ge=1, description="optimiser steps (64: about 15 min on 2 idle CPU cores)")
+    seqlen: int = Field(256, ge=2, description="tokens per training sequence")
+    batch: int = Field(4, ge=1, description="sequences per micro-batch and per process")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step")
+    tile: Tile = Field((128, 128), description="tile size N or ROWSxCOLS (columns a multiple of 4)")
+    lr: float | None = Field(None, gt=0, description="learning rate of the 2:4 pattern logits, and of the tile "
+                             "logits unless tile_lr is set (1e-3)")
+    tile_lr: float | None = Field(None, gt=0, description="learning rate of the tile logits (default: lr)")
+    warmup: float = Field(0.05, ge=0, description="linear warm-up: a fraction of the steps (< 1) or a number "
+                          "of steps (>= 1)")
+    min_lr_ratio: float = Field(0.0, ge=0, description="final learning rate of the cosine schedule, as a "
+                                "fraction of lr")
+    tile_k: Pair | None = Field(None, description="tile logit scale schedule START,END (" + _BY_MODE + ")")
+    tile_tau: Pair | None = Field(None, description="tile temperature schedule START,END (" + _BY_MODE + ")")
+    pattern_k: Pair | None = Field(None, description="2:4 logit scale schedule START,END (100,500)")
+    pattern_tau: Pair | None = Field(None, description="2:4 temperature schedule START,END (4,0.05)")
+    l1: float | None = Field(None, ge=0, description="density regulariser weight (" + _BY_MODE + ")")
+    l2: float | None = Field(None, ge=0, description="weight-magnitude regulariser weight (" + _BY_MODE + ")")
+    density_scope: DensityScope = Field("global", description="density regulariser over all layers (global) "
+                                        "or per decoder block (block)")
+    density_estimate: DensityEstimate = Field("sampled", description="density of the sampled relaxed mask "
+                                              "(sampled) or its expectation (expected)")
+    hard_tile: bool = Field(False, description="straight-through binary tiles")
+    hard_24: bool = Field(False, description="straight-through one-hot 2:4")
+    loss: LearnLoss = Field("ce", description="what learning minimises: ce = cross-entropy on the training "
+                            "text, kd = KL divergence from the dense model's next-token distribution (one extra "
+                            "forward of the unmasked model per micro-batch), kd+ce = kd + ce_weight * ce")
+    kd_temperature: float = Field(1.0, gt=0, description="softmax temperature of both distributions in kd")
+    ce_weight: float = Field(1.0, ge=0, description="weight of the cross-entropy term in kd+ce")
+    init_std: float = Field(0.014, ge=0, description="std of the random logit initialisation")
+    prior: Prior = Field("sparsegpt", description="one-shot method the logits start from (none = random)")
+    prior_strength: float = Field(3.0, ge=0, description="prior strength, in initialisation stds")
+    calib_samples: int = Field(32, ge=1, description="calibration segments for the prior")
+    calib_seqlen: int = Field(512, ge=1, description="tokens per calibration segment")
+    max_grad_norm: float = Field(0.0, ge=0, description="gradient clipping norm (0 = off)")
+    seed: int = Field(0, description="seed of the data order, the noise and the initialisation")
+    text: str = Field("austen-train", description="training text: a text name or file, self:N (N tokens sampled "
+                      "from the dense model itself), or a mixture SOURCE@WEIGHT,... such as "
+                      "austen-train@0.5,self:200k@0.5 (evaluation texts are refused)")
+    dtype: str = Field("float32", description="dtype of the model during learning", json_schema_extra=_NO_CLI)
+    grad_checkpointing: bool = Field(False, description="recompute decoder blocks in backward (less memory)")
+    checkpoint_every: int = Field(50, ge=0, description="steps between checkpoints (0 = at the end only)")
+    world_size: int = Field(1, ge=1, description="processes learning together (set by the trainer)",
+                            json_schema_extra=_NO_CLI)
+
+    @model_validator(mode="after")
+    def _fill(self) -> "LearnConfig":
+        if self.mode == "maskllm":
+            self.sparsity = 0.5
+        check(not (self.mode == "tile" and self.prior == "none"),
+              "PATCH-Tile needs a one-shot prior for its fixed 2:4 pattern (not 'none')")
+        joint, tile = self.mode == "joint", self.mode == "tile"
+        if self.tile_k is None:
+            self.tile_k = (25.0, 350.0) if joint else (100.0, 500.0)
+        if self.tile_tau is None:
+            self.tile_tau = ((2.0, 0.05) if self.sparsity < 0.4 else (4.0, 0.05)) if joint else (2.0, 0.05)
+        if self.pattern_k is None:
+            self.pattern_k = (100.0, 500.0)
+        if self.pattern_tau is None:
+            self.pattern_tau = (4.0, 0.05)
+        if self.l1 is None:
+            self.l1 = 3.0 if tile else (7.0 if joint else 0.0)
+        if self.l2 is None:
+            self.l2 = 0.1 if tile else 10.0
+        if self.lr is None:
+            self.lr = 1e-3
+        for name in ("tile_tau", "pattern_tau"):
+            check(min(getattr(self, name)) > 0, f"{name} temperatures must be positive, got {getattr(self, name)}")
+        return self
 
     @classmethod
     def from_dict(cls, d: dict) -> "LearnConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known}
-        for k in ("tile", "tile_k", "tile_tau", "pattern_k", "pattern_tau"):
-            if kw.get(k) is not None:
-                kw[k] = tuple(kw[k])
-        return cls(**kw)
+        """A config from a saved :meth:`to_dict` (keys this version does not know are ignored)."""
+        return cls.parse({**IDENTITY_DEFAULTS, **{k: v for k, v in d.items() if k in cls.model_fields}})
 
     @property
     def tokens_per_step(self) -> int:
@@ -110,73 +147,21 @@ class LearnConfig:
         return 0.5 if self.mode == "maskllm" else 1.0 - self.sparsity
 
 
-def make_config(**overrides) -> LearnConfig:
+def make_config(**overrides: Any) -> LearnConfig:
     """A validated :class:`LearnConfig` with mode-dependent defaults filled in (``None`` = default)."""
-    cfg = LearnConfig(**{k: v for k, v in overrides.items() if v is not None})
-    return finalize(cfg)
+    return LearnConfig.parse({k: v for k, v in overrides.items() if v is not None})
 
 
 def finalize(cfg: LearnConfig) -> LearnConfig:
-    """Validate ``cfg`` (raising :class:`TilesparseError` for user mistakes) and fill its defaults."""
-    if cfg.mode not in MODES:
-        raise TilesparseError(f"unknown learning mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
-    if not isinstance(cfg.sparsity, (int, float)) or not 0.0 <= float(cfg.sparsity) <= 0.5:
-        raise TilesparseError(f"sparsity must lie in [0, 0.5] (hybrid dense/2:4), got {cfg.sparsity}")
-    if cfg.mode == "maskllm":
-        cfg.sparsity = 0.5
-    if int(cfg.steps) < 1:
-        raise TilesparseError(f"steps must be at least 1, got {cfg.steps}")
-    for name in ("seqlen", "batch", "grad_accum", "calib_samples", "calib_seqlen", "world_size"):
-        if int(getattr(cfg, name)) < 1:
-            raise TilesparseError(f"{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.seqlen < 2:
-        raise TilesparseError(f"seqlen must be at least 2, got {cfg.seqlen}")
-    if cfg.checkpoint_every < 0:
-        raise TilesparseError(f"checkpoint interval must be >= 0, got {cfg.checkpoint_every}")
-    if len(cfg.tile) != 2 or min(cfg.tile) <= 0 or cfg.tile[1] % 4:
-        raise TilesparseError(f"tile must be two positive sizes with columns a multiple of 4, got {cfg.tile}")
-    if cfg.prior not in PRIOR_METHODS:
-        raise TilesparseError(f"unknown prior {cfg.prior!r}; choose one of {', '.join(PRIOR_METHODS)}")
-    if cfg.mode == "tile" and cfg.prior == "none":
-        raise TilesparseError("PATCH-Tile needs a one-shot prior for its fixed 2:4 pattern (not 'none')")
-    if cfg.density_scope not in DENSITY_SCOPES:
-        raise TilesparseError(f"density scope must be one of {', '.join(DENSITY_SCOPES)}")
-    if cfg.density_estimate not in DENSITY_ESTIMATES:
-        raise TilesparseError(f"density estimate must be one of {', '.join(DENSITY_ESTIMATES)}")
-    if cfg.warmup < 0 or cfg.init_std < 0 or cfg.prior_strength < 0 or cfg.max_grad_norm < 0:
-        raise TilesparseError("warmup, init std, prior strength and max grad norm must be >= 0")
-    joint, tile = cfg.mode == "joint", cfg.mode == "tile"
-    if cfg.tile_k is None:
-        cfg.tile_k = (25.0, 350.0) if joint else (100.0, 500.0)
-    if cfg.tile_tau is None:
-        cfg.tile_tau = ((2.0, 0.05) if cfg.sparsity < 0.4 else (4.0, 0.05)) if joint else (2.0, 0.05)
-    if cfg.pattern_k is None:
-        cfg.pattern_k = (100.0, 500.0)
-    if cfg.pattern_tau is None:
-        cfg.pattern_tau = (4.0, 0.05)
-    if cfg.l1 is None:
-        cfg.l1 = 3.0 if tile else (7.0 if joint else 0.0)
-    if cfg.l2 is None:
-        cfg.l2 = 0.1 if tile else 10.0
-    if cfg.lr is None:
-        cfg.lr = 1e-3
-    for name in ("tile_tau", "pattern_tau"):
-        if min(getattr(cfg, name)) <= 0:
-            raise TilesparseError(f"{name} temperatures must be positive, got {getattr(cfg, name)}")
-    if cfg.lr <= 0 or (cfg.tile_lr is not None and cfg.tile_lr <= 0):
-        raise TilesparseError("learning rates must be positive")
-    cfg.sparsity = float(cfg.sparsity)
-    cfg.tile = (int(cfg.tile[0]), int(cfg.tile[1]))
-    for name in ("tile_k", "tile_tau", "pattern_k", "pattern_tau"):
-        setattr(cfg, name, tuple(float(x) for x in getattr(cfg, name)))
-    return cfg
+    """``cfg`` validated again (after attributes were changed), raising :class:`TilesparseError`."""
+    return LearnConfig.parse(cfg.model_dump())
 
 
 def check_resumable(saved: dict, current: LearnConfig) -> None:
     """Raise :class:`TilesparseError` naming the first field where a checkpoint's config differs."""
     cur = current.to_dict()
     for k in IDENTITY_FIELDS:
-        a, b = saved.get(k), cur.get(k)
+        a, b = saved.get(k, IDENTITY_DEFAULTS.get(k)), cur.get(k)
         if a != b:
             raise TilesparseError(f"cannot resume: the checkpoint was made with {k}={a!r}, this run has {k}={b!r}")
 

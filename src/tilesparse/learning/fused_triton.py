@@ -25,17 +25,15 @@ Triton is imported by this module; import it only where Triton is installed (see
 
 from __future__ import annotations
 
-import functools
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from ..errors import TilesparseError
 from ..masks.nm import GROUP, N_PATTERNS
 from ..masks.tiles import TileGrid
+from ..settings import setting
 
 _EPS = 1e-6
 # 4-bit keep code (bit j = position j kept) of pattern id i in nibble i: ids 0..5 = 1100,1010,1001,0110,0101,0011
@@ -327,22 +325,9 @@ class _Launch:
 DEFAULT_BLOCKS = (32, 32, 8)  # rows, groups of 4 columns, warps per program (best of 3 measured on an H200)
 
 
-@functools.lru_cache(maxsize=8)
-def _parse_blocks(text: str | None) -> tuple[int, int, int]:
-    if not text:
-        return DEFAULT_BLOCKS
-    try:
-        br, bg, nw = (int(x) for x in text.split(","))
-    except ValueError:
-        raise TilesparseError(f"TILESPARSE_FUSED_BLOCKS must be 'rows,groups,warps', got {text!r}") from None
-    if any(v <= 0 or v & (v - 1) for v in (br, bg, nw)):
-        raise TilesparseError(f"TILESPARSE_FUSED_BLOCKS values must be powers of two, got {text!r}")
-    return br, bg, nw
-
-
 def blocks() -> tuple[int, int, int]:
     """Program block (rows, groups, warps): :data:`DEFAULT_BLOCKS` or ``TILESPARSE_FUSED_BLOCKS=r,g,w``."""
-    return _parse_blocks(os.environ.get("TILESPARSE_FUSED_BLOCKS"))
+    return setting("fused_blocks") or DEFAULT_BLOCKS
 
 
 def _geometry(grid: TileGrid, *, has_t: bool, fixed: bool, noise: bool, hard: bool, record: bool,

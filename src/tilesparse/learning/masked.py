@@ -22,8 +22,8 @@ density, masked-weight norms for the magnitude regulariser) live in a shared :cl
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +35,7 @@ from ..options import LEARN_MODES
 from ..masks.nm import GROUP, N_PATTERNS, mask_from_ids
 from ..masks.tiles import TileGrid
 from ..models import find_decoder_blocks, find_prunable_linears
+from ..settings import setting
 from .final import LayerFinal, build_final_maskset, final_pattern_ids
 from .relax import (binary_concrete, expected_tile_density, fused_soft_24, gumbel_noise, joint_masked_weight,
                     logistic_noise, tile_scaled_weight)
@@ -55,6 +56,7 @@ class MaskState:
     tile_values: dict = field(default_factory=dict)  # layer index -> tile tensor (in graph)
     norms: dict = field(default_factory=dict)  # layer index -> ||M*W||_F (in graph)
     fused: bool | None = None  # fused Triton mask kernels: True/False force, None = env var, then auto
+    bypass: bool = False  # True: every layer runs its unmasked weight (the dense teacher)
 
     def clear(self) -> None:
         self.tile_values.clear()
@@ -165,6 +167,8 @@ class MaskedLinear(nn.Module):
         return wm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.state.bypass:
+            return self.inner(x)
         wm = self.masked_weight()
         bias = self.inner.bias
         if not self.transposed:
@@ -195,14 +199,7 @@ def fused_choice(explicit: bool | None = None) -> bool | None:
     variable ``TILESPARSE_FUSED_MASK``), ``None`` for auto (used for CUDA weights when Triton imports)."""
     if explicit is not None:
         return bool(explicit)
-    env = os.environ.get("TILESPARSE_FUSED_MASK", "auto").strip().lower()
-    if env in ("", "auto"):
-        return None
-    if env in ("1", "on", "true", "yes"):
-        return True
-    if env in ("0", "off", "false", "no"):
-        return False
-    raise TilesparseError(f"TILESPARSE_FUSED_MASK must be 0/off, 1/on or auto, got {env!r}")
+    return setting("fused_mask")
 
 
 class MaskedModel:
@@ -274,6 +271,15 @@ class MaskedModel:
             self._swap(layer.layer_name, layer.inner)
         self.disable_checkpointing()
         self.layers = []
+
+    @contextlib.contextmanager
+    def unmasked(self):
+        """Inside this block the model runs with its original dense weights (the teacher of distillation)."""
+        previous, self.state.bypass = self.state.bypass, True
+        try:
+            yield self.model
+        finally:
+            self.state.bypass = previous
 
     def enable_checkpointing(self) -> None:
         """Recompute every decoder block in backward (non-reentrant; RNG state preserved, so the

@@ -1,6 +1,9 @@
-"""Loss terms besides cross-entropy (pure functions).
+"""Loss terms (pure functions).
 
-``loss = CE + l1 * |d(M) - (1 - s)| - l2 * (1 - t/T) * sum_l ||M_l * W_l||_F / sum_l ||W_l||_F``
+``loss = task + l1 * |d(M) - (1 - s)| - l2 * (1 - t/T) * sum_l ||M_l * W_l||_F / sum_l ||W_l||_F``
+
+where ``task`` is the next-token cross-entropy on the training text (``loss='ce'``), the distillation
+loss from the dense model (:func:`distillation_loss`, ``'kd'``) or ``kd + ce_weight * ce`` (``'kd+ce'``).
 
 ``d`` is the global numel-weighted density by default; :func:`density_penalty` also takes per-block
 densities (the mean of their deviations). Densities come from tile-level values only (see
@@ -13,8 +16,7 @@ from typing import Sequence
 
 import torch
 
-DENSITY_SCOPES = ("global", "block")
-DENSITY_ESTIMATES = ("sampled", "expected")
+from ..options import DENSITY_ESTIMATES, DENSITY_SCOPES
 
 
 def density_penalty(densities: torch.Tensor | Sequence[torch.Tensor], target_density: float,
@@ -38,4 +40,17 @@ def magnitude_bonus(masked_norms: Sequence[torch.Tensor] | torch.Tensor, total_w
     return -weight * magnitude_decay(step, total_steps) * s / total_weight_norm
 
 
-__all__ = ["DENSITY_SCOPES", "DENSITY_ESTIMATES", "density_penalty", "magnitude_decay", "magnitude_bonus"]
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """Mean over positions of ``KL(teacher || student)`` between the next-token distributions at
+    ``temperature`` (scaled by ``temperature**2`` so that gradients keep their size), in float32.
+
+    Logits are ``[..., vocab]``; positions are every leading index."""
+    v = student_logits.shape[-1]
+    s = torch.log_softmax(student_logits.reshape(-1, v).float() / temperature, dim=-1)
+    t = torch.log_softmax(teacher_logits.reshape(-1, v).float() / temperature, dim=-1)
+    kl = torch.nn.functional.kl_div(s, t, log_target=True, reduction="batchmean")
+    return kl * temperature ** 2
+
+
+__all__ = ["DENSITY_SCOPES", "DENSITY_ESTIMATES", "distillation_loss", "density_penalty", "magnitude_decay", "magnitude_bonus"]

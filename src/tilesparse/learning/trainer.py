@@ -33,7 +33,8 @@ from .final import density_report
 from .masked import MaskedModel
 from .priors import (OneShotMasks, init_logits, one_shot_masks, one_shot_prior, pattern_prior_logits,
                      prior_maskset, tile_prior_logits)
-from .regularizers import density_penalty, magnitude_bonus, magnitude_decay
+from ..atomic import atomic_torch_save, atomic_write_text
+from .regularizers import density_penalty, distillation_loss, magnitude_bonus, magnitude_decay
 from .relax import LinearSchedule
 
 CHECKPOINT = "checkpoint.pt"
@@ -140,23 +141,6 @@ class WindowSampler:
 
 
 # -- I/O -------------------------------------------------------------------------------------
-def atomic_torch_save(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace`` (never a torn file)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _rng_state() -> dict:
     st = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -291,8 +275,7 @@ def learn_masks(model: nn.Module, cfg: LearnConfig, train_ids: torch.Tensor, *,
     and config). ``callback(step, metrics)`` runs after every optimiser step (rank 0 and others).
     """
     rank, world = dist_info()
-    cfg.world_size = world
-    cfg = finalize(cfg)
+    cfg = finalize(cfg.model_copy(update={"world_size": world}))
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -409,14 +392,23 @@ def _train(model, masked: MaskedModel, cfg: LearnConfig, train_ids, ck, out, ran
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * factor
             opt.zero_grad(set_to_none=True)
-            sums = {"loss": 0.0, "ce": 0.0, "density": 0.0, "mag": 0.0}
+            sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "density": 0.0, "mag": 0.0}
             for micro in range(cfg.grad_accum):
                 first = step * per_step + micro * cfg.batch * world + rank * cfg.batch
                 batch = sampler.batch(first, cfg.batch).to(device)
                 masked.state.clear()
+                teacher = None
+                if cfg.loss != "ce":
+                    with torch.no_grad(), masked.unmasked():
+                        teacher = model(input_ids=batch, use_cache=False).logits[:, :-1]
                 outp = model(input_ids=batch, labels=batch, use_cache=False)
                 ce = outp.loss.float()
                 loss = ce
+                if teacher is not None:
+                    kd = distillation_loss(outp.logits[:, :-1], teacher, cfg.kd_temperature)
+                    loss = kd if cfg.loss == "kd" else kd + cfg.ce_weight * ce
+                    sums["kd"] += float(kd.detach()) / cfg.grad_accum
+                    del teacher
                 dens = masked.densities(cfg.density_estimate, cfg.density_scope)
                 if cfg.l1 > 0 and cfg.mode != "maskllm":
                     loss = loss + density_penalty(dens, target, cfg.l1)

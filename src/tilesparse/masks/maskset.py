@@ -17,10 +17,11 @@ from typing import Iterator
 
 import torch
 
+from ..options import PRUNE_PATTERNS
 from .nm import mask_from_ids
 from .tiles import DENSE, SPARSE, ZERO, TileGrid, hybrid_mask
 
-PATTERNS = ("unstructured", "2:4", "hybrid", "dense")
+PATTERNS = (*PRUNE_PATTERNS, "dense")  # what a mask artifact records; "dense" = no pruning
 
 
 @dataclass

@@ -5,7 +5,7 @@ Pure math lives in :mod:`.scores` (magnitude / Wanda scores, mask selection, hyb
 layer-by-layer calibration (hooks, one decoder block at a time).
 """
 
-from .config import METHODS, PRUNE_PATTERNS, PruneConfig, parse_tile
+from .config import PruneConfig, Tile, parse_tile
 from .engine import (
     DenseLayerWarning,
     calibration_ids,
@@ -14,6 +14,7 @@ from .engine import (
     prune_model,
     prune_model_multi,
     prune_text,
+    refit_weights,
 )
 from .scores import (
     hybrid_tile_kinds,
@@ -26,9 +27,9 @@ from .scores import (
 from .sparsegpt import SparseGPTResult, SparseGPTWarning, inverse_hessian_cholesky, sparsegpt_prune
 
 __all__ = [
-    "METHODS", "PRUNE_PATTERNS", "PruneConfig", "parse_tile",
+    "PruneConfig", "Tile", "parse_tile",
     "DenseLayerWarning", "calibration_ids", "capture_block_inputs", "prune_layer", "prune_model",
-    "prune_model_multi", "prune_text",
+    "prune_model_multi", "prune_text", "refit_weights",
     "hybrid_tile_kinds", "magnitude_scores", "select_2to4", "select_hybrid", "select_unstructured",
     "wanda_scores",
     "SparseGPTResult", "SparseGPTWarning", "inverse_hessian_cholesky", "sparsegpt_prune",

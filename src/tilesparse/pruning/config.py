@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from typing import Annotated, Literal
+
+from pydantic import BeforeValidator, Field, model_validator
 
 from ..errors import TilesparseError
-from ..options import PRUNE_METHODS as METHODS
-from ..options import PRUNE_PATTERNS
-
+from ..options import PruneMethod, PrunePattern
+from ..typed_config import UserConfig, check
 
 def parse_tile(tile) -> tuple[int, int]:
     """``128`` / ``"128"`` / ``"64x128"`` / ``(64, 128)`` -> ``(rows, cols)``; validates it.
@@ -39,72 +40,61 @@ def parse_tile(tile) -> tuple[int, int]:
     return rows, cols
 
 
-@dataclass
-class PruneConfig:
-    """What to prune and how.
+def _tile_value(value) -> tuple[int, int]:
+    try:
+        return parse_tile(value)
+    except TilesparseError as exc:
+        raise ValueError(str(exc)) from None
 
-    - ``method``: ``magnitude`` (|W|), ``wanda`` (|W| * ||X||) or ``sparsegpt`` (OBS with weight update).
-    - ``pattern``: ``unstructured`` (any sparsity in [0, 1)), ``2:4`` (exactly 50 %) or ``hybrid``
-      (target sparsity in [0, 0.5]: dense tiles chosen from the tile density of an unstructured mask
-      of the same method at the target, globally over all layers; the other tiles 2:4).
-    - ``sparsity``: target sparsity over the pruned linears (``None`` = 0.5 for unstructured and 2:4).
-    - ``tile``: ``(rows, cols)`` tile size (an int means square); cols must be a multiple of 4.
-    - ``update_weights``: SparseGPT only; keep its reconstructed weights in the model.
-    - ``damp``: SparseGPT damping, as a fraction of the mean Hessian diagonal.
-    - ``blocksize``: SparseGPT lazy-update block (columns), a multiple of 4.
-    - ``unstructured_scope``: where an unstructured sparsity is enforced: ``row`` (every output row,
-      Wanda's choice), ``layer`` (the whole matrix, magnitude's) or ``None`` for the method's default.
-      SparseGPT always selects per block of ``blocksize`` columns, adaptively (as in its paper).
-    - ``tokens_per_batch``: calibration tokens pushed through a block at once (memory knob).
+
+# A tile size: ``128``, ``"64x128"`` or ``(64, 128)``; stored as ``(rows, cols)``.
+Tile = Annotated[tuple[int, int], BeforeValidator(_tile_value)]
+
+
+class PruneConfig(UserConfig):
+    """What to prune and how (every field is also a ``tilesparse prune`` option).
+
+    The hybrid pattern chooses its dense tiles from the tile density of an unstructured mask of the same
+    method at the target sparsity, globally over all layers; the other tiles are 2:4.
     """
 
-    method: str = "sparsegpt"
-    pattern: str = "2:4"
-    sparsity: float | None = None
-    tile: tuple[int, int] = (128, 128)
-    update_weights: bool = False
-    damp: float = 0.01
-    blocksize: int = 128
-    unstructured_scope: str | None = None
-    tokens_per_batch: int = 4096
-    extra: dict = field(default_factory=dict)
+    method: PruneMethod = Field("sparsegpt", description="one-shot pruner: magnitude (|W|), wanda (|W| * ||X||) "
+                                "or sparsegpt (OBS, optional weight update)")
+    pattern: PrunePattern = Field("2:4", description="unstructured, 2:4 or hybrid (dense and 2:4 tiles)")
+    sparsity: float | None = Field(None, description="target sparsity over the pruned linears: [0, 1) "
+                                   "unstructured, [0, 0.5] hybrid (required), 0.5 for 2:4 (default 0.5)")
+    tile: Tile = Field((128, 128), description="tile size: N or ROWSxCOLS, columns a multiple of 4")
+    update_weights: bool = Field(False, description="SparseGPT: keep its reconstructed weights "
+                                 "(OUT/updated_weights.safetensors, applied with the mask by eval/export --mask "
+                                 "OUT) and save the pruned model to OUT/model")
+    damp: float = Field(0.01, gt=0, description="SparseGPT damping (fraction of the mean Hessian diagonal)")
+    blocksize: int = Field(128, gt=0, description="SparseGPT lazy-update block (columns, a multiple of 4)")
+    unstructured_scope: Literal["row", "layer"] | None = Field(
+        None, description="where an unstructured sparsity is enforced: row (every output row, Wanda's "
+        "choice) or layer (the whole matrix, magnitude's); default by method. SparseGPT always selects per "
+        "block of blocksize columns, adaptively", json_schema_extra={"cli": False})
+    tokens_per_batch: int = Field(4096, gt=0, description="calibration tokens pushed through a block at once "
+                                  "(memory knob)", json_schema_extra={"cli": False})
 
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise TilesparseError(f"unknown pruning method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.pattern not in PRUNE_PATTERNS:
-            raise TilesparseError(f"unknown pattern {self.pattern!r}; choose one of {', '.join(PRUNE_PATTERNS)}")
-        self.tile = parse_tile(self.tile)
+    @model_validator(mode="after")
+    def _check(self) -> "PruneConfig":
         s = self.sparsity
         if s is None:
-            if self.pattern == "hybrid":
-                raise TilesparseError("the hybrid pattern needs a target sparsity in [0, 0.5]")
+            check(self.pattern != "hybrid", "the hybrid pattern needs a target sparsity in [0, 0.5]")
             s = 0.5
-        try:
-            s = float(s)
-        except (TypeError, ValueError):
-            raise TilesparseError(f"sparsity {self.sparsity!r} is not a number") from None
-        if s != s:  # NaN
-            raise TilesparseError("sparsity is NaN")
-        if self.pattern == "2:4" and abs(s - 0.5) > 1e-12:
-            raise TilesparseError(f"the 2:4 pattern is exactly 50 % sparse; got sparsity {s} "
-                                  "(use --pattern hybrid for 0-50 %, unstructured for anything else)")
-        if self.pattern == "hybrid" and not 0.0 <= s <= 0.5:
-            raise TilesparseError(f"hybrid sparsity must lie in [0, 0.5], got {s}")
-        if self.pattern == "unstructured" and not 0.0 <= s < 1.0:
-            raise TilesparseError(f"unstructured sparsity must lie in [0, 1), got {s}")
-        self.sparsity = s
-        if self.update_weights and self.method != "sparsegpt":
-            raise TilesparseError(f"--update-weights needs method sparsegpt (got {self.method}); "
-                                  "magnitude and Wanda only choose a mask")
-        if not self.damp > 0 or self.damp != self.damp:
-            raise TilesparseError(f"damping must be positive, got {self.damp}")
-        if self.blocksize <= 0 or self.blocksize % 4:
-            raise TilesparseError(f"SparseGPT block size must be a positive multiple of 4, got {self.blocksize}")
-        if self.unstructured_scope not in (None, "row", "layer"):
-            raise TilesparseError(f"unstructured scope must be row or layer, got {self.unstructured_scope!r}")
-        if self.tokens_per_batch <= 0:
-            raise TilesparseError(f"tokens per batch must be positive, got {self.tokens_per_batch}")
+        check(s == s, "sparsity is NaN")
+        if self.pattern == "2:4":
+            check(abs(s - 0.5) <= 1e-12, f"the 2:4 pattern is exactly 50 % sparse; got sparsity {s} "
+                  "(use --pattern hybrid for 0-50 %, unstructured for anything else)")
+        if self.pattern == "hybrid":
+            check(0.0 <= s <= 0.5, f"hybrid sparsity must lie in [0, 0.5], got {s}")
+        if self.pattern == "unstructured":
+            check(0.0 <= s < 1.0, f"unstructured sparsity must lie in [0, 1), got {s}")
+        self.sparsity = float(s)
+        check(not self.update_weights or self.method == "sparsegpt",
+              f"--update-weights needs method sparsegpt (got {self.method}); magnitude and Wanda only choose a mask")
+        check(self.blocksize % 4 == 0, f"SparseGPT block size must be a positive multiple of 4, got {self.blocksize}")
+        return self
 
     @property
     def scope(self) -> str:
@@ -121,8 +111,3 @@ class PruneConfig:
         """Short human-readable name, e.g. ``sparsegpt hybrid 35%``."""
         pct = f"{100 * self.sparsity:g}%"
         return f"{self.method} {self.pattern}" + ("" if self.pattern == "2:4" else f" {pct}")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["tile"] = list(self.tile)
-        return d

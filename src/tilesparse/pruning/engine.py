@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import replace
 from typing import Sequence
 
 import torch
@@ -205,13 +204,21 @@ def prune_layer(
     sq_norm: torch.Tensor | None = None,
     hessian: torch.Tensor | None = None,
     kinds: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
     name: str = "layer",
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """Keep-mask of one ``[out, in]`` weight under ``config`` (pure; no hooks, no model).
 
     Returns ``(keep, updated_weight, info)``; ``updated_weight`` is SparseGPT's reconstruction (already
     zero where pruned) or ``None`` for magnitude / Wanda. ``kinds`` is the tile map for the hybrid pattern.
+    A given ``keep`` mask is not chosen again: SparseGPT only reconstructs the kept weights for it.
     """
+    if keep is not None:
+        if config.method != "sparsegpt" or hessian is None:
+            raise ValueError(f"{name}: a given mask is refitted by SparseGPT with the layer's Hessian")
+        res = sparsegpt_prune(weight, hessian, pattern="fixed", mask=keep.to(weight.device), tile=config.tile,
+                              blocksize=config.blocksize, damp=config.damp, name=name)
+        return res.keep, res.weight, {"damp": res.damp, "fallback": res.fallback, "error": res.error}
     pattern = config.pattern
     if pattern == "hybrid" and kinds is None:
         raise ValueError(f"{name}: the hybrid pattern needs its tile map")
@@ -314,7 +321,7 @@ def prune_model_multi(
     budgets: list[dict | None] = [None] * len(configs)
     for ci, cfg in enumerate(configs):
         if cfg.pattern == "hybrid" and kinds_per_cfg[ci] is None:
-            prior_cfg = replace(cfg, pattern="unstructured", update_weights=False)
+            prior_cfg = type(cfg)(**{**cfg.model_dump(), "pattern": "unstructured", "update_weights": False})
             prior = _run(model, calib, [prior_cfg], layers, progress, desc_suffix=" (tile prior)")[0][0]
             kinds_per_cfg[ci], budgets[ci] = _kinds_from_prior(prior, layers, cfg)
         elif cfg.pattern == "hybrid":
@@ -368,6 +375,30 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, config: PruneC
                              tile_kinds=[tile_kinds] if tile_kinds is not None else None)[0]
 
 
+@torch.no_grad()
+def refit_weights(model: nn.Module, calib_ids: torch.Tensor, maskset: MaskSet, *, damp: float = 0.01,
+                  blocksize: int = 128, progress: bool = True) -> dict:
+    """Reconstruct the kept weights of ``model`` for the given masks with SparseGPT's layer-wise update
+    (the masks stay exactly as they are; only the weights change, in place, zero where pruned).
+
+    Blocks run in order on ``calib_ids`` as in :func:`prune_model` with ``update_weights``: each block's
+    Hessians come from the outputs of the blocks already refitted. Returns per-layer infos (damping,
+    fallback) and the wall time.
+    """
+    calib = _check_calib(calib_ids, [PruneConfig(method="sparsegpt")])
+    layers = find_prunable_linears(model)
+    missing = [l.name for l in layers if l.name not in maskset.layers]
+    if missing:
+        raise TilesparseError(f"the mask has no layer {missing[0]} of this model ({len(missing)} missing)")
+    fixed = {l.name: maskset.layers[l.name].to_bool() for l in layers}
+    cfg = PruneConfig(method="sparsegpt", pattern="unstructured", sparsity=min(maskset.sparsity(), 0.99),
+                      update_weights=True, damp=damp, blocksize=blocksize)
+    t0 = time.perf_counter()
+    _, infos = _run(model, calib, [cfg], layers, progress, desc_suffix=" (refit for the given mask)", fixed=fixed)
+    return {"layers": infos[0], "seconds": time.perf_counter() - t0,
+            "fallback_layers": [n for n, i in infos[0].items() if i.get("fallback")]}
+
+
 def _fingerprint(model: nn.Module) -> str:
     from ..models import weights_fingerprint
 
@@ -394,8 +425,9 @@ def _kinds_from_prior(prior: dict[str, LayerMask], layers: Sequence[PrunableLine
     return {l.name: k for l, k in zip(layers, kinds)}, info
 
 
-def _run(model, calib, configs, layers, progress, *, kinds_per_cfg=None, desc_suffix=""):
-    """The sequential pass; returns per config ``{name: LayerMask}`` and per-layer infos."""
+def _run(model, calib, configs, layers, progress, *, kinds_per_cfg=None, desc_suffix="", fixed=None):
+    """The sequential pass; returns per config ``{name: LayerMask}`` and per-layer infos. ``fixed``
+    (``{name: keep mask}``, one SparseGPT config) refits the weights for given masks instead."""
     lead = configs[0]
     need_calib = any(c.needs_calibration for c in configs)
     need_h = any(c.method == "sparsegpt" for c in configs)
@@ -433,7 +465,7 @@ def _run(model, calib, configs, layers, progress, *, kinds_per_cfg=None, desc_su
         for l in blayers:
             w = l.weight.detach()
             for ci, cfg in enumerate(configs):
-                grouped = cfg.pattern in ("2:4", "hybrid")
+                grouped = cfg.pattern in ("2:4", "hybrid") and fixed is None
                 if grouped and l.in_features % 4:
                     masks[ci][l.name] = LayerMask(l.name, l.out_features, l.in_features, "dense", cfg.tile)
                     if l.name not in warned:
@@ -443,7 +475,7 @@ def _run(model, calib, configs, layers, progress, *, kinds_per_cfg=None, desc_su
                     continue
                 kinds = kinds_per_cfg[ci][l.name] if cfg.pattern == "hybrid" else None
                 keep, updated, info = prune_layer(
-                    w, cfg, name=l.name, kinds=kinds,
+                    w, cfg, name=l.name, kinds=kinds, keep=fixed[l.name] if fixed is not None else None,
                     sq_norm=stats.sq_norm(l.name) if stats is not None and cfg.method == "wanda" else None,
                     hessian=stats.hessian.get(l.name) if stats is not None and cfg.method == "sparsegpt" else None,
                 )
@@ -476,16 +508,18 @@ def _run(model, calib, configs, layers, progress, *, kinds_per_cfg=None, desc_su
 
 def calibration_ids(loaded, source: str = "austen-train", samples: int = 32, seqlen: int = 512,
                     seed: int = 0) -> tuple[torch.Tensor, dict]:
-    """Calibration segments ``[samples, seqlen]`` of a text for a loaded model, and their description."""
-    from ..data import calibration_segments, load_text, tokenize
+    """Calibration segments ``[samples, seqlen]`` of a text for a loaded model, and their description.
+    Evaluation texts are refused (the masks would be fitted to the text they are measured on)."""
+    from ..data import calibration_segments, training_tokens
+    from ..data.training import source_label
     from ..models import model_context_length
 
-    src = load_text(source)
-    ids = tokenize(loaded.tokenizer, src.text)
+    ids = training_tokens(loaded, source, seed=seed, use="calibrate", progress=False)
+    name = source_label(source)
     bos = loaded.tokenizer.bos_token_id if loaded.needs_bos else None
     segs = calibration_segments(ids, samples, seqlen, seed=seed, bos_id=bos,
                                 context=model_context_length(loaded.model))
-    return segs, {"text": src.name, "source": source, "samples": samples, "seqlen": seqlen, "seed": seed,
+    return segs, {"text": name, "source": source, "samples": samples, "seqlen": seqlen, "seed": seed,
                   "bos": bos is not None}
 
 

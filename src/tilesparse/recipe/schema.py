@@ -21,87 +21,125 @@ Example (the default recipe, ``tilesparse/recipe/default.yaml``)::
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 from ..errors import TilesparseError
-from ..options import LEARN_MODES as _MODES
-from ..options import PRIORS as _PRIORS
-from ..options import PRUNE_METHODS as _ONESHOT_METHODS
-from ..options import PRUNE_PATTERNS as _PATTERNS
-from ..options import RECIPE_KINDS as _KINDS
+from ..options import LearnMode, Prior, PruneMethod, PrunePattern, RecipeKind
+from ..typed_config import ConfigModel, check, closest
 
 
-@dataclass
-class DataConfig:
-    """Texts used for calibration (one-shot pruning, priors) and mask learning."""
+class _RecipePart(ConfigModel):
+    _error_prefix = "recipe"
 
-    calibration: str = "austen-train"
-    calib_samples: int = 32
-    calib_seqlen: int = 512
-    train: str = "austen-train"
+
+def _training_source(source: str) -> str:
+    from ..data import check_training_source
+
+    try:
+        check_training_source(source)
+    except TilesparseError as exc:
+        raise ValueError(str(exc)) from None
+    return source
+
+
+TrainingSource = Annotated[str, AfterValidator(_training_source)]
+
+
+class DataConfig(_RecipePart):
+    """Texts used for calibration (one-shot pruning, priors) and mask learning: a text name or file,
+    ``self:N`` (N tokens sampled from the dense model) or a weighted mixture ``a@0.5,self:200k@0.5``
+    (:mod:`tilesparse.data.training`); evaluation texts are refused."""
+
+    calibration: TrainingSource = "austen-train"
+    calib_samples: int = Field(32, gt=0)
+    calib_seqlen: int = Field(512, gt=1)
+    train: TrainingSource = "austen-train"
     seed: int = 0
 
 
-@dataclass
-class PerplexityConfig:
+class PerplexityConfig(_RecipePart):
     """Perplexity evaluation (pinned protocol) on each text."""
 
-    texts: list[str] = field(default_factory=lambda: ["prideprejudice", "persuasion"])
-    seqlen: int = 512
-    windows: int = 10
-    batch_size: int = 4
+    texts: list[str] = Field(default_factory=lambda: ["prideprejudice", "persuasion"])
+    seqlen: int = Field(512, gt=1)
+    windows: int = Field(10, gt=0)
+    batch_size: int = Field(4, gt=0)
 
 
-@dataclass
-class ZeroShotConfig:
+def _known_task(task: str) -> str:
+    from ..evaluation.zeroshot import LOCAL_TASKS, STANDARD_TASKS
+
+    known = LOCAL_TASKS + STANDARD_TASKS
+    check(task in known, f"unknown task '{task}'{closest(task, known)}")
+    return task
+
+
+class ZeroShotConfig(_RecipePart):
     """Zero-shot tasks through lm-eval (``tasks: null`` = the offline tasks, BIG-bench when its sdist is
     given and the standard lm-eval tasks when the hub is reachable; see
     :mod:`tilesparse.evaluation.zeroshot`)."""
 
     enabled: bool = True
-    tasks: list[str] | None = None
-    limit: int | None = 100
-    batch_size: int = 8
+    tasks: list[Annotated[str, AfterValidator(_known_task)]] | None = None
+    limit: int | None = Field(100, gt=0)
+    batch_size: int = Field(8, gt=0)
 
 
-@dataclass
-class EvaluationConfig:
-    perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
-    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+class EvaluationConfig(_RecipePart):
+    perplexity: PerplexityConfig = Field(default_factory=PerplexityConfig)
+    zeroshot: ZeroShotConfig = Field(default_factory=ZeroShotConfig)
 
 
-@dataclass
-class MethodConfig:
+class MethodConfig(_RecipePart):
     """One method of the recipe.
 
     ``kind``: ``dense`` (baseline), ``oneshot`` (magnitude / wanda / sparsegpt with pattern
     unstructured / 2:4 / hybrid) or ``learn`` (mode tile / joint / maskllm). ``sparsities`` lists the
     targets (2:4 and maskllm are always 0.5). Learning keys: ``steps``, ``batch``, ``seqlen``,
-    ``lr``, ``prior`` (one-shot method for the priors), ``options`` (any further trainer settings,
-    passed through to the learning config).
+    ``lr``, ``prior`` (one-shot method for the priors), ``options`` (any further
+    :class:`~tilesparse.learning.LearnConfig` field).
     """
 
     name: str
-    kind: str = "learn"
-    method: str | None = None
-    pattern: str | None = None
-    mode: str | None = None
-    sparsities: list[float] = field(default_factory=list)
+    kind: RecipeKind = "learn"
+    method: PruneMethod | None = None
+    pattern: PrunePattern | None = None
+    mode: LearnMode | None = None
+    sparsities: list[float] = Field(default_factory=list)
     update_weights: bool = False
-    steps: int | None = None
-    batch: int | None = None
-    seqlen: int | None = None
-    lr: float | None = None
-    prior: str = "sparsegpt"
-    options: dict = field(default_factory=dict)
+    steps: int | None = Field(None, ge=1)
+    batch: int | None = Field(None, ge=1)
+    seqlen: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0)
+    prior: Prior = "sparsegpt"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> "MethodConfig":
+        if self.kind == "oneshot":
+            check(self.method is not None, "a oneshot method needs 'method'")
+            check(self.pattern is not None, "a oneshot method needs 'pattern'")
+        if self.kind == "learn":
+            check(self.mode is not None, "a learn method needs 'mode'")
+            check(not (self.mode == "tile" and self.prior == "none"),
+                  "PATCH-Tile keeps a one-shot 2:4 pattern, so its prior cannot be 'none'")
+        hybrid = self.is_hybrid
+        if (hybrid or (self.kind == "oneshot" and self.pattern == "unstructured")) and not self.sparsities:
+            raise ValueError("needs 'sparsities' (a list of targets)")
+        for s in self.sparsities:
+            ok = 0.0 <= s <= 0.5 if hybrid else 0.0 <= s < 1.0
+            check(ok, f"sparsity {s} outside [0, {0.5 if hybrid else 1.0}{']' if hybrid else ')'}")
+        return self
+
+    @property
+    def is_hybrid(self) -> bool:
+        return (self.kind == "oneshot" and self.pattern == "hybrid") or (self.kind == "learn" and self.mode != "maskllm")
 
     def targets(self) -> list[float]:
         """The sparsities this method produces a model for."""
@@ -112,8 +150,7 @@ class MethodConfig:
         return list(self.sparsities)
 
 
-@dataclass
-class ExportConfig:
+class ExportConfig(_RecipePart):
     """What to ship: the packed hybrid model of the chosen runs (``which``: run ids, or all learned)."""
 
     packed: bool = True
@@ -121,8 +158,7 @@ class ExportConfig:
     save_hf: bool = False
 
 
-@dataclass
-class ReportConfig:
+class ReportConfig(_RecipePart):
     """Report options; ``kernel_results`` = a JSON file of kernel speed results to plot; ``prior_rows``:
     evaluate the one-shot prior of every learned run beside it (what learning added)."""
 
@@ -132,22 +168,41 @@ class ReportConfig:
     kernel_results: str | None = None
 
 
-@dataclass
-class Recipe:
+def _tile_ok(tile):
+    from ..pruning.config import parse_tile
+
+    try:
+        parse_tile(tile)
+    except TilesparseError as exc:
+        raise ValueError(str(exc)) from None
+    return tile
+
+
+class Recipe(_RecipePart):
     """A whole recipe. See the module docstring for an example."""
 
     model: str = "default"
     dtype: str = "float32"
     device: str = "cpu"
-    tile: int | list[int] = 128
+    tile: Annotated[int | list[int], AfterValidator(_tile_ok)] = 128
     output: str = "runs/default"
-    data: DataConfig = field(default_factory=DataConfig)
-    methods: list[MethodConfig] = field(default_factory=list)
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
-    report: ReportConfig = field(default_factory=ReportConfig)
-    keep_checkpoints: bool = False  # keep each learned run's resumable checkpoint once the run is done
+    data: DataConfig = Field(default_factory=DataConfig)
+    methods: list[MethodConfig] = Field(default_factory=list)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+    keep_checkpoints: bool = Field(False, description="keep each learned run's resumable checkpoint once the "
+                                   "run is done")
     notes: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> "Recipe":
+        check(bool(self.methods), "'methods' must list at least one method")
+        seen = set()
+        for m in self.methods:
+            check(m.name not in seen, f"method name '{m.name}' is used twice")
+            seen.add(m.name)
+        return self
 
     @property
     def tile_shape(self) -> tuple[int, int]:
@@ -156,147 +211,46 @@ class Recipe:
         return parse_tile(self.tile)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
 
-# ----------------------------------------------------------------------------------------------
-# strict parsing
-
-
-def _unknown(path: str, key: str, allowed: list[str]) -> TilesparseError:
-    close = difflib.get_close_matches(key, allowed, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else f" (allowed: {', '.join(allowed)})"
-    return TilesparseError(f"recipe: unknown key '{path}{key}'{hint}")
-
-
-def _convert(tp: Any, value: Any, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise TilesparseError(f"recipe: '{path}' must be a mapping, got {type(value).__name__}")
-        return _build(tp, value, path + ".")
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _convert(a, value, path)
-            except TilesparseError as exc:
-                errors.append(str(exc))
-        raise TilesparseError(errors[0] if errors else f"recipe: bad value for '{path}'")
-    if origin is list:
-        if not isinstance(value, list):
-            raise TilesparseError(f"recipe: '{path}' must be a list, got {value!r}")
-        return [_convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
-    if tp is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise TilesparseError(f"recipe: '{path}' must be a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise TilesparseError(f"recipe: '{path}' must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TilesparseError(f"recipe: '{path}' must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TilesparseError(f"recipe: '{path}' must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise TilesparseError(f"recipe: '{path}' must be a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def _build(cls: type, data: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            raise _unknown(prefix, str(key), names)
-        kwargs[key] = _convert(hints[key], value, prefix + key)
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:  # a required field is missing
-        raise TilesparseError(f"recipe: '{prefix.rstrip('.') or 'recipe'}': {exc}") from None
-
-
-def _validate(r: Recipe) -> Recipe:
-    if not r.methods:
-        raise TilesparseError("recipe: 'methods' must list at least one method")
-    try:
-        r.tile_shape
-    except TilesparseError as exc:
-        raise TilesparseError(f"recipe: 'tile': {exc}") from None
-    if r.data.calib_samples <= 0 or r.data.calib_seqlen <= 1:
-        raise TilesparseError("recipe: 'data.calib_samples' must be > 0 and 'data.calib_seqlen' > 1")
-    p = r.evaluation.perplexity
-    if p.seqlen <= 1 or p.windows <= 0 or p.batch_size <= 0:
-        raise TilesparseError("recipe: 'evaluation.perplexity' needs seqlen > 1, windows > 0, batch_size > 0")
-    z = r.evaluation.zeroshot
-    if z.limit is not None and z.limit <= 0:
-        raise TilesparseError("recipe: 'evaluation.zeroshot.limit' must be positive or null")
-    if z.tasks is not None:
-        from ..evaluation.zeroshot import LOCAL_TASKS, STANDARD_TASKS
-
-        known = LOCAL_TASKS + STANDARD_TASKS
-        for i, task in enumerate(z.tasks):
-            if task not in known:
-                close = difflib.get_close_matches(task, known, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else f" (choose from {', '.join(known)})"
-                raise TilesparseError(f"recipe: 'evaluation.zeroshot.tasks[{i}]': unknown task '{task}'{hint}")
-    seen = set()
+def _check_learning(r: Recipe) -> Recipe:
+    """Every learned run's full learning configuration is valid (errors name ``methods[i].options``)."""
     for i, m in enumerate(r.methods):
-        where = f"methods[{i}] ({m.name})"
-        if m.name in seen:
-            raise TilesparseError(f"recipe: method name '{m.name}' is used twice")
-        seen.add(m.name)
-        if m.kind not in _KINDS:
-            raise TilesparseError(f"recipe: {where}.kind must be one of {_KINDS}, got {m.kind!r}")
-        if m.kind == "oneshot":
-            if m.method not in _ONESHOT_METHODS:
-                raise TilesparseError(f"recipe: {where}.method must be one of {_ONESHOT_METHODS}, got {m.method!r}")
-            if m.pattern not in _PATTERNS:
-                raise TilesparseError(f"recipe: {where}.pattern must be one of {_PATTERNS}, got {m.pattern!r}")
-        if m.kind == "learn":
-            if m.mode not in _MODES:
-                raise TilesparseError(f"recipe: {where}.mode must be one of {_MODES}, got {m.mode!r}")
-            if m.prior not in _PRIORS:
-                raise TilesparseError(f"recipe: {where}.prior must be one of {_PRIORS}, got {m.prior!r}")
-            if m.mode == "tile" and m.prior == "none":
-                raise TilesparseError(f"recipe: {where}: PATCH-Tile keeps a one-shot 2:4 pattern, so its prior "
-                                      "cannot be 'none'")
-            for key in ("steps", "batch", "seqlen"):
-                v = getattr(m, key)
-                if v is not None and v < 1:
-                    raise TilesparseError(f"recipe: {where}.{key} must be >= 1, got {v}")
-            if m.lr is not None and m.lr <= 0:
-                raise TilesparseError(f"recipe: {where}.lr must be positive, got {m.lr}")
-        hybrid = (m.kind == "oneshot" and m.pattern == "hybrid") or (m.kind == "learn" and m.mode != "maskllm")
-        needs_targets = hybrid or (m.kind == "oneshot" and m.pattern == "unstructured")
-        if needs_targets and not m.sparsities:
-            raise TilesparseError(f"recipe: {where} needs 'sparsities' (a list of targets)")
-        for s in m.sparsities:
-            hi = 0.5 if hybrid else 1.0
-            ok = 0.0 <= s <= 0.5 if hybrid else 0.0 <= s < 1.0
-            if not ok:
-                raise TilesparseError(f"recipe: {where}: sparsity {s} outside [0, {hi}{']' if hybrid else ')'}")
+        if m.kind != "learn":
+            continue
+        for target in m.targets():
+            try:
+                learn_config(r, m, target)
+            except TilesparseError as exc:
+                text = str(exc).removeprefix("recipe: ")
+                if text.startswith("unknown key '") or text.startswith("'"):
+                    text = text.replace("'", f"'methods[{i}].options.", 1)
+                else:
+                    text = f"'methods[{i}]': {text}"
+                raise TilesparseError(f"recipe: {text}") from None
     return r
+
+
+def learn_config(recipe: Recipe, method: MethodConfig, target: float):
+    """The :class:`~tilesparse.learning.LearnConfig` of one learned run: the recipe's data and tile, the
+    method's keys, then its ``options``."""
+    from ..learning.config import make_config
+
+    d = recipe.data
+    keys = dict(mode=method.mode, sparsity=target if method.mode != "maskllm" else 0.5, steps=method.steps,
+                batch=method.batch, seqlen=method.seqlen, lr=method.lr, prior=method.prior, tile=recipe.tile_shape,
+                seed=d.seed, text=d.train, calib_samples=d.calib_samples, calib_seqlen=d.calib_seqlen,
+                dtype=recipe.dtype)
+    keys.update(method.options)
+    return make_config(**keys)
 
 
 def parse_recipe(data: dict) -> Recipe:
     """Build and validate a :class:`Recipe` from a mapping (e.g. parsed YAML)."""
     if not isinstance(data, dict):
         raise TilesparseError("recipe: the top level must be a mapping")
-    return _validate(_build(Recipe, data))
+    return _check_learning(Recipe.parse(data))
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -317,8 +271,10 @@ def default_recipe_path() -> Path:
 
 
 def fingerprint(*parts: Any) -> str:
-    """Stable short hash of JSON-serialisable parts (dataclasses allowed)."""
+    """Stable short hash of JSON-serialisable parts (config models and dataclasses allowed)."""
     def norm(x):
+        if isinstance(x, BaseModel):
+            return x.model_dump()
         return dataclasses.asdict(x) if dataclasses.is_dataclass(x) else x
 
     blob = json.dumps([norm(p) for p in parts], sort_keys=True, default=str)

@@ -13,6 +13,7 @@ from ..errors import TilesparseError
 from ..io.export import apply_mask_dir, export_packed, save_updated_weights
 from ..learning.trainer import PRIOR_DIR
 from ..options import CALIBRATED_METHODS
+from .schema import learn_config
 
 
 def _calibration(runner, loaded):
@@ -52,15 +53,15 @@ def _oneshot(runner, loaded, spec, mask_dir: Path) -> dict:
 
 
 def _learned(runner, loaded, spec, mask_dir: Path) -> dict:
-    from ..data import load_text, tokenize
+    from ..data import training_tokens
     from ..io import save_mask_artifact
     from ..learning.final import density_report
     from ..learning.trainer import discard_checkpoint, learn_masks
     from ..models import find_prunable_linears
 
     d = runner.recipe.data
-    cfg = _learn_config(runner, spec)
-    train_ids = tokenize(loaded.tokenizer, load_text(d.train).text)
+    cfg = learn_config(runner.recipe, spec.method, spec.target)
+    train_ids = training_tokens(loaded, d.train, seed=d.seed, progress=runner.progress)
     calib = None
     if cfg.prior in CALIBRATED_METHODS:
         calib, _ = _calibration(runner, loaded)
@@ -88,22 +89,6 @@ def _learned(runner, loaded, spec, mask_dir: Path) -> dict:
             "learn_seconds": res.seconds, "config": cfg.to_dict()}
 
 
-def _learn_config(runner, spec):
-    """The learning configuration of a learned run (recipe keys, then the method's ``options``)."""
-    from ..learning.config import make_config
-
-    m, d = spec.method, runner.recipe.data
-    overrides = dict(mode=m.mode, sparsity=spec.target if m.mode != "maskllm" else 0.5, steps=m.steps,
-                     batch=m.batch, seqlen=m.seqlen, lr=m.lr, prior=m.prior, tile=runner.recipe.tile_shape,
-                     seed=d.seed, text=d.train, calib_samples=d.calib_samples, calib_seqlen=d.calib_seqlen,
-                     dtype=runner.recipe.dtype)
-    unknown = set(m.options) - set(make_config().to_dict())
-    if unknown:
-        raise TilesparseError(f"recipe: {m.name}.options has unknown learning settings: {sorted(unknown)}")
-    overrides.update(m.options)
-    return make_config(**overrides)
-
-
 def _prior(runner, loaded, spec, mask_dir: Path) -> dict:
     """The one-shot prior a learned run starts from, as a mask: saved by the learned run's stage, or
     computed here when that stage is older than this record (same pruner, same calibration)."""
@@ -115,7 +100,7 @@ def _prior(runner, loaded, spec, mask_dir: Path) -> dict:
     if (learned / "masks.safetensors").is_file():
         ms = load_mask_artifact(learned)
     else:
-        cfg = _learn_config(runner, spec)
+        cfg = learn_config(runner.recipe, spec.method, spec.target)
         calib = _calibration(runner, loaded)[0] if cfg.prior in CALIBRATED_METHODS else None
         shots = one_shot_prior(loaded.model, calib, method=cfg.prior, mode=cfg.mode, sparsity=cfg.sparsity,
                                progress=runner.progress)

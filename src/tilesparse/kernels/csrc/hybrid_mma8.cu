@@ -1,14 +1,14 @@
 // Hybrid (dense / 2:4 tile) linear for 1-64 tokens on sparse tensor cores: v8 decode kernel.
 //
-// Same weight fragments and MMAs as v7 (hybrid_mma.cu), with the per-batch block barrier gone:
+// Same weight fragments and MMAs as v7 (hybrid_mma.cu), without v7's per-batch block barrier:
 //   * block (chunk, j) covers steps [j SPB, (j + 1) SPB) of its tile-row (fewer at the row's end), and its x
 //     for all of them is staged into shared memory once, at the start, by 16-byte loads (in the fragment
 //     order v7 uses) -- one __syncthreads per block instead of one per batch of SB steps, and 8x fewer, simpler
 //     copy instructions than v7's 4-byte cp.async;
 //   * the first input column of every step comes from a per-layer step table (``steps[r * S + s]``, built
 //     once per layer by cuda_mma.py) instead of the CSR column lists; as the block's step range does not
-//     depend on the tile-row, the table and x loads go out first, before the weights (a per-block timeline,
-//     benchmarks/mma_timeline.py, showed x queueing behind the weight loads otherwise).
+//     depend on the tile-row, the table and x loads go out first, before the weights (otherwise x queues
+//     behind the weight loads: per-block timeline, benchmarks/mma_timeline.py).
 // The warps then stream their weights with the next batch's loads in flight during this batch's MMAs and
 // never wait for each other; the two register sets alternate by batch (the loop is unrolled: no copies) and
 // the steps' offsets are compile-time constants folded into the loads. Macros: DT_BF16, NOCT, WARPS, SB as

@@ -1,15 +1,16 @@
 // Hybrid (dense / 2:4 tile) linear for 1-64 tokens on sparse tensor cores: v9 decode kernel (sm_90).
 //
-// v8's per-block timeline showed three costs that every block pays once per wave: two dependent loads before
+// v8's per-block timeline has three costs that every block pays once per wave: two dependent loads before
 // the first MMA, a weight stream limited by the bytes a warp can hold in registers, and the split-K tail. v9
 // moves the weights with the copy engine and keeps the blocks alive:
-//   * work items: a row chunk of BR rows x up to SPB 64-column steps of ONE kind (a tile-row's 2:4 steps are cut
-//     into items of SPB, then its dense steps), described by a per-layer item table (cuda_mma.item_table: kind,
-//     steps, first step, and the steps' input columns); numbered chunk-major, `split` items per chunk;
-//   * a persistent grid (about one block per SM); every block takes one contiguous range of items (stream-K;
-//     cuda_mma.block_ranges cuts the item list into ranges of about equal bytes): consecutive items of one chunk
-//     add into the same registers, and only a chunk split between blocks goes through the fp32 workspace and
-//     the arrival counter;
+//   * work items: a row chunk of BR rows x up to SPB 64-column steps of ONE kind (a tile-row's 2:4 steps and its
+//     dense steps are cut into items of SPB separately, the two lists interleaved), described by a per-layer
+//     item table (cuda_mma.item_table: kind, steps, first step, and the steps' input columns); numbered
+//     chunk-major, `split` items per chunk;
+//   * a persistent grid (as many blocks per SM as shared memory holds); every block takes one contiguous range
+//     of items (stream-K; cuda_mma.block_ranges cuts the item list into ranges of about equal cost, in
+//     practice equal item counts): consecutive items of one chunk add into the same registers, and only a
+//     chunk split between blocks goes through the fp32 workspace and the arrival counter;
 //   * one producer warp fills NST shared-memory stages ahead of the consumers: the item's weights by 2-D tensor
 //     copies (cp.async.bulk.tensor; one tensor map per tile-row and kind, cuda_mma.tensor_maps; rows beyond the
 //     layer and steps beyond the kind's last are zero-filled, not read), its x by 16-byte cp.async; both complete
@@ -19,8 +20,9 @@
 //     copies go out before griddepcontrol.wait, so they overlap the end of the kernel before; x and the outputs
 //     wait for it (without the launch attribute the wait returns at once).
 // So the next items' weights and x are in flight while the current one computes and while a tail reduces, and
-// the bytes in flight are bounded by shared memory, not registers. (A first v9 that copied each row's segment
-// by a 1-D bulk copy was limited by the copy count: ~40 ns per copy per SM; docs/KERNELS.md v9.)
+// the bytes in flight are bounded by shared memory, not registers. (Weights go as 2-D boxes, not one 1-D bulk
+// copy per row: on the H200 a copy request costs ~40 ns per SM whatever its size, so per-row copies are bound by
+// their count.)
 // Fragments: a 2:4 step of row g is 16 bytes at 16 t of its 64 stored bytes (groups 4t..4t+3), a dense step
 // the 16 bytes at 16 t of each 64-byte half (v7). x stays in its plain layout [token][step][64 columns]: a
 // dense MMA reads 16 contiguous bytes per lane; a sparse MMA s reads 4 words at columns

@@ -1,13 +1,13 @@
 """Layer-level checks and benchmarks of the hybrid kernels (GPU).
 
-    PYTHONPATH=src python3 benchmarks/kernels.py --check            # correctness on the GPU
-    PYTHONPATH=src python3 benchmarks/kernels.py --out table.md     # the layer table (CUDA graphs + eager)
-    PYTHONPATH=src python3 benchmarks/kernels.py --shapes 4096x4096 --tokens 1,16 --fracs 0.5,1 --verbose
-    PYTHONPATH=src python3 benchmarks/kernels.py --decode --precompile 16 --tokens 1,4,16 --fracs 0.5,1 \
+    PYTHONPATH=src python3 benchmarks/kernel_speed.py --check            # correctness on the GPU
+    PYTHONPATH=src python3 benchmarks/kernel_speed.py --out table.md     # the layer table (CUDA graphs + eager)
+    PYTHONPATH=src python3 benchmarks/kernel_speed.py --shapes 4096x4096 --tokens 1,16 --fracs 0.5,1 --verbose
+    PYTHONPATH=src python3 benchmarks/kernel_speed.py --decode --precompile 16 --tokens 1,4,16 --fracs 0.5,1 \
         --shapes 4096x4096,11008x4096,4096x11008      # v6 stream vs v5 flat vs v3 kernels vs dense (decode cells)
-    PYTHONPATH=src python3 benchmarks/kernels.py --check --flat-only   # correctness of the v5 flat kernel only
-    ncu --profile-from-start off ... python3 benchmarks/kernels.py --ncu  # v5 profile launches
-    ncu --profile-from-start off ... python3 benchmarks/kernels.py --ncu-mma  # v7 / v8 profile launches
+    PYTHONPATH=src python3 benchmarks/kernel_speed.py --check --flat-only   # correctness of the v5 flat kernel only
+    ncu --profile-from-start off ... python3 benchmarks/kernel_speed.py --ncu  # v5 profile launches
+    ncu --profile-from-start off ... python3 benchmarks/kernel_speed.py --ncu-mma  # v7 / v8 profile launches
 
 Timing: every op is timed over ``copies`` distinct weight copies whose dense bytes together exceed
 4x the L2 (so no weight is served from L2), inside one CUDA graph (and, separately, eagerly), median
@@ -122,7 +122,7 @@ def check(args) -> bool:
                             seen.add(sig)
                             keep.append(c)
                     cfgs = keep + ([] if only else [ops.heuristic_config(M, p)])
-                else:  # the pipelined / unrolled K-loop knobs (not autotuner candidates, see docs/KERNELS.md v4)
+                else:  # the pipelined / unrolled K-loop knobs (not autotuner candidates: never faster on the H100)
                     T = ops.KernelConfig
                     if M <= 4 and not only:
                         cfgs += [T("triton", 3, ops._pow2_at_least(M), 32, 128, 4, 4, 3, True, 4),
@@ -130,7 +130,7 @@ def check(args) -> bool:
                                  T("triton", 3, ops._pow2_at_least(M), 32, 128, 4, 4, 3, True, 0, 2)]
                     elif M <= 64 and not only:
                         cfgs += [T("triton", 1, ops._pow2_at_least(M, 16), 32, 128, 4, 4, 3, True, 4)]
-                    if M == 1 and only != "stream":  # v5 persistent programs (not candidates, docs/KERNELS.md v5)
+                    if M == 1 and only != "stream":  # persistent flat programs (not candidates: slower on the H200)
                         cfgs += [T("flat", 6, 1, 16, 0, 1, 4, 1, True, 0, 0, 4, 1, 4),
                                  T("flat", 6, 1, 32, 0, 1, 4, 1, True, 0, 0, 2, 1, 6)]
                 for cfg in cfgs:
@@ -299,7 +299,7 @@ def write_table(rows, args, props, echo: bool = True) -> None:
         "",
         f"Measured {datetime.date.today().isoformat()} on {props.name} ({props.multi_processor_count} SMs), "
         f"torch {torch.__version__}, triton {__import__('triton').__version__}, bf16, random weights and inputs.",
-        f"Command: `PYTHONPATH=src python3 benchmarks/kernels.py {' '.join(sys.argv[1:])}`",
+        f"Command: `PYTHONPATH=src python3 benchmarks/kernel_speed.py {' '.join(sys.argv[1:])}`",
         "",
         "Times in microseconds per call, rotating over weight copies > 4x L2; `x dense` = dense time / hybrid time;",
         "`bound` = bytes bound 1/(1-0.4375 f) (the memory-bound ceiling; prefill should be >= 0.97x instead);",

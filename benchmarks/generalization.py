@@ -1,0 +1,119 @@
+"""Out-of-domain quality of learned masks: learning objective, training data and refit, against SparseGPT.
+
+Rows, all from one model load and the same token budget per learned run:
+- dense; SparseGPT 2:4 mask only and with its weight update (``--baselines``, calibrated on ``--calibration``);
+- per target sparsity: the one-shot prior (``--prior``), then one learned run per ``--losses`` entry (PATCH
+  ``--mode``; ``maskllm`` is always 50 %), and with ``--refit`` the same masks with SparseGPT's weight
+  update refitted for them (calibrated on ``--calibration``).
+Perplexity under the pinned protocol (first ``--windows`` x 512 tokens) on every ``--texts`` entry; list
+out-of-domain texts first: nothing here trains or calibrates on them.
+
+    python benchmarks/generalization.py --out benchmarks/results/generalization_cpu.md   # the default recipe's budget
+    python benchmarks/generalization.py --device cuda --prior sparsegpt --steps 200 --batch 8 --seqlen 512 \\
+        --text "austen-train@1,self:409600@1" --baselines --refit --out benchmarks/results/generalization_h100.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import tilesparse as ts
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--modes", default="joint", help="joint, tile, maskllm (comma-separated)")
+    p.add_argument("--sparsities", default="0.45,0.25")
+    p.add_argument("--losses", default="ce,kd")
+    p.add_argument("--prior", default="wanda")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seqlen", type=int, default=128)
+    p.add_argument("--text", default="austen-train", help="training source (text, self:N or a mixture)")
+    p.add_argument("--calibration", default=None, help="calibration of baselines and refit (default --text)")
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--baselines", action="store_true", help="SparseGPT 2:4 rows (mask only, with update)")
+    p.add_argument("--refit", action="store_true", help="a refitted row after every learned row")
+    p.add_argument("--texts", default="mobydick,debian-reference,prideprejudice",
+                   help="evaluation texts (out of domain first)")
+    p.add_argument("--windows", type=int, default=10)
+    p.add_argument("--out", default=None, help="markdown table (a .json with the rows is written beside it)")
+    args = p.parse_args(argv)
+    texts = args.texts.split(",")
+    calibration = args.calibration or args.text
+    lm = ts.load_model(args.model, dtype=args.dtype, device=args.device)
+    pristine = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
+        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    rows: list[dict] = []
+
+    def row(name: str, **extra) -> None:
+        ppl = {t: round(ts.perplexity(lm, t, windows=args.windows, progress=False).perplexity, 2) for t in texts}
+        rows.append({"row": name, **ppl, **extra})
+        print(rows[-1], flush=True)
+        if args.out:  # rows so far survive an interruption
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1))
+        lm.model.load_state_dict(pristine)
+
+    row("dense")
+    if args.baselines:
+        for update in (False, True):
+            t0 = time.perf_counter()
+            masks = ts.prune(lm, method="sparsegpt", pattern="2:4", update_weights=update, calibration=calibration,
+                             samples=args.calib_samples, progress=False)
+            ts.apply_masks(lm, masks)
+            row(f"SparseGPT 2:4, {'with weight update' if update else 'mask only'}", sparsity=0.5,
+                seconds=round(time.perf_counter() - t0, 1))
+    for mode in args.modes.split(","):
+        targets = [0.5] if mode == "maskllm" else [float(x) for x in args.sparsities.split(",")]
+        for s in targets:
+            for i, loss in enumerate(args.losses.split(",")):
+                t0 = time.perf_counter()
+                res = ts.learn(lm, mode=mode, sparsity=s, prior=args.prior, steps=args.steps, batch=args.batch,
+                               seqlen=args.seqlen, text=args.text, loss=loss, calib_samples=args.calib_samples,
+                               progress=False)
+                seconds = time.perf_counter() - t0
+                if i == 0:
+                    ts.apply_masks(lm, res.prior)
+                    row(f"one-shot prior ({args.prior}) for {mode}", sparsity=s)
+                step_s = sum(h["seconds"] for h in res.history) / len(res.history)
+                label = f"{mode}, loss {loss}"
+                ts.apply_masks(lm, res.maskset)
+                row(label, sparsity=s, seconds=round(seconds, 1), step_s=round(step_s, 3))
+                if args.refit:
+                    t0 = time.perf_counter()
+                    ts.refit(lm, res.maskset, calibration=calibration, samples=args.calib_samples, progress=False)
+                    ts.apply_masks(lm, res.maskset)
+                    row(f"{label} + refit", sparsity=s, seconds=round(time.perf_counter() - t0, 1))
+    tokens = args.steps * args.batch * args.seqlen
+    head = (f"{lm.name} ({args.dtype}) on {device_name}. Learned rows: {args.steps} steps x {args.batch} x "
+            f"{args.seqlen} = {tokens} tokens of `{args.text}` from a {args.prior} prior; baselines and refit "
+            f"calibrated on `{calibration}` ({args.calib_samples} x 512 tokens). Perplexity: first {args.windows} x "
+            f"512 windows. Command: `python benchmarks/generalization.py {' '.join(argv or [])}`")
+    cols = ["sparsity"] + texts + ["seconds", "step_s"]
+    lines = [head, "", "| row | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for r in rows:
+        lines.append(f"| {r['row']} | " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(table + "\n")
+        Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(main(sys.argv[1:]))

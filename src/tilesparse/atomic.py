@@ -1,0 +1,29 @@
+"""Atomic file writes: write a temporary file in the same folder, then ``os.replace`` (never a torn file)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file beside ``path``, flushed to disk, then renamed over it."""
+    import torch
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+__all__ = ["atomic_torch_save", "atomic_write_text"]
