@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=128)
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: LearnConfig's)")
     p.add_argument("--text", default="austen-train", help="training source (text, self:N or a mixture)")
     p.add_argument("--calibration", default=None, help="calibration of baselines and refit (default --text)")
     p.add_argument("--calib-samples", type=int, default=32)
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 res = ts.learn(lm, mode=mode, sparsity=s, prior=args.prior, steps=args.steps, batch=args.batch,
                                seqlen=args.seqlen, text=args.text, loss=loss, calib_samples=args.calib_samples,
-                               progress=False)
+                               lr=args.lr, progress=False)
                 seconds = time.perf_counter() - t0
                 if i == 0:
                     ts.apply_masks(lm, res.prior)
@@ -97,7 +98,8 @@ def main(argv=None) -> int:
                     row(f"{label} + refit", sparsity=s, seconds=round(time.perf_counter() - t0, 1))
     tokens = args.steps * args.batch * args.seqlen
     head = (f"{lm.name} ({args.dtype}) on {device_name}. Learned rows: {args.steps} steps x {args.batch} x "
-            f"{args.seqlen} = {tokens} tokens of `{args.text}` from a {args.prior} prior; baselines and refit "
+            f"{args.seqlen} = {tokens} tokens of `{args.text}` from a {args.prior} prior, learning rate "
+            f"{args.lr or 'default'}; baselines and refit "
             f"calibrated on `{calibration}` ({args.calib_samples} x 512 tokens). Perplexity: first {args.windows} x "
             f"512 windows. Command: `python benchmarks/generalization.py {' '.join(argv or [])}`")
     cols = ["sparsity"] + texts + ["seconds", "step_s"]

@@ -12,13 +12,17 @@ def test_unknown_embedded_text():
         embedded.embedded_text("ulysses")
 
 
-def test_unreachable_source_is_a_clear_error(tmp_cache, monkeypatch):
+@pytest.mark.parametrize("name,message", [
+    ("emma", "could not download Debian package r-cran-janeaustenr"),
+    ("debian-reference", "'debian-reference' is not available .*debian-reference-en"),
+])
+def test_unreachable_source_is_a_clear_error(tmp_cache, monkeypatch, name, message):
     def fail(package, dest):
         raise TilesparseError(f"could not download Debian package {package}: unreachable")
 
     monkeypatch.setattr(embedded, "apt_download_unpack", fail)
-    with pytest.raises(TilesparseError, match="could not download Debian package r-cran-janeaustenr"):
-        embedded.embedded_text("emma")
+    with pytest.raises(TilesparseError, match=message):
+        embedded.embedded_text(name)
 
 
 def test_rdata_reader_roundtrip(tmp_path):

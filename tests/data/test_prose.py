@@ -126,15 +126,6 @@ def test_load_text_fetches_once_and_caches(tmp_cache, tmp_path, monkeypatch):
     assert load_text("debian-reference").text == src.text and calls == ["debian-reference-en"]
 
 
-def test_unreachable_package_is_a_clear_error(tmp_cache, monkeypatch):
-    def fail(package, dest):
-        raise TilesparseError(f"could not download Debian package {package}: unreachable")
-
-    monkeypatch.setattr(embedded, "apt_download_unpack", fail)
-    with pytest.raises(TilesparseError, match="'debian-reference' is not available .*debian-reference-en"):
-        embedded.embedded_text("debian-reference")
-
-
 def test_fetch_skips_the_optional_text_with_one_line(tmp_cache, tmp_path, monkeypatch, capsys):
     """The required sources are fetched; the optional one failing is one line, and fetch still succeeds."""
     from tilesparse.commands import fetch

@@ -70,9 +70,26 @@ def test_learn_cli_removes_its_checkpoint_when_done(tiny_dir, tmp_path, capsys):
     assert "already holds a finished learning run" in capsys.readouterr().err
 
 
+def test_learn_cli_distills_and_refits(tiny_dir, tmp_path, capsys):
+    from tilesparse.io.export import UPDATED_WEIGHTS
+
+    d, text = tiny_dir
+    out = tmp_path / "run"
+    assert main(_args(d, text, out, "--json", "--loss", "kd", "--refit",
+                             "--calib-samples", "2", "--calib-seqlen", "64")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["final"]["kd"] > 0 and (out / UPDATED_WEIGHTS).is_file()
+    assert summary["files"]["updated_weights"] == str(out / UPDATED_WEIGHTS)
+    assert main(["eval", "--model", str(d), "--mask", str(out), "--text", str(text), "--seqlen", "32",
+                 "--windows", "2"]) == 0
+    assert "with the updated weights" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("extra,msg", [(["--sparsity", "0.7"], "sparsity"), (["--steps", "0"], "steps"),
                                        (["--text", "prideprejudice"], "evaluation text"),
-                                       (["--text", "mobydick"], "evaluation text")])
+                                       (["--text", "mobydick"], "evaluation text"),
+                                       (["--text", "emma@1,debian-reference@1"], "evaluation text"),
+                                       (["--text", "self:lots"], "self:N")])
 def test_learn_cli_bad_input(tiny_dir, tmp_path, capsys, extra, msg):
     d, text = tiny_dir
     args = _args(d, text, tmp_path / "x")

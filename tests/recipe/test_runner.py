@@ -221,3 +221,61 @@ def test_export_check_refuses_a_model_that_does_not_match_its_file(tiny_model_di
         other.model.norm.weight.mul_(3.0)  # what a lost buffer or a wrong tensor would do
     with pytest.raises(TilesparseError, match="export check failed"):
         check_export(other, Path(res.export_dir))
+
+
+def test_refit_row_keeps_the_learned_masks_and_ships_the_refitted_weights(tiny_model_dir, text_file, tmp_path):
+    from tilesparse.io import load_mask_artifact
+    from tilesparse.io.export import UPDATED_WEIGHTS
+
+    out = tmp_path / "run"
+    r = tiny_recipe(tiny_model_dir, text_file, out, export={"packed": True},
+                    report={"prior_rows": False},
+                    methods=[{"name": "patch-joint", "kind": "learn", "mode": "joint", "sparsities": [0.35],
+                              "steps": 2, "batch": 2, "seqlen": 32, "prior": "magnitude", "refit": True,
+                              "options": {"loss": "kd"}}])
+    learned, refit = RecipeRunner(r, progress=False, log=lambda s: None).run()
+    assert refit.run_id == "patch-joint-s35-refit" and refit.kind == "refit"
+    assert refit.method == "patch-joint + refit"
+    assert "| patch-joint-s35-refit | refit |" in (out / "report.md").read_text()
+    a, b = load_mask_artifact(learned.mask_dir), load_mask_artifact(refit.mask_dir)
+    assert all(torch.equal(a.layers[n].to_bool(), b.layers[n].to_bool()) for n in a.layers)
+    assert (Path(refit.mask_dir) / UPDATED_WEIGHTS).is_file()
+    assert not (Path(learned.mask_dir) / UPDATED_WEIGHTS).exists()
+    assert refit.perplexity != learned.perplexity
+    # the export stage loads the packed folder back and compares it with the refitted model
+    assert refit.export_dir and (Path(refit.export_dir) / "model.packed.safetensors").is_file()
+
+
+def test_refit_only_for_learned_methods(tiny_model_dir, text_file, tmp_path):
+    from tilesparse.errors import TilesparseError
+
+    with pytest.raises(TilesparseError, match="'refit' applies to learned methods only"):
+        tiny_recipe(tiny_model_dir, text_file, tmp_path, methods=[
+            {"name": "m", "kind": "oneshot", "method": "magnitude", "pattern": "2:4", "refit": True}])
+
+
+def test_an_optional_text_that_cannot_be_had_is_skipped_with_the_reason(tiny_model_dir, text_file, tmp_path,
+                                                                         monkeypatch):
+    import tilesparse.evaluation as evaluation
+    from tilesparse.errors import TilesparseError
+
+    real = evaluation.evaluate_text
+
+    def fake(loaded, text, **kw):
+        if text == "debian-reference":
+            raise TilesparseError("the embedded text 'debian-reference' is not available (no network)")
+        return real(loaded, text, **kw)
+
+    monkeypatch.setattr(evaluation, "evaluate_text", fake)
+    out = tmp_path / "run"
+    r = tiny_recipe(tiny_model_dir, text_file, out, methods=[{"name": "dense", "kind": "dense"}],
+                    evaluation={"perplexity": {"texts": ["debian-reference", str(text_file)], "seqlen": 64,
+                                               "windows": 2}, "zeroshot": {"enabled": False}})
+    (res,) = RecipeRunner(r, progress=False, log=lambda s: None).run()
+    assert list(res.perplexity) == [text_file.name] and "debian-reference" in res.perplexity_skipped
+    assert "Not evaluated: `debian-reference` (an optional text): the embedded text" in (out / "report.md").read_text()
+    with pytest.raises(TilesparseError):  # a required text that fails still stops the run
+        r2 = tiny_recipe(tiny_model_dir, text_file, tmp_path / "run2", methods=[{"name": "dense", "kind": "dense"}],
+                         evaluation={"perplexity": {"texts": [str(tmp_path / "missing.txt")], "seqlen": 64,
+                                                    "windows": 2}, "zeroshot": {"enabled": False}})
+        RecipeRunner(r2, progress=False, log=lambda s: None).run()

@@ -77,6 +77,9 @@ def write_report(recipe, results, out: Path, *, total_seconds: float = 0.0, plan
     if planned is not None and len(results) < planned:
         lines += [f"**Partial report: {len(results)} of {planned} runs finished.** Run the recipe again to "
                   "finish the others (finished stages are reused).", ""]
+    skipped = {t: why for r in results for t, why in r.perplexity_skipped.items()}
+    for t, why in skipped.items():
+        lines += [f"Not evaluated: `{t}` (an optional text): {why}", ""]
     if recipe.notes:
         lines += [recipe.notes.strip(), ""]
     # main table

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import TilesparseError
-from .schema import MethodConfig, Recipe, fingerprint
+from .schema import MethodConfig, Recipe, fingerprint, learn_config
 
 STAGE_FILE = "stage.json"
 COMPUTED, REUSED = "computed", "reused"
@@ -34,7 +34,8 @@ EXPORT_VERSION = "export-v2"  # v2: the packed file ships non-persistent buffers
 @dataclass
 class RunSpec:
     """One model to produce: a method at one target sparsity. ``role='prior'`` is the one-shot prior a
-    learned run starts from, evaluated beside it so that the report shows what learning added."""
+    learned run starts from, evaluated beside it so that the report shows what learning added;
+    ``role='refit'`` is the learned run's masks with the kept weights refitted (``refit: true``)."""
 
     method: MethodConfig
     target: float
@@ -47,16 +48,18 @@ class RunSpec:
 
     @property
     def run_id(self) -> str:
-        return f"{self.learned_run_id}-prior" if self.role == "prior" else self.learned_run_id
+        return self.learned_run_id if self.role == "main" else f"{self.learned_run_id}-{self.role}"
 
     @property
     def kind(self) -> str:
-        return "prior" if self.role == "prior" else self.method.kind
+        return self.method.kind if self.role == "main" else self.role
 
     @property
     def label(self) -> str:
         """The method as the report names it."""
-        return f"{self.method.name} prior ({self.method.prior})" if self.role == "prior" else self.method.name
+        if self.role == "prior":
+            return f"{self.method.name} prior ({self.method.prior})"
+        return f"{self.method.name} + refit" if self.role == "refit" else self.method.name
 
 
 @dataclass
@@ -76,6 +79,7 @@ class RunResult:
     export_dir: str | None = None
     stages: dict = field(default_factory=dict)  # stage -> "computed" / "reused" / "skipped: reason"
     export: dict = field(default_factory=dict)  # sizes and the reload check of the packed export
+    perplexity_skipped: dict = field(default_factory=dict)  # optional text -> why it was not evaluated
 
 
 def _write_json_atomic(path: Path, obj) -> None:
@@ -144,6 +148,8 @@ class RecipeRunner:
         for m in self.recipe.methods:
             for s in m.targets():
                 specs.append(RunSpec(m, s))
+                if m.refit:
+                    specs.append(RunSpec(m, s, role="refit"))
                 if m.kind == "learn" and m.prior != "none" and self.recipe.report.prior_rows:
                     specs.append(RunSpec(m, s, role="prior"))
         return specs
@@ -156,6 +162,8 @@ class RecipeRunner:
         r = self.recipe
         data = r.data if spec.method.kind != "dense" else None
         parts = [self.base_fingerprint(), data, spec.method, spec.target]
+        if spec.method.kind == "learn" and spec.role != "prior":  # every learning setting, defaults included
+            parts.append(learn_config(r, spec.method, spec.target).to_dict())
         return fingerprint(*parts, spec.role) if spec.role != "main" else fingerprint(*parts)
 
     def eval_fingerprint(self, spec: RunSpec) -> str:
@@ -244,6 +252,7 @@ class RecipeRunner:
             mask_seconds=float(info.get("seconds", 0.0)), details=info,
             mask_dir=str(mask_dir) if spec.kind != "dense" else None,
             export_dir=str(export_dir) if export_dir else None, stages=status, export=export,
+            perplexity_skipped=ev.get("perplexity_skipped", {}),
         )
 
     def _reused(self, message: str) -> str:
@@ -285,6 +294,8 @@ class RecipeRunner:
         which = self.recipe.export.which
         if spec.kind in ("dense", "prior"):
             return False
+        if spec.role == "refit":
+            return which is None or spec.run_id in which or spec.method.name in which
         if which is None:
             return spec.method.kind == "learn" or (spec.method.kind == "oneshot" and spec.method.pattern != "unstructured")
         return spec.run_id in which or spec.method.name in which

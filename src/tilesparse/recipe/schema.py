@@ -102,8 +102,8 @@ class MethodConfig(_RecipePart):
     ``kind``: ``dense`` (baseline), ``oneshot`` (magnitude / wanda / sparsegpt with pattern
     unstructured / 2:4 / hybrid) or ``learn`` (mode tile / joint / maskllm). ``sparsities`` lists the
     targets (2:4 and maskllm are always 0.5). Learning keys: ``steps``, ``batch``, ``seqlen``,
-    ``lr``, ``prior`` (one-shot method for the priors), ``options`` (any further
-    :class:`~tilesparse.learning.LearnConfig` field).
+    ``lr``, ``prior`` (one-shot method for the priors), ``refit`` (add a row with SparseGPT's weight update
+    for the learned masks), ``options`` (any further :class:`~tilesparse.learning.LearnConfig` field).
     """
 
     name: str
@@ -118,6 +118,8 @@ class MethodConfig(_RecipePart):
     seqlen: int | None = Field(None, ge=1)
     lr: float | None = Field(None, gt=0)
     prior: Prior = "sparsegpt"
+    refit: bool = Field(False, description="learn only: also a row with the learned masks and the kept weights "
+                        "refitted by SparseGPT's update (calibrated on data.calibration); exported like the others")
     options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -125,6 +127,7 @@ class MethodConfig(_RecipePart):
         if self.kind == "oneshot":
             check(self.method is not None, "a oneshot method needs 'method'")
             check(self.pattern is not None, "a oneshot method needs 'pattern'")
+        check(self.kind == "learn" or not self.refit, "'refit' applies to learned methods only")
         if self.kind == "learn":
             check(self.mode is not None, "a learn method needs 'mode'")
             check(not (self.mode == "tile" and self.prior == "none"),

@@ -32,6 +32,8 @@ def make_mask(runner, spec, mask_dir: Path) -> dict:
     loaded = runner.model()
     if spec.role == "prior":
         return _prior(runner, loaded, spec, mask_dir)
+    if spec.role == "refit":
+        return _refit(runner, loaded, spec, mask_dir)
     if m.kind == "oneshot":
         return _oneshot(runner, loaded, spec, mask_dir)
     return _learned(runner, loaded, spec, mask_dir)
@@ -110,6 +112,21 @@ def _prior(runner, loaded, spec, mask_dir: Path) -> dict:
     return {"measured_sparsity": ms.sparsity(), "per_layer": ms.per_layer(), "prior": spec.method.prior}
 
 
+def _refit(runner, loaded, spec, mask_dir: Path) -> dict:
+    """The learned run's masks with the kept weights refitted by SparseGPT's update (calibration data)."""
+    from ..io import load_mask_artifact, save_mask_artifact
+    from ..pruning import refit_weights
+
+    ms = load_mask_artifact(runner.out / "stages" / spec.learned_run_id / "mask", loaded.model)
+    calib, _ = _calibration(runner, loaded)
+    info = refit_weights(loaded.model, calib, ms, progress=runner.progress)
+    save_mask_artifact(ms, mask_dir)
+    save_updated_weights(loaded.model, mask_dir)
+    runner.restore()
+    return {"measured_sparsity": ms.sparsity(), "per_layer": ms.per_layer(), "refit_seconds": info["seconds"],
+            "fallback_layers": info["fallback_layers"]}
+
+
 def apply_run(runner, spec, mask_dir: Path):
     """The base model with this run's mask (and updated weights, if any) applied; returns the MaskSet."""
     loaded = runner.model()
@@ -141,14 +158,22 @@ def _zeroshot(runner, loaded) -> dict:
 
 def evaluate_run(runner, spec, mask_dir: Path) -> dict:
     """Perplexity on every recipe text and zero-shot scores of one run."""
+    from ..data import OPTIONAL_TEXTS
     from ..evaluation import evaluate_text
 
     ev = runner.recipe.evaluation
     loaded, _ = apply_run(runner, spec, mask_dir)
     out = {"perplexity": {}, "perplexity_details": {}, "zeroshot": {}}
     for text in ev.perplexity.texts:
-        res = evaluate_text(loaded, text, seqlen=ev.perplexity.seqlen, max_windows=ev.perplexity.windows,
-                            batch_size=ev.perplexity.batch_size, progress=runner.progress)
+        try:
+            res = evaluate_text(loaded, text, seqlen=ev.perplexity.seqlen, max_windows=ev.perplexity.windows,
+                                batch_size=ev.perplexity.batch_size, progress=runner.progress)
+        except TilesparseError as exc:
+            if text not in OPTIONAL_TEXTS:
+                raise
+            out["perplexity_skipped"] = {**out.get("perplexity_skipped", {}), text: str(exc)}
+            runner.log(f"    {text}: not evaluated ({exc})")
+            continue
         out["perplexity"][res.text] = res.perplexity
         out["perplexity_details"][res.text] = res.to_dict()
         runner.log(f"    {res}")
