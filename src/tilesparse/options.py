@@ -37,5 +37,5 @@ RECIPE_KINDS: tuple[str, ...] = get_args(RecipeKind)
 LEARN_LOSSES: tuple[str, ...] = get_args(LearnLoss)
 
 __all__ = ["PruneMethod", "PrunePattern", "LearnMode", "Prior", "DensityScope", "DensityEstimate", "RecipeKind",
-           "LearnLoss", "PRUNE_METHODS", "CALIBRATED_METHODS", "PRUNE_PATTERNS", "LEARN_MODES", "PRIORS", "DENSITY_SCOPES",
-           "DENSITY_ESTIMATES", "RECIPE_KINDS", "LEARN_LOSSES"]
+           "LearnLoss", "PRUNE_METHODS", "CALIBRATED_METHODS", "PRUNE_PATTERNS", "LEARN_MODES", "PRIORS",
+           "DENSITY_SCOPES", "DENSITY_ESTIMATES", "RECIPE_KINDS", "LEARN_LOSSES"]

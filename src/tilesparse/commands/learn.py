@@ -25,7 +25,7 @@ def register(sub) -> None:
                     "initialised from a one-shot prior. Writes OUT/masks.safetensors (use with "
                     "`tilesparse eval --mask OUT`), OUT/prior/ (the prior's mask), OUT/report.json and, "
                     "while it runs, OUT/checkpoint.pt (resumable; removed at the end unless --keep-checkpoint). "
-                    "CPU defaults (seqlen 256, batch 4, 64 steps) take about 15 minutes on the default "
+                    "CPU defaults (seqlen 256, batch 4, 64 steps) take 15-20 minutes on the default "
                     "model; docs/NOTEBOOK.md (Learning masks) gives reference-scale GPU settings.")
     add_model_args(p)
     add_config_options(p, LearnConfig)

@@ -69,7 +69,7 @@ class LearnConfig(UserConfig):
     mode: LearnMode = Field("joint", description="joint = PATCH-Joint (learned tiles + learned 2:4), tile = "
                             "PATCH-Tile (learned tiles, fixed one-shot 2:4), maskllm = learned 2:4 everywhere (50 %)")
     sparsity: float = Field(0.45, ge=0.0, le=0.5, description="target sparsity in [0, 0.5] (maskllm: 0.5)")
-    steps: int = Field(64, ge=1, description="optimiser steps (64: about 15 min on 2 idle CPU cores)")
+    steps: int = Field(64, ge=1, description="optimiser steps (64: 15-20 min on 2 idle CPU cores)")
     seqlen: int = Field(256, ge=2, description="tokens per training sequence")
     batch: int = Field(4, ge=1, description="sequences per micro-batch and per process")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step")

@@ -53,4 +53,5 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return kl * temperature ** 2
 
 
-__all__ = ["DENSITY_SCOPES", "DENSITY_ESTIMATES", "distillation_loss", "density_penalty", "magnitude_decay", "magnitude_bonus"]
+__all__ = ["DENSITY_SCOPES", "DENSITY_ESTIMATES", "distillation_loss", "density_penalty", "magnitude_decay",
+           "magnitude_bonus"]

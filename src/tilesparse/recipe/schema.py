@@ -142,7 +142,8 @@ class MethodConfig(_RecipePart):
 
     @property
     def is_hybrid(self) -> bool:
-        return (self.kind == "oneshot" and self.pattern == "hybrid") or (self.kind == "learn" and self.mode != "maskllm")
+        return ((self.kind == "oneshot" and self.pattern == "hybrid")
+                or (self.kind == "learn" and self.mode != "maskllm"))
 
     def targets(self) -> list[float]:
         """The sparsities this method produces a model for."""
