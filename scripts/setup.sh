@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up: a virtual environment ($TILESPARSE_VENV, default .venv) with CPU torch 2.13.0 (pinned),
 # tilesparse and its test tools, then the embedded default model and texts in the cache
-# ($TILESPARSE_CACHE, default ~/.cache/tilesparse). Nothing optional is fetched here. A second run takes seconds.
+# ($TILESPARSE_CACHE, default ~/.cache/tilesparse). An optional source that cannot be had is skipped with a
+# one-line note, never an error. A second run takes seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -107,3 +107,15 @@ def test_recipe_learning_options_are_checked_with_their_path(options, msg):
     with pytest.raises(TilesparseError) as e:
         _recipe({"name": "a", "kind": "learn", "mode": "joint", "sparsities": [0.3], "options": options})
     assert msg in str(e.value)
+
+
+def test_every_boolean_config_field_defaults_to_off():
+    """Generated boolean options can only turn a field on; a field that defaulted to on could not be turned off."""
+    from tilesparse.commands.config_args import cli_fields
+    from tilesparse.learning.config import LearnConfig
+
+    for model in (LearnConfig, PruneConfig):
+        for name in cli_fields(model):
+            info = model.model_fields[name]
+            if info.annotation is bool:
+                assert info.default is False, f"{model.__name__}.{name}"

@@ -41,11 +41,10 @@ def cli_fields(model: type[BaseModel]) -> list[str]:
             if not (isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("cli") is False)]
 
 
-def add_config_options(parser: argparse.ArgumentParser, model: type[BaseModel], *, skip: tuple[str, ...] = ()) -> None:
-    """Add one option per field of ``model`` (except ``skip`` and fields marked ``cli: False``)."""
+def add_config_options(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+    """Add one option per field of ``model`` (except fields marked ``cli: False``). Booleans become flags
+    that turn the field on (every boolean field defaults to off)."""
     for name in cli_fields(model):
-        if name in skip:
-            continue
         info = model.model_fields[name]
         tp = _without_none(info.annotation)
         flag = "--" + name.replace("_", "-")
