@@ -19,11 +19,17 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    """Write ``text`` (UTF-8) to a temporary file beside ``path``, then rename it over ``path``; the folder
+    is created if needed and the temporary file removed if the write fails."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 __all__ = ["atomic_torch_save", "atomic_write_text"]

@@ -12,12 +12,12 @@ Texts are cached as UTF-8 files (written atomically), so this runs once per mach
 from __future__ import annotations
 
 import gzip
-import os
 import tempfile
 import warnings
 import zlib
 from pathlib import Path
 
+from ..atomic import atomic_write_text
 from ..errors import TilesparseError
 from ..fetch import apt_download_unpack
 from ..paths import cache_dir
@@ -80,16 +80,7 @@ def _text_path(name: str) -> Path:
 
 
 def _write_text(name: str, text: str) -> None:
-    out_dir = cache_dir() / "texts"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp_name, _text_path(name))
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write_text(text, _text_path(name))
 
 
 def ensure_manual(package: str) -> None:

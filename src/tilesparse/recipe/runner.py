@@ -17,12 +17,12 @@ what changed.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..atomic import atomic_write_text
 from ..errors import TilesparseError
 from .schema import MethodConfig, Recipe, fingerprint, learn_config
 
@@ -83,10 +83,7 @@ class RunResult:
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(json.dumps(obj, indent=2, default=str), path)
 
 
 def _json_done(path: Path, fp: str) -> dict | None:
