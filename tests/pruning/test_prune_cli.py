@@ -67,6 +67,7 @@ def test_update_weights_saves_model(tiny_folder, tmp_path, capsys):
     (["--method", "wanda", "--update-weights"], "sparsegpt"),
     (["--calib-samples", "0"], "positive"),
     (["--calib-text", "persuasion"], "evaluation text; calibrate on another text"),
+    (["--calib-text", "emma@1,mobydick@1"], "evaluation text; calibrate on another text"),
 ])
 def test_bad_input_is_one_line_error(tiny_folder, tmp_path, capsys, argv, message):
     rc = main(["prune", "--model", str(tiny_folder), "--out", str(tmp_path / "x"), "--no-progress", *argv])

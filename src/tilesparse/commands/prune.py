@@ -49,9 +49,9 @@ def run(args: argparse.Namespace) -> int:
     if args.calib_samples <= 0:
         raise TilesparseError(f"--calib-samples must be positive, got {args.calib_samples}")
     if cfg.needs_calibration:
-        from ..data import check_training_text
+        from ..data import check_training_source
 
-        check_training_text(args.calib_text, use="calibrate")  # before the (slow) model load
+        check_training_source(args.calib_text, use="calibrate")  # before the (slow) model load
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise TilesparseError(f"--out {out} exists and is not a directory")

@@ -61,6 +61,20 @@ def load_hf_text(name: str) -> str:
     return sep.join(str(row[field]) for row in ds)
 
 
+def check_text_source(source: str) -> None:
+    """One-line :class:`TilesparseError` unless ``source`` names a known text or an existing file (nothing is
+    read or fetched)."""
+    if source in EMBEDDED_TEXTS or source in GROUPS or source in HF_DATASETS:
+        return
+    p = Path(source).expanduser()
+    if not p.exists():
+        raise TilesparseError(
+            f"text {source!r} is neither an existing file nor a known source ({', '.join(list_sources())})"
+        )
+    if p.is_dir():
+        raise TilesparseError(f"text file {p} is a directory")
+
+
 def load_text(source: str) -> TextSource:
     """Resolve a text source (see module docstring) to its text; clear errors for bad input."""
     if source in EMBEDDED_TEXTS:
@@ -72,13 +86,8 @@ def load_text(source: str) -> TextSource:
     elif source in HF_DATASETS:
         text, name = load_hf_text(source), source
     else:
+        check_text_source(source)
         p = Path(source).expanduser()
-        if not p.exists():
-            raise TilesparseError(
-                f"text {source!r} is neither an existing file nor a known source ({', '.join(list_sources())})"
-            )
-        if p.is_dir():
-            raise TilesparseError(f"text file {p} is a directory")
         try:
             raw = p.read_text(encoding="utf-8")
         except UnicodeDecodeError:

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import TilesparseError
 from .self_sample import parse_self_source, self_corpus
-from .text import check_training_text, load_text, tokenize
+from .text import check_text_source, check_training_text, load_text, tokenize
 
 
 def parse_mixture(source: str) -> list[tuple[str, float]]:
@@ -45,25 +45,18 @@ def parse_mixture(source: str) -> list[tuple[str, float]]:
 def check_training_source(source: str, use: str = "train") -> None:
     """One-line :class:`~tilesparse.errors.TilesparseError` for a malformed source or mixture, an evaluation
     text, or a file that does not exist, without loading a model."""
-    from pathlib import Path
-
-    from .embedded import EMBEDDED_TEXTS
-    from .text import GROUPS, HF_DATASETS
-
     for name, _ in parse_mixture(source):
-        if parse_self_source(name) is not None:
-            continue
-        check_training_text(name, use=use)
-        if name not in EMBEDDED_TEXTS and name not in GROUPS and name not in HF_DATASETS \
-                and not Path(name).expanduser().is_file():
-            raise TilesparseError(f"training text {name!r} is neither an existing file nor a known source")
+        if parse_self_source(name) is None:
+            check_training_text(name, use=use)
+            check_text_source(name)
 
 
-def _one(loaded, name: str, seed: int, progress: bool) -> torch.Tensor:
+def _one(loaded, name: str, seed: int, progress: bool) -> tuple[torch.Tensor, str]:
     n = parse_self_source(name)
     if n is not None:
-        return self_corpus(loaded, n, seed=seed, progress=progress)
-    return tokenize(loaded.tokenizer, load_text(name).text)
+        return self_corpus(loaded, n, seed=seed, progress=progress), name
+    src = load_text(name)
+    return tokenize(loaded.tokenizer, src.text), src.name
 
 
 def mix_streams(streams: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
@@ -79,25 +72,23 @@ def mix_streams(streams: list[torch.Tensor], weights: list[float]) -> torch.Tens
     return torch.cat(parts)
 
 
-def training_tokens(loaded, source: str, *, seed: int = 0, use: str = "train", progress: bool = True) -> torch.Tensor:
+def load_training(loaded, source: str, *, seed: int = 0, use: str = "train",
+                  progress: bool = True) -> tuple[torch.Tensor, str]:
     """1-D int64 token ids of a source or mixture (see the module docstring) for a
-    :class:`~tilesparse.models.LoadedModel`."""
+    :class:`~tilesparse.models.LoadedModel`, and a readable name of it (for reports)."""
     check_training_source(source, use=use)
     parts = parse_mixture(source)
-    streams = [_one(loaded, name, seed, progress) for name, _ in parts]
+    loaded_parts = [_one(loaded, name, seed, progress) for name, _ in parts]
     if len(parts) == 1:
-        return streams[0]
-    return mix_streams(streams, [w for _, w in parts])
+        return loaded_parts[0]
+    weights = [w for _, w in parts]
+    label = " + ".join(f"{100 * w / sum(weights):.0f} % {name}" for (_, name), w in zip(loaded_parts, weights))
+    return mix_streams([ids for ids, _ in loaded_parts], weights), label
 
 
-def source_label(source: str) -> str:
-    """A readable name of a source or mixture (for reports)."""
-    parts = parse_mixture(source)
-    if len(parts) == 1:
-        name = parts[0][0]
-        return name if parse_self_source(name) is not None else load_text(name).name
-    wsum = sum(w for _, w in parts)
-    return " + ".join(f"{100 * w / wsum:.0f} % {source_label(n)}" for n, w in parts)
+def training_tokens(loaded, source: str, *, seed: int = 0, use: str = "train", progress: bool = True) -> torch.Tensor:
+    """1-D int64 token ids of a source or mixture (see :func:`load_training`)."""
+    return load_training(loaded, source, seed=seed, use=use, progress=progress)[0]
 
 
-__all__ = ["parse_mixture", "check_training_source", "mix_streams", "training_tokens", "source_label"]
+__all__ = ["parse_mixture", "check_training_source", "mix_streams", "load_training", "training_tokens"]

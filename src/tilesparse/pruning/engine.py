@@ -510,12 +510,11 @@ def calibration_ids(loaded, source: str = "austen-train", samples: int = 32, seq
                     seed: int = 0) -> tuple[torch.Tensor, dict]:
     """Calibration segments ``[samples, seqlen]`` of a text for a loaded model, and their description.
     Evaluation texts are refused (the masks would be fitted to the text they are measured on)."""
-    from ..data import calibration_segments, training_tokens
-    from ..data.training import source_label
+    from ..data import calibration_segments
+    from ..data.training import load_training
     from ..models import model_context_length
 
-    ids = training_tokens(loaded, source, seed=seed, use="calibrate", progress=False)
-    name = source_label(source)
+    ids, name = load_training(loaded, source, seed=seed, use="calibrate", progress=False)
     bos = loaded.tokenizer.bos_token_id if loaded.needs_bos else None
     segs = calibration_segments(ids, samples, seqlen, seed=seed, bos_id=bos,
                                 context=model_context_length(loaded.model))
