@@ -213,13 +213,9 @@ def prune_layer(
     zero where pruned) or ``None`` for magnitude / Wanda. ``kinds`` is the tile map for the hybrid pattern.
     A given ``keep`` mask is not chosen again: SparseGPT only reconstructs the kept weights for it.
     """
-    if keep is not None:
-        if config.method != "sparsegpt" or hessian is None:
-            raise ValueError(f"{name}: a given mask is refitted by SparseGPT with the layer's Hessian")
-        res = sparsegpt_prune(weight, hessian, pattern="fixed", mask=keep.to(weight.device), tile=config.tile,
-                              blocksize=config.blocksize, damp=config.damp, name=name)
-        return res.keep, res.weight, {"damp": res.damp, "fallback": res.fallback, "error": res.error}
-    pattern = config.pattern
+    if keep is not None and config.method != "sparsegpt":
+        raise ValueError(f"{name}: a given mask is refitted by SparseGPT, not {config.method}")
+    pattern = config.pattern if keep is None else "fixed"
     if pattern == "hybrid" and kinds is None:
         raise ValueError(f"{name}: the hybrid pattern needs its tile map")
     grid = TileGrid(weight.shape[0], weight.shape[1], *config.tile)
@@ -228,7 +224,8 @@ def prune_layer(
         if hessian is None:
             raise ValueError(f"{name}: SparseGPT needs the layer's Hessian")
         res = sparsegpt_prune(weight, hessian, pattern=pattern, sparsity=config.sparsity, kinds=kinds,
-                              tile=config.tile, blocksize=config.blocksize, damp=config.damp, name=name)
+                              mask=None if keep is None else keep.to(weight.device), tile=config.tile,
+                              blocksize=config.blocksize, damp=config.damp, name=name)
         info = {"damp": res.damp, "fallback": res.fallback, "error": res.error}
         return res.keep, res.weight, info
     if config.method == "wanda":
