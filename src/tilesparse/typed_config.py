@@ -149,10 +149,25 @@ def config_error(exc: ValidationError, model: type[BaseModel], prefix: str = "")
     return TilesparseError(f"{prefix}: {text}" if prefix else text)
 
 
+def validator(func):
+    """A pydantic field validator from a library function that raises :class:`TilesparseError`: its message
+    becomes the field's error (with the key path); the function's result replaces the value unless it
+    returns ``None`` (a pure check)."""
+    def validate(value):
+        try:
+            result = func(value)
+        except TilesparseError as exc:
+            raise ValueError(str(exc)) from None
+        return value if result is None else result
+
+    validate.__name__ = getattr(func, "__name__", "validate")
+    return validate
+
+
 def check(condition: bool, message: str) -> None:
     """Raise ``ValueError(message)`` inside a validator unless ``condition`` holds."""
     if not condition:
         raise ValueError(message)
 
 
-__all__ = ["ConfigModel", "UserConfig", "Pair", "config_error", "key_path", "closest", "check"]
+__all__ = ["ConfigModel", "UserConfig", "validator", "Pair", "config_error", "key_path", "closest", "check"]

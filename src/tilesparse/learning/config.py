@@ -38,8 +38,7 @@ from pydantic import Field, model_validator
 
 from ..errors import TilesparseError
 from ..options import LEARN_MODES as MODES
-from ..options import DensityEstimate, DensityScope, LearnLoss, LearnMode, Prior
-from ..pruning.config import Tile
+from ..options import DensityEstimate, DensityScope, LearnLoss, LearnMode, Prior, Tile
 from ..typed_config import UserConfig, Pair, check
 
 MODE_NAMES = {"joint": "PATCH-Joint", "tile": "PATCH-Tile", "maskllm": "MaskLLM (learned 2:4)"}

@@ -2,54 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import Field, model_validator
 
-from ..errors import TilesparseError
-from ..options import PruneMethod, PrunePattern
+from ..options import PruneMethod, PrunePattern, Tile, parse_tile
 from ..typed_config import UserConfig, check
-
-def parse_tile(tile) -> tuple[int, int]:
-    """``128`` / ``"128"`` / ``"64x128"`` / ``(64, 128)`` -> ``(rows, cols)``; validates it.
-
-    Tile columns must be a multiple of 4 so that a 2:4 group never straddles two tiles.
-    """
-    if isinstance(tile, str):
-        parts = tile.lower().replace("*", "x").split("x")
-        try:
-            vals = tuple(int(p) for p in parts)
-        except ValueError:
-            raise TilesparseError(f"tile size {tile!r} is not an integer or ROWSxCOLS") from None
-    elif isinstance(tile, int):
-        vals = (tile,)
-    else:
-        try:
-            vals = tuple(int(v) for v in tile)
-        except TypeError:
-            raise TilesparseError(f"tile size {tile!r} is not an integer or a (rows, cols) pair") from None
-    if len(vals) == 1:
-        vals = (vals[0], vals[0])
-    if len(vals) != 2:
-        raise TilesparseError(f"tile size {tile!r} must be one integer or ROWSxCOLS")
-    rows, cols = vals
-    if rows <= 0 or cols <= 0:
-        raise TilesparseError(f"tile size must be positive, got {rows}x{cols}")
-    if cols % 4:
-        raise TilesparseError(f"tile columns ({cols}) must be a multiple of 4 (2:4 groups run along columns)")
-    return rows, cols
-
-
-def _tile_value(value) -> tuple[int, int]:
-    try:
-        return parse_tile(value)
-    except TilesparseError as exc:
-        raise ValueError(str(exc)) from None
-
-
-# A tile size: ``128``, ``"64x128"`` or ``(64, 128)``; stored as ``(rows, cols)``.
-Tile = Annotated[tuple[int, int], BeforeValidator(_tile_value)]
-
 
 class PruneConfig(UserConfig):
     """What to prune and how (every field is also a ``tilesparse prune`` option).
@@ -111,3 +69,6 @@ class PruneConfig(UserConfig):
         """Short human-readable name, e.g. ``sparsegpt hybrid 35%``."""
         pct = f"{100 * self.sparsity:g}%"
         return f"{self.method} {self.pattern}" + ("" if self.pattern == "2:4" else f" {pct}")
+
+
+__all__ = ["PruneConfig", "Tile", "parse_tile"]  # Tile and parse_tile live in tilesparse.options

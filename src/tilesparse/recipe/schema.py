@@ -30,25 +30,21 @@ import yaml
 from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 from ..errors import TilesparseError
-from ..options import LearnMode, Prior, PruneMethod, PrunePattern, RecipeKind
-from ..typed_config import ConfigModel, check, closest
+from ..options import LearnMode, Prior, PruneMethod, PrunePattern, RecipeKind, Tile
+from ..typed_config import ConfigModel, check, closest, validator
 
 
 class _RecipePart(ConfigModel):
     _error_prefix = "recipe"
 
 
-def _training_source(source: str) -> str:
+def _training_source(source: str) -> None:
     from ..data import check_training_source
 
-    try:
-        check_training_source(source)
-    except TilesparseError as exc:
-        raise ValueError(str(exc)) from None
-    return source
+    check_training_source(source)
 
 
-TrainingSource = Annotated[str, AfterValidator(_training_source)]
+TrainingSource = Annotated[str, AfterValidator(validator(_training_source))]
 
 
 class DataConfig(_RecipePart):
@@ -172,23 +168,13 @@ class ReportConfig(_RecipePart):
     kernel_results: str | None = None
 
 
-def _tile_ok(tile):
-    from ..pruning.config import parse_tile
-
-    try:
-        parse_tile(tile)
-    except TilesparseError as exc:
-        raise ValueError(str(exc)) from None
-    return tile
-
-
 class Recipe(_RecipePart):
     """A whole recipe. See the module docstring for an example."""
 
     model: str = "default"
     dtype: str = "float32"
     device: str = "cpu"
-    tile: Annotated[int | list[int], AfterValidator(_tile_ok)] = 128
+    tile: Tile = (128, 128)
     output: str = "runs/default"
     data: DataConfig = Field(default_factory=DataConfig)
     methods: list[MethodConfig] = Field(default_factory=list)
@@ -210,9 +196,7 @@ class Recipe(_RecipePart):
 
     @property
     def tile_shape(self) -> tuple[int, int]:
-        from ..pruning.config import parse_tile
-
-        return parse_tile(self.tile)
+        return self.tile
 
     def to_dict(self) -> dict:
         return self.model_dump()
