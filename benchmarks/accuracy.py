@@ -211,7 +211,8 @@ def main(argv=None) -> int:
         cfg = make_config(mode=mode, sparsity=s, steps=args.steps, seqlen=args.seqlen, batch=args.batch,
                           grad_accum=args.grad_accum, prior=args.prior, lr=args.lr, tile_lr=args.tile_lr,
                           seed=args.seed, dtype=args.dtype, checkpoint_every=0)
-        res = learn_masks(model, cfg, train_ids, model_name=loaded.name, prior_masks=shots, progress=progress)
+        res = learn_masks(model, cfg, train_ids, model_name=loaded.name, prior_masks=shots, progress=progress,
+                          bos_id=loaded.bos_id)
         apply_masks(model, res.maskset)
         from tilesparse.learning.config import MODE_NAMES
 

@@ -48,6 +48,8 @@ def main(argv=None) -> int:
                    help="evaluation texts (out of domain first)")
     p.add_argument("--windows", type=int, default=10)
     p.add_argument("--out", default=None, help="markdown table (a .json with the rows is written beside it)")
+    p.add_argument("--masks-out", default=None,
+                   help="save every learned row's masks under this folder (for benchmarks/zeroshot_masks.py)")
     args = p.parse_args(argv)
     texts = args.texts.split(",")
     calibration = args.calibration or args.text
@@ -65,6 +67,10 @@ def main(argv=None) -> int:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1))
         lm.model.load_state_dict(pristine)
+
+    def keep(slug: str, masks) -> None:
+        if args.masks_out:
+            ts.save_masks(masks, Path(args.masks_out) / slug)
 
     row("dense")
     if args.baselines:
@@ -84,11 +90,13 @@ def main(argv=None) -> int:
                                seqlen=args.seqlen, text=args.text, loss=loss, calib_samples=args.calib_samples,
                                lr=args.lr, progress=False)
                 seconds = time.perf_counter() - t0
+                tag = f"{mode}-s{round(s * 100)}"
                 if i == 0:
                     ts.apply_masks(lm, res.prior)
                     row(f"one-shot prior ({args.prior}) for {mode}", sparsity=s)
                 step_s = sum(h["seconds"] for h in res.history) / len(res.history)
                 label = f"{mode}, loss {loss}"
+                keep(f"{tag}-{loss}", res.maskset)
                 ts.apply_masks(lm, res.maskset)
                 row(label, sparsity=s, seconds=round(seconds, 1), step_s=round(step_s, 3))
                 if args.refit:

@@ -49,6 +49,23 @@ def test_learn_returns_the_mask_and_its_prior(tiny_model_dir, text_file):
         ts.learn(lm, text="persuasion")
 
 
+def test_learn_trains_models_that_need_bos_on_bos_windows(text_file, monkeypatch):
+    from conftest import make_char_tokenizer, make_tiny_model
+    from tilesparse.learning import trainer
+    from tilesparse.models import LoadedModel
+
+    tok = make_char_tokenizer()
+    lm = LoadedModel(make_tiny_model("gemma3"), tok, "tiny-gemma", "memory")
+    assert lm.needs_bos and lm.bos_id == tok.bos_token_id
+    batches = []
+    real = trainer.WindowSampler.batch
+    monkeypatch.setattr(trainer.WindowSampler, "batch",
+                        lambda self, first, size: batches.append(real(self, first, size)) or batches[-1])
+    ts.learn(lm, mode="joint", sparsity=0.3, text=str(text_file), prior="magnitude", steps=2, batch=2,
+             seqlen=32, tile=(32, 32), progress=False)
+    assert batches and all((b[:, 0] == tok.bos_token_id).all() for b in batches)
+
+
 def test_configs_as_objects(tiny_model_dir, text_file):
     lm = ts.load_model(str(tiny_model_dir))
     cfg = ts.PruneConfig(method="magnitude", pattern="hybrid", sparsity=0.25, tile=32)

@@ -90,3 +90,10 @@ def test_generate_tiny(capsys, tiny_model_dir):
 def test_generate_bad_input(capsys, tiny_model_dir, extra, msg):
     code, _, err = run_cli(capsys, "generate", "--model", str(tiny_model_dir), *extra)
     assert code == 2 and msg in err
+
+
+def test_fetch_refuses_an_unknown_embedded_model_in_one_line(capsys, tmp_cache):
+    code, out, err = run_cli(capsys, "fetch", "--model", "llama-70b")
+    assert code != 0 and "not an embedded model" in err and "gemma3-270m" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_cache / "models").exists()  # refused before anything was fetched

@@ -74,7 +74,7 @@ def learn(model, config=None, *, out_dir: str | os.PathLike | None = None, progr
         calib, _ = calibration_ids(model, cfg.text, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)
     ids = training_tokens(model, cfg.text, seed=cfg.seed, progress=progress)
     return learn_masks(model.model, cfg, ids, out_dir=out_dir, model_name=model.name, calib_ids=calib,
-                       progress=progress)
+                       progress=progress, bos_id=model.bos_id)
 
 
 def refit(model, masks, *, calibration: str = "austen-train", samples: int = 32, seqlen: int = 512, seed: int = 0,

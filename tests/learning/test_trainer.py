@@ -203,3 +203,14 @@ def test_a_checkpoint_without_a_loss_field_resumes_as_cross_entropy(tmp_path):
     with pytest.raises(TilesparseError, match="loss"):
         check_resumable(saved, _cfg(loss="kd"))
     assert LearnConfig.from_dict(saved).loss == "ce"
+
+
+def test_window_sampler_starts_windows_with_bos():
+    s = WindowSampler(torch.arange(100, 200), 10, seed=0, bos_id=7)
+    assert len(s) == 100 // 9
+    b = s.batch(0, len(s))
+    assert b.shape == (len(s), 10) and (b[:, 0] == 7).all()
+    body = b[:, 1:]
+    assert sorted(body[:, 0].tolist()) == list(range(100, 100 + 9 * len(s), 9))  # stream tokens, no overlap
+    with pytest.raises(TilesparseError, match="fewer than one window"):
+        WindowSampler(torch.arange(8), 10, seed=0, bos_id=7)

@@ -9,7 +9,8 @@ import logging
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="HF model folder, .gguf file or hub id (default: the embedded SmolLM2-135M-Instruct)")
+                   help="HF model folder, .gguf file, hub id or embedded model name (default: the embedded "
+                        "SmolLM2-135M-Instruct; gemma3-270m: the embedded Gemma-3-270M base)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
 

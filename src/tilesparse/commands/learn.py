@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
         calib, _ = calibration_ids(loaded, cfg.text, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)
     res = learn_masks(loaded.model, cfg, ids, out_dir=out, resume=bool(args.resume), model_name=loaded.name,
-                      calib_ids=calib, progress=not args.no_progress)
+                      calib_ids=calib, progress=not args.no_progress, bos_id=loaded.bos_id)
     if rank != 0:
         return 0
     if not args.keep_checkpoint:

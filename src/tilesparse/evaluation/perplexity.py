@@ -97,7 +97,7 @@ def evaluate_text(loaded, source: str, *, seqlen: int = 512, max_windows: int | 
 
     src = load_text(source)
     ids = tokenize(loaded.tokenizer, src.text)
-    bos_id = loaded.tokenizer.bos_token_id if loaded.needs_bos else None
+    bos_id = loaded.bos_id
     windows = eval_windows(ids, seqlen, max_windows, bos_id=bos_id, context=model_context_length(loaded.model))
     return perplexity(loaded.model, windows, model_name=loaded.name, text_name=src.name,
                       bos=bos_id is not None, batch_size=batch_size, progress=progress)

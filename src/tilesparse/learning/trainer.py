@@ -112,15 +112,19 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> flo
 class WindowSampler:
     """Deterministic training batches: non-overlapping windows of the token stream, reshuffled per epoch.
 
-    The ``p``-th sample overall (counted across ranks and micro-batches) is window
+    With ``bos_id`` every window is that token followed by ``seqlen - 1`` tokens of the stream (models that
+    need BOS, like Gemma, are trained as they are evaluated). The ``p``-th sample overall (counted across ranks and micro-batches) is window
     ``perm(seed, p // n)[p % n]``, so any step's batch can be recomputed without replaying the run.
     """
 
-    def __init__(self, ids: torch.Tensor, seqlen: int, seed: int):
-        n = ids.numel() // seqlen
+    def __init__(self, ids: torch.Tensor, seqlen: int, seed: int, bos_id: int | None = None):
+        body = seqlen - 1 if bos_id is not None else seqlen
+        n = ids.numel() // body if body > 0 else 0
         if n < 1:
             raise TilesparseError(f"training text has {ids.numel()} tokens, fewer than one window of {seqlen}")
-        self.windows = ids[: n * seqlen].reshape(n, seqlen)
+        self.windows = ids[: n * body].reshape(n, body)
+        if bos_id is not None:
+            self.windows = torch.cat([torch.full((n, 1), bos_id, dtype=self.windows.dtype), self.windows], dim=1)
         self.seed = seed
         self._perm: tuple[int, torch.Tensor] | None = None
 
@@ -264,10 +268,12 @@ def _save_maskset(maskset, path: Path) -> str:
 def learn_masks(model: nn.Module, cfg: LearnConfig, train_ids: torch.Tensor, *,
                 out_dir: str | os.PathLike | None = None, resume: bool = False, model_name: str = "model",
                 calib_ids: torch.Tensor | None = None, prior_masks: OneShotMasks | None = None,
-                progress: bool = True, callback: Callable[[int, dict], None] | None = None) -> LearnResult:
+                progress: bool = True, callback: Callable[[int, dict], None] | None = None,
+                bos_id: int | None = None) -> LearnResult:
     """Learn masks for ``model`` (weights frozen, left untouched) and return the final binary masks.
 
-    ``train_ids`` is the 1-D token stream of the training text; ``calib_ids [n, len]`` feeds the one-shot
+    ``train_ids`` is the 1-D token stream of the training text (``bos_id``: start every training window with
+    that token, for models that need BOS; :attr:`LoadedModel.bos_id`); ``calib_ids [n, len]`` feeds the one-shot
     prior (ignored for ``prior='magnitude'``/``'none'``); ``prior_masks`` (:class:`~.priors.OneShotMasks`)
     replaces the pruner run with precomputed masks. With ``out_dir`` a checkpoint is written
     atomically every ``cfg.checkpoint_every`` steps and at the end, plus the mask artifact and a JSON
@@ -317,7 +323,7 @@ def learn_masks(model: nn.Module, cfg: LearnConfig, train_ids: torch.Tensor, *,
     masked = MaskedModel(model, cfg.mode, tile=cfg.tile, tile_init=tiles, pattern_init=patterns, ids=ids)
     try:
         res = _train(model, masked, cfg, train_ids, ck, out, rank, world, device, fingerprint, model_name,
-                     progress, callback, t_start)
+                     progress, callback, t_start, bos_id)
         res.prior = prior
         return res
     finally:
@@ -325,7 +331,7 @@ def learn_masks(model: nn.Module, cfg: LearnConfig, train_ids: torch.Tensor, *,
 
 
 def _train(model, masked: MaskedModel, cfg: LearnConfig, train_ids, ck, out, rank, world, device, fingerprint,
-           model_name, progress, callback, t_start) -> LearnResult:
+           model_name, progress, callback, t_start, bos_id) -> LearnResult:
     if ck is not None:
         masked.load_logits_state(ck["logits"])
     elif world > 1:  # every rank starts from rank 0's logits
@@ -342,7 +348,7 @@ def _train(model, masked: MaskedModel, cfg: LearnConfig, train_ids, ck, out, ran
         groups.append({"params": masked.tile_parameters(), "lr": base_tile_lr, "base_lr": base_tile_lr,
                        "name": "tile"})
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0)
-    sampler = WindowSampler(train_ids, cfg.seqlen, cfg.seed)
+    sampler = WindowSampler(train_ids, cfg.seqlen, cfg.seed, bos_id)
     history: list[dict] = []
     start = 0
     if ck is not None:

@@ -34,6 +34,11 @@ class LoadedModel:
         mt = getattr(self.model.config, "model_type", "")
         return mt.startswith("gemma") and getattr(self.tokenizer, "bos_token_id", None) is not None
 
+    @property
+    def bos_id(self) -> int | None:
+        """The token every window starts with when the model needs BOS, else None."""
+        return self.tokenizer.bos_token_id if self.needs_bos else None
+
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """Map a dtype name (``float32``, ``bf16``...) to a torch dtype."""
@@ -49,18 +54,20 @@ def load_model(spec: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
                device: str = "cpu") -> LoadedModel:
     """Load a causal LM and its tokenizer.
 
-    ``spec`` may be ``None``/``"default"`` (the embedded SmolLM2), an HF model folder, a ``.gguf`` file
-    (dequantized by transformers), or a hub id (only when the hub is reachable). The model is put in
+    ``spec`` may be ``None``/``"default"`` (the embedded SmolLM2), the name of another embedded model
+    (``gemma3-270m``; see :mod:`.embedded`), an HF model folder, a ``.gguf`` file (dequantized by
+    transformers), or a hub id (only when the hub is reachable). The model is put in
     eval mode; a :class:`TilesparseError` explains any failure in one line.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .embedded import DEFAULT_MODEL_NAME, default_model_dir
+    from .embedded import EMBEDDED_MODELS, embedded_model_dir, embedded_model_key
 
     torch_dtype = resolve_dtype(dtype)
     gguf_file = None
-    if spec is None or str(spec) in ("default", ""):
-        path, name = str(default_model_dir()), DEFAULT_MODEL_NAME
+    key = embedded_model_key("" if spec is None else str(spec))
+    if key is not None and (key == "default" or not Path(str(spec)).expanduser().exists()):
+        path, name = str(embedded_model_dir(key)), EMBEDDED_MODELS[key].name
     else:
         p = Path(spec).expanduser()
         if p.is_dir():

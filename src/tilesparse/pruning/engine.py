@@ -512,7 +512,7 @@ def calibration_ids(loaded, source: str = "austen-train", samples: int = 32, seq
     from ..models import model_context_length
 
     ids, name = load_training(loaded, source, seed=seed, use="calibrate", progress=False)
-    bos = loaded.tokenizer.bos_token_id if loaded.needs_bos else None
+    bos = loaded.bos_id
     segs = calibration_segments(ids, samples, seqlen, seed=seed, bos_id=bos,
                                 context=model_context_length(loaded.model))
     return segs, {"text": name, "source": source, "samples": samples, "seqlen": seqlen, "seed": seed,

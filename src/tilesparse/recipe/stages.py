@@ -78,7 +78,7 @@ def _learned(runner, loaded, spec, mask_dir: Path) -> dict:
     fp_file.write_text(fp)
     resume = (work / "checkpoint.pt").is_file()
     res = learn_masks(loaded.model, cfg, train_ids, out_dir=work, resume=resume, model_name=loaded.name,
-                      calib_ids=calib, progress=runner.progress)
+                      calib_ids=calib, progress=runner.progress, bos_id=loaded.bos_id)
     ms = res.maskset
     save_mask_artifact(ms, mask_dir)
     if res.prior is not None:
