@@ -66,6 +66,15 @@ def test_the_corpus_is_cached_per_model_and_setting(tiny_model_dir, tmp_cache, m
     assert len(calls) == 3
 
 
+def test_a_corpus_drawn_with_another_batch_size_is_reused(tiny_model_dir, tmp_cache, monkeypatch):
+    lm = ts.load_model(str(tiny_model_dir))
+    gpu_draw = self_corpus(lm, 120, seqlen=24, batch=8, progress=False)  # as a GPU would draw it
+    monkeypatch.setattr(self_sample, "sample_tokens", lambda *a, **k: pytest.fail("sampled again"))
+    assert torch.equal(self_corpus(lm, 120, seqlen=24, batch=2, progress=False), gpu_draw)
+    with pytest.raises(pytest.fail.Exception):  # any other setting is another corpus
+        self_corpus(lm, 120, seqlen=24, batch=2, seed=1, progress=False)
+
+
 def test_learning_on_self_samples(tiny_model_dir, tmp_cache):
     lm = ts.load_model(str(tiny_model_dir))
     res = ts.learn(lm, mode="joint", sparsity=0.3, text="self:600", prior="wanda", calib_samples=2,

@@ -136,7 +136,9 @@ def self_corpus(loaded, tokens: int, *, seed: int = 0, seqlen: int = 256, batch:
                 temperature: float = 1.0, top_p: float = 0.95, progress: bool = True) -> torch.Tensor:
     """:func:`sample_tokens` from a :class:`~tilesparse.models.LoadedModel`, cached by the model's weight
     fingerprint and the sampling settings (written atomically). ``batch``: sequences drawn at once
-    (default 128 on a GPU, 16 on a CPU)."""
+    (default 128 on a GPU, 16 on a CPU). A cached corpus that differs only in ``batch`` (drawn on another
+    device, say on a GPU for a CPU run) is used when the exact one is missing: it is a sample of the same
+    model with the same settings, only another draw."""
     from ..atomic import atomic_torch_save
     from ..models.loading import weights_fingerprint
 
@@ -150,6 +152,10 @@ def self_corpus(loaded, tokens: int, *, seed: int = 0, seqlen: int = 256, batch:
     if path.is_file():
         data = torch.load(path, weights_only=True)
         if data.get("settings") == settings:
+            return data["ids"]
+    for other in sorted(path.parent.glob("*.pt")):  # the same corpus drawn with another batch size
+        data = torch.load(other, weights_only=True)
+        if {**data.get("settings", {}), "batch": batch} == settings:
             return data["ids"]
     ids = sample_tokens(loaded.model, loaded.tokenizer, tokens, seqlen=seqlen, batch=batch, seed=seed,
                         temperature=temperature, top_p=top_p, progress=progress)

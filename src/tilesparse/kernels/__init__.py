@@ -4,6 +4,7 @@
 * :mod:`.format` -- :class:`PackedHybrid`, :func:`pack`, :func:`pack_from_kinds`, :func:`unpack` (pure tensor math)
 * :mod:`.reference` -- the torch reference product (CPU path, test oracle)
 * :mod:`.triton_hybrid` -- the Triton kernels; :mod:`.ops` -- :func:`hybrid_linear` (dispatch + autotune)
+* :mod:`.library` -- the same product as the operator ``torch.ops.tilesparse.hybrid_linear`` (torch.compile)
 * :mod:`.linear` -- :class:`HybridLinear`, :func:`convert_model`
 * packed checkpoints: :mod:`tilesparse.io.packed`
 """

@@ -6,7 +6,10 @@ import torch
 from torch import nn
 
 from .format import PackedHybrid, pack, pack_from_kinds
+from .library import OP_TENSORS, hybrid_linear_op, new_key, register_layer
 from .ops import hybrid_linear, kernel_supported
+
+_BUFFERS = tuple(f"packed_{name}" for name in OP_TENSORS)
 
 
 class HybridLinear(nn.Module):
@@ -17,6 +20,10 @@ class HybridLinear(nn.Module):
     CPU (or for tile sizes/dtypes the kernels do not take) the torch reference runs
     (``F.linear`` on the unpacked weight, exactly what ``nn.Linear`` with the masked weight gives).
     Set ``use_triton`` to force one path (``True`` on CPU needs ``TRITON_INTERPRET=1``).
+
+    Under ``torch.compile`` the layer is one ``torch.ops.tilesparse.hybrid_linear`` node (see
+    :mod:`.library`), so models with hybrid layers compile with ``fullgraph=True``; in eager mode the same
+    function runs without the operator's dispatch.
     """
 
     def __init__(self, packed: PackedHybrid, bias: torch.Tensor | None = None, use_triton: bool | None = None):
@@ -34,6 +41,9 @@ class HybridLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._packed_cache = None
+        self._op_key = new_key()
+        self._op_dims = [self.out_features, self.in_features, *self.tile]
+        self.packed  # noqa: B018 -- build and register the packed view now, not inside a traced forward
 
     # -------------------------------------------------------------- constructors
     @classmethod
@@ -69,7 +79,13 @@ class HybridLinear(nn.Module):
                 raise ValueError("packed layer: derived layout does not match the stored tensors")
             c.row_info, c.tile_slot = self.packed_row_info, self.packed_tile_slot
             self._packed_cache = c
+            register_layer(self._op_key, c)
         return c
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self.packed  # noqa: B018 -- new buffers (.to(), .cuda(), .half()): rebuild and register the view
+        return out
 
     @property
     def weight(self) -> torch.Tensor:
@@ -77,6 +93,9 @@ class HybridLinear(nn.Module):
         return self.packed.unpack()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return hybrid_linear_op(x, [getattr(self, name) for name in _BUFFERS], self.bias, self._op_dims,
+                                    self._op_key, -1 if self.use_triton is None else int(bool(self.use_triton)))
         return hybrid_linear(x, self.packed, self.bias, use_triton=self.use_triton)
 
     def nbytes(self) -> int:

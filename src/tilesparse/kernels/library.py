@@ -1,0 +1,93 @@
+"""The hybrid matmul as a PyTorch operator: ``torch.ops.tilesparse.hybrid_linear``.
+
+Registered with :func:`torch.library.custom_op`, so ``torch.compile`` (``fullgraph=True`` included) traces a
+model with :class:`~.linear.HybridLinear` layers without graph breaks: the compiler sees one opaque node per
+layer, its fake implementation gives the output's shape, dtype and device, and the real one runs whatever
+:func:`~.ops.hybrid_linear` picks (the kernels on CUDA, the torch reference elsewhere).
+
+Arguments: the input, the packed layer's tensors in :data:`OP_TENSORS` order (the layer's buffers, so a
+compiled graph and a CUDA graph read them in place), the bias, the layer's dimensions
+``[out_features, in_features, tile_rows, tile_cols]``, the layer's registry key and the kernel choice
+(``-1`` automatic, ``0`` reference, ``1`` Triton). The key finds the layer's :class:`PackedHybrid` (with its
+kernel plans and prepared launches) without rebuilding it per call; tensors that are not the registered
+layer's (a copy made elsewhere) are used through a layout rebuilt for them, slower but never wrong.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+
+import torch
+
+from .format import PackedHybrid
+
+OP_TENSORS = (*PackedHybrid.STORED, "row_info", "tile_slot")
+
+_KEYS = itertools.count(1)
+_LAYERS: "weakref.WeakValueDictionary[int, PackedHybrid]" = weakref.WeakValueDictionary()
+
+
+def new_key() -> int:
+    """A registry key no other layer of this process has (keys are never reused)."""
+    return next(_KEYS)
+
+
+def register_layer(key: int, packed: PackedHybrid) -> None:
+    """Make ``packed`` the layer the operator uses for ``key`` (held weakly: the module owns it)."""
+    _LAYERS[key] = packed
+
+
+def op_tensors(packed: PackedHybrid) -> list[torch.Tensor]:
+    """The packed layer's tensors in the operator's argument order."""
+    return [getattr(packed, name) for name in OP_TENSORS]
+
+
+def _resolve(tensors: list[torch.Tensor], dims: list[int], key: int) -> PackedHybrid:
+    p = _LAYERS.get(key)
+    if p is not None and all(getattr(p, n) is t or (getattr(p, n).data_ptr() == t.data_ptr()
+                                                     and getattr(p, n).shape == t.shape
+                                                     and getattr(p, n).device == t.device)
+                             for n, t in zip(OP_TENSORS, tensors)):
+        return p
+    stored = dict(zip(OP_TENSORS, tensors))
+    out_features, in_features, tile_rows, tile_cols = dims
+    return PackedHybrid(out_features, in_features, tile_rows, tile_cols,
+                        **{n: stored[n] for n in PackedHybrid.STORED})
+
+
+def _check_tensors(x: torch.Tensor, tensors: list[torch.Tensor], bias: torch.Tensor | None, dims: list[int]) -> None:
+    if len(tensors) != len(OP_TENSORS) or len(dims) != 4:
+        raise ValueError(f"tilesparse::hybrid_linear takes {len(OP_TENSORS)} packed tensors and 4 dimensions, "
+                         f"got {len(tensors)} and {len(dims)}")
+    out_features, in_features = dims[0], dims[1]
+    vals = tensors[OP_TENSORS.index("dn_vals")]
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"input's last dimension is {tuple(x.shape)[-1:] or '()'}, "
+                         f"the layer expects in_features={in_features}")
+    if x.dtype != vals.dtype:
+        raise TypeError(f"input dtype {x.dtype} does not match the layer's weight dtype {vals.dtype}")
+    if x.device != vals.device:
+        raise ValueError(f"input is on {x.device}, the layer's weights are on {vals.device}")
+    if bias is not None and (tuple(bias.shape) != (out_features,) or bias.dtype != vals.dtype):
+        raise ValueError(f"bias must be [{out_features}] {vals.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+
+
+@torch.library.custom_op("tilesparse::hybrid_linear", mutates_args=())
+def hybrid_linear_op(x: torch.Tensor, packed: list[torch.Tensor], bias: torch.Tensor | None, dims: list[int],
+                     key: int, use_triton: int) -> torch.Tensor:
+    """``x @ (W*M)^T + bias`` for the packed layer given by ``packed`` / ``dims`` / ``key`` (see module doc)."""
+    from .ops import hybrid_linear
+
+    _check_tensors(x, packed, bias, dims)
+    layer = _resolve(packed, dims, key)
+    return hybrid_linear(x, layer, bias, use_triton=None if use_triton < 0 else bool(use_triton))
+
+
+@hybrid_linear_op.register_fake
+def _hybrid_linear_fake(x, packed, bias, dims, key, use_triton):
+    _check_tensors(x, packed, bias, dims)
+    return x.new_empty((*x.shape[:-1], dims[0]))
+
+
+__all__ = ["OP_TENSORS", "new_key", "register_layer", "op_tensors", "hybrid_linear_op"]

@@ -1,0 +1,97 @@
+"""``torch.ops.tilesparse.hybrid_linear``: the operator, its fake implementation, and models with hybrid
+layers under ``torch.compile(fullgraph=True)`` on the CPU."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from kernels_testutil import make_layer  # noqa: F401 (fixture)
+from test_kernels_linear import _masks, _tiny_llama
+from torch import nn
+
+from tilesparse.kernels import HybridLinear, convert_model
+from tilesparse.kernels.library import OP_TENSORS, hybrid_linear_op, op_tensors
+from tilesparse.kernels.reference import reference_linear
+
+
+def _layer(make_layer, bias=True, dtype=torch.float32):
+    lin = nn.Linear(200, 100, bias=bias).to(dtype)
+    _, mask, _ = make_layer(100, 200, (32, 64), 0.5, 0.2)
+    return HybridLinear.from_linear(lin, mask, (32, 64))
+
+
+def _call(hyb, x, key=None):
+    return torch.ops.tilesparse.hybrid_linear(x, op_tensors(hyb.packed), hyb.bias, hyb._op_dims,
+                                              hyb._op_key if key is None else key, -1)
+
+
+def test_operator_equals_the_reference_and_passes_opcheck(make_layer):
+    hyb = _layer(make_layer)
+    x = torch.randn(3, 5, 200)
+    assert torch.equal(_call(hyb, x), reference_linear(x, hyb.packed, hyb.bias))
+    torch.library.opcheck(hybrid_linear_op, (x, op_tensors(hyb.packed), hyb.bias, hyb._op_dims, hyb._op_key, -1),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_tensors_of_another_layer_are_never_read_through_a_stale_key(make_layer):
+    a, b = _layer(make_layer), _layer(make_layer)
+    with torch.no_grad():
+        b.packed_dn_vals.copy_(torch.randn_like(b.packed_dn_vals))
+        b.packed_sp_vals.copy_(torch.randn_like(b.packed_sp_vals))
+    x = torch.randn(4, 200)
+    # b's tensors with a's key: the layout is rebuilt for b's tensors, the result is b's
+    assert torch.equal(_call(b, x, key=a._op_key), reference_linear(x, b.packed, b.bias))
+    # a copy of the tensors (other storage) under the right key: same product
+    copied = [t.clone() for t in op_tensors(a.packed)]
+    y = torch.ops.tilesparse.hybrid_linear(x, copied, a.bias, a._op_dims, a._op_key, -1)
+    assert torch.equal(y, a(x))
+
+
+def test_fake_implementation_gives_shape_and_checks_input(make_layer):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    hyb = _layer(make_layer)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        x = mode.from_tensor(torch.randn(2, 7, 200))
+        y = _call(hyb, x)
+        assert y.shape == (2, 7, 100) and y.dtype == torch.float32
+        with pytest.raises(ValueError, match="in_features=200"):
+            _call(hyb, mode.from_tensor(torch.randn(2, 199)))
+    assert len(OP_TENSORS) == len(op_tensors(hyb.packed))
+
+
+def _compiled_pair():
+    model = _tiny_llama()
+    masks = _masks(model)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, m in masks.items():
+            ref.get_submodule(n).weight.mul_(m)
+    convert_model(model, masks, tile=(32, 32))
+    return model, ref
+
+
+def test_model_compiles_without_graph_breaks():
+    model, ref = _compiled_pair()
+    ids = torch.randint(0, 128, (2, 12))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(lambda i: model(input_ids=i, use_cache=False).logits)(ids)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    ops = [n for g in explained.graphs for n in g.graph.nodes if n.target is torch.ops.tilesparse.hybrid_linear.default]
+    assert len(ops) == 14  # one operator node per hybrid layer
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        out = compiled(input_ids=ids, use_cache=False).logits
+        assert torch.equal(out, ref(input_ids=ids, use_cache=False).logits)
+
+
+def test_model_compiles_with_inductor():
+    model, ref = _compiled_pair()
+    ids = torch.randint(0, 128, (2, 12))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        out = compiled(input_ids=ids, use_cache=False).logits
+        torch.testing.assert_close(out, ref(input_ids=ids, use_cache=False).logits, rtol=1e-5, atol=1e-5)
