@@ -97,3 +97,25 @@ def test_fetch_refuses_an_unknown_embedded_model_in_one_line(capsys, tmp_cache):
     assert code != 0 and "not an embedded model" in err and "gemma3-270m" in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_cache / "models").exists()  # refused before anything was fetched
+
+
+def test_bench_reports_time_to_first_token_and_decode_rate(capsys, tiny_model_dir):
+    import json
+
+    code, out, err = run_cli(capsys, "bench", "--model", str(tiny_model_dir), "--prompt-tokens", "8",
+                             "--new-tokens", "4", "--batch", "2", "--repeats", "2", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["batch"] == 2 and res["new_tokens"] == 4 and res["ttft_ms"] > 0 and res["decode_tokens_per_s"] > 0
+    assert res["decode_tokens_per_s_all"] == pytest.approx(2 * res["decode_tokens_per_s"], rel=1e-3)
+    assert res["static_cache"] is False and res["torch.compile"] is False
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--batch", "0"], "--batch must be positive"),
+    (["--no-static-cache", "--compile"], "needs the static KV cache"),
+    (["--static-cache", "--compile", "--cuda-graphs"], "CUDA graphs need a GPU"),
+])
+def test_bench_bad_input_is_one_line(capsys, tiny_model_dir, argv, msg):
+    code, out, err = run_cli(capsys, "bench", "--model", str(tiny_model_dir), *argv)
+    assert code != 0 and msg in err and len(err.strip().splitlines()) == 1

@@ -15,8 +15,8 @@ import sys
 from . import __version__
 from .errors import TilesparseError
 
-COMMANDS = ("fetch", "info", "eval", "zeroshot", "generate", "prune", "learn", "export", "run", "import-mask",
-            "export-mask")
+COMMANDS = ("fetch", "info", "eval", "zeroshot", "generate", "bench", "prune", "learn", "export", "run",
+            "import-mask", "export-mask")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import time
 
 from ..errors import TilesparseError
 from .common import add_mask_arg, add_model_args, load_masked_model, quiet_libraries
@@ -27,7 +26,36 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
     p.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the model's chat template")
+    add_speed_args(p)
     p.set_defaults(func=run)
+
+
+def add_speed_args(p: argparse.ArgumentParser) -> None:
+    """The deployment switches (each on by default on a GPU, off on a CPU)."""
+    g = p.add_argument_group("speed (default: all on with a GPU, off on a CPU)")
+    g.add_argument("--static-cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="a static KV cache (cache_implementation='static')")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decoding step (needs the static cache)")
+    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="CUDA graphs for the compiled step (compile mode reduce-overhead)")
+
+
+def speed_switches(args: argparse.Namespace) -> dict:
+    return {"static_cache": args.static_cache, "compile": args.compile, "cuda_graphs": args.cuda_graphs}
+
+
+def prepare_model(args: argparse.Namespace):
+    """Load the model (``--mask`` applied, ``--hybrid`` packed); returns ``(loaded, note)``."""
+    from ..kernels.linear import convert_model
+
+    if args.hybrid and not args.mask:
+        raise TilesparseError("--hybrid needs --mask (the tile map to pack)")
+    loaded, ms, note = load_masked_model(args)
+    if ms is not None and args.hybrid:
+        convert_model(loaded.model, ms.to_bool(), tile=next(iter(ms)).tile)
+        note += ", HybridLinear"
+    return loaded, note
 
 
 def build_inputs(tokenizer, prompt: str, chat: bool):
@@ -47,25 +75,18 @@ def run(args: argparse.Namespace) -> int:
         raise TilesparseError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if args.temperature < 0:
         raise TilesparseError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.hybrid and not args.mask:
-        raise TilesparseError("--hybrid needs --mask (the tile map to pack)")
-    loaded, ms, note = load_masked_model(args)
-    if ms is not None and args.hybrid:
-        from ..kernels.linear import convert_model
+    from ..generation import resolve_switches, timed_generate
 
-        convert_model(loaded.model, ms.to_bool(), tile=next(iter(ms)).tile)
-        note += ", HybridLinear"
+    resolve_switches(args.device.startswith("cuda"), **speed_switches(args))  # fails before loading
+    loaded, note = prepare_model(args)
     torch.manual_seed(args.seed)
     ids = build_inputs(loaded.tokenizer, args.prompt, not args.no_chat).to(args.device)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        out = loaded.model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-            do_sample=args.temperature > 0, temperature=args.temperature if args.temperature > 0 else None,
-            top_p=None, top_k=None, pad_token_id=loaded.tokenizer.pad_token_id or loaded.tokenizer.eos_token_id,
-        )
-    dt = time.perf_counter() - t0
-    new = out[0, ids.shape[1]:]
-    print(loaded.tokenizer.decode(new, skip_special_tokens=True).strip())
-    print(f"[{loaded.name}: {note}, {new.numel()} tokens in {dt:.1f} s]", flush=True)
+    tok = loaded.tokenizer
+    out, speed = timed_generate(loaded.model, ids, max_new_tokens=args.max_new_tokens, exact=False,
+                                pad_token_id=tok.pad_token_id or tok.eos_token_id, do_sample=args.temperature > 0,
+                                temperature=args.temperature, **speed_switches(args))
+    print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    first = " (this first call includes compiling; tilesparse bench warms up first)" \
+        if speed.settings["torch.compile"] else ""
+    print(f"[{loaded.name}: {note}, {out.shape[1] - ids.shape[1]} tokens; {speed}{first}]", flush=True)
     return 0
