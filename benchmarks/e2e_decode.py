@@ -1,10 +1,12 @@
-"""End-to-end decode benchmark: LLaMA-2-7B-shaped model (random bf16 weights), dense vs hybrid.
+"""End-to-end decode benchmark: LLaMA-2-7B-shaped model (random bf16 weights), dense vs hybrid, same harness.
 
-    PYTHONPATH=src python3 benchmarks/e2e_decode.py --out e2e.md [--layers 32] [--batch 16]
+    PYTHONPATH=src python3 benchmarks/e2e_decode.py --compile --batches 1,16,64 --prompts 128,2048 --out e2e.md
 
-Batch ``B`` prompts of ``P`` random tokens, greedy generation of ``G`` tokens with a static KV cache;
-the prefill runs eagerly, every decode step is one CUDA-graph replay (argmax and the next-token copy
-included). Hybrid models swap every decoder linear (q/k/v/o/gate/up/down) for ``HybridLinear`` with a
+For every batch ``B`` and prompt length ``P``: ``B`` prompts of ``P`` random tokens, greedy generation of ``G``
+tokens with a static KV cache; every decode step is one CUDA-graph replay (argmax and the next-token copy
+included), the prefill runs as one call. With ``--compile`` the model's forward is ``torch.compile``d
+(``fullgraph=True``, mode ``max-autotune-no-cudagraphs``) for dense and hybrid rows alike, so each ratio is
+against compiled dense from the same run; the time to first token is the prefill call (compiled too). Hybrid models swap every decoder linear (q/k/v/o/gate/up/down) for ``HybridLinear`` with a
 random tile map at the target sparsity (global tile ranking by random scores via
 ``select_dense_tiles``) and a magnitude 2:4 mask inside 2:4 tiles.
 """
@@ -79,11 +81,6 @@ def linear_bytes(model) -> int:
         elif isinstance(m, nn.Linear):
             tot += sum(p.numel() * p.element_size() for p in m.parameters())
     return tot
-
-
-def model_bytes(model) -> int:
-    return (sum(p.numel() * p.element_size() for p in model.parameters())
-            + sum(b.numel() * b.element_size() for b in model.buffers()))
 
 
 @torch.no_grad()
@@ -162,76 +159,91 @@ def generate(model, prompt: torch.Tensor, gen: int, reps: int, graphs: bool = Tr
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--batches", "--batch", default="16", help="comma-separated batch sizes")
+    ap.add_argument("--prompts", "--prompt", default="128", help="comma-separated prompt lengths")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile every model's forward (fullgraph, max-autotune-no-cudagraphs)")
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--sparsities", default="0.25,0.35,0.45")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--pdl", default="off", help="hybrid rows with the mma kernels launched as programmatic "
-                    "dependents (on), without (off), or both (on,off); see cuda_mma.pdl_enabled")
     ap.add_argument("--eager", action="store_true", help="decode steps as eager calls instead of CUDA-graph replays")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     props = torch.cuda.get_device_properties(0)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    prompt = torch.randint(0, 32000, (args.batch, args.prompt), device="cuda", generator=g)
-    if cuda_mma.available() and args.batch <= cuda_mma.MAX_TOKENS:  # the decode steps' candidates, NVRTC in parallel
+    batches = [int(v) for v in args.batches.split(",")]
+    prompts = [int(v) for v in args.prompts.split(",")]
+    if args.compile:
+        from torch import _dynamo
+
+        _dynamo.config.cache_size_limit = 64  # one graph per (batch, prompt) prefill and per batch decode
+    if cuda_mma.available() and min(batches) <= cuda_mma.MAX_TOKENS:  # decode candidates, NVRTC in parallel
         t0 = time.time()
-        n = cuda_mma.precompile(ops.mma_keys(args.batch), os.cpu_count() or 4)
+        n = sum(cuda_mma.precompile(ops.mma_keys(b), os.cpu_count() or 4) for b in batches
+                if b <= cuda_mma.MAX_TOKENS)
         print(f"precompiled {n} mma kernels in {time.time() - t0:.0f}s", flush=True)
+    kv_budget = 0.45 * props.total_memory
     rows = []
     for s in [0.0] + [float(v) for v in args.sparsities.split(",")]:
         t0 = time.time()
         model = build_model(args.layers, seed=0)
         lb_dense = linear_bytes(model)
-        mb_dense = model_bytes(model)
-        achieved = 0.0
-        if s > 0:
-            achieved = hybridize(model, s)
+        achieved = hybridize(model, s) if s > 0 else 0.0
+        if args.compile:
+            model.forward = torch.compile(model.forward, mode="max-autotune-no-cudagraphs", fullgraph=True,
+                                          dynamic=False)
         setup = time.time() - t0
-        for pdl in (["-"] if s == 0 else args.pdl.split(",")):
-            if pdl != "-":
-                os.environ["TILESPARSE_PDL"] = "1" if pdl == "on" else "0"
-            torch.cuda.synchronize()
-            tokens, pre, dec = generate(model, prompt, args.gen, args.reps, graphs=not args.eager)
-            total = pre + dec
-            row = dict(s=s, achieved=achieved, pre=pre, dec=dec, total=total, pdl=pdl,
-                       tps=args.batch * args.gen / total, dec_tps=args.batch * (args.gen - 1) / dec,
-                       lin_bytes=linear_bytes(model), lin_dense=lb_dense, model_bytes=model_bytes(model),
-                       model_dense=mb_dense, mem=torch.cuda.memory_allocated(), ws=ops.workspace_bytes(),
-                       setup=setup)
-            rows.append(row)
-            print(f"sparsity {s:.2f} (achieved {achieved:.4f}, PDL {pdl}): prefill {pre * 1e3:.1f} ms, decode "
-                  f"{dec * 1e3:.1f} ms, {row['tps']:.0f} tok/s (decode only {row['dec_tps']:.0f}), linear bytes "
-                  f"{row['lin_bytes'] / 1e9:.2f} GB ({row['lin_bytes'] / lb_dense:.3f}x), setup {setup:.0f}s", flush=True)
-        del model, tokens
+        for B in batches:
+            for P in prompts:
+                kv = 2 * args.layers * B * (P + args.gen) * model.config.hidden_size * 2
+                if kv > kv_budget:
+                    print(f"skipped batch {B}, prompt {P}: a {kv / 2**30:.0f} GiB KV cache does not fit", flush=True)
+                    continue
+                g = torch.Generator(device="cuda").manual_seed(0)
+                prompt = torch.randint(0, 32000, (B, P), device="cuda", generator=g)
+                torch.cuda.synchronize()
+                tokens, pre, dec = generate(model, prompt, args.gen, args.reps, graphs=not args.eager)
+                row = dict(s=s, achieved=achieved, B=B, P=P, pre=pre, dec=dec,
+                           dec_tps=B * (args.gen - 1) / dec, lin_bytes=linear_bytes(model), lin_dense=lb_dense,
+                           ws=ops.workspace_bytes(), setup=setup)
+                rows.append(row)
+                print(f"sparsity {s:.2f} (achieved {achieved:.4f}), batch {B}, prompt {P}: first token "
+                      f"{pre * 1e3:.1f} ms, decode {dec * 1e3:.1f} ms ({row['dec_tps']:.0f} tok/s), linear bytes "
+                      f"{row['lin_bytes'] / lb_dense:.3f}x, setup {setup:.0f}s", flush=True)
+                del tokens
+        del model
         gc.collect()
         torch.cuda.empty_cache()
-    d = rows[0]
+        if args.compile:
+            _dynamo.reset()
+    dense = {(r["B"], r["P"]): r for r in rows if r["s"] == 0}
+    how = ("torch.compile (fullgraph, max-autotune-no-cudagraphs) for dense and hybrid alike"
+           if args.compile else "not compiled (eager modules)")
     lines = [
         f"# End-to-end decode ({props.name})",
         "",
         f"Measured {datetime.date.today().isoformat()} on {props.name}, torch {torch.__version__}, "
         f"triton {__import__('triton').__version__}, transformers {__import__('transformers').__version__}.",
-        f"LLaMA-2-7B config ({args.layers} of 32 decoder layers), random bf16 weights, batch {args.batch}, "
-        f"{args.prompt} prompt + {args.gen} generated tokens (greedy), static KV cache, decode steps as "
-        f"{'eager calls' if args.eager else 'CUDA-graph replays'}, prefill eager; median of {args.reps} runs. PDL: the hybrid rows' mma kernels launched as "
-        f"programmatic dependents (on) or as plain launches (off).",
+        f"LLaMA-2-7B config ({args.layers} of 32 decoder layers), random bf16 weights, greedy generation of "
+        f"{args.gen} tokens after the prompt, static KV cache, {how}; decode steps as "
+        f"{'eager calls' if args.eager else 'CUDA-graph replays'}; median of {args.reps} runs. First token: the "
+        f"prefill call and its argmax. Ratios: against dense with the same batch, prompt and harness, this run.",
         f"Command: `PYTHONPATH=src python3 benchmarks/e2e_decode.py {' '.join(sys.argv[1:])}`",
         "",
-        "| sparsity (achieved) | PDL | prefill ms | decode ms | tokens/s (total) | speedup | decode-only tokens/s | decode speedup |"
-        " decoder linear weights GB | vs dense | whole model GB | vs dense |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| batch | prompt | sparsity (achieved) | first token ms | vs dense | decode tokens/s | vs dense |"
+        " decoder linear weights GB | vs dense |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        d = dense.get((r["B"], r["P"]))
+        ttft = f"{d['pre'] / r['pre']:.3f}x" if d else "-"
+        dec = f"{r['dec_tps'] / d['dec_tps']:.3f}x" if d else "-"
         lines.append(
-            f"| {r['s'] * 100:.0f}% ({r['achieved'] * 100:.2f}%) | {r['pdl']} | {r['pre'] * 1e3:.1f} | {r['dec'] * 1e3:.1f} | "
-            f"{r['tps']:.0f} | {d['total'] / r['total']:.3f}x | {r['dec_tps']:.0f} | {d['dec'] / r['dec']:.3f}x | "
-            f"{r['lin_bytes'] / 1e9:.3f} | {r['lin_bytes'] / r['lin_dense']:.3f}x | {r['model_bytes'] / 1e9:.3f} | "
-            f"{r['model_bytes'] / r['model_dense']:.3f}x |")
+            f"| {r['B']} | {r['P']} | {r['s'] * 100:.0f}% ({r['achieved'] * 100:.2f}%) | {r['pre'] * 1e3:.1f} | {ttft} | "
+            f"{r['dec_tps']:.0f} | {dec} | {r['lin_bytes'] / 1e9:.3f} | {r['lin_bytes'] / r['lin_dense']:.3f}x |")
     lines.append("")
-    lines.append(f"Transient kernel workspace (split-K partials, prefill unpack scratch) at the end: "
-                 f"{rows[-1]['ws'] / 1e6:.1f} MB (not included above).")
+    if rows:
+        lines.append(f"Transient kernel workspace (split-K partials, prefill unpack scratch) at the end: "
+                     f"{rows[-1]['ws'] / 1e6:.1f} MB (not included above).")
     text = "\n".join(lines) + "\n"
     if args.out:
         with open(args.out, "w") as fh:
