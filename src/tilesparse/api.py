@@ -77,17 +77,19 @@ def learn(model, config=None, *, out_dir: str | os.PathLike | None = None, progr
                        progress=progress, bos_id=model.bos_id)
 
 
-def refit(model, masks, *, calibration: str = "austen-train", samples: int = 32, seqlen: int = 512, seed: int = 0,
-          progress: bool = True) -> dict:
-    """Reconstruct the kept weights for fixed masks (SparseGPT's layer-wise update; the masks do not
-    change): the model's prunable weights are replaced in place, zero where pruned. Use it after
-    ``learn`` (``ts.refit(lm, res.maskset)``), then ``export`` ships the refitted weights.
-    ``calibration`` is a text name, file, ``self:N`` or mixture (``samples`` x ``seqlen`` tokens).
-    Returns per-layer details and the time taken."""
+def refit(model, masks, *, keep: str = "mask", calibration: str = "austen-train", samples: int = 32,
+          seqlen: int = 512, seed: int = 0, progress: bool = True) -> dict:
+    """Reconstruct the kept weights for a learned mask with SparseGPT's layer-wise update: the model's
+    prunable weights are replaced in place, zero where pruned. ``keep="mask"`` keeps the mask exactly;
+    ``keep="tiles"`` keeps its tile map and lets SparseGPT choose the 2:4 pattern of each group as it
+    updates (better after short learning runs, whose patterns are close to the prior). Use it after
+    ``learn`` (``info = ts.refit(lm, res.maskset)``), then ``ts.export(lm, info["maskset"], ...)`` ships the
+    refitted weights. ``calibration`` is a text name, file, ``self:N`` or mixture (``samples`` x ``seqlen``
+    tokens). Returns the mask now in the model (``"maskset"``), per-layer details and the time taken."""
     from .pruning import calibration_ids, refit_weights
 
     calib, _ = calibration_ids(model, calibration, samples, seqlen, seed)
-    return refit_weights(model.model, calib, masks, progress=progress)
+    return refit_weights(model.model, calib, masks, keep=keep, progress=progress)
 
 
 def apply_masks(model, masks) -> None:

@@ -31,6 +31,7 @@ DensityScope = Literal["global", "block"]
 DensityEstimate = Literal["sampled", "expected"]
 RecipeKind = Literal["dense", "oneshot", "learn"]
 LearnLoss = Literal["ce", "kd", "kd+ce"]
+RefitKeep = Literal["mask", "tiles"]  # what a refit keeps of the learned mask
 
 PRUNE_METHODS: tuple[str, ...] = get_args(PruneMethod)
 CALIBRATED_METHODS: tuple[str, ...] = ("wanda", "sparsegpt")
@@ -41,6 +42,7 @@ DENSITY_SCOPES: tuple[str, ...] = get_args(DensityScope)
 DENSITY_ESTIMATES: tuple[str, ...] = get_args(DensityEstimate)
 RECIPE_KINDS: tuple[str, ...] = get_args(RecipeKind)
 LEARN_LOSSES: tuple[str, ...] = get_args(LearnLoss)
+REFIT_KEEPS: tuple[str, ...] = get_args(RefitKeep)
 
 
 def parse_tile(tile) -> tuple[int, int]:

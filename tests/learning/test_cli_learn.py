@@ -85,6 +85,24 @@ def test_learn_cli_distills_and_refits(tiny_dir, tmp_path, capsys):
     assert "with the updated weights" in capsys.readouterr().out
 
 
+def test_learn_cli_refit_keeping_the_tile_map(tiny_dir, tmp_path, capsys):
+    from tilesparse.io import load_mask_artifact
+    from tilesparse.io.export import UPDATED_WEIGHTS
+
+    d, text = tiny_dir
+    out = tmp_path / "run"
+    assert main(_args(d, text, out, "--json", "--refit", "tiles", "--calib-samples", "2",
+                      "--calib-seqlen", "64")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["files"]["refit_masks"] and (out / "refit" / UPDATED_WEIGHTS).is_file()
+    assert not (out / UPDATED_WEIGHTS).exists()  # the learned mask beside it stays mask only
+    learned, refit = load_mask_artifact(out), load_mask_artifact(out / "refit")
+    assert all(torch.equal(learned.layers[n].tile_kinds(), refit.layers[n].tile_kinds()) for n in learned.layers)
+    assert main(["eval", "--model", str(d), "--mask", str(out / "refit"), "--text", str(text), "--seqlen", "32",
+                 "--windows", "2"]) == 0
+    assert "with the updated weights" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("extra,msg", [(["--sparsity", "0.7"], "sparsity"), (["--steps", "0"], "steps"),
                                        (["--text", "prideprejudice"], "evaluation text"),
                                        (["--text", "mobydick"], "evaluation text"),

@@ -209,6 +209,33 @@ def test_refit_keeps_the_mask_and_moves_the_outputs_back_towards_dense(tiny_any)
     assert (refit - dense).pow(2).mean() < (masked - dense).pow(2).mean()
 
 
+def test_refit_keeping_the_tiles_rechooses_the_patterns_inside_the_same_tile_map(tiny_llama):
+    from tilesparse.masks.tiles import SPARSE
+    from tilesparse.pruning import refit_weights
+
+    model = tiny_llama
+    masks = prune_model(model, CALIB, PruneConfig(method="wanda", pattern="hybrid", sparsity=0.4, tile=16),
+                        progress=False)
+    before = _state(model)
+    ref = prune_model(model, CALIB, PruneConfig(method="sparsegpt", pattern="hybrid", sparsity=0.4, tile=16,
+                                                update_weights=True),
+                      tile_kinds={n: lm.kinds for n, lm in masks.layers.items()}, progress=False)
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    for k, v in before.items():
+        model.state_dict()[k].copy_(v)
+    info = refit_weights(model, CALIB, masks, keep="tiles", progress=False)
+    out = info["maskset"]
+    assert all(torch.equal(out.layers[n].kinds, lm.kinds) for n, lm in masks.layers.items())  # same tile map
+    changed = sum(int((out.layers[n].ids != lm.ids)[lm.grid.expand(lm.kinds == SPARSE)[:, ::4]].sum())
+                  for n, lm in masks.layers.items())
+    assert changed > 0  # SparseGPT picked other 2:4 patterns than Wanda's
+    assert all(torch.equal(out.layers[n].to_bool(), ref.layers[n].to_bool()) for n in masks.layers)
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())  # SparseGPT's own update
+    assert out.meta["refit"].startswith("tiles") and out.meta["fingerprint"] == masks.meta["fingerprint"]
+    with pytest.raises(TilesparseError, match="refit keeps one of mask, tiles"):
+        refit_weights(model, CALIB, masks, keep="patterns", progress=False)
+
+
 def test_refit_refuses_a_mask_of_another_model(tiny_llama):
     from tilesparse.pruning import refit_weights
 

@@ -246,6 +246,20 @@ def test_refit_row_keeps_the_learned_masks_and_ships_the_refitted_weights(tiny_m
     assert refit.export_dir and (Path(refit.export_dir) / "model.packed.safetensors").is_file()
 
 
+def test_refit_row_keeping_the_tile_map(tiny_model_dir, text_file, tmp_path):
+    from tilesparse.io import load_mask_artifact
+
+    out = tmp_path / "run"
+    r = tiny_recipe(tiny_model_dir, text_file, out, report={"prior_rows": False},
+                    methods=[{"name": "patch-joint", "kind": "learn", "mode": "joint", "sparsities": [0.35],
+                              "steps": 2, "batch": 2, "seqlen": 32, "prior": "magnitude", "refit": "tiles"}])
+    learned, refit = RecipeRunner(r, progress=False, log=lambda s: None).run()
+    assert refit.method == "patch-joint + refit (tile map kept)"
+    a, b = load_mask_artifact(learned.mask_dir), load_mask_artifact(refit.mask_dir)
+    assert all(torch.equal(a.layers[n].tile_kinds(), b.layers[n].tile_kinds()) for n in a.layers)
+    assert b.meta["refit"].startswith("tiles")
+
+
 def test_refit_only_for_learned_methods(tiny_model_dir, text_file, tmp_path):
     from tilesparse.errors import TilesparseError
 

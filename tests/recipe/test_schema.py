@@ -14,7 +14,7 @@ def test_default_recipe_is_valid():
     r = load_recipe(default_recipe_path())
     names = [m.name for m in r.methods]
     assert names == ["dense", "sparsegpt-2:4", "patch-joint"]
-    assert r.methods[2].targets() == [0.25, 0.35, 0.45]
+    assert r.methods[2].targets() == [0.25, 0.45] and r.methods[2].refit_keep == "tiles"
     assert r.methods[1].targets() == [0.5]
 
 

@@ -32,10 +32,12 @@ def register(sub) -> None:
     p.add_argument("--keep-checkpoint", action="store_true",
                    help="keep OUT/checkpoint.pt once the run has finished (removed by default: logits and "
                         "optimiser state, about 18 bytes per pruned weight in joint/maskllm mode)")
-    p.add_argument("--refit", action="store_true",
-                   help="after learning, refit the kept weights for the learned masks with SparseGPT's update "
-                        "(calibrated on the training text); writes OUT/updated_weights.safetensors, which "
-                        "eval/export --mask OUT apply")
+    p.add_argument("--refit", nargs="?", const="mask", default=None, choices=["mask", "tiles"],
+                   help="after learning, refit the kept weights with SparseGPT's update (calibrated on the "
+                        "training text). 'mask' (the default) keeps the learned mask and writes "
+                        "OUT/updated_weights.safetensors, which eval/export --mask OUT apply; 'tiles' keeps the "
+                        "learned tile map, lets SparseGPT choose the 2:4 patterns and writes that mask and its "
+                        "weights to OUT/refit")
     p.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run whose checkpoint is in DIR (same model and settings)")
     p.add_argument("--out", default=None, help="output directory (required unless --resume)")
@@ -101,20 +103,27 @@ def run(args: argparse.Namespace) -> int:
         "seconds": round(res.seconds, 1), "files": res.files,
         "final": res.history[-1] if res.history else None,
     }
+    evaluated = res.maskset
     if args.refit:
         from ..io.export import save_updated_weights
         from ..pruning import calibration_ids, refit_weights
 
         if calib is None:
             calib, _ = calibration_ids(loaded, cfg.text, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)
-        info = refit_weights(loaded.model, calib, res.maskset, progress=not args.no_progress)
-        summary["files"]["updated_weights"] = str(save_updated_weights(loaded.model, out))
+        info = refit_weights(loaded.model, calib, res.maskset, keep=args.refit, progress=not args.no_progress)
+        where = out if args.refit == "mask" else out / "refit"
+        if args.refit == "tiles":
+            from ..io import save_mask_artifact
+
+            summary["files"]["refit_masks"] = str(save_mask_artifact(info["maskset"], where))
+        summary["files"]["updated_weights"] = str(save_updated_weights(loaded.model, where))
         summary["refit_seconds"] = round(info["seconds"], 1)
+        evaluated = info["maskset"]
     if args.eval_text:
         from ..evaluation import evaluate_text
         from ..io import apply_masks
 
-        apply_masks(loaded.model, res.maskset)
+        apply_masks(loaded.model, evaluated)
         summary["perplexity"] = {}
         for t in args.eval_text:
             r = evaluate_text(loaded, t, seqlen=512, max_windows=10, progress=not args.no_progress)

@@ -373,26 +373,47 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, config: PruneC
 
 
 @torch.no_grad()
-def refit_weights(model: nn.Module, calib_ids: torch.Tensor, maskset: MaskSet, *, damp: float = 0.01,
-                  blocksize: int = 128, progress: bool = True) -> dict:
-    """Reconstruct the kept weights of ``model`` for the given masks with SparseGPT's layer-wise update
-    (the masks stay exactly as they are; only the weights change, in place, zero where pruned).
+def refit_weights(model: nn.Module, calib_ids: torch.Tensor, maskset: MaskSet, *, keep: str = "mask",
+                  damp: float = 0.01, blocksize: int = 128, progress: bool = True) -> dict:
+    """Reconstruct the kept weights of ``model`` with SparseGPT's layer-wise update for a learned mask; the
+    weights change in place (zero where pruned).
 
-    Blocks run in order on ``calib_ids`` as in :func:`prune_model` with ``update_weights``: each block's
-    Hessians come from the outputs of the blocks already refitted. Returns per-layer infos (damping,
-    fallback) and the wall time.
+    ``keep="mask"``: the mask stays exactly as it is, only the weights change. ``keep="tiles"``: the
+    mask's tile map stays (which tiles are dense, which 2:4) and SparseGPT picks the 2:4 pattern of every
+    group inside the 2:4 tiles as it updates the weights, as its own 2:4 pruning does. Blocks run in
+    order on ``calib_ids`` as in :func:`prune_model` with ``update_weights``: each block's Hessians come
+    from the outputs of the blocks already refitted. Returns the mask now in the model (``"maskset"``),
+    per-layer infos (damping, fallback) and the wall time.
     """
+    from ..options import REFIT_KEEPS
+
+    if keep not in REFIT_KEEPS:
+        raise TilesparseError(f"refit keeps one of {', '.join(REFIT_KEEPS)}, got {keep!r}")
     calib = _check_calib(calib_ids, [PruneConfig(method="sparsegpt")])
     layers = find_prunable_linears(model)
     missing = [l.name for l in layers if l.name not in maskset.layers]
     if missing:
         raise TilesparseError(f"the mask has no layer {missing[0]} of this model ({len(missing)} missing)")
-    fixed = {l.name: maskset.layers[l.name].to_bool() for l in layers}
-    cfg = PruneConfig(method="sparsegpt", pattern="unstructured", sparsity=min(maskset.sparsity(), 0.99),
-                      update_weights=True, damp=damp, blocksize=blocksize)
     t0 = time.perf_counter()
-    _, infos = _run(model, calib, [cfg], layers, progress, desc_suffix=" (refit for the given mask)", fixed=fixed)
-    return {"layers": infos[0], "seconds": time.perf_counter() - t0,
+    if keep == "tiles":
+        tiles = {lm.tile for lm in maskset}
+        if len(tiles) != 1 or any(lm.pattern == "unstructured" for lm in maskset):
+            raise TilesparseError("refit keep='tiles' needs a tiled mask (hybrid or 2:4) with one tile size")
+        kinds = {l.name: maskset.layers[l.name].tile_kinds() for l in layers if l.in_features % 4 == 0}
+        cfg = PruneConfig(method="sparsegpt", pattern="hybrid", sparsity=min(max(maskset.sparsity(), 0.0), 0.5),
+                          tile=tiles.pop(), update_weights=True, damp=damp, blocksize=blocksize)
+        out = prune_model_multi(model, calib, [cfg], progress=progress, tile_kinds=[kinds])[0]
+        infos = [{n: {"fallback": True} for n in out.meta["sparsegpt"]["fallback_layers"]}]
+        out.meta = {**maskset.meta, "measured_sparsity": out.sparsity(),
+                    "refit": "tiles: the given tile map, SparseGPT's 2:4 patterns and weight update"}
+    else:
+        fixed = {l.name: maskset.layers[l.name].to_bool() for l in layers}
+        cfg = PruneConfig(method="sparsegpt", pattern="unstructured", sparsity=min(maskset.sparsity(), 0.99),
+                          update_weights=True, damp=damp, blocksize=blocksize)
+        _, infos = _run(model, calib, [cfg], layers, progress, desc_suffix=" (refit for the given mask)",
+                        fixed=fixed)
+        out = maskset
+    return {"maskset": out, "layers": infos[0], "seconds": time.perf_counter() - t0,
             "fallback_layers": [n for n, i in infos[0].items() if i.get("fallback")]}
 
 

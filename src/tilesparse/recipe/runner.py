@@ -59,7 +59,9 @@ class RunSpec:
         """The method as the report names it."""
         if self.role == "prior":
             return f"{self.method.name} prior ({self.method.prior})"
-        return f"{self.method.name} + refit" if self.role == "refit" else self.method.name
+        if self.role == "refit":
+            return f"{self.method.name} + refit" + (" (tile map kept)" if self.method.refit_keep == "tiles" else "")
+        return self.method.name
 
 
 @dataclass

@@ -30,7 +30,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 from ..errors import TilesparseError
-from ..options import LearnMode, Prior, PruneMethod, PrunePattern, RecipeKind, Tile
+from ..options import LearnMode, Prior, PruneMethod, PrunePattern, RecipeKind, RefitKeep, Tile
 from ..typed_config import ConfigModel, check, closest, validator
 
 
@@ -99,8 +99,14 @@ class MethodConfig(_RecipePart):
     unstructured / 2:4 / hybrid) or ``learn`` (mode tile / joint / maskllm). ``sparsities`` lists the
     targets (2:4 and maskllm are always 0.5). Learning keys: ``steps``, ``batch``, ``seqlen``,
     ``lr``, ``prior`` (one-shot method for the priors), ``refit`` (add a row with SparseGPT's weight update
-    for the learned masks), ``options`` (any further :class:`~tilesparse.learning.LearnConfig` field).
+    for the learned masks: ``mask``/``true`` or ``tiles``, see :func:`tilesparse.refit`), ``options`` (any
+    further :class:`~tilesparse.learning.LearnConfig` field).
     """
+
+    @property
+    def refit_keep(self) -> str | None:
+        """What the refit row keeps of the learned mask (``mask``, ``tiles``), or None without one."""
+        return "mask" if self.refit is True else (self.refit or None)
 
     name: str
     kind: RecipeKind = "learn"
@@ -114,8 +120,10 @@ class MethodConfig(_RecipePart):
     seqlen: int | None = Field(None, ge=1)
     lr: float | None = Field(None, gt=0)
     prior: Prior = "sparsegpt"
-    refit: bool = Field(False, description="learn only: also a row with the learned masks and the kept weights "
-                        "refitted by SparseGPT's update (calibrated on data.calibration); exported like the others")
+    refit: bool | RefitKeep = Field(False, description="learn only: also a row refitted by SparseGPT's weight "
+                                    "update (calibrated on data.calibration), exported like the others: 'mask' "
+                                    "(or true) keeps the learned mask, 'tiles' keeps its tile map and lets SparseGPT "
+                                    "choose the 2:4 patterns")
     options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")

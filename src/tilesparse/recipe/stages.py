@@ -113,13 +113,15 @@ def _prior(runner, loaded, spec, mask_dir: Path) -> dict:
 
 
 def _refit(runner, loaded, spec, mask_dir: Path) -> dict:
-    """The learned run's masks with the kept weights refitted by SparseGPT's update (calibration data)."""
+    """The learned run's masks (or, ``refit: tiles``, its tile map) with the kept weights refitted by
+    SparseGPT's update (calibration data)."""
     from ..io import load_mask_artifact, save_mask_artifact
     from ..pruning import refit_weights
 
     ms = load_mask_artifact(runner.out / "stages" / spec.learned_run_id / "mask", loaded.model)
     calib, _ = _calibration(runner, loaded)
-    info = refit_weights(loaded.model, calib, ms, progress=runner.progress)
+    info = refit_weights(loaded.model, calib, ms, keep=spec.method.refit_keep, progress=runner.progress)
+    ms = info["maskset"]
     save_mask_artifact(ms, mask_dir)
     save_updated_weights(loaded.model, mask_dir)
     runner.restore()
