@@ -4,10 +4,10 @@
     PYTHONPATH=src python3 benchmarks/kernel_speed.py --out table.md     # the layer table (CUDA graphs + eager)
     PYTHONPATH=src python3 benchmarks/kernel_speed.py --shapes 4096x4096 --tokens 1,16 --fracs 0.5,1 --verbose
     PYTHONPATH=src python3 benchmarks/kernel_speed.py --decode --precompile 16 --tokens 1,4,16 --fracs 0.5,1 \
-        --shapes 4096x4096,11008x4096,4096x11008      # v6 stream vs v5 flat vs v3 kernels vs dense (decode cells)
-    PYTHONPATH=src python3 benchmarks/kernel_speed.py --check --flat-only   # correctness of the v5 flat kernel only
-    ncu --profile-from-start off ... python3 benchmarks/kernel_speed.py --ncu  # v5 profile launches
-    ncu --profile-from-start off ... python3 benchmarks/kernel_speed.py --ncu-mma  # v7 / v8 profile launches
+        --shapes 4096x4096,11008x4096,4096x11008      # best v3 / v6 / v7 / v9 config vs dense (decode cells)
+    PYTHONPATH=src python3 benchmarks/kernel_speed.py --check --mma-only   # correctness of the mma kernels only
+    ncu --profile-from-start off ... python3 benchmarks/kernel_speed.py --ncu-mma  # v7 profile launches
+    ncu --profile-from-start off ... python3 benchmarks/kernel_speed.py --ncu-mma --mma-modes 9  # v9 ones
 
 Timing: every op is timed over ``copies`` distinct weight copies whose dense bytes together exceed
 4x the L2 (so no weight is served from L2), inside one CUDA graph (and, separately, eagerly), median
@@ -64,7 +64,7 @@ def random_packed(N, K, frac, tile=(128, 128), dtype=torch.bfloat16, device="cud
 
 
 # ------------------------------------------------------------------ correctness
-LAUNCH = {"triton": ops.launch_triton, "flat": ops.launch_flat, "stream": ops.launch_stream, "mma": ops.launch_mma}
+LAUNCH = {"triton": ops.launch_triton, "stream": ops.launch_stream, "mma": ops.launch_mma}
 
 
 def check(args) -> bool:
@@ -86,10 +86,8 @@ def check(args) -> bool:
     if args.quick:
         cases = [cases[1], cases[3], cases[6], cases[7]]
         Ms = [1, 5, 16, 33, 200]
-    only = "flat" if args.flat_only else "stream" if args.stream_only else "mma" if args.mma_only else None
-    if only == "flat":
-        Ms = [1, 3, 5, 16]
-    elif only in ("stream", "mma"):
+    only = "stream" if args.stream_only else "mma" if args.mma_only else None
+    if only in ("stream", "mma"):
         Ms = [1, 3, 5, 16, 33, 64]
     ok = True
     n = 0
@@ -115,7 +113,7 @@ def check(args) -> bool:
                 if not full:  # one config per mode and split kind, plus the heuristic
                     keep, seen = [], set()
                     for c in cfgs:
-                        sig = (c.path, c.mode, c.split > 1, c.nit > 1, c.pref)
+                        sig = (c.path, c.mode, c.split > 1, c.pref)
                         if c.mode == 9 and c.path == "mma":  # v9: every candidate (there are few)
                             sig += (c.warps, c.nit, c.ts)
                         if sig not in seen:
@@ -130,12 +128,9 @@ def check(args) -> bool:
                                  T("triton", 3, ops._pow2_at_least(M), 32, 128, 4, 4, 3, True, 0, 2)]
                     elif M <= 64 and not only:
                         cfgs += [T("triton", 1, ops._pow2_at_least(M, 16), 32, 128, 4, 4, 3, True, 4)]
-                    if M == 1 and only != "stream":  # persistent flat programs (not candidates: slower on the H200)
-                        cfgs += [T("flat", 6, 1, 16, 0, 1, 4, 1, True, 0, 0, 4, 1, 4),
-                                 T("flat", 6, 1, 32, 0, 1, 4, 1, True, 0, 0, 2, 1, 6)]
                 for cfg in cfgs:
-                    # flat / stream / mma: twice (their counters and workspace must be left reset)
-                    for rep in range(2 if cfg.path in ("flat", "stream", "mma") else 1):
+                    # stream / mma: twice (their counters and workspace must be left reset)
+                    for rep in range(2 if cfg.path in ("stream", "mma") else 1):
                         if cfg.path in LAUNCH:
                             out = torch.full((M, N), float("nan"), device=dev, dtype=dtype)
                             launch = LAUNCH[cfg.path]
@@ -325,17 +320,15 @@ def write_table(rows, args, props, echo: bool = True) -> None:
         print(text)
 
 
-FAMILIES = (("v3", lambda c: c.path == "triton"), ("v5", lambda c: c.path == "flat"),
-            ("v6", lambda c: c.path == "stream"), ("v7", lambda c: c.path == "mma" and c.mode not in (8, 9)),
-            ("v8", lambda c: c.path == "mma" and c.mode == 8), ("v9", lambda c: c.path == "mma" and c.mode == 9))
+FAMILIES = (("v3", lambda c: c.path == "triton"), ("v6", lambda c: c.path == "stream"),
+            ("v7", lambda c: c.path == "mma" and c.mode == 0), ("v9", lambda c: c.path == "mma" and c.mode == 9))
 
 
 def decode(args) -> None:
     """Per (shape, tokens, 2:4 fraction): every autotuner candidate timed the autotuner's way (cold L2, CUDA
-    graphs, ``ops.time_cold``); the best config of each kernel family (v3 ``triton``, v5 ``flat``, v6 ``stream``,
-    v7 / v8 / v9 ``mma``)
-    then re-timed like the layer table (graph over weight copies > 4x L2, median of ``--reps``), with dense
-    ``F.linear``."""
+    graphs, ``ops.time_cold``); the best config of each kernel family (v3 ``triton``, v6 ``stream``, v7 / v9
+    ``mma``) then re-timed like the layer table (graph over weight copies > 4x L2, median of ``--reps``), with
+    dense ``F.linear``."""
     dev = "cuda"
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 50 << 20)
@@ -382,16 +375,16 @@ def decode(args) -> None:
         del W
         torch.cuda.empty_cache()
     lines = [f"decode cells on {props.name} ({time.time() - t_start:.0f}s); us per call, graph, weight copies > 4x L2",
-             "| shape | M | f | dense | v3 best | v5 flat | v6 stream | v7 mma | v8 mma | v9 mma | best x dense | bound "
-             "| best % bound | best config | err |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape | M | f | dense | v3 best | v6 stream | v7 mma | v9 mma | best x dense | bound "
+             "| best % bound | best config | err |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for sname, M, f, td, res in rows:
         def t_of(tag):
             return f"{res[tag][1] * 1e3:.1f}" if tag in res else "-"
         b = fmt.bytes_bound_speedup(f)
         cn, tn, _ = min(res.values(), key=lambda v: v[1]) if res else (None, float("nan"), 0.0)
         err = max((e for _, _, e in res.values()), default=float("nan"))
-        lines.append(f"| {sname} | {M} | {f:.2f} | {td * 1e3:.1f} | {t_of('v3')} | {t_of('v5')} | {t_of('v6')} | "
-                     f"{t_of('v7')} | {t_of('v8')} | {t_of('v9')} | {td / tn:.2f} | {b:.2f} | {td / tn / b * 100:.0f}% | "
+        lines.append(f"| {sname} | {M} | {f:.2f} | {td * 1e3:.1f} | {t_of('v3')} | {t_of('v6')} | "
+                     f"{t_of('v7')} | {t_of('v9')} | {td / tn:.2f} | {b:.2f} | {td / tn / b * 100:.0f}% | "
                      f"{cn.short() if cn else '-'} | {err:.1e} |")
     text = "\n".join(lines) + "\n"
     if args.out:
@@ -415,53 +408,21 @@ def profile(args) -> None:
     print("profile launches done")
 
 
-def ncu_launches(args) -> None:
-    """v5 profile: a few flat / persistent / dense launches on 11008x4096 (all 2:4, and all dense tiles through
-    the flat kernel), each once inside cudaProfilerStart/Stop (run under ``ncu --profile-from-start off``)."""
-    dev = "cuda"
-    N, K = 11008, 4096
-    p1, W, _ = random_packed(N, K, 1.0, (128, 128), torch.bfloat16, dev, seed=3)
-    p0, _, _ = random_packed(N, K, 0.0, (128, 128), torch.bfloat16, dev, seed=4)
-    T = ops.KernelConfig
-    runs = [("asm bn16 ts4 f=1", p1, 1, T("flat", 5, 1, 16, 0, 1, 4, 1, True, 0, 0, 4, 1)),
-            ("asm bn16 ts4 f=0", p0, 1, T("flat", 5, 1, 16, 0, 1, 4, 1, True, 0, 0, 4, 1)),
-            ("gather3d bn32 ts4 f=1", p1, 1, T("flat", 3, 1, 32, 0, 1, 4, 1, True, 0, 0, 4, 1)),
-            ("persist bn16 ts4 c4 f=1", p1, 1, T("flat", 6, 1, 16, 0, 1, 4, 1, True, 0, 0, 4, 1, 4)),
-            ("dot bn64 ts2 it2 f=1", p1, 16, T("flat", 1, 16, 64, 0, 1, 4, 1, True, 0, 0, 2, 2)),
-            ("dot bn64 ts2 it2 f=0", p0, 16, T("flat", 1, 16, 64, 0, 1, 4, 1, True, 0, 0, 2, 2))]
-    xs = {M: torch.randn(M, K, device=dev).bfloat16() for M in (1, 16)}
-    for _, p, M, cfg in runs:
-        ops.run_config(xs[M], p, None, ops._fit(cfg, p))
-    for M in (1, 16):
-        torch.nn.functional.linear(xs[M], W)
-    torch.cuda.synchronize()
-    torch.cuda.cudart().cudaProfilerStart()
-    for name, p, M, cfg in runs:
-        ops.run_config(xs[M], p, None, ops._fit(cfg, p))
-        torch.cuda.synchronize()
-        print(f"launched {name}", flush=True)
-    for M in (1, 16):
-        torch.nn.functional.linear(xs[M], W)
-        torch.cuda.synchronize()
-        print(f"launched dense M={M}", flush=True)
-    torch.cuda.cudart().cudaProfilerStop()
-
-
 def ncu_mma_launches(args) -> None:
-    """v7 / v8 / v9 profile: the sparse-tensor-core kernels and dense ``F.linear`` on 4096x4096 (1 token, all 2:4;
+    """v7 / v9 profile: the sparse-tensor-core kernels and dense ``F.linear`` on 4096x4096 (1 token, all 2:4;
     16 tokens, half 2:4) and 11008x4096 (16 tokens, half 2:4), each once inside cudaProfilerStart/Stop (run
-    under ``ncu --profile-from-start off``)."""
+    under ``ncu --profile-from-start off``): a v7 configuration, or with ``--mma-modes`` the configurations of
+    those modes (9: v9's candidates)."""
     dev = "cuda"
     T = ops.KernelConfig
     cells = [(4096, 4096, 1, 1.0), (4096, 4096, 16, 0.5), (11008, 4096, 16, 0.5)]
-    cfgs = [T("mma", 0, 16, 0, 0, 8, 4, 1, True, 0, 0, 2), T("mma", 8, 16, 0, 0, 1, 4, 1, True, 0, 0, 2, 8),
-            T("mma", 8, 16, 0, 0, 1, 8, 1, True, 0, 0, 2, 16)]
+    cfgs = [T("mma", 0, 16, 0, 0, 8, 4, 1, True, 0, 0, 2)]
     if args.mma_modes:  # e.g. "9": only those modes, with v9's candidates
         cfgs = [c for c in cfgs + ops.v9_candidates(16) if str(c.mode) in args.mma_modes.split(",")]
     for N, K, M, f in cells:
         p, W, _ = random_packed(N, K, f, (128, 128), torch.bfloat16, dev, seed=5)
         x = torch.randn(M, K, device=dev).bfloat16()
-        fitted = [ops._fit(c, p) for c in cfgs]
+        fitted = [f for f in (ops._fit(c, p) for c in cfgs) if f is not None]  # (v9: sm_90, fitting stages)
         for c in fitted:
             ops.run_config(x, p, None, c)
         torch.nn.functional.linear(x, W)
@@ -501,7 +462,7 @@ def _precompile_worker(job):
     return done
 
 
-def precompile(tokens: list[int], workers: int, bf16_only: bool = False, paths=("triton", "flat", "stream")) -> None:
+def precompile(tokens: list[int], workers: int, bf16_only: bool = False, paths=("triton", "stream")) -> None:
     """Fill Triton's on-disk kernel cache for every candidate config, ``workers`` processes in parallel
     (compilation is CPU-bound and serial otherwise); timings and checks then start warm. ``bf16_only``:
     bf16 without bias only (what the timing modes run); ``paths``: which kernels."""
@@ -523,20 +484,18 @@ def main() -> int:
     ap.add_argument("--tokens", default="1,16,64,256,2048,8192")
     ap.add_argument("--fracs", default="0,0.25,0.5,0.75,1")
     ap.add_argument("--quick", action="store_true", help="with --check: fewer cases")
-    ap.add_argument("--flat-only", action="store_true", help="with --check: only the v5 flat kernel's configs")
     ap.add_argument("--stream-only", action="store_true", help="with --check: only the v6 stream kernel's configs")
     ap.add_argument("--paths", default="", help="with --decode: only these kernel paths (e.g. stream,mma)")
-    ap.add_argument("--mma-only", action="store_true", help="with --check: only the v7 / v8 / v9 mma kernels' configs")
-    ap.add_argument("--mma-modes", default="", help="with --mma-only: only these mma modes (0 = v7, 8, 9)")
-    ap.add_argument("--ncu-mma", action="store_true", help="v7 / v8 / dense launches to run under ncu")
+    ap.add_argument("--mma-only", action="store_true", help="with --check: only the v7 / v9 mma kernels' configs")
+    ap.add_argument("--mma-modes", default="", help="with --mma-only / --ncu-mma: only these mma modes (0 = v7, 9)")
+    ap.add_argument("--ncu-mma", action="store_true", help="v7 (or --mma-modes) / dense launches to run under ncu")
     ap.add_argument("--profile", action="store_true", help="a few fixed launches to run under ncu")
-    ap.add_argument("--ncu", action="store_true", help="v5: flat/persistent/dense launches to run under ncu")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--verbose", action="store_true", help="print every candidate's time")
     ap.add_argument("--top", type=int, default=4, help="with --decode: how many configs of each kernel family to list per cell")
     ap.add_argument("--out", default=None, help="markdown file for the table")
     ap.add_argument("--decode", action="store_true",
-                    help="decode comparison: best v6 stream, v5 flat and v3 kernel vs dense, per cell")
+                    help="decode comparison: best config of each kernel family vs dense, per cell")
     ap.add_argument("--precompile", type=int, default=0, metavar="WORKERS",
                     help="first compile every candidate config in WORKERS parallel processes")
     ap.add_argument("--precompile-only", action="store_true", help="with --precompile: compile, then exit")
@@ -544,20 +503,15 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
         return 2
-    if args.flat_only:  # the v5 flat kernel is opt-in (not among the default candidates); also for the workers
-        os.environ["TILESPARSE_FLAT"] = "1"
-        ops.FLAT_CANDIDATES = True
     if args.precompile:
         if args.check:  # what the check runs: both dtypes, with and without bias
-            toks = ([1, 3, 5, 16] if args.flat_only else [1, 3, 5, 16, 33, 64] if args.stream_only
-                    else [1, 2, 5, 16, 33, 64, 65, 200])
+            toks = [1, 3, 5, 16, 33, 64] if args.stream_only else [1, 2, 5, 16, 33, 64, 65, 200]
             precompile(sorted({ops._pow2_at_least(t) for t in toks}), args.precompile,
-                       paths=("flat",) if args.flat_only else ("stream",) if args.stream_only
-                       else ("triton", "flat", "stream"))
+                       paths=("stream",) if args.stream_only else ("triton", "stream"))
         if args.decode or not args.check:  # what the timings run: bf16 without bias
             toks = [int(t) for t in args.tokens.split(",")]
-            paths = tuple(q for q in (args.paths.split(",") if args.paths else ("triton", "flat", "stream"))
-                          if q in ("triton", "flat", "stream"))  # (the v7 kernel compiles in-process, NVRTC)
+            paths = tuple(q for q in (args.paths.split(",") if args.paths else ("triton", "stream"))
+                          if q in ("triton", "stream"))  # (the mma kernels compile in-process, NVRTC)
             precompile(sorted({ops._pow2_at_least(t) for t in toks}), args.precompile, bf16_only=True, paths=paths)
             if not args.paths or "mma" in args.paths.split(","):
                 t0 = time.time()
@@ -576,9 +530,6 @@ def main() -> int:
         return 0
     if args.profile:
         profile(args)
-        return 0
-    if args.ncu:
-        ncu_launches(args)
         return 0
     if args.ncu_mma:
         ncu_mma_launches(args)

@@ -1,16 +1,13 @@
-"""Per-block timeline of the v8 / v9 sparse-tensor-core kernels (GPU): where a decode call's time goes.
+"""Per-block, per-item timeline of the v9 sparse-tensor-core kernel (GPU, sm_90): where a decode call's time goes.
 
-    PYTHONPATH=src python3 benchmarks/mma_timeline.py                       # the default cells
-    PYTHONPATH=src python3 benchmarks/mma_timeline.py --cells 4096x4096:16:0.5 --configs w4sb2p8,w4sb2p8pf
-    PYTHONPATH=src python3 benchmarks/mma_timeline.py --v9 w4p4n2,w4p8n2    # v9, per work item
+    PYTHONPATH=src python3 benchmarks/mma_timeline.py                       # the default cells and configs
+    PYTHONPATH=src python3 benchmarks/mma_timeline.py --cells 4096x4096:16:0.5 --configs w4p4n2,w4p8n2
 
-The probe build of the kernel (``PROBE=1``) has thread 0 of every block record the global timer and the SM
-clock at entry, after its x is staged (block barrier), after its last MMA, and at exit (after the split-K
-reduction). Each launch runs on a cold L2 (a large buffer is written first). Printed per cell and config:
-the kernel's span by the global timer, when blocks start (launch ramp) and end, and the median / 90th
-percentile of each phase in microseconds (SM cycles at the clock the timer pairs give). With ``--v9`` the v9
-probe build records, per work item, when the producer has issued the stage's copies and when consumer warp 0
-finds the stage full and releases it (see :func:`timeline9`).
+The probe build of the kernel (``PROBE=1``) records per block the global timer and the SM clock at entry and
+at exit, and per work item when the producer has issued the stage's copies and when consumer warp 0 finds the
+stage full and releases it (see :func:`timeline`). Each launch runs on a cold L2 (a large buffer is written
+first). Printed per cell and config: the kernel's span by the global timer, when blocks start (launch ramp),
+and the median / 90th percentile of each phase in microseconds (SM cycles at the clock the timer pairs give).
 """
 
 from __future__ import annotations
@@ -26,14 +23,6 @@ from tilesparse.kernels import ops
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from kernel_speed import random_packed  # noqa: E402
-
-
-def _cfg(spec: str, M: int) -> ops.KernelConfig:
-    m = re.fullmatch(r"w(\d+)sb(\d+)p(\d+)(pf)?", spec)
-    if not m:
-        raise SystemExit(f"config '{spec}': expected w<warps>sb<steps per batch>p<steps per block>[pf]")
-    w, sb, spb = (int(v) for v in m.groups()[:3])
-    return ops.KernelConfig("mma", 8, 8 * cm.octets(M), 0, 0, 1, w, 1, True, 0, 0, sb, spb, pref=int(bool(m[4])))
 
 
 def _q(t: torch.Tensor, q: float) -> float:
@@ -66,51 +55,19 @@ def _rel_err(x: torch.Tensor, p, out: torch.Tensor) -> float:
     return float((out.double() - ref).norm() / ref.norm())
 
 
-def timeline(N: int, K: int, M: int, f: float, spec: str, flush: torch.Tensor, reps: int) -> str:
-    p, cfg, x, out = _cell(N, K, M, f, _cfg(spec, M))
-    if cfg is None:
-        return f"{N}x{K} M={M} f={f} {spec}: does not fit"
-    cpt = p.tile_rows // cfg.bn
-    n_blocks = p.grid.n_rows * cpt * cfg.split
-    ws = torch.zeros(M * N, device="cuda", dtype=torch.float32)
-    cnt = torch.zeros(p.grid.n_rows * cpt, device="cuda", dtype=torch.int32)
-    probe = torch.zeros(n_blocks, 8, device="cuda", dtype=torch.int64)
-
-    def run():
-        cm.launch(x, p, None, out, cfg.warps, cfg.split, cfg.ts, ws, cnt, 8, cfg.nit, probe, bool(cfg.pref))
-
-    spans, rows = [], []
-    for pr in _probe_runs(run, probe, flush, reps):
-        live = pr[:, 5] > 0
-        pr = pr[live]
-        g0, c0, c1, c2, c3, g1 = (pr[:, i] for i in range(6))
-        ghz = float(((c3 - c0).double().sum() / (g1 - g0).double().sum()).clamp(min=0.5))
-        t0 = g0.min()
-        rows.append(((g0 - t0) / 1e3, (g1 - t0) / 1e3, (c1 - c0) / ghz / 1e3, (c2 - c1) / ghz / 1e3,
-                     (c3 - c2) / ghz / 1e3, ghz))
-        spans.append(float(g1.max() - t0) / 1e3)
-    med = sorted(range(reps), key=lambda i: spans[i])[reps // 2]  # the run with the median span
-    start, end, stage, loop, tail, ghz = rows[med]
-    err = _rel_err(x, p, out)
-    return (f"| {N}x{K} | {M} | {f:.2f} | {cfg.short()} | {n_blocks} | {spans[med]:.1f} | "
-            f"{_q(start, 0.5):.1f} / {_q(start, 1.0):.1f} | {_q(end, 0.5):.1f} | "
-            f"{_q(stage, 0.5):.2f} / {_q(stage, 0.9):.2f} | {_q(loop, 0.5):.2f} / {_q(loop, 0.9):.2f} | "
-            f"{_q(tail, 0.5):.2f} / {_q(tail, 0.9):.2f} | {ghz:.2f} | {err:.1e} |")
-
-
-def _cfg9(spec: str, M: int) -> ops.KernelConfig:
+def _cfg(spec: str, M: int) -> ops.KernelConfig:
     m = re.fullmatch(r"w(\d+)p(\d+)n(\d+)", spec)
     if not m:
-        raise SystemExit(f"v9 config '{spec}': expected w<consumer warps>p<steps per item>n<stages>")
+        raise SystemExit(f"config '{spec}': expected w<consumer warps>p<steps per item>n<stages>")
     w, spb, nst = (int(v) for v in m.groups())
     return ops.KernelConfig("mma", 9, 8 * cm.octets(M), 0, 0, 1, w, 1, True, 0, 0, nst, spb)
 
 
-def timeline9(N: int, K: int, M: int, f: float, spec: str, flush: torch.Tensor, reps: int) -> str:
-    """v9: per item, the copy latency (producer's x copies issued -> stage full at consumer warp 0), the
+def timeline(N: int, K: int, M: int, f: float, spec: str, flush: torch.Tensor, reps: int) -> str:
+    """Per item, the copy latency (producer's x copies issued -> stage full at consumer warp 0), the
     consumers' wait for data (previous release -> full), their MMA time (full -> release) and the producer's
     wait for a free stage (release of item k - stages -> issue of item k)."""
-    p, cfg, x, out = _cell(N, K, M, f, _cfg9(spec, M))
+    p, cfg, x, out = _cell(N, K, M, f, _cfg(spec, M))
     if cfg is None:
         return f"| {N}x{K} | {M} | {f:.2f} | {spec}: does not fit |"
     _, blocks, ranges = cm.v9_plan(p, cfg.nit, cfg.warps, cm.octets(M), cfg.ts)
@@ -157,36 +114,27 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cells", default="4096x4096:1:1,4096x4096:16:0.5,11008x4096:16:0.5",
                     help="comma-separated NxK:tokens:2:4-fraction")
-    ap.add_argument("--configs", default="w4sb2p8,w4sb2p8pf,w8sb2p16pf,w4sb4p4,w4sb4p4pf")
+    ap.add_argument("--configs", "--v9", default="w4p2n5,w4p4n2,w8p2n2",
+                    help="comma-separated w<consumer warps>p<steps per item>n<stages>")
     ap.add_argument("--reps", type=int, default=9)
-    ap.add_argument("--v9", default="", help="v9 configs instead (w<warps>p<steps per item>n<stages>, e.g. w4p4n2)")
     args = ap.parse_args()
-    if not cm.available():
-        print("needs a CUDA GPU of compute capability 8.0+")
+    if not cm.v9_available():
+        print("needs a CUDA GPU of compute capability 9.0+")
         return 2
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
     flush = torch.zeros(2 * l2 // 4, device="cuda", dtype=torch.float32)
-    if args.v9:
-        title = (f"v9 per-item timeline on {torch.cuda.get_device_name()} (us; producer lane 0 and consumer thread 0 "
-                 f"of each block; median run of {args.reps}, cold L2); med / p90 over items or blocks")
-        cols = ["shape", "M", "f", "config", "blocks", "items per block", "span", "block start med / max",
-                "first item full", "copy latency", "consumer wait", "MMA per item", "producer wait", "tail", "GHz",
-                "err"]
-        fn, specs = timeline9, args.v9
-    else:
-        title = (f"v8 per-block timeline on {torch.cuda.get_device_name()} (us; thread 0 of each block; median run "
-                 f"of {args.reps}, cold L2)")
-        cols = ["shape", "M", "f", "config", "blocks", "span", "block start med / max", "block end med",
-                "x staged med / p90", "MMA loop med / p90", "tail med / p90", "GHz", "err"]
-        fn, specs = timeline, args.configs
+    title = (f"v9 per-item timeline on {torch.cuda.get_device_name()} (us; producer lane 0 and consumer thread 0 "
+             f"of each block; median run of {args.reps}, cold L2); med / p90 over items or blocks")
+    cols = ["shape", "M", "f", "config", "blocks", "items per block", "span", "block start med / max",
+            "first item full", "copy latency", "consumer wait", "MMA per item", "producer wait", "tail", "GHz", "err"]
     print(title)
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for cell in args.cells.split(","):
         shape, M, f = cell.split(":")
         N, K = (int(v) for v in shape.split("x"))
-        for spec in specs.split(","):
-            print(fn(N, K, int(M), float(f), spec, flush, args.reps), flush=True)
+        for spec in args.configs.split(","):
+            print(timeline(N, K, int(M), float(f), spec, flush, args.reps), flush=True)
     return 0
 
 

@@ -24,8 +24,8 @@ def clean_env(monkeypatch):
     return monkeypatch
 
 
-DEFAULTS = {"cache": None, "bigbench_sdist": None, "mma": True, "stream": True, "flat": False,
-            "autotune": True, "pdl": False, "fused_mask": None, "fused_blocks": None}
+DEFAULTS = {"cache": None, "bigbench_sdist": None, "mma": True, "stream": True, "autotune": True,
+            "pdl": False, "fused_mask": None, "fused_blocks": None}
 
 # (field, text, value): every value the module docstring documents, plus empty = default
 CASES = [
@@ -34,8 +34,8 @@ CASES = [
     ("cache", "", None),
     ("bigbench_sdist", "/data/bigbench-1.0.0.tar.gz", Path("/data/bigbench-1.0.0.tar.gz")),
     ("bigbench_sdist", "", None),
-    *[(f, t, t == "1") for f in ("mma", "stream", "flat", "autotune", "pdl") for t in ("0", "1")],
-    *[(f, "", DEFAULTS[f]) for f in ("mma", "stream", "flat", "autotune", "pdl")],
+    *[(f, t, t == "1") for f in ("mma", "stream", "autotune", "pdl") for t in ("0", "1")],
+    *[(f, "", DEFAULTS[f]) for f in ("mma", "stream", "autotune", "pdl")],
     *[("fused_mask", t, True) for t in ("1", "on", "true", "yes", "ON", " on ")],
     *[("fused_mask", t, False) for t in ("0", "off", "false", "no", "Off")],
     *[("fused_mask", t, None) for t in ("auto", "AUTO", "")],
@@ -45,7 +45,7 @@ CASES = [
 ]
 
 BAD = [
-    ("mma", "maybe", "must be 0"), ("stream", "true", "must be 0"), ("flat", "yes", "must be 0"),
+    ("mma", "maybe", "must be 0"), ("stream", "true", "must be 0"), ("stream", "yes", "must be 0"),
     ("autotune", "2", "must be 0"), ("pdl", " 1", "must be 0"), ("fused_mask", "maybe", "0/off, 1/on or auto"),
     ("fused_blocks", "8,8", "rows,groups,warps"), ("fused_blocks", "8,x,4", "rows,groups,warps"),
     ("fused_blocks", "8,6,4", "powers of two"), ("fused_blocks", "0,8,4", "powers of two"),
@@ -173,7 +173,7 @@ def env_reads(source: str) -> list[int]:
     'import os\nx = os.getenv("TILESPARSE_PDL")',
     'from os import environ\nx = environ.get("TILESPARSE_PDL")',
     'import os\nENV = "TILESPARSE_CACHE"\ndef f():\n    return os.environ.get(ENV)',
-    'import os\nx = "TILESPARSE_FLAT" in os.environ',
+    'import os\nx = "TILESPARSE_STREAM" in os.environ',
     'import os\nn = "MMA"\nx = os.environ.get(f"TILESPARSE_{n}")',
     'import os\nx = os.environ.get("TILESPARSE_" + "MMA")',
 ])
@@ -182,7 +182,7 @@ def test_checker_finds_reads(snippet):
 
 
 @pytest.mark.parametrize("snippet", [
-    'import os\nos.environ["TILESPARSE_FLAT"] = "1"',
+    'import os\nos.environ["TILESPARSE_STREAM"] = "1"',
     'import os\nenv = {**os.environ, "TILESPARSE_CACHE": "/tmp/c"}',
     'import os\nx = os.environ.get("WORLD_SIZE", "1")',
     'import os\nx = os.environ.get("TRITON_INTERPRET", "0")',

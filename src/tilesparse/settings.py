@@ -16,7 +16,6 @@ variable                       default       meaning
                                              autotuning candidates (Triton only), e.g. for a model
                                              spread over several GPUs.
 ``TILESPARSE_STREAM``          ``1``         ``0``: the Triton stream kernel is not a candidate.
-``TILESPARSE_FLAT``            ``0``         ``1``: the Triton flat decode kernel is a candidate.
 ``TILESPARSE_AUTOTUNE``        ``1``         ``0``: no autotuning; the fixed heuristic picks each
                                              layer's kernel configuration.
 ``TILESPARSE_PDL``             ``0``         ``1``: launch the mma kernels as programmatic dependents
@@ -29,8 +28,8 @@ variable                       default       meaning
                                              kernels' default ``32,32,8``.
 =============================  ============  ========================================================
 
-The on/off switches take exactly ``0`` or ``1``. The candidate switches (``MMA``, ``STREAM``, ``FLAT``)
-are read once, when :mod:`tilesparse.kernels.ops` is imported; the others on every use.
+The on/off switches take exactly ``0`` or ``1``. The candidate switches (``MMA``, ``STREAM``) are
+read once, when :mod:`tilesparse.kernels.ops` is imported; the others on every use.
 
 :func:`settings` reads all variables now (a fraction of a millisecond); :func:`setting` returns one
 value for code that runs per kernel launch or per layer call: it looks its variable up in the
@@ -113,8 +112,6 @@ class Settings(BaseSettings):
                           "(0: Triton only). Default 1.")
     stream: Annotated[bool, _switch(True)] = Field(
         True, description="Triton stream kernel among the autotuning candidates. Default 1.")
-    flat: Annotated[bool, _switch(False)] = Field(
-        False, description="Triton flat decode kernel among the autotuning candidates. Default 0.")
     autotune: Annotated[bool, _switch(True)] = Field(
         True, description="Autotune each layer's kernel configuration on CUDA (0: fixed heuristic). Default 1.")
     pdl: Annotated[bool, _switch(False)] = Field(

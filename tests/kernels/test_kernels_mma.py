@@ -1,4 +1,4 @@
-"""v7 / v8 / v9 sparse-tensor-core kernels (:mod:`tilesparse.kernels.cuda_mma`, CUDA C++ through NVRTC).
+"""v7 / v9 sparse-tensor-core kernels (:mod:`tilesparse.kernels.cuda_mma`, CUDA C++ through NVRTC).
 
 On the CPU: the configuration logic, and the CUDA source compiled to PTX for sm_90 by NVRTC (the
 ``nvidia-cuda-nvrtc`` wheel of the dev extras; skipped without it). The kernel's results are checked on a GPU:
@@ -22,9 +22,7 @@ from tilesparse.kernels.ops import KernelConfig as C
 from tilesparse.kernels.reference import reference_linear_f64, rel_error
 
 KEYS = [cm.MmaKey(True, 1, 4, 2, True), cm.MmaKey(True, 2, 8, 2, False), cm.MmaKey(False, 8, 4, 1, True),
-        cm.MmaKey(True, 4, 4, 1, False), cm.MmaKey(True, 1, 4, 2, True, 8, 8), cm.MmaKey(True, 2, 8, 2, False, 8, 16),
-        cm.MmaKey(False, 8, 4, 1, True, 8, 4), cm.MmaKey(True, 4, 8, 2, False, 8, 8),
-        cm.MmaKey(True, 2, 4, 2, False, 8, 8, pf=True), cm.MmaKey(True, 2, 4, 1, False, 9, 4, nst=5),
+        cm.MmaKey(True, 4, 4, 1, False), cm.MmaKey(True, 2, 4, 1, False, 9, 4, nst=5),
         cm.MmaKey(False, 1, 8, 1, True, 9, 2, nst=5), cm.MmaKey(True, 8, 4, 1, True, 9, 8, nst=2),
         cm.MmaKey(True, 2, 4, 1, False, 9, 4, probe=True, nst=2)]
 
@@ -64,7 +62,6 @@ def test_source_compiles_for_sm90(key):
     assert f".entry {key.name}(" in ptx
     assert "mma.sp::ordered_metadata.sync.aligned.m16n8k32" in ptx
     assert ("bf16" if key.bf16 else "f16") in ptx.split("mma.sp::ordered_metadata")[1].split(";")[0]
-    assert ("cp.async.bulk.prefetch.L2" in ptx) == key.pf
     # v9: weights by 2-D tensor copies and x by cp.async, both completing on mbarriers
     for op in ("cp.async.bulk.tensor.2d", "cp.async.mbarrier.arrive.noinc", "mbarrier.try_wait.parity"):
         assert (op in ptx) == (key.ver == 9)
@@ -105,7 +102,7 @@ def test_step_table_lists_each_kinds_columns():
     for N, K, tile in ((256, 512, (128, 128)), (192, 320, (64, 128)), (128, 256, (64, 64))):
         p = random_layer(N, K, tile, 0.5, 0.2, seed=N + K)[2]
         tab = cm.step_table(p)
-        assert cm.step_table(p) is tab and tab.dtype == torch.int32  # cached on the layer
+        assert cm.step_table(p) is tab and tab.dtype == torch.int32 and tab.device.type == "cpu"  # cached
         TC = p.tile_cols
         for r in range(p.grid.n_rows):
             want = []
@@ -115,25 +112,9 @@ def test_step_table_lists_each_kinds_columns():
                         want += [c * TC + 64 * q for q in range(min(TC, K - c * TC) // 64)]
             assert tab[r, :len(want)].tolist() == want
         S = max(int(p.row_info[r, 0] + p.row_info[r, 5]) // 64 for r in range(p.grid.n_rows))
-        assert cm.max_steps(p) == S and tab.shape[1] == -(-K // 2048) * 32 and not tab[:, S:].any()
+        assert tab.shape == (p.grid.n_rows, max(1, S))  # the most steps of any tile-row
         p.rebuild_layout()  # a new layout drops the cached table
         assert cm.step_table(p) is not tab
-
-
-def test_v8_fit_derives_split_from_steps_per_block(monkeypatch):
-    p = random_layer(256, 4096, (128, 128), 0.5)[2]
-    monkeypatch.setattr(cm, "mma_supported", lambda packed: True)
-    monkeypatch.setattr(ops, "interpreting", lambda: False)
-    cfg = ops._fit(C("mma", 8, 16, 0, 0, 1, 8, 1, True, 0, 0, 2, 8), p)
-    assert (cfg.mode, cfg.split, cfg.nit, cfg.ts, cfg.bn) == (8, 8, 8, 2, 128)  # 64 steps / 8 per block
-    assert ops._fit(C("mma", 8, 64, 0, 0, 1, 4, 1, True, 0, 0, 2, 8), p) is None  # 8 octets x 8 steps > 32 KB
-    assert ops._fit(C("mma", 8, 32, 0, 0, 1, 4, 1, True, 0, 0, 2, 8), p) is None  # > 8 x pieces per thread
-    assert ops._fit(C("mma", 8, 32, 0, 0, 1, 8, 1, True, 0, 0, 2, 8), p).split == 8
-    q = random_layer(256, 192, (128, 64), 0.5)[2]
-    cfg = ops._fit(C("mma", 8, 8, 0, 0, 1, 4, 1, True, 0, 0, 2, 32), q)
-    assert (cfg.split, cfg.nit) == (1, 4)  # 3 steps: one block, 4 steps of x
-    for M in (1, 16, 64):
-        assert all(cm.v8_fits(c.nit, c.ts, cm.octets(M), c.warps) for c in ops.mma_candidates(M) if c.mode == 8)
 
 
 def test_v9_item_table_cuts_each_kind_into_items():
@@ -193,6 +174,15 @@ def test_v9_block_ranges_and_fit(monkeypatch):
     assert ops._fit(C("mma", 9, 16, 0, 0, 1, 4, 1, True, 0, 0, 6, 4), p) is None  # 6 stages do not fit
 
 
+def test_fit_takes_only_the_mma_modes_and_known_paths(monkeypatch):
+    p = random_layer(256, 1024, (128, 128), 0.5)[2]
+    monkeypatch.setattr(cm, "mma_supported", lambda packed: True)
+    monkeypatch.setattr(ops, "interpreting", lambda: False)
+    assert ops._fit(C("mma", 0, 16, 0, 0, 1, 4, 1, True, 0, 0, 2), p).mode == 0
+    assert ops._fit(C("mma", 8, 16, 0, 0, 1, 4, 1, True, 0, 0, 2, 8), p) is None  # modes 0 (v7) and 9 (v9) only
+    assert ops._fit(C("no-such-path", 1, 16, 32), p) is None
+
+
 def test_octets():
     assert [cm.octets(m) for m in (1, 8, 9, 16, 17, 32, 33, 64)] == [1, 1, 2, 2, 4, 4, 8, 8]
 
@@ -216,7 +206,7 @@ def test_mma_keys_are_the_candidates_compiled_configurations(monkeypatch):
         keys = ops.mma_keys(M)
         assert len(set(keys)) == len(keys)
         assert all(k.noct == cm.octets(M) and k.bf16 and not k.bias and not k.probe for k in keys)
-        wanted = {(c.mode if c.mode in (8, 9) else 7, c.warps, c.ts, c.nit if c.mode in (8, 9) else 0)
+        wanted = {(9 if c.mode == 9 else 7, c.warps, c.ts, c.nit if c.mode == 9 else 0)
                   for c in ops.mma_candidates(M)}  # every candidate's kernel, once
         assert {(k.ver, k.warps, k.nst if k.ver == 9 else k.sb, k.spb) for k in keys} == wanted
         assert all(k.sb == 1 for k in keys if k.ver == 9)
@@ -232,13 +222,6 @@ def test_launch_rejects_too_many_tokens():
         cm.launch(x, p, None, torch.empty(65, 256, dtype=torch.bfloat16), 4, 1, 2, None, None)
 
 
-def test_v8_launch_rejects_a_split_that_leaves_too_many_steps():
-    p = random_layer(256, 1024, (128, 128), 0.5)[2]  # 16 steps per tile-row at most
-    x = torch.randn(4, 1024).bfloat16()
-    with pytest.raises(ValueError, match="do not fit"):
-        cm.launch(x, p, None, torch.empty(4, 256, dtype=torch.bfloat16), 4, 1, 2, None, None, ver=8, spb=8)
-
-
 @pytest.mark.skipif(not cm.available(), reason="needs a CUDA GPU of compute capability 8.0+")
 @pytest.mark.parametrize("M,split,dtype,bias", [(1, 1, torch.bfloat16, False), (16, 4, torch.bfloat16, True),
                                                 (33, 2, torch.float16, True), (64, 8, torch.float16, False)])
@@ -248,12 +231,10 @@ def test_mma_matches_reference_on_gpu(M, split, dtype, bias, monkeypatch):
     b = torch.randn(512, device="cuda").to(dtype) if bias else None
     x = torch.randn(M, 1024, device="cuda").to(dtype)
     ref = reference_linear_f64(x.cpu(), p.to("cpu"), None if b is None else b.cpu())
-    for mode, warps, spb, pf in ((0, 4, 0, 0), (0, 8, 0, 0), (8, 4, 4, 0), (8, 8, 16, 1), (8, 4, 8, 1),
-                                 (9, 4, 4, 0), (9, 8, 2, 0), (9, 4, 8, 0)):
-        cfg = ops._fit(C("mma", mode, M, 0, 0, split, warps, 1, True, 0, 0, 2, spb, pref=pf), p)
-        if cfg is None:  # v8: x of spb steps does not fit for these many tokens; v9: sm_90 only
-            assert (mode == 8 and not cm.v8_fits(spb, 2, cm.octets(M), warps)) or (mode == 9 and (
-                not cm.v9_available() or not cm.v9_fits(spb, cm.octets(M), warps, 2)))
+    for mode, warps, spb in ((0, 4, 0), (0, 8, 0), (9, 4, 4), (9, 8, 2), (9, 4, 8)):
+        cfg = ops._fit(C("mma", mode, M, 0, 0, split, warps, 1, True, 0, 0, 2, spb), p)
+        if cfg is None:  # v9: sm_90 only, and its stages must fit shared memory
+            assert mode == 9 and (not cm.v9_available() or not cm.v9_fits(spb, cm.octets(M), warps, 2))
             continue
         for _ in range(2):  # the split-K counters and workspace must be left reset
             out = torch.full((M, 512), float("nan"), device="cuda", dtype=dtype)
@@ -278,7 +259,7 @@ def test_precompile_fills_the_kernel_cache(monkeypatch):
 
 
 @pytest.mark.skipif(not cm.available(), reason="needs a CUDA GPU of compute capability 8.0+")
-@pytest.mark.parametrize("mode,warps,spb", [(0, 4, 0), (8, 4, 8), (9, 4, 4), (9, 8, 2)])
+@pytest.mark.parametrize("mode,warps,spb", [(0, 4, 0), (9, 4, 4), (9, 8, 2)])
 @pytest.mark.parametrize("pdl", ["1", "0"])
 def test_mma_chain_reads_the_previous_kernels_output(mode, warps, spb, pdl, monkeypatch):
     """Each layer's input is the output the kernel before it has just written (ours or torch's; launched as
@@ -328,7 +309,7 @@ def test_prepared_launch_binds_fresh_inputs_each_call(M, monkeypatch):
     buffers, a strided x, with and without split-K, eagerly and captured in a CUDA graph."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     p = random_layer(512, 1024, (128, 128), 0.5, 0.1, torch.bfloat16, seed=7)[2].to("cuda")
-    for mode, warps, spb, split in ((0, 4, 0, 1), (0, 4, 0, 4), (8, 4, 8, 1), (9, 4, 4, 1), (9, 8, 2, 1)):
+    for mode, warps, spb, split in ((0, 4, 0, 1), (0, 4, 0, 4), (9, 4, 4, 1), (9, 8, 2, 1)):
         cfg = ops._fit(C("mma", mode, M, 0, 0, split, warps, 1, True, 0, 0, 2, spb), p)
         if cfg is None:
             continue

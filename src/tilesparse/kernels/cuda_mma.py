@@ -1,16 +1,14 @@
-"""The v7 / v8 / v9 decode kernels: the hybrid linear on sparse tensor cores (``mma.sp``), CUDA C++ compiled at
+"""The v7 / v9 decode kernels: the hybrid linear on sparse tensor cores (``mma.sp``), CUDA C++ compiled at
 run time.
 
-Triton has no sparse MMA, so these kernels are CUDA C++ (``csrc/hybrid_mma.cu`` v7, ``csrc/hybrid_mma8.cu``
-v8, ``csrc/hybrid_mma9.cu`` v9, helpers in ``csrc/mma_common.cuh``) compiled by NVRTC through torch (the two
-steps of ``torch.cuda._compile_kernel``, ``torch.cuda._utils._nvrtc_compile`` and ``_cuda_load_module``: NVRTC
-ships with torch's CUDA wheels; no ``nvcc``) for the current GPU and cached per configuration.
+Triton has no sparse MMA, so these kernels are CUDA C++ (``csrc/hybrid_mma.cu`` v7, ``csrc/hybrid_mma9.cu`` v9,
+helpers in ``csrc/mma_common.cuh``) compiled by NVRTC through torch (the two steps of
+``torch.cuda._compile_kernel``, ``torch.cuda._utils._nvrtc_compile`` and ``_cuda_load_module``: NVRTC ships with
+torch's CUDA wheels; no ``nvcc``) for the current GPU and cached per configuration.
 2:4 tiles go to ``mma.sp.m16n8k32`` as stored (the format's 2-bit positions *are* the instruction's
-metadata), dense tiles to ``mma.m16n8k16``; see the sources' headers. v7 stages x per batch of steps; v8 stages
-a block's x once (at most ``spb`` 64-column steps per block) and reads the steps' input columns from a
-per-layer step table (:func:`step_table`, cached on the layer); v9 (sm_90) is a persistent kernel whose
-producer warp moves work items (:func:`item_table`) into shared-memory stages by tensor copies
-(:func:`tensor_maps`) for its consumer warps.
+metadata), dense tiles to ``mma.m16n8k16``; see the sources' headers. v7 stages x per batch of steps; v9
+(sm_90) is a persistent kernel whose producer warp moves work items (:func:`item_table`) into shared-memory
+stages by tensor copies (:func:`tensor_maps`) for its consumer warps.
 
 Requirements (else :func:`mma_supported` is false and the Triton kernels serve the layer): a CUDA device
 of compute capability 8.0+, 16-bit weights, ``tile_cols`` a power of two >= 64, ``tile_rows % 16 == 0``,
@@ -30,7 +28,6 @@ from .format import PackedHybrid
 
 MAX_TOKENS = 64
 MAX_STEPS = 512  # v7: 64-column steps per block (csrc/hybrid_mma.cu)
-V8_SMEM_KB = 32  # v8: shared memory for x, spb * octets KB
 
 
 @dataclass(frozen=True)
@@ -41,19 +38,16 @@ class MmaKey:
     sb: int
     bias: bool
     ver: int = 7
-    spb: int = 0  # v8: steps per block
-    probe: bool = False  # v8 / v9: per-block timeline output (benchmarks/mma_timeline.py)
-    pf: bool = False  # v8: the block's weights prefetched into L2 first
-    nst: int = 0  # v9: shared-memory stages (v9 uses ``spb`` as steps per item; ``sb`` is unused, 1)
+    spb: int = 0  # v9: steps per work item
+    probe: bool = False  # v9: per-block timeline output (benchmarks/mma_timeline.py)
+    nst: int = 0  # v9: shared-memory stages (``sb`` is unused, 1)
 
     @property
     def name(self) -> str:
         v = ""
-        if self.ver == 8:
-            v = f"_p{self.spb}" + ("_pf" if self.pf else "") + ("_probe" if self.probe else "")
-        elif self.ver == 9:
+        if self.ver == 9:
             v = f"_p{self.spb}_n{self.nst}" + ("_probe" if self.probe else "")
-        tag = {7: "", 8: "8", 9: "9"}[self.ver]
+        tag = {7: "", 9: "9"}[self.ver]
         return (f"hybrid_mma{tag}_{'bf16' if self.bf16 else 'f16'}_o{self.noct}"
                 f"_w{self.warps}_s{self.sb}{v}{'_b' if self.bias else ''}")
 
@@ -73,12 +67,10 @@ def configured_source(key: MmaKey) -> str:
     """The kernel's source with the macros of one configuration and the shared helpers prepended."""
     macros = [("DT_BF16", int(key.bf16)), ("NOCT", key.noct), ("WARPS", key.warps), ("SB", key.sb),
               ("HAS_BIAS", int(key.bias)), ("KNAME", key.name)]
-    if key.ver == 8:
-        macros += [("SPB", key.spb), ("PF", int(key.pf)), ("PROBE", int(key.probe))]
-    elif key.ver == 9:
+    if key.ver == 9:
         macros += [("SPB", key.spb), ("NST", key.nst), ("PROBE", int(key.probe))]
     head = "".join(f"#define {k} {v}\n" for k, v in macros)
-    body = {7: "hybrid_mma.cu", 8: "hybrid_mma8.cu", 9: "hybrid_mma9.cu"}[key.ver]
+    body = {7: "hybrid_mma.cu", 9: "hybrid_mma9.cu"}[key.ver]
     return head + source("mma_common.cuh") + source(body)
 
 
@@ -116,11 +108,11 @@ def _load(key: MmaKey, binary: tuple):
     return k
 
 
-def make_key(bf16: bool, M: int, warps: int, sb: int, bias: bool, ver: int, spb: int, probe: bool = False,
-             pf: bool = False) -> MmaKey:
+def make_key(bf16: bool, M: int, warps: int, sb: int, bias: bool, ver: int, spb: int,
+             probe: bool = False) -> MmaKey:
     """The compiled configuration that :func:`launch` uses for these arguments (``sb`` is v9's stage count)."""
-    return MmaKey(bf16, octets(M), warps, 1 if ver == 9 else sb, bias, ver, spb if ver >= 8 else 0, probe,
-                  pf and ver == 8, sb if ver == 9 else 0)
+    v9 = ver == 9
+    return MmaKey(bf16, octets(M), warps, 1 if v9 else sb, bias, ver, spb if v9 else 0, probe, sb if v9 else 0)
 
 
 def precompile(keys, threads: int = 8) -> int:
@@ -170,10 +162,10 @@ def octets(M: int) -> int:
 
 
 def step_table(packed: PackedHybrid) -> torch.Tensor:
-    """v8's per-layer step table (built once, cached on ``packed``): int32 ``[R, S]``, entry ``[r, s]`` = the
-    first input column of tile-row ``r``'s ``s``-th 64-column step (its 2:4 steps first, then its dense
-    steps, in the order of the stored values); zeros past a row's last step; ``S`` = the steps of a full
-    tile-row, ``ceil(in_features / 64)``, rounded up to a multiple of 32 (the largest steps per block)."""
+    """The layer's step table (built once, cached on ``packed``; read by :func:`item_table`): int32 ``[R, S]``
+    on the CPU, entry ``[r, s]`` = the first input column of tile-row ``r``'s ``s``-th 64-column step (its 2:4
+    steps first, then its dense steps, in the order of the stored values); zeros past a row's last step; ``S``
+    = the most steps of any tile-row (at least 1)."""
     tab = packed.__dict__.get("_mma_steps")
     if tab is not None:
         return tab
@@ -181,8 +173,7 @@ def step_table(packed: PackedHybrid) -> torch.Tensor:
     info = packed.row_info.cpu()
     lens = [(int(info[r, 0]) // 64, int(info[r, 5]) // 64) for r in range(packed.grid.n_rows)]
     S = max([1] + [a + b for a, b in lens])
-    full = -(-packed.in_features // 64)  # steps of a tile-row without zero tiles
-    tab = torch.zeros(packed.grid.n_rows, -(-full // 32) * 32, dtype=torch.int32)
+    tab = torch.zeros(packed.grid.n_rows, S, dtype=torch.int32)
     sp_ptr, sp_cols = packed.sp_ptr.cpu(), packed.sp_cols.cpu()
     dn_ptr, dn_cols = packed.dn_ptr.cpu(), packed.dn_cols.cpu()
     for r, (n_sp, n_dn) in enumerate(lens):
@@ -192,22 +183,8 @@ def step_table(packed: PackedHybrid) -> torch.Tensor:
             parts.append(cols[int(ptr[r]) + pos // TC].to(torch.int64) * TC + pos % TC)
         row = torch.cat(parts)
         tab[r, :row.numel()] = row.to(torch.int32)
-    tab = tab.to(packed.device)
     packed.__dict__["_mma_steps"] = tab
-    packed.__dict__["_mma_max_steps"] = S
     return tab
-
-
-def max_steps(packed: PackedHybrid) -> int:
-    """The most 64-column steps (2:4 and dense) of any tile-row of the layer."""
-    step_table(packed)
-    return packed.__dict__["_mma_max_steps"]
-
-
-def v8_fits(spb: int, sb: int, noct: int, warps: int) -> bool:
-    """Whether v8 compiles well for these: x of ``spb`` steps in shared memory (``spb * noct`` KB) and at most
-    8 16-byte x pieces per thread (registers)."""
-    return sb <= spb and spb * noct <= V8_SMEM_KB and spb * noct <= 4 * warps
 
 
 V9_SMEM = 227 * 1024  # v9: dynamic shared memory a block may take (sm_90)
@@ -245,7 +222,7 @@ def item_table(packed: PackedHybrid, spb: int) -> tuple[torch.Tensor, int]:
     cache = packed.__dict__.setdefault("_mma_v9", {})
     if ("items", spb) in cache:
         return cache[("items", spb)]
-    tab = step_table(packed).cpu()
+    tab = step_table(packed)
     info = packed.row_info.cpu()
     rows = []
     for r in range(packed.grid.n_rows):
@@ -406,41 +383,36 @@ def _sm_count(device) -> int:
 
 def launch(x2: torch.Tensor, packed: PackedHybrid, bias, out: torch.Tensor, warps: int, split: int, sb: int,
            ws: torch.Tensor | None, cnt: torch.Tensor | None, ver: int = 7, spb: int = 0,
-           probe: torch.Tensor | None = None, pf: bool = False) -> None:
-    """Run the kernel (``ver`` 7, 8 or 9) on ``x2 [M, K]`` (``M <= 64``) into ``out [M, N]``; ``warps * 16`` must
+           probe: torch.Tensor | None = None) -> None:
+    """Run the kernel (``ver`` 7 or 9) on ``x2 [M, K]`` (``M <= 64``) into ``out [M, N]``; ``warps * 16`` must
     divide ``tile_rows``; ``split > 1`` needs ``ws`` (fp32, ``>= M * N``, zero) and ``cnt`` (int32, ``>=``
-    number of row chunks, zero), which the kernel leaves zero. v8 / v9: ``split`` must leave at most ``spb``
-    steps per block (v8) or work item (v9); v9 reads ``sb`` as its number of shared-memory stages and needs
-    sm_90; ``probe`` (int64; v8: 8 per block, v9: ``4 + 3 * V9_MAX_ITEMS`` per block) receives each block's
+    number of row chunks, zero), which the kernel leaves zero. v9: ``spb`` = steps per work item, ``split`` =
+    the layer's items per row chunk (:func:`item_table`); it reads ``sb`` as its number of shared-memory
+    stages and needs sm_90; ``probe`` (int64, ``4 + 3 * V9_MAX_ITEMS`` per block) receives each block's
     timeline (the probe build of the kernel). One-off: :func:`prepare` once and call the result for repeated
     launches of one layer."""
-    prepare(packed, x2.shape[0], bias is not None, warps, split, sb, ws, cnt, ver, spb, probe, pf)(x2, out, bias)
+    prepare(packed, x2.shape[0], bias is not None, warps, split, sb, ws, cnt, ver, spb, probe)(x2, out, bias)
 
 
 def prepare(packed: PackedHybrid, M: int, has_bias: bool, warps: int, split: int, sb: int,
             ws: torch.Tensor | None, cnt: torch.Tensor | None, ver: int = 7, spb: int = 0,
-            probe: torch.Tensor | None = None, pf: bool = False) -> "MmaLaunch":
+            probe: torch.Tensor | None = None) -> "MmaLaunch":
     """Check one configuration of the kernel against the layer and ``M`` tokens (arguments as :func:`launch`;
     ``ValueError`` where they do not fit), compile it, and return the launch with everything but x, out and
     bias bound (:class:`MmaLaunch`)."""
     N = packed.out_features
     if M > MAX_TOKENS:
         raise ValueError(f"mma kernel: {M} tokens > {MAX_TOKENS}")
-    if ver not in (7, 8, 9):
+    if ver not in (7, 9):
         raise ValueError(f"mma kernel: no version {ver}")
     br = 16 * warps
     if packed.tile_rows % br:
         raise ValueError(f"mma kernel: {br} rows per block do not divide tile_rows={packed.tile_rows}")
-    key = make_key(packed.dtype == torch.bfloat16, M, warps, sb, has_bias, ver, spb, probe is not None, pf)
+    key = make_key(packed.dtype == torch.bfloat16, M, warps, sb, has_bias, ver, spb, probe is not None)
     if probe is not None and ver == 7:
-        raise ValueError("mma kernel: the timeline probe is v8 / v9 only")
+        raise ValueError("mma kernel: the timeline probe is v9 only")
     if ver == 7 and -(-packed.in_features // 64) > MAX_STEPS * split:
         raise ValueError(f"mma kernel: split={split} leaves more than {MAX_STEPS} steps per block")
-    if ver == 8:
-        tab = step_table(packed)
-        if not v8_fits(spb, sb, key.noct, warps) or split * spb < max_steps(packed) or split * spb > tab.shape[1]:
-            raise ValueError(f"mma kernel v8: split={split}, spb={spb}, sb={sb}, warps={warps} do not fit "
-                             f"{max_steps(packed)} steps and {key.noct} token octets")
     if ver == 9:  # sb = stages; split = the item table's items per chunk
         if not v9_fits(spb, key.noct, warps, sb) or not _aligned(packed.sp_meta, 16):
             raise ValueError(f"mma kernel v9: spb={spb}, stages={sb}, warps={warps} do not fit {key.noct} token "
@@ -463,9 +435,6 @@ def prepare(packed: PackedHybrid, M: int, has_bias: bool, warps: int, split: int
         args = common[:5] + [tensor_maps(packed, spb, br), items, ranges, M, N, 0, 0, split, cpt,
                              packed.tile_rows] + extra
         return MmaLaunch(k, (grid, 1, 1), (32 * (warps + 1), 1, 1), smem, args, 10, M, 16, split > 1)
-    if ver == 8:
-        args = common + [tab, packed.row_info, M, N, 0, 0, split, cpt, packed.tile_rows, tab.shape[1]] + extra
-        return MmaLaunch(k, (n_chunks, split, 1), (32 * warps, 1, 1), 0, args, 12, M, 16, split > 1)
     args = common + [packed.sp_cols, packed.sp_ptr, packed.dn_cols, packed.dn_ptr, packed.row_info,
                      M, N, 0, 0, split, cpt, packed.tile_rows, packed.tile_cols.bit_length() - 1]
     return MmaLaunch(k, (n_chunks, split, 1), (32 * warps, 1, 1), 0, args, 15, M, 4, split > 1)
@@ -507,7 +476,7 @@ class MmaLaunch:
         import ctypes
         if x2.shape[0] != self.M:
             raise ValueError(f"mma kernel: prepared for {self.M} tokens, got {x2.shape[0]}")
-        a = self._align  # v8 loads x by 16 bytes, v9 copies runs of 128 bytes, v7 copies 4 bytes
+        a = self._align  # v9 copies runs of 128 bytes, v7 copies 4 bytes
         if x2.stride(1) != 1 or x2.stride(0) % (a // 2) or x2.data_ptr() % a:
             x2 = x2.contiguous()
         v = self._vals

@@ -151,8 +151,8 @@ class PackedHybrid:
         self._plain_dense = bool((kinds == DENSE).all()) and sizes["dn_vals"] == self.grid.numel
         self.row_info = info.to(self.dn_vals.device)
         self.tile_slot = slot.to(self.dn_vals.device)
-        for k in ("_flat_plans", "_mma_steps", "_mma_max_steps", "_mma_v9", "_runners"):  # kernel descriptors
-            self.__dict__.pop(k, None)  # (ops.flat_plan, cuda_mma.step_table, prepared launches) are per layout
+        for k in ("_mma_steps", "_mma_v9", "_runners"):  # kernel descriptors
+            self.__dict__.pop(k, None)  # (cuda_mma.step_table / item_table, prepared launches) are per layout
 
     def clone(self) -> "PackedHybrid":
         """A copy with its own storage."""

@@ -6,13 +6,10 @@ Paths (chosen per call):
   (cuBLAS, no extra memory).
 * Triton ``hybrid_linear_kernel`` in one of its modes (see :mod:`.triton_hybrid`) -- the decode path
   and one prefill candidate.
-* ``"flat"`` (up to 16 tokens, opt-in) -- ``hybrid_flat_kernel``: a flat grid of per-program work descriptors
-  (:func:`flat_plan`, built once per layer and configuration and cached on the ``PackedHybrid``), fp32 atomics
-  and an arrival counter instead of a split-K tail.
 * ``"stream"`` (up to 64 tokens) -- ``hybrid_stream_kernel`` (:mod:`.triton_stream`): long-lived
   programs that each walk ``BN`` rows of a tile-row in large chunks with the next chunk's loads in flight;
   one token by FMA without expanding the 2:4 values, more tokens by tensor cores on four position planes.
-* ``"mma"`` (v7 ``mode`` 0, v8 ``mode`` 8, v9 ``mode`` 9 on sm_90; up to 64 tokens) -- :mod:`.cuda_mma`: CUDA
+* ``"mma"`` (v7 ``mode`` 0, v9 ``mode`` 9 on sm_90; up to 64 tokens) -- :mod:`.cuda_mma`: CUDA
   C++ (NVRTC) on sparse tensor cores: 2:4 tiles by ``mma.sp`` straight from the stored values and positions,
   dense tiles by ``mma``; GPU only.
 * ``"unpack"`` (prefill candidate) -- unpack the layer on the GPU into a *transient* scratch buffer
@@ -54,7 +51,7 @@ KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """One way to run a layer: ``path`` is ``"triton"``, ``"dense"`` or ``"unpack"``."""
+    """One way to run a layer: ``path`` is ``"triton"``, ``"stream"``, ``"mma"``, ``"dense"`` or ``"unpack"``."""
 
     path: str = "triton"
     mode: int = 1
@@ -70,28 +67,19 @@ class KernelConfig:
     # candidates leave both at 0; kept for explicit configs and experiments.
     lstages: int = 0
     unroll: int = 0
-    # path "flat" (``hybrid_flat_kernel``): 2:4 tiles per chunk (dense: max(1, ts // 2))
-    # and chunks per program; ``mode`` 1 = tensor cores (tl.dot), 3 = gather/FMA on [BM, BN, K/4] tensors,
-    # 4 = gather/FMA on int32 value pairs ([BN, K/16, 4] tensors), 5 = 4 with an inline-asm prmt select (bf16).
-    ts: int = 0
-    nit: int = 1
-    # mode 6 (one token): persistent programs, ``ctas`` per SM, walking the items with the next item's loads
-    # in flight (``hybrid_flat_persist_kernel``)
-    ctas: int = 0
     # path "stream" (``hybrid_stream_kernel``): ``mode`` 0 = FMA (one token), 1 = tensor cores with the
     # 2:4 planes built by selects, 2 = the same with an inline-PTX shift expansion (GPU); ``ts``/``td`` = 2:4 /
     # dense tiles per chunk, ``pref`` = next chunk's loads in flight, ``split`` = programs per row block.
-    # path "mma" mode 8 (v8): ``ts`` = steps per batch, ``nit`` = steps per block, ``pref`` = L2 prefetch;
-    # mode 9 (v9): ``ts`` = shared-memory stages, ``nit`` = steps per work item, ``warps`` = consumer warps.
+    # path "mma" mode 0 (v7): ``ts`` = steps per batch; mode 9 (v9): ``ts`` = shared-memory stages, ``nit`` =
+    # steps per work item, ``warps`` = consumer warps.
+    ts: int = 0
+    nit: int = 1
     td: int = 0
     pref: int = 0
     xt: int = 0  # stream: x loaded per tile ([BM, T, TILE_C]) instead of per position
 
     def short(self) -> str:
         if self.path == "mma":
-            if self.mode == 8:
-                return (f"mma8 bm{self.bm} w{self.warps} s{self.split} sb{self.ts} p{self.nit}"
-                        + (" pf" if self.pref else ""))
             if self.mode == 9:
                 return f"mma9 bm{self.bm} w{self.warps} s{self.split} n{self.ts} p{self.nit}"
             return f"mma bm{self.bm} w{self.warps} s{self.split} sb{self.ts}"
@@ -99,10 +87,6 @@ class KernelConfig:
             m = {0: "fma", 1: "dot", 2: "dotasm"}.get(self.mode, str(self.mode))
             return (f"stream-{m} bm{self.bm} bn{self.bn} ts{self.ts} td{self.td} s{self.split} "
                     f"w{self.warps} p{self.pref}" + (" xt" if self.xt else ""))
-        if self.path == "flat":
-            m = {1: "dot", 3: "gather", 4: "pairs", 5: "asm", 6: "persist"}.get(self.mode, str(self.mode))
-            return (f"flat-{m} bm{self.bm} bn{self.bn} ts{self.ts} "
-                    f"it{self.nit} w{self.warps}" + (f" c{self.ctas}" if self.ctas else ""))
         if self.path != "triton":
             return self.path
         m = {0: "fma", 1: "swap", 2: "mm", 3: "gather"}[self.mode]
@@ -142,29 +126,10 @@ def _fit(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
         return _fit_stream(cfg, packed)
     if cfg.path == "mma":
         return _fit_mma(cfg, packed)
-    if cfg.path == "flat":
-        if not _is_pow2(packed.tile_cols) or cfg.bm > 16 or cfg.mode not in (1, 3, 4, 5, 6):
-            return None
-        mode = cfg.mode
-        if mode == 6:  # one token, dense chunk = half the 2:4 chunk's positions, int32 views of both value arrays
-            if cfg.bm != 1 or cfg.ts < 2 or cfg.ts % 2 or packed.dn_vals.numel() % 2 or packed.in_features % 2:
-                return None
-            bn = _largest_pow2_divisor_le(packed.tile_rows, cfg.bn)
-            return KernelConfig("flat", 6, 1, bn, 0, 1, cfg.warps, 1, True, 0, 0, cfg.ts, 1, max(1, cfg.ctas))
-        if mode == 5 and packed.dtype != torch.bfloat16:
-            mode = 4  # the inline-asm select is written for bf16
-        if max(packed.sp_vals.numel(), packed.dn_vals.numel(), packed.sp_meta.numel()) >= 2 ** 31 - 2 ** 20:
-            return None  # the descriptors hold int32 offsets
-        bn = _largest_pow2_divisor_le(packed.tile_rows, cfg.bn)
-        ts = max(1, cfg.ts)
-        if cfg.mode == 1:  # tensor cores: blocks of at least 32 (16x16 ones give wrong results on the H100)
-            if bn < 32:
-                return None
-            while max(1, ts // 2) * packed.tile_cols < 32:
-                ts *= 2
-        return KernelConfig("flat", mode, cfg.bm, bn, 0, 1, cfg.warps, 1, True, 0, 0, ts, max(1, cfg.nit))
-    if cfg.path != "triton":
+    if cfg.path in ("dense", "unpack"):
         return cfg
+    if cfg.path != "triton":
+        return None
     bn = _largest_pow2_divisor_le(packed.tile_rows, cfg.bn)
     bk = _largest_pow2_divisor_le(packed.tile_cols, cfg.bk)
     if bk < 16:
@@ -195,23 +160,16 @@ def _fit_stream(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
             td *= 2
         if mode == 2 and interpreting():
             mode = 1  # inline PTX does not run on the CPU interpreter
-    return KernelConfig("stream", mode, cfg.bm, bn, 0, cfg.split, cfg.warps, 1, True, 0, 0, ts, 1, 0, td,
+    return KernelConfig("stream", mode, cfg.bm, bn, 0, cfg.split, cfg.warps, 1, True, 0, 0, ts, 1, td,
                         1 if cfg.pref else 0, 1 if cfg.xt else 0)
 
 
 def _fit_mma(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
-    if interpreting() or not _cm.mma_supported(packed) or cfg.split < 1 or cfg.ts < 1:
+    if interpreting() or cfg.mode not in (0, 9) or not _cm.mma_supported(packed) or cfg.split < 1 or cfg.ts < 1:
         return None
     warps = _largest_pow2_divisor_le(packed.tile_rows // 16, cfg.warps)
     bm = 8 * _cm.octets(min(cfg.bm, _cm.MAX_TOKENS))
     steps = -(-packed.in_features // 64)  # 64-column steps of a full tile-row
-    if cfg.mode == 8:  # v8: x of spb steps in shared memory, split = enough blocks for every step
-        spb = min(cfg.nit, _pow2_at_least(steps))
-        sb = min(cfg.ts, spb)
-        if not _cm.v8_fits(spb, sb, _cm.octets(bm), warps):
-            return None
-        return KernelConfig("mma", 8, bm, 16 * warps, 0, -(-steps // spb), warps, 1, True, 0, 0, sb, spb,
-                            pref=1 if cfg.pref else 0)
     if cfg.mode == 9:  # v9: work items of spb steps through ts shared-memory stages (sm_90)
         spb = cfg.nit
         if not _cm.v9_available() or not _cm.v9_fits(spb, _cm.octets(bm), warps, cfg.ts) \
@@ -233,24 +191,18 @@ def _fit_mma(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
 
 def mma_candidates(M: int) -> list[KernelConfig]:
     """The sparse-tensor-core kernels' candidate configurations for ``M <= 64`` tokens: v7 (warps, split,
-    steps per batch), v8 (warps, steps per batch, steps per block; split follows from the layer) and v9
-    (:func:`v9_candidates`)."""
+    steps per batch) and v9 (:func:`v9_candidates`)."""
     bm = 8 * _cm.octets(M)
     v7 = [KernelConfig("mma", 0, bm, 0, 0, split, w, 1, True, 0, 0, sb)
           for w in (4, 8) for split in (1, 2, 4, 8, 16) for sb in (1, 2)]
-    # (sb 4 with two batches in flight spills registers; the L2 prefetch, pref=1, is not a candidate: the x loads
-    # queue behind it, and it was not faster in any H200 decode cell measured)
-    v8 = [KernelConfig("mma", 8, bm, 0, 0, 1, w, 1, True, 0, 0, sb, spb)
-          for w in (4, 8) for sb, spb in ((1, 4), (1, 8), (1, 16), (1, 32), (2, 4), (2, 8), (2, 16), (2, 32), (4, 4))
-          if _cm.v8_fits(spb, sb, _cm.octets(M), w)]
-    return v7 + v8 + v9_candidates(M)
+    return v7 + v9_candidates(M)
 
 
 def mma_keys(M: int, bf16: bool = True, bias: bool = False) -> list:
     """The compiled kernels (:class:`.cuda_mma.MmaKey`) that the mma candidates for ``M`` tokens launch, for
     :func:`.cuda_mma.precompile` (v9 only where it can run)."""
     return list(dict.fromkeys(  # (v7's candidates of different split share a kernel)
-        _cm.make_key(bf16, M, c.warps, c.ts, bias, c.mode if c.mode in (8, 9) else 7, c.nit, pf=bool(c.pref))
+        _cm.make_key(bf16, M, c.warps, c.ts, bias, 9 if c.mode == 9 else 7, c.nit)
         for c in mma_candidates(M) if c.mode != 9 or _cm.v9_available()))
 
 
@@ -273,7 +225,7 @@ def stream_candidates(M: int) -> list[KernelConfig]:
     c = []
 
     def T(mode, bm, bn, ts, td, w, pref, split, xt=0):
-        return KernelConfig("stream", mode, bm, bn, 0, split, w, 1, True, 0, 0, ts, 1, 0, td, pref, xt)
+        return KernelConfig("stream", mode, bm, bn, 0, split, w, 1, True, 0, 0, ts, 1, td, pref, xt)
     if M == 1:
         for bn, ts, td, w, pref, split in ((8, 4, 4, 4, 1, 1), (8, 4, 2, 4, 1, 1), (16, 2, 2, 8, 0, 1),
                                            (16, 2, 2, 4, 0, 1), (8, 8, 4, 4, 0, 1), (16, 8, 4, 4, 0, 1),
@@ -308,34 +260,11 @@ def heuristic_config(M: int, packed: PackedHybrid) -> KernelConfig:
     return _fit(cfg, packed)
 
 
-# Which kernel families the autotuner considers (read once, at import; see :mod:`tilesparse.settings`).
-# The flat kernel (``hybrid_flat_kernel``) for M <= 16 tokens is opt-in (TILESPARSE_FLAT=1): one of its
-# configurations faults on the H200 (illegal address; flat-dot bn64 ts1 it4 w8, 64x64 tiles, 14 non-contiguous
-# tokens; not root-caused), and the stream kernel is faster in 16 of the 18 H200 decode cells measured.
-FLAT_CANDIDATES = setting("flat")
+# Which kernel families the autotuner considers (read once, at import; see :mod:`tilesparse.settings`):
 # the streaming kernel (``hybrid_stream_kernel``) for M <= 64 tokens
 STREAM_CANDIDATES = setting("stream")
-# the v7 / v8 / v9 sparse-tensor-core kernels (:mod:`.cuda_mma`) for M <= 64 tokens (CUDA, sm_80+; v9 sm_90)
+# the v7 / v9 sparse-tensor-core kernels (:mod:`.cuda_mma`) for M <= 64 tokens (CUDA, sm_80+; v9 sm_90)
 MMA_CANDIDATES = setting("mma")
-
-
-def flat_candidates(M: int) -> list[KernelConfig]:
-    """The flat decode kernel's candidate configurations for ``M <= 16`` tokens:
-    (mode, bn, 2:4 tiles per chunk, chunks per program, warps). The persistent mode 6 is not among them
-    (never among the six fastest configurations of an H200 decode cell)."""
-    T = KernelConfig
-    c = []
-    if M <= 4:
-        bm = _pow2_at_least(M)
-        for mode, bn, ts, nit, w in ((5, 16, 4, 1, 4), (5, 32, 4, 1, 4), (5, 32, 2, 1, 4), (5, 64, 2, 1, 4),
-                                     (5, 32, 4, 2, 4), (5, 64, 4, 1, 8), (5, 16, 8, 1, 4), (5, 32, 8, 1, 8),
-                                     (4, 32, 4, 1, 4), (4, 16, 4, 1, 4), (3, 32, 4, 1, 4), (3, 16, 4, 1, 4),
-                                     (3, 32, 2, 1, 4)):
-            c.append(T("flat", mode, bm, bn, 0, 1, w, 1, True, 0, 0, ts, nit))
-    for bn, ts, nit, w in ((32, 2, 1, 4), (64, 2, 1, 4), (64, 1, 2, 4), (64, 2, 2, 4), (128, 1, 2, 8),
-                           (128, 2, 1, 8), (64, 4, 1, 8), (128, 1, 4, 8), (64, 2, 2, 8), (64, 2, 1, 8)):
-        c.append(T("flat", 1, 16, bn, 0, 1, w, 1, True, 0, 0, ts, nit))
-    return c
 
 
 def candidate_configs(M: int, packed: PackedHybrid, force_kernel: bool = False) -> list[KernelConfig]:
@@ -357,8 +286,6 @@ def candidate_configs(M: int, packed: PackedHybrid, force_kernel: bool = False) 
         c += mma_candidates(M)
     if M <= 64 and STREAM_CANDIDATES:
         c += stream_candidates(M)
-    if M <= 16 and FLAT_CANDIDATES:
-        c += flat_candidates(M)
     if M <= 64:
         bm = _pow2_at_least(M, 16)
         for bn in (32, 64, 128):
@@ -437,129 +364,6 @@ def launch_triton(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfi
     )
 
 
-_SMS: dict = {}
-
-
-def _sm_count(device) -> int:
-    d = torch.device(device)
-    if d.type != "cuda":
-        return 2  # CPU interpreter: a small grid, so that programs walk several items
-    key = str(d)
-    if key not in _SMS:
-        _SMS[key] = torch.cuda.get_device_properties(d).multi_processor_count
-    return _SMS[key]
-
-
-class FlatPlan:
-    """Per-program work descriptors of ``hybrid_flat_kernel`` for one layer and (bn, ts, td, nit)."""
-
-    def __init__(self, desc: torch.Tensor, xcb: torch.Tensor, n_blocks: int):
-        self.desc, self.xcb, self.n_blocks = desc, xcb, n_blocks
-        self.n_programs = desc.shape[0]
-
-
-def flat_plan(packed: PackedHybrid, bn: int, ts: int, td: int, nit: int) -> FlatPlan:
-    """Build (once; cached on ``packed``) the descriptors of the flat decode kernel.
-
-    Items: per tile-row, runs of ``ts * nit`` consecutive 2:4 tiles and of ``td * nit`` dense tiles (one
-    empty item for a tile-row without tiles, whose output is the bias). Programs: one per (row block of
-    ``bn`` rows, item), row-block major, so the programs of one row block run close together in time.
-    """
-    cache = packed.__dict__.setdefault("_flat_plans", {})
-    key = (bn, ts, td, nit)
-    plan = cache.get(key)
-    if plan is not None:
-        return plan
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("flat_plan: descriptors must be built before CUDA graph capture")
-    TR, TC, N = packed.tile_rows, packed.tile_cols, packed.out_features
-    info = packed.row_info.cpu().tolist()
-    sp_ptr, dn_ptr = packed.sp_ptr.cpu().tolist(), packed.dn_ptr.cpu().tolist()
-    sp_cols, dn_cols = packed.sp_cols.cpu().tolist(), packed.dn_cols.cpu().tolist()
-    slots = nit * max(ts, td)
-    desc, xcb = [], []
-    blk = 0
-    for r in range(len(info)):
-        sp_len, sp_off, sp_stride, mt_off, mt_stride, dn_len, dn_off, dn_stride = info[r]
-        items = []
-        cs = sp_cols[sp_ptr[r]:sp_ptr[r + 1]]
-        per = ts * nit
-        for s0 in range(0, len(cs), per):
-            pos0 = s0 * TC
-            items.append((0, sp_off + pos0 // 2, sp_stride, (mt_off + pos0 // 8) // 2, mt_stride // 2,
-                          min(sp_len - pos0, per * TC), cs[s0:s0 + per]))
-        cd = dn_cols[dn_ptr[r]:dn_ptr[r + 1]]
-        per = td * nit
-        for s0 in range(0, len(cd), per):
-            pos0 = s0 * TC
-            items.append((1, dn_off + pos0, dn_stride, 0, 0, min(dn_len - pos0, per * TC), cd[s0:s0 + per]))
-        if not items:
-            items.append((2, 0, 0, 0, 0, 0, []))
-        cbs = []
-        for it in items:
-            cbs.append(len(xcb))
-            xcb += [c * TC for c in it[6]] + [0] * (slots - len(it[6]))
-        for b in range(TR // bn):
-            row0 = r * TR + b * bn
-            if row0 >= N:
-                break
-            for it, cb in zip(items, cbs):
-                desc.append([it[0], it[1], it[2], it[3], it[4], it[5], row0, b * bn, len(items), cb, blk, 0])
-            blk += 1
-    dev = packed.device
-    plan = FlatPlan(torch.tensor(desc, dtype=torch.int32, device=dev),
-                    torch.tensor(xcb + [0] * slots, dtype=torch.int32, device=dev), blk)
-    cache[key] = plan
-    return plan
-
-
-def _pairs_ready(x2: torch.Tensor) -> torch.Tensor:
-    """``x2 [M, K]`` (K even) laid out so that it can be viewed as int32 pairs."""
-    if x2.stride(1) != 1 or x2.stride(0) % 2 or x2.storage_offset() % 2:
-        x2 = x2.clone(memory_format=torch.contiguous_format)
-    return x2
-
-
-def launch_flat(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfig, out: torch.Tensor) -> None:
-    """Run ``hybrid_flat_kernel`` (the flat decode kernel) with ``cfg`` on ``x2 [M, K]`` (M <= cfg.bm <= 16)."""
-    M, K = x2.shape
-    N = packed.out_features
-    if M > cfg.bm:
-        raise ValueError(f"flat kernel: {M} tokens > bm={cfg.bm}")
-    td = max(1, cfg.ts // 2)
-    plan = flat_plan(packed, cfg.bn, cfg.ts, td, cfg.nit)
-    dev = x2.device
-    ws = _buffer("flat_ws", dev, M * N, torch.float32)
-    cnt = _buffer("flat_cnt", dev, plan.n_blocks, torch.int32)
-    TC = packed.tile_cols
-    if cfg.mode == 6:
-        x2 = _pairs_ready(x2)
-        grid = max(1, min(plan.n_programs, _sm_count(dev) * cfg.ctas))
-        _tk.hybrid_flat_persist_kernel[(grid,)](
-            x2.view(torch.int32), out, bias if bias is not None else out, ws, cnt, plan.desc, plan.xcb,
-            packed.sp_vals.view(torch.int32), packed.sp_meta.view(torch.int16), packed.dn_vals.view(torch.int32),
-            N, K, plan.n_programs,
-            TILE_C=TC, BN=cfg.bn, TS=cfg.ts, HAS_BIAS=bias is not None, BF16=packed.dtype == torch.bfloat16,
-            ASM=packed.dtype == torch.bfloat16 and not interpreting(), num_warps=cfg.warps, num_stages=1,
-        )
-        return
-    pairs = cfg.mode in (4, 5)
-    if pairs and K % 2 == 0:
-        x2 = _pairs_ready(x2)
-    x32 = x2.view(torch.int32) if pairs and K % 2 == 0 else x2  # (K odd: no 2:4 tiles, x32 unused)
-    _tk.hybrid_flat_kernel[(plan.n_programs,)](
-        x2, x32, out, bias if bias is not None else out, ws, cnt, plan.desc, plan.xcb,
-        packed.sp_vals, packed.sp_vals.view(torch.int32), packed.sp_meta.view(torch.int16),
-        packed.dn_vals,
-        M, N, K, x2.stride(0), x2.stride(1), out.stride(0),
-        TILE_C=TC, BM=cfg.bm, BN=cfg.bn, TS=cfg.ts, TD=td, NIT=cfg.nit, DOT=cfg.mode == 1,
-        HAS_BIAS=bias is not None, DOT_F32=interpreting() and packed.dtype == torch.bfloat16,
-        MA=math.gcd(8, max(1, TC // 16)),
-        PAIRS=pairs, BF16=packed.dtype == torch.bfloat16, ASM=cfg.mode == 5 and not interpreting(),
-        num_warps=cfg.warps, num_stages=1,
-    )
-
-
 def launch_stream(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfig, out: torch.Tensor) -> None:
     """Run ``hybrid_stream_kernel`` with ``cfg`` on ``x2 [M, K]`` (M <= cfg.bm) into ``out [M, N]``."""
     M = x2.shape[0]
@@ -586,7 +390,7 @@ def launch_stream(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfi
 
 
 def prepare_mma(packed: PackedHybrid, cfg: KernelConfig, M: int, has_bias: bool) -> "_cm.MmaLaunch":
-    """The v7 / v8 / v9 kernel (:mod:`.cuda_mma`) with ``cfg`` prepared for ``M`` tokens, its split-K
+    """The v7 / v9 kernel (:mod:`.cuda_mma`) with ``cfg`` prepared for ``M`` tokens, its split-K
     workspaces bound: call it with ``(x2, out, bias)``."""
     if M > cfg.bm:
         raise ValueError(f"mma kernel: {M} tokens > bm={cfg.bm}")
@@ -594,12 +398,12 @@ def prepare_mma(packed: PackedHybrid, cfg: KernelConfig, M: int, has_bias: bool)
     if cfg.split > 1:
         ws = _buffer("mma_ws", packed.device, M * packed.out_features, torch.float32)
         cnt = _buffer("mma_cnt", packed.device, packed.grid.n_rows * (packed.tile_rows // cfg.bn), torch.int32)
-    return _cm.prepare(packed, M, has_bias, cfg.warps, cfg.split, cfg.ts, ws, cnt,
-                       cfg.mode if cfg.mode in (8, 9) else 7, cfg.nit, pf=bool(cfg.pref))
+    return _cm.prepare(packed, M, has_bias, cfg.warps, cfg.split, cfg.ts, ws, cnt, 9 if cfg.mode == 9 else 7,
+                       cfg.nit)
 
 
 def launch_mma(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfig, out: torch.Tensor) -> None:
-    """Run the v7 / v8 / v9 kernel (:mod:`.cuda_mma`) with ``cfg`` on ``x2 [M, K]`` into ``out [M, N]``."""
+    """Run the v7 / v9 kernel (:mod:`.cuda_mma`) with ``cfg`` on ``x2 [M, K]`` into ``out [M, N]``."""
     prepare_mma(packed, cfg, x2.shape[0], bias is not None)(x2, out, bias)
 
 
@@ -630,9 +434,7 @@ def run_config(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfig) 
         unpack_triton(packed, scratch)
         return torch.nn.functional.linear(x2, scratch, bias)
     out = torch.empty(x2.shape[0], N, dtype=x2.dtype, device=x2.device)
-    if cfg.path == "flat":
-        launch_flat(x2, packed, bias, cfg, out)
-    elif cfg.path == "stream":
+    if cfg.path == "stream":
         launch_stream(x2, packed, bias, cfg, out)
     elif cfg.path == "mma":
         launch_mma(x2, packed, bias, cfg, out)

@@ -3,8 +3,8 @@
 Why (``benchmarks/decode_probe.py``, H200): a plain Triton GEMV in which each program owns a few rows and
 walks the whole K range in large chunks (4-16 KB per program per step), with the next chunk's loads issued
 before the current one is used, reads a dense weight as fast as cuBLAS at one token and an all-2:4 weight
-1.09-1.35x faster than cuBLAS reads the dense one, whereas short programs (``hybrid_flat_kernel``) spend
-most of their life outside their single load phase. This kernel is that structure on the packed format:
+1.09-1.35x faster than cuBLAS reads the dense one, whereas short programs (one load phase each) spend
+most of their life outside that load phase. This kernel is that structure on the packed format:
 
 * grid ``(row blocks, SPLIT)``: a program owns ``BN`` rows of one tile-row and ``1/SPLIT`` of that
   tile-row's 2:4 chunks and of its dense chunks (a chunk = ``TS`` 2:4 tiles or ``TD`` dense tiles, in the

@@ -1,8 +1,8 @@
 // Hybrid (dense / 2:4 tile) linear for 1-64 tokens on sparse tensor cores: v9 decode kernel (sm_90).
 //
-// v8's per-block timeline has three costs that every block pays once per wave: two dependent loads before
-// the first MMA, a weight stream limited by the bytes a warp can hold in registers, and the split-K tail. v9
-// moves the weights with the copy engine and keeps the blocks alive:
+// A block that streams its weights through registers (v7) pays three costs once per wave: dependent loads
+// before the first MMA, a weight stream limited by the bytes a warp can hold in registers, and the split-K
+// tail. v9 moves the weights with the copy engine and keeps the blocks alive:
 //   * work items: a row chunk of BR rows x up to SPB 64-column steps of ONE kind (a tile-row's 2:4 steps and its
 //     dense steps are cut into items of SPB separately, the two lists interleaved), described by a per-layer
 //     item table (cuda_mma.item_table: kind, steps, first step, and the steps' input columns); numbered
@@ -26,9 +26,9 @@
 // Fragments: a 2:4 step of row g is 16 bytes at 16 t of its 64 stored bytes (groups 4t..4t+3), a dense step
 // the 16 bytes at 16 t of each 64-byte half (v7). x stays in its plain layout [token][step][64 columns]: a
 // dense MMA reads 16 contiguous bytes per lane; a sparse MMA s reads 4 words at columns
-// 16 h + 8 s + 2 c + {0, 32, 4, 36} (t = 2 h + c), the K order v7 / v8 store x in.
+// 16 h + 8 s + 2 c + {0, 32, 4, 36} (t = 2 h + c), the K order v7 stores x in.
 // Macros: DT_BF16, NOCT, WARPS (consumer warps), SPB (steps per item, even), NST (stages), HAS_BIAS, KNAME;
-// PROBE = 1 adds a per-block, per-item timeline output (benchmarks/mma_timeline.py --v9).
+// PROBE = 1 adds a per-block, per-item timeline output (benchmarks/mma_timeline.py).
 // (helpers: mma_common.cuh, prepended by cuda_mma.py)
 
 #define TPB ((WARPS + 1) * 32)
@@ -130,7 +130,7 @@ extern "C" __global__ void __launch_bounds__(TPB, 1) KNAME(
     , long long* __restrict__ probe
 #endif
     ) {
-#if PROBE  // per-block timeline (benchmarks/mma_timeline.py --v9): [entry timer, entry clock, end clock, end
+#if PROBE  // per-block timeline (benchmarks/mma_timeline.py): [entry timer, entry clock, end clock, end
     // timer, then per item: x copies issued (producer), stage full and stage released (consumer warp 0)]
     long long* pr = probe + (long long)blockIdx.x * (4 + 3 * MAX_ITEMS);
     if (threadIdx.x == 0) {

@@ -1,5 +1,5 @@
-// Helpers shared by the sparse-tensor-core decode kernels (hybrid_mma.cu v7, hybrid_mma8.cu v8, hybrid_mma9.cu
-// v9): loads, conversions, the dense and sparse MMAs, the metadata gather, the dependent-launch controls.
+// Helpers shared by the sparse-tensor-core decode kernels (hybrid_mma.cu v7, hybrid_mma9.cu v9): loads,
+// conversions, the dense and sparse MMAs, the metadata gather, the dependent-launch controls.
 // Prepended by tilesparse/kernels/cuda_mma.py.
 
 typedef unsigned int u32;
@@ -22,15 +22,6 @@ __device__ __forceinline__ uint2 ldg8(const void* p) {
     uint2 v;
     asm("ld.global.nc.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
     return v;
-}
-
-// start moving `bytes` (a multiple of 16, 16-byte aligned) from global memory into L2 (no registers, no wait)
-__device__ __forceinline__ void prefetch_l2(const void* p, u32 bytes) {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-#else
-    for (u32 o = 0; o < bytes; o += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"((const char*)p + o));
-#endif
 }
 
 // programmatic dependent launch (sm_90; both are no-ops for a kernel launched without it, cuda_mma._launch):
