@@ -24,7 +24,7 @@ def clean_env(monkeypatch):
     return monkeypatch
 
 
-DEFAULTS = {"cache": None, "bigbench_sdist": None, "mma": True, "stream": True, "autotune": True,
+DEFAULTS = {"cache": None, "bigbench_sdist": None, "mma": True, "stream": True, "autotune": True, "autotune_cache": True,
             "pdl": False, "fused_mask": None, "fused_blocks": None}
 
 # (field, text, value): every value the module docstring documents, plus empty = default
@@ -34,8 +34,8 @@ CASES = [
     ("cache", "", None),
     ("bigbench_sdist", "/data/bigbench-1.0.0.tar.gz", Path("/data/bigbench-1.0.0.tar.gz")),
     ("bigbench_sdist", "", None),
-    *[(f, t, t == "1") for f in ("mma", "stream", "autotune", "pdl") for t in ("0", "1")],
-    *[(f, "", DEFAULTS[f]) for f in ("mma", "stream", "autotune", "pdl")],
+    *[(f, t, t == "1") for f in ("mma", "stream", "autotune", "autotune_cache", "pdl") for t in ("0", "1")],
+    *[(f, "", DEFAULTS[f]) for f in ("mma", "stream", "autotune", "autotune_cache", "pdl")],
     *[("fused_mask", t, True) for t in ("1", "on", "true", "yes", "ON", " on ")],
     *[("fused_mask", t, False) for t in ("0", "off", "false", "no", "Off")],
     *[("fused_mask", t, None) for t in ("auto", "AUTO", "")],

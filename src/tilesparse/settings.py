@@ -18,6 +18,9 @@ variable                       default       meaning
 ``TILESPARSE_STREAM``          ``1``         ``0``: the Triton stream kernel is not a candidate.
 ``TILESPARSE_AUTOTUNE``        ``1``         ``0``: no autotuning; the fixed heuristic picks each
                                              layer's kernel configuration.
+``TILESPARSE_AUTOTUNE_CACHE``  ``1``         ``0``: tuned choices are neither read from nor written to
+                                             the cache (``autotune/`` in the cache folder, per GPU
+                                             and library versions).
 ``TILESPARSE_PDL``             ``0``         ``1``: launch the mma kernels as programmatic dependents
                                              (compute capability 9.0+).
 ``TILESPARSE_FUSED_MASK``      ``auto``      Fused Triton mask kernels while learning: ``1``/``on``/
@@ -114,6 +117,9 @@ class Settings(BaseSettings):
         True, description="Triton stream kernel among the autotuning candidates. Default 1.")
     autotune: Annotated[bool, _switch(True)] = Field(
         True, description="Autotune each layer's kernel configuration on CUDA (0: fixed heuristic). Default 1.")
+    autotune_cache: Annotated[bool, _switch(True)] = Field(
+        True, description="Keep tuned kernel choices in the cache folder (per GPU and library versions), so a "
+                          "new process does not tune again (0: tune in every process). Default 1.")
     pdl: Annotated[bool, _switch(False)] = Field(
         False, description="Launch the mma kernels as programmatic dependents on compute capability 9.0+. "
                            "Default 0.")

@@ -24,6 +24,8 @@ graph capture) a fixed heuristic is used.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -552,7 +554,8 @@ def autotune(x2: torch.Tensor, packed: PackedHybrid, bias, verbose: bool = False
 
 
 def choose_config(x2: torch.Tensor, packed: PackedHybrid, bias) -> KernelConfig:
-    """The cached, tuned or heuristic configuration for this call."""
+    """The cached, tuned or heuristic configuration for this call: this process's choice, else one an earlier
+    process tuned on this GPU (:class:`TuneStore`), else a new tuning run (kept in both), else the heuristic."""
     key = tune_key(x2.shape[0], packed, bias is not None)
     cfg = _TUNED.get(key)
     if cfg is not None:
@@ -561,9 +564,75 @@ def choose_config(x2: torch.Tensor, packed: PackedHybrid, bias) -> KernelConfig:
                 and not torch.cuda.is_current_stream_capturing())
     if not can_tune:
         return heuristic_config(x2.shape[0], packed)
-    cfg, _ = autotune(x2, packed, bias)
+    store = TuneStore.for_device(x2.device) if setting("autotune_cache") else None
+    cfg = store.get(key) if store is not None else None
+    if cfg is None or _fit(cfg, packed) is None:
+        cfg, _ = autotune(x2, packed, bias)
+        if store is not None:
+            store.put(key, cfg)
     _TUNED[key] = cfg
     return cfg
+
+
+class TuneStore:
+    """Tuned choices kept on disk, one JSON file per GPU model (``<cache>/autotune/``), valid for the versions
+    of tilesparse, torch and Triton that made them (another version starts a fresh file). Keys are
+    :func:`tune_key` without the device index; a damaged file is ignored and replaced."""
+
+    _open: dict[str, "TuneStore"] = {}
+
+    def __init__(self, path, versions: dict):
+        self.path, self.versions = path, versions
+        self.entries: dict[str, dict] = {}
+        try:
+            data = json.loads(path.read_text())
+            if data.get("versions") == versions:
+                self.entries = dict(data.get("entries", {}))
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    @classmethod
+    def for_device(cls, device) -> "TuneStore":
+        import re
+
+        import triton
+
+        from .. import __version__
+        from ..paths import cache_dir
+
+        name = torch.cuda.get_device_name(device)
+        cc = "".join(map(str, torch.cuda.get_device_capability(device)))
+        path = cache_dir() / "autotune" / f"{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-')}-sm{cc}.json"
+        versions = {"tilesparse": __version__, "torch": torch.__version__, "triton": triton.__version__}
+        store = cls._open.get(str(path))
+        if store is None or store.versions != versions:
+            store = cls._open[str(path)] = cls(path, versions)
+        return store
+
+    @staticmethod
+    def _key(key: tuple) -> str:
+        k = list(key)
+        k[7] = str(k[7]).split(":")[0]  # the device's type, not its index: the file is per GPU model
+        return json.dumps(k)
+
+    def get(self, key: tuple) -> KernelConfig | None:
+        entry = self.entries.get(self._key(key))
+        if entry is None:
+            return None
+        try:
+            return KernelConfig(**entry)
+        except TypeError:  # fields of another KernelConfig
+            return None
+
+    def put(self, key: tuple, cfg: KernelConfig) -> None:
+        from ..atomic import atomic_write_text
+
+        self.entries[self._key(key)] = dataclasses.asdict(cfg)
+        try:
+            atomic_write_text(json.dumps({"versions": self.versions, "entries": self.entries}, indent=0),
+                              self.path)
+        except OSError:  # a read-only cache: keep the choice for this process only
+            pass
 
 
 def clear_tuning_cache() -> None:
