@@ -4,7 +4,8 @@ Rows, all from one model load and the same token budget per learned run:
 - dense; SparseGPT 2:4 mask only and with its weight update (``--baselines``, calibrated on ``--calibration``);
 - per target sparsity: the one-shot prior (``--prior``), then one learned run per ``--losses`` entry (PATCH
   ``--mode``; ``maskllm`` is always 50 %), and with ``--refit`` the same masks with SparseGPT's weight
-  update refitted for them (calibrated on ``--calibration``).
+  update refitted for them (calibrated on ``--calibration``; ``--refit-keep tiles``: the learned tile map
+  kept and SparseGPT's own 2:4 patterns inside it).
 Perplexity under the pinned protocol (first ``--windows`` x 512 tokens) on every ``--texts`` entry; list
 out-of-domain texts first: nothing here trains or calibrates on them.
 
@@ -43,7 +44,9 @@ def main(argv=None) -> int:
     p.add_argument("--calibration", default=None, help="calibration of baselines and refit (default --text)")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--baselines", action="store_true", help="SparseGPT 2:4 rows (mask only, with update)")
-    p.add_argument("--refit", action="store_true", help="a refitted row after every learned row")
+    p.add_argument("--refit", action="store_true", help="refitted rows after every learned row")
+    p.add_argument("--refit-keep", default="mask",
+                   help="what the refitted rows keep of the learned mask: mask, tiles or both (comma-separated)")
     p.add_argument("--texts", default="mobydick,debian-reference,prideprejudice",
                    help="evaluation texts (out of domain first)")
     p.add_argument("--windows", type=int, default=10)
@@ -99,11 +102,13 @@ def main(argv=None) -> int:
                 keep(f"{tag}-{loss}", res.maskset)
                 ts.apply_masks(lm, res.maskset)
                 row(label, sparsity=s, seconds=round(seconds, 1), step_s=round(step_s, 3))
-                if args.refit:
+                for keep in args.refit_keep.split(",") if args.refit else []:
                     t0 = time.perf_counter()
-                    ts.refit(lm, res.maskset, calibration=calibration, samples=args.calib_samples, progress=False)
-                    ts.apply_masks(lm, res.maskset)
-                    row(f"{label} + refit", sparsity=s, seconds=round(time.perf_counter() - t0, 1))
+                    info = ts.refit(lm, res.maskset, keep=keep, calibration=calibration, samples=args.calib_samples,
+                                    progress=False)
+                    ts.apply_masks(lm, info["maskset"])
+                    row(f"{label} + refit" + (" (tile map kept)" if keep == "tiles" else ""), sparsity=s,
+                        seconds=round(time.perf_counter() - t0, 1))
     tokens = args.steps * args.batch * args.seqlen
     head = (f"{lm.name} ({args.dtype}) on {device_name}. Learned rows: {args.steps} steps x {args.batch} x "
             f"{args.seqlen} = {tokens} tokens of `{args.text}` from a {args.prior} prior, learning rate "

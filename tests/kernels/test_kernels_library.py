@@ -49,6 +49,17 @@ def test_tensors_of_another_layer_are_never_read_through_a_stale_key(make_layer)
     assert torch.equal(y, a(x))
 
 
+def test_a_copied_layer_has_its_own_key_and_view(make_layer):
+    from tilesparse.kernels import library
+
+    a = _layer(make_layer)
+    b = copy.deepcopy(a)
+    assert b._op_key != a._op_key and library._LAYERS[b._op_key] is b.packed
+    assert b.packed.dn_vals is b.packed_dn_vals and b.packed_dn_vals.data_ptr() != a.packed_dn_vals.data_ptr()
+    x = torch.randn(3, 200)
+    assert torch.equal(_call(b, x), a(x))
+
+
 def test_fake_implementation_gives_shape_and_checks_input(make_layer):
     from torch._subclasses.fake_tensor import FakeTensorMode
 

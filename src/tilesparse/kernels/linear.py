@@ -82,6 +82,13 @@ class HybridLinear(nn.Module):
             register_layer(self._op_key, c)
         return c
 
+    def __setstate__(self, state):
+        # a copy (copy.deepcopy, pickle) gets its own operator key and packed view over its own buffers
+        super().__setstate__(state)
+        self._packed_cache = None
+        self._op_key = new_key()
+        self.packed  # noqa: B018
+
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
         self.packed  # noqa: B018 -- new buffers (.to(), .cuda(), .half()): rebuild and register the view
