@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 import tilesparse as ts
+from _table import write_table
 
 
 def main(argv=None) -> int:
@@ -115,16 +116,7 @@ def main(argv=None) -> int:
             f"{args.lr or 'default'}; baselines and refit "
             f"calibrated on `{calibration}` ({args.calib_samples} x 512 tokens). Perplexity: first {args.windows} x "
             f"512 windows. Command: `python benchmarks/generalization.py {' '.join(argv or [])}`")
-    cols = ["sparsity"] + texts + ["seconds", "step_s"]
-    lines = [head, "", "| row | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for r in rows:
-        lines.append(f"| {r['row']} | " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(table + "\n")
-        Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    write_table(head, ["sparsity"] + texts + ["seconds", "step_s"], rows, args.out)
     return 0
 
 

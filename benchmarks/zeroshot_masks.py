@@ -14,14 +14,13 @@ mean over tasks.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
-from pathlib import Path
 
 import torch
 
 import tilesparse as ts
+from _table import write_table
 
 
 def main(argv=None) -> int:
@@ -70,15 +69,7 @@ def main(argv=None) -> int:
     cpu = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     head = (f"Zero-shot accuracy, {lm.name} ({args.dtype}) on {cpu}: {args.limit} items per task, lm-eval. "
             f"Command: `python benchmarks/zeroshot_masks.py {' '.join(argv or [])}`")
-    cols = tasks + ["mean"]
-    lines = [head, "", "| row | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    lines += [f"| {r['row']} | " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(table + "\n")
-        Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    write_table(head, tasks + ["mean"], rows, args.out)
     return 0
 
 

@@ -145,7 +145,7 @@ def test_fetch_skips_the_optional_text_with_one_line(tmp_cache, tmp_path, monkey
     monkeypatch.setattr("tilesparse.data.embedded_text", fake_text)
     monkeypatch.setattr(model_embedded, "default_model_dir", lambda: tmp_path / "model")
     monkeypatch.setattr(embedded, "apt_download_unpack", fail)
-    assert fetch.run(argparse.Namespace()) == 0
+    assert fetch.run(argparse.Namespace(model=[])) == 0
     out = capsys.readouterr().out.splitlines()
     assert set(fetched) == set(EMBEDDED_TEXTS) - set(OPTIONAL_TEXTS)
     skipped = [line for line in out if line.startswith("skipped the optional text debian-reference:")]

@@ -8,10 +8,10 @@ import copy
 import pytest
 import torch
 from kernels_testutil import make_layer  # noqa: F401 (fixture)
-from test_kernels_linear import _masks, _tiny_llama
+from test_kernels_linear import converted_and_masked
 from torch import nn
 
-from tilesparse.kernels import HybridLinear, convert_model
+from tilesparse.kernels import HybridLinear
 from tilesparse.kernels.library import OP_TENSORS, hybrid_linear_op, op_tensors
 from tilesparse.kernels.reference import reference_linear
 
@@ -73,19 +73,8 @@ def test_fake_implementation_gives_shape_and_checks_input(make_layer):
     assert len(OP_TENSORS) == len(op_tensors(hyb.packed))
 
 
-def _compiled_pair():
-    model = _tiny_llama()
-    masks = _masks(model)
-    ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for n, m in masks.items():
-            ref.get_submodule(n).weight.mul_(m)
-    convert_model(model, masks, tile=(32, 32))
-    return model, ref
-
-
 def test_model_compiles_without_graph_breaks():
-    model, ref = _compiled_pair()
+    model, ref = converted_and_masked()
     ids = torch.randint(0, 128, (2, 12))
     torch._dynamo.reset()
     explained = torch._dynamo.explain(lambda i: model(input_ids=i, use_cache=False).logits)(ids)
@@ -99,7 +88,7 @@ def test_model_compiles_without_graph_breaks():
 
 
 def test_model_compiles_with_inductor():
-    model, ref = _compiled_pair()
+    model, ref = converted_and_masked()
     ids = torch.randint(0, 128, (2, 12))
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)

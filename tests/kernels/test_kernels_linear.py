@@ -75,7 +75,8 @@ def test_triton_path_in_module(interp, make_layer):
     assert ((a - b).norm() / b.norm()).item() < 1e-2
 
 
-def test_convert_model_matches_masked_model():
+def converted_and_masked():
+    """A tiny LLaMA with hybrid layers, and a copy with the same masks applied to its dense weights."""
     model = _tiny_llama()
     masks = _masks(model)
     ref = copy.deepcopy(model)
@@ -83,6 +84,11 @@ def test_convert_model_matches_masked_model():
         for n, m in masks.items():
             ref.get_submodule(n).weight.mul_(m)
     convert_model(model, masks, tile=(32, 32))
+    return model, ref
+
+
+def test_convert_model_matches_masked_model():
+    model, ref = converted_and_masked()
     assert len(hybrid_layers(model)) == 14
     ids = torch.randint(0, 128, (2, 12))
     with torch.no_grad():
