@@ -18,6 +18,7 @@ def test_switches_default_on_with_a_gpu_and_off_without():
     assert resolve_switches(True, cuda_graphs=False)["compile"] is True
     assert resolve_switches(True, static_cache=False) == {"static_cache": False, "compile": False,
                                                           "cuda_graphs": False}
+    assert resolve_switches(False, compile=True) == {"static_cache": True, "compile": True, "cuda_graphs": False}
     with pytest.raises(TilesparseError, match="needs the static KV cache"):
         resolve_switches(True, static_cache=False, compile=True)
     with pytest.raises(TilesparseError, match="CUDA graphs need a GPU"):

@@ -63,7 +63,7 @@ def resolve_switches(gpu: bool, *, static_cache: bool | None = None, compile: bo
     combination that cannot run is a one-line :class:`~tilesparse.errors.TilesparseError`."""
     from .errors import TilesparseError
 
-    static_cache = gpu if static_cache is None else static_cache
+    static_cache = (gpu or bool(compile)) if static_cache is None else static_cache
     compile = gpu and static_cache if compile is None else compile
     cuda_graphs = gpu and compile if cuda_graphs is None else cuda_graphs
     if compile and not static_cache:
