@@ -7,8 +7,8 @@ import json
 import statistics
 
 from ..errors import TilesparseError
-from .common import add_mask_arg, add_model_args, quiet_libraries
-from .generate import add_speed_args, prepare_model, speed_switches
+from .common import quiet_libraries
+from .generate import add_masked_model_args, add_speed_args, prepare_model, speed_switches
 
 
 def register(sub) -> None:
@@ -19,9 +19,7 @@ def register(sub) -> None:
                                    "token (prefill included) and decode tokens/s. On a GPU the static KV cache, "
                                    "torch.compile and CUDA graphs are on unless turned off. --model may be a packed "
                                    "export; --mask with --hybrid packs a mask artifact on the fly.")
-    add_model_args(p)
-    add_mask_arg(p)
-    p.add_argument("--hybrid", action="store_true", help="run the masked linears through HybridLinear")
+    add_masked_model_args(p)
     p.add_argument("--batch", type=int, default=1, help="sequences generated at once (default 1)")
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length in tokens (default 128)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per sequence (default 128)")

@@ -18,10 +18,8 @@ def register(sub) -> None:
                                    "is applied to a dense base model, and with --hybrid its masked linears run "
                                    "through HybridLinear (packed format: GPU kernels on a GPU, the torch "
                                    "reference on a CPU).")
-    add_model_args(p)
+    add_masked_model_args(p)
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"the prompt (default: {DEFAULT_PROMPT!r})")
-    add_mask_arg(p)
-    p.add_argument("--hybrid", action="store_true", help="run the masked linears through HybridLinear")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
@@ -43,6 +41,13 @@ def add_speed_args(p: argparse.ArgumentParser) -> None:
 
 def speed_switches(args: argparse.Namespace) -> dict:
     return {"static_cache": args.static_cache, "compile": args.compile, "cuda_graphs": args.cuda_graphs}
+
+
+def add_masked_model_args(p: argparse.ArgumentParser) -> None:
+    """``--model`` / ``--dtype`` / ``--device``, ``--mask`` and ``--hybrid``: what :func:`prepare_model` reads."""
+    add_model_args(p)
+    add_mask_arg(p)
+    p.add_argument("--hybrid", action="store_true", help="run the masked linears through HybridLinear")
 
 
 def prepare_model(args: argparse.Namespace):

@@ -56,21 +56,10 @@ def _resolve(tensors: list[torch.Tensor], dims: list[int], key: int) -> PackedHy
                         **{n: stored[n] for n in PackedHybrid.STORED})
 
 
-def _check_tensors(x: torch.Tensor, tensors: list[torch.Tensor], bias: torch.Tensor | None, dims: list[int]) -> None:
+def _check_counts(tensors: list[torch.Tensor], dims: list[int]) -> None:
     if len(tensors) != len(OP_TENSORS) or len(dims) != 4:
         raise ValueError(f"tilesparse::hybrid_linear takes {len(OP_TENSORS)} packed tensors and 4 dimensions, "
                          f"got {len(tensors)} and {len(dims)}")
-    out_features, in_features = dims[0], dims[1]
-    vals = tensors[OP_TENSORS.index("dn_vals")]
-    if x.dim() < 1 or x.shape[-1] != in_features:
-        raise ValueError(f"input's last dimension is {tuple(x.shape)[-1:] or '()'}, "
-                         f"the layer expects in_features={in_features}")
-    if x.dtype != vals.dtype:
-        raise TypeError(f"input dtype {x.dtype} does not match the layer's weight dtype {vals.dtype}")
-    if x.device != vals.device:
-        raise ValueError(f"input is on {x.device}, the layer's weights are on {vals.device}")
-    if bias is not None and (tuple(bias.shape) != (out_features,) or bias.dtype != vals.dtype):
-        raise ValueError(f"bias must be [{out_features}] {vals.dtype}, got {tuple(bias.shape)} {bias.dtype}")
 
 
 @torch.library.custom_op("tilesparse::hybrid_linear", mutates_args=())
@@ -79,14 +68,18 @@ def hybrid_linear_op(x: torch.Tensor, packed: list[torch.Tensor], bias: torch.Te
     """``x @ (W*M)^T + bias`` for the packed layer given by ``packed`` / ``dims`` / ``key`` (see module doc)."""
     from .ops import hybrid_linear
 
-    _check_tensors(x, packed, bias, dims)
+    _check_counts(packed, dims)
     layer = _resolve(packed, dims, key)
-    return hybrid_linear(x, layer, bias, use_triton=None if use_triton < 0 else bool(use_triton))
+    return hybrid_linear(x, layer, bias, use_triton=None if use_triton < 0 else bool(use_triton))  # checks x
 
 
 @hybrid_linear_op.register_fake
 def _hybrid_linear_fake(x, packed, bias, dims, key, use_triton):
-    _check_tensors(x, packed, bias, dims)
+    from .ops import check_operands
+
+    _check_counts(packed, dims)
+    vals = packed[OP_TENSORS.index("dn_vals")]
+    check_operands(x, bias, dims[1], dims[0], vals.dtype, vals.device)
     return x.new_empty((*x.shape[:-1], dims[0]))
 
 

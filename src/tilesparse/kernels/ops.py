@@ -643,16 +643,23 @@ def clear_tuning_cache() -> None:
 # ---------------------------------------------------------------- public op
 def check_input(x: torch.Tensor, packed: PackedHybrid, bias: torch.Tensor | None) -> None:
     """Raise a one-line ``TypeError``/``ValueError`` for inputs the layer cannot take."""
+    check_operands(x, bias, packed.in_features, packed.out_features, packed.dtype, packed.device)
+
+
+def check_operands(x: torch.Tensor, bias: torch.Tensor | None, in_features: int, out_features: int,
+                   dtype: torch.dtype, device: torch.device) -> None:
+    """:func:`check_input` for a layer given by its dimensions, weight dtype and device (also what the
+    operator's fake implementation checks, where no :class:`PackedHybrid` exists)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 1 or x.shape[-1] != packed.in_features:
-        raise ValueError(f"input's last dimension is {tuple(x.shape)[-1:] or '()'}, the layer expects in_features={packed.in_features}")
-    if x.dtype != packed.dtype:
-        raise TypeError(f"input dtype {x.dtype} does not match the layer's weight dtype {packed.dtype}")
-    if x.device != packed.device:
-        raise ValueError(f"input is on {x.device}, the layer's weights are on {packed.device}")
-    if bias is not None and (bias.shape != (packed.out_features,) or bias.dtype != packed.dtype):
-        raise ValueError(f"bias must be [{packed.out_features}] {packed.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"input's last dimension is {tuple(x.shape)[-1:] or '()'}, the layer expects in_features={in_features}")
+    if x.dtype != dtype:
+        raise TypeError(f"input dtype {x.dtype} does not match the layer's weight dtype {dtype}")
+    if x.device != device:
+        raise ValueError(f"input is on {x.device}, the layer's weights are on {device}")
+    if bias is not None and (tuple(bias.shape) != (out_features,) or bias.dtype != dtype):
+        raise ValueError(f"bias must be [{out_features}] {dtype}, got {tuple(bias.shape)} {bias.dtype}")
 
 
 def hybrid_linear(x: torch.Tensor, packed: PackedHybrid, bias: torch.Tensor | None = None,

@@ -403,7 +403,8 @@ def refit_weights(model: nn.Module, calib_ids: torch.Tensor, maskset: MaskSet, *
         cfg = PruneConfig(method="sparsegpt", pattern="hybrid", sparsity=min(max(maskset.sparsity(), 0.0), 0.5),
                           tile=tiles.pop(), update_weights=True, damp=damp, blocksize=blocksize)
         out = prune_model_multi(model, calib, [cfg], progress=progress, tile_kinds=[kinds])[0]
-        infos = [{n: {"fallback": True} for n in out.meta["sparsegpt"]["fallback_layers"]}]
+        fallback = out.meta["sparsegpt"]["fallback_layers"]
+        per_layer = {n: {"fallback": True} for n in fallback}
         out.meta = {**maskset.meta, "measured_sparsity": out.sparsity(),
                     "refit": "tiles: the given tile map, SparseGPT's 2:4 patterns and weight update"}
     else:
@@ -412,9 +413,9 @@ def refit_weights(model: nn.Module, calib_ids: torch.Tensor, maskset: MaskSet, *
                           update_weights=True, damp=damp, blocksize=blocksize)
         _, infos = _run(model, calib, [cfg], layers, progress, desc_suffix=" (refit for the given mask)",
                         fixed=fixed)
-        out = maskset
-    return {"maskset": out, "layers": infos[0], "seconds": time.perf_counter() - t0,
-            "fallback_layers": [n for n, i in infos[0].items() if i.get("fallback")]}
+        out, per_layer = maskset, infos[0]
+        fallback = [n for n, i in per_layer.items() if i.get("fallback")]
+    return {"maskset": out, "layers": per_layer, "seconds": time.perf_counter() - t0, "fallback_layers": fallback}
 
 
 def _fingerprint(model: nn.Module) -> str:
