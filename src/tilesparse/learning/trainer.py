@@ -118,13 +118,12 @@ class WindowSampler:
     """
 
     def __init__(self, ids: torch.Tensor, seqlen: int, seed: int, bos_id: int | None = None):
+        from ..data.text import eval_windows
+
         body = seqlen - 1 if bos_id is not None else seqlen
-        n = ids.numel() // body if body > 0 else 0
-        if n < 1:
+        if body < 1 or ids.numel() < body:
             raise TilesparseError(f"training text has {ids.numel()} tokens, fewer than one window of {seqlen}")
-        self.windows = ids[: n * body].reshape(n, body)
-        if bos_id is not None:
-            self.windows = torch.cat([torch.full((n, 1), bos_id, dtype=self.windows.dtype), self.windows], dim=1)
+        self.windows = eval_windows(ids, seqlen, bos_id=bos_id)  # the evaluation's windows, BOS included
         self.seed = seed
         self._perm: tuple[int, torch.Tensor] | None = None
 
