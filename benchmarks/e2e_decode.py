@@ -5,7 +5,7 @@
 For every batch ``B`` and prompt length ``P``: ``B`` prompts of ``P`` random tokens, greedy generation of ``G``
 tokens with a static KV cache; every decode step is one CUDA-graph replay (argmax and the next-token copy
 included), the prefill runs as one call. With ``--compile`` the model's forward is ``torch.compile``d
-(``fullgraph=True``, mode ``max-autotune-no-cudagraphs``) for dense and hybrid rows alike, so each ratio is
+(``fullgraph=True``, mode ``max-autotune-no-cudagraphs`` unless ``--compile-mode`` says otherwise) for dense and hybrid rows alike, so each ratio is
 against compiled dense from the same run; the time to first token is the prefill call (compiled too). Hybrid models swap every decoder linear (q/k/v/o/gate/up/down) for ``HybridLinear`` with a
 random tile map at the target sparsity (global tile ranking by random scores via
 ``select_dense_tiles``) and a magnitude 2:4 mask inside 2:4 tiles.
@@ -162,7 +162,9 @@ def main() -> int:
     ap.add_argument("--batches", "--batch", default="16", help="comma-separated batch sizes")
     ap.add_argument("--prompts", "--prompt", default="128", help="comma-separated prompt lengths")
     ap.add_argument("--compile", action="store_true",
-                    help="torch.compile every model's forward (fullgraph, max-autotune-no-cudagraphs)")
+                    help="torch.compile every model's forward (fullgraph, --compile-mode)")
+    ap.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
+                    help="torch.compile mode (default max-autotune-no-cudagraphs: the CUDA graphs are the harness's)")
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--sparsities", default="0.25,0.35,0.45")
     ap.add_argument("--reps", type=int, default=3)
@@ -189,8 +191,7 @@ def main() -> int:
         lb_dense = linear_bytes(model)
         achieved = hybridize(model, s) if s > 0 else 0.0
         if args.compile:
-            model.forward = torch.compile(model.forward, mode="max-autotune-no-cudagraphs", fullgraph=True,
-                                          dynamic=False)
+            model.forward = torch.compile(model.forward, mode=args.compile_mode, fullgraph=True, dynamic=False)
         setup = time.time() - t0
         for B in batches:
             for P in prompts:
@@ -216,7 +217,7 @@ def main() -> int:
         if args.compile:
             _dynamo.reset()
     dense = {(r["B"], r["P"]): r for r in rows if r["s"] == 0}
-    how = ("torch.compile (fullgraph, max-autotune-no-cudagraphs) for dense and hybrid alike"
+    how = (f"torch.compile (fullgraph, {args.compile_mode}) for dense and hybrid alike"
            if args.compile else "not compiled (eager modules)")
     lines = [
         f"# End-to-end decode ({props.name})",

@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import torch
 
+from tilesparse.kernels import cuda_driver
 from tilesparse.kernels import cuda_mma as cm
 
 PROBE = r"""
@@ -42,11 +43,16 @@ def pack(vals: np.ndarray) -> np.ndarray:
     return (b[:, 0::2] | (b[:, 1::2] << 16)).astype(np.uint32)
 
 
-def run(kern, A, B, E, sel) -> np.ndarray:
+def run(launch, A, B, E, sel) -> np.ndarray:
+    import ctypes
+
     dev = "cuda"
     t = lambda a: torch.tensor(a.astype(np.int64), dtype=torch.int64).to(torch.int32).to(dev)  # noqa: E731
     D = torch.zeros(32 * 4, dtype=torch.float32, device=dev)
-    kern(grid=(1, 1, 1), block=(32, 1, 1), args=[t(A.ravel()), t(B.ravel()), t(E), D, sel])
+    tensors = [t(A.ravel()), t(B.ravel()), t(E), D]
+    vals = [ctypes.c_void_p(x.data_ptr()) for x in tensors] + [ctypes.c_int(sel)]
+    params = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
+    launch(torch.cuda.current_stream().cuda_stream, ctypes.addressof(params))
     torch.cuda.synchronize()
     return D.view(32, 4).cpu().numpy().astype(np.float64)
 
@@ -99,7 +105,9 @@ def main() -> int:
         print("needs a CUDA GPU")
         return 2
     src = cm.configured_source(cm.MmaKey(True, 1, 4, 1, False)) + PROBE
-    kern = torch.cuda._compile_kernel(src, "mma_probe", nvcc_options=["-std=c++17"])
+    arch = cuda_driver.target_arch(torch.cuda.get_device_capability())
+    kern = cuda_driver.Launcher(cuda_driver.load_kernel(cuda_driver.compile_source(src, "mma_probe", arch), "mma_probe"),
+                                torch.cuda.current_device(), (1, 1, 1), (32, 1, 1), 0)
     rng = np.random.default_rng(0)
     # (2) B layout, independent of the metadata layout: every nibble the same, one A value set at a time
     ids = np.arange(1, 257, dtype=np.float64).reshape(32, 8)  # exact in bf16

@@ -1,15 +1,11 @@
 """v7 / v9 sparse-tensor-core kernels (:mod:`tilesparse.kernels.cuda_mma`, CUDA C++ through NVRTC).
 
-On the CPU: the configuration logic, and the CUDA source compiled to PTX for sm_90 by NVRTC (the
-``nvidia-cuda-nvrtc`` wheel of the dev extras; skipped without it). The kernel's results are checked on a GPU:
+On the CPU: the configuration logic, and the CUDA source compiled to PTX for sm_90 by the library's own NVRTC
+call (``cuda-bindings`` and ``nvidia-cuda-nvrtc`` of the dev extras; skipped without them). The kernel's results are checked on a GPU:
 here when one is present, and by ``benchmarks/kernel_speed.py --check --mma-only`` (``benchmarks/mma_probe.py``
 checks the fragment and metadata layouts the kernel relies on)."""
 
 from __future__ import annotations
-
-import ctypes
-import glob
-import os
 
 import pytest
 import torch
@@ -27,38 +23,17 @@ KEYS = [cm.MmaKey(True, 1, 4, 2, True), cm.MmaKey(True, 2, 8, 2, False), cm.MmaK
         cm.MmaKey(True, 2, 4, 1, False, 9, 4, probe=True, nst=2)]
 
 
-def _libnvrtc():
-    import site
-    for d in site.getsitepackages():
-        for path in sorted(glob.glob(os.path.join(d, "nvidia", "cu1*", "lib", "libnvrtc.so*"))):
-            if "builtins" not in path:
-                return ctypes.CDLL(path)
-    return None
+def _ptx(key) -> str:
+    from tilesparse.kernels import cuda_driver
 
-
-def _compile_ptx(lib, src: str) -> str:
-    prog = ctypes.c_void_p()
-    assert lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"k.cu", 0, None, None) == 0
-    opts = [b"--gpu-architecture=compute_90", b"-std=c++17"]
-    res = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
-    n = ctypes.c_size_t()
-    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
-    log = ctypes.create_string_buffer(n.value)
-    lib.nvrtcGetProgramLog(prog, log)
-    assert res == 0, log.value.decode()
-    lib.nvrtcGetPTXSize(prog, ctypes.byref(n))
-    ptx = ctypes.create_string_buffer(n.value)
-    lib.nvrtcGetPTX(prog, ptx)
-    lib.nvrtcDestroyProgram(ctypes.byref(prog))
-    return ptx.value.decode()
+    if cuda_driver.missing():
+        pytest.skip(cuda_driver.missing())
+    return cuda_driver.compile_source(cm.configured_source(key), key.name, "compute_90").rstrip(b"\0").decode()
 
 
 @pytest.mark.parametrize("key", KEYS, ids=lambda k: k.name)
 def test_source_compiles_for_sm90(key):
-    lib = _libnvrtc()
-    if lib is None:
-        pytest.skip("NVRTC (nvidia-cuda-nvrtc) not installed")
-    ptx = _compile_ptx(lib, cm.configured_source(key))
+    ptx = _ptx(key)
     assert f".entry {key.name}(" in ptx
     assert "mma.sp::ordered_metadata.sync.aligned.m16n8k32" in ptx
     assert ("bf16" if key.bf16 else "f16") in ptx.split("mma.sp::ordered_metadata")[1].split(";")[0]
@@ -72,13 +47,6 @@ def test_source_compiles_for_sm90(key):
     if key.ver == 9:
         assert ptx.index("cp.async.bulk.tensor.2d") < ptx.index("griddepcontrol.wait")
     assert ("%globaltimer" in ptx) == key.probe  # the timeline build only
-
-
-def test_launch_config_matches_the_driver_layout():
-    Attr, Config = cm._launch_types()
-    assert ctypes.sizeof(Attr) == 72 and Attr.value.offset == 8  # CUlaunchAttribute: id, pad, 64-byte union
-    assert ctypes.sizeof(Config) == 56  # CUlaunchConfig: 7 uints, stream, attrs, numAttrs (padded)
-    assert (Config.smem.offset, Config.stream.offset, Config.attrs.offset, Config.n_attrs.offset) == (24, 32, 40, 48)
 
 
 def test_pdl_switch(monkeypatch):
@@ -166,7 +134,7 @@ def test_v9_block_ranges_and_fit(monkeypatch):
         assert any(v[-1] >= 2 for v in per_sm.values()) and all(v[0] == 1 or len(v) == 1 for v in per_sm.values())
     assert cm.v9_blocks_per_sm(2, 1, 4, 5) == 2 and cm.v9_blocks_per_sm(2, 1, 4, 6) == 1
     monkeypatch.setattr(cm, "mma_supported", lambda packed: True)
-    monkeypatch.setattr(cm, "v9_available", lambda: True)
+    monkeypatch.setattr(cm, "v9_available", lambda device=None: True)
     monkeypatch.setattr(cm, "_sm_count", lambda device: 132)
     monkeypatch.setattr(ops, "interpreting", lambda: False)
     cfg = ops._fit(C("mma", 9, 16, 0, 0, 1, 4, 1, True, 0, 0, 5, 4), p)
@@ -201,7 +169,7 @@ def test_candidates_cover_tokens():
 
 
 def test_mma_keys_are_the_candidates_compiled_configurations(monkeypatch):
-    monkeypatch.setattr(cm, "v9_available", lambda: True)
+    monkeypatch.setattr(cm, "v9_available", lambda device=None: True)
     for M in (1, 16, 64):
         keys = ops.mma_keys(M)
         assert len(set(keys)) == len(keys)
@@ -210,7 +178,7 @@ def test_mma_keys_are_the_candidates_compiled_configurations(monkeypatch):
                   for c in ops.mma_candidates(M)}  # every candidate's kernel, once
         assert {(k.ver, k.warps, k.nst if k.ver == 9 else k.sb, k.spb) for k in keys} == wanted
         assert all(k.sb == 1 for k in keys if k.ver == 9)
-    monkeypatch.setattr(cm, "v9_available", lambda: False)
+    monkeypatch.setattr(cm, "v9_available", lambda device=None: False)
     assert all(k.ver != 9 for k in ops.mma_keys(16))
     assert ops.mma_keys(16, bf16=False, bias=True)[0].name.startswith("hybrid_mma_f16_o2")
 
@@ -247,9 +215,9 @@ def test_precompile_fills_the_kernel_cache(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     keys = ops.mma_keys(16)[:3] + ops.mma_keys(1)[-2:]
     for k in keys:
-        cm._KERNELS.pop(k, None)
+        cm._KERNELS.pop((k, cm._arch()), None)
     assert cm.precompile(keys + keys[:1], threads=4) == len(keys)
-    assert all(k in cm._KERNELS for k in keys) and cm.precompile(keys) == 0
+    assert all(cm.compiled(k) for k in keys) and cm.precompile(keys) == 0
     p = random_layer(256, 512, (128, 128), 0.5, 0.0, torch.bfloat16, seed=3)[2].to("cuda")
     x = torch.randn(16, 512, device="cuda").bfloat16()
     cfg = ops._fit(ops.mma_candidates(16)[0], p)

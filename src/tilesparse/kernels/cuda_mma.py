@@ -2,16 +2,17 @@
 run time.
 
 Triton has no sparse MMA, so these kernels are CUDA C++ (``csrc/hybrid_mma.cu`` v7, ``csrc/hybrid_mma9.cu`` v9,
-helpers in ``csrc/mma_common.cuh``) compiled by NVRTC through torch (the two steps of
-``torch.cuda._compile_kernel``, ``torch.cuda._utils._nvrtc_compile`` and ``_cuda_load_module``: NVRTC ships with
-torch's CUDA wheels; no ``nvcc``) for the current GPU and cached per configuration.
+helpers in ``csrc/mma_common.cuh``) compiled at run time by NVRTC (no ``nvcc``) and launched through the driver
+API, both by NVIDIA's ``cuda-bindings`` (:mod:`.cuda_driver`). A configuration is compiled once per process and
+GPU architecture and loaded as a context-independent library, so its kernel runs on every device of that
+architecture.
 2:4 tiles go to ``mma.sp.m16n8k32`` as stored (the format's 2-bit positions *are* the instruction's
 metadata), dense tiles to ``mma.m16n8k16``; see the sources' headers. v7 stages x per batch of steps; v9
 (sm_90) is a persistent kernel whose producer warp moves work items (:func:`item_table`) into shared-memory
 stages by tensor copies (:func:`tensor_maps`) for its consumer warps.
 
-Requirements (else :func:`mma_supported` is false and the Triton kernels serve the layer): a CUDA device
-of compute capability 8.0+, 16-bit weights, ``tile_cols`` a power of two >= 64, ``tile_rows % 16 == 0``,
+Requirements (else :func:`available` / :func:`mma_supported` is false and the Triton kernels serve the layer):
+``cuda-bindings`` installed, a CUDA device of compute capability 8.0+, 16-bit weights, ``tile_cols`` a power of two >= 64, ``tile_rows % 16 == 0``,
 ``in_features % 64 == 0``, ``out_features % 16 == 0``, 16-byte aligned value arrays. It does not run on
 the Triton CPU interpreter: it is checked on the GPU by ``benchmarks/kernel_speed.py --check``.
 """
@@ -24,6 +25,7 @@ from importlib import resources
 import torch
 
 from ..settings import setting
+from . import cuda_driver as _cd
 from .format import PackedHybrid
 
 MAX_TOKENS = 64
@@ -74,38 +76,54 @@ def configured_source(key: MmaKey) -> str:
     return head + source("mma_common.cuh") + source(body)
 
 
-def v9_available() -> bool:
-    """True when the v9 kernel can run: a CUDA device of compute capability 9.0+ (bulk copies, mbarrier
-    transaction counts)."""
-    return available() and torch.cuda.get_device_capability()[0] >= 9
+def v9_available(device=None) -> bool:
+    """True when the v9 kernel can run on ``device`` (default: the current one): the v7 conditions and compute
+    capability 9.0+ (bulk copies, mbarrier transaction counts)."""
+    return available(device) and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def available() -> bool:
-    """True when a CUDA device of compute capability 8.0+ and torch's runtime compiler are present."""
-    if not torch.cuda.is_available() or not hasattr(torch.cuda, "_compile_kernel"):
-        return False
-    return torch.cuda.get_device_capability()[0] >= 8
+def unavailable_reason(device=None) -> str | None:
+    """``None`` when the mma kernels can run on ``device`` (default: the current CUDA device), else why not
+    (one line)."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    cc = torch.cuda.get_device_capability(device)
+    if cc[0] < 8:
+        return (f"{torch.cuda.get_device_name(device)} (compute capability {cc[0]}.{cc[1]}) has no sparse tensor "
+                "cores (8.0+ needed)")
+    return _cd.missing()
 
 
-def kernel(key: MmaKey):
-    """The compiled kernel of one configuration (NVRTC, once per process)."""
-    k = _KERNELS.get(key)
-    return k if k is not None else _load(key, _compile(key))
+def available(device=None) -> bool:
+    """True when the mma kernels can run on ``device`` (default: the current CUDA device)."""
+    return unavailable_reason(device) is None
 
 
-def _compile(key: MmaKey) -> tuple:
-    """NVRTC: ``(binary, mangled name)`` of one configuration (what ``torch.cuda._compile_kernel`` does first)."""
-    from torch.cuda._utils import _nvrtc_compile
-    res = _nvrtc_compile(configured_source(key), key.name, nvcc_options=["-std=c++17"])
-    return res if isinstance(res, tuple) else (res, key.name)
+def _arch(device=None) -> str:
+    return _cd.target_arch(torch.cuda.get_device_capability(device))
 
 
-def _load(key: MmaKey, binary: tuple):
-    """Load a compiled configuration into the current context and cache its kernel."""
-    from torch.cuda._utils import _cuda_load_module
-    mod = _cuda_load_module(binary[0], [binary[1]])
-    k = _KERNELS[key] = mod[binary[1]] if isinstance(mod, dict) else getattr(mod, binary[1])
+def kernel(key: MmaKey, device=None):
+    """The loaded kernel of one configuration for ``device``'s architecture (compiled once per process)."""
+    arch = _arch(device)
+    k = _KERNELS.get((key, arch))
+    return k if k is not None else _load(key, arch, _compile(key, arch))
+
+
+def _compile(key: MmaKey, arch: str) -> bytes:
+    """NVRTC: the image of one configuration for ``arch`` (``sm_XY`` cubin, or ``compute_XY`` PTX)."""
+    return _cd.compile_source(configured_source(key), key.name, arch)
+
+
+def _load(key: MmaKey, arch: str, image: bytes):
+    """Load a compiled configuration (context-independent) and cache its kernel."""
+    k = _KERNELS[(key, arch)] = _cd.load_kernel(image, key.name)
     return k
+
+
+def compiled(key: MmaKey, device=None) -> bool:
+    """Whether ``key`` is compiled and loaded for ``device``'s architecture."""
+    return (key, _arch(device)) in _KERNELS
 
 
 def make_key(bf16: bool, M: int, warps: int, sb: int, bias: bool, ver: int, spb: int,
@@ -115,28 +133,30 @@ def make_key(bf16: bool, M: int, warps: int, sb: int, bias: bool, ver: int, spb:
     return MmaKey(bf16, octets(M), warps, 1 if v9 else sb, bias, ver, spb if v9 else 0, probe, sb if v9 else 0)
 
 
-def precompile(keys, threads: int = 8) -> int:
-    """Compile the kernels of ``keys`` that are not compiled yet, NVRTC in ``threads`` threads (it releases the
-    GIL; one kernel takes about a second), the modules loaded in this thread; returns how many were compiled."""
+def precompile(keys, threads: int = 8, device=None) -> int:
+    """Compile the kernels of ``keys`` that are not compiled for ``device``'s architecture yet, NVRTC in
+    ``threads`` threads (it releases the GIL; one kernel takes about a second); returns how many were
+    compiled."""
     from concurrent.futures import ThreadPoolExecutor
 
-    todo = [k for k in dict.fromkeys(keys) if k not in _KERNELS]
+    torch.cuda.init()
+    arch = _arch(device)
+    todo = [k for k in dict.fromkeys(keys) if (k, arch) not in _KERNELS]
     if not todo:
         return 0
-    torch.cuda.init()
 
     def build(k):  # a failure is left to kernel(), which raises it when the configuration is used
         try:
-            return _compile(k)
+            return _compile(k, arch)
         except Exception:  # noqa: BLE001
             return None
 
     with ThreadPoolExecutor(max(1, threads)) as ex:
-        binaries = list(ex.map(build, todo))
-    for k, b in zip(todo, binaries):
-        if b is not None:
-            _load(k, b)
-    return sum(b is not None for b in binaries)
+        images = list(ex.map(build, todo))
+    for k, image in zip(todo, images):
+        if image is not None:
+            _load(k, arch, image)
+    return sum(image is not None for image in images)
 
 
 def _aligned(t: torch.Tensor, a: int) -> bool:
@@ -144,9 +164,10 @@ def _aligned(t: torch.Tensor, a: int) -> bool:
 
 
 def mma_supported(packed: PackedHybrid) -> bool:
-    """True when the v7 kernel can run this layer (see the module docstring)."""
+    """True when the v7 kernel can run this layer on its device (see the module docstring)."""
     TC = packed.tile_cols
     return (packed.dtype in (torch.bfloat16, torch.float16) and packed.device.type == "cuda"
+            and available(packed.device)
             and TC >= 64 and TC & (TC - 1) == 0 and packed.tile_rows % 16 == 0
             and packed.in_features % 64 == 0 and packed.out_features % 16 == 0
             and _aligned(packed.sp_vals, 16) and _aligned(packed.dn_vals, 16) and _aligned(packed.sp_meta, 8)
@@ -291,26 +312,10 @@ def v9_plan(packed: PackedHybrid, spb: int, warps: int, noct: int, nst: int) -> 
     return smem, grid, block_ranges(packed, spb, 16 * warps, grid)
 
 
-_TMAP_UINT8, _TMAP_UINT16 = 0, 1
-
-
-def _encode_tmap(buf, ptr: int, elem: int, dim0: int, rows: int, stride: int, box0: int, box1: int) -> None:
-    """Fill the 128-byte CUtensorMap ``buf`` for a row-major 2-D array (driver call, no swizzle, zero fill)."""
-    import ctypes
-    from torch.cuda._utils import _check_cuda, _get_gpu_runtime_library
-    lib = _get_gpu_runtime_library()
-    u64, u32 = ctypes.c_uint64, ctypes.c_uint32
-    _check_cuda(lib.cuTensorMapEncodeTiled(
-        buf, ctypes.c_int(_TMAP_UINT16 if elem == 2 else _TMAP_UINT8), u32(2), ctypes.c_void_p(ptr),
-        (u64 * 2)(dim0, rows), (u64 * 1)(stride), (u32 * 2)(box0, box1), (u32 * 2)(1, 1),
-        ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(3), ctypes.c_int(0)))  # no interleave / swizzle, L2 256B
-
-
 def tensor_maps(packed: PackedHybrid, spb: int, br: int) -> torch.Tensor:
     """v9's tensor maps (built once per ``(spb, br)``, cached on ``packed``): uint8 ``[R * 384]`` on the device,
     per tile-row the maps of its 2:4 values (box ``spb * 32 x br``), metadata (``spb * 8 x br``) and dense
     values (``min(spb, 4) * 64 x br``); zeros where the tile-row has no tile of that kind."""
-    import ctypes
     cache = packed.__dict__.setdefault("_mma_v9", {})
     ptrs = (packed.sp_vals.data_ptr(), packed.sp_meta.data_ptr(), packed.dn_vals.data_ptr())
     hit = cache.get(("tmaps", spb, br))
@@ -318,53 +323,35 @@ def tensor_maps(packed: PackedHybrid, spb: int, br: int) -> torch.Tensor:
         return hit[1]
     info = packed.row_info.cpu()
     R, TR, N = packed.grid.n_rows, packed.tile_rows, packed.out_features
-    host = (ctypes.c_ubyte * (R * 384))()
+    host = bytearray(R * 384)
     for r in range(R):
         sp_len, sp_off, sp_stride, mt_off, mt_stride, dn_len, dn_off, dn_stride = info[r].tolist()
         rows = min(TR, N - r * TR)
-        base = ctypes.addressof(host) + r * 384
+        base = r * 384
         if sp_len:
-            _encode_tmap(ctypes.c_void_p(base), ptrs[0] + 2 * sp_off, 2, sp_len // 2, rows, 2 * sp_stride, 32 * spb, br)
-            _encode_tmap(ctypes.c_void_p(base + 128), ptrs[1] + mt_off, 1, sp_len // 8, rows, mt_stride, 8 * spb, br)
+            host[base:base + 128] = _cd.encode_tensor_map(2, ptrs[0] + 2 * sp_off, sp_len // 2, rows, 2 * sp_stride,
+                                                          32 * spb, br)
+            host[base + 128:base + 256] = _cd.encode_tensor_map(1, ptrs[1] + mt_off, sp_len // 8, rows, mt_stride,
+                                                                8 * spb, br)
         if dn_len:
-            _encode_tmap(ctypes.c_void_p(base + 256), ptrs[2] + 2 * dn_off, 2, dn_len, rows, 2 * dn_stride,
-                         64 * min(spb, 4), br)
-    maps = torch.frombuffer(bytearray(host), dtype=torch.uint8).to(packed.device)
+            host[base + 256:base + 384] = _cd.encode_tensor_map(2, ptrs[2] + 2 * dn_off, dn_len, rows,
+                                                                2 * dn_stride, 64 * min(spb, 4), br)
+    maps = torch.frombuffer(host, dtype=torch.uint8).to(packed.device)
     cache[("tmaps", spb, br)] = (ptrs, maps)
     return maps
 
 
-def _allow_smem(k, nbytes: int) -> None:
-    """Let compiled kernel ``k`` launch with ``nbytes`` of dynamic shared memory (> 48 KB needs an opt-in)."""
-    if nbytes < 48 * 1024 or getattr(k, "_tilesparse_smem", 0) >= nbytes:
+_SMEM_ALLOWED: dict = {}
+
+
+def _allow_smem(k, nbytes: int, device_index: int) -> None:
+    """Let kernel ``k`` launch with ``nbytes`` of dynamic shared memory on one device (> 48 KB needs an
+    opt-in per device)."""
+    key = (int(k), device_index)
+    if nbytes < 48 * 1024 or _SMEM_ALLOWED.get(key, 0) >= nbytes:
         return
-    if hasattr(k, "set_shared_memory_config"):
-        k.set_shared_memory_config(nbytes)
-    else:  # older torch: the driver attribute directly (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8)
-        from torch.cuda._utils import _check_cuda, _get_gpu_runtime_library
-        _check_cuda(_get_gpu_runtime_library().cuFuncSetAttribute(k.func, 8, nbytes))
-    k._tilesparse_smem = nbytes
-
-
-_LAUNCH_ATTR_PDL = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-_LAUNCH_TYPES: list = []
-
-
-def _launch_types():
-    """ctypes mirrors of the driver's ``CUlaunchAttribute`` (id, padding, 64-byte value union) and
-    ``CUlaunchConfig``."""
-    if not _LAUNCH_TYPES:
-        import ctypes
-
-        class Attr(ctypes.Structure):
-            _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
-
-        class Config(ctypes.Structure):
-            _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("smem", ctypes.c_uint),
-                        ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(Attr)), ("n_attrs", ctypes.c_uint)]
-
-        _LAUNCH_TYPES.extend([Attr, Config])
-    return _LAUNCH_TYPES
+    _cd.set_max_dynamic_smem(k, nbytes, device_index)
+    _SMEM_ALLOWED[key] = nbytes
 
 
 def pdl_enabled(device=None) -> bool:
@@ -428,52 +415,43 @@ def prepare(packed: PackedHybrid, M: int, has_bias: bool, warps: int, split: int
     common = [0, 0, 0, ws if split > 1 else 0, cnt if split > 1 else 0, packed.sp_vals, packed.sp_meta,
               packed.dn_vals]
     extra = [probe] if probe is not None else []
-    k = kernel(key)
+    dev = packed.device.index if packed.device.index is not None else torch.cuda.current_device()
+    k = kernel(key, dev)
     if ver == 9:
         smem, grid, ranges = v9_plan(packed, spb, warps, key.noct, sb)
-        _allow_smem(k, smem)
+        _allow_smem(k, smem, dev)
         args = common[:5] + [tensor_maps(packed, spb, br), items, ranges, M, N, 0, 0, split, cpt,
                              packed.tile_rows] + extra
-        return MmaLaunch(k, (grid, 1, 1), (32 * (warps + 1), 1, 1), smem, args, 10, M, 16, split > 1)
+        return MmaLaunch(k, dev, (grid, 1, 1), (32 * (warps + 1), 1, 1), smem, args, 10, M, 16, split > 1)
     args = common + [packed.sp_cols, packed.sp_ptr, packed.dn_cols, packed.dn_ptr, packed.row_info,
                      M, N, 0, 0, split, cpt, packed.tile_rows, packed.tile_cols.bit_length() - 1]
-    return MmaLaunch(k, (n_chunks, split, 1), (32 * warps, 1, 1), 0, args, 15, M, 4, split > 1)
-
-
-_LAUNCHERS: list = []
-
-
-def _launchers():
-    """``cuLaunchKernel`` and ``cuLaunchKernelEx`` with their own ctypes prototypes (torch's handles untouched)."""
-    if not _LAUNCHERS:
-        import ctypes
-
-        from torch.cuda._utils import _get_gpu_runtime_library
-        lib, vp, u = _get_gpu_runtime_library(), ctypes.c_void_p, ctypes.c_uint
-        _LAUNCHERS.append(ctypes.CFUNCTYPE(ctypes.c_int, vp, u, u, u, u, u, u, u, vp, vp, vp)(("cuLaunchKernel", lib)))
-        _LAUNCHERS.append(ctypes.CFUNCTYPE(ctypes.c_int, vp, vp, vp, vp)(("cuLaunchKernelEx", lib)))
-    return _LAUNCHERS
+    return MmaLaunch(k, dev, (n_chunks, split, 1), (32 * warps, 1, 1), 0, args, 15, M, 4, split > 1)
 
 
 class MmaLaunch:
     """A prepared launch of one mma kernel configuration for one layer and token count (:func:`prepare`): the
-    kernel parameters live in a ctypes array built once, and a call only writes the pointers of x, out and
-    bias and x's row stride into it before ``cuLaunchKernel`` -- a few microseconds of host time instead of the
-    checks, table look-ups and argument conversion of a full :func:`launch`."""
+    kernel parameters live in an array built once (``void*`` per parameter, pointing at its value), and a call
+    only writes the pointers of x, out and bias and the row strides into it before ``cuLaunchKernel`` -- a few
+    microseconds of host time instead of the checks, table look-ups and argument conversion of a full
+    :func:`launch`."""
 
-    def __init__(self, k, grid: tuple, block: tuple, smem: int, args: list, i_sx: int, M: int, align: int,
-                 split_k: bool):
+    def __init__(self, k, device_index: int, grid: tuple, block: tuple, smem: int, args: list, i_sx: int, M: int,
+                 align: int, split_k: bool):
         import ctypes
         self._args = args  # (keeps the bound tensors alive)
         self._vals = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else
                       (ctypes.c_void_p(0) if i < 5 else ctypes.c_int(a)) for i, a in enumerate(args)]
         self._params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(v) for v in self._vals])
+        self._address = ctypes.addressof(self._params)
+        self._device = device_index
+        self._plain = _cd.Launcher(k, device_index, grid, block, smem)
+        self._dependent = None
         self._k, self._grid, self._block, self._smem = k, grid, block, smem
         self._i_sx, self.M, self._align, self._split_k = i_sx, M, align, split_k
 
     def __call__(self, x2: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        """``out [M, N] = x2 [M, K] @ W^T (+ bias)`` on the current stream (bias as prepared: given or not)."""
-        import ctypes
+        """``out [M, N] = x2 [M, K] @ W^T (+ bias)`` on the current stream of the layer's device (bias as
+        prepared: given or not)."""
         if x2.shape[0] != self.M:
             raise ValueError(f"mma kernel: prepared for {self.M} tokens, got {x2.shape[0]}")
         a = self._align  # v9 copies runs of 128 bytes, v7 copies 4 bytes
@@ -486,18 +464,11 @@ class MmaLaunch:
         if not self._split_k:
             v[3].value = v[4].value = o
         v[self._i_sx].value, v[self._i_sx + 1].value = x2.stride(0), out.stride(0)
-        stream = torch.cuda.current_stream().cuda_stream
-        g, b = self._grid, self._block
-        plain, ex = _launchers()
-        if pdl_enabled():  # (reads the environment first: the capability only when asked for)
-            Attr, Config = _launch_types()
-            attr = Attr(id=_LAUNCH_ATTR_PDL)
-            attr.value[0] = 1  # programmaticStreamSerializationAllowed
-            cfg = Config(grid=(ctypes.c_uint * 3)(*g), block=(ctypes.c_uint * 3)(*b), smem=self._smem,
-                         stream=stream, attrs=ctypes.pointer(attr), n_attrs=1)
-            res = ex(ctypes.addressof(cfg), self._k.func, self._params, None)
+        stream = torch.cuda.current_stream(self._device).cuda_stream
+        if pdl_enabled(self._device):  # (reads the environment first: the capability only when asked for)
+            if self._dependent is None:
+                self._dependent = _cd.Launcher(self._k, self._device, self._grid, self._block, self._smem,
+                                                 dependent=True)
+            self._dependent(stream, self._address)
         else:
-            res = plain(self._k.func, g[0], g[1], g[2], b[0], b[1], b[2], self._smem, stream, self._params, None)
-        if res:
-            from torch.cuda._utils import _check_cuda
-            _check_cuda(res)
+            self._plain(stream, self._address)

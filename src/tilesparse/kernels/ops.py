@@ -174,7 +174,7 @@ def _fit_mma(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
     steps = -(-packed.in_features // 64)  # 64-column steps of a full tile-row
     if cfg.mode == 9:  # v9: work items of spb steps through ts shared-memory stages (sm_90)
         spb = cfg.nit
-        if not _cm.v9_available() or not _cm.v9_fits(spb, _cm.octets(bm), warps, cfg.ts) \
+        if not _cm.v9_available(packed.device) or not _cm.v9_fits(spb, _cm.octets(bm), warps, cfg.ts) \
                 or packed.sp_meta.data_ptr() % 16:
             return None
         try:
@@ -284,7 +284,7 @@ def candidate_configs(M: int, packed: PackedHybrid, force_kernel: bool = False) 
             for bn in (16, 32, 64):
                 for split in (1, 2, 4, 8):
                     c.append(T("triton", mode, bm, bn, 128, split, 4, 3, True))
-    if M <= 64 and MMA_CANDIDATES and _cm.available():
+    if M <= 64 and MMA_CANDIDATES and _cm.available(packed.device):
         c += mma_candidates(M)
     if M <= 64 and STREAM_CANDIDATES:
         c += stream_candidates(M)
@@ -682,7 +682,27 @@ def hybrid_linear(x: torch.Tensor, packed: PackedHybrid, bias: torch.Tensor | No
     x2 = x.reshape(-1, packed.in_features)
     if x2.shape[0] == 0:
         return x.new_empty(*lead, packed.out_features)
+    if x.is_cuda:
+        _note_portable_path(x.device)
+        if x.device.index != torch.cuda.current_device():  # a model spread over several GPUs
+            with torch.cuda.device(x.device):
+                return _runner(x2, packed, bias, config)(x2, bias).reshape(*lead, packed.out_features)
     return _runner(x2, packed, bias, config)(x2, bias).reshape(*lead, packed.out_features)
+
+
+_NOTED: set = set()
+
+
+def _note_portable_path(device: torch.device) -> None:
+    """Say once per device when the sparse-tensor-core kernels cannot serve it (the Triton kernels do)."""
+    if device in _NOTED:
+        return
+    _NOTED.add(device)
+    reason = _cm.unavailable_reason(device) if MMA_CANDIDATES and not interpreting() else None
+    if reason is not None:
+        import warnings
+        warnings.warn(f"tilesparse: hybrid layers on {device} run the portable Triton kernels, not the "
+                      f"sparse-tensor-core ones: {reason}", RuntimeWarning, stacklevel=3)
 
 
 _MAX_RUNNERS = 64  # per layer (token counts x bias x forced configurations); the cache restarts beyond

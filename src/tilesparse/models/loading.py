@@ -86,7 +86,9 @@ def load_model(spec: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
     if gguf_file is None and (Path(path) / PACKED_FILE).is_file():
         return _load_packed_folder(Path(path), name, torch_dtype, device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
+        # weights straight to a GPU instead of through host memory (a GGUF is dequantized on the host)
+        placed = {"device_map": device} if device != "cpu" and not gguf_file else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs, **placed)
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         if Path(path).exists():

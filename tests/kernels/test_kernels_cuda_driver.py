@@ -1,0 +1,68 @@
+"""NVRTC and driver-API wrappers (:mod:`tilesparse.kernels.cuda_driver`) and what happens without them."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import pytest
+import torch
+
+from tilesparse.kernels import cuda_driver as cd
+from tilesparse.kernels import cuda_mma as cm
+from tilesparse.kernels import ops
+
+needs_nvrtc = pytest.mark.skipif(cd.missing() is not None, reason=str(cd.missing()))
+
+
+@needs_nvrtc
+def test_target_arch_is_the_device_or_the_newest_known_ptx():
+    archs = cd.supported_archs()
+    assert 90 in archs
+    assert cd.target_arch((9, 0)) == "sm_90"
+    newest = max(archs)
+    assert cd.target_arch((newest // 10 + 5, 0)) == f"compute_{newest}"  # a GPU newer than this NVRTC
+
+
+@needs_nvrtc
+def test_compile_source_gives_ptx_or_cubin_and_a_readable_error():
+    src = 'extern "C" __global__ void k(float *y) { y[threadIdx.x] = 2.0f; }'
+    ptx = cd.compile_source(src, "k", "compute_90")
+    assert b".entry k(" in ptx and b".target sm_90" in ptx
+    assert cd.compile_source(src, "k", "sm_90")[:4] == b"\x7fELF"
+    with pytest.raises(cd.CudaError, match=r"NVRTC could not compile bad for sm_90:\n.*error"):
+        cd.compile_source("not C++", "bad", "sm_90")
+
+
+def test_missing_bindings_are_reported(monkeypatch):
+    cd.missing.cache_clear()
+    monkeypatch.setitem(sys.modules, "cuda.bindings", None)
+    try:
+        assert "cuda-bindings is not installed" in cd.missing() and "tilesparse[gpu]" in cd.missing()
+    finally:
+        cd.missing.cache_clear()
+
+
+def test_unavailable_reason(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cm.unavailable_reason() == "no CUDA device" and not cm.available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    assert cm.unavailable_reason() == "Tesla T4 (compute capability 7.5) has no sparse tensor cores (8.0+ needed)"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert cm.unavailable_reason() == cd.missing()
+
+
+def test_portable_path_is_said_once_per_device(monkeypatch):
+    monkeypatch.setattr(ops, "_NOTED", set())
+    monkeypatch.setattr(ops, "MMA_CANDIDATES", True)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(cm, "unavailable_reason", lambda device=None: "Tesla T4 has no sparse tensor cores")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        for dev in ("cuda:0", "cuda:0", "cuda:1", "cuda:0"):
+            ops._note_portable_path(torch.device(dev))
+    msgs = [str(x.message) for x in w]
+    assert len(msgs) == 2 and "cuda:0" in msgs[0] and "cuda:1" in msgs[1]
+    assert "portable Triton kernels" in msgs[0] and "Tesla T4 has no sparse tensor cores" in msgs[0]
