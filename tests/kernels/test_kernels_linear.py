@@ -53,6 +53,14 @@ def test_drop_in_equals_masked_linear(make_layer, bias, dtype):
     assert hyb.nbytes() < sum(p.numel() * p.element_size() for p in lin.parameters())
 
 
+def test_input_on_another_device_is_a_one_line_error(make_layer):
+    lin = nn.Linear(64, 64)
+    _, mask, _ = make_layer(64, 64, (32, 32), 0.5, 0.2)
+    hyb = HybridLinear.from_linear(lin, mask, (32, 32))
+    with pytest.raises(ValueError, match=r"^input is on meta, the layer's weights are on cpu$"):
+        hyb(torch.empty(2, 64, device="meta"))
+
+
 def test_to_dtype_rebuilds_packed_view(make_layer):
     lin = nn.Linear(64, 64)
     _, mask, _ = make_layer(64, 64, (32, 32), 0.5, 0.2)
