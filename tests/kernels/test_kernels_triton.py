@@ -52,12 +52,60 @@ def test_modes_match_reference(interp, make_layer, case, dtype):
         assert err < TOL, f"M={M} {cfg.short()}: rel err {err:.3e}"
 
 
-@pytest.mark.parametrize("M", [1, 3, 16, 31, 65])
-def test_public_path_heuristic_configs(interp, make_layer, M):
-    _, _, p = make_layer(100, 200, (32, 64), 0.5, 0.2, torch.bfloat16, seed=M)
-    x = torch.randn(M, 200).bfloat16()
-    y = ops.hybrid_linear(x, p, use_triton=True)
-    assert rel_error(y, reference_linear_f64(x, p, None)) < TOL
+HEURISTIC_LAYERS = [  # N, K, tile: tile width a power of two or not, tile rows 16 or 128 (partial edge tiles)
+    (48, 96, (16, 32)),
+    (136, 96, (128, 64)),
+    (40, 144, (16, 48)),
+    (136, 120, (128, 80)),
+]
+
+
+def _heuristic_path(M, tile):
+    """What :func:`ops.heuristic_config` should pick for a layer with 2:4 tiles."""
+    if M <= 64 and tile[1] in (32, 64) and (M == 1 or tile[0] % 32 == 0):
+        return "stream", 0 if M == 1 else 1
+    return "unpack", None
+
+
+@pytest.mark.parametrize("layer", HEURISTIC_LAYERS, ids=lambda c: f"{c[0]}x{c[1]}-t{c[2][0]}x{c[2][1]}")
+def test_public_path_heuristic_configs(interp, make_layer, layer):
+    """Without tuning (the CPU interpreter) ``hybrid_linear`` runs the heuristic's choice: stream kernel or
+    unpack + ``F.linear``, on every tile size the kernels accept."""
+    from tilesparse.kernels.reference import reference_linear
+
+    N, K, tile = layer
+    _, _, p = make_layer(N, K, tile, 0.5, 0.2, torch.bfloat16, seed=N + K)
+    bias = torch.randn(N).bfloat16()
+    for i, M in enumerate((1, 3, 16, 40, 65, 200)):
+        cfg = ops.heuristic_config(M, p)
+        path, mode = _heuristic_path(M, tile)
+        assert (cfg.path, cfg.mode if path == "stream" else None) == (path, mode), (M, cfg.short())
+        assert ops._fit(cfg, p) == cfg
+        x = torch.randn(M, K).bfloat16()
+        b = bias if i % 2 else None
+        y = ops.hybrid_linear(x, p, b, use_triton=True)
+        if path == "unpack":  # the same unpacked weight through the same F.linear
+            assert torch.equal(y, reference_linear(x, p, b)), M
+        else:
+            assert rel_error(y, reference_linear_f64(x, p, b)) < TOL, (M, cfg.short())
+
+
+def test_heuristic_runs_on_every_supported_tile_size(make_layer):
+    """For every tile size that is a multiple of 16 the heuristic's choice fits the layer; a plain dense layer
+    runs ``F.linear`` on its weight."""
+    for tr in (16, 32, 48, 96, 128):
+        for tc in (16, 48, 64, 80, 128):
+            _, _, p = make_layer(2 * tr, 2 * tc, (tr, tc), 0.5)
+            assert ops.kernel_supported(p)
+            for M in (1, 2, 16, 64, 65, 1000):
+                cfg = ops.heuristic_config(M, p)
+                assert ops._fit(cfg, p) == cfg, (tr, tc, M, cfg.short())
+                if cfg.path == "stream":
+                    assert cfg.bm >= M and cfg.mode in (0, 1)
+                else:
+                    assert cfg.path == "unpack"
+    _, _, pd = make_layer(64, 64, (32, 32), 0.0)
+    assert pd.is_plain_dense() and ops.heuristic_config(3, pd) == C("dense")
 
 
 def test_3d_and_noncontiguous_input(interp, make_layer):

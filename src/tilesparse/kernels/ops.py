@@ -250,16 +250,28 @@ def stream_candidates(M: int) -> list[KernelConfig]:
 
 
 def heuristic_config(M: int, packed: PackedHybrid) -> KernelConfig:
-    """Fixed choice without tuning (good enough on the CPU interpreter and as a fallback)."""
+    """The configuration used without tuning (``TILESPARSE_AUTOTUNE=0``, the CPU interpreter, an unseen key
+    during CUDA-graph capture). It runs on every layer :func:`kernel_supported` accepts:
+
+    * a layer of dense tiles only (``dn_vals`` is ``W``): ``"dense"``;
+    * 1 token, tile width a power of two: the stream kernel's FMA mode (the H100's 1-token winner's chunks);
+    * 2-64 tokens, tile width a power of two, tile rows a multiple of 32: the stream kernel on tensor cores,
+      mode 1 (the 2:4 planes built by selects: portable Triton, no inline PTX);
+    * anything else (more than 64 tokens, other tile widths, tile rows not a multiple of 32 at 2+ tokens):
+      ``"unpack"`` (``unpack_kernel`` takes any tile size that is a multiple of 16).
+    """
     if packed.is_plain_dense():
         return KernelConfig("dense")
-    if M <= 2:
-        cfg = KernelConfig("triton", 3, _pow2_at_least(M), 32, 128, 4, 4, 3, True)
-    elif M <= 64:
-        cfg = KernelConfig("triton", 1, _pow2_at_least(M, 16), 64, 128, 4, 4, 3, True)
-    else:
-        cfg = KernelConfig("triton", 2, 128, 128, 64, 1, 8, 3, True)
-    return _fit(cfg, packed)
+    if M <= 64:
+        if M == 1:
+            cfg = KernelConfig("stream", mode=0, bm=1, bn=8, ts=8, td=4, split=1, warps=4, pref=0, xt=1)
+        else:
+            cfg = KernelConfig("stream", mode=1, bm=_pow2_at_least(M, 16), bn=64, ts=1, td=1, split=4, warps=4,
+                               pref=1)
+        fitted = _fit_stream(cfg, packed)
+        if fitted is not None:
+            return fitted
+    return KernelConfig("unpack")
 
 
 # Which kernel families the autotuner considers (read once, at import; see :mod:`tilesparse.settings`):
