@@ -408,7 +408,7 @@ def ncu_mma_launches(args) -> None:
     dev = "cuda"
     T = ops.KernelConfig
     cells = [(4096, 4096, 1, 1.0), (4096, 4096, 16, 0.5), (11008, 4096, 16, 0.5)]
-    cfgs = [T("mma", 0, 16, 0, 0, 8, 4, 1, True, 0, 0, 2)]
+    cfgs = [T("mma", mode=0, bm=16, bn=0, split=8, warps=4, ts=2)]
     if args.mma_modes:  # e.g. "9": only those modes, with v9's candidates
         cfgs = [c for c in cfgs + ops.v9_candidates(16) if str(c.mode) in args.mma_modes.split(",")]
     for N, K, M, f in cells:

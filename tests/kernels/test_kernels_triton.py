@@ -1,55 +1,18 @@
-"""Triton kernels vs the float64 reference, on the CPU through TRITON_INTERPRET=1 (small shapes)."""
+"""The public Triton path (the heuristic's stream / unpack choice), ``unpack_kernel`` and the autotuner's candidate
+lists, against the float64 reference, on the CPU through TRITON_INTERPRET=1 (small shapes)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernels_testutil import CASES, case_id, interp, make_layer  # noqa: F401 (fixtures)
+from kernels_testutil import interp, make_layer  # noqa: F401 (fixtures)
 
 from tilesparse.kernels import ops
 from tilesparse.kernels.ops import KernelConfig as C
 from tilesparse.kernels.reference import reference_linear_f64, rel_error
 
 TOL = 1e-2  # bf16 / fp16 operands, fp32 accumulation
-
-
-def _run(x, p, bias, cfg):
-    out = torch.full((x.shape[0], p.out_features), float("nan"), dtype=x.dtype)  # poison
-    ops.launch_triton(x, p, bias, cfg, out)
-    return out
-
-
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_modes_match_reference(interp, make_layer, case, dtype):
-    N, K, tile, fs, fz = case
-    W, mask, p = make_layer(N, K, tile, fs, fz, dtype, seed=N * K)
-    bias = torch.randn(N).to(dtype)
-    configs = [
-        (1, C("triton", 0, 1, 16, 64, 1, 4, 3, False), None),
-        (3, C("triton", 0, 4, 16, 64, 2, 4, 3, True), bias),
-        (2, C("triton", 3, 2, 16, 64, 4, 4, 3, True), None),
-        (1, C("triton", 3, 1, 16, 32, 1, 4, 3, False), bias),
-        (5, C("triton", 1, 16, 32, 64, 1, 4, 3, True), bias),
-        (17, C("triton", 1, 32, 32, 64, 2, 4, 3, False), None),
-        (33, C("triton", 2, 32, 32, 32, 1, 4, 3, True), bias),
-        (40, C("triton", 2, 32, 32, 64, 1, 4, 3, False), None),
-    ]
-    if case is not CASES[0]:  # every mode on the first case, a subset on the others
-        configs = configs[::2]
-    else:  # pipelined / unrolled K loops (tl.range num_stages / loop_unroll_factor)
-        configs += [
-            (1, C("triton", 3, 1, 16, 32, 2, 4, 3, True, 3, 2), bias),
-            (3, C("triton", 0, 4, 16, 64, 1, 8, 3, True, 4, 0), None),
-            (16, C("triton", 1, 16, 32, 64, 2, 4, 3, True, 3, 0), bias),
-        ]
-    for M, cfg, b in configs:
-        cfg = ops._fit(cfg, p)
-        x = torch.randn(M, K).to(dtype)
-        out = _run(x, p, b, cfg)
-        err = rel_error(out, reference_linear_f64(x, p, b))
-        assert err < TOL, f"M={M} {cfg.short()}: rel err {err:.3e}"
 
 
 HEURISTIC_LAYERS = [  # N, K, tile: tile width a power of two or not, tile rows 16 or 128 (partial edge tiles)
@@ -120,16 +83,6 @@ def test_3d_and_noncontiguous_input(interp, make_layer):
     assert rel_error(ops.hybrid_linear(xt, p, bias, use_triton=True), reference_linear_f64(xt, p, bias)) < TOL
 
 
-def test_split_k_counter_reset(interp, make_layer):
-    """The split-K semaphore must be left at zero: the same launch twice gives the same, right result."""
-    _, _, p = make_layer(64, 256, (32, 64), 0.5, 0.0, torch.bfloat16, seed=7)
-    cfg = C("triton", 1, 16, 32, 64, 4, 4, 3, True)
-    x = torch.randn(4, 256).bfloat16()
-    a, b = _run(x, p, None, cfg), _run(x, p, None, cfg)
-    assert torch.equal(a, b)
-    assert rel_error(a, reference_linear_f64(x, p, None)) < TOL
-
-
 def test_unpack_kernel_exact(interp, make_layer):
     W, mask, p = make_layer(100, 200, (32, 64), 0.5, 0.2, torch.bfloat16, seed=11)
     assert torch.equal(ops.unpack_triton(p), W * mask)
@@ -142,20 +95,30 @@ def test_unpack_path(interp, make_layer):
     assert rel_error(y, reference_linear_f64(x, p, None)) < TOL
 
 
-def test_small_tiles_fall_back_to_fma_mode(make_layer):
-    _, _, p = make_layer(64, 64, (16, 16), 0.5)
-    cfg = ops._fit(C("triton", 1, 16, 64, 128, 4, 4, 3, True), p)
-    assert cfg.mode == 0 and cfg.bn == 16 and cfg.bk == 16
-
-
-def test_candidates_fit_the_tiles(make_layer):
-    _, _, p = make_layer(256, 256, (64, 64), 0.5)
-    for M in (1, 4, 16, 64, 512):
-        cands = ops.candidate_configs(M, p)
-        assert cands
-        for c in cands:
-            if c.path == "triton":
-                assert 64 % c.bn == 0 and 64 % c.bk == 0
+def test_candidates_fit_the_layer(make_layer):
+    """Every candidate is already fitted to the layer; the stream (and on a GPU mma) kernels' candidates at 1-64
+    tokens, ``"unpack"`` above 64 tokens and wherever none of those fits; ``"dense"`` alone for a plain dense
+    layer unless ``force_kernel``."""
+    for tile, kinds in (((64, 64), {"stream"}), ((16, 16), {"stream", "unpack"}), ((48, 48), {"unpack"})):
+        _, _, p = make_layer(4 * tile[0], 4 * tile[1], tile, 0.5)
+        seen = set()
+        for M in (1, 4, 16, 64, 65, 512):
+            cands = ops.candidate_configs(M, p)
+            assert cands and len(set(cands)) == len(cands)
+            for c in cands:
+                assert ops._fit(c, p) == c, c.short()
+                assert c.path in ("stream", "mma", "unpack") and (c.bm >= M or c.path == "unpack"), c.short()
+            if M > 64:
+                assert cands == [C("unpack")]
+            else:  # unpack only where no kernel candidate fits
+                assert (C("unpack") in cands) == all(c.path == "unpack" for c in cands)
+                seen |= {c.path for c in cands}
+        assert seen == kinds, tile  # at 1-64 tokens
+    _, _, pd = make_layer(128, 128, (64, 64), 0.0)
+    assert ops.candidate_configs(1, pd) == [C("dense")] == ops.candidate_configs(512, pd)
+    forced = ops.candidate_configs(1, pd, force_kernel=True)
+    assert forced[0] == C("dense") and {c.path for c in forced[1:]} == {"stream"}
+    assert ops.candidate_configs(512, pd, force_kernel=True) == [C("dense"), C("unpack")]
 
 
 def test_bad_inputs_raise(interp, make_layer):
