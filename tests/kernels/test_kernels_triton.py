@@ -54,8 +54,8 @@ def test_public_path_heuristic_configs(interp, make_layer, layer):
 
 
 def test_heuristic_runs_on_every_supported_tile_size(make_layer):
-    """For every tile size that is a multiple of 16 the heuristic's choice fits the layer; a plain dense layer
-    runs ``F.linear`` on its weight."""
+    """For every tile size that is a multiple of 16 the heuristic's choice fits the layer (stream or unpack); a
+    plain dense layer gets ``"dense"``."""
     for tr in (16, 32, 48, 96, 128):
         for tc in (16, 48, 64, 80, 128):
             _, _, p = make_layer(2 * tr, 2 * tc, (tr, tc), 0.5)

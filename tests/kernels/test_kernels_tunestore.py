@@ -36,7 +36,7 @@ def test_entries_of_another_config_layout_are_ignored(tmp_path):
     store = TuneStore(path, V)
     store.entries[store._key(KEY)] = {"path": "flat", "ctas": 2}
     assert store.get(KEY) is None
-    # a stream-kernel choice stored with fields KernelConfig no longer has (a block width, pipeline stages)
+    # a stream-kernel choice stored with fields that KernelConfig lacks (bk, stages) is ignored as a whole
     cfg = KernelConfig("stream", mode=0, bm=1, bn=8, ts=8, td=4, xt=1)
     store.entries[store._key(KEY)] = {**dataclasses.asdict(cfg), "bk": 0, "stages": 1}
     assert store.get(KEY) is None
