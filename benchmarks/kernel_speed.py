@@ -4,7 +4,7 @@
     PYTHONPATH=src python3 benchmarks/kernel_speed.py --out table.md     # the layer table (CUDA graphs + eager)
     PYTHONPATH=src python3 benchmarks/kernel_speed.py --shapes 4096x4096 --tokens 1,16 --fracs 0.5,1 --verbose
     PYTHONPATH=src python3 benchmarks/kernel_speed.py --decode --precompile 16 --tokens 1,4,16 --fracs 0.5,1 \
-        --shapes 4096x4096,11008x4096,4096x11008      # best v3 / v6 / v7 / v9 config vs dense (decode cells)
+        --shapes 4096x4096,11008x4096,4096x11008      # best v6 / v7 / v9 config vs dense (decode cells)
     PYTHONPATH=src python3 benchmarks/kernel_speed.py --check --mma-only   # correctness of the mma kernels only
     ncu --profile-from-start off ... python3 benchmarks/kernel_speed.py --ncu-mma  # v7 profile launches
     ncu --profile-from-start off ... python3 benchmarks/kernel_speed.py --ncu-mma --mma-modes 9  # v9 ones
@@ -64,7 +64,7 @@ def random_packed(N, K, frac, tile=(128, 128), dtype=torch.bfloat16, device="cud
 
 
 # ------------------------------------------------------------------ correctness
-LAUNCH = {"triton": ops.launch_triton, "stream": ops.launch_stream, "mma": ops.launch_mma}
+LAUNCH = {"stream": ops.launch_stream, "mma": ops.launch_mma}
 
 
 def check(args) -> bool:
@@ -120,14 +120,6 @@ def check(args) -> bool:
                             seen.add(sig)
                             keep.append(c)
                     cfgs = keep + ([] if only else [ops.heuristic_config(M, p)])
-                else:  # the pipelined / unrolled K-loop knobs (not autotuner candidates: never faster on the H100)
-                    T = ops.KernelConfig
-                    if M <= 4 and not only:
-                        cfgs += [T("triton", 3, ops._pow2_at_least(M), 32, 128, 4, 4, 3, True, 4),
-                                 T("triton", 0, ops._pow2_at_least(M), 64, 128, 2, 8, 3, True, 4),
-                                 T("triton", 3, ops._pow2_at_least(M), 32, 128, 4, 4, 3, True, 0, 2)]
-                    elif M <= 64 and not only:
-                        cfgs += [T("triton", 1, ops._pow2_at_least(M, 16), 32, 128, 4, 4, 3, True, 4)]
                 for cfg in cfgs:
                     # stream / mma: twice (their counters and workspace must be left reset)
                     for rep in range(2 if cfg.path in ("stream", "mma") else 1):
@@ -320,14 +312,14 @@ def write_table(rows, args, props, echo: bool = True) -> None:
         print(text)
 
 
-FAMILIES = (("v3", lambda c: c.path == "triton"), ("v6", lambda c: c.path == "stream"),
-            ("v7", lambda c: c.path == "mma" and c.mode == 0), ("v9", lambda c: c.path == "mma" and c.mode == 9))
+FAMILIES = (("v6", lambda c: c.path == "stream"), ("v7", lambda c: c.path == "mma" and c.mode == 0),
+            ("v9", lambda c: c.path == "mma" and c.mode == 9))
 
 
 def decode(args) -> None:
     """Per (shape, tokens, 2:4 fraction): every autotuner candidate timed the autotuner's way (cold L2, CUDA
-    graphs, ``ops.time_cold``); the best config of each kernel family (v3 ``triton``, v6 ``stream``, v7 / v9
-    ``mma``) then re-timed like the layer table (graph over weight copies > 4x L2, median of ``--reps``), with
+    graphs, ``ops.time_cold``); the best config of each kernel family (v6 ``stream``, v7 / v9 ``mma``) then
+    re-timed like the layer table (graph over weight copies > 4x L2, median of ``--reps``), with
     dense ``F.linear``."""
     dev = "cuda"
     props = torch.cuda.get_device_properties(0)
@@ -375,15 +367,15 @@ def decode(args) -> None:
         del W
         torch.cuda.empty_cache()
     lines = [f"decode cells on {props.name} ({time.time() - t_start:.0f}s); us per call, graph, weight copies > 4x L2",
-             "| shape | M | f | dense | v3 best | v6 stream | v7 mma | v9 mma | best x dense | bound "
-             "| best % bound | best config | err |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape | M | f | dense | v6 stream | v7 mma | v9 mma | best x dense | bound "
+             "| best % bound | best config | err |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for sname, M, f, td, res in rows:
         def t_of(tag):
             return f"{res[tag][1] * 1e3:.1f}" if tag in res else "-"
         b = fmt.bytes_bound_speedup(f)
         cn, tn, _ = min(res.values(), key=lambda v: v[1]) if res else (None, float("nan"), 0.0)
         err = max((e for _, _, e in res.values()), default=float("nan"))
-        lines.append(f"| {sname} | {M} | {f:.2f} | {td * 1e3:.1f} | {t_of('v3')} | {t_of('v6')} | "
+        lines.append(f"| {sname} | {M} | {f:.2f} | {td * 1e3:.1f} | {t_of('v6')} | "
                      f"{t_of('v7')} | {t_of('v9')} | {td / tn:.2f} | {b:.2f} | {td / tn / b * 100:.0f}% | "
                      f"{cn.short() if cn else '-'} | {err:.1e} |")
     text = "\n".join(lines) + "\n"
@@ -394,12 +386,12 @@ def decode(args) -> None:
 
 
 def profile(args) -> None:
-    """Launch a few fixed configurations once each (for ``ncu``): 4096x4096, all tiles 2:4."""
+    """Launch a few fixed configurations once each (for ``ncu``): 4096x4096, all tiles 2:4, the heuristic's
+    stream-kernel configurations at 1 and 16 tokens."""
     dev = "cuda"
     p, W, _ = random_packed(4096, 4096, 1.0, (128, 128), torch.bfloat16, dev)
-    T = ops.KernelConfig
-    for M, cfg in ((1, T("triton", 3, 1, 16, 128, 4, 4, 3, True)), (1, T("triton", 0, 1, 32, 128, 2, 4, 3, True)),
-                   (16, T("triton", 1, 16, 32, 128, 4, 4, 3, True))):
+    for M in (1, 16):
+        cfg = ops.heuristic_config(M, p)
         x = torch.randn(M, 4096, device=dev).bfloat16()
         for _ in range(2):
             ops.run_config(x, p, None, cfg)
@@ -416,7 +408,7 @@ def ncu_mma_launches(args) -> None:
     dev = "cuda"
     T = ops.KernelConfig
     cells = [(4096, 4096, 1, 1.0), (4096, 4096, 16, 0.5), (11008, 4096, 16, 0.5)]
-    cfgs = [T("mma", 0, 16, 0, 0, 8, 4, 1, True, 0, 0, 2)]
+    cfgs = [T("mma", mode=0, bm=16, bn=0, split=8, warps=4, ts=2)]
     if args.mma_modes:  # e.g. "9": only those modes, with v9's candidates
         cfgs = [c for c in cfgs + ops.v9_candidates(16) if str(c.mode) in args.mma_modes.split(",")]
     for N, K, M, f in cells:
@@ -439,22 +431,23 @@ def ncu_mma_launches(args) -> None:
 
 
 def _precompile_worker(job):
-    """Compile (by launching once) every ``i % n == w`` candidate config for the token counts given."""
-    w, n, tokens, dtypes, biases, paths = job
+    """Compile (by launching once) every ``i % n == w`` stream-kernel candidate config for the token counts
+    given."""
+    w, n, tokens, dtypes, biases = job
     dev = "cuda"
     done = 0
     for dtype in dtypes:
         p, _, _ = random_packed(256, 256, 0.5, (128, 128), dtype, dev, seed=0)
         for M in tokens:
             x = torch.randn(M, 256, device=dev).to(dtype)
-            cfgs = [c for c in ops.candidate_configs(M, p, force_kernel=True) if c.path in paths]
+            cfgs = [c for c in ops.candidate_configs(M, p, force_kernel=True) if c.path == "stream"]
             for i, cfg in enumerate(cfgs):
                 if i % n != w:
                     continue
                 for bias in (None, torch.zeros(256, device=dev, dtype=dtype))[:biases]:
                     try:
                         out = torch.empty(M, 256, device=dev, dtype=dtype)
-                        LAUNCH[cfg.path](x, p, bias, cfg, out)
+                        ops.launch_stream(x, p, bias, cfg, out)
                         done += 1
                     except Exception as e:  # noqa: BLE001 - reported, the tuner skips it too
                         print(f"  precompile skip {cfg.short()}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
@@ -462,17 +455,17 @@ def _precompile_worker(job):
     return done
 
 
-def precompile(tokens: list[int], workers: int, bf16_only: bool = False, paths=("triton", "stream")) -> None:
-    """Fill Triton's on-disk kernel cache for every candidate config, ``workers`` processes in parallel
-    (compilation is CPU-bound and serial otherwise); timings and checks then start warm. ``bf16_only``:
-    bf16 without bias only (what the timing modes run); ``paths``: which kernels."""
+def precompile(tokens: list[int], workers: int, bf16_only: bool = False) -> None:
+    """Fill Triton's on-disk kernel cache for every stream-kernel candidate config, ``workers`` processes in
+    parallel (compilation is CPU-bound and serial otherwise); timings and checks then start warm. ``bf16_only``:
+    bf16 without bias only (what the timing modes run)."""
     import concurrent.futures as cf
     import multiprocessing as mp
 
     t0 = time.time()
     dts = (torch.bfloat16,) if bf16_only else (torch.bfloat16, torch.float16)
     with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-        n = sum(ex.map(_precompile_worker, [(w, workers, tokens, dts, 1 if bf16_only else 2, tuple(paths))
+        n = sum(ex.map(_precompile_worker, [(w, workers, tokens, dts, 1 if bf16_only else 2)
                                             for w in range(workers)]))
     print(f"precompiled {n} launches in {time.time() - t0:.0f}s", flush=True)
 
@@ -506,13 +499,11 @@ def main() -> int:
     if args.precompile:
         if args.check:  # what the check runs: both dtypes, with and without bias
             toks = [1, 3, 5, 16, 33, 64] if args.stream_only else [1, 2, 5, 16, 33, 64, 65, 200]
-            precompile(sorted({ops._pow2_at_least(t) for t in toks}), args.precompile,
-                       paths=("stream",) if args.stream_only else ("triton", "stream"))
+            precompile(sorted({ops._pow2_at_least(t) for t in toks}), args.precompile)
         if args.decode or not args.check:  # what the timings run: bf16 without bias
             toks = [int(t) for t in args.tokens.split(",")]
-            paths = tuple(q for q in (args.paths.split(",") if args.paths else ("triton", "stream"))
-                          if q in ("triton", "stream"))  # (the mma kernels compile in-process, NVRTC)
-            precompile(sorted({ops._pow2_at_least(t) for t in toks}), args.precompile, bf16_only=True, paths=paths)
+            if not args.paths or "stream" in args.paths.split(","):  # (the mma kernels compile in-process, NVRTC)
+                precompile(sorted({ops._pow2_at_least(t) for t in toks}), args.precompile, bf16_only=True)
             if not args.paths or "mma" in args.paths.split(","):
                 t0 = time.time()
                 keys = [k for t in sorted({ops._pow2_at_least(t) for t in toks}) if t <= _cm.MAX_TOKENS

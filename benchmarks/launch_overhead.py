@@ -57,8 +57,7 @@ def paths(M: int, packed) -> list[tuple[str, C]]:
     """(label, configuration) per kernel path that can run ``M`` tokens of ``packed``: each family's first
     candidate that fits the layer."""
     fams = [("stream (v6)", lambda c: c.path == "stream"), ("mma v7", lambda c: c.path == "mma" and c.mode == 0),
-            ("mma v9", lambda c: c.path == "mma" and c.mode == 9), ("v3 triton", lambda c: c.path == "triton"),
-            ("unpack + cuBLAS", lambda c: c.path == "unpack")]
+            ("mma v9", lambda c: c.path == "mma" and c.mode == 9), ("unpack + cuBLAS", lambda c: c.path == "unpack")]
     cands = ops.candidate_configs(M, packed, force_kernel=True) + ops.candidate_configs(256, packed, True)
     out = []
     for name, pick in fams:

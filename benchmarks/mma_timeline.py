@@ -60,7 +60,7 @@ def _cfg(spec: str, M: int) -> ops.KernelConfig:
     if not m:
         raise SystemExit(f"config '{spec}': expected w<consumer warps>p<steps per item>n<stages>")
     w, spb, nst = (int(v) for v in m.groups())
-    return ops.KernelConfig("mma", 9, 8 * cm.octets(M), 0, 0, 1, w, 1, True, 0, 0, nst, spb)
+    return ops.KernelConfig("mma", mode=9, bm=8 * cm.octets(M), bn=0, split=1, warps=w, ts=nst, nit=spb)
 
 
 def timeline(N: int, K: int, M: int, f: float, spec: str, flush: torch.Tensor, reps: int) -> str:

@@ -34,7 +34,7 @@ def interp():
     os.environ["TRITON_INTERPRET"] = "1"
     from tilesparse.kernels import triton_hybrid
 
-    if type(triton_hybrid.hybrid_linear_kernel).__name__ != "InterpretedFunction":
+    if type(triton_hybrid.unpack_kernel).__name__ != "InterpretedFunction":
         triton_hybrid = importlib.reload(triton_hybrid)
     return triton_hybrid
 

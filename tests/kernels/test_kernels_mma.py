@@ -137,18 +137,18 @@ def test_v9_block_ranges_and_fit(monkeypatch):
     monkeypatch.setattr(cm, "v9_available", lambda device=None: True)
     monkeypatch.setattr(cm, "_sm_count", lambda device: 132)
     monkeypatch.setattr(ops, "interpreting", lambda: False)
-    cfg = ops._fit(C("mma", 9, 16, 0, 0, 1, 4, 1, True, 0, 0, 5, 4), p)
+    cfg = ops._fit(C("mma", mode=9, bm=16, split=1, warps=4, ts=5, nit=4), p)
     assert (cfg.mode, cfg.split, cfg.nit, cfg.ts, cfg.bn) == (9, split, 4, 5, 64)
-    assert ops._fit(C("mma", 9, 16, 0, 0, 1, 4, 1, True, 0, 0, 6, 4), p) is None  # 6 stages do not fit
+    assert ops._fit(C("mma", mode=9, bm=16, split=1, warps=4, ts=6, nit=4), p) is None  # 6 stages do not fit
 
 
 def test_fit_takes_only_the_mma_modes_and_known_paths(monkeypatch):
     p = random_layer(256, 1024, (128, 128), 0.5)[2]
     monkeypatch.setattr(cm, "mma_supported", lambda packed: True)
     monkeypatch.setattr(ops, "interpreting", lambda: False)
-    assert ops._fit(C("mma", 0, 16, 0, 0, 1, 4, 1, True, 0, 0, 2), p).mode == 0
-    assert ops._fit(C("mma", 8, 16, 0, 0, 1, 4, 1, True, 0, 0, 2, 8), p) is None  # modes 0 (v7) and 9 (v9) only
-    assert ops._fit(C("no-such-path", 1, 16, 32), p) is None
+    assert ops._fit(C("mma", mode=0, bm=16, split=1, warps=4, ts=2), p).mode == 0
+    assert ops._fit(C("mma", mode=8, bm=16, split=1, warps=4, ts=2, nit=8), p) is None  # modes 0 (v7) and 9 (v9) only
+    assert ops._fit(C("no-such-path", mode=1, bm=16, bn=32), p) is None
 
 
 def test_octets():
@@ -158,7 +158,7 @@ def test_octets():
 def test_not_on_cpu_or_interpreter():
     p = random_layer(256, 256, (128, 128), 0.5)[2]
     assert not cm.mma_supported(p)  # CPU weights
-    assert ops._fit(C("mma", 0, 16, 0, 0, 1, 4, 1, True, 0, 0, 2), p) is None
+    assert ops._fit(C("mma", mode=0, bm=16, split=1, warps=4, ts=2), p) is None
     assert all(c.path != "mma" for c in ops.candidate_configs(16, p, force_kernel=True))
 
 
@@ -200,7 +200,7 @@ def test_mma_matches_reference_on_gpu(M, split, dtype, bias, monkeypatch):
     x = torch.randn(M, 1024, device="cuda").to(dtype)
     ref = reference_linear_f64(x.cpu(), p.to("cpu"), None if b is None else b.cpu())
     for mode, warps, spb in ((0, 4, 0), (0, 8, 0), (9, 4, 4), (9, 8, 2), (9, 4, 8)):
-        cfg = ops._fit(C("mma", mode, M, 0, 0, split, warps, 1, True, 0, 0, 2, spb), p)
+        cfg = ops._fit(C("mma", mode=mode, bm=M, split=split, warps=warps, ts=2, nit=spb), p)
         if cfg is None:  # v9: sm_90 only, and its stages must fit shared memory
             assert mode == 9 and (not cm.v9_available() or not cm.v9_fits(spb, cm.octets(M), warps, 2))
             continue
@@ -236,7 +236,7 @@ def test_mma_chain_reads_the_previous_kernels_output(mode, warps, spb, pdl, monk
     monkeypatch.setenv("TILESPARSE_PDL", pdl)
     M, K = 16, 1024
     layers = [random_layer(K, K, (128, 128), f, 0.1, seed=10 + i)[2].to("cuda") for i, f in enumerate((0.5, 1, 0.25))]
-    cfgs = [ops._fit(C("mma", mode, M, 0, 0, 2, warps, 1, True, 0, 0, 2, spb), p) for p in layers]
+    cfgs = [ops._fit(C("mma", mode=mode, bm=M, split=2, warps=warps, ts=2, nit=spb), p) for p in layers]
     if any(c is None for c in cfgs):
         assert mode == 9 and not cm.v9_available()
         pytest.skip("v9 needs sm_90")
@@ -278,7 +278,7 @@ def test_prepared_launch_binds_fresh_inputs_each_call(M, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     p = random_layer(512, 1024, (128, 128), 0.5, 0.1, torch.bfloat16, seed=7)[2].to("cuda")
     for mode, warps, spb, split in ((0, 4, 0, 1), (0, 4, 0, 4), (9, 4, 4, 1), (9, 8, 2, 1)):
-        cfg = ops._fit(C("mma", mode, M, 0, 0, split, warps, 1, True, 0, 0, 2, spb), p)
+        cfg = ops._fit(C("mma", mode=mode, bm=M, split=split, warps=warps, ts=2, nit=spb), p)
         if cfg is None:
             continue
         run = ops._prepared_runner(p, cfg, M, True)

@@ -18,7 +18,7 @@ TOL = 1e-2
 
 
 def _stream(mode, bm, bn, ts, td, split=1, pref=1, warps=4, xt=0):
-    return C("stream", mode, bm, bn, 0, split, warps, 1, True, 0, 0, ts, 1, td, pref, xt)
+    return C("stream", mode=mode, bm=bm, bn=bn, split=split, warps=warps, ts=ts, td=td, pref=pref, xt=xt)
 
 
 def _run(x, p, bias, cfg):

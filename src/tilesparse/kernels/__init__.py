@@ -1,9 +1,10 @@
-"""tilesparse.kernels: packed hybrid (dense / 2:4 / all-zero tiles) format, Triton GPU kernels and
-``HybridLinear``.
+"""tilesparse.kernels: packed hybrid (dense / 2:4 / all-zero tiles) format, GPU kernels and ``HybridLinear``.
 
 * :mod:`.format` -- :class:`PackedHybrid`, :func:`pack`, :func:`pack_from_kinds`, :func:`unpack` (pure tensor math)
 * :mod:`.reference` -- the torch reference product (CPU path, test oracle)
-* :mod:`.triton_hybrid` -- the Triton kernels; :mod:`.ops` -- :func:`hybrid_linear` (dispatch + autotune)
+* :mod:`.triton_stream` -- the Triton stream kernel (1-64 tokens); :mod:`.triton_hybrid` -- the Triton helpers it
+  shares and ``unpack_kernel``; :mod:`.cuda_mma` -- the CUDA sparse-tensor-core kernels (1-64 tokens)
+* :mod:`.ops` -- :func:`hybrid_linear` (dispatch + autotune)
 * :mod:`.library` -- the same product as the operator ``torch.ops.tilesparse.hybrid_linear`` (torch.compile)
 * :mod:`.linear` -- :class:`HybridLinear`, :func:`convert_model`
 * packed checkpoints: :mod:`tilesparse.io.packed`

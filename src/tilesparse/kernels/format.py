@@ -1,7 +1,8 @@
 """Packed hybrid (dense / 2:4 / all-zero tiles) format of one linear weight: pack, unpack, byte count.
 
-Pure tensor math: no kernels, no files. The layout is designed for the GPU kernels in
-:mod:`tilesparse.kernels.triton_hybrid` (one program streams ``BN`` rows of one tile-row along ``in``):
+Pure tensor math: no kernels, no files. The layout is designed for the GPU kernels
+(:mod:`tilesparse.kernels.triton_stream`, :mod:`tilesparse.kernels.cuda_mma`: a program streams rows of one
+tile-row along ``in``):
 
 Per tile-row ``r`` (``tile_rows`` output rows, fewer in a partial edge tile-row), the tiles are split by
 kind and kept in ascending column order:

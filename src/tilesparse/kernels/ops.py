@@ -4,22 +4,22 @@ Paths (chosen per call):
 
 * ``"dense"`` -- the layer has only dense tiles and ``dn_vals`` is ``W``: ``F.linear`` on that view
   (cuBLAS, no extra memory).
-* Triton ``hybrid_linear_kernel`` in one of its modes (see :mod:`.triton_hybrid`) -- the decode path
-  and one prefill candidate.
 * ``"stream"`` (up to 64 tokens) -- ``hybrid_stream_kernel`` (:mod:`.triton_stream`): long-lived
   programs that each walk ``BN`` rows of a tile-row in large chunks with the next chunk's loads in flight;
   one token by FMA without expanding the 2:4 values, more tokens by tensor cores on four position planes.
 * ``"mma"`` (v7 ``mode`` 0, v9 ``mode`` 9 on sm_90; up to 64 tokens) -- :mod:`.cuda_mma`: CUDA
   C++ (NVRTC) on sparse tensor cores: 2:4 tiles by ``mma.sp`` straight from the stored values and positions,
   dense tiles by ``mma``; GPU only.
-* ``"unpack"`` (prefill candidate) -- unpack the layer on the GPU into a *transient* scratch buffer
-  (one per device and dtype, as large as the largest layer it has served; reused by every layer) and
-  call ``F.linear`` on it. Its resident cost is that one buffer, reported by :func:`workspace_bytes`.
+* ``"unpack"`` (more than 64 tokens, and the fallback for any tile size) -- ``unpack_kernel``
+  (:mod:`.triton_hybrid`) unpacks the layer on the GPU into a *transient* scratch buffer (one per device and
+  dtype, as large as the largest layer it has served; reused by every layer) and ``F.linear`` runs on it.
+  Its resident cost is that one buffer, reported by :func:`workspace_bytes`.
 
 Choice: autotuned on the first call per (layer shape, tile size, sparse-fraction bucket, token-count
 bucket, dtype, bias) by timing every candidate with a cold L2 inside CUDA graphs (:func:`time_cold`),
 cached for the process. Outside tuning (``TILESPARSE_AUTOTUNE=0``, CPU interpreter, or during CUDA
-graph capture) a fixed heuristic is used.
+graph capture) :func:`heuristic_config` picks: ``"dense"`` for an all-dense layer, the stream kernel at
+1-64 tokens where it fits the tiles, ``"unpack"`` otherwise.
 """
 
 from __future__ import annotations
@@ -37,14 +37,11 @@ from . import cuda_mma as _cm
 from .format import PackedHybrid
 
 try:  # triton is optional: without it everything runs through the torch reference
-    import triton
-
     from . import triton_hybrid as _tk
     from . import triton_stream as _ts
 
     HAVE_TRITON = True
 except Exception:  # pragma: no cover - depends on the environment
-    triton = None
     _tk = _ts = None
     HAVE_TRITON = False
 
@@ -53,22 +50,16 @@ KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """One way to run a layer: ``path`` is ``"triton"``, ``"stream"``, ``"mma"``, ``"dense"`` or ``"unpack"``."""
+    """One way to run a layer: ``path`` is ``"stream"``, ``"mma"``, ``"dense"`` or ``"unpack"``; the other
+    fields (keyword-only) are the kernel's parameters (``bm`` tokens / ``bn`` weight rows per block)."""
 
-    path: str = "triton"
+    path: str = "stream"
+    _: dataclasses.KW_ONLY
     mode: int = 1
     bm: int = 16
     bn: int = 32
-    bk: int = 128
     split: int = 1
     warps: int = 4
-    stages: int = 3
-    meta16: bool = False
-    # >0: tl.range(num_stages=lstages) on the K loops (pipelines non-dot loads too) / loop_unroll_factor.
-    # Never faster than the plain loop on the H100 (decode cells, 1 and 16 tokens), so the autotuner's
-    # candidates leave both at 0; kept for explicit configs and experiments.
-    lstages: int = 0
-    unroll: int = 0
     # path "stream" (``hybrid_stream_kernel``): ``mode`` 0 = FMA (one token), 1 = tensor cores with the
     # 2:4 planes built by selects, 2 = the same with an inline-PTX shift expansion (GPU); ``ts``/``td`` = 2:4 /
     # dense tiles per chunk, ``pref`` = next chunk's loads in flight, ``split`` = programs per row block.
@@ -89,12 +80,7 @@ class KernelConfig:
             m = {0: "fma", 1: "dot", 2: "dotasm"}.get(self.mode, str(self.mode))
             return (f"stream-{m} bm{self.bm} bn{self.bn} ts{self.ts} td{self.td} s{self.split} "
                     f"w{self.warps} p{self.pref}" + (" xt" if self.xt else ""))
-        if self.path != "triton":
-            return self.path
-        m = {0: "fma", 1: "swap", 2: "mm", 3: "gather"}[self.mode]
-        return (f"{m} bm{self.bm} bn{self.bn} bk{self.bk} s{self.split} w{self.warps} st{self.stages}"
-                + (" m16" if self.meta16 else "") + (f" p{self.lstages}" if self.lstages else "")
-                + (f" u{self.unroll}" if self.unroll else ""))
+        return self.path
 
 
 def interpreting() -> bool:
@@ -102,7 +88,8 @@ def interpreting() -> bool:
 
 
 def kernel_supported(packed: PackedHybrid) -> bool:
-    """True when the Triton kernels handle this layer's tile size and dtype."""
+    """True when the Triton kernels (stream / unpack) can take this layer: 16-bit weights and tile sizes that
+    are multiples of 16 (:func:`heuristic_config` has a configuration for every such layer)."""
     return (HAVE_TRITON and packed.dtype in KERNEL_DTYPES
             and packed.tile_rows % 16 == 0 and packed.tile_cols % 16 == 0)
 
@@ -130,18 +117,7 @@ def _fit(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
         return _fit_mma(cfg, packed)
     if cfg.path in ("dense", "unpack"):
         return cfg
-    if cfg.path != "triton":
-        return None
-    bn = _largest_pow2_divisor_le(packed.tile_rows, cfg.bn)
-    bk = _largest_pow2_divisor_le(packed.tile_cols, cfg.bk)
-    if bk < 16:
-        return None
-    if cfg.mode in (1, 2) and (bn < 32 or bk < 32):
-        # tensor-core modes need 32x32 blocks (16x16 ones give wrong results on the H100):
-        # fall back to the FMA mode, 4 tokens per program
-        return KernelConfig("triton", 0, min(4, cfg.bm), bn, bk, 1, 4, 3, cfg.meta16, cfg.lstages, cfg.unroll)
-    return KernelConfig("triton", cfg.mode, cfg.bm, bn, bk, cfg.split, cfg.warps, cfg.stages, cfg.meta16,
-                        cfg.lstages, cfg.unroll)
+    return None
 
 
 def _fit_stream(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
@@ -162,8 +138,8 @@ def _fit_stream(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
             td *= 2
         if mode == 2 and interpreting():
             mode = 1  # inline PTX does not run on the CPU interpreter
-    return KernelConfig("stream", mode, cfg.bm, bn, 0, cfg.split, cfg.warps, 1, True, 0, 0, ts, 1, td,
-                        1 if cfg.pref else 0, 1 if cfg.xt else 0)
+    return KernelConfig("stream", mode=mode, bm=cfg.bm, bn=bn, split=cfg.split, warps=cfg.warps, ts=ts, nit=1,
+                        td=td, pref=1 if cfg.pref else 0, xt=1 if cfg.xt else 0)
 
 
 def _fit_mma(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
@@ -182,20 +158,20 @@ def _fit_mma(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
         except ValueError:  # too many items per block
             return None
         split = _cm.item_table(packed, spb)[1]
-        return KernelConfig("mma", 9, bm, 16 * warps, 0, split, warps, 1, True, 0, 0, cfg.ts, spb)
+        return KernelConfig("mma", mode=9, bm=bm, bn=16 * warps, split=split, warps=warps, ts=cfg.ts, nit=spb)
     if _cm.octets(bm) * cfg.ts > 16:  # static shared memory: 2 * sb * octets KB
         return None
     split = cfg.split
     while steps > _cm.MAX_STEPS * split:  # 64-column steps per block
         split *= 2
-    return KernelConfig("mma", 0, bm, 16 * warps, 0, split, warps, 1, True, 0, 0, cfg.ts)
+    return KernelConfig("mma", mode=0, bm=bm, bn=16 * warps, split=split, warps=warps, ts=cfg.ts)
 
 
 def mma_candidates(M: int) -> list[KernelConfig]:
     """The sparse-tensor-core kernels' candidate configurations for ``M <= 64`` tokens: v7 (warps, split,
     steps per batch) and v9 (:func:`v9_candidates`)."""
     bm = 8 * _cm.octets(M)
-    v7 = [KernelConfig("mma", 0, bm, 0, 0, split, w, 1, True, 0, 0, sb)
+    v7 = [KernelConfig("mma", mode=0, bm=bm, bn=0, split=split, warps=w, ts=sb)
           for w in (4, 8) for split in (1, 2, 4, 8, 16) for sb in (1, 2)]
     return v7 + v9_candidates(M)
 
@@ -218,7 +194,7 @@ def v9_candidates(M: int) -> list[KernelConfig]:
             fit = [n for n in range(2, 7) if _cm.v9_fits(spb, noct, w, n)]
             two = [n for n in fit if _cm.v9_blocks_per_sm(spb, noct, w, n) >= 2]
             for nst in sorted({max(fit, default=0), max(two, default=0)} - {0}):
-                c.append(KernelConfig("mma", 9, bm, 0, 0, 1, w, 1, True, 0, 0, nst, spb))
+                c.append(KernelConfig("mma", mode=9, bm=bm, bn=0, split=1, warps=w, ts=nst, nit=spb))
     return c
 
 
@@ -227,7 +203,7 @@ def stream_candidates(M: int) -> list[KernelConfig]:
     c = []
 
     def T(mode, bm, bn, ts, td, w, pref, split, xt=0):
-        return KernelConfig("stream", mode, bm, bn, 0, split, w, 1, True, 0, 0, ts, 1, td, pref, xt)
+        return KernelConfig("stream", mode=mode, bm=bm, bn=bn, split=split, warps=w, ts=ts, td=td, pref=pref, xt=xt)
     if M == 1:
         for bn, ts, td, w, pref, split in ((8, 4, 4, 4, 1, 1), (8, 4, 2, 4, 1, 1), (16, 2, 2, 8, 0, 1),
                                            (16, 2, 2, 4, 0, 1), (8, 8, 4, 4, 0, 1), (16, 8, 4, 4, 0, 1),
@@ -250,16 +226,28 @@ def stream_candidates(M: int) -> list[KernelConfig]:
 
 
 def heuristic_config(M: int, packed: PackedHybrid) -> KernelConfig:
-    """Fixed choice without tuning (good enough on the CPU interpreter and as a fallback)."""
+    """The configuration used without tuning (``TILESPARSE_AUTOTUNE=0``, the CPU interpreter, an unseen key
+    during CUDA-graph capture). It runs on every layer :func:`kernel_supported` accepts:
+
+    * a layer of dense tiles only (``dn_vals`` is ``W``): ``"dense"``;
+    * 1 token, tile width a power of two: the stream kernel's FMA mode (the H100's 1-token winner's chunks);
+    * 2-64 tokens, tile width a power of two, tile rows a multiple of 32: the stream kernel on tensor cores,
+      mode 1 (the 2:4 planes built by selects: portable Triton, no inline PTX);
+    * anything else (more than 64 tokens, other tile widths, tile rows not a multiple of 32 at 2+ tokens):
+      ``"unpack"`` (``unpack_kernel`` takes any tile size that is a multiple of 16).
+    """
     if packed.is_plain_dense():
         return KernelConfig("dense")
-    if M <= 2:
-        cfg = KernelConfig("triton", 3, _pow2_at_least(M), 32, 128, 4, 4, 3, True)
-    elif M <= 64:
-        cfg = KernelConfig("triton", 1, _pow2_at_least(M, 16), 64, 128, 4, 4, 3, True)
-    else:
-        cfg = KernelConfig("triton", 2, 128, 128, 64, 1, 8, 3, True)
-    return _fit(cfg, packed)
+    if M <= 64:
+        if M == 1:
+            cfg = KernelConfig("stream", mode=0, bm=1, bn=8, split=1, warps=4, ts=8, td=4, pref=0, xt=1)
+        else:
+            cfg = KernelConfig("stream", mode=1, bm=_pow2_at_least(M, 16), bn=64, split=4, warps=4, ts=1, td=1,
+                               pref=1)
+        fitted = _fit_stream(cfg, packed)
+        if fitted is not None:
+            return fitted
+    return KernelConfig("unpack")
 
 
 # Which kernel families the autotuner considers (read once, at import; see :mod:`tilesparse.settings`):
@@ -270,43 +258,26 @@ MMA_CANDIDATES = setting("mma")
 
 
 def candidate_configs(M: int, packed: PackedHybrid, force_kernel: bool = False) -> list[KernelConfig]:
-    """Configurations the autotuner times for ``M`` tokens (``force_kernel``: Triton ones even for a
-    plain dense layer, for benchmarks)."""
-    T = KernelConfig
+    """Configurations the autotuner times for ``M`` tokens, each fitted to the layer: at 1-64 tokens the mma
+    and stream kernels' candidates that fit, above 64 tokens (or where none of those fits) ``"unpack"``; a plain
+    dense layer only ``"dense"`` (``force_kernel``: the kernels' too, for benchmarks)."""
     c: list[KernelConfig] = []
     if packed.is_plain_dense():
         if not force_kernel:
-            return [T("dense")]
-        c.append(T("dense"))
-    if M <= 4:
-        bm = _pow2_at_least(M)
-        for mode in (0, 3):
-            for bn in (16, 32, 64):
-                for split in (1, 2, 4, 8):
-                    c.append(T("triton", mode, bm, bn, 128, split, 4, 3, True))
+            return [KernelConfig("dense")]
+        c.append(KernelConfig("dense"))
     if M <= 64 and MMA_CANDIDATES and _cm.available(packed.device):
         c += mma_candidates(M)
     if M <= 64 and STREAM_CANDIDATES:
         c += stream_candidates(M)
-    if M <= 64:
-        bm = _pow2_at_least(M, 16)
-        for bn in (32, 64, 128):
-            for split in (2, 4, 8):
-                c.append(T("triton", 1, bm, bn, 128, split, 4, 3, True))
-        if M > 16:
-            for bn in (64, 128):
-                for split in (2, 4):
-                    c.append(T("triton", 2, 64, bn, 128, split, 4, 3, True))
-    else:
-        for bm, bn, bk, w, st in ((256, 128, 64, 8, 3), (128, 128, 64, 8, 3)):
-            c.append(T("triton", 2, bm, bn, bk, 1, w, st, True))
-        c.append(T("unpack"))
     out, seen = [], set()
     for cfg in c:
         f = _fit(cfg, packed)
         if f is not None and f not in seen:
             seen.add(f)
             out.append(f)
+    if M > 64 or all(f.path == "dense" for f in out):
+        out.append(KernelConfig("unpack"))
     return out
 
 
@@ -319,14 +290,14 @@ def _buffer(kind: str, device: torch.device, numel: int, dtype: torch.dtype) -> 
     key = (kind, str(device), dtype)
     buf = _WS.get(key)
     if buf is None or buf.numel() < numel:
-        buf = torch.zeros(max(numel, 1 << 16 if kind == "lock" else numel), dtype=dtype, device=device)
+        buf = torch.zeros(numel, dtype=dtype, device=device)
         _WS[key] = buf
         _KEEP.append(buf)
     return buf
 
 
 def workspace_bytes(device=None) -> int:
-    """Bytes held by the transient workspaces (split-K partials, locks, unpack scratch; not the
+    """Bytes held by the transient workspaces (split-K partials and arrival counters, unpack scratch; not the
     autotuner's L2-flush buffer, which :func:`release_workspaces` frees)."""
     return sum(b.numel() * b.element_size() for (k, d, _), b in _WS.items()
                if k != "flush" and (device is None or d == str(device)))
@@ -340,32 +311,6 @@ def release_workspaces() -> None:
 
 
 # ---------------------------------------------------------------- launching
-def launch_triton(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfig, out: torch.Tensor) -> None:
-    """Run ``hybrid_linear_kernel`` with ``cfg`` on a 2-D ``x2 [M, K]`` into ``out [M, N]``."""
-    M = x2.shape[0]
-    N = packed.out_features
-    R = packed.grid.n_rows
-    grid0 = R * (packed.tile_rows // cfg.bn)
-    grid2 = triton.cdiv(M, cfg.bm)
-    dev = x2.device
-    if cfg.split > 1:
-        ws = _buffer("ws", dev, cfg.split * M * N, torch.float32)
-        lock = _buffer("lock", dev, grid0 * grid2, torch.int32)
-    else:
-        ws, lock = out, out  # unused
-    _tk.hybrid_linear_kernel[(grid0, cfg.split, grid2)](
-        x2, out, bias if bias is not None else out, ws, lock,
-        packed.sp_vals, packed.sp_meta, packed.sp_meta.view(torch.int16), packed.dn_vals, packed.sp_cols, packed.sp_ptr,
-        packed.dn_cols, packed.dn_ptr, packed.row_info,
-        M, N, x2.stride(0), x2.stride(1), out.stride(0),
-        TILE_R=packed.tile_rows, TILE_C=packed.tile_cols,
-        MODE=cfg.mode, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SPLIT=cfg.split, HAS_BIAS=bias is not None,
-        DOT_F32=interpreting() and packed.dtype == torch.bfloat16, META16=cfg.meta16,
-        LSTAGES=cfg.lstages or None, UNROLL=cfg.unroll or None,
-        num_warps=cfg.warps, num_stages=cfg.stages,
-    )
-
-
 def launch_stream(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfig, out: torch.Tensor) -> None:
     """Run ``hybrid_stream_kernel`` with ``cfg`` on ``x2 [M, K]`` (M <= cfg.bm) into ``out [M, N]``."""
     M = x2.shape[0]
@@ -435,13 +380,13 @@ def run_config(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfig) 
         scratch = _buffer("scratch", x2.device, N * K, packed.dtype)[: N * K].view(N, K)
         unpack_triton(packed, scratch)
         return torch.nn.functional.linear(x2, scratch, bias)
+    if cfg.path not in ("stream", "mma"):
+        raise ValueError(f"unknown kernel path {cfg.path!r}")
     out = torch.empty(x2.shape[0], N, dtype=x2.dtype, device=x2.device)
     if cfg.path == "stream":
         launch_stream(x2, packed, bias, cfg, out)
-    elif cfg.path == "mma":
-        launch_mma(x2, packed, bias, cfg, out)
     else:
-        launch_triton(x2, packed, bias, cfg, out)
+        launch_mma(x2, packed, bias, cfg, out)
     return out
 
 
