@@ -254,7 +254,8 @@ def bench(args) -> None:
                 p0, _, _ = random_packed(N, K, f, (128, 128), torch.bfloat16, dev, seed=int(f * 100))
                 ps = [p0] + [p0.clone() for _ in range(copies - 1)]
                 best, times = ops.autotune(x, p0, None, verbose=args.verbose, force_kernel=args.verbose)
-                ops._TUNED[ops.tune_key(M, p0, False)] = best
+                key = ops.tune_key(M, p0, False)
+                ops._TUNED.update({key: best, key + ("eager",): ops.autotune_eager(x, p0, None, times)})
                 if args.verbose:
                     for c, t in sorted(times.items(), key=lambda kv: kv[1]):
                         print(f"    {sname} M={M} f={f:.2f} {c.short():40s} {t * 1e3:8.1f} us")

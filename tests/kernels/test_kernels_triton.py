@@ -153,10 +153,11 @@ def test_prepared_runners_are_cached_per_layer_and_rebuilt_after_tuning_changes(
     from tilesparse.kernels.reference import reference_linear
 
     p = random_layer(128, 256, (64, 64), 0.5)[2]
-    chosen, ran = [], []
+    chosen, ran, eager_calls = [], [], []
 
-    def choose(x2, packed, bias):
+    def choose(x2, packed, bias, eager=False):
         chosen.append(x2.shape[0])
+        eager_calls.append(eager)
         return ops.heuristic_config(x2.shape[0], packed)
 
     def run(x2, packed, bias, cfg):  # the kernels cannot run here: the reference stands in
@@ -190,6 +191,7 @@ def test_prepared_runners_are_cached_per_layer_and_rebuilt_after_tuning_changes(
     p.rebuild_layout()  # a new layout drops the layer's prepared launches
     ops.hybrid_linear(x, p, use_triton=True)
     assert len(chosen) == 6
+    assert all(eager_calls)  # no CUDA graph is being captured: the eager choice
 
 
 def test_tuning_table_counts_its_changes():

@@ -477,10 +477,35 @@ def time_cold(fn, device, reps: int = 10, rounds: int = 7) -> float:
     return max(1e-6, (ts0[len(ts0) // 2] - ts1[len(ts1) // 2]) / reps)
 
 
+def host_time(fn, reps: int = 25) -> float:
+    """Host time (ms) per call of ``fn`` when called back to back without synchronizing: the launch cost an
+    eager caller pays (a call the GPU cannot keep up with waits for it, which counts too)."""
+    import time
+
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) * 1e3 / reps
+
+
+EAGER_SHORTLIST = 6  # eager choice: the candidates fastest on the device whose launch cost is measured
+
+
+def eager_pick(device_ms: dict, host_ms: dict) -> KernelConfig:
+    """The configuration for eager calls: the least ``max(device time, host time)`` -- an eager call costs
+    whichever of its launch and its kernel is longer -- among those with a host time, ties to the device's
+    choice."""
+    return min(host_ms, key=lambda c: (max(device_ms[c], host_ms[c]), device_ms[c]))
+
+
 def autotune(x2: torch.Tensor, packed: PackedHybrid, bias, verbose: bool = False,
              force_kernel: bool = False) -> tuple[KernelConfig, dict]:
     """Time every candidate on these inputs (cold L2, CUDA graphs; see :func:`time_cold`) and return
-    the fastest."""
+    the fastest and the times."""
     times = {}
     for cfg in candidate_configs(x2.shape[0], packed, force_kernel):
         try:
@@ -498,11 +523,25 @@ def autotune(x2: torch.Tensor, packed: PackedHybrid, bias, verbose: bool = False
     return best, times
 
 
-def choose_config(x2: torch.Tensor, packed: PackedHybrid, bias) -> KernelConfig:
+def autotune_eager(x2: torch.Tensor, packed: PackedHybrid, bias, device_ms: dict) -> KernelConfig:
+    """The eager calls' choice (:func:`eager_pick`) among the :data:`EAGER_SHORTLIST` candidates fastest on the
+    device, their host time measured through the prepared launches that eager calls use."""
+    short = sorted(device_ms, key=device_ms.get)[:EAGER_SHORTLIST]
+    host = {}
+    for cfg in short:
+        run = _prepared_runner(packed, cfg, x2.shape[0], bias is not None)
+        host[cfg] = host_time(lambda: run(x2, bias))
+    return eager_pick(device_ms, host)
+
+
+def choose_config(x2: torch.Tensor, packed: PackedHybrid, bias, eager: bool = False) -> KernelConfig:
     """The cached, tuned or heuristic configuration for this call: this process's choice, else one an earlier
-    process tuned on this GPU (:class:`TuneStore`), else a new tuning run (kept in both), else the heuristic."""
+    process tuned on this GPU (:class:`TuneStore`), else a new tuning run (kept in both), else the heuristic.
+    Tuning keeps two choices: the fastest on the device (CUDA-graph replays, where launches cost nothing) and,
+    for ``eager`` calls, the one whose kernel or launch, whichever is longer, is shortest."""
     key = tune_key(x2.shape[0], packed, bias is not None)
-    cfg = _TUNED.get(key)
+    want = key + ("eager",) if eager else key
+    cfg = _TUNED.get(want)
     if cfg is not None:
         return cfg
     can_tune = (x2.is_cuda and not interpreting() and setting("autotune")
@@ -510,13 +549,15 @@ def choose_config(x2: torch.Tensor, packed: PackedHybrid, bias) -> KernelConfig:
     if not can_tune:
         return heuristic_config(x2.shape[0], packed)
     store = TuneStore.for_device(x2.device) if setting("autotune_cache") else None
-    cfg = store.get(key) if store is not None else None
-    if cfg is None or _fit(cfg, packed) is None:
-        cfg, _ = autotune(x2, packed, bias)
+    got = {k: store.get(k) if store is not None else None for k in (key, key + ("eager",))}
+    if any(c is None or _fit(c, packed) is None for c in got.values()):
+        best, times = autotune(x2, packed, bias)
+        got = {key: best, key + ("eager",): autotune_eager(x2, packed, bias, times)}
         if store is not None:
-            store.put(key, cfg)
-    _TUNED[key] = cfg
-    return cfg
+            for k, c in got.items():
+                store.put(k, c)
+    _TUNED.update(got)
+    return got[want]
 
 
 class TuneStore:
@@ -655,19 +696,21 @@ _MAX_RUNNERS = 64  # per layer (token counts x bias x forced configurations); th
 
 def _runner(x2: torch.Tensor, packed: PackedHybrid, bias, config: KernelConfig | None):
     """The layer's launch for these many tokens, ``fn(x2, bias) -> out``: chosen (tuned, cached, or the
-    heuristic), fitted and prepared once per (tokens, bias or not, forced config), then kept on ``packed`` until
-    the tuning table changes -- so that an eager call costs little more host time than the launch itself. A
-    heuristic choice made during CUDA-graph capture (tuning cannot run there) is not kept."""
+    heuristic; eager calls and calls captured into a CUDA graph have their own choice, see
+    :func:`choose_config`), fitted and prepared once per (tokens, bias or not, forced config, eager or
+    captured), then kept on ``packed`` until the tuning table changes -- so that an eager call costs little
+    more host time than the launch itself. A heuristic choice made during CUDA-graph capture (tuning cannot
+    run there) is not kept."""
     M, has_bias = x2.shape[0], bias is not None
-    key = (M, has_bias, config)
+    capturing = x2.is_cuda and torch.cuda.is_current_stream_capturing()
+    key = (M, has_bias, config, not capturing)
     run = _runner_cache(packed).get(key)
     if run is not None:
         return run
-    cfg = config if config is not None else choose_config(x2, packed, bias)
+    cfg = config if config is not None else choose_config(x2, packed, bias, eager=not capturing)
     cfg = _fit(cfg, packed) or heuristic_config(M, packed)
     run = _prepared_runner(packed, cfg, M, has_bias)
-    if (config is not None or tune_key(M, packed, has_bias) in _TUNED
-            or not (x2.is_cuda and torch.cuda.is_current_stream_capturing())):
+    if config is not None or tune_key(M, packed, has_bias) in _TUNED or not capturing:
         cache = _runner_cache(packed)  # (anew if tuning just ran)
         if len(cache) >= _MAX_RUNNERS:
             cache.clear()
