@@ -66,3 +66,52 @@ def test_portable_path_is_said_once_per_device(monkeypatch):
     msgs = [str(x.message) for x in w]
     assert len(msgs) == 2 and "cuda:0" in msgs[0] and "cuda:1" in msgs[1]
     assert "portable Triton kernels" in msgs[0] and "Tesla T4 has no sparse tensor cores" in msgs[0]
+
+
+def _without_type_errors(fn):
+    """Run a wrapper up to the driver: its arguments must convert (a ``TypeError`` is a bug in the wrapper);
+    without a GPU driver the call then stops at loading it, on a GPU it runs (or the driver refuses)."""
+    try:
+        return fn()
+    except cd.CudaError as e:  # the driver's own refusal (on a GPU)
+        return e
+    except Exception as e:  # noqa: BLE001
+        if type(e).__name__ == "DynamicLibNotFoundError":  # no GPU driver on this machine
+            return e
+        raise
+
+
+@pytest.mark.skipif(cd.missing() is not None, reason=str(cd.missing()))
+def test_driver_wrappers_convert_their_arguments():
+    from cuda.bindings import driver
+
+    res = _without_type_errors(lambda: cd.encode_tensor_map(2, 1 << 20, 64, 16, 128, 32, 16))
+    assert isinstance(res, (bytes, Exception)) and (not isinstance(res, bytes) or len(res) == 128)
+    kernel = driver.CUkernel(0)
+    _without_type_errors(lambda: cd.set_max_dynamic_smem(kernel, 100_000, 0))
+    for dependent in (False, True):
+        launch = cd.Launcher(kernel, 0, (2, 1, 1), (128, 1, 1), 0, dependent=dependent)
+        assert isinstance(_without_type_errors(lambda: launch(0, 1 << 20)), Exception)  # a null kernel never runs
+    _without_type_errors(lambda: cd.load_kernel(b"not an image", "k"))
+
+
+@pytest.mark.skipif(cd.missing() is not None, reason=str(cd.missing()))
+def test_prepared_mma_launch_reaches_the_driver(monkeypatch):
+    """A v7 launch prepared and called up to ``cuLaunchKernel`` (the kernel handle and stream are stand-ins
+    here): its parameter array and the launch arguments convert."""
+    from cuda.bindings import driver
+
+    from kernels_testutil import random_layer
+
+    p = random_layer(256, 512, (128, 128), 0.5, 0.1, torch.bfloat16, seed=1)[2]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 0})())
+    monkeypatch.setattr(cd, "load_kernel", lambda image, name: driver.CUkernel(0))
+    monkeypatch.setattr(cm, "_compile", lambda key, arch: b"")
+    monkeypatch.setattr(cm, "_KERNELS", {})
+    launch = cm.prepare(p, 16, True, 4, 1, 2, None, None)
+    x, out, bias = torch.randn(16, 512).bfloat16(), torch.empty(16, 256).bfloat16(), torch.randn(256).bfloat16()
+    err = _without_type_errors(lambda: launch(x, out, bias))
+    assert isinstance(err, Exception)  # no GPU driver / a null kernel: never a TypeError
+    assert launch._vals[0].value == x.data_ptr() and launch._vals[2].value == bias.data_ptr()

@@ -184,8 +184,9 @@ def encode_tensor_map(elem_bytes: int, address: int, dim0: int, rows: int, row_s
 
     d = _driver()
     dtype = d.CUtensorMapDataType(TMAP_UINT16 if elem_bytes == 2 else TMAP_UINT8)
+    u64, u32 = d.cuuint64_t, d.cuuint32_t  # (the bindings take typed lists, not ints)
     tmap = check(d.cuTensorMapEncodeTiled(
-        dtype, 2, address, [dim0, rows], [row_stride], [box0, box1], [1, 1],
+        dtype, 2, address, [u64(dim0), u64(rows)], [u64(row_stride)], [u32(box0), u32(box1)], [u32(1), u32(1)],
         d.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE, d.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_NONE,
         d.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
         d.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE), "cuTensorMapEncodeTiled")
