@@ -43,15 +43,3 @@ def test_entries_of_another_config_layout_are_ignored(tmp_path):
     store.entries[store._key(KEY)] = dataclasses.asdict(cfg)
     assert store.get(KEY) == cfg
 
-
-def test_eager_pick_weighs_the_launch_cost():
-    from tilesparse.kernels.ops import KernelConfig, eager_pick
-
-    a, b, c = KernelConfig("mma"), KernelConfig("stream"), KernelConfig("unpack")
-    device = {a: 0.020, b: 0.015, c: 0.050}
-    # b is fastest on the device but its launch takes longer than a's kernel: eager calls take a
-    assert eager_pick(device, {a: 0.012, b: 0.060}) == a
-    # launches shorter than the kernels: the device's choice
-    assert eager_pick(device, {a: 0.010, b: 0.010}) == b
-    # only candidates with a measured launch are eligible
-    assert eager_pick(device, {c: 0.001}) == c

@@ -547,7 +547,10 @@ def choose_config(x2: torch.Tensor, packed: PackedHybrid, bias, eager: bool = Fa
     can_tune = (x2.is_cuda and not interpreting() and setting("autotune")
                 and not torch.cuda.is_current_stream_capturing())
     if not can_tune:
-        return heuristic_config(x2.shape[0], packed)
+        cfg = heuristic_config(x2.shape[0], packed)
+        # a call captured into a CUDA graph may be the first to use a workspace, which the graph would only
+        # zero at its replays: no split-K (whose counters must start at zero) there
+        return cfg if eager else dataclasses.replace(cfg, split=1)
     store = TuneStore.for_device(x2.device) if setting("autotune_cache") else None
     got = {k: store.get(k) if store is not None else None for k in (key, key + ("eager",))}
     if any(c is None or _fit(c, packed) is None for c in got.values()):

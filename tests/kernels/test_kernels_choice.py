@@ -1,0 +1,30 @@
+"""How a kernel configuration is chosen for eager calls and for calls captured into a CUDA graph."""
+
+from __future__ import annotations
+
+import torch
+
+from kernels_testutil import random_layer
+
+from tilesparse.kernels import ops
+from tilesparse.kernels.ops import KernelConfig
+
+
+def test_eager_pick_weighs_the_launch_cost():
+    a, b, c = KernelConfig("mma"), KernelConfig("stream"), KernelConfig("unpack")
+    device = {a: 0.020, b: 0.015, c: 0.050}
+    # b is fastest on the device but its launch takes longer than a's kernel: eager calls take a
+    assert ops.eager_pick(device, {a: 0.012, b: 0.060}) == a
+    # launches shorter than the kernels: the device's choice
+    assert ops.eager_pick(device, {a: 0.010, b: 0.010}) == b
+    # only candidates with a measured launch are eligible
+    assert ops.eager_pick(device, {c: 0.001}) == c
+
+
+def test_untuned_choice_for_a_captured_call_has_no_split_k():
+    p = random_layer(128, 256, (64, 64), 0.5, 0.0, torch.bfloat16)[2]
+    x = torch.randn(16, 256).bfloat16()
+    eager = ops.choose_config(x, p, None, eager=True)
+    assert eager == ops.heuristic_config(16, p) and eager.split > 1  # (the heuristic splits K at 16 tokens)
+    captured = ops.choose_config(x, p, None, eager=False)
+    assert captured.split == 1 and ops._fit(captured, p) is not None
