@@ -18,3 +18,11 @@ def write_table(head: str, cols: list[str], rows: list[dict], out: str | None) -
         Path(out).write_text(table + "\n")
         Path(out).with_suffix(".json").write_text(json.dumps(rows, indent=1))
     return table
+
+
+def emit(text: str, out: str | None) -> None:
+    """Print a finished markdown report and write it to ``out`` when given."""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+    print(text)

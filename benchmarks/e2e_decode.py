@@ -24,6 +24,7 @@ import time
 import torch
 from torch import nn
 
+from _table import emit
 from tilesparse.kernels import cuda_mma, ops
 from tilesparse.kernels.linear import HybridLinear
 from tilesparse.masks.nm import topk_mask
@@ -246,10 +247,7 @@ def main() -> int:
         lines.append(f"Transient kernel workspace (split-K partials, prefill unpack scratch) at the end: "
                      f"{rows[-1]['ws'] / 1e6:.1f} MB (not included above).")
     text = "\n".join(lines) + "\n"
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text)
-    print(text)
+    emit(text, args.out)
     return 0
 
 

@@ -25,6 +25,7 @@ from tilesparse.kernels import ops
 from tilesparse.kernels.ops import KernelConfig as C
 
 sys.path.insert(0, __file__.rpartition("/")[0])
+from _table import emit  # noqa: E402
 from kernel_speed import random_packed  # noqa: E402
 
 
@@ -101,10 +102,7 @@ def main() -> int:
              "| tokens | call | us per call |", "|---|---|---|"]
     lines += [f"| {M} | {n} | {us:.1f} |" for M, n, us in rows]
     text = "\n".join(lines) + "\n" + ("\n" + "\n".join(profiles) if profiles else "")
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text)
-    print(text)
+    emit(text, args.out)
     return 0
 
 

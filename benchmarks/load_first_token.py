@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 
+from _table import emit
+
 CHILD = r"""
 import json, sys, time
 t0 = time.perf_counter()
@@ -52,7 +54,6 @@ def tokenizer():
 def build(out_dir: str, layers: int, sparsity: float) -> dict:
     import torch
 
-    sys.path.insert(0, os.path.dirname(__file__))
     from e2e_decode import build_model, hybridize
 
     from tilesparse.io.packed import non_persistent_buffers, save_packed_model
@@ -120,10 +121,7 @@ def main() -> int:
         lines.append(f"| {label} | {gb:.2f} | {r['load_s']:.2f} | {r['first_token_s']:.2f} | {r['total_s']:.2f} | "
                      f"{r['total_s'] / dense:.2f}x |")
     text = "\n".join(lines) + "\n"
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text)
-    print(text)
+    emit(text, args.out)
     return 0
 
 
