@@ -28,3 +28,22 @@ def test_untuned_choice_for_a_captured_call_has_no_split_k():
     assert eager == ops.heuristic_config(16, p) and eager.split > 1  # (the heuristic splits K at 16 tokens)
     captured = ops.choose_config(x, p, None, eager=False)
     assert captured.split == 1 and ops._fit(captured, p) is not None
+
+
+def test_eager_shortlist_measures_the_best_of_every_path(monkeypatch):
+    device = {KernelConfig("stream", bn=b): 0.010 + b * 1e-4 for b in range(8)}
+    device[KernelConfig("mma", bn=1)] = 0.030  # 9th on the device, the only one of its path
+    measured = []
+
+    def prepared(packed, cfg, M, has_bias):
+        return lambda x2, bias: measured.append(cfg)
+
+    def host(fn):  # Triton launches cost 50 us here, the mma launch 10 us
+        fn()
+        return 0.050 if measured[-1].path == "stream" else 0.010
+
+    monkeypatch.setattr(ops, "_prepared_runner", prepared)
+    monkeypatch.setattr(ops, "host_time", host)
+    x = torch.zeros(16, 8)
+    assert ops.autotune_eager(x, None, None, device) == KernelConfig("mma", bn=1)
+    assert len(measured) == ops.EAGER_SHORTLIST + 1

@@ -12,8 +12,9 @@ metadata), dense tiles to ``mma.m16n8k16``; see the sources' headers. v7 stages 
 stages by tensor copies (:func:`tensor_maps`) for its consumer warps.
 
 Requirements (else :func:`available` / :func:`mma_supported` is false and the Triton kernels serve the layer):
-``cuda-bindings`` installed, a CUDA device of compute capability 8.0+, 16-bit weights, ``tile_cols`` a power of two >= 64, ``tile_rows % 16 == 0``,
-``in_features % 64 == 0``, ``out_features % 16 == 0``, 16-byte aligned value arrays. It does not run on
+``cuda-bindings`` installed, a CUDA device of compute capability 8.0+, 16-bit weights, ``tile_cols`` a power
+of two >= 64, ``tile_rows % 16 == 0``, ``in_features % 64 == 0``, ``out_features % 16 == 0``, 16-byte aligned
+value arrays. It does not run on
 the Triton CPU interpreter: it is checked on the GPU by ``benchmarks/kernel_speed.py --check``.
 """
 

@@ -525,8 +525,13 @@ def autotune(x2: torch.Tensor, packed: PackedHybrid, bias, verbose: bool = False
 
 def autotune_eager(x2: torch.Tensor, packed: PackedHybrid, bias, device_ms: dict) -> KernelConfig:
     """The eager calls' choice (:func:`eager_pick`) among the :data:`EAGER_SHORTLIST` candidates fastest on the
-    device, their host time measured through the prepared launches that eager calls use."""
-    short = sorted(device_ms, key=device_ms.get)[:EAGER_SHORTLIST]
+    device and the fastest of each path (launch costs differ most between paths), their host time measured
+    through the prepared launches that eager calls use."""
+    ranked = sorted(device_ms, key=device_ms.get)
+    best_of_path: dict[str, KernelConfig] = {}
+    for c in ranked:
+        best_of_path.setdefault(c.path, c)
+    short = list(dict.fromkeys(ranked[:EAGER_SHORTLIST] + list(best_of_path.values())))
     host = {}
     for cfg in short:
         run = _prepared_runner(packed, cfg, x2.shape[0], bias is not None)
