@@ -56,8 +56,10 @@ def build(out_dir: str, layers: int, sparsity: float) -> dict:
 
     from e2e_decode import build_model, hybridize
 
-    from tilesparse.io.packed import non_persistent_buffers, save_packed_model
-    from tilesparse.models.loading import PACKED_FILE
+    from pathlib import Path
+
+    from tilesparse.io.export import save_packed_folder
+    from tilesparse.io.packed import non_persistent_buffers
 
     dense_dir, packed_dir = os.path.join(out_dir, "dense"), os.path.join(out_dir, "packed")
     model = build_model(layers, seed=0)
@@ -66,10 +68,7 @@ def build(out_dir: str, layers: int, sparsity: float) -> dict:
     tok.save_pretrained(dense_dir)
     buffers = {k: t.detach().clone() for k, t in non_persistent_buffers(model).items()}
     achieved = hybridize(model, sparsity)
-    os.makedirs(packed_dir, exist_ok=True)
-    save_packed_model(model, os.path.join(packed_dir, PACKED_FILE), buffers=buffers)
-    model.config.save_pretrained(packed_dir)
-    tok.save_pretrained(packed_dir)
+    save_packed_folder(model, Path(packed_dir), tok, "random LLaMA-2-7B config", buffers)
     del model
     torch.cuda.empty_cache()
     size = lambda d: sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))  # noqa: E731

@@ -86,8 +86,7 @@ def export_packed(loaded, maskset, out_dir: str | os.PathLike, *, tile: tuple[in
     ``reload_max_logit_diff``.
     """
     from ..kernels.linear import convert_model
-    from ..models.loading import PACKED_FILE
-    from .packed import non_persistent_buffers, save_packed_model
+    from .packed import non_persistent_buffers
 
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
@@ -101,17 +100,29 @@ def export_packed(loaded, maskset, out_dir: str | os.PathLike, *, tile: tuple[in
     dense_bytes = sum(p.numel() * 2 for p in model.parameters())
     linear_bytes = sum(model.get_submodule(n).weight.numel() * 2 for n in maskset.layers)
     convert_model(model, maskset.to_bool(), tile=tile)
-    out.mkdir(parents=True, exist_ok=True)
-    size = save_packed_model(model, out / PACKED_FILE,
-                             extra_metadata={"model": loaded.name, "sparsity": f"{maskset.sparsity():.6f}",
-                                             **(metadata or {})}, buffers=buffers)
-    _true_config(model, loaded.name)
-    model.config.save_pretrained(out)
-    if loaded.tokenizer is not None:
-        loaded.tokenizer.save_pretrained(out)
+    size = save_packed_folder(model, out, loaded.tokenizer, loaded.name, buffers,
+                              {"sparsity": f"{maskset.sparsity():.6f}", **(metadata or {})})
     diff = check_export(model, out)
     return {"file_bytes": int(size), "dense_bf16_bytes": int(dense_bytes), "linear_dense_bf16_bytes": int(linear_bytes),
             "file_vs_dense": size / dense_bytes, "reload_max_logit_diff": diff}
+
+
+def save_packed_folder(model, out: Path, tokenizer, source_name: str, buffers: dict[str, torch.Tensor],
+                       metadata: dict | None = None) -> int:
+    """Write a model converted to ``HybridLinear`` layers as a packed folder that :func:`load_model` reads:
+    ``model.packed.safetensors`` (with ``buffers``, the non-persistent buffers to ship, and ``metadata``),
+    ``config.json`` saying bf16 and ``source_name``, and the tokenizer files. Returns the packed file's size."""
+    from ..models.loading import PACKED_FILE
+    from .packed import save_packed_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    size = save_packed_model(model, out / PACKED_FILE, extra_metadata={"model": source_name, **(metadata or {})},
+                             buffers=buffers)
+    _true_config(model, source_name)
+    model.config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return size
 
 
 def check_export(model, export_dir: Path, tokens: int = 32) -> float:

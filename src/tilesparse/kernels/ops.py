@@ -676,11 +676,9 @@ def hybrid_linear(x: torch.Tensor, packed: PackedHybrid, bias: torch.Tensor | No
     x2 = x.reshape(-1, packed.in_features)
     if x2.shape[0] == 0:
         return x.new_empty(*lead, packed.out_features)
-    if x.is_cuda:
-        _note_portable_path(x.device)
-        if x.device.index != torch.cuda.current_device():  # a model spread over several GPUs
-            with torch.cuda.device(x.device):
-                return _runner(x2, packed, bias, config)(x2, bias).reshape(*lead, packed.out_features)
+    if x.is_cuda and x.device.index != torch.cuda.current_device():  # a model spread over several GPUs
+        with torch.cuda.device(x.device):
+            return _runner(x2, packed, bias, config)(x2, bias).reshape(*lead, packed.out_features)
     return _runner(x2, packed, bias, config)(x2, bias).reshape(*lead, packed.out_features)
 
 
@@ -688,7 +686,8 @@ _NOTED: set = set()
 
 
 def _note_portable_path(device: torch.device) -> None:
-    """Say once per device when the sparse-tensor-core kernels cannot serve it (the Triton kernels do)."""
+    """Say once per device when the sparse-tensor-core kernels cannot serve it (the Triton kernels do); called
+    when a layer's launch is prepared, not per call."""
     if device in _NOTED:
         return
     _NOTED.add(device)
@@ -715,6 +714,8 @@ def _runner(x2: torch.Tensor, packed: PackedHybrid, bias, config: KernelConfig |
     run = _runner_cache(packed).get(key)
     if run is not None:
         return run
+    if x2.is_cuda:
+        _note_portable_path(x2.device)
     cfg = config if config is not None else choose_config(x2, packed, bias, eager=not capturing)
     cfg = _fit(cfg, packed) or heuristic_config(M, packed)
     run = _prepared_runner(packed, cfg, M, has_bias)

@@ -113,8 +113,9 @@ class WindowSampler:
     """Deterministic training batches: non-overlapping windows of the token stream, reshuffled per epoch.
 
     With ``bos_id`` every window is that token followed by ``seqlen - 1`` tokens of the stream (models that
-    need BOS, like Gemma, are trained as they are evaluated). The ``p``-th sample overall (counted across ranks and micro-batches) is window
-    ``perm(seed, p // n)[p % n]``, so any step's batch can be recomputed without replaying the run.
+    need BOS, like Gemma, are trained as they are evaluated). The ``p``-th sample overall (counted across
+    ranks and micro-batches) is window ``perm(seed, p // n)[p % n]``, so any step's batch can be recomputed
+    without replaying the run.
     """
 
     def __init__(self, ids: torch.Tensor, seqlen: int, seed: int, bos_id: int | None = None):
