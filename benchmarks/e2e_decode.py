@@ -85,7 +85,7 @@ def linear_bytes(model) -> int:
 
 
 @torch.no_grad()
-def generate(model, prompt: torch.Tensor, gen: int, reps: int, graphs: bool = True):
+def generate(model, prompt: torch.Tensor, gen: int, reps: int, graphs: bool = True, trace=None):
     """Returns (tokens, prefill_s, decode_s): medians over ``reps`` runs; decode steps as CUDA-graph replays, or
     eager calls when ``graphs`` is false (what ``model.generate`` does by default)."""
     from transformers import StaticCache
@@ -100,7 +100,13 @@ def generate(model, prompt: torch.Tensor, gen: int, reps: int, graphs: bool = Tr
                     use_cache=True)
         return out.logits[:, -1].argmax(-1)
 
+    trace = trace or (lambda what: None)
     nxt = prefill()  # warm-up (also initialises the cache and tunes the prefill shapes)
+    torch.cuda.synchronize()
+    trace("first prefill")
+    nxt = prefill()  # a compiled forward specialises on the initialised cache: compile that graph before timing
+    torch.cuda.synchronize()
+    trace("second prefill")
     ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
     pos = torch.zeros(1, dtype=torch.long, device=dev)
     ids.copy_(nxt[:, None])
@@ -121,6 +127,7 @@ def generate(model, prompt: torch.Tensor, gen: int, reps: int, graphs: bool = Tr
             step()
     torch.cuda.current_stream().wait_stream(s)
     torch.cuda.synchronize()
+    trace("decode warm-up")
     g = torch.cuda.CUDAGraph() if graphs else None
     try:
         if g is not None:
@@ -130,6 +137,7 @@ def generate(model, prompt: torch.Tensor, gen: int, reps: int, graphs: bool = Tr
     except Exception as e:  # noqa: BLE001 - report and time eagerly instead
         print(f"CUDA graph capture failed ({type(e).__name__}: {str(e)[:200]}); timing eager decode steps")
         g = None
+    trace("capture")
 
     pre_t, dec_t = [], []
     tokens = None
@@ -171,6 +179,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--eager", action="store_true", help="decode steps as eager calls instead of CUDA-graph replays")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--trace", action="store_true", help="print the time of each warm-up phase (compiles, tuning)")
     args = ap.parse_args()
     props = torch.cuda.get_device_properties(0)
     batches = [int(v) for v in args.batches.split(",")]
@@ -203,7 +212,14 @@ def main() -> int:
                 g = torch.Generator(device="cuda").manual_seed(0)
                 prompt = torch.randint(0, 32000, (B, P), device="cuda", generator=g)
                 torch.cuda.synchronize()
-                tokens, pre, dec = generate(model, prompt, args.gen, args.reps, graphs=not args.eager)
+                t_phase = [time.time()]
+
+                def trace(what):
+                    if args.trace:
+                        print(f"  {what}: {time.time() - t_phase[0]:.1f}s", flush=True)
+                    t_phase[0] = time.time()
+
+                tokens, pre, dec = generate(model, prompt, args.gen, args.reps, graphs=not args.eager, trace=trace)
                 row = dict(s=s, achieved=achieved, B=B, P=P, pre=pre, dec=dec,
                            dec_tps=B * (args.gen - 1) / dec, lin_bytes=linear_bytes(model), lin_dense=lb_dense,
                            ws=ops.workspace_bytes(), setup=setup)
@@ -216,6 +232,8 @@ def main() -> int:
         gc.collect()
         torch.cuda.empty_cache()
         if args.compile:
+            if args.trace:
+                print(_dynamo.utils.compile_times(repr="str", aggregate=True), flush=True)
             _dynamo.reset()
     dense = {(r["B"], r["P"]): r for r in rows if r["s"] == 0}
     how = (f"torch.compile (fullgraph, {args.compile_mode}) for dense and hybrid alike"

@@ -52,6 +52,8 @@ def test_unavailable_reason(monkeypatch):
     assert cm.unavailable_reason() == "Tesla T4 (compute capability 7.5) has no sparse tensor cores (8.0+ needed)"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert cm.unavailable_reason() == cd.missing()
+    assert cm.unavailable_reason(torch.device("cpu")) == "cpu is not a CUDA device"  # CPU weights on a GPU machine
+    assert not cm.available("cpu")
 
 
 def test_portable_path_is_said_once_per_device(monkeypatch):

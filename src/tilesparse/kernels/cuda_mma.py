@@ -88,6 +88,8 @@ def unavailable_reason(device=None) -> str | None:
     (one line)."""
     if not torch.cuda.is_available():
         return "no CUDA device"
+    if device is not None and torch.device(device).type != "cuda":
+        return f"{torch.device(device)} is not a CUDA device"
     cc = torch.cuda.get_device_capability(device)
     if cc[0] < 8:
         return (f"{torch.cuda.get_device_name(device)} (compute capability {cc[0]}.{cc[1]}) has no sparse tensor "
