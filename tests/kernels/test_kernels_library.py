@@ -22,39 +22,63 @@ def _layer(make_layer, bias=True, dtype=torch.float32):
     return HybridLinear.from_linear(lin, mask, (32, 64))
 
 
-def _call(hyb, x, key=None):
-    return torch.ops.tilesparse.hybrid_linear(x, op_tensors(hyb.packed), hyb.bias, hyb._op_dims,
-                                              hyb._op_key if key is None else key, -1)
+def _call(hyb, x, tensors=None):
+    return torch.ops.tilesparse.hybrid_linear(x, op_tensors(hyb.packed) if tensors is None else tensors, hyb.bias,
+                                              hyb._op_dims, -1)
 
 
 def test_operator_equals_the_reference_and_passes_opcheck(make_layer):
     hyb = _layer(make_layer)
     x = torch.randn(3, 5, 200)
     assert torch.equal(_call(hyb, x), reference_linear(x, hyb.packed, hyb.bias))
-    torch.library.opcheck(hybrid_linear_op, (x, op_tensors(hyb.packed), hyb.bias, hyb._op_dims, hyb._op_key, -1),
+    torch.library.opcheck(hybrid_linear_op, (x, op_tensors(hyb.packed), hyb.bias, hyb._op_dims, -1),
                           test_utils=("test_schema", "test_faketensor"))
 
 
-def test_tensors_of_another_layer_are_never_read_through_a_stale_key(make_layer):
+def test_each_layer_is_found_from_its_own_tensors(make_layer):
+    from tilesparse.kernels import library
+
     a, b = _layer(make_layer), _layer(make_layer)
     with torch.no_grad():
         b.packed_dn_vals.copy_(torch.randn_like(b.packed_dn_vals))
         b.packed_sp_vals.copy_(torch.randn_like(b.packed_sp_vals))
     x = torch.randn(4, 200)
-    # b's tensors with a's key: the layout is rebuilt for b's tensors, the result is b's
-    assert torch.equal(_call(b, x, key=a._op_key), reference_linear(x, b.packed, b.bias))
-    # a copy of the tensors (other storage) under the right key: same product
+    assert library._resolve(op_tensors(a.packed), a._op_dims) is a.packed
+    assert library._resolve(op_tensors(b.packed), b._op_dims) is b.packed
+    assert torch.equal(_call(b, x), reference_linear(x, b.packed, b.bias))
+    # a's row tables with b's values (no registered layer holds this mix): a layout is built for these tensors
+    mixed = op_tensors(a.packed)
+    for name in ("dn_vals", "sp_vals"):
+        mixed[OP_TENSORS.index(name)] = getattr(b.packed, name)
+    rebuilt = library._resolve(mixed, a._op_dims)
+    assert rebuilt is not a.packed and rebuilt is not b.packed and rebuilt.dn_vals is b.packed.dn_vals
+    # a copy of the tensors (other storage): same product
     copied = [t.clone() for t in op_tensors(a.packed)]
-    y = torch.ops.tilesparse.hybrid_linear(x, copied, a.bias, a._op_dims, a._op_key, -1)
-    assert torch.equal(y, a(x))
+    assert torch.equal(_call(a, x, copied), a(x))
 
 
-def test_a_copied_layer_has_its_own_key_and_view(make_layer):
+def test_one_compiled_call_serves_every_layer_of_a_shape(make_layer):
+    from torch._dynamo.testing import CompileCounter
+
+    a, b = _layer(make_layer), _layer(make_layer)
+    with torch.no_grad():
+        b.packed_dn_vals.copy_(torch.randn_like(b.packed_dn_vals))
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    f = torch.compile(lambda m, x: m(x), backend=counter, fullgraph=True)
+    x = torch.randn(3, 200)
+    with torch.no_grad():
+        for layer in (a, b, a):
+            assert torch.equal(f(layer, x), reference_linear(x, layer.packed, layer.bias))
+    assert counter.frame_count == 1  # regional compilation: no recompile per layer
+
+
+def test_a_copied_layer_has_its_own_view(make_layer):
     from tilesparse.kernels import library
 
     a = _layer(make_layer)
     b = copy.deepcopy(a)
-    assert b._op_key != a._op_key and library._LAYERS[b._op_key] is b.packed
+    assert library._resolve(op_tensors(b.packed), b._op_dims) is b.packed
     assert b.packed.dn_vals is b.packed_dn_vals and b.packed_dn_vals.data_ptr() != a.packed_dn_vals.data_ptr()
     x = torch.randn(3, 200)
     assert torch.equal(_call(b, x), a(x))
@@ -95,3 +119,4 @@ def test_model_compiles_with_inductor():
     with torch.no_grad():
         out = compiled(input_ids=ids, use_cache=False).logits
         torch.testing.assert_close(out, ref(input_ids=ids, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+

@@ -7,15 +7,17 @@ layer, its fake implementation gives the output's shape, dtype and device, and t
 
 Arguments: the input, the packed layer's tensors in :data:`OP_TENSORS` order (the layer's buffers, so a
 compiled graph and a CUDA graph read them in place), the bias, the layer's dimensions
-``[out_features, in_features, tile_rows, tile_cols]``, the layer's registry key and the kernel choice
-(``-1`` automatic, ``0`` reference, ``1`` Triton). The key finds the layer's :class:`PackedHybrid` (with its
-kernel plans and prepared launches) without rebuilding it per call; tensors that are not the registered
-layer's (a copy made elsewhere) are used through a layout rebuilt for them, slower but never wrong.
+``[out_features, in_features, tile_rows, tile_cols]`` and the kernel choice (``-1`` automatic, ``0``
+reference, ``1`` Triton). The layer's :class:`PackedHybrid` (with its kernel plans and prepared launches) is
+found from the storage of its tensors, so no argument names a particular layer: layers of one shape and the
+same tile counts give the compiler the same call. (Compiling each decoder block on its own still compiles
+again for blocks whose packed tensors differ in size: the compiler treats module buffers as static-shaped.)
+Tensors that are not a registered layer's (a copy made elsewhere) are used through a layout rebuilt for them,
+slower but never wrong.
 """
 
 from __future__ import annotations
 
-import itertools
 import weakref
 
 import torch
@@ -24,18 +26,18 @@ from .format import PackedHybrid
 
 OP_TENSORS = (*PackedHybrid.STORED, "row_info", "tile_slot")
 
-_KEYS = itertools.count(1)
-_LAYERS: "weakref.WeakValueDictionary[int, PackedHybrid]" = weakref.WeakValueDictionary()
+_LAYERS: "weakref.WeakValueDictionary[tuple, PackedHybrid]" = weakref.WeakValueDictionary()
 
 
-def new_key() -> int:
-    """A registry key no other layer of this process has (keys are never reused)."""
-    return next(_KEYS)
+def _storage_key(row_info: torch.Tensor) -> tuple:
+    # a live layer holds its row_info (never empty), so no other live tensor starts at that address
+    return (str(row_info.device), row_info.data_ptr())
 
 
-def register_layer(key: int, packed: PackedHybrid) -> None:
-    """Make ``packed`` the layer the operator uses for ``key`` (held weakly: the module owns it)."""
-    _LAYERS[key] = packed
+def register_layer(packed: PackedHybrid) -> None:
+    """Make ``packed`` the layer the operator uses for calls on its tensors (held weakly: the module owns
+    it)."""
+    _LAYERS[_storage_key(packed.row_info)] = packed
 
 
 def op_tensors(packed: PackedHybrid) -> list[torch.Tensor]:
@@ -43,8 +45,8 @@ def op_tensors(packed: PackedHybrid) -> list[torch.Tensor]:
     return [getattr(packed, name) for name in OP_TENSORS]
 
 
-def _resolve(tensors: list[torch.Tensor], dims: list[int], key: int) -> PackedHybrid:
-    p = _LAYERS.get(key)
+def _resolve(tensors: list[torch.Tensor], dims: list[int]) -> PackedHybrid:
+    p = _LAYERS.get(_storage_key(tensors[OP_TENSORS.index("row_info")]))
     if p is not None and all(getattr(p, n) is t or (getattr(p, n).data_ptr() == t.data_ptr()
                                                      and getattr(p, n).shape == t.shape
                                                      and getattr(p, n).device == t.device)
@@ -64,17 +66,17 @@ def _check_counts(tensors: list[torch.Tensor], dims: list[int]) -> None:
 
 @torch.library.custom_op("tilesparse::hybrid_linear", mutates_args=())
 def hybrid_linear_op(x: torch.Tensor, packed: list[torch.Tensor], bias: torch.Tensor | None, dims: list[int],
-                     key: int, use_triton: int) -> torch.Tensor:
-    """``x @ (W*M)^T + bias`` for the packed layer given by ``packed`` / ``dims`` / ``key`` (see module doc)."""
+                     use_triton: int) -> torch.Tensor:
+    """``x @ (W*M)^T + bias`` for the packed layer given by ``packed`` / ``dims`` (see module doc)."""
     from .ops import hybrid_linear
 
     _check_counts(packed, dims)
-    layer = _resolve(packed, dims, key)
+    layer = _resolve(packed, dims)
     return hybrid_linear(x, layer, bias, use_triton=None if use_triton < 0 else bool(use_triton))  # checks x
 
 
 @hybrid_linear_op.register_fake
-def _hybrid_linear_fake(x, packed, bias, dims, key, use_triton):
+def _hybrid_linear_fake(x, packed, bias, dims, use_triton):
     from .ops import check_operands
 
     _check_counts(packed, dims)
@@ -83,4 +85,4 @@ def _hybrid_linear_fake(x, packed, bias, dims, key, use_triton):
     return x.new_empty((*x.shape[:-1], dims[0]))
 
 
-__all__ = ["OP_TENSORS", "new_key", "register_layer", "op_tensors", "hybrid_linear_op"]
+__all__ = ["OP_TENSORS", "register_layer", "op_tensors", "hybrid_linear_op"]

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .format import PackedHybrid, pack, pack_from_kinds
-from .library import OP_TENSORS, hybrid_linear_op, new_key, register_layer
+from .library import OP_TENSORS, hybrid_linear_op, register_layer
 from .ops import hybrid_linear, kernel_supported
 
 _BUFFERS = tuple(f"packed_{name}" for name in OP_TENSORS)
@@ -41,7 +41,6 @@ class HybridLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._packed_cache = None
-        self._op_key = new_key()
         self._op_dims = [self.out_features, self.in_features, *self.tile]
         self.packed  # noqa: B018 -- build and register the packed view now, not inside a traced forward
 
@@ -79,14 +78,13 @@ class HybridLinear(nn.Module):
                 raise ValueError("packed layer: derived layout does not match the stored tensors")
             c.row_info, c.tile_slot = self.packed_row_info, self.packed_tile_slot
             self._packed_cache = c
-            register_layer(self._op_key, c)
+            register_layer(c)
         return c
 
     def __setstate__(self, state):
-        # a copy (copy.deepcopy, pickle) gets its own operator key and packed view over its own buffers
+        # a copy (copy.deepcopy, pickle) gets its own packed view over its own buffers
         super().__setstate__(state)
         self._packed_cache = None
-        self._op_key = new_key()
         self.packed  # noqa: B018
 
     def _apply(self, fn, recurse=True):
@@ -102,7 +100,7 @@ class HybridLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return hybrid_linear_op(x, [getattr(self, name) for name in _BUFFERS], self.bias, self._op_dims,
-                                    self._op_key, -1 if self.use_triton is None else int(bool(self.use_triton)))
+                                    -1 if self.use_triton is None else int(bool(self.use_triton)))
         return hybrid_linear(x, self.packed, self.bias, use_triton=self.use_triton)
 
     def nbytes(self) -> int:
