@@ -47,3 +47,19 @@ def test_eager_shortlist_measures_the_best_of_every_path(monkeypatch):
     x = torch.zeros(16, 8)
     assert ops.autotune_eager(x, None, None, device) == KernelConfig("mma", bn=1)
     assert len(measured) == ops.EAGER_SHORTLIST + 1
+
+
+def test_an_eager_call_reuses_the_last_launch_only_when_nothing_changed():
+    x = torch.randn(2, 16, 64, dtype=torch.bfloat16)
+    bias = torch.zeros(32, dtype=torch.bfloat16)
+    here = x.get_device()  # -1 on the CPU: stands for the current device's index
+    last = (x.shape, bias, ops._TUNED.gen, x.dtype, here, None)
+    assert ops._repeats(last, x, bias, here, capturing=False)
+    assert ops._repeats(last, torch.randn(2, 16, 64, dtype=torch.bfloat16), bias, here, False)
+    assert not ops._repeats(last, x, bias, here, capturing=True)  # captured calls have their own choice
+    assert not ops._repeats(last, x, bias, here + 1, False)  # another current device
+    assert not ops._repeats(last, x, bias.clone(), here, False)  # another bias
+    assert not ops._repeats(last, x, None, here, False)
+    assert not ops._repeats(last, x[:, :8], bias, here, False)  # other token count
+    assert not ops._repeats(last, x.half(), bias, here, False)
+    assert not ops._repeats((*last[:2], last[2] - 1, *last[3:]), x, bias, here, False)  # tuned since
