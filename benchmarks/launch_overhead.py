@@ -5,8 +5,11 @@
 A small layer (512x1024, half the tiles 2:4) whose kernels take a few microseconds, so that an eager loop of
 calls is bound by the host: the time per call of ``--calls`` back-to-back calls (one synchronisation at the end)
 is what Python and the launch cost, per path (the path forced with ``config=``; the tuned choice for the dense
-path). ``F.linear`` on the same shape is the floor. ``--profile`` adds the top functions of a cProfile run per
-path (cumulative time) to the output.
+path). ``F.linear`` on the same shape is the floor. Further rows: a ``HybridLinear`` module with its tuned
+eager choice (what a model's forward pays), and the pieces of a prepared mma launch (the output allocation,
+the current-stream query, the driver call with the ``CUkernel`` handle and with the ``CUfunction`` of
+``cuKernelGetFunction``). ``--profile`` adds the top functions of a cProfile run per path (internal time)
+to the output.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import time
 
 import torch
 
-from tilesparse.kernels import ops
+from tilesparse.kernels import HybridLinear, ops
 from tilesparse.kernels.ops import KernelConfig as C
 
 sys.path.insert(0, __file__.rpartition("/")[0])
@@ -52,6 +55,30 @@ def _profile(fn, calls: int, top: int = 12) -> str:
     s = io.StringIO()
     pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(top)
     return s.getvalue()
+
+
+def _launch_pieces(M: int, packed, x) -> list[tuple[str, object]]:
+    """The parts of a prepared v7 launch, each alone (empty when no v7 configuration fits)."""
+    v7 = next((c for n, c in paths(M, packed) if n == "mma v7"), None)
+    if v7 is None:
+        return []
+    from cuda.bindings import driver
+
+    from tilesparse.kernels import cuda_driver
+
+    launch = ops.prepare_mma(packed, v7, M, False)
+    out = torch.empty(M, packed.out_features, device="cuda", dtype=torch.bfloat16)
+    plain = launch._plain
+    stream = torch.cuda.current_stream().cuda_stream
+    fn = cuda_driver.check(driver.cuKernelGetFunction(plain._kernel), "cuKernelGetFunction")
+    g, b, smem, params = plain._grid, plain._block, plain._smem, launch._address
+    return [("mma v7 prepared launch (output given)", lambda: launch(x, out)),
+            ("  torch.empty (the output)", lambda: torch.empty(M, packed.out_features, device="cuda",
+                                                                dtype=torch.bfloat16)),
+            ("  torch.cuda.current_stream()", lambda: torch.cuda.current_stream().cuda_stream),
+            ("  cuLaunchKernel, CUkernel", lambda: driver.cuLaunchKernel(plain._kernel, *g, *b, smem, stream,
+                                                                         params, 0)),
+            ("  cuLaunchKernel, CUfunction", lambda: driver.cuLaunchKernel(fn, *g, *b, smem, stream, params, 0))]
 
 
 def paths(M: int, packed) -> list[tuple[str, C]]:
@@ -87,6 +114,9 @@ def main() -> int:
         cases = [("F.linear (floor)", lambda: torch.nn.functional.linear(x, Wd)),
                  ("hybrid_linear, all-dense layer", lambda: ops.hybrid_linear(x, pd))]
         cases += [(f"hybrid_linear, {n}", lambda c=c: ops.hybrid_linear(x, p, config=c)) for n, c in paths(M, p)]
+        layer = HybridLinear(p)
+        cases.append(("HybridLinear module, tuned eager choice", lambda: layer(x)))
+        cases += _launch_pieces(M, p, x)
         for name, fn in cases:
             us = _per_call_us(fn, args.calls)
             rows.append((M, name, us))
