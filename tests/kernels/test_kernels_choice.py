@@ -63,3 +63,24 @@ def test_an_eager_call_reuses_the_last_launch_only_when_nothing_changed():
     assert not ops._repeats(last, x[:, :8], bias, here, False)  # other token count
     assert not ops._repeats(last, x.half(), bias, here, False)
     assert not ops._repeats((*last[:2], last[2] - 1, *last[3:]), x, bias, here, False)  # tuned since
+
+
+def test_tuning_shows_progress_over_every_candidate(monkeypatch):
+    import tqdm.auto
+
+    p = random_layer(128, 256, (64, 64), 0.5, 0.0, torch.bfloat16)[2]
+    x = torch.randn(16, 256).bfloat16()
+    bars = []
+
+    def bar(iterable, **kw):
+        bars.append(kw)
+        return iterable
+
+    timed = []
+    monkeypatch.setattr(tqdm.auto, "tqdm", bar)
+    monkeypatch.setattr(ops, "run_config", lambda *a: None)
+    monkeypatch.setattr(ops, "time_cold", lambda fn, device: timed.append(1) or 0.01 * len(timed))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    best, times = ops.autotune(x, p, None)
+    assert len(bars) == 1 and "128x256 for 16 tokens" in bars[0]["desc"] and bars[0]["disable"] is None
+    assert len(times) == len(ops.candidate_configs(16, p)) > 1 and best == next(iter(times))

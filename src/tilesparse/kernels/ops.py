@@ -505,9 +505,15 @@ def eager_pick(device_ms: dict, host_ms: dict) -> KernelConfig:
 def autotune(x2: torch.Tensor, packed: PackedHybrid, bias, verbose: bool = False,
              force_kernel: bool = False) -> tuple[KernelConfig, dict]:
     """Time every candidate on these inputs (cold L2, CUDA graphs; see :func:`time_cold`) and return
-    the fastest and the times."""
+    the fastest and the times. A progress bar shows on a terminal: the first use of a shape on a machine also
+    compiles each candidate's kernel, which can take minutes for a model."""
+    from tqdm.auto import tqdm
+
     times = {}
-    for cfg in candidate_configs(x2.shape[0], packed, force_kernel):
+    cands = candidate_configs(x2.shape[0], packed, force_kernel)
+    desc = (f"tilesparse: tuning {packed.out_features}x{packed.in_features} for {x2.shape[0]} token"
+            f"{'s' if x2.shape[0] != 1 else ''} (once per GPU model; cached)")
+    for cfg in tqdm(cands, desc=desc, unit="config", leave=False, disable=None, dynamic_ncols=True):
         try:
             run_config(x2, packed, bias, cfg)
             torch.cuda.synchronize()
