@@ -669,7 +669,7 @@ def hybrid_linear(x: torch.Tensor, packed: PackedHybrid, bias: torch.Tensor | No
     Runs the Triton kernels on CUDA (or on CPU under ``TRITON_INTERPRET=1`` when ``use_triton`` is
     true) and the torch reference otherwise. ``config`` forces one configuration (tests, benchmarks).
     """
-    if config is None and use_triton is None and x.is_cuda:  # an eager call like the layer's last one
+    if config is None and use_triton is None and isinstance(x, torch.Tensor) and x.is_cuda:  # like the last call
         last = packed.__dict__.get("_last_eager")
         if last is not None and _repeats(last, x, bias, torch.cuda.current_device(),
                                          torch.cuda.is_current_stream_capturing()):
