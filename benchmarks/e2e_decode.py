@@ -165,6 +165,25 @@ def generate(model, prompt: torch.Tensor, gen: int, reps: int, graphs: bool = Tr
     return tokens, statistics.median(pre_t), statistics.median(dec_t)
 
 
+_SPENT: dict[str, list] = {}
+
+
+def _time_calls(module, names) -> None:
+    """Count the calls of ``module.<name>`` and the seconds they take (``--trace``: where a warm-up goes)."""
+    for name in names:
+        fn = getattr(module, name)
+        _SPENT[name] = [0, 0.0]
+
+        def timed(*a, _fn=fn, _name=name, **k):
+            t0 = time.time()
+            try:
+                return _fn(*a, **k)
+            finally:
+                _SPENT[_name][0] += 1
+                _SPENT[_name][1] += time.time() - t0
+        setattr(module, name, timed)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=32)
@@ -179,11 +198,14 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--eager", action="store_true", help="decode steps as eager calls instead of CUDA-graph replays")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--trace", action="store_true", help="print the time of each warm-up phase (compiles, tuning)")
+    ap.add_argument("--trace", action="store_true",
+                    help="print the time of each warm-up phase, with the tuning and launch preparation in it")
     args = ap.parse_args()
     props = torch.cuda.get_device_properties(0)
     batches = [int(v) for v in args.batches.split(",")]
     prompts = [int(v) for v in args.prompts.split(",")]
+    if args.trace:
+        _time_calls(ops, ("autotune", "autotune_eager", "_prepared_runner"))
     if args.compile:
         from torch import _dynamo
 
@@ -216,7 +238,11 @@ def main() -> int:
 
                 def trace(what):
                     if args.trace:
-                        print(f"  {what}: {time.time() - t_phase[0]:.1f}s", flush=True)
+                        spent = ", ".join(f"{n} {v[0]} calls {v[1]:.1f}s" for n, v in _SPENT.items() if v[0])
+                        print(f"  {what}: {time.time() - t_phase[0]:.1f}s{' (' + spent + ')' if spent else ''}",
+                              flush=True)
+                        for v in _SPENT.values():
+                            v[:] = [0, 0.0]
                     t_phase[0] = time.time()
 
                 tokens, pre, dec = generate(model, prompt, args.gen, args.reps, graphs=not args.eager, trace=trace)
