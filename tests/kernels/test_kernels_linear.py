@@ -73,6 +73,23 @@ def test_to_dtype_rebuilds_packed_view(make_layer):
     assert torch.allclose(y16.float(), y32, atol=0.1, rtol=0.05)
 
 
+def test_buffers_replaced_behind_the_module_rebuild_its_view(make_layer):
+    lin = nn.Linear(64, 64)
+    _, mask, _ = make_layer(64, 64, (32, 32), 0.5, 0.2)
+    hyb = HybridLinear.from_linear(lin, mask, (32, 32))
+    x = torch.randn(3, 64)
+    y = hyb(x)
+    # as accelerate's device placement does: new tensors written straight into the buffer dict
+    for name in ("packed_dn_vals", "packed_sp_vals"):
+        hyb._buffers[name] = hyb._buffers[name] * 2
+    assert hyb.packed.dn_vals is hyb.packed_dn_vals
+    torch.testing.assert_close(hyb(x), 2 * y - hyb.bias, rtol=1e-5, atol=1e-5)
+    # load_state_dict(assign=True) replaces the tensors through setattr
+    state = {k: v / 2 if k in ("packed_dn_vals", "packed_sp_vals") else v for k, v in hyb.state_dict().items()}
+    hyb.load_state_dict(state, assign=True)
+    torch.testing.assert_close(hyb(x), y, rtol=1e-5, atol=1e-5)
+
+
 def test_triton_path_in_module(interp, make_layer):
     lin = nn.Linear(200, 100).bfloat16()
     _, mask, _ = make_layer(100, 200, (32, 64), 0.5, 0.2)

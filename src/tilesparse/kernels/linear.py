@@ -66,8 +66,9 @@ class HybridLinear(nn.Module):
     def packed(self) -> PackedHybrid:
         """The layer's :class:`PackedHybrid` (views of the module's buffers; rebuilt after ``.to()``)."""
         c = self._packed_cache
-        if c is None or c.dn_vals is not self.packed_dn_vals or c.sp_vals is not self.packed_sp_vals \
-                or c.row_info is not self.packed_row_info:
+        b = self._buffers  # (read directly: this runs on every eager call)
+        if c is None or c.dn_vals is not b["packed_dn_vals"] or c.sp_vals is not b["packed_sp_vals"] \
+                or c.row_info is not b["packed_row_info"]:
             c = PackedHybrid.__new__(PackedHybrid)
             c.out_features, c.in_features = self.out_features, self.in_features
             c.tile_rows, c.tile_cols = self.tile
@@ -101,7 +102,7 @@ class HybridLinear(nn.Module):
         if torch.compiler.is_compiling():
             return hybrid_linear_op(x, [getattr(self, name) for name in _BUFFERS], self.bias, self._op_dims,
                                     -1 if self.use_triton is None else int(bool(self.use_triton)))
-        return hybrid_linear(x, self.packed, self.bias, use_triton=self.use_triton)
+        return hybrid_linear(x, self.packed, self._parameters["bias"], use_triton=self.use_triton)
 
     def nbytes(self) -> int:
         """Resident bytes of the packed weight (+ bias)."""
