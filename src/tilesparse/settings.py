@@ -42,6 +42,7 @@ scripts (``TILESPARSE_SLOW``, ``TILESPARSE_VENV``) are not library settings and 
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -131,6 +132,7 @@ class Settings(BaseSettings):
                           "None: the kernels' default 32,32,8.")
 
 
+@functools.cache
 def env_name(field: str) -> str:
     """The environment variable of a :class:`Settings` field."""
     if field not in Settings.model_fields:
