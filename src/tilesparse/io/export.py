@@ -120,9 +120,22 @@ def save_packed_folder(model, out: Path, tokenizer, source_name: str, buffers: d
                              buffers=buffers)
     _true_config(model, source_name)
     model.config.save_pretrained(out)
+    _declare_quantization(out / "config.json")
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return size
+
+
+def _declare_quantization(config_file: Path) -> None:
+    """Say in ``config.json`` that the weights are packed (``quantization_config``, as quantized checkpoints do),
+    so that vLLM picks the ``tilesparse`` method (:mod:`tilesparse.integrations.vllm`) by itself."""
+    import json
+
+    from ..integrations.vllm import quantization_config
+
+    cfg = json.loads(config_file.read_text())
+    cfg["quantization_config"] = quantization_config()
+    config_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def check_export(model, export_dir: Path, tokens: int = 32) -> float:
