@@ -147,7 +147,7 @@ class TileSparseLinearMethod(LinearMethodBase):
         tp = int(getattr(layer, "tp_size", 1) or 1)
         if tp > 1:
             raise ValueError(f"tilesparse: tensor parallelism is not supported (tensor_parallel_size={tp}); "
-                                    "serve the packed export with tensor_parallel_size=1")
+                             "serve the packed export with tensor_parallel_size=1")
         if len(output_partition_sizes) != len(self.parts):
             raise UnsupportedExport(f"tilesparse: {layer.prefix}: vLLM builds {len(output_partition_sizes)} parts, "
                                     f"the export names {len(self.parts)}")
