@@ -5,8 +5,8 @@
 * :func:`load_kernel` -- a context-independent library (``cuLibraryLoadData``) and its ``CUkernel``: the
   driver loads it into each device's context on that device's first launch, so one handle serves every GPU
   of the process.
-* :func:`launch` -- ``cuLaunchKernel`` (or ``cuLaunchKernelEx`` with programmatic stream serialization) on a
-  torch stream, the kernel parameters given as the address of a ``void*`` array.
+* :class:`Launcher` -- ``cuLaunchKernel`` (or ``cuLaunchKernelEx`` with programmatic stream serialization) on
+  a torch stream, the kernel parameters given as the address of a ``void*`` array.
 * :func:`encode_tensor_map` -- a 2-D ``CUtensorMap`` (tensor copies of sm_90), as its 128 bytes.
 * :func:`set_max_dynamic_smem` -- the per-device opt-in for more than 48 KB of dynamic shared memory.
 
