@@ -5,12 +5,12 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from ..options import QUANT_BITS, QuantMethod
-from ..typed_config import UserConfig, check
+from ..typed_config import ConfigModel, UserConfig, check
 
 
-class QuantConfig(UserConfig):
-    """How to quantize the weights of the prunable linears (every field but ``symmetric`` and
-    ``tokens_per_batch`` is also a ``tilesparse quantize`` option; ``--asymmetric`` turns ``symmetric`` off)."""
+class QuantSettings(ConfigModel):
+    """The fields of a quantization config, shared by :class:`QuantConfig` and the recipe's ``quantize``
+    section (:class:`~tilesparse.recipe.schema.QuantizeConfig`)."""
 
     method: QuantMethod = Field("gptq", description="rtn (round to nearest) or gptq (calibrated, error "
                                 "propagated to later columns with the mask held fixed)")
@@ -25,9 +25,14 @@ class QuantConfig(UserConfig):
                                   "(memory knob)", json_schema_extra={"cli": False})
 
     @model_validator(mode="after")
-    def _check(self) -> "QuantConfig":
+    def _check(self) -> "QuantSettings":
         check(self.bits in QUANT_BITS, f"bits must be one of {', '.join(map(str, QUANT_BITS))}, got {self.bits}")
         return self
+
+
+class QuantConfig(UserConfig, QuantSettings):
+    """How to quantize the weights of the prunable linears (every field but ``symmetric`` and
+    ``tokens_per_batch`` is also a ``tilesparse quantize`` option; ``--asymmetric`` turns ``symmetric`` off)."""
 
     @property
     def needs_calibration(self) -> bool:
@@ -48,4 +53,4 @@ class QuantConfig(UserConfig):
         return describe(self.record())
 
 
-__all__ = ["QuantConfig"]
+__all__ = ["QuantConfig", "QuantSettings"]

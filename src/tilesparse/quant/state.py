@@ -25,6 +25,13 @@ def mark_quantized(model: nn.Module, info: dict) -> None:
     setattr(_holder(model), CONFIG_KEY, dict(info))
 
 
+def clear_quantized(model: nn.Module) -> None:
+    """Forget the quantization record (after the original weights were put back)."""
+    holder = _holder(model)
+    if hasattr(holder, CONFIG_KEY):
+        delattr(holder, CONFIG_KEY)
+
+
 def describe(info: dict) -> str:
     """A quantization record in words, e.g. ``4-bit GPTQ, group 128, symmetric``."""
     return (f"{info.get('bits')}-bit {str(info.get('method', '?')).upper()}, group {info.get('group_size')}, "
@@ -40,4 +47,4 @@ def check_not_quantized(model: nn.Module, action: str) -> None:
                               "weights; load the base model (quantize last, after the masks)")
 
 
-__all__ = ["CONFIG_KEY", "quantization_of", "mark_quantized", "describe", "check_not_quantized"]
+__all__ = ["CONFIG_KEY", "quantization_of", "mark_quantized", "clear_quantized", "describe", "check_not_quantized"]
