@@ -67,7 +67,10 @@ def learn(model, config=None, *, out_dir: str | os.PathLike | None = None, progr
     from .options import CALIBRATED_METHODS
     from .pruning import calibration_ids
 
+    from .quant.state import check_not_quantized
+
     cfg = _config(LearnConfig, config, settings, "learn")
+    check_not_quantized(model.model, "learn")
     check_training_source(cfg.text)
     calib = None
     if cfg.prior in CALIBRATED_METHODS:
@@ -90,6 +93,40 @@ def refit(model, masks, *, keep: str = "mask", calibration: str = "austen-train"
 
     calib, _ = calibration_ids(model, calibration, samples, seqlen, seed)
     return refit_weights(model.model, calib, masks, keep=keep, progress=progress)
+
+
+def quantize(model, masks=None, config=None, *, calibration: str = "austen-train", samples: int = 32,
+             seqlen: int = 512, seed: int = 0, out_dir: str | os.PathLike | None = None, progress: bool = True,
+             **settings):
+    """Weight-only group-wise quantization of every prunable linear, after ``masks`` (fake-quant: the
+    model's weights are replaced in place by their dequantized values). Returns a ``ModelQuantization``
+    (integer codes, bfloat16 scales and zero points per layer).
+
+    ``config`` is a :class:`~tilesparse.quant.QuantConfig`, or give its settings as keywords: ``method``
+    (``gptq``, calibrated on ``calibration`` with ``samples`` x ``seqlen`` tokens, or ``rtn``: round to
+    nearest), ``bits`` (2, 3, 4 or 8; default 4), ``group_size`` (weights per scale along the input
+    dimension, default 128), ``symmetric`` (default ``True``). With ``masks`` the pruned weights are zeroed
+    and stay exactly 0, and do not count in their group's scale. ``out_dir`` writes the mask, the
+    dequantized weights and the codes there (``tilesparse eval --mask out_dir`` scores it). Quantize last:
+    a quantized model is refused by ``learn`` and by ``quantize`` itself.
+    """
+    from .quant import QuantConfig, check_not_quantized, quantize_model
+
+    cfg = _config(QuantConfig, config, settings, "quantize")
+    check_not_quantized(model.model, "quantize")
+    calib, desc = None, None
+    if cfg.needs_calibration:
+        from .pruning import calibration_ids
+
+        calib, desc = calibration_ids(model, calibration, samples, seqlen, seed)
+    res = quantize_model(model.model, cfg, masks, calib, progress=progress)
+    if desc is not None:
+        res.meta["calibration"] = desc
+    if out_dir is not None:
+        from .io.quantized import save_quantized_artifact
+
+        res.meta["files"] = save_quantized_artifact(model.model, res, masks, out_dir, model_name=model.name)
+    return res
 
 
 def apply_masks(model, masks) -> None:
@@ -153,5 +190,5 @@ def run_recipe(recipe: str | os.PathLike | None = None, out_dir: str | os.PathLi
     return _run(load_recipe(recipe or default_recipe_path()), out_dir, progress=progress)
 
 
-__all__ = ["load_model", "prune", "learn", "apply_masks", "perplexity", "zeroshot", "save_masks", "load_masks",
+__all__ = ["load_model", "prune", "learn", "quantize", "apply_masks", "perplexity", "zeroshot", "save_masks", "load_masks",
            "export", "run_recipe"]

@@ -15,7 +15,7 @@ import sys
 from . import __version__
 from .errors import TilesparseError
 
-COMMANDS = ("fetch", "info", "eval", "zeroshot", "generate", "bench", "prune", "learn", "export", "run",
+COMMANDS = ("fetch", "info", "eval", "zeroshot", "generate", "bench", "prune", "learn", "quantize", "export", "run",
             "import-mask", "export-mask")
 
 

@@ -10,6 +10,8 @@ configs are built from these.
 - :data:`Tile`: a tile size (:func:`parse_tile`: ``128``, ``"64x128"`` or ``(64, 128)``).
 - :data:`LearnLoss`: what mask learning minimises: ``ce`` (next-token cross-entropy on the training text),
   ``kd`` (KL divergence from the dense model's next-token distribution), ``kd+ce`` (both).
+- :data:`QuantMethod`: weight quantizers, ``rtn`` (round to nearest) or ``gptq`` (calibrated);
+  :data:`QUANT_BITS` the supported bit widths.
 
 Each type's values are also available as a tuple (``PRUNE_METHODS`` ...).
 """
@@ -32,6 +34,7 @@ DensityEstimate = Literal["sampled", "expected"]
 RecipeKind = Literal["dense", "oneshot", "learn"]
 LearnLoss = Literal["ce", "kd", "kd+ce"]
 RefitKeep = Literal["mask", "tiles"]  # what a refit keeps of the learned mask
+QuantMethod = Literal["rtn", "gptq"]
 
 PRUNE_METHODS: tuple[str, ...] = get_args(PruneMethod)
 CALIBRATED_METHODS: tuple[str, ...] = ("wanda", "sparsegpt")
@@ -43,6 +46,8 @@ DENSITY_ESTIMATES: tuple[str, ...] = get_args(DensityEstimate)
 RECIPE_KINDS: tuple[str, ...] = get_args(RecipeKind)
 LEARN_LOSSES: tuple[str, ...] = get_args(LearnLoss)
 REFIT_KEEPS: tuple[str, ...] = get_args(RefitKeep)
+QUANT_METHODS: tuple[str, ...] = get_args(QuantMethod)
+QUANT_BITS: tuple[int, ...] = (2, 3, 4, 8)
 
 
 def parse_tile(tile) -> tuple[int, int]:
@@ -80,4 +85,5 @@ Tile = Annotated[tuple[int, int], BeforeValidator(validator(parse_tile))]
 
 __all__ = ["Tile", "parse_tile", "PruneMethod", "PrunePattern", "LearnMode", "Prior", "DensityScope",
            "DensityEstimate", "RecipeKind", "LearnLoss", "PRUNE_METHODS", "CALIBRATED_METHODS", "PRUNE_PATTERNS",
-           "LEARN_MODES", "PRIORS", "DENSITY_SCOPES", "DENSITY_ESTIMATES", "RECIPE_KINDS", "LEARN_LOSSES"]
+           "LEARN_MODES", "PRIORS", "DENSITY_SCOPES", "DENSITY_ESTIMATES", "RECIPE_KINDS", "LEARN_LOSSES",
+           "QuantMethod", "QUANT_METHODS", "QUANT_BITS"]

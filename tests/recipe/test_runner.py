@@ -293,3 +293,34 @@ def test_an_optional_text_that_cannot_be_had_is_skipped_with_the_reason(tiny_mod
                          evaluation={"perplexity": {"texts": [str(tmp_path / "missing.txt")], "seqlen": 64,
                                                     "windows": 2}, "zeroshot": {"enabled": False}})
         RecipeRunner(r2, progress=False, log=lambda s: None).run()
+
+
+def test_quantize_section_quantizes_every_run_before_evaluation_and_export(tiny_model_dir, text_file, tmp_path):
+    from tilesparse.io.quantized import load_quantized
+    from tilesparse.models import load_model
+
+    out = tmp_path / "run"
+    methods = [{"name": "dense", "kind": "dense"},
+               {"name": "magnitude-2:4", "kind": "oneshot", "method": "magnitude", "pattern": "2:4"}]
+    quant = {"method": "gptq", "bits": 4, "group_size": 32}
+    r = tiny_recipe(tiny_model_dir, text_file, out, methods=methods, quantize=quant, export={"packed": True})
+    results = RecipeRunner(r, progress=False, log=lambda s: None).run()
+    assert [x.stages["quantize"] for x in results] == ["computed", "computed"]
+    assert "Weights: 4-bit GPTQ, group 32, symmetric" in (out / "report.md").read_text()
+    q = load_quantized(out / "stages" / "magnitude-24-s50" / "quant")
+    assert q.config.method == "gptq" and q.config.group_size == 32
+    assert results[1].details["quantize"]["quantization"]["bits"] == 4
+    # the export ships the quantized weights (in bf16)
+    packed = load_model(results[1].export_dir)
+    assert packed.model.config.tilesparse_quantization["method"] == "gptq"
+    assert abs(results[1].export["reload_max_logit_diff"]) < 0.05
+
+    logs = []
+    again = RecipeRunner(r, progress=False, log=logs.append).run()
+    assert sum("quantize stage done, reused" in l for l in logs) == 2
+    assert [x.perplexity for x in again] == [x.perplexity for x in results]
+    plain = RecipeRunner(tiny_recipe(tiny_model_dir, text_file, out, methods=methods), progress=False,
+                         log=logs.append).run()
+    assert "quantize" not in plain[0].stages
+    for a, b in zip(plain, results):
+        assert a.perplexity != b.perplexity  # the quantized runs were evaluated quantized

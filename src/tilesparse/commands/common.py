@@ -39,8 +39,8 @@ def add_mask_arg(p: argparse.ArgumentParser) -> None:
 
 def add_updated_weights_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-updated-weights", action="store_true",
-                   help="ignore updated_weights.safetensors beside the mask (SparseGPT's reconstructed weights, "
-                        "applied by default when present)")
+                   help="ignore updated_weights.safetensors beside the mask (SparseGPT's reconstructed weights "
+                        "or tilesparse quantize's dequantized weights, applied by default when present)")
 
 
 def load_masked_model(args: argparse.Namespace):
@@ -64,4 +64,9 @@ def load_masked_model(args: argparse.Namespace):
     ms, updated = apply_mask_dir(loaded, args.mask, updated_weights=not getattr(args, "no_updated_weights", False))
     note = f"masked, {100 * ms.sparsity():.1f} % sparse, " + (
         "with the updated weights stored beside the mask" if updated else "mask only")
+    if updated and ms.meta.get("quantization"):
+        from ..quant.state import describe
+
+        q = f"{describe(ms.meta['quantization'])} fake-quant"
+        note = f"dense, {q}" if all(lm.pattern == "dense" for lm in ms) else f"{note} ({q})"
     return loaded, ms, note

@@ -84,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
 
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     loaded = load_model(args.model, dtype=args.dtype, device=device)
+    from ..quant.state import check_not_quantized
+
+    check_not_quantized(loaded.model, "learn")
     ids = training_tokens(loaded, cfg.text, seed=cfg.seed, progress=not args.no_progress and rank == 0)
     calib = None
     if cfg.prior in CALIBRATED_METHODS and not args.resume:

@@ -71,6 +71,12 @@ def write_report(recipe, results, out: Path, *, total_seconds: float = 0.0, plan
               f"{recipe.tile_shape[1]}; calibration {recipe.data.calibration} "
               f"({recipe.data.calib_samples} x {recipe.data.calib_seqlen} tokens); learning text "
               f"{recipe.data.train}.", ""]
+    q = getattr(recipe, "quantize", None)
+    if q is not None:
+        cfg = q.to_config()
+        calib = " (calibrated on the calibration text)" if cfg.needs_calibration else ""
+        lines += [f"Weights: {cfg.describe()}{calib}, quantized after each run's mask (the dense baseline "
+                  "too); evaluated as fake-quant (the dequantized weights).", ""]
     p = recipe.evaluation.perplexity
     lines += [f"Perplexity: first {p.windows} non-overlapping windows of {p.seqlen} tokens of each text, "
               "exp(mean NLL) over all predicted tokens. Sparsity is measured over the pruned linears.", ""]

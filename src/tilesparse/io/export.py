@@ -42,8 +42,9 @@ def apply_mask_dir(loaded, mask_path: str | os.PathLike, *, updated_weights: boo
     """Apply a mask artifact to a loaded model in place; returns ``(maskset, used_updated_weights)``.
 
     When the artifact has reconstructed weights beside it (``updated_weights.safetensors``, written by
-    SparseGPT with its weight update) and ``updated_weights`` is true, those weights are loaded first:
-    the mask was made for them, and without them the model is a different (worse) one.
+    SparseGPT with its weight update, or the dequantized weights of ``tilesparse quantize``) and
+    ``updated_weights`` is true, those weights are loaded first: the mask was made for them, and without
+    them the model is a different (worse) one. Quantized weights mark the model as quantized.
     """
     from .masks import apply_mask_file
 
@@ -63,6 +64,11 @@ def apply_mask_dir(loaded, mask_path: str | os.PathLike, *, updated_weights: boo
                                           f"{tuple(target.shape)}")
                 target.copy_(w)
     ms = apply_mask_file(loaded, mask_path, check_fingerprint=upd is None)
+    if upd is not None and ms.meta.get("quantization"):  # the weights are a quantizer's (tilesparse quantize)
+        from ..quant.state import mark_quantized
+
+        q = ms.meta["quantization"]
+        mark_quantized(loaded.model, {k: q[k] for k in ("method", "bits", "group_size", "symmetric") if k in q})
     return ms, upd is not None
 
 

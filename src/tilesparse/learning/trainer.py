@@ -280,6 +280,9 @@ def learn_masks(model: nn.Module, cfg: LearnConfig, train_ids: torch.Tensor, *,
     report; ``resume=True`` continues from ``out_dir``'s checkpoint (which must come from the same model
     and config). ``callback(step, metrics)`` runs after every optimiser step (rank 0 and others).
     """
+    from ..quant.state import check_not_quantized
+
+    check_not_quantized(model, "learn")
     rank, world = dist_info()
     cfg = finalize(cfg.model_copy(update={"world_size": world}))
     out = Path(out_dir) if out_dir is not None else None

@@ -15,6 +15,7 @@ from .engine import (
     prune_model_multi,
     prune_text,
     refit_weights,
+    update_layers,
 )
 from .scores import (
     hybrid_tile_kinds,
@@ -29,7 +30,7 @@ from .sparsegpt import SparseGPTResult, SparseGPTWarning, inverse_hessian_choles
 __all__ = [
     "PruneConfig", "Tile", "parse_tile",
     "DenseLayerWarning", "calibration_ids", "capture_block_inputs", "prune_layer", "prune_model",
-    "prune_model_multi", "prune_text", "refit_weights",
+    "prune_model_multi", "prune_text", "refit_weights", "update_layers",
     "hybrid_tile_kinds", "magnitude_scores", "select_2to4", "select_hybrid", "select_unstructured",
     "wanda_scores",
     "SparseGPTResult", "SparseGPTWarning", "inverse_hessian_cholesky", "sparsegpt_prune",

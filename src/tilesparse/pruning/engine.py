@@ -418,6 +418,24 @@ def refit_weights(model: nn.Module, calib_ids: torch.Tensor, maskset: MaskSet, *
     return {"maskset": out, "layers": per_layer, "seconds": time.perf_counter() - t0, "fallback_layers": fallback}
 
 
+@torch.no_grad()
+def update_layers(model: nn.Module, calib_ids: torch.Tensor, update, *, desc: str = "update",
+                  tokens_per_batch: int = 4096, progress: bool = True) -> dict[str, dict]:
+    """The calibration pass of :func:`refit_weights` with any per-layer weight update (e.g. GPTQ).
+
+    Blocks run in order on ``calib_ids``; for every prunable linear of a block,
+    ``update(layer, weight, hessian)`` gets the :class:`~tilesparse.models.PrunableLinear`, its current
+    ``[out, in]`` weight and its input Hessian (``sum x x^T``, float64, from the outputs of the blocks already
+    updated) and returns ``(new [out, in] weight, info dict)``; the new weights stay in the model. Returns
+    ``{layer name: info}``.
+    """
+    cfg = PruneConfig(method="sparsegpt", pattern="unstructured", sparsity=0.0, update_weights=True,
+                      tokens_per_batch=tokens_per_batch)
+    calib = _check_calib(calib_ids, [cfg])
+    _, infos = _run(model, calib, [cfg], find_prunable_linears(model), progress, update=update, desc=desc)
+    return infos[0]
+
+
 def _fingerprint(model: nn.Module) -> str:
     from ..models import weights_fingerprint
 
@@ -444,9 +462,12 @@ def _kinds_from_prior(prior: dict[str, LayerMask], layers: Sequence[PrunableLine
     return {l.name: k for l, k in zip(layers, kinds)}, info
 
 
-def _run(model, calib, configs, layers, progress, *, kinds_per_cfg=None, desc_suffix="", fixed=None):
+def _run(model, calib, configs, layers, progress, *, kinds_per_cfg=None, desc_suffix="", fixed=None, update=None,
+         desc=None):
     """The sequential pass; returns per config ``{name: LayerMask}`` and per-layer infos. ``fixed``
-    (``{name: keep mask}``, one SparseGPT config) refits the weights for given masks instead."""
+    (``{name: keep mask}``, one SparseGPT config) refits the weights for given masks instead; ``update``
+    (one SparseGPT config with ``update_weights``) replaces each layer's weight by
+    ``update(layer, weight, hessian)[0]`` and records its ``[1]`` as the layer's info (no masks)."""
     lead = configs[0]
     need_calib = any(c.needs_calibration for c in configs)
     need_h = any(c.method == "sparsegpt" for c in configs)
@@ -464,7 +485,7 @@ def _run(model, calib, configs, layers, progress, *, kinds_per_cfg=None, desc_su
     masks: list[dict[str, LayerMask]] = [dict() for _ in configs]
     infos: list[dict[str, dict]] = [dict() for _ in configs]
     warned: set[str] = set()
-    desc = lead.label() + desc_suffix
+    desc = desc or lead.label() + desc_suffix
     bar = tqdm(range(len(blocks)), desc=desc, unit="block", disable=not progress,
                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} blocks [{elapsed}<{remaining}]")
     for bi in bar:
@@ -483,6 +504,9 @@ def _run(model, calib, configs, layers, progress, *, kinds_per_cfg=None, desc_su
         new_weights: dict[str, torch.Tensor] = {}
         for l in blayers:
             w = l.weight.detach()
+            if update is not None:
+                new_weights[l.name], infos[0][l.name] = update(l, w, stats.hessian[l.name])
+                continue
             for ci, cfg in enumerate(configs):
                 grouped = cfg.pattern in ("2:4", "hybrid") and fixed is None
                 if grouped and l.in_features % 4:

@@ -4,6 +4,7 @@ Layout of the output folder::
 
     OUT/recipe.yaml                  the recipe as run
     OUT/stages/<run>/mask/           mask artifact (+ updated weights for SparseGPT with update_weights)
+    OUT/stages/<run>/quant/          with a ``quantize`` section: the mask, quantized weights and codes
     OUT/stages/<run>/eval.json       perplexities and zero-shot scores of that run
     OUT/stages/<run>/export/         packed hybrid model (when export.packed)
     OUT/report.md, OUT/*.png         regenerated on every run from the stage results
@@ -130,14 +131,17 @@ class RecipeRunner:
         return self._loaded
 
     def restore(self) -> None:
-        """Put the pristine prunable weights back (after masking or weight updates)."""
+        """Put the pristine prunable weights back (after masking, weight updates or quantization)."""
         import torch
+
+        from ..quant.state import clear_quantized
 
         if self._loaded is None:
             return
         with torch.no_grad():
             for name, w in self._pristine.items():
                 self._loaded.model.get_submodule(name).weight.copy_(w)
+        clear_quantized(self._loaded.model)
 
     # ------------------------------------------------------------------ planning
     def plan(self) -> list[RunSpec]:
@@ -165,13 +169,29 @@ class RecipeRunner:
             parts.append(learn_config(r, spec.method, spec.target).to_dict())
         return fingerprint(*parts, spec.role) if spec.role != "main" else fingerprint(*parts)
 
+    def quant_fingerprint(self, spec: RunSpec) -> str | None:
+        """Fingerprint of the quantize stage (``None`` without a ``quantize`` section)."""
+        q = self.recipe.quantize
+        if q is None:
+            return None
+        return fingerprint(self.mask_fingerprint(spec), q, self.recipe.data if q.method == "gptq" else None)
+
+    def weights_fingerprint(self, spec: RunSpec) -> str:
+        """Fingerprint of the weights a run evaluates and exports: its mask's, or its quantized weights'."""
+        return self.quant_fingerprint(spec) or self.mask_fingerprint(spec)
+
+    def weights_dir(self, spec: RunSpec) -> Path:
+        """The folder whose mask (and updated weights) make the run's model: ``quant/`` or ``mask/``."""
+        folder = self.out / "stages" / spec.run_id
+        return folder / ("quant" if self.recipe.quantize is not None else "mask")
+
     def eval_fingerprint(self, spec: RunSpec) -> str:
-        return fingerprint(self.mask_fingerprint(spec), self.recipe.evaluation)
+        return fingerprint(self.weights_fingerprint(spec), self.recipe.evaluation)
 
     # ------------------------------------------------------------------ stages
     def run(self) -> list[RunResult]:
         """Run every stage not already finished; returns the results and writes the report."""
-        from .stages import evaluate_run, export_run, make_mask
+        from .stages import evaluate_run, export_run, make_mask, quantize_run
 
         self.out.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(self.out / "recipe.json", self.recipe.to_dict())
@@ -198,13 +218,30 @@ class RecipeRunner:
                 status["mask"] = COMPUTED
             else:
                 status["mask"] = self._reused(f"{head}: mask stage done, reused")
+            # quantize stage
+            weights_dir = self.weights_dir(spec)
+            qfp = self.quant_fingerprint(spec)
+            if qfp is not None:
+                qinfo = _stage_done(weights_dir, qfp)
+                if qinfo is None:
+                    if weights_dir.exists():
+                        shutil.rmtree(weights_dir)
+                    self.log(f"{head}: quantizing ({self.recipe.quantize.to_config().label()})")
+                    t0 = time.perf_counter()
+                    details = quantize_run(self, spec, mask_dir, weights_dir)
+                    qinfo = {"fingerprint": qfp, "seconds": time.perf_counter() - t0, **details}
+                    _write_json_atomic(weights_dir / STAGE_FILE, qinfo)
+                    status["quantize"] = COMPUTED
+                else:
+                    status["quantize"] = self._reused(f"{head}: quantize stage done, reused")
+                info = {**info, "quantize": {k: v for k, v in qinfo.items() if k != "fingerprint"}}
             # evaluation stage
             efp = self.eval_fingerprint(spec)
             eval_file = folder / "eval.json"
             ev = _json_done(eval_file, efp)
             if ev is None:
                 self.log(f"{head}: evaluating")
-                ev = {"fingerprint": efp, **evaluate_run(self, spec, mask_dir)}
+                ev = {"fingerprint": efp, **evaluate_run(self, spec, weights_dir)}
                 _write_json_atomic(eval_file, ev)
                 status["evaluation"] = COMPUTED
             else:
@@ -217,13 +254,13 @@ class RecipeRunner:
                 status["export"] = "skipped: not selected for export"
             else:
                 export_dir = folder / "export"
-                xfp = fingerprint(mfp, EXPORT_VERSION)
+                xfp = fingerprint(self.weights_fingerprint(spec), EXPORT_VERSION)
                 export = _stage_done(export_dir, xfp)
                 if export is None:
                     if export_dir.exists():
                         shutil.rmtree(export_dir)
                     self.log(f"{head}: exporting packed model")
-                    export = {"fingerprint": xfp, **export_run(self, spec, mask_dir, export_dir)}
+                    export = {"fingerprint": xfp, **export_run(self, spec, weights_dir, export_dir)}
                     _write_json_atomic(export_dir / STAGE_FILE, export)
                     status["export"] = COMPUTED
                 else:
@@ -274,12 +311,16 @@ class RecipeRunner:
             mfp = self.mask_fingerprint(spec)
             info = _stage_done(folder / "mask", mfp)
             ev = _json_done(folder / "eval.json", self.eval_fingerprint(spec))
-            if info is None or ev is None:
+            qfp = self.quant_fingerprint(spec)
+            qinfo = _stage_done(self.weights_dir(spec), qfp) if qfp is not None else None
+            if info is None or ev is None or (qfp is not None and qinfo is None):
                 continue
             export_dir = folder / "export"
-            export = _stage_done(export_dir, fingerprint(mfp, EXPORT_VERSION))
-            status = {"mask": REUSED, "evaluation": REUSED,
+            export = _stage_done(export_dir, fingerprint(self.weights_fingerprint(spec), EXPORT_VERSION))
+            status = {"mask": REUSED, **({"quantize": REUSED} if qinfo is not None else {}), "evaluation": REUSED,
                       "export": REUSED if export is not None else "skipped: not exported"}
+            if qinfo is not None:
+                info = {**info, "quantize": {k: v for k, v in qinfo.items() if k != "fingerprint"}}
             done.append(self._result(spec, info, ev, export_dir if export is not None else None, export, status))
         return done
 

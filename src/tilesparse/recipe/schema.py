@@ -16,6 +16,9 @@ Example (the default recipe, ``tilesparse/recipe/default.yaml``)::
       perplexity: {texts: [prideprejudice, persuasion], seqlen: 512, windows: 10}
       zeroshot: {tasks: null, limit: 100}
     export: {packed: true}
+
+An optional ``quantize:`` section (``{method: gptq, bits: 4, group_size: 128}``) quantizes every run's
+weights after its mask, before evaluation and export (:class:`QuantizeConfig`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 from ..errors import TilesparseError
 from ..options import LearnMode, Prior, PruneMethod, PrunePattern, RecipeKind, RefitKeep, Tile
+from ..quant.config import QuantSettings
 from ..typed_config import ConfigModel, check, closest, validator
 
 
@@ -166,6 +170,18 @@ class ExportConfig(_RecipePart):
     save_hf: bool = False
 
 
+class QuantizeConfig(_RecipePart, QuantSettings):
+    """Weight-only quantization of every run (the dense baseline included) after its mask, before evaluation
+    and export (fake-quant: the dequantized weights; GPTQ calibrates on ``data.calibration``). Keys: those
+    of :class:`~tilesparse.quant.QuantConfig` (``method``, ``bits``, ``group_size``, ``symmetric``...)."""
+
+    def to_config(self):
+        """The :class:`~tilesparse.quant.QuantConfig` of these settings."""
+        from ..quant import QuantConfig
+
+        return QuantConfig(**self.model_dump())
+
+
 class ReportConfig(_RecipePart):
     """Report options; ``kernel_results`` = a JSON file of kernel speed results to plot; ``prior_rows``:
     evaluate the one-shot prior of every learned run beside it (what learning added)."""
@@ -187,6 +203,8 @@ class Recipe(_RecipePart):
     data: DataConfig = Field(default_factory=DataConfig)
     methods: list[MethodConfig] = Field(default_factory=list)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    quantize: QuantizeConfig | None = Field(None, description="quantize every run's weights after its mask, "
+                                            "before evaluation and export (default: no quantization)")
     export: ExportConfig = Field(default_factory=ExportConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     keep_checkpoints: bool = Field(False, description="keep each learned run's resumable checkpoint once the "

@@ -129,12 +129,32 @@ def _refit(runner, loaded, spec, mask_dir: Path) -> dict:
             "fallback_layers": info["fallback_layers"]}
 
 
-def apply_run(runner, spec, mask_dir: Path):
-    """The base model with this run's mask (and updated weights, if any) applied; returns the MaskSet."""
+def quantize_run(runner, spec, mask_dir: Path, quant_dir: Path) -> dict:
+    """Quantize the run's model (its mask and updated weights applied) as the recipe's ``quantize`` says, and
+    save the mask, the dequantized weights and the codes into ``quant_dir``."""
+    from ..io.quantized import save_quantized_artifact
+    from ..quant import quantize_model
+
+    cfg = runner.recipe.quantize.to_config()
+    loaded, ms = apply_run(runner, spec, mask_dir)
+    calib = _calibration(runner, loaded)[0] if cfg.needs_calibration else None
+    res = quantize_model(loaded.model, cfg, ms, calib, progress=runner.progress)
+    save_quantized_artifact(loaded.model, res, ms, quant_dir, model_name=loaded.name)
+    runner.restore()
+    return {"quantization": cfg.record(), "fallback_layers": res.meta.get("fallback_layers", []),
+            "quantize_seconds": res.meta["seconds"]}
+
+
+def apply_run(runner, spec, weights_dir: Path):
+    """The base model with this run's mask (and updated or quantized weights, if any) applied from
+    ``weights_dir`` (its ``mask/`` or ``quant/`` folder); returns the MaskSet (``None`` for the unquantized
+    dense baseline)."""
+    from ..io.masks import FILENAME
+
     loaded = runner.model()
-    if spec.method.kind == "dense":
+    if spec.method.kind == "dense" and not (weights_dir / FILENAME).is_file():
         return loaded, None
-    ms, _ = apply_mask_dir(loaded, mask_dir)
+    ms, _ = apply_mask_dir(loaded, weights_dir)
     return loaded, ms
 
 
@@ -158,13 +178,13 @@ def _zeroshot(runner, loaded) -> dict:
     return out
 
 
-def evaluate_run(runner, spec, mask_dir: Path) -> dict:
-    """Perplexity on every recipe text and zero-shot scores of one run."""
+def evaluate_run(runner, spec, weights_dir: Path) -> dict:
+    """Perplexity on every recipe text and zero-shot scores of one run (its model from ``weights_dir``)."""
     from ..data import OPTIONAL_TEXTS
     from ..evaluation import evaluate_text
 
     ev = runner.recipe.evaluation
-    loaded, _ = apply_run(runner, spec, mask_dir)
+    loaded, _ = apply_run(runner, spec, weights_dir)
     out = {"perplexity": {}, "perplexity_details": {}, "zeroshot": {}}
     for text in ev.perplexity.texts:
         try:
@@ -186,11 +206,17 @@ def evaluate_run(runner, spec, mask_dir: Path) -> dict:
     return out
 
 
-def export_run(runner, spec, mask_dir: Path, export_dir: Path) -> dict:
+def export_run(runner, spec, weights_dir: Path, export_dir: Path) -> dict:
     """Pack the masked model of one run into the hybrid format (bf16) and save a folder that ships:
-    ``model.packed.safetensors`` + config + tokenizer, loadable with ``load_model(export_dir)``."""
-    loaded, ms = apply_run(runner, spec, mask_dir)
+    ``model.packed.safetensors`` + config + tokenizer, loadable with ``load_model(export_dir)``. Quantized
+    weights ship as their dequantized values rounded to bf16 (no packed 4-bit format yet)."""
+    loaded, ms = apply_run(runner, spec, weights_dir)
+    metadata = {"run": spec.run_id}
+    if ms.meta.get("quantization"):
+        from ..quant.state import describe
+
+        metadata["quantization"] = f"{describe(ms.meta['quantization'])} (dequantized values in bf16)"
     try:
-        return export_packed(loaded, ms, export_dir, tile=runner.recipe.tile_shape, metadata={"run": spec.run_id})
+        return export_packed(loaded, ms, export_dir, tile=runner.recipe.tile_shape, metadata=metadata)
     finally:
         runner._loaded = None  # the modules were replaced: reload the pristine model for later stages
