@@ -96,3 +96,47 @@ def test_bad_input_is_one_line(capsys, tiny_model_dir, hybrid_mask, tmp_path, ar
         argv += ["--out", str(tmp_path / "out")]
     code, _, err = run_cli(capsys, "quantize", "--model", tiny_model_dir, *argv)
     assert code == 2 and err.count("\n") == 1 and msg in err, err
+
+
+def test_4bit_export_ships_codes_and_runs_like_the_fake_quant_model(capsys, tiny_model_dir, text_file, hybrid_mask,
+                                                                     tmp_path):
+    """quantize (RTN, after a hybrid mask) -> export: the folder holds 4-bit layers (format version 2), loads
+    with ``load_model`` and gives the logits of the fake-quantized model in bf16; vLLM's plugin refuses it."""
+    from safetensors import safe_open
+
+    from tilesparse.integrations.vllm import UnsupportedExport, read_packed_header
+    from tilesparse.io.export import apply_mask_dir
+    from tilesparse.kernels.linear_q4 import HybridLinearQ4
+    from tilesparse.models import load_model
+
+    q = tmp_path / "q"
+    code, _, err = run_cli(capsys, "quantize", "--model", tiny_model_dir, "--mask", hybrid_mask, "--method", "rtn",
+                           "--group-size", 32, "--out", q, "--no-progress")
+    assert code == 0, err
+    out = tmp_path / "export"
+    code, stdout, err = run_cli(capsys, "export", "--model", tiny_model_dir, "--mask", q, "--out", out)
+    assert code == 0, err
+    assert "4-bit codes" in stdout
+    with safe_open(str(out / "model.packed.safetensors"), framework="pt") as f:
+        meta = json.loads(f.metadata()["tilesparse"])
+    assert meta["version"] == 2
+    assert {info.get("format") for info in meta["layers"].values()} == {"q4"}
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["format_version"] == 2
+    with pytest.raises(UnsupportedExport, match="4-bit"):
+        read_packed_header(out / "model.packed.safetensors")
+
+    shipped = load_model(str(out), dtype="bfloat16")
+    q4 = {n: m for n, m in shipped.model.named_modules() if isinstance(m, HybridLinearQ4)}
+    fake = load_model(str(tiny_model_dir))
+    apply_mask_dir(fake, q)
+    fake_linears = dict(fake.model.named_modules())
+    assert q4 and all(torch.equal(m.weight, fake_linears[n].weight.detach()) for n, m in q4.items())
+    ids = torch.randint(0, fake.model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        packed_logits = shipped.model(ids).logits
+        for n, m in q4.items():  # the same model with the dequantized weights as plain bf16 linears
+            lin = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=torch.bfloat16)
+            lin.weight.copy_(m.weight)
+            parent, _, child = n.rpartition(".")
+            setattr(shipped.model.get_submodule(parent), child, lin)
+        assert torch.equal(packed_logits, shipped.model(ids).logits)

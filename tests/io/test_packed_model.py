@@ -88,3 +88,44 @@ def test_bf16_file_loads_into_a_float32_model(tmp_path):
         out = fresh(ids).logits
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05)
+
+
+def test_4bit_layers_round_trip_and_set_the_file_version(tmp_path):
+    """A file with a 4-bit layer is version 2 and loads back tensor for tensor; one without stays version 1
+    (readable by libraries that know only 16-bit layers); a newer version is refused in one line."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from tilesparse.io.packed import save_packed
+    from tilesparse.kernels.format import pack
+    from tilesparse.kernels.format_q4 import PackedHybridQ4, pack_q4
+    from tilesparse.masks.nm import topk_mask
+    from tilesparse.masks.tiles import TileGrid, classify_tiles
+    from tilesparse.quant import quantize_rtn
+
+    W = torch.randn(32, 64)
+    mask = topk_mask(W.abs())
+    mask[:16, :32] = True  # one dense tile
+    q = quantize_rtn(W, mask, group_size=24)
+    p4 = pack_q4(q.quantized, classify_tiles(mask, TileGrid(32, 64, 16, 32)), mask, (16, 32))
+    p16 = pack(W.bfloat16(), mask, (16, 32))
+
+    def version(path):
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads(f.metadata()["tilesparse"])["version"]
+
+    save_packed(tmp_path / "v1.safetensors", {"a": p16})
+    save_packed(tmp_path / "v2.safetensors", {"a": p16, "b": p4}, {"b": torch.ones(32, dtype=torch.bfloat16)})
+    assert version(tmp_path / "v1.safetensors") == 1 and version(tmp_path / "v2.safetensors") == 2
+    layers, biases, _, _ = load_packed(tmp_path / "v2.safetensors")
+    assert isinstance(layers["b"], PackedHybridQ4) and layers["b"].group_size == 24
+    assert all(torch.equal(layers["b"].stored_tensors()[k], t) for k, t in p4.stored_tensors().items())
+    assert torch.equal(layers["b"].unpack(), q.weight * mask) and torch.equal(biases["b"], torch.ones(32).bfloat16())
+    assert torch.equal(layers["a"].unpack(), p16.unpack())
+
+    with safe_open(str(tmp_path / "v2.safetensors"), framework="pt") as f:
+        meta, tensors = json.loads(f.metadata()["tilesparse"]), {k: f.get_tensor(k) for k in f.keys()}
+    meta["version"] = 3
+    save_file(tensors, str(tmp_path / "v3.safetensors"), metadata={"tilesparse": json.dumps(meta)})
+    with pytest.raises(ValueError, match="format version 3 is newer"):
+        load_packed(tmp_path / "v3.safetensors")

@@ -9,9 +9,10 @@ from .common import add_model_args, add_updated_weights_arg, quiet_libraries
 
 
 def register(sub) -> None:
-    p = sub.add_parser("export", help="pack a masked model into a folder that ships (hybrid format, bf16)",
+    p = sub.add_parser("export", help="pack a masked model into a folder that ships (hybrid format, bf16 or 4-bit)",
                        description="Apply a mask artifact to its base model and save the packed hybrid model "
-                                   "(model.packed.safetensors + config + tokenizer, bf16). The folder is loaded "
+                                   "(model.packed.safetensors + config + tokenizer, bf16; 4-bit codes when the mask folder "
+                                   "holds tilesparse quantize's 4-bit output). The folder is loaded "
                                    "back and compared with the packed model before the command succeeds; load "
                                    "it with --model OUT in any command or tilesparse.models.load_model(OUT).")
     add_model_args(p)
@@ -47,10 +48,33 @@ def run(args: argparse.Namespace) -> int:
         tile = parse_tile(args.tile)
     else:
         tile = next(iter(ms)).tile
-    info = export_packed(loaded, ms, out, tile=tile, metadata={"mask": str(Path(args.mask).resolve())})
+    quant = _four_bit_codes(args.mask, ms) if updated else None
+    info = export_packed(loaded, ms, out, tile=tile, metadata={"mask": str(Path(args.mask).resolve())},
+                         quantization=quant)
     weights = "with the updated weights stored beside the mask" if updated else "mask only"
+    if quant is not None:
+        weights = "4-bit codes, packed"
     print(f"exported {loaded.name}, {100 * ms.sparsity():.1f} % sparse ({weights}), to {out}")
     print(f"  {PACKED_FILE}: {info['file_bytes'] / 2**20:.1f} MiB = {info['file_vs_dense']:.3f}x of the dense bf16 "
           f"model ({info['dense_bf16_bytes'] / 2**20:.1f} MiB)")
     print(f"  reloaded and compared: max |logit diff| {info['reload_max_logit_diff']:.3g} (passed)")
     return 0
+
+
+def _four_bit_codes(mask: str, ms):
+    """The 4-bit codes that ``tilesparse quantize`` saved beside the mask, or ``None`` (no codes, or codes of
+    another bit width: those ship as their dequantized values in bf16, as the message says)."""
+    from pathlib import Path
+
+    from ..io.quantized import QUANT_FILE, load_quantized
+
+    folder = Path(mask).expanduser()
+    folder = folder if folder.is_dir() else folder.parent
+    if not ms.meta.get("quantization") or not (folder / QUANT_FILE).is_file():
+        return None
+    q = load_quantized(folder)
+    if q.config.bits != 4:
+        print(f"note: {q.config.bits}-bit codes ship as their dequantized values in bf16 (the packed format "
+              "holds 4-bit codes)")
+        return None
+    return q

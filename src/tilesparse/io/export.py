@@ -82,11 +82,15 @@ def _true_config(model, source_name: str) -> None:
 
 
 def export_packed(loaded, maskset, out_dir: str | os.PathLike, *, tile: tuple[int, int],
-                  metadata: dict | None = None) -> dict:
+                  metadata: dict | None = None, quantization=None) -> dict:
     """Pack ``loaded.model`` (with ``maskset`` applied) into the hybrid format (bf16) under ``out_dir``:
     ``model.packed.safetensors`` + ``config.json`` + tokenizer files. The folder is loaded back and its
     logits compared with the packed model's (:func:`check_export`). The model's linears are replaced
     by ``HybridLinear`` modules in place, so reload the model before using it again.
+
+    ``quantization`` (a 4-bit :class:`~tilesparse.quant.ModelQuantization` of the masked weights, as
+    :func:`tilesparse.io.quantized.load_quantized` reads it) packs its layers as 4-bit codes
+    (:class:`~tilesparse.kernels.linear_q4.HybridLinearQ4`, format version 2) instead of bf16 values.
 
     Returns the sizes (``file_bytes``, ``dense_bf16_bytes``, ``file_vs_dense``...) and the reload check's
     ``reload_max_logit_diff``.
@@ -105,12 +109,34 @@ def export_packed(loaded, maskset, out_dir: str | os.PathLike, *, tile: tuple[in
         (model.get_submodule(parent) if parent else model)._buffers[name] = t
     dense_bytes = sum(p.numel() * 2 for p in model.parameters())
     linear_bytes = sum(model.get_submodule(n).weight.numel() * 2 for n in maskset.layers)
-    convert_model(model, maskset.to_bool(), tile=tile)
+    masks = maskset.to_bool()
+    if quantization is not None:
+        masks = _convert_q4(model, masks, quantization, tile)
+    convert_model(model, masks, tile=tile)
     size = save_packed_folder(model, out, loaded.tokenizer, loaded.name, buffers,
                               {"sparsity": f"{maskset.sparsity():.6f}", **(metadata or {})})
     diff = check_export(model, out)
     return {"file_bytes": int(size), "dense_bf16_bytes": int(dense_bytes), "linear_dense_bf16_bytes": int(linear_bytes),
             "file_vs_dense": size / dense_bytes, "reload_max_logit_diff": diff}
+
+
+def _convert_q4(model, masks: dict, quantization, tile: tuple[int, int]) -> dict:
+    """Replace the quantized layers by 4-bit packed ones; returns the masks of the layers left to pack in bf16."""
+    from ..kernels.linear_q4 import convert_model_q4
+    from ..masks.tiles import TileGrid, classify_tiles
+
+    if quantization.config.bits != 4:
+        raise TilesparseError(f"the packed 4-bit format holds 4-bit codes; these weights are "
+                              f"{quantization.config.bits}-bit (export them without their codes)")
+    layers = {}
+    for name, q in quantization.layers.items():
+        mask = masks.get(name)
+        if mask is None:
+            raise TilesparseError(f"quantized layer {name} has no mask in the artifact")
+        grid = TileGrid(mask.shape[0], mask.shape[1], *tile)
+        layers[name] = (q, classify_tiles(mask, grid), mask)
+    convert_model_q4(model, layers, tile)
+    return {n: m for n, m in masks.items() if n not in layers}
 
 
 def save_packed_folder(model, out: Path, tokenizer, source_name: str, buffers: dict[str, torch.Tensor],
@@ -126,13 +152,22 @@ def save_packed_folder(model, out: Path, tokenizer, source_name: str, buffers: d
                              buffers=buffers)
     _true_config(model, source_name)
     model.config.save_pretrained(out)
-    _declare_quantization(out / "config.json")
+    _declare_quantization(out / "config.json", _file_version(out / PACKED_FILE))
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return size
 
 
-def _declare_quantization(config_file: Path) -> None:
+def _file_version(path: Path) -> int:
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return int(json.loads(f.metadata()["tilesparse"])["version"])
+
+
+def _declare_quantization(config_file: Path, format_version: int) -> None:
     """Say in ``config.json`` that the weights are packed (``quantization_config``, as quantized checkpoints do),
     so that vLLM picks the ``tilesparse`` method (:mod:`tilesparse.integrations.vllm`) by itself."""
     import json
@@ -140,7 +175,7 @@ def _declare_quantization(config_file: Path) -> None:
     from ..integrations.vllm import quantization_config
 
     cfg = json.loads(config_file.read_text())
-    cfg["quantization_config"] = quantization_config()
+    cfg["quantization_config"] = quantization_config(format_version)
     config_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 

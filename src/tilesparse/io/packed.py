@@ -6,7 +6,10 @@ bias as ``"{name}::bias"``; any other tensors (the rest of a model's state) as `
 the model's non-persistent buffers (e.g. rotary ``inv_freq``, which ``state_dict`` leaves out and a model
 built on the meta device would hold as garbage) as ``"buffer::{key}"``, listed under ``"buffers"``.
 The safetensors header metadata key ``"tilesparse"`` holds JSON: format name and version, and per
-layer its shape, tile size and dtype. Tensors shared in memory (tied embeddings) are stored once and
+layer its shape, tile size and dtype; a 4-bit layer (:class:`~tilesparse.kernels.format_q4.PackedHybridQ4`)
+also says ``"format": "q4"`` and its group size. A file with 4-bit layers is version
+:data:`~tilesparse.kernels.format_q4.FORMAT_VERSION_Q4`; one without them keeps version 1, which libraries that
+know only 16-bit layers read. Tensors shared in memory (tied embeddings) are stored once and
 listed under ``"aliases"``.
 
 So a pruned model ships in its packed size: the file is the packed linears plus the untouched rest.
@@ -21,12 +24,13 @@ import torch
 from torch import nn
 
 from ..kernels.format import FORMAT_VERSION, PackedHybrid
+from ..kernels.format_q4 import FORMAT_VERSION_Q4, PackedHybridQ4
 
 FORMAT_NAME = "tilesparse-packed"
 _SEP = "::"
 
 
-def save_packed(path: str | Path, layers: dict[str, PackedHybrid], biases: dict[str, torch.Tensor] | None = None,
+def save_packed(path: str | Path, layers: dict[str, PackedHybrid | PackedHybridQ4], biases: dict[str, torch.Tensor] | None = None,
                 state: dict[str, torch.Tensor] | None = None, extra_metadata: dict | None = None,
                 buffers: dict[str, torch.Tensor] | None = None) -> int:
     """Write packed layers (+ optional biases, other state tensors and non-persistent buffers) to a
@@ -44,8 +48,12 @@ def save_packed(path: str | Path, layers: dict[str, PackedHybrid], biases: dict[
         if b is not None:
             tensors[f"{name}{_SEP}bias"] = b.detach().contiguous().cpu()
         meta_layers[name] = {"out_features": p.out_features, "in_features": p.in_features,
-                             "tile_rows": p.tile_rows, "tile_cols": p.tile_cols,
-                             "dtype": str(p.dtype).replace("torch.", ""), "has_bias": b is not None}
+                             "tile_rows": p.tile_rows, "tile_cols": p.tile_cols, "has_bias": b is not None}
+        if isinstance(p, PackedHybridQ4):
+            meta_layers[name].update({"format": "q4", "bits": p.bits, "group_size": p.group_size,
+                                      "dtype": str(b.dtype if b is not None else torch.bfloat16).replace("torch.", "")})
+        else:
+            meta_layers[name]["dtype"] = str(p.dtype).replace("torch.", "")
     aliases = {}
     seen: dict[tuple, str] = {}
     for key, t in (state or {}).items():
@@ -57,7 +65,8 @@ def save_packed(path: str | Path, layers: dict[str, PackedHybrid], biases: dict[
         tensors[f"state{_SEP}{key}"] = t.detach().contiguous().cpu()
     for key, t in (buffers or {}).items():
         tensors[f"buffer{_SEP}{key}"] = t.detach().contiguous().cpu()
-    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "layers": meta_layers, "aliases": aliases,
+    version = FORMAT_VERSION_Q4 if any(isinstance(p, PackedHybridQ4) for p in layers.values()) else FORMAT_VERSION
+    meta = {"format": FORMAT_NAME, "version": version, "layers": meta_layers, "aliases": aliases,
             "buffers": sorted(buffers or {})}
     if extra_metadata:
         meta["extra"] = extra_metadata
@@ -70,7 +79,7 @@ def save_packed(path: str | Path, layers: dict[str, PackedHybrid], biases: dict[
 def load_packed(path: str | Path, device: str | torch.device = "cpu"):
     """Read a file written by :func:`save_packed`.
 
-    Returns ``(layers: dict[name, PackedHybrid], biases: dict[name, Tensor], state: dict[key, Tensor], meta)``;
+    Returns ``(layers: dict[name, PackedHybrid | PackedHybridQ4], biases: dict[name, Tensor], state: dict[key, Tensor], meta)``;
     the non-persistent buffers are in ``meta["buffer_tensors"]`` (absent in files written before they were saved).
     """
     from safetensors import safe_open
@@ -82,19 +91,25 @@ def load_packed(path: str | Path, device: str | torch.device = "cpu"):
         meta = json.loads(raw)
         if meta.get("format") != FORMAT_NAME:
             raise ValueError(f"{path}: unknown format {meta.get('format')!r}")
-        if int(meta.get("version", -1)) > FORMAT_VERSION:
-            raise ValueError(f"{path}: format version {meta['version']} is newer than this library's {FORMAT_VERSION}")
+        if int(meta.get("version", -1)) > FORMAT_VERSION_Q4:
+            raise ValueError(f"{path}: format version {meta['version']} is newer than this library's "
+                             f"{FORMAT_VERSION_Q4}")
         keys = set(f.keys())
         layers, biases = {}, {}
         for name, info in meta["layers"].items():
+            cls = {None: PackedHybrid, "q4": PackedHybridQ4}.get(info.get("format"))
+            if cls is None:
+                raise ValueError(f"{path}: layer {name!r} has unknown layer format {info.get('format')!r}")
             kw = {}
-            for field in PackedHybrid.STORED:
+            for field in cls.STORED:
                 k = f"{name}{_SEP}{field}"
                 if k not in keys:
                     raise ValueError(f"{path}: layer {name!r} misses tensor {field!r}")
                 kw[field] = f.get_tensor(k)
-            layers[name] = PackedHybrid(out_features=int(info["out_features"]), in_features=int(info["in_features"]),
-                                        tile_rows=int(info["tile_rows"]), tile_cols=int(info["tile_cols"]), **kw)
+            if cls is PackedHybridQ4:
+                kw["group_size"] = int(info["group_size"])
+            layers[name] = cls(out_features=int(info["out_features"]), in_features=int(info["in_features"]),
+                               tile_rows=int(info["tile_rows"]), tile_cols=int(info["tile_cols"]), **kw)
             if info.get("has_bias"):
                 biases[name] = f.get_tensor(f"{name}{_SEP}bias")
         state = {k[len("state" + _SEP):]: f.get_tensor(k) for k in keys if k.startswith("state" + _SEP)}
@@ -109,10 +124,11 @@ def non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     """The buffers ``state_dict`` leaves out (``persistent=False``), by their full name; those of
     ``HybridLinear`` layers (derived tables, rebuilt from the packed tensors) excepted."""
     from ..kernels.linear import HybridLinear
+    from ..kernels.linear_q4 import HybridLinearQ4
 
     out = {}
     for mod_name, mod in model.named_modules():
-        if isinstance(mod, HybridLinear):
+        if isinstance(mod, (HybridLinear, HybridLinearQ4)):
             continue
         for b in getattr(mod, "_non_persistent_buffers_set", ()):
             t = mod._buffers.get(b)
@@ -128,8 +144,9 @@ def save_packed_model(model: nn.Module, path: str | Path, extra_metadata: dict |
     non-persistent buffers to ship; pass the ones of the model before a dtype cast to keep e.g. rotary
     frequencies in fp32. Returns the file size in bytes."""
     from ..kernels.linear import HybridLinear
+    from ..kernels.linear_q4 import HybridLinearQ4
 
-    hyb = {n: m for n, m in model.named_modules() if isinstance(m, HybridLinear)}
+    hyb = {n: m for n, m in model.named_modules() if isinstance(m, (HybridLinear, HybridLinearQ4))}
     prefixes = tuple(n + "." for n in hyb)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
     if buffers is None:
@@ -143,21 +160,25 @@ def load_packed_model(model: nn.Module, path: str | Path, use_triton: bool | Non
     config): the packed layers replace the ``nn.Linear`` modules of the same names, the rest of the
     state is loaded strictly. The model's device and dtype are kept. Returns ``model``."""
     from ..kernels.linear import HybridLinear, _set_submodule
+    from ..kernels.linear_q4 import HybridLinearQ4
 
     ref = next(iter(model.parameters()), None)
     device = ref.device if ref is not None else torch.device("cpu")
     layers, biases, state, meta = load_packed(path, device)
-    if ref is not None and ref.dtype.is_floating_point:  # packed values follow the model's dtype
-        layers = {n: p if p.dtype == ref.dtype else p.to(dtype=ref.dtype) for n, p in layers.items()}
+    if ref is not None and ref.dtype.is_floating_point:  # packed values follow the model's dtype (not 4-bit codes)
+        layers = {n: p if isinstance(p, PackedHybridQ4) or p.dtype == ref.dtype else p.to(dtype=ref.dtype)
+                  for n, p in layers.items()}
         biases = {n: b.to(ref.dtype) for n, b in biases.items()}
     names = dict(model.named_modules())
     for name, p in layers.items():
         old = names.get(name)
-        if not isinstance(old, (nn.Linear, HybridLinear)):
+        if not isinstance(old, (nn.Linear, HybridLinear, HybridLinearQ4)):
             raise ValueError(f"{path}: packed layer {name!r} has no nn.Linear of that name in the model")
         if (old.out_features, old.in_features) != p.shape:
             raise ValueError(f"{name}: packed shape {p.shape} != model's {(old.out_features, old.in_features)}")
-        _set_submodule(model, name, HybridLinear(p, biases.get(name), use_triton))
+        new = HybridLinearQ4(p, biases.get(name)) if isinstance(p, PackedHybridQ4) else \
+            HybridLinear(p, biases.get(name), use_triton)
+        _set_submodule(model, name, new)
     missing, unexpected = model.load_state_dict(state, strict=False)
     hyb_prefixes = tuple(n + "." for n in layers)
     missing = [k for k in missing if not k.startswith(hyb_prefixes)]

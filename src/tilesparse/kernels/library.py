@@ -85,4 +85,33 @@ def _hybrid_linear_fake(x, packed, bias, dims, use_triton):
     return x.new_empty((*x.shape[:-1], dims[0]))
 
 
-__all__ = ["OP_TENSORS", "register_layer", "op_tensors", "hybrid_linear_op"]
+
+
+@torch.library.custom_op("tilesparse::hybrid_linear_q4", mutates_args=())
+def hybrid_linear_q4_op(x: torch.Tensor, packed: list[torch.Tensor], bias: torch.Tensor | None,
+                        dims: list[int]) -> torch.Tensor:
+    """``x @ W^T + bias`` for a 4-bit packed layer given by its stored tensors (``PackedHybridQ4.STORED``
+    order) and ``dims`` ``[out_features, in_features, tile_rows, tile_cols, group_size]``: the torch reference
+    (dequantize, then ``F.linear`` in ``x``'s dtype) on every device."""
+    from .format_q4 import PackedHybridQ4
+
+    if len(packed) != len(PackedHybridQ4.STORED) or len(dims) != 5:
+        raise ValueError(f"tilesparse::hybrid_linear_q4 takes {len(PackedHybridQ4.STORED)} packed tensors and 5 "
+                         f"dimensions, got {len(packed)} and {len(dims)}")
+    p = PackedHybridQ4(*dims, **dict(zip(PackedHybridQ4.STORED, packed)))
+    return _q4_reference(x, p, bias)
+
+
+def _q4_reference(x: torch.Tensor, p, bias: torch.Tensor | None) -> torch.Tensor:
+    w = p.unpack().to(device=x.device, dtype=x.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+@hybrid_linear_q4_op.register_fake
+def _hybrid_linear_q4_fake(x, packed, bias, dims):
+    if x.shape[-1] != dims[1]:
+        raise ValueError(f"input's last dimension is {x.shape[-1]}, the layer expects in_features={dims[1]}")
+    return x.new_empty((*x.shape[:-1], dims[0]))
+
+
+__all__ = ["OP_TENSORS", "register_layer", "op_tensors", "hybrid_linear_op", "hybrid_linear_q4_op"]

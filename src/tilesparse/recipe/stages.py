@@ -207,16 +207,22 @@ def evaluate_run(runner, spec, weights_dir: Path) -> dict:
 
 
 def export_run(runner, spec, weights_dir: Path, export_dir: Path) -> dict:
-    """Pack the masked model of one run into the hybrid format (bf16) and save a folder that ships:
-    ``model.packed.safetensors`` + config + tokenizer, loadable with ``load_model(export_dir)``. Quantized
-    weights ship as their dequantized values rounded to bf16 (no packed 4-bit format yet)."""
+    """Pack the masked model of one run into the hybrid format and save a folder that ships:
+    ``model.packed.safetensors`` + config + tokenizer, loadable with ``load_model(export_dir)``. 4-bit
+    quantized weights ship as packed 4-bit codes, other bit widths as their dequantized values in bf16."""
     loaded, ms = apply_run(runner, spec, weights_dir)
     metadata = {"run": spec.run_id}
+    quant = None
     if ms.meta.get("quantization"):
+        from ..io.quantized import QUANT_FILE, load_quantized
         from ..quant.state import describe
 
-        metadata["quantization"] = f"{describe(ms.meta['quantization'])} (dequantized values in bf16)"
+        if ms.meta["quantization"].get("bits") == 4 and (weights_dir / QUANT_FILE).is_file():
+            quant = load_quantized(weights_dir)
+        how = "packed 4-bit codes" if quant is not None else "dequantized values in bf16"
+        metadata["quantization"] = f"{describe(ms.meta['quantization'])} ({how})"
     try:
-        return export_packed(loaded, ms, export_dir, tile=runner.recipe.tile_shape, metadata=metadata)
+        return export_packed(loaded, ms, export_dir, tile=runner.recipe.tile_shape, metadata=metadata,
+                             quantization=quant)
     finally:
         runner._loaded = None  # the modules were replaced: reload the pristine model for later stages

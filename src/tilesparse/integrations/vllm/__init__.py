@@ -56,20 +56,22 @@ def register() -> None:
     _registered = True
 
 
-def quantization_config() -> dict:
-    """The ``quantization_config`` entry a packed export's ``config.json`` carries (what vLLM reads)."""
+def quantization_config(format_version: int | None = None) -> dict:
+    """The ``quantization_config`` entry a packed export's ``config.json`` carries (what vLLM reads);
+    ``format_version``: the packed file's (default: the 16-bit format's)."""
     from ...kernels.format import FORMAT_VERSION
     from ...io.packed import FORMAT_NAME
     from ...models.loading import PACKED_FILE
 
-    return {"quant_method": QUANT_METHOD, "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+    return {"quant_method": QUANT_METHOD, "format": FORMAT_NAME, "format_version": format_version or FORMAT_VERSION,
             "packed_file": PACKED_FILE}
 
 
 def check_format(fmt, version, where: str) -> None:
     """Raise :class:`UnsupportedExport` unless ``fmt``/``version`` name a packed format this library reads."""
-    from ...kernels.format import FORMAT_VERSION
     from ...io.packed import FORMAT_NAME
+    from ...kernels.format import FORMAT_VERSION
+    from ...kernels.format_q4 import FORMAT_VERSION_Q4
 
     if fmt is not None and fmt != FORMAT_NAME:
         raise UnsupportedExport(f"tilesparse: {where}: unknown format {fmt!r} (this library reads {FORMAT_NAME!r})")
@@ -77,6 +79,9 @@ def check_format(fmt, version, where: str) -> None:
         v = int(version)
     except (TypeError, ValueError):
         raise UnsupportedExport(f"tilesparse: {where}: format version {version!r} is not a number") from None
+    if v == FORMAT_VERSION_Q4:
+        raise UnsupportedExport(f"tilesparse: {where}: 4-bit packed exports (format version {v}) are not served by "
+                                "the vLLM plugin yet; load them with tilesparse.load_model")
     if not 1 <= v <= FORMAT_VERSION:
         raise UnsupportedExport(f"tilesparse: {where}: format version {v} is not supported by this tilesparse "
                                 f"(it reads 1..{FORMAT_VERSION}); upgrade tilesparse or export again")

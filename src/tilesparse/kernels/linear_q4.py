@@ -1,0 +1,114 @@
+"""``HybridLinearQ4``: a drop-in ``nn.Linear`` replacement holding a 4-bit packed hybrid weight
+(:mod:`.format_q4`), and model conversion from a mask and a 4-bit quantization."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .format_q4 import PackedHybridQ4, pack_q4
+from .library import _q4_reference, hybrid_linear_q4_op
+
+
+class HybridLinearQ4(nn.Module):
+    """``y = x @ W^T + b`` with ``W`` the dequantized masked weight, stored as 4-bit codes in the packed hybrid
+    layout (dense tiles: every code; 2:4 tiles: the kept half and the 2:4 metadata; bfloat16 scales and uint8
+    zero points per row and group of input columns).
+
+    The packed tensors are registered buffers under ``packed_<name>`` (they follow ``.to()``; ``.half()`` and
+    friends leave them alone: codes, metadata and scales keep their types). The product runs in the input's
+    dtype through the torch reference: the weight is dequantized on each call, so this layer saves memory,
+    not time, until a 4-bit kernel exists. Under ``torch.compile`` it is one
+    ``torch.ops.tilesparse.hybrid_linear_q4`` node.
+    """
+
+    def __init__(self, packed: PackedHybridQ4, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features = packed.in_features, packed.out_features
+        self.tile = (packed.tile_rows, packed.tile_cols)
+        self.group_size = packed.group_size
+        for name, t in packed.stored_tensors().items():
+            self.register_buffer(f"packed_{name}", t)
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self._dims = [self.out_features, self.in_features, *self.tile, self.group_size]
+        self._packed_cache = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, quantized, tile_kinds: torch.Tensor, mask24: torch.Tensor | None,
+                    tile: tuple[int, int] = (128, 128)) -> HybridLinearQ4:
+        """Pack ``quantized`` (a 4-bit :class:`~tilesparse.quant.QuantizedTensor` of ``linear``'s weight) under
+        the tile map and 2:4 mask (see :func:`~.format_q4.pack_q4`); the bias is ``linear``'s."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"expected nn.Linear, got {type(linear).__name__}")
+        if tuple(quantized.codes.shape) != tuple(linear.weight.shape):
+            raise ValueError(f"codes of shape {tuple(quantized.codes.shape)} do not match the weight "
+                             f"{tuple(linear.weight.shape)}")
+        return cls(pack_q4(quantized, tile_kinds, mask24, tile), linear.bias)
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [self._buffers[f"packed_{name}"] for name in PackedHybridQ4.STORED]
+
+    @property
+    def packed(self) -> PackedHybridQ4:
+        """The layer's :class:`PackedHybridQ4` over the module's buffers (rebuilt when they change)."""
+        ts = self._tensors()
+        c = self._packed_cache
+        if c is None or any(getattr(c, n) is not t for n, t in zip(PackedHybridQ4.STORED, ts)):
+            c = PackedHybridQ4(*self._dims, **dict(zip(PackedHybridQ4.STORED, ts)))
+            self._packed_cache = c
+        return c
+
+    def _apply(self, fn, recurse=True):
+        scales = self._buffers["packed_scales"]
+        out = super()._apply(fn, recurse)
+        moved = self._buffers["packed_scales"]
+        if moved.dtype != scales.dtype:  # a dtype cast of the model: scales stay bfloat16 (only the device moves)
+            self._buffers["packed_scales"] = scales.to(moved.device)
+        return out
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized masked weight (float32; for inspection, not for the forward pass)."""
+        return self.packed.unpack()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input's last dimension is {x.shape[-1]}, the layer expects in_features="
+                             f"{self.in_features}")
+        if torch.compiler.is_compiling():
+            return hybrid_linear_q4_op(x, self._tensors(), self.bias, self._dims)
+        return _q4_reference(x, self.packed, self.bias)
+
+    def nbytes(self) -> int:
+        """Resident bytes of the packed weight (+ bias)."""
+        b = self.packed.nbytes()
+        return b + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"tile={self.tile[0]}x{self.tile[1]}, 4-bit, group={self.group_size}")
+
+
+def convert_model_q4(model: nn.Module, layers: dict[str, tuple], tile: tuple[int, int] = (128, 128)) -> nn.Module:
+    """Replace every ``nn.Linear`` named in ``layers`` (module name -> ``(quantized, tile_kinds, mask24)``,
+    see :meth:`HybridLinearQ4.from_linear`) by a :class:`HybridLinearQ4`; in place, returns ``model``."""
+    from .linear import _set_submodule
+
+    names = dict(model.named_modules())
+    missing = [n for n in layers if n not in names]
+    if missing:
+        raise ValueError(f"4-bit layers name modules the model does not have: {missing[:3]}")
+    for name, (quantized, kinds, mask24) in layers.items():
+        lin = names[name]
+        try:
+            new = HybridLinearQ4.from_linear(lin, quantized, kinds, mask24, tile)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{name}: {e}") from None
+        _set_submodule(model, name, new.to(lin.weight.device))
+    return model
+
+
+__all__ = ["HybridLinearQ4", "convert_model_q4"]
