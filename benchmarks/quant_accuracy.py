@@ -1,0 +1,86 @@
+"""Quality at 4 bits: weight-only group-wise quantization after one-shot masks, against the same masks in full
+precision, out-of-domain texts first.
+
+Rows (every one from a fresh model load; masks by SparseGPT with its weight update, calibrated on
+``--calibration``; GPTQ calibrated on the same text, with the mask held fixed):
+- dense; dense at 4 bits (round to nearest, and GPTQ);
+- per ``--sparsities`` entry (``0.5`` = 2:4 everywhere, below it hybrid dense / 2:4 tiles): the mask in full
+  precision, then the same model at 4 bits (GPTQ).
+Perplexity under the pinned protocol (first ``--windows`` x 512 tokens) on every ``--texts`` entry; list
+out-of-domain texts first: nothing here calibrates on them. The ``4-bit vs 16-bit`` column is the first text's
+perplexity ratio of a 4-bit row to its full-precision row.
+
+    python benchmarks/quant_accuracy.py --out benchmarks/results/quant_accuracy_cpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+import tilesparse as ts
+from _table import write_table
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--sparsities", default="0.5,0.45,0.35,0.25")
+    p.add_argument("--texts", default="mobydick,debian-reference,prideprejudice")
+    p.add_argument("--calibration", default="austen-train")
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--windows", type=int, default=10)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    texts = [t for t in args.texts.split(",") if t]
+    calib = dict(calibration=args.calibration, samples=args.samples, progress=False)
+    rows: list[dict] = []
+
+    def score(lm, row: str, sparsity: float, t0: float, base: dict | None = None) -> dict:
+        ppl = {t: round(ts.perplexity(lm, t, windows=args.windows, progress=False).perplexity, 2) for t in texts}
+        r = {"row": row, "sparsity": f"{100 * sparsity:.0f} %", **ppl, "seconds": round(time.time() - t0)}
+        if base is not None:
+            r["4-bit vs 16-bit"] = f"{ppl[texts[0]] / base[texts[0]]:.3f}x"
+        rows.append(r)
+        print(r, flush=True)
+        return r
+
+    def load():
+        return ts.load_model(args.model, device=args.device)
+
+    t0 = time.time()
+    dense = score(load(), "dense", 0.0, t0)
+    for method in ("rtn", "gptq"):
+        t0 = time.time()
+        lm = load()
+        ts.quantize(lm, method=method, group_size=args.group_size, **calib)
+        score(lm, f"dense, 4-bit {method.upper()}", 0.0, t0, dense)
+    for s in [float(x) for x in args.sparsities.split(",") if x]:
+        t0 = time.time()
+        lm = load()
+        pattern = "2:4" if s == 0.5 else "hybrid"
+        kw = {} if s == 0.5 else {"sparsity": s}
+        masks = ts.prune(lm, method="sparsegpt", pattern=pattern, update_weights=True, **kw, **calib)
+        name = "SparseGPT 2:4" if s == 0.5 else "SparseGPT hybrid"
+        full = score(lm, name, s, t0)
+        t0 = time.time()
+        ts.quantize(lm, masks, method="gptq", group_size=args.group_size, **calib)
+        score(lm, f"{name}, 4-bit GPTQ", s, t0, full)
+    head = (f"# Quality at 4 bits ({args.device}, {platform.machine()}, torch {torch.__version__})\n\n"
+            f"Model: {args.model or 'the embedded SmolLM2-135M-Instruct'} (fp32 compute). Masks: SparseGPT with "
+            f"its weight update; 4 bits: group {args.group_size} along the input, symmetric, bf16 scales, "
+            f"after the mask (pruned weights stay 0). Calibration: {args.calibration} ({args.samples} x 512 "
+            f"tokens) for both. Perplexity: first {args.windows} x 512 tokens; "
+            f"{', '.join(texts[:-1])} out of domain, {texts[-1]} in the calibration's domain.\n\n"
+            f"Command: `python benchmarks/quant_accuracy.py{'' if args.out is None else ' --out ' + args.out}`")
+    write_table(head, ["sparsity", *texts, "4-bit vs 16-bit", "seconds"], rows, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
