@@ -40,6 +40,14 @@ def main(argv=None) -> int:
     texts = [t for t in args.texts.split(",") if t]
     calib = dict(calibration=args.calibration, samples=args.samples, progress=False)
     rows: list[dict] = []
+    head = (f"# Quality at 4 bits ({args.device}, {platform.machine()}, torch {torch.__version__})\n\n"
+            f"Model: {args.model or 'the embedded SmolLM2-135M-Instruct'} (fp32 compute). Masks: SparseGPT with "
+            f"its weight update; 4 bits: group {args.group_size} along the input, symmetric, bf16 scales, "
+            f"after the mask (pruned weights stay 0). Calibration: {args.calibration} ({args.samples} x 512 "
+            f"tokens) for both. Perplexity: first {args.windows} x 512 tokens; "
+            f"{', '.join(texts[:-1])} out of domain, {texts[-1]} in the calibration's domain.\n\n"
+            f"Command: `python benchmarks/quant_accuracy.py{'' if args.out is None else ' --out ' + args.out}`")
+    cols = ["sparsity", *texts, "4-bit vs 16-bit", "seconds"]
 
     def score(lm, row: str, sparsity: float, t0: float, base: dict | None = None) -> dict:
         ppl = {t: round(ts.perplexity(lm, t, windows=args.windows, progress=False).perplexity, 2) for t in texts}
@@ -47,7 +55,10 @@ def main(argv=None) -> int:
         if base is not None:
             r["4-bit vs 16-bit"] = f"{ppl[texts[0]] / base[texts[0]]:.3f}x"
         rows.append(r)
-        print(r, flush=True)
+        if args.out:  # the table so far, rewritten after every row: a stopped run keeps its rows
+            write_table(head, cols, rows, args.out)
+        else:
+            print(r, flush=True)
         return r
 
     def load():
@@ -71,14 +82,7 @@ def main(argv=None) -> int:
         t0 = time.time()
         ts.quantize(lm, masks, method="gptq", group_size=args.group_size, **calib)
         score(lm, f"{name}, 4-bit GPTQ", s, t0, full)
-    head = (f"# Quality at 4 bits ({args.device}, {platform.machine()}, torch {torch.__version__})\n\n"
-            f"Model: {args.model or 'the embedded SmolLM2-135M-Instruct'} (fp32 compute). Masks: SparseGPT with "
-            f"its weight update; 4 bits: group {args.group_size} along the input, symmetric, bf16 scales, "
-            f"after the mask (pruned weights stay 0). Calibration: {args.calibration} ({args.samples} x 512 "
-            f"tokens) for both. Perplexity: first {args.windows} x 512 tokens; "
-            f"{', '.join(texts[:-1])} out of domain, {texts[-1]} in the calibration's domain.\n\n"
-            f"Command: `python benchmarks/quant_accuracy.py{'' if args.out is None else ' --out ' + args.out}`")
-    write_table(head, ["sparsity", *texts, "4-bit vs 16-bit", "seconds"], rows, args.out)
+    write_table(head, cols, rows, args.out)
     return 0
 
 
