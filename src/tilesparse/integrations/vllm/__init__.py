@@ -83,8 +83,8 @@ def check_format(fmt, version, where: str) -> None:
         raise UnsupportedExport(f"tilesparse: {where}: 4-bit packed exports (format version {v}) are not served by "
                                 "the vLLM plugin yet; load them with tilesparse.load_model")
     if not 1 <= v <= FORMAT_VERSION:
-        raise UnsupportedExport(f"tilesparse: {where}: format version {v} is not supported by this tilesparse "
-                                f"(it reads 1..{FORMAT_VERSION}); upgrade tilesparse or export again")
+        raise UnsupportedExport(f"tilesparse: {where}: format version {v} is not supported by this tilesparse's "
+                                f"vLLM plugin (it serves 1..{FORMAT_VERSION}); upgrade tilesparse or export again")
 
 
 def read_packed_header(path: str | Path) -> dict:
