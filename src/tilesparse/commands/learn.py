@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data import check_training_source, training_tokens
     from ..learning import (discard_checkpoint, format_density_report, init_distributed_from_env, learn_masks,
                             load_checkpoint)
+    from ..learning.trainer import has_checkpoint
     from ..models import load_model
 
     if args.resume is None and args.out is None:
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.resume or args.out).expanduser()
     saved = load_checkpoint(out)["config"] if args.resume else None
     cfg = config_from_args(args, saved)  # validates before the (slow) model load
-    if args.resume is None and (out / "checkpoint.pt").exists():
+    if args.resume is None and has_checkpoint(out):
         raise TilesparseError(f"{out} already holds a learning run; use --resume {out} or another --out")
     if args.resume is None and (out / "summary.json").exists():
         raise TilesparseError(f"{out} already holds a finished learning run; choose another --out")
