@@ -392,6 +392,8 @@ def learn_masks(model: nn.Module, cfg: LearnConfig, train_ids: torch.Tensor, *,
         sharder = Sharder(device)
     masked = MaskedModel(work, cfg.mode, tile=cfg.tile, tile_init=tiles, pattern_init=patterns, ids=ids,
                          initial=initial, on_block=sharder.shard_block if sharder is not None else None)
+    del tiles, patterns, ids, initial  # the one-shot masks and initial values are not needed any more
+    prior_masks = None
     try:
         if sharder is not None:
             sharder.shard_root(work)
