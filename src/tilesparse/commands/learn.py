@@ -109,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     summary = {
         "mode": cfg.mode, "model": loaded.name, "target_sparsity": res.maskset.meta["target_sparsity"],
         "measured_sparsity": res.maskset.sparsity(), "steps": cfg.steps, "tokens": res.tokens,
-        "seconds": round(res.seconds, 1), "files": res.files,
+        "seconds": round(res.seconds, 1), "processes": res.config.world_size, "sharded": res.sharded,
+        "files": res.files,
         "final": res.history[-1] if res.history else None,
     }
     evaluated = res.maskset

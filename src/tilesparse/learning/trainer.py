@@ -564,7 +564,7 @@ def _train(model, masked: MaskedModel, cfg: LearnConfig, train_ids, ck, out, ran
         atomic_write_text(json.dumps({"config": cfg.to_dict(), "report": report, "history": history},
                                      indent=1, default=str), out / "report.json")
         files["report"] = str(out / "report.json")
-        files["checkpoint"] = str(out / CHECKPOINT)
+        files["checkpoint"] = str(out / (CHECKPOINT if layout == SINGLE else dcp_ckpt.DIRNAME))
     return LearnResult(maskset, cfg, history, report, seconds, tokens, out, files,
                        masked.logits_state(rank0_only=sharded), sharded=sharded)
 
