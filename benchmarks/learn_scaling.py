@@ -246,8 +246,8 @@ def compare(args) -> int:
     lines = [f"# Final masks learned on 1 vs {args.nproc} processes ({args.device}, {args.dtype})", "",
              f"Model: {s1['model']}; {args.mode}, target sparsity {args.sparsity}; {args.steps} steps of "
              f"{args.global_batch} x {args.seqlen} tokens (1 process: batch {args.global_batch}; {args.nproc} "
-             f"processes: batch {args.global_batch // args.nproc} each, sharded); seed {args.seed}; prior {args.prior}; "
-             f"tile {args.tile}.", "",
+             f"processes: batch {args.global_batch // args.nproc} each, sharded); seed {args.seed}; "
+             f"prior {args.prior}; tile {args.tile}.", "",
              "| comparison | tiles | same tile kind | least agreeing layer (tiles) | 2:4 groups | same pattern | "
              "least agreeing layer (patterns) |", "|---|---|---|---|---|---|---|"]
     for label, c in rows:

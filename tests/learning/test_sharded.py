@@ -141,7 +141,7 @@ def test_sharded_resume_on_the_same_processes_is_bit_identical(runs):
 def test_sharded_checkpoint_resumes_on_another_number_of_processes(runs):
     from tilesparse.learning import learn_masks, load_checkpoint
 
-    tmp, one, (r0, r1) = runs
+    tmp, one, (r0, _) = runs
     # one process -> two: the two processes restored the history and finished with the same global batch
     got = r0["from-one"]
     assert got["sharded"] and got["world"] == 2
