@@ -53,6 +53,28 @@ def test_learn_cli_writes_masks_and_resumes(tiny_dir, tmp_path, capsys):
     assert main(["learn", "--model", str(d), "--resume", str(out), "--sparsity", "0.45"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cannot resume") and "\n" not in err
+    # so is sharding a run whose checkpoint is a single file
+    assert main(["learn", "--model", str(d), "--resume", str(out), "--shard", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "comes from an unsharded run" in err and "\n" not in err
+
+
+def test_learn_cli_sharded_checkpoint(tiny_dir, tmp_path, capsys):
+    d, text = tiny_dir
+    out = tmp_path / "run"
+    assert main(_args(d, text, out, "--json", "--shard", "--keep-checkpoint")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (out / "checkpoint.dcp" / "meta.pt").is_file() and not (out / "checkpoint.pt").exists()
+    assert main(_args(d, text, out)) == 2
+    assert "already holds" in capsys.readouterr().err
+    # another global batch is refused in one line; the same one resumes (here: the finished run)
+    assert main(["learn", "--model", str(d), "--resume", str(out), "--batch", "4", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "sequences per step" in err and "\n" not in err
+    assert main(["learn", "--model", str(d), "--resume", str(out), "--no-progress", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["measured_sparsity"] == summary["measured_sparsity"]
+    assert not (out / "checkpoint.dcp").exists()  # removed once done (no --keep-checkpoint)
 
 
 def test_learn_cli_removes_its_checkpoint_when_done(tiny_dir, tmp_path, capsys):

@@ -2,7 +2,11 @@
 
 Single process: ``tilesparse learn --mode joint --sparsity 0.45 --out runs/joint45``.
 Several GPUs: ``torchrun --nproc_per_node 8 -m tilesparse learn --device cuda --dtype bfloat16 ...``
-(each rank reads its own data shard; gradients of the logits are averaged across ranks).
+(each rank reads its own data shard; gradients of the logits are averaged across ranks). ``--shard``
+splits the weights, the logits and the optimiser state over the ranks (FSDP2; chosen by itself when the
+replicated state would not fit in a GPU) and writes a sharded checkpoint, ``OUT/checkpoint.dcp``, that
+``--resume`` continues on any number of ranks with the same global batch (``--batch`` x ``--grad-accum``
+x ranks).
 """
 
 from __future__ import annotations
@@ -24,13 +28,14 @@ def register(sub) -> None:
                     "joint/maskllm mode, 2:4 pattern logits (Gumbel-softmax over the six candidates), "
                     "initialised from a one-shot prior. Writes OUT/masks.safetensors (use with "
                     "`tilesparse eval --mask OUT`), OUT/prior/ (the prior's mask), OUT/report.json and, "
-                    "while it runs, OUT/checkpoint.pt (resumable; removed at the end unless --keep-checkpoint). "
+                    "while it runs, OUT/checkpoint.pt (resumable; with --shard the folder OUT/checkpoint.dcp, "
+                    "resumable on another number of processes; removed at the end unless --keep-checkpoint). "
                     "CPU defaults (seqlen 256, batch 4, 64 steps) take 15-20 minutes on the default "
                     "model; docs/NOTEBOOK.md (Learning masks) gives reference-scale GPU settings.")
     add_model_args(p)
     add_config_options(p, LearnConfig)
     p.add_argument("--keep-checkpoint", action="store_true",
-                   help="keep OUT/checkpoint.pt once the run has finished (removed by default: logits and "
+                   help="keep the checkpoint once the run has finished (removed by default: logits and "
                         "optimiser state, about 18 bytes per pruned weight in joint/maskllm mode)")
     p.add_argument("--refit", nargs="?", const="mask", default=None, choices=["mask", "tiles"],
                    help="after learning, refit the kept weights with SparseGPT's update (calibrated on the "
@@ -63,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data import check_training_source, training_tokens
     from ..learning import (discard_checkpoint, format_density_report, init_distributed_from_env, learn_masks,
                             load_checkpoint)
+    from ..learning.trainer import has_checkpoint
     from ..models import load_model
 
     if args.resume is None and args.out is None:
@@ -72,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.resume or args.out).expanduser()
     saved = load_checkpoint(out)["config"] if args.resume else None
     cfg = config_from_args(args, saved)  # validates before the (slow) model load
-    if args.resume is None and (out / "checkpoint.pt").exists():
+    if args.resume is None and has_checkpoint(out):
         raise TilesparseError(f"{out} already holds a learning run; use --resume {out} or another --out")
     if args.resume is None and (out / "summary.json").exists():
         raise TilesparseError(f"{out} already holds a finished learning run; choose another --out")
@@ -103,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     summary = {
         "mode": cfg.mode, "model": loaded.name, "target_sparsity": res.maskset.meta["target_sparsity"],
         "measured_sparsity": res.maskset.sparsity(), "steps": cfg.steps, "tokens": res.tokens,
-        "seconds": round(res.seconds, 1), "files": res.files,
+        "seconds": round(res.seconds, 1), "processes": res.config.world_size, "sharded": res.sharded,
+        "files": res.files,
         "final": res.history[-1] if res.history else None,
     }
     evaluated = res.maskset

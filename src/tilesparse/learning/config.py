@@ -61,7 +61,7 @@ class LearnConfig(UserConfig):
     """Everything that defines a mask-learning run (see the module docstring for the defaults).
 
     Fields left as ``None`` are filled from the mode (and, for the tile temperature, the target sparsity)
-    when the config is validated. Every field except ``dtype`` and ``world_size`` is also a
+    when the config is validated (``shard=None`` is decided by the trainer from the memory it needs). Every field except ``dtype`` and ``world_size`` is also a
     ``tilesparse learn`` option and a recipe key (``methods[i].options``).
     """
 
@@ -109,6 +109,10 @@ class LearnConfig(UserConfig):
                       "austen-train@0.5,self:200k@0.5 (evaluation texts are refused)")
     dtype: str = Field("float32", description="dtype of the model during learning", json_schema_extra=_NO_CLI)
     grad_checkpointing: bool = Field(False, description="recompute decoder blocks in backward (less memory)")
+    shard: bool | None = Field(None, description="shard the weights, the logits and the optimiser state over the "
+                               "processes of a torchrun launch (FSDP2) and write sharded checkpoints that resume "
+                               "on any number of processes (default: shard when replicated learning would not "
+                               "fit in a GPU's memory)")
     checkpoint_every: int = Field(50, ge=0, description="steps between checkpoints (0 = at the end only)")
     world_size: int = Field(1, ge=1, description="processes learning together (set by the trainer)",
                             json_schema_extra=_NO_CLI)
@@ -162,13 +166,35 @@ def finalize(cfg: LearnConfig) -> LearnConfig:
     return LearnConfig.parse(cfg.model_dump())
 
 
-def check_resumable(saved: dict, current: LearnConfig) -> None:
-    """Raise :class:`TilesparseError` naming the first field where a checkpoint's config differs."""
+# Fields a sharded checkpoint may change on resume, as long as the global batch (sequences per step) stays.
+ELASTIC_FIELDS = ("world_size", "batch", "grad_accum")
+
+
+def global_batch(cfg: dict) -> int:
+    """Sequences per optimiser step over all processes of a saved or current config (as a dict)."""
+    return int(cfg.get("batch", 1)) * int(cfg.get("grad_accum", 1)) * int(cfg.get("world_size", 1))
+
+
+def check_resumable(saved: dict, current: LearnConfig, *, elastic: bool = False) -> None:
+    """Raise :class:`TilesparseError` naming the first field where a checkpoint's config differs.
+
+    With ``elastic`` (sharded checkpoints) the number of processes, the micro-batch and the accumulation
+    may change as long as the global batch, ``world_size * batch * grad_accum``, stays the same.
+    """
     cur = current.to_dict()
+    if elastic and global_batch(saved) != global_batch(cur):
+        raise TilesparseError(
+            f"cannot resume: the checkpoint was made with {global_batch(saved)} sequences per step "
+            f"(world_size {saved.get('world_size')} x batch {saved.get('batch')} x grad_accum "
+            f"{saved.get('grad_accum')}), this run has {global_batch(cur)} (world_size {cur['world_size']} x batch "
+            f"{cur['batch']} x grad_accum {cur['grad_accum']}); keep the global batch")
     for k in IDENTITY_FIELDS:
+        if elastic and k in ELASTIC_FIELDS:
+            continue
         a, b = saved.get(k, IDENTITY_DEFAULTS.get(k)), cur.get(k)
         if a != b:
             raise TilesparseError(f"cannot resume: the checkpoint was made with {k}={a!r}, this run has {k}={b!r}")
 
 
-__all__ = ["MODES", "MODE_NAMES", "LearnConfig", "make_config", "finalize", "check_resumable", "IDENTITY_FIELDS"]
+__all__ = ["MODES", "MODE_NAMES", "LearnConfig", "make_config", "finalize", "check_resumable", "IDENTITY_FIELDS",
+           "ELASTIC_FIELDS", "global_batch"]

@@ -25,8 +25,10 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -53,13 +55,16 @@ class MaskState:
     hard_24: bool = False
     stochastic: bool = True  # sample noise (training); False = noise-free relaxation
     record_norms: bool = False
+    record_expected: bool = False  # record sigmoid(k * p) per layer in the forward (the expected density)
     tile_values: dict = field(default_factory=dict)  # layer index -> tile tensor (in graph)
+    expected_values: dict = field(default_factory=dict)  # layer index -> sigmoid(k * p) (in graph)
     norms: dict = field(default_factory=dict)  # layer index -> ||M*W||_F (in graph)
     fused: bool | None = None  # fused Triton mask kernels: True/False force, None = env var, then auto
     bypass: bool = False  # True: every layer runs its unmasked weight (the dense teacher)
 
     def clear(self) -> None:
         self.tile_values.clear()
+        self.expected_values.clear()
         self.norms.clear()
 
 
@@ -96,6 +101,8 @@ class MaskedLinear(nn.Module):
         if self.tile_logits is None:
             return None
         st = self.state
+        if st.record_expected:
+            st.expected_values[self.index] = torch.sigmoid(st.tile_k * self.tile_logits)
         noise = logistic_noise(self.tile_logits.shape, device=self.tile_logits.device) if st.stochastic else None
         return binary_concrete(self.tile_logits, st.tile_k, st.tile_tau, noise=noise, hard=st.hard_tile)
 
@@ -206,16 +213,26 @@ class MaskedModel:
     """Wrap a model's prunable linears with learnable masks; restore them with :meth:`remove`.
 
     ``tile_init`` / ``pattern_init`` / ``ids`` map layer names to initial tile logits, initial pattern
-    logits and fixed 2:4 ids (whichever the mode uses). ``fused`` forces the fused Triton mask kernels on
-    or off (``None``: the ``TILESPARSE_FUSED_MASK`` variable, else on for CUDA weights); a layer the kernels
-    do not support (see :func:`.fused_triton.supports`) takes the torch path. Layers whose ``in`` is not a
-    multiple of 4 are left dense and unwrapped.
+    logits and fixed 2:4 ids (whichever the mode uses); ``initial``, when given, replaces them: it is called
+    once per wrapped layer, in order, with the layer's name and returns ``(tile logits, pattern logits
+    [out, in/4, 6], ids)`` (``None`` for what the mode does not use), so that the initial values of all layers
+    never exist at once. ``on_block(block, layers)`` runs after the linears of each decoder block are
+    wrapped (``layers``: its :class:`MaskedLinear` modules); sharded learning shards the block there.
+    ``fused`` forces the fused Triton mask kernels on or off (``None``: the ``TILESPARSE_FUSED_MASK``
+    variable, else on for CUDA weights); a layer the kernels do not support (see
+    :func:`.fused_triton.supports`) takes the torch path. Layers whose ``in`` is not a multiple of 4 are
+    left dense and unwrapped.
+
+    Once sharded (FSDP2), the logits are DTensors: :meth:`logits_state`, :meth:`load_logits_state` and
+    :meth:`final_maskset` are then collectives that every process must call.
     """
 
     def __init__(self, model: nn.Module, mode: str, *, tile: tuple[int, int] = (128, 128),
                  tile_init: dict[str, torch.Tensor] | None = None,
                  pattern_init: dict[str, torch.Tensor] | None = None,
-                 ids: dict[str, torch.Tensor] | None = None, fused: bool | None = None):
+                 ids: dict[str, torch.Tensor] | None = None, fused: bool | None = None,
+                 initial: Callable[[str], tuple] | None = None,
+                 on_block: Callable[[nn.Module, list], None] | None = None):
         if mode not in LEARN_MODES:
             raise ValueError(f"unknown mode {mode!r}")
         self.model, self.mode, self.tile = model, mode, tuple(tile)
@@ -227,37 +244,60 @@ class MaskedModel:
         self._checkpointed: list = []
         for p in model.parameters():
             p.requires_grad_(False)
+        weight_norms, self._tile_numel = [], []
+        _, blocks = find_decoder_blocks(model)
+        by_block: dict[int, list] = {}
         for lin in self.linears:
-            grid = TileGrid(lin.out_features, lin.in_features, *self.tile)
-            if lin.in_features % GROUP:
-                self.fixed.append(lin)
-                continue
-            shape24 = (lin.out_features, lin.in_features // GROUP, N_PATTERNS)
-            t_init = p_init = l_ids = None
-            if mode in ("joint", "tile"):
-                t_init = (tile_init or {}).get(lin.name)
-                t_init = torch.zeros(grid.shape) if t_init is None else t_init
-                if tuple(t_init.shape) != grid.shape:
-                    raise ValueError(f"{lin.name}: tile logits {tuple(t_init.shape)} do not match grid {grid.shape}")
-            if mode in ("joint", "maskllm"):
-                p_init = (pattern_init or {}).get(lin.name)
-                p_init = torch.zeros(shape24) if p_init is None else p_init
-                if tuple(p_init.shape) != shape24:
-                    raise ValueError(f"{lin.name}: pattern logits {tuple(p_init.shape)} do not match {shape24}")
-            else:
-                l_ids = (ids or {}).get(lin.name)
-                if l_ids is None or tuple(l_ids.shape) != shape24[:2]:
-                    raise ValueError(f"{lin.name}: PATCH-Tile needs fixed 2:4 ids of shape {shape24[:2]}")
-            wrapped = MaskedLinear(lin.module, index=len(self.layers), name=lin.name, mode=mode, grid=grid,
-                                   state=self.state, transposed=lin.transposed, tile_logits=t_init,
-                                   pattern_logits=p_init, ids=l_ids)
-            self._swap(lin.name, wrapped)
-            self.layers.append(wrapped)
+            by_block.setdefault(lin.block_index, []).append(lin)
+        for b, block in enumerate(blocks):
+            wrapped_here = []
+            for lin in by_block.get(b, []):
+                grid = TileGrid(lin.out_features, lin.in_features, *self.tile)
+                if lin.in_features % GROUP:
+                    self.fixed.append(lin)
+                    continue
+                if initial is not None:
+                    t_init, p_init, l_ids = initial(lin.name)
+                else:
+                    t_init = (tile_init or {}).get(lin.name)
+                    p_init = (pattern_init or {}).get(lin.name)
+                    l_ids = (ids or {}).get(lin.name)
+                t_init, p_init, l_ids = self._check_init(lin, grid, t_init, p_init, l_ids)
+                wrapped = MaskedLinear(lin.module, index=len(self.layers), name=lin.name, mode=mode, grid=grid,
+                                       state=self.state, transposed=lin.transposed, tile_logits=t_init,
+                                       pattern_logits=p_init, ids=l_ids)
+                del t_init, p_init
+                self._swap(lin.name, wrapped)
+                self.layers.append(wrapped)
+                wrapped_here.append(wrapped)
+                w = wrapped.weight_oi()
+                with torch.no_grad():
+                    weight_norms.append(torch.linalg.vector_norm(w.float()))
+                self._tile_numel.append(grid.tile_numel().to(torch.float32).to(w.device))
+            if on_block is not None:
+                on_block(block, wrapped_here)
         self.total_numel = sum(lin.numel for lin in self.linears)
         self.fixed_numel = sum(lin.numel for lin in self.fixed)
-        with torch.no_grad():
-            self.weight_norm_sum = float(sum(torch.linalg.vector_norm(l.weight_oi().float()) for l in self.layers))
-        self._tile_numel = [l.grid.tile_numel().to(torch.float32).to(l.inner.weight.device) for l in self.layers]
+        self.weight_norm_sum = float(sum(weight_norms))
+
+    def _check_init(self, lin, grid: TileGrid, t_init, p_init, l_ids):
+        shape24 = (lin.out_features, lin.in_features // GROUP, N_PATTERNS)
+        if self.mode in ("joint", "tile"):
+            t_init = torch.zeros(grid.shape) if t_init is None else t_init
+            if tuple(t_init.shape) != grid.shape:
+                raise ValueError(f"{lin.name}: tile logits {tuple(t_init.shape)} do not match grid {grid.shape}")
+        else:
+            t_init = None
+        if self.mode in ("joint", "maskllm"):
+            p_init = torch.zeros(shape24) if p_init is None else p_init
+            if tuple(p_init.shape) != shape24:
+                raise ValueError(f"{lin.name}: pattern logits {tuple(p_init.shape)} do not match {shape24}")
+            l_ids = None
+        else:
+            p_init = None
+            if l_ids is None or tuple(l_ids.shape) != shape24[:2]:
+                raise ValueError(f"{lin.name}: PATCH-Tile needs fixed 2:4 ids of shape {shape24[:2]}")
+        return t_init, p_init, l_ids
 
     # -- module surgery -------------------------------------------------------------------------
     def _swap(self, name: str, new: nn.Module) -> None:
@@ -317,34 +357,48 @@ class MaskedModel:
     def parameters(self) -> list[nn.Parameter]:
         return self.tile_parameters() + self.pattern_parameters()
 
-    def logits_state(self) -> dict[str, torch.Tensor]:
-        """All learnable logits and fixed ids, by ``<layer name>:<kind>`` (CPU copies; pattern logits in the
-        candidate-major storage layout ``[6, out, in/4]``)."""
+    def logit_tensors(self) -> dict[str, torch.Tensor]:
+        """The learnable logits and fixed ids themselves (no copies; DTensors once sharded), by
+        ``<layer name>:<kind>``, pattern logits in the storage layout ``[6, out, in/4]``."""
         out = {}
         for l in self.layers:
             if l.tile_logits is not None:
-                out[f"{l.layer_name}:tile"] = l.tile_logits.detach().cpu().clone()
+                out[f"{l.layer_name}:tile"] = l.tile_logits
             if l.pattern_logits is not None:
-                out[f"{l.layer_name}:pattern"] = l.pattern_logits.detach().cpu().clone()
+                out[f"{l.layer_name}:pattern"] = l.pattern_logits
             if l.ids is not None:
-                out[f"{l.layer_name}:ids"] = l.ids.detach().cpu().clone()
+                out[f"{l.layer_name}:ids"] = l.ids
+        return out
+
+    def logits_state(self, *, rank0_only: bool = False) -> dict[str, torch.Tensor]:
+        """All learnable logits and fixed ids, by ``<layer name>:<kind>`` (CPU copies; pattern logits in the
+        candidate-major storage layout ``[6, out, in/4]``). Sharded logits are gathered one at a time; with
+        ``rank0_only`` only rank 0 keeps them (the others return an empty dict)."""
+        from .sharded import full_tensor, is_dtensor
+
+        keep = not rank0_only or not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        out = {}
+        for key, t in self.logit_tensors().items():
+            full = full_tensor(t.detach()) if is_dtensor(t) else t.detach()
+            if keep:
+                out[key] = full.cpu().clone()
         return out
 
     @torch.no_grad()
     def load_logits_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Inverse of :meth:`logits_state` (shapes must match)."""
-        expected = set(self.logits_state().keys())
-        if set(state) != expected:
-            missing = sorted(expected - set(state))[:3]
-            extra = sorted(set(state) - expected)[:3]
+        """Inverse of :meth:`logits_state` (shapes must match; sharded logits keep their own shard)."""
+        from .sharded import copy_full_into
+
+        current = self.logit_tensors()
+        if set(state) != set(current):
+            missing = sorted(set(current) - set(state))[:3]
+            extra = sorted(set(state) - set(current))[:3]
             raise ValueError(f"logit state does not match the model (missing {missing}, unexpected {extra})")
-        for l in self.layers:
-            for kind, t in (("tile", l.tile_logits), ("pattern", l.pattern_logits), ("ids", l.ids)):
-                if t is not None:
-                    src = state[f"{l.layer_name}:{kind}"]
-                    if tuple(src.shape) != tuple(t.shape):
-                        raise ValueError(f"{l.layer_name}:{kind}: shape {tuple(src.shape)} != {tuple(t.shape)}")
-                    t.copy_(src.to(t.device, t.dtype))
+        for key, t in current.items():
+            src = state[key]
+            if tuple(src.shape) != tuple(t.shape):
+                raise ValueError(f"{key}: shape {tuple(src.shape)} != {tuple(t.shape)}")
+            copy_full_into(t, src)
 
     def logit_bytes(self) -> dict[str, int]:
         """Bytes of tile logits, pattern logits, fixed ids, and of the masked weights."""
@@ -357,10 +411,13 @@ class MaskedModel:
     # -- schedules and regulariser inputs ----------------------------------------------------------
     def set_values(self, *, tile_k: float, tile_tau: float, pattern_k: float, pattern_tau: float,
                    hard_tile: bool = False, hard_24: bool = False, stochastic: bool = True,
-                   record_norms: bool = False) -> None:
+                   record_norms: bool = False, record_expected: bool = False) -> None:
+        """Schedule values and switches for the next forward (``record_expected``: record the expected tile
+        values inside each layer's forward, as :meth:`densities` with ``'expected'`` needs on sharded logits)."""
         s = self.state
         s.tile_k, s.tile_tau, s.pattern_k, s.pattern_tau = tile_k, tile_tau, pattern_k, pattern_tau
         s.hard_tile, s.hard_24, s.stochastic, s.record_norms = hard_tile, hard_24, stochastic, record_norms
+        s.record_expected = record_expected
 
     def layer_kept(self, estimate: str) -> list[torch.Tensor]:
         """Kept-weight count of every wrapped layer from the sampled (last forward) or expected tile values."""
@@ -374,7 +431,9 @@ class MaskedModel:
                 if t is None:
                     raise RuntimeError(f"{l.layer_name}: no sampled tile values (was the forward run?)")
             else:
-                t = torch.sigmoid(self.state.tile_k * l.tile_logits)
+                t = self.state.expected_values.get(l.index)
+                if t is None:  # not recorded in the forward: from the (unsharded) logits
+                    t = torch.sigmoid(self.state.tile_k * l.tile_logits)
             out.append(expected_tile_density(t, tn))
         return out
 
@@ -400,12 +459,22 @@ class MaskedModel:
 
     # -- final mask -----------------------------------------------------------------------------
     def final_maskset(self, sparsity: float, meta: dict | None = None):
-        """Binary mask set: argmax 2:4 (or fixed ids), tiles at the exact global budget (MaskLLM: all 2:4)."""
+        """Binary mask set: argmax 2:4 (or fixed ids), tiles at the exact global budget (MaskLLM: all 2:4).
+
+        Sharded logits: each process takes the argmax of its own shard of the pattern logits and the ids are
+        gathered; the tile logits (one per tile) are gathered whole, so that every process ranks all tiles
+        of all layers and returns the same mask set as one process would from the same logits."""
+        from .sharded import full_tensor, is_dtensor
+
         finals = []
         for l in self.layers:
-            ids = (final_pattern_ids(l.pattern_logits_natural().detach().cpu()) if l.pattern_logits is not None
-                   else l.ids.cpu())
-            scores = l.tile_logits.detach().cpu() if l.tile_logits is not None else None
+            if l.pattern_logits is None:
+                ids = l.ids.cpu()
+            elif is_dtensor(l.pattern_logits):
+                ids = full_tensor(l.pattern_logits.detach().argmax(dim=0).to(torch.uint8)).cpu()
+            else:
+                ids = final_pattern_ids(l.pattern_logits_natural().detach().cpu())
+            scores = full_tensor(l.tile_logits.detach()).cpu() if l.tile_logits is not None else None
             finals.append(LayerFinal(l.layer_name, l.grid, ids, scores))
         for f in self.fixed:
             finals.append(LayerFinal(f.name, TileGrid(f.out_features, f.in_features, *self.tile), None, None))

@@ -1,13 +1,17 @@
 """Mask-learning loop: AdamW on the logits only, gradient accumulation, cosine LR with warm-up,
-atomic checkpoints with bit-exact resume, NaN guard, and data-parallel training through
-``torch.distributed`` (``torchrun``; gloo on CPU, NCCL on GPUs).
+atomic checkpoints with bit-exact resume, NaN guard, and learning on several processes through
+``torch.distributed`` (``torchrun``; gloo on CPU, NCCL on GPUs): data-parallel with replicated logits,
+or sharded with FSDP2 (:mod:`.sharded`: weights, logits and optimiser state split over the processes,
+checkpoints in :mod:`.sharded_checkpoint` that resume on another number of processes).
 
 Orchestration only; the math lives in :mod:`.relax`, :mod:`.regularizers`, :mod:`.priors`, :mod:`.final`.
 
 Determinism: the data order is a pure function of (seed, step); the noise comes from the global torch
 RNG seeded with ``seed + rank`` and saved in every checkpoint together with the optimiser state and
 the logits, so an interrupted run resumed from its last checkpoint ends with the same logits as an
-uninterrupted one.
+uninterrupted one. A sharded checkpoint resumed on another number of processes keeps the data order (the
+global batch must stay the same) but not the noise, which is drawn per process: each process then starts
+from a seed derived from (seed, step, rank).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from .final import density_report
 from .masked import MaskedModel
 from .priors import (OneShotMasks, init_logits, one_shot_masks, one_shot_prior, pattern_prior_logits,
                      prior_maskset, tile_prior_logits)
+from . import sharded_checkpoint as dcp_ckpt
+from .sharded import Sharder, fork_model, local, offload_parameters, resolve_shard
 from ..atomic import atomic_torch_save, atomic_write_text
 from .regularizers import density_penalty, distillation_loss, magnitude_bonus, magnitude_decay
 from .relax import LinearSchedule
@@ -40,6 +46,7 @@ from .relax import LinearSchedule
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "tilesparse-learn-checkpoint"
 CHECKPOINT_VERSION = 1
+SINGLE, SHARDED = "single", "sharded"  # checkpoint layouts: one torch file, or a DCP folder
 PRIOR_DIR = "prior"  # beside the checkpoint: the prior's binary mask, kept for resumed runs
 
 
@@ -158,11 +165,23 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state(st["cuda"])
 
 
+def has_checkpoint(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds a learning checkpoint (``checkpoint.pt`` or a sharded ``checkpoint.dcp``)."""
+    return (Path(directory) / CHECKPOINT).is_file() or dcp_ckpt.checkpoint_dir(directory) is not None
+
+
 def load_checkpoint(directory: str | os.PathLike) -> dict:
-    """Read a learning checkpoint (raising :class:`TilesparseError` for anything that is not one)."""
+    """Read a learning checkpoint (raising :class:`TilesparseError` for anything that is not one).
+
+    ``checkpoint.pt`` gives everything, tensors included; a sharded checkpoint (``checkpoint.dcp``) gives
+    the same keys without ``logits`` and ``optimizer`` (they are read into the sharded model on resume),
+    with ``layout`` ``'sharded'``."""
     path = Path(directory) / CHECKPOINT
-    if not path.is_file():
-        raise TilesparseError(f"no learning checkpoint in {directory} (expected {CHECKPOINT})")
+    sharded = None if path.is_file() else dcp_ckpt.checkpoint_dir(directory)
+    if not path.is_file() and sharded is None:
+        raise TilesparseError(f"no learning checkpoint in {directory} (expected {CHECKPOINT} or {dcp_ckpt.DIRNAME})")
+    if sharded is not None:
+        path = sharded / dcp_ckpt.META
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -171,26 +190,28 @@ def load_checkpoint(directory: str | os.PathLike) -> dict:
         raise TilesparseError(f"{path} is not a tilesparse learning checkpoint")
     if ck.get("version") != CHECKPOINT_VERSION:
         raise TilesparseError(f"{path}: checkpoint version {ck.get('version')} is not supported")
+    ck.setdefault("layout", SINGLE)
     return ck
 
 
 def discard_checkpoint(out_dir: str | os.PathLike) -> int:
-    """Delete the resumable state of a finished run in ``out_dir`` (checkpoint and its JSON note);
-    returns the bytes freed. The masks, the prior and the report stay."""
+    """Delete the resumable state of a finished run in ``out_dir`` (checkpoint, sharded or not, and its JSON
+    note); returns the bytes freed. The masks, the prior and the report stay."""
     freed = 0
     for name in (CHECKPOINT, "checkpoint.json"):
         path = Path(out_dir) / name
         if path.is_file():
             freed += path.stat().st_size
             path.unlink()
-    return freed
+    return freed + dcp_ckpt.discard_sharded_checkpoint(out_dir)
 
 
 # -- priors ----------------------------------------------------------------------------------
-def build_initial_logits(model: nn.Module, cfg: LearnConfig, calib_ids: torch.Tensor | None,
-                         progress: bool = False, prior_masks: OneShotMasks | None = None
-                         ) -> tuple[dict, dict, dict]:
-    """Initial tile logits, pattern logits and fixed ids per layer: ``N(0, std^2)`` + the one-shot prior.
+def iter_initial_logits(model: nn.Module, cfg: LearnConfig, calib_ids: torch.Tensor | None,
+                        progress: bool = False, prior_masks: OneShotMasks | None = None):
+    """Initial ``(layer name, tile logits, pattern logits [out, in/4, 6], fixed ids)`` of every 2:4-capable
+    layer, one layer at a time in model order: ``N(0, std^2)`` + the one-shot prior (``None`` for what the
+    mode does not use).
 
     ``prior_masks`` supplies precomputed one-shot masks (e.g. shared by several runs of a benchmark);
     otherwise the ``cfg.prior`` pruner runs here.
@@ -202,28 +223,52 @@ def build_initial_logits(model: nn.Module, cfg: LearnConfig, calib_ids: torch.Te
         shots = one_shot_masks(model, linears, calib_ids, method=cfg.prior, sparsity=cfg.sparsity,
                                need_unstructured=need_tiles, need_24=True, progress=progress)
     gen = torch.Generator().manual_seed(cfg.seed)
-    tiles, patterns, ids = {}, {}, {}
     from ..masks.nm import ids_from_mask
 
     for lin in linears:
         grid = TileGrid(lin.out_features, lin.in_features, *cfg.tile)
+        tile = pattern = ids = None
         if need_tiles:
-            t = init_logits(grid.shape, cfg.init_std, gen)
+            tile = init_logits(grid.shape, cfg.init_std, gen)
             if lin.name in shots.unstructured and cfg.prior_strength > 0:
-                t = t + tile_prior_logits(shots.unstructured[lin.name].cpu(), grid, cfg.sparsity,
-                                          std=cfg.init_std, strength=cfg.prior_strength)
-            tiles[lin.name] = t
+                tile = tile + tile_prior_logits(shots.unstructured[lin.name].cpu(), grid, cfg.sparsity,
+                                                std=cfg.init_std, strength=cfg.prior_strength)
         if cfg.mode in ("joint", "maskllm"):
-            p = init_logits((lin.out_features, lin.in_features // 4, 6), cfg.init_std, gen)
+            pattern = init_logits((lin.out_features, lin.in_features // 4, 6), cfg.init_std, gen)
             if lin.name in shots.two_four and cfg.prior_strength > 0:
-                p = p + pattern_prior_logits(shots.two_four[lin.name].cpu(), std=cfg.init_std,
-                                             strength=cfg.prior_strength)
-            patterns[lin.name] = p
+                pattern = pattern + pattern_prior_logits(shots.two_four[lin.name].cpu(), std=cfg.init_std,
+                                                         strength=cfg.prior_strength)
         else:
             if lin.name not in shots.two_four:
                 raise TilesparseError(f"{lin.name}: the {cfg.prior} prior gave no 2:4 mask for PATCH-Tile")
-            ids[lin.name] = ids_from_mask(shots.two_four[lin.name].cpu())
+            ids = ids_from_mask(shots.two_four[lin.name].cpu())
+        yield lin.name, tile, pattern, ids
+
+
+def build_initial_logits(model: nn.Module, cfg: LearnConfig, calib_ids: torch.Tensor | None,
+                         progress: bool = False, prior_masks: OneShotMasks | None = None
+                         ) -> tuple[dict, dict, dict]:
+    """Initial tile logits, pattern logits and fixed ids per layer (:func:`iter_initial_logits` collected
+    into three dicts by layer name)."""
+    tiles, patterns, ids = {}, {}, {}
+    for name, t, p, i in iter_initial_logits(model, cfg, calib_ids, progress, prior_masks):
+        for dest, v in ((tiles, t), (patterns, p), (ids, i)):
+            if v is not None:
+                dest[name] = v
     return tiles, patterns, ids
+
+
+def _in_order(items):
+    """``initial(name)`` for :class:`MaskedModel` from an iterator of ``(name, tile, pattern, ids)`` in layer order."""
+    it = iter(items)
+
+    def initial(name: str):
+        got, tile, pattern, ids = next(it)
+        if got != name:  # pragma: no cover - both walk find_prunable_linears
+            raise RuntimeError(f"initial logits for {got} offered to {name}")
+        return tile, pattern, ids
+
+    return initial
 
 
 # -- results ---------------------------------------------------------------------------------
@@ -240,7 +285,9 @@ class LearnResult:
     out_dir: Path | None = None
     files: dict = field(default_factory=dict)
     logits: dict = field(default_factory=dict)  # final logits (and fixed ids) by "<layer>:<kind>", CPU
+    # (sharded runs: on rank 0 only)
     prior: object = None  # the one-shot prior as a binary MaskSet (what learning started from), if any
+    sharded: bool = False  # whether the run sharded the model, the logits and the optimiser state (FSDP2)
 
 
 class StopRequested(Exception):
@@ -291,22 +338,31 @@ def learn_masks(model: nn.Module, cfg: LearnConfig, train_ids: torch.Tensor, *,
     device = next(model.parameters()).device
     fingerprint = weights_fingerprint(model)
     ck = None
+    layout_ck = None
     if resume:
         if out is None:
             raise TilesparseError("resuming needs the run's output directory")
         ck = load_checkpoint(out)
-        check_resumable(ck["config"], cfg)
+        layout_ck = ck["layout"]
+        check_resumable(ck["config"], cfg, elastic=layout_ck == SHARDED)
         if ck.get("fingerprint") != fingerprint:
             raise TilesparseError(f"cannot resume: the checkpoint in {out} was made for another model "
                                   f"({ck.get('model')}, weights {ck.get('fingerprint')} vs {fingerprint})")
+        if layout_ck == SINGLE and cfg.shard:
+            raise TilesparseError(f"cannot resume with sharding: the checkpoint in {out} comes from an unsharded "
+                                  "run (resume it without --shard)")
+    sharded = resolve_shard(False if layout_ck == SINGLE else cfg.shard, world, model, cfg.mode, cfg.tile,
+                            device)
+    layout = SHARDED if (sharded or cfg.shard or layout_ck == SHARDED) else SINGLE
     t_start = time.perf_counter()
 
     prior = None
+    tiles = patterns = ids = initial = None
     if ck is None:
         if prior_masks is None:
             prior_masks = one_shot_prior(model, calib_ids, method=cfg.prior, mode=cfg.mode, sparsity=cfg.sparsity,
                                          progress=progress and rank == 0)
-        tiles, patterns, ids = build_initial_logits(model, cfg, calib_ids, prior_masks=prior_masks)
+        initial = _in_order(iter_initial_logits(model, cfg, calib_ids, prior_masks=prior_masks))
         if prior_masks.two_four:
             prior = prior_maskset(prior_masks, find_prunable_linears(model), cfg.mode, cfg.sparsity, cfg.tile,
                                   meta={"model": model_name, "fingerprint": fingerprint})
@@ -317,27 +373,51 @@ def learn_masks(model: nn.Module, cfg: LearnConfig, train_ids: torch.Tensor, *,
             from ..io import load_mask_artifact
 
             prior = load_mask_artifact(out / PRIOR_DIR)
-        split = {"tile": {}, "pattern": {}, "ids": {}}
-        for key, t in ck["logits"].items():
-            name, _, kind = key.rpartition(":")
-            split.setdefault(kind, {})[name] = t
-        tiles, ids = split["tile"], split["ids"]
-        patterns = {k: v.permute(1, 2, 0) for k, v in split["pattern"].items()}  # stored candidate-major
-    masked = MaskedModel(model, cfg.mode, tile=cfg.tile, tile_init=tiles, pattern_init=patterns, ids=ids)
+        if layout_ck == SINGLE:
+            split = {"tile": {}, "pattern": {}, "ids": {}}
+            for key, t in ck["logits"].items():
+                name, _, kind = key.rpartition(":")
+                split.setdefault(kind, {})[name] = t
+            tiles, ids = split["tile"], split["ids"]
+            patterns = {k: v.permute(1, 2, 0) for k, v in split["pattern"].items()}  # stored candidate-major
+        else:  # placeholders of the right shapes; the sharded checkpoint fills them
+            groups = {l.name: (l.out_features, l.in_features // 4) for l in find_prunable_linears(model)}
+
+            def initial(name):
+                return None, None, (torch.zeros(groups[name], dtype=torch.uint8) if cfg.mode == "tile" else None)
+
+    work, sharder, restore = model, None, None
+    if sharded:
+        work = fork_model(model)  # FSDP changes the copy's modules, never the caller's
+        sharder = Sharder(device)
+    masked = MaskedModel(work, cfg.mode, tile=cfg.tile, tile_init=tiles, pattern_init=patterns, ids=ids,
+                         initial=initial, on_block=sharder.shard_block if sharder is not None else None)
+    del tiles, patterns, ids, initial  # the one-shot masks and initial values are not needed any more
+    prior_masks = None
     try:
-        res = _train(model, masked, cfg, train_ids, ck, out, rank, world, device, fingerprint, model_name,
-                     progress, callback, t_start, bos_id)
+        if sharder is not None:
+            sharder.shard_root(work)
+            restore = offload_parameters(model)
+        res = _train(work, masked, cfg, train_ids, ck, out, rank, world, device, fingerprint, model_name,
+                     progress, callback, t_start, bos_id, sharded, layout)
         res.prior = prior
         return res
     finally:
         masked.remove()
+        if restore is not None:
+            restore()
+
+
+def _resume_seed(seed: int, step: int, rank: int) -> int:
+    """The noise seed of process ``rank`` when a sharded run resumes at ``step`` on another number of processes."""
+    return (seed * 1_000_003 + step) * 65_537 + rank
 
 
 def _train(model, masked: MaskedModel, cfg: LearnConfig, train_ids, ck, out, rank, world, device, fingerprint,
-           model_name, progress, callback, t_start, bos_id) -> LearnResult:
-    if ck is not None:
+           model_name, progress, callback, t_start, bos_id, sharded, layout) -> LearnResult:
+    if ck is not None and ck["layout"] == SINGLE:
         masked.load_logits_state(ck["logits"])
-    elif world > 1:  # every rank starts from rank 0's logits
+    elif ck is None and world > 1 and not sharded:  # every rank starts from rank 0's logits (sharded: per block)
         with torch.no_grad():
             for t in masked.parameters() + [l.ids for l in masked.layers if l.ids is not None]:
                 dist.broadcast(t, src=0)
@@ -355,11 +435,18 @@ def _train(model, masked: MaskedModel, cfg: LearnConfig, train_ids, ck, out, ran
     history: list[dict] = []
     start = 0
     if ck is not None:
-        opt.load_state_dict(ck["optimizer"])
+        if ck["layout"] == SINGLE:
+            opt.load_state_dict(ck["optimizer"])
+        else:
+            dcp_ckpt.load_sharded_checkpoint(out, {k: t.detach() for k, t in masked.logit_tensors().items()},
+                                             opt, model)
         start = int(ck["step"])
         history = list(ck.get("history", []))
         rngs = ck["rng"]
-        _set_rng_state(rngs[rank] if len(rngs) > rank else rngs[0])
+        if ck["layout"] == SHARDED and len(rngs) != world:  # the noise streams are per process
+            torch.manual_seed(_resume_seed(cfg.seed, start, rank))
+        else:
+            _set_rng_state(rngs[rank] if len(rngs) > rank else rngs[0])
     else:
         torch.manual_seed(cfg.seed + rank)
     sched = {"tile_k": LinearSchedule(*cfg.tile_k), "tile_tau": LinearSchedule(*cfg.tile_tau),
@@ -375,15 +462,16 @@ def _train(model, masked: MaskedModel, cfg: LearnConfig, train_ids, ck, out, ran
             gathered = [None] * world
             dist.all_gather_object(gathered, rngs[0])
             rngs = gathered
-        if rank == 0 and ckpt_path is not None:
-            atomic_torch_save({
-                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": cfg.to_dict(),
+        meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": cfg.to_dict(),
                 "model": model_name, "fingerprint": fingerprint, "step": next_step,
-                "samples_seen": next_step * per_step, "logits": masked.logits_state(),
-                "optimizer": opt.state_dict(), "rng": rngs, "history": history,
-            }, ckpt_path)
+                "samples_seen": next_step * per_step, "rng": rngs, "history": history, "layout": layout}
+        if layout == SHARDED:
+            dcp_ckpt.save_sharded_checkpoint(out, masked.logit_tensors(), opt, model, meta)
+        elif rank == 0 and ckpt_path is not None:
+            atomic_torch_save({**meta, "logits": masked.logits_state(), "optimizer": opt.state_dict()}, ckpt_path)
+        if rank == 0 and out is not None:
             atomic_write_text(json.dumps({"step": next_step, "steps": cfg.steps, "mode": cfg.mode,
-                                          "model": model_name}, indent=1), out / "checkpoint.json")
+                                          "model": model_name, "layout": layout}, indent=1), out / "checkpoint.json")
 
     bar = tqdm(total=cfg.steps, initial=start, desc=f"learn {cfg.mode}", unit="step",
                disable=not progress or rank != 0, dynamic_ncols=True)
@@ -396,7 +484,7 @@ def _train(model, masked: MaskedModel, cfg: LearnConfig, train_ids, ck, out, ran
             decay = magnitude_decay(step, cfg.steps)
             record = cfg.l2 > 0 and decay > 0
             masked.set_values(**vals, hard_tile=cfg.hard_tile, hard_24=cfg.hard_24, stochastic=True,
-                              record_norms=record)
+                              record_norms=record, record_expected=cfg.density_estimate == "expected")
             factor = lr_factor(step, cfg.steps, wu, cfg.min_lr_ratio)
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * factor
@@ -431,12 +519,13 @@ def _train(model, masked: MaskedModel, cfg: LearnConfig, train_ids, ck, out, ran
                 sums["ce"] += float(ce.detach()) / cfg.grad_accum
                 sums["density"] += float(dens.detach().mean()) / cfg.grad_accum
             params = masked.parameters()
-            finite = torch.tensor([1.0 if math.isfinite(sums["loss"]) else 0.0])
+            finite = torch.tensor([1.0 if math.isfinite(sums["loss"]) else 0.0], device=device)
             if all(p.grad is not None for p in params):
-                finite *= float(all(bool(torch.isfinite(p.grad).all()) for p in params))
+                finite *= float(all(bool(torch.isfinite(local(p.grad)).all()) for p in params))
             if world > 1:
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-                _allreduce_mean([p.grad for p in params if p.grad is not None], world)
+                if not sharded:  # FSDP has reduce-scattered (averaged) the gradients in backward
+                    _allreduce_mean([p.grad for p in params if p.grad is not None], world)
             if finite.item() < 1:
                 where = (f"the last good checkpoint (step {last_ckpt}) is kept in {out}" if last_ckpt is not None
                          else "no checkpoint was written yet")
@@ -465,7 +554,7 @@ def _train(model, masked: MaskedModel, cfg: LearnConfig, train_ids, ck, out, ran
     tokens = cfg.steps * cfg.tokens_per_step
     meta = {"method": MODE_NAMES[cfg.mode], "mode": cfg.mode, "model": model_name, "fingerprint": fingerprint,
             "prior": cfg.prior, "steps": cfg.steps, "tokens": tokens, "config": cfg.to_dict()}
-    maskset = masked.final_maskset(cfg.sparsity, meta=meta)
+    maskset = masked.final_maskset(cfg.sparsity, meta=meta)  # every process: all tiles ranked together
     report = density_report(maskset, masked.block_of)
     report.update({"method": meta["method"], "target_sparsity": maskset.meta["target_sparsity"],
                    "steps": cfg.steps, "tokens": tokens, "seconds": seconds, "logit_bytes": masked.logit_bytes()})
@@ -475,11 +564,13 @@ def _train(model, masked: MaskedModel, cfg: LearnConfig, train_ids, ck, out, ran
         atomic_write_text(json.dumps({"config": cfg.to_dict(), "report": report, "history": history},
                                      indent=1, default=str), out / "report.json")
         files["report"] = str(out / "report.json")
-        files["checkpoint"] = str(out / CHECKPOINT)
-    return LearnResult(maskset, cfg, history, report, seconds, tokens, out, files, masked.logits_state())
+        files["checkpoint"] = str(out / (CHECKPOINT if layout == SINGLE else dcp_ckpt.DIRNAME))
+    return LearnResult(maskset, cfg, history, report, seconds, tokens, out, files,
+                       masked.logits_state(rank0_only=sharded), sharded=sharded)
 
 
 __all__ = [
     "dist_info", "init_distributed_from_env", "warmup_steps", "lr_factor", "WindowSampler", "atomic_torch_save",
-    "load_checkpoint", "discard_checkpoint", "build_initial_logits", "LearnResult", "StopRequested", "learn_masks",
+    "load_checkpoint", "has_checkpoint", "discard_checkpoint", "iter_initial_logits", "build_initial_logits",
+    "LearnResult", "StopRequested", "learn_masks",
 ]

@@ -58,7 +58,7 @@ def _learned(runner, loaded, spec, mask_dir: Path) -> dict:
     from ..data import training_tokens
     from ..io import save_mask_artifact
     from ..learning.final import density_report
-    from ..learning.trainer import discard_checkpoint, learn_masks
+    from ..learning.trainer import discard_checkpoint, has_checkpoint, learn_masks
     from ..models import find_prunable_linears
 
     d = runner.recipe.data
@@ -76,7 +76,7 @@ def _learned(runner, loaded, spec, mask_dir: Path) -> dict:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     fp_file.write_text(fp)
-    resume = (work / "checkpoint.pt").is_file()
+    resume = has_checkpoint(work)
     res = learn_masks(loaded.model, cfg, train_ids, out_dir=work, resume=resume, model_name=loaded.name,
                       calib_ids=calib, progress=runner.progress, bos_id=loaded.bos_id)
     ms = res.maskset
