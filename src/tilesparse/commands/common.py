@@ -37,6 +37,30 @@ def add_mask_arg(p: argparse.ArgumentParser) -> None:
     add_updated_weights_arg(p)
 
 
+def add_calibration_args(p: argparse.ArgumentParser, what: str = "calibration") -> None:
+    """``--calib-text``, ``--calib-samples``, ``--seqlen`` and ``--seed`` (checked by :func:`check_calibration_args`);
+    ``what`` names the calibration in the help (e.g. ``"GPTQ calibration"``)."""
+    p.add_argument("--calib-text", default="austen-train",
+                   help=f"{what} text source (default austen-train: Emma, Mansfield Park, Sense and "
+                        "Sensibility, Northanger Abbey)")
+    p.add_argument("--calib-samples", type=int, default=32, help="calibration segments (default 32)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration segment (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the calibration segments")
+
+
+def check_calibration_args(args: argparse.Namespace, needs_calibration: bool) -> None:
+    """One-line errors for :func:`add_calibration_args`' values, before the (slow) model load: a positive
+    sample count, and a calibration text that is not an evaluation text."""
+    from ..errors import TilesparseError
+
+    if args.calib_samples <= 0:
+        raise TilesparseError(f"--calib-samples must be positive, got {args.calib_samples}")
+    if needs_calibration:
+        from ..data import check_training_source
+
+        check_training_source(args.calib_text, use="calibrate")
+
+
 def add_updated_weights_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-updated-weights", action="store_true",
                    help="ignore updated_weights.safetensors beside the mask (SparseGPT's reconstructed weights "

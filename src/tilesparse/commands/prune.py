@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import TilesparseError
 from ..pruning.config import PruneConfig
-from .common import add_model_args, print_json, quiet_libraries
+from .common import add_calibration_args, add_model_args, check_calibration_args, print_json, quiet_libraries
 from .config_args import add_config_options, config_values
 
 
@@ -23,12 +23,7 @@ def register(sub) -> None:
                     "unstructured mask at the target sparsity (globally), the other tiles 2:4.")
     add_model_args(p)
     add_config_options(p, PruneConfig)
-    p.add_argument("--calib-text", default="austen-train",
-                   help="calibration text source (default austen-train: Emma, Mansfield Park, Sense and "
-                        "Sensibility, Northanger Abbey)")
-    p.add_argument("--calib-samples", type=int, default=32, help="calibration segments (default 32)")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration segment (default 512)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the calibration segments")
+    add_calibration_args(p)
     p.add_argument("--save-model", action="store_true",
                    help="also save the pruned (masked) model as an HF folder in OUT/model")
     p.add_argument("--eval-text", default=None,
@@ -46,12 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from ..pruning import prune_text
 
     cfg = PruneConfig(**config_values(args, PruneConfig))
-    if args.calib_samples <= 0:
-        raise TilesparseError(f"--calib-samples must be positive, got {args.calib_samples}")
-    if cfg.needs_calibration:
-        from ..data import check_training_source
-
-        check_training_source(args.calib_text, use="calibrate")  # before the (slow) model load
+    check_calibration_args(args, cfg.needs_calibration)
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise TilesparseError(f"--out {out} exists and is not a directory")
