@@ -203,37 +203,18 @@ class RecipeRunner:
             folder = self.out / "stages" / spec.run_id
             head = f"[{i}/{len(plan)}] {spec.run_id}"
             # mask stage
-            mfp = self.mask_fingerprint(spec)
             mask_dir = folder / "mask"
             status = {}
-            info = _stage_done(mask_dir, mfp)
-            if info is None:
-                if mask_dir.exists():
-                    shutil.rmtree(mask_dir)
-                self.log(f"{head}: building mask ({spec.kind})")
-                t0 = time.perf_counter()
-                details = make_mask(self, spec, mask_dir)
-                info = {"fingerprint": mfp, "seconds": time.perf_counter() - t0, **details}
-                _write_json_atomic(mask_dir / STAGE_FILE, info)
-                status["mask"] = COMPUTED
-            else:
-                status["mask"] = self._reused(f"{head}: mask stage done, reused")
+            info, status["mask"] = self._folder_stage(
+                mask_dir, self.mask_fingerprint(spec), f"{head}: building mask ({spec.kind})",
+                f"{head}: mask stage done, reused", make_mask, self, spec, mask_dir)
             # quantize stage
             weights_dir = self.weights_dir(spec)
             qfp = self.quant_fingerprint(spec)
             if qfp is not None:
-                qinfo = _stage_done(weights_dir, qfp)
-                if qinfo is None:
-                    if weights_dir.exists():
-                        shutil.rmtree(weights_dir)
-                    self.log(f"{head}: quantizing ({self.recipe.quantize.to_config().label()})")
-                    t0 = time.perf_counter()
-                    details = quantize_run(self, spec, mask_dir, weights_dir)
-                    qinfo = {"fingerprint": qfp, "seconds": time.perf_counter() - t0, **details}
-                    _write_json_atomic(weights_dir / STAGE_FILE, qinfo)
-                    status["quantize"] = COMPUTED
-                else:
-                    status["quantize"] = self._reused(f"{head}: quantize stage done, reused")
+                qinfo, status["quantize"] = self._folder_stage(
+                    weights_dir, qfp, f"{head}: quantizing ({self.recipe.quantize.to_config().label()})",
+                    f"{head}: quantize stage done, reused", quantize_run, self, spec, mask_dir, weights_dir)
                 info = {**info, "quantize": {k: v for k, v in qinfo.items() if k != "fingerprint"}}
             # evaluation stage
             efp = self.eval_fingerprint(spec)
@@ -254,17 +235,10 @@ class RecipeRunner:
                 status["export"] = "skipped: not selected for export"
             else:
                 export_dir = folder / "export"
-                xfp = fingerprint(self.weights_fingerprint(spec), EXPORT_VERSION)
-                export = _stage_done(export_dir, xfp)
-                if export is None:
-                    if export_dir.exists():
-                        shutil.rmtree(export_dir)
-                    self.log(f"{head}: exporting packed model")
-                    export = {"fingerprint": xfp, **export_run(self, spec, weights_dir, export_dir)}
-                    _write_json_atomic(export_dir / STAGE_FILE, export)
-                    status["export"] = COMPUTED
-                else:
-                    status["export"] = self._reused(f"{head}: export done, reused")
+                export, status["export"] = self._folder_stage(
+                    export_dir, fingerprint(self.weights_fingerprint(spec), EXPORT_VERSION),
+                    f"{head}: exporting packed model", f"{head}: export done, reused",
+                    export_run, self, spec, weights_dir, export_dir, timed=False)
             self._stages[1] += sum(v in (COMPUTED, REUSED) for v in status.values())
             results.append(self._result(spec, info, ev, export_dir, export, status))
             if i < len(plan):  # a partial report survives an interruption of the later stages
@@ -290,6 +264,23 @@ class RecipeRunner:
             export_dir=str(export_dir) if export_dir else None, stages=status, export=export,
             perplexity_skipped=ev.get("perplexity_skipped", {}),
         )
+
+    def _folder_stage(self, folder: Path, fp: str, computing: str, reused: str, compute, *args,
+                      timed: bool = True) -> tuple[dict, str]:
+        """A stage whose output is ``folder``: its record (``STAGE_FILE`` inside) when ``fp`` matches, else
+        ``compute(*args)`` into an emptied folder, recorded with the fingerprint (and its time when ``timed``).
+        Returns ``(record, COMPUTED or REUSED)``; ``computing`` / ``reused`` are the log lines."""
+        record = _stage_done(folder, fp)
+        if record is not None:
+            return record, self._reused(reused)
+        if folder.exists():
+            shutil.rmtree(folder)
+        self.log(computing)
+        t0 = time.perf_counter()
+        details = compute(*args)
+        record = {"fingerprint": fp, **({"seconds": time.perf_counter() - t0} if timed else {}), **details}
+        _write_json_atomic(folder / STAGE_FILE, record)
+        return record, COMPUTED
 
     def _reused(self, message: str) -> str:
         self._stages[0] += 1
