@@ -56,8 +56,52 @@ def _round_up(x: int, a: int) -> int:
     return (x + a - 1) // a * a
 
 
+def pack_nibbles(values: torch.Tensor, stride: int) -> torch.Tensor:
+    """4-bit values ``[rows, n]`` (integers 0..15) -> bytes ``[rows, stride]``: value ``2i`` in the low nibble
+    of byte ``i``, ``2i + 1`` in the high one, zero padded (the 2:4 metadata's layout, and the 4-bit codes')."""
+    v = values.to(torch.int32)
+    if v.shape[1] % 2:
+        v = torch.nn.functional.pad(v, (0, 1))
+    b = (v[:, 0::2] | (v[:, 1::2] << 4)).to(torch.uint8)
+    return torch.nn.functional.pad(b, (0, stride - b.shape[1]))
+
+
+def unpack_nibbles(b: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_nibbles`: bytes ``[rows, stride]`` -> values ``[rows, n]`` (int64)."""
+    b = b.to(torch.int64)
+    return torch.stack([b & 15, b >> 4], dim=-1).reshape(b.shape[0], -1)[:, :n]
+
+
+class _TiledLayer:
+    """What the packed layouts (16-bit :class:`PackedHybrid`, 4-bit ``PackedHybridQ4``) share: the tile grid,
+    the weight's shape and the stored tensors (``STORED``)."""
+
+    @property
+    def grid(self) -> TileGrid:
+        return TileGrid(self.out_features, self.in_features, self.tile_rows, self.tile_cols)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors that define the layer (what is saved to disk)."""
+        return {name: getattr(self, name) for name in self.STORED}
+
+
+def kept_positions(sp_meta: torch.Tensor, mt_off: int, mt_stride: int, rh: int, sp_len: int) -> torch.Tensor:
+    """The kept positions ``(p0, p1)`` of every 2:4 group of a tile-row (``rh`` rows, ``sp_len`` sparse K-space
+    positions, metadata at ``mt_off`` with row stride ``mt_stride`` in ``sp_meta``): int64 ``[rh, sp_len / 4,
+    2]``; corrupt metadata raises."""
+    nib = unpack_nibbles(sp_meta[mt_off:mt_off + rh * mt_stride].view(rh, mt_stride), sp_len // 4)
+    pos = torch.stack([nib & 3, nib >> 2], dim=-1)
+    if bool((pos[..., 0] >= pos[..., 1]).any()):
+        raise ValueError("packed layer: corrupt 2:4 metadata (positions not increasing)")
+    return pos
+
+
 @dataclass
-class PackedHybrid:
+class PackedHybrid(_TiledLayer):
     """One linear weight ``W[out, in]`` in the packed hybrid format (see module docstring).
 
     Stored tensors (saved to disk): ``tile_kinds``, ``sp_ptr``, ``sp_cols``, ``dn_ptr``, ``dn_cols``,
@@ -87,20 +131,12 @@ class PackedHybrid:
 
     # ------------------------------------------------------------------ properties
     @property
-    def grid(self) -> TileGrid:
-        return TileGrid(self.out_features, self.in_features, self.tile_rows, self.tile_cols)
-
-    @property
     def dtype(self) -> torch.dtype:
         return self.dn_vals.dtype
 
     @property
     def device(self) -> torch.device:
         return self.dn_vals.device
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.out_features, self.in_features)
 
     def kind_counts(self) -> dict[str, int]:
         """Number of 2:4, dense and all-zero tiles."""
@@ -122,10 +158,6 @@ class PackedHybrid:
         return self.dn_vals.view(self.out_features, self.in_features)
 
     # ------------------------------------------------------------------ bytes
-    def stored_tensors(self) -> dict[str, torch.Tensor]:
-        """The tensors that define the layer (what is saved to disk)."""
-        return {name: getattr(self, name) for name in self.STORED}
-
     def nbytes(self, include_derived: bool = True) -> int:
         """Bytes of the packed layer (values, metadata, indices, tile map; derived tables if asked)."""
         n = sum(t.numel() * t.element_size() for t in self.stored_tensors().values())
@@ -299,11 +331,7 @@ def pack_from_kinds(
             g = torch.arange(sp_len // 4, device=dev) * 4
             vals = torch.gather(block, 1, (g[None, :, None] + pos).reshape(rh, -1))  # [rh, sp_len/2]
             sp_vals.append(torch.nn.functional.pad(vals, (0, sp_stride - sp_len // 2)).reshape(-1))
-            nib = (pos[..., 0] | (pos[..., 1] << 2)).to(torch.int32)  # [rh, G]
-            if nib.shape[1] % 2:
-                nib = torch.nn.functional.pad(nib, (0, 1))
-            byte = (nib[:, 0::2] | (nib[:, 1::2] << 4)).to(torch.uint8)
-            sp_meta.append(torch.nn.functional.pad(byte, (0, mt_stride - byte.shape[1])).reshape(-1))
+            sp_meta.append(pack_nibbles(pos[..., 0] | (pos[..., 1] << 2), mt_stride).reshape(-1))
     dt = w.dtype
 
     def cat(xs, dtype):
@@ -352,11 +380,7 @@ def unpack(p: PackedHybrid) -> torch.Tensor:
         if sp_len:
             G = sp_len // 4
             vals = p.sp_vals[sp_off:sp_off + rh * sp_stride].view(rh, sp_stride)[:, :sp_len // 2]
-            byte = p.sp_meta[mt_off:mt_off + rh * mt_stride].view(rh, mt_stride).to(torch.int64)
-            nib = torch.stack([byte & 15, byte >> 4], dim=-1).reshape(rh, -1)[:, :G]
-            pos = torch.stack([nib & 3, nib >> 2], dim=-1)  # [rh, G, 2]
-            if bool((pos[..., 0] >= pos[..., 1]).any()):
-                raise ValueError("packed layer: corrupt 2:4 metadata (positions not increasing)")
+            pos = kept_positions(p.sp_meta, mt_off, mt_stride, rh, sp_len)  # [rh, G, 2]
             full = torch.zeros(rh, sp_len, dtype=p.dtype, device=dev)
             g = torch.arange(G, device=dev) * 4
             full.scatter_(1, (g[None, :, None] + pos).reshape(rh, -1), vals)

@@ -29,15 +29,8 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from ..masks.tiles import SPARSE, TileGrid
-from .format import (
-    RI_DN_LEN,
-    RI_MT_OFF,
-    RI_MT_STRIDE,
-    RI_SP_LEN,
-    _kind_columns,
-    _layout,
-    pack_from_kinds,
-)
+from .format import (RI_DN_LEN, RI_MT_OFF, RI_MT_STRIDE, RI_SP_LEN, _kind_columns, _layout, _TiledLayer,
+                     kept_positions, pack_from_kinds, pack_nibbles, unpack_nibbles)
 
 FORMAT_VERSION_Q4 = 2
 BITS = 4
@@ -71,24 +64,8 @@ def _layout_q4(kinds: torch.Tensor, grid: TileGrid):
     return info, q, slot, sizes
 
 
-def _to_nibbles(codes: torch.Tensor, stride: int) -> torch.Tensor:
-    """Codes ``[rows, n]`` (integers 0..15) -> bytes ``[rows, stride]``, code ``2i`` in the low nibble of
-    byte ``i``, zero padded."""
-    c = codes.to(torch.int32)
-    if c.shape[1] % 2:
-        c = torch.nn.functional.pad(c, (0, 1))
-    b = (c[:, 0::2] | (c[:, 1::2] << 4)).to(torch.uint8)
-    return torch.nn.functional.pad(b, (0, stride - b.shape[1]))
-
-
-def _from_nibbles(b: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of :func:`_to_nibbles`: bytes ``[rows, stride]`` -> codes ``[rows, n]`` (int64)."""
-    b = b.to(torch.int64)
-    return torch.stack([b & 15, b >> 4], dim=-1).reshape(b.shape[0], -1)[:, :n]
-
-
 @dataclass
-class PackedHybridQ4:
+class PackedHybridQ4(_TiledLayer):
     """One linear weight ``W[out, in]`` in the 4-bit packed hybrid format (see module docstring).
 
     Stored tensors (saved to disk): :attr:`STORED`. Derived (rebuilt by :meth:`rebuild_layout`): ``row_info``
@@ -123,24 +100,12 @@ class PackedHybridQ4:
         self.rebuild_layout()
 
     @property
-    def grid(self) -> TileGrid:
-        return TileGrid(self.out_features, self.in_features, self.tile_rows, self.tile_cols)
-
-    @property
     def n_groups(self) -> int:
         return math.ceil(self.in_features / self.group_size)
 
     @property
     def device(self) -> torch.device:
         return self.scales.device
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.out_features, self.in_features)
-
-    def stored_tensors(self) -> dict[str, torch.Tensor]:
-        """The tensors that define the layer (what is saved to disk)."""
-        return {name: getattr(self, name) for name in self.STORED}
 
     def nbytes(self, include_derived: bool = True) -> int:
         """Bytes of the packed layer (codes, scales, zero points, metadata, indices, tile map; derived tables if
@@ -214,10 +179,10 @@ def pack_q4(quantized, tile_kinds: torch.Tensor, mask24: torch.Tensor | None,
         sp_len, sp_off, sp_stride, _, _, dn_len, dn_off, dn_stride = carrier.row_info[r].tolist()
         if sp_len:
             v = carrier.sp_vals[sp_off:sp_off + rh * sp_stride].view(rh, sp_stride)[:, :sp_len // 2]
-            sp_parts.append(_to_nibbles(v, int(q[r, QI_SP_STRIDE])).reshape(-1))
+            sp_parts.append(pack_nibbles(v, int(q[r, QI_SP_STRIDE])).reshape(-1))
         if dn_len:
             v = carrier.dn_vals[dn_off:dn_off + rh * dn_stride].view(rh, dn_stride)[:, :dn_len]
-            dn_parts.append(_to_nibbles(v, int(q[r, QI_DN_STRIDE])).reshape(-1))
+            dn_parts.append(pack_nibbles(v, int(q[r, QI_DN_STRIDE])).reshape(-1))
 
     def cat(xs):
         return torch.cat(xs).contiguous() if xs else torch.zeros(0, dtype=torch.uint8, device=dev)
@@ -248,21 +213,16 @@ def unpack_q4(p: PackedHybridQ4) -> torch.Tensor:
         s, z = scales[r0:r0 + rh], zeros[r0:r0 + rh]
         if dn_len:
             cols = _kind_columns(p, r, dn_ptr, dn_cols).to(dev)
-            c = _from_nibbles(p.dn_codes[dn_off:dn_off + rh * dn_stride].view(rh, dn_stride), dn_len).float()
+            c = unpack_nibbles(p.dn_codes[dn_off:dn_off + rh * dn_stride].view(rh, dn_stride), dn_len).float()
             grp = cols // g
             W[r0:r0 + rh, cols] = s[:, grp] * (c - z[:, grp])
         if sp_len:
             G = sp_len // 4
             cols = _kind_columns(p, r, sp_ptr, sp_cols).to(dev)  # [sp_len]
-            mt_off, mt_stride = int(info[r, RI_MT_OFF]), int(info[r, RI_MT_STRIDE])
-            byte = p.sp_meta[mt_off:mt_off + rh * mt_stride].view(rh, mt_stride).to(torch.int64)
-            nib = torch.stack([byte & 15, byte >> 4], dim=-1).reshape(rh, -1)[:, :G]
-            pos = torch.stack([nib & 3, nib >> 2], dim=-1)  # [rh, G, 2]
-            if bool((pos[..., 0] >= pos[..., 1]).any()):
-                raise ValueError("packed 4-bit layer: corrupt 2:4 metadata (positions not increasing)")
+            pos = kept_positions(p.sp_meta, int(info[r, RI_MT_OFF]), int(info[r, RI_MT_STRIDE]), rh, sp_len)
             kpos = (torch.arange(G, device=dev) * 4)[None, :, None] + pos  # kept positions in the K-space
             kcol = cols[kpos.reshape(rh, -1)]  # [rh, sp_len/2] input columns of the kept weights
-            c = _from_nibbles(p.sp_codes[sp_off:sp_off + rh * sp_stride].view(rh, sp_stride), sp_len // 2).float()
+            c = unpack_nibbles(p.sp_codes[sp_off:sp_off + rh * sp_stride].view(rh, sp_stride), sp_len // 2).float()
             grp = kcol // g
             vals = torch.gather(s, 1, grp) * (c - torch.gather(z, 1, grp))
             W[r0:r0 + rh].scatter_(1, kcol, vals)
