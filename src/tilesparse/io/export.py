@@ -144,27 +144,21 @@ def save_packed_folder(model, out: Path, tokenizer, source_name: str, buffers: d
     """Write a model converted to ``HybridLinear`` layers as a packed folder that :func:`load_model` reads:
     ``model.packed.safetensors`` (with ``buffers``, the non-persistent buffers to ship, and ``metadata``),
     ``config.json`` saying bf16 and ``source_name``, and the tokenizer files. Returns the packed file's size."""
+    from ..kernels.linear import HybridLinear
+    from ..kernels.linear_q4 import HybridLinearQ4
     from ..models.loading import PACKED_FILE
-    from .packed import save_packed_model
+    from .packed import format_version, save_packed_model
 
     out.mkdir(parents=True, exist_ok=True)
     size = save_packed_model(model, out / PACKED_FILE, extra_metadata={"model": source_name, **(metadata or {})},
                              buffers=buffers)
     _true_config(model, source_name)
     model.config.save_pretrained(out)
-    _declare_quantization(out / "config.json", _file_version(out / PACKED_FILE))
+    _declare_quantization(out / "config.json", format_version(
+        m.packed for m in model.modules() if isinstance(m, (HybridLinear, HybridLinearQ4))))
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return size
-
-
-def _file_version(path: Path) -> int:
-    import json
-
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return int(json.loads(f.metadata()["tilesparse"])["version"])
 
 
 def _declare_quantization(config_file: Path, format_version: int) -> None:

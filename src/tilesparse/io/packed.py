@@ -30,6 +30,12 @@ FORMAT_NAME = "tilesparse-packed"
 _SEP = "::"
 
 
+def format_version(layers) -> int:
+    """The file format version for these packed layers: 2 when any is 4-bit, else 1 (what libraries that know
+    only 16-bit layers read)."""
+    return FORMAT_VERSION_Q4 if any(isinstance(p, PackedHybridQ4) for p in layers) else FORMAT_VERSION
+
+
 def save_packed(path: str | Path, layers: dict[str, PackedHybrid | PackedHybridQ4], biases: dict[str, torch.Tensor] | None = None,
                 state: dict[str, torch.Tensor] | None = None, extra_metadata: dict | None = None,
                 buffers: dict[str, torch.Tensor] | None = None) -> int:
@@ -65,8 +71,7 @@ def save_packed(path: str | Path, layers: dict[str, PackedHybrid | PackedHybridQ
         tensors[f"state{_SEP}{key}"] = t.detach().contiguous().cpu()
     for key, t in (buffers or {}).items():
         tensors[f"buffer{_SEP}{key}"] = t.detach().contiguous().cpu()
-    version = FORMAT_VERSION_Q4 if any(isinstance(p, PackedHybridQ4) for p in layers.values()) else FORMAT_VERSION
-    meta = {"format": FORMAT_NAME, "version": version, "layers": meta_layers, "aliases": aliases,
+    meta = {"format": FORMAT_NAME, "version": format_version(layers.values()), "layers": meta_layers, "aliases": aliases,
             "buffers": sorted(buffers or {})}
     if extra_metadata:
         meta["extra"] = extra_metadata
