@@ -59,6 +59,18 @@ def tiny_llama():
     return make_tiny_model("llama")
 
 
+def make_byte_tokenizer():
+    """A byte-level fast tokenizer (256 ids, ``!`` as BOS and EOS) that needs no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="!", eos_token="!")
+
+
 @pytest.fixture
 def tmp_cache(tmp_path, monkeypatch):
     """An empty tilesparse cache dir for the test."""

@@ -3,22 +3,15 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from conftest import make_byte_tokenizer, make_tiny_model
 from tilesparse.cli import main
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny LLaMA with a byte-level tokenizer saved as an HF folder, plus a training text file."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     d = tmp_path_factory.mktemp("tiny")
-    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="!", eos_token="!").save_pretrained(d)
+    make_byte_tokenizer().save_pretrained(d)
     import transformers as tf
 
     torch.manual_seed(0)

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import make_byte_tokenizer
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "learn_scaling.py"
 
@@ -30,15 +32,9 @@ def _run(cmd, timeout=300):
 def tiny_dir(tmp_path):
     """A tiny LLaMA with tied embeddings and a byte-level tokenizer as an HF folder, plus a training text."""
     import transformers as tf
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     d = tmp_path / "tiny"
-    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="!", eos_token="!").save_pretrained(d)
+    make_byte_tokenizer().save_pretrained(d)
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=1024, vocab_size=256,
