@@ -1,4 +1,5 @@
-"""The hybrid matmul as a PyTorch operator: ``torch.ops.tilesparse.hybrid_linear``.
+"""The hybrid matmuls as PyTorch operators: ``torch.ops.tilesparse.hybrid_linear`` (16-bit layers) and
+``torch.ops.tilesparse.hybrid_linear_q4`` (4-bit layers).
 
 Registered with :func:`torch.library.custom_op`, so ``torch.compile`` (``fullgraph=True`` included) traces a
 model with :class:`~.linear.HybridLinear` layers without graph breaks: the compiler sees one opaque node per
@@ -14,10 +15,17 @@ same tile counts give the compiler the same call. (Compiling each decoder block 
 again for blocks whose packed tensors differ in size: the compiler treats module buffers as static-shaped.)
 Tensors that are not a registered layer's (a copy made elsewhere) are used through a layout rebuilt for them,
 slower but never wrong.
+
+The 4-bit operator takes the layer's stored tensors (``PackedHybridQ4.STORED`` order) and ``[out_features,
+in_features, tile_rows, tile_cols, group_size]``; its CUDA implementation finds the registered
+:class:`~.format_q4.PackedHybridQ4` the same way and runs :func:`q4_linear` (the Triton kernel of
+:mod:`.triton_q4` for 1-16 bfloat16/float16 tokens, the torch reference otherwise); on other devices it runs
+the torch reference.
 """
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -85,6 +93,37 @@ def _hybrid_linear_fake(x, packed, bias, dims, use_triton):
     return x.new_empty((*x.shape[:-1], dims[0]))
 
 
+_Q4_LAYERS: "weakref.WeakValueDictionary[tuple, object]" = weakref.WeakValueDictionary()
+
+
+def register_layer_q4(packed) -> None:
+    """Make the 4-bit layer ``packed`` (a :class:`~.format_q4.PackedHybridQ4`) the one the 4-bit operator uses for
+    calls on its tensors, so that its derived tables are not rebuilt per call (held weakly: the module owns it)."""
+    _Q4_LAYERS[_storage_key(packed.scales)] = packed
+
+
+def _resolve_q4(tensors: list[torch.Tensor], dims: list[int]):
+    """The registered 4-bit layer over exactly these stored tensors and dimensions, else one built for them."""
+    from .format_q4 import PackedHybridQ4
+
+    p = _Q4_LAYERS.get(_storage_key(tensors[PackedHybridQ4.STORED.index("scales")]))
+    if p is not None and [p.out_features, p.in_features, p.tile_rows, p.tile_cols, p.group_size] == list(dims) \
+            and all(_same_tensor(getattr(p, n), t) for n, t in zip(PackedHybridQ4.STORED, tensors)):
+        return p
+    return PackedHybridQ4(*dims, **dict(zip(PackedHybridQ4.STORED, tensors)))
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.dtype == b.dtype
+                      and a.device == b.device)
+
+
+def _check_counts_q4(tensors: list[torch.Tensor], dims: list[int]) -> None:
+    from .format_q4 import PackedHybridQ4
+
+    if len(tensors) != len(PackedHybridQ4.STORED) or len(dims) != 5:
+        raise ValueError(f"tilesparse::hybrid_linear_q4 takes {len(PackedHybridQ4.STORED)} packed tensors and 5 "
+                         f"dimensions, got {len(tensors)} and {len(dims)}")
 
 
 @torch.library.custom_op("tilesparse::hybrid_linear_q4", mutates_args=())
@@ -92,19 +131,65 @@ def hybrid_linear_q4_op(x: torch.Tensor, packed: list[torch.Tensor], bias: torch
                         dims: list[int]) -> torch.Tensor:
     """``x @ W^T + bias`` for a 4-bit packed layer given by its stored tensors (``PackedHybridQ4.STORED``
     order) and ``dims`` ``[out_features, in_features, tile_rows, tile_cols, group_size]``: the torch reference
-    (dequantize, then ``F.linear`` in ``x``'s dtype) on every device."""
+    (dequantize, then ``F.linear`` in ``x``'s dtype) on the CPU and other devices; on CUDA :func:`q4_linear` (the
+    Triton kernel where it applies)."""
     from .format_q4 import PackedHybridQ4
 
-    if len(packed) != len(PackedHybridQ4.STORED) or len(dims) != 5:
-        raise ValueError(f"tilesparse::hybrid_linear_q4 takes {len(PackedHybridQ4.STORED)} packed tensors and 5 "
-                         f"dimensions, got {len(packed)} and {len(dims)}")
+    _check_counts_q4(packed, dims)
     p = PackedHybridQ4(*dims, **dict(zip(PackedHybridQ4.STORED, packed)))
     return _q4_reference(x, p, bias)
+
+
+@hybrid_linear_q4_op.register_kernel("cuda")
+def _hybrid_linear_q4_cuda(x, packed, bias, dims):
+    _check_counts_q4(packed, dims)
+    return q4_linear(x, _resolve_q4(packed, dims), bias)
 
 
 def _q4_reference(x: torch.Tensor, p, bias: torch.Tensor | None) -> torch.Tensor:
     w = p.unpack().to(device=x.device, dtype=x.dtype)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+Q4_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+Q4_KERNEL_MAX_TOKENS = 16
+
+
+@functools.cache
+def _q4_triton_launcher():
+    """:func:`.triton_q4.q4_linear_triton`, or ``None`` where Triton cannot be imported."""
+    try:
+        from .triton_q4 import q4_linear_triton
+    except Exception:  # pragma: no cover - depends on the environment
+        return None
+    return q4_linear_triton
+
+
+def q4_kernel_applies(x: torch.Tensor, p) -> bool:
+    """Whether :func:`q4_linear` runs the Triton kernel for ``x`` on the 4-bit layer ``p``: ``x`` on CUDA on the
+    layer's device, bfloat16 or float16, ``in_features`` wide, 1..16 tokens, no gradient to track (the kernel has
+    no backward; the reference keeps ``x``'s gradient), a tile width the kernel takes and Triton importable."""
+    if not (x.is_cuda and x.dtype in Q4_KERNEL_DTYPES and x.dim() >= 1 and x.shape[-1] == p.in_features
+            and x.device == p.device and not (x.requires_grad and torch.is_grad_enabled())):
+        return False
+    tc = p.tile_cols
+    return (1 <= x.numel() // max(1, p.in_features) <= Q4_KERNEL_MAX_TOKENS and tc >= 16 and tc & (tc - 1) == 0
+            and _q4_triton_launcher() is not None)
+
+
+def q4_linear(x: torch.Tensor, p, bias: torch.Tensor | None = None, use_triton: bool | None = None) -> torch.Tensor:
+    """``x @ W^T + bias`` for the 4-bit layer ``p``, ``x [..., in]`` -> ``[..., out]`` in ``x``'s dtype: the Triton
+    kernel (:mod:`.triton_q4`) where :func:`q4_kernel_applies`, the torch reference (dequantize + ``F.linear``)
+    elsewhere; ``use_triton`` forces one or the other (``True`` on the CPU needs ``TRITON_INTERPRET=1``)."""
+    if use_triton is None:
+        use_triton = q4_kernel_applies(x, p)
+    if not use_triton:
+        return _q4_reference(x, p, bias)
+    launch = _q4_triton_launcher()
+    if launch is None:
+        raise RuntimeError("the 4-bit Triton kernel needs triton, which cannot be imported here")
+    b = None if bias is None else bias.to(x.dtype)
+    return launch(x.reshape(-1, p.in_features), p, b).reshape(*x.shape[:-1], p.out_features)
 
 
 @hybrid_linear_q4_op.register_fake
@@ -114,4 +199,5 @@ def _hybrid_linear_q4_fake(x, packed, bias, dims):
     return x.new_empty((*x.shape[:-1], dims[0]))
 
 
-__all__ = ["OP_TENSORS", "register_layer", "op_tensors", "hybrid_linear_op", "hybrid_linear_q4_op"]
+__all__ = ["OP_TENSORS", "register_layer", "op_tensors", "hybrid_linear_op", "hybrid_linear_q4_op", "q4_linear",
+           "q4_kernel_applies", "register_layer_q4"]

@@ -1,5 +1,7 @@
 """``HybridLinearQ4``: a drop-in ``nn.Linear`` replacement holding a 4-bit packed hybrid weight
-(:mod:`.format_q4`), and model conversion from a mask and a 4-bit quantization."""
+(:mod:`.format_q4`), and model conversion from a mask and a 4-bit quantization. Its product is
+:func:`.library.q4_linear`: the Triton decode kernel (:mod:`.triton_q4`) on CUDA for 1-16 bfloat16/float16
+tokens, the torch reference (dequantize, then ``F.linear``) otherwise."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import torch
 from torch import nn
 
 from .format_q4 import PackedHybridQ4, pack_q4
-from .library import _q4_reference, hybrid_linear_q4_op
+from .library import hybrid_linear_q4_op, q4_linear, register_layer_q4
 
 
 class HybridLinearQ4(nn.Module):
@@ -17,9 +19,10 @@ class HybridLinearQ4(nn.Module):
 
     The packed tensors are registered buffers under ``packed_<name>`` (they follow ``.to()``; ``.half()`` and
     friends leave them alone: codes, metadata and scales keep their types). The product runs in the input's
-    dtype through the torch reference: the weight is dequantized on each call, so this layer saves memory,
-    not time, until a 4-bit kernel exists. Under ``torch.compile`` it is one
-    ``torch.ops.tilesparse.hybrid_linear_q4`` node.
+    dtype: on CUDA with bfloat16/float16 inputs of 1-16 tokens through the Triton decode kernel
+    (:mod:`.triton_q4`: the codes are read packed and dequantized in registers); otherwise through the torch
+    reference, which dequantizes the whole weight on each call (this layer then saves memory, not time). Under
+    ``torch.compile`` it is one ``torch.ops.tilesparse.hybrid_linear_q4`` node.
     """
 
     def __init__(self, packed: PackedHybridQ4, bias: torch.Tensor | None = None):
@@ -34,7 +37,8 @@ class HybridLinearQ4(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._dims = [self.out_features, self.in_features, *self.tile, self.group_size]
-        self._packed_cache = None
+        self._packed_cache = packed
+        register_layer_q4(packed)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, quantized, tile_kinds: torch.Tensor, mask24: torch.Tensor | None,
@@ -59,7 +63,15 @@ class HybridLinearQ4(nn.Module):
         if c is None or any(getattr(c, n) is not t for n, t in zip(PackedHybridQ4.STORED, ts)):
             c = PackedHybridQ4(*self._dims, **dict(zip(PackedHybridQ4.STORED, ts)))
             self._packed_cache = c
+            register_layer_q4(c)
         return c
+
+    def __setstate__(self, state):
+        # a copy (copy.deepcopy, pickle) gets its own packed view over its own buffers
+        super().__setstate__(state)
+        self._packed_cache = None
+        if not self._buffers["packed_scales"].is_meta:
+            self.packed  # noqa: B018
 
     def _apply(self, fn, recurse=True):
         scales = self._buffers["packed_scales"]
@@ -67,6 +79,8 @@ class HybridLinearQ4(nn.Module):
         moved = self._buffers["packed_scales"]
         if moved.dtype != scales.dtype:  # a dtype cast of the model: scales stay bfloat16 (only the device moves)
             self._buffers["packed_scales"] = scales.to(moved.device)
+        if not moved.is_meta:
+            self.packed  # noqa: B018 -- new buffers: rebuild and register the view now, not inside a traced forward
         return out
 
     @property
@@ -80,7 +94,7 @@ class HybridLinearQ4(nn.Module):
                              f"{self.in_features}")
         if torch.compiler.is_compiling():
             return hybrid_linear_q4_op(x, self._tensors(), self.bias, self._dims)
-        return _q4_reference(x, self.packed, self.bias)
+        return q4_linear(x, self.packed, self.bias)
 
     def nbytes(self) -> int:
         """Resident bytes of the packed weight (+ bias)."""

@@ -1,0 +1,191 @@
+"""4-bit decode kernel (``hybrid_q4_kernel``) vs the float64 product on the dequantized weight, on the CPU through
+TRITON_INTERPRET=1 (small shapes); its launcher's checks; the 4-bit product's dispatch."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from kernels_testutil import interp  # noqa: F401 (fixture)
+
+from tilesparse.kernels.format_q4 import pack_q4, unpack_q4
+from tilesparse.kernels.reference import rel_error
+from tilesparse.masks.nm import topk_mask
+from tilesparse.masks.tiles import DENSE, SPARSE, ZERO, TileGrid, hybrid_mask
+from tilesparse.quant import quantize_rtn
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+@pytest.fixture(scope="module")
+def q4(interp):
+    """The interpreted :mod:`tilesparse.kernels.triton_q4`."""
+    from tilesparse.kernels import triton_q4
+
+    if type(triton_q4.hybrid_q4_kernel).__name__ != "InterpretedFunction":
+        triton_q4 = importlib.reload(triton_q4)
+    return triton_q4
+
+
+def _kinds(grid: TileGrid, frac_sparse: float, frac_zero: float, g: torch.Generator) -> torch.Tensor:
+    n = grid.n_rows * grid.n_cols
+    perm = torch.randperm(n, generator=g)
+    kinds = torch.full((n,), DENSE, dtype=torch.int8)
+    ns, nz = round(frac_sparse * n), round(frac_zero * n)
+    kinds[perm[:ns]] = SPARSE
+    kinds[perm[ns:ns + nz]] = ZERO
+    return kinds.reshape(grid.shape)
+
+
+def q4_layer(N, K, tile, group, kinds=None, frac_sparse=0.4, frac_zero=0.2, seed=0):
+    """A random weight quantized (RTN, asymmetric) under a random hybrid mask (or the tile map ``kinds``) and
+    packed in the 4-bit format."""
+    g = torch.Generator().manual_seed(seed)
+    grid = TileGrid(N, K, *tile)
+    if kinds is None:
+        kinds = _kinds(grid, frac_sparse, frac_zero, g)
+    W = torch.randn(N, K, generator=g)
+    m24 = topk_mask(W.abs()) if bool((kinds == SPARSE).any()) else None
+    keep = hybrid_mask(kinds, torch.ones(N, K, dtype=torch.bool) if m24 is None else m24, grid)
+    q = quantize_rtn(W, keep, group_size=group, symmetric=False)
+    return pack_q4(q.quantized, kinds, m24, tile)
+
+
+def rows_q4_layer(group=32):
+    """4 tile-rows of 32: all dense, all 2:4, all zero (rows 64-95), mixed with a zero tile; the last one partial."""
+    kinds = torch.tensor([[DENSE] * 5, [SPARSE] * 5, [ZERO] * 5, [SPARSE, ZERO, DENSE, SPARSE, DENSE]],
+                         dtype=torch.int8)
+    return q4_layer(120, 160, (32, 32), group, kinds=kinds, seed=5)
+
+
+def reference(x, p, bias):
+    """``x @ W^T (+ bias)`` in float64 on the dequantized weight."""
+    y = x.double() @ unpack_q4(p).double().T
+    return y if bias is None else y + bias.double()
+
+
+def check(q4, p, M, dtype=torch.float32, bias=True, seed=0, **cfg):
+    """Run the kernel on fresh random ``x [M, in]`` (and bias) and compare with :func:`reference`."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, p.in_features, generator=g).to(dtype)
+    b = torch.randn(p.out_features, generator=g).to(dtype) if bias else None
+    y = q4.q4_linear_triton(x, p, b, **cfg)
+    assert y.shape == (M, p.out_features) and y.dtype == dtype
+    err = rel_error(y, reference(x, p, b))
+    assert err < TOL[dtype], f"M={M} {dtype} bias={bias} {cfg}: rel err {err:.3e}"
+    return x, b, y
+
+
+@pytest.mark.parametrize("group", [128, 32, 48], ids=["group128-per-tile", "group32-per-weight",
+                                                      "group48-per-weight-across-tiles"])
+def test_mixed_tiles_partial_edges_and_group_sizes(q4, group):
+    """Dense, 2:4 and all-zero tiles; 72 rows (a partial tile-row) x 200 columns (a partial edge tile of 8 and
+    a partial last group); group 128 takes one scale per tile, 32 and 48 one per weight."""
+    p = q4_layer(72, 200, (16, 64), group, seed=group)
+    assert (group % p.tile_cols == 0) == (group == 128)
+    for i, M in enumerate((1, 3, 16)):
+        check(q4, p, M, bias=i % 2 == 0, seed=i)
+        check(q4, p, M, bias=i % 2 == 1, seed=i + 10)
+
+
+def test_odd_width_dense_layer(q4):
+    """Dense and zero tiles only, 83 columns: the last code byte of a row holds one weight."""
+    p = q4_layer(40, 83, (16, 32), 48, frac_sparse=0.0, frac_zero=0.3, seed=4)
+    assert int(p.row_info[:, 5].max()) % 2 == 1  # an odd dense K-space
+    for M in (1, 3):
+        check(q4, p, M, seed=M)
+
+
+CONFIGS = [  # (tokens, launcher keywords)
+    (1, {}),
+    (1, {"bn": 16, "ts": 1, "td": 1, "pref": True}),  # separate 2:4 and dense accumulators
+    (1, {"bn": 4, "ts": 2, "td": 1, "split": 3}),  # split-K over 3 programs
+    (3, {"bn": 8, "split": 2, "pref": False}),
+    (16, {"dot": False}),
+    (16, {"dot": False, "bn": 32, "ts": 2, "td": 2}),
+    (16, {}),  # tensor cores
+    (9, {"dot": True, "split": 2, "pref": False}),
+]
+
+
+@pytest.mark.parametrize("M,cfg", CONFIGS, ids=[f"M{m}-{'-'.join(f'{k}{v}' for k, v in c.items())}"
+                                                 for m, c in CONFIGS])
+def test_row_kinds_and_configs(q4, M, cfg):
+    """All-dense, all-2:4, all-zero and mixed tile-rows: the all-zero tile-row holds the bias alone (or zeros);
+    a split launch leaves its arrival counters at zero, so it repeats exactly."""
+    p = rows_q4_layer()
+    for bias in (True, False):
+        x, b, y = check(q4, p, M, bias=bias, seed=M, **cfg)
+        expect = b[64:96].expand(M, 32) if bias else torch.zeros(M, 32)
+        assert torch.equal(y[:, 64:96], expect)
+    if cfg.get("split", 1) > 1:
+        assert torch.equal(q4.q4_linear_triton(x, p, b, **cfg), y)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_inputs(q4, dtype):
+    p = q4_layer(72, 200, (32, 64), 128, seed=7)
+    for i, (M, cfg) in enumerate([(1, {}), (3, {}), (16, {"dot": False}), (16, {"dot": True})]):
+        check(q4, p, M, dtype, bias=i % 2 == 0, seed=i, **cfg)
+
+
+def test_default_configs(q4):
+    """FMA for 1-4 tokens; tensor cores above where the tiles allow 32-row blocks; every default runs."""
+    p16, p32 = q4_layer(32, 64, (16, 32), 32, seed=1), rows_q4_layer()
+    assert [q4.default_q4_config(M, p32)["dot"] for M in (1, 4, 5, 16)] == [False, False, True, True]
+    assert not q4.default_q4_config(16, p16)["dot"]
+    assert q4.default_q4_config(16, p32, dot=False)["bm"] == 16
+    for M in (1, 2, 5, 16):
+        check(q4, p16, M, seed=M)
+
+
+def test_bad_input_is_a_one_line_error(q4):
+    p = q4_layer(32, 64, (16, 32), 32, seed=2)
+    x = torch.randn(2, 64)
+    cases = [
+        (ValueError, "in_features=64", (torch.randn(2, 63), p, None), {}),
+        (ValueError, "in_features=64", (torch.randn(64), p, None), {}),
+        (TypeError, "does not match", (x, p, torch.randn(32).half()), {}),
+        (TypeError, "bfloat16, float16 or float32", (x.double(), p, None), {}),
+        (ValueError, r"1\.\.16 tokens", (torch.randn(17, 64), p, None), {}),
+        (ValueError, "bias must be", (x, p, torch.randn(31)), {}),
+        (ValueError, "bm must be", (x, p, None), {"bm": 1}),
+        (ValueError, "tensor cores", (x, p, None), {"dot": True}),  # 16-row tiles: no 32-row blocks
+    ]
+    for exc, match, args, kw in cases:
+        with pytest.raises(exc, match=match) as info:
+            q4.q4_linear_triton(*args, **kw)
+        assert "\n" not in str(info.value)
+
+
+def test_dispatch(q4):
+    """``q4_linear`` forced onto the kernel (leading dimensions, a bias in another dtype) matches the reference;
+    left to choose on the CPU it is the torch reference; the operator has a CUDA implementation."""
+    from tilesparse.kernels.library import _q4_reference, q4_kernel_applies, q4_linear
+
+    p = q4_layer(72, 200, (16, 64), 48, seed=9)
+    x = torch.randn(2, 3, 200).bfloat16()
+    bias = torch.randn(72)
+    y = q4_linear(x, p, bias, use_triton=True)
+    assert y.shape == (2, 3, 72) and y.dtype == torch.bfloat16
+    assert rel_error(y, reference(x.reshape(6, 200), p, bias.bfloat16()).reshape(2, 3, 72)) < 1e-2
+    assert not q4_kernel_applies(x, p)
+    assert torch.equal(q4_linear(x, p, bias), _q4_reference(x, p, bias))
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("tilesparse::hybrid_linear_q4", "CUDA")
+
+
+def test_operator_finds_the_module_layer():
+    """A ``HybridLinearQ4``'s tensors resolve to its registered layer (no layout rebuilt per call); other tensors
+    or dimensions get a layer of their own."""
+    from tilesparse.kernels.library import _resolve_q4
+    from tilesparse.kernels.linear_q4 import HybridLinearQ4
+
+    p = q4_layer(48, 64, (16, 32), 32, seed=3)
+    layer = HybridLinearQ4(p)
+    assert _resolve_q4(layer._tensors(), layer._dims) is layer.packed
+    copied = [t.clone() for t in layer._tensors()]
+    other = _resolve_q4(copied, layer._dims)
+    assert other is not layer.packed and other.scales is copied[p.STORED.index("scales")]
+    with pytest.raises(ValueError, match="scales holds"):  # other dimensions: not the layer's, and checked
+        _resolve_q4(layer._tensors(), [*layer._dims[:4], 16])
