@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 
 import torch
@@ -34,19 +35,28 @@ def main(argv=None) -> int:
     p.add_argument("--calibration", default="austen-train")
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--asymmetric", action="store_true", help="min/max grid with a zero point per group")
     p.add_argument("--windows", type=int, default=10)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     texts = [t for t in args.texts.split(",") if t]
     calib = dict(calibration=args.calibration, samples=args.samples, progress=False)
     rows: list[dict] = []
+    grid = "asymmetric (uint8 zero point)" if args.asymmetric else "symmetric"
+    default_model = ("the embedded SmolLM2-135M-Instruct; its weights come from a Q4_1 GGUF, already 4-bit with "
+                     "asymmetric groups of 32")
+    qkw = dict(group_size=args.group_size, symmetric=not args.asymmetric)
+    if args.calibration.startswith("austen"):
+        domains = f"{', '.join(texts[:-1])} out of domain, {texts[-1]} in the calibration's domain"
+    else:  # text sampled from the model itself: none of the texts is its domain
+        domains = f"{', '.join(texts)}: none of them in the calibration's domain"
     head = (f"# Quality at 4 bits ({args.device}, {platform.machine()}, torch {torch.__version__})\n\n"
-            f"Model: {args.model or 'the embedded SmolLM2-135M-Instruct'} (fp32 compute). Masks: SparseGPT with "
-            f"its weight update; 4 bits: group {args.group_size} along the input, symmetric, bf16 scales, "
+            f"Model: {args.model or default_model} (fp32 compute). Masks: SparseGPT with "
+            f"its weight update; 4 bits: group {args.group_size} along the input, {grid}, bf16 scales, "
             f"after the mask (pruned weights stay 0). Calibration: {args.calibration} ({args.samples} x 512 "
             f"tokens) for both. Perplexity: first {args.windows} x 512 tokens; "
-            f"{', '.join(texts[:-1])} out of domain, {texts[-1]} in the calibration's domain.\n\n"
-            f"Command: `python benchmarks/quant_accuracy.py{'' if args.out is None else ' --out ' + args.out}`")
+            f"{domains}.\n\n"
+            f"Command (in `benchmarks/`): `python quant_accuracy.py {' '.join(argv if argv is not None else sys.argv[1:])}`")
     cols = ["sparsity", *texts, "4-bit vs 16-bit", "seconds"]
 
     def score(lm, row: str, sparsity: float, t0: float, base: dict | None = None) -> dict:
@@ -69,7 +79,7 @@ def main(argv=None) -> int:
     for method in ("rtn", "gptq"):
         t0 = time.time()
         lm = load()
-        ts.quantize(lm, method=method, group_size=args.group_size, **calib)
+        ts.quantize(lm, method=method, **qkw, **calib)
         score(lm, f"dense, 4-bit {method.upper()}", 0.0, t0, dense)
     for s in [float(x) for x in args.sparsities.split(",") if x]:
         t0 = time.time()
@@ -80,7 +90,7 @@ def main(argv=None) -> int:
         name = "SparseGPT 2:4" if s == 0.5 else "SparseGPT hybrid"
         full = score(lm, name, s, t0)
         t0 = time.time()
-        ts.quantize(lm, masks, method="gptq", group_size=args.group_size, **calib)
+        ts.quantize(lm, masks, method="gptq", **qkw, **calib)
         score(lm, f"{name}, 4-bit GPTQ", s, t0, full)
     write_table(head, cols, rows, args.out)
     return 0
