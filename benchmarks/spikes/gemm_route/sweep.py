@@ -1,0 +1,262 @@
+#!/usr/bin/env python3
+"""Hybrid-GEMM route spike, tuning pass: does a tuned TileLang ``T.gemm_sp`` reach the go numbers that
+spike.py's default tiles miss (results: ``benchmarks/results/gemm_route_h200.md``)?
+
+Times a grid of tile shapes, stages, warp policy, block rasterization and pipelining style (cp.async or
+warp-specialized TMA) for the all-2:4 kernel at 16 / 64 / 2048 tokens, cuSPARSELt's kernel inside a CUDA graph
+(its per-call setup excluded), and a hybrid kernel in 64-column steps at 16 / 64 / 2048 tokens.
+
+Env: SWEEP_BUDGET_S (default 240). Output: one line per kernel, then per case the best config.
+"""
+
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import spike as S  # noqa: E402
+
+S.BUDGET = float(os.environ.get("SWEEP_BUDGET_S", "240"))
+S.Bench.prof_ok = False
+log, one_line = S.log, S.one_line
+TILE = 128
+
+
+def sp_func(N, K, M, bm, bn, bk, stages, threads, dt, swz, policy):
+    import tilelang.language as T
+    from tilelang.language import GemmWarpPolicy as P
+
+    pol = {"sq": P.Square, "row": P.FullRow, "col": P.FullCol}[policy]
+    nk = K // bk
+
+    @T.prim_func
+    def main(Ws: T.Tensor((N, K // 2), dt), E: T.Tensor((N, K // 16), "int16"), X: T.Tensor((M, K), dt),
+             C: T.Tensor((N, M), dt)):
+        with T.Kernel(T.ceildiv(M, bn), T.ceildiv(N, bm), threads=threads) as (bx, by):
+            A_s = T.alloc_shared((bm, bk // 2), dt)
+            E_s = T.alloc_shared((bm, bk // 16), "int16")
+            B_s = T.alloc_shared((bn, bk), dt)
+            C_l = T.alloc_fragment((bm, bn), "float32")
+            T.use_swizzle(panel_size=swz, enable=swz > 0)
+            T.clear(C_l)
+            for k in T.Pipelined(nk, num_stages=stages):
+                T.copy(Ws[by * bm, k * bk // 2], A_s)
+                T.copy(E[by * bm, k * bk // 16], E_s)
+                T.copy(X[bx * bn, k * bk], B_s)
+                T.gemm_sp(A_s, E_s, B_s, C_l, transpose_A=False, transpose_E=False, transpose_B=True, policy=pol)
+            T.copy(C_l, C[by * bm, bx * bn])
+
+    return main
+
+
+def dense_func(N, K, M, bm, bn, bk, stages, threads, dt, swz, policy):
+    import tilelang.language as T
+    from tilelang.language import GemmWarpPolicy as P
+
+    pol = {"sq": P.Square, "row": P.FullRow, "col": P.FullCol}[policy]
+
+    @T.prim_func
+    def main(W: T.Tensor((N, K), dt), X: T.Tensor((M, K), dt), C: T.Tensor((N, M), dt)):
+        with T.Kernel(T.ceildiv(M, bn), T.ceildiv(N, bm), threads=threads) as (bx, by):
+            A_s = T.alloc_shared((bm, bk), dt)
+            B_s = T.alloc_shared((bn, bk), dt)
+            C_l = T.alloc_fragment((bm, bn), "float32")
+            T.use_swizzle(panel_size=swz, enable=swz > 0)
+            T.clear(C_l)
+            for k in T.Pipelined(K // bk, num_stages=stages):
+                T.copy(W[by * bm, k * bk], A_s)
+                T.copy(X[bx * bn, k * bk], B_s)
+                T.gemm(A_s, B_s, C_l, transpose_A=False, transpose_B=True, policy=pol)
+            T.copy(C_l, C[by * bm, bx * bn])
+
+    return main
+
+
+def hyb_func(N, K, M, nsp, ndn, bm, bn, stages, threads, dt, swz, policy):
+    """Hybrid in 64-column steps: the tile-row's 2:4 steps (2 per 2:4 tile), then its dense steps (2 per dense
+    tile), one fp32 accumulator; x columns gathered by tile index."""
+    import tilelang.language as T
+    from tilelang.language import GemmWarpPolicy as P
+
+    pol = {"sq": P.Square, "row": P.FullRow, "col": P.FullCol}[policy]
+    R = N // TILE
+    bk = 64
+    assert TILE % bm == 0 or bm % TILE == 0
+
+    @T.prim_func
+    def main(SPV: T.Tensor((N, nsp * TILE // 2), dt), SPE: T.Tensor((N, nsp * TILE // 16), "int16"),
+             SPC: T.Tensor((R, nsp), "int32"), DNV: T.Tensor((N, ndn * TILE), dt), DNC: T.Tensor((R, ndn), "int32"),
+             X: T.Tensor((M, K), dt), C: T.Tensor((N, M), dt)):
+        with T.Kernel(T.ceildiv(M, bn), T.ceildiv(N, bm), threads=threads) as (bx, by):
+            A_s = T.alloc_shared((bm, bk // 2), dt)
+            E_s = T.alloc_shared((bm, bk // 16), "int16")
+            B_s = T.alloc_shared((bn, bk), dt)
+            D_s = T.alloc_shared((bm, bk), dt)
+            B2_s = T.alloc_shared((bn, bk), dt)
+            C_l = T.alloc_fragment((bm, bn), "float32")
+            T.use_swizzle(panel_size=swz, enable=swz > 0)
+            r = (by * bm) // TILE
+            T.clear(C_l)
+            for k in T.Pipelined(nsp * 2, num_stages=stages):
+                T.copy(SPV[by * bm, k * (bk // 2)], A_s)
+                T.copy(SPE[by * bm, k * (bk // 16)], E_s)
+                T.copy(X[bx * bn, SPC[r, k // 2] * TILE + (k % 2) * bk], B_s)
+                T.gemm_sp(A_s, E_s, B_s, C_l, transpose_A=False, transpose_E=False, transpose_B=True, policy=pol)
+            for k in T.Pipelined(ndn * 2, num_stages=stages):
+                T.copy(DNV[by * bm, k * bk], D_s)
+                T.copy(X[bx * bn, DNC[r, k // 2] * TILE + (k % 2) * bk], B2_s)
+                T.gemm(D_s, B2_s, C_l, transpose_A=False, transpose_B=True, policy=pol)
+            T.copy(C_l, C[by * bm, bx * bn])
+
+    return main
+
+
+def smem_sp(bm, bn, bk, stages):
+    return stages * (bm * bk + bm * bk // 8 + bn * bk * 2)
+
+
+def configs():
+    """[(kind, N, K, M, cfg)]; cfg = (bm, bn, bk, stages, threads, swz, policy, pc)."""
+    out = []
+    for (N, K) in S.SHAPES:
+        # 2048 tokens: compute-bound tiles
+        for bm, bn, bk, st, th in ((128, 256, 64, 3, 256), (128, 256, 64, 4, 256), (128, 256, 128, 2, 256),
+                                   (128, 128, 128, 3, 256), (128, 128, 64, 4, 128), (256, 128, 64, 3, 256),
+                                   (128, 256, 64, 3, 128), (256, 128, 128, 2, 256)):
+            if smem_sp(bm, bn, bk, st) > 220 * 1024:
+                continue
+            for pc in ("ws", "nows"):
+                for swz in (0, 8):
+                    out.append(("sp", N, K, 2048, (bm, bn, bk, st, th, swz, "sq", pc)))
+        for bm, bn, bk, st, th in ((128, 256, 64, 3, 256), (128, 256, 64, 4, 256)):
+            out.append(("dense", N, K, 2048, (bm, bn, bk, st, th, 8, "sq", "ws")))
+        for bm, bn, st, th in ((128, 256, 3, 256), (128, 128, 4, 256), (64, 256, 3, 128), (128, 256, 2, 256)):
+            for pc in ("ws", "nows"):
+                out.append(("hyb", N, K, 2048, (bm, bn, 64, st, th, 8, "sq", pc)))
+        # few tokens: weight-read bound
+        for M in (16, 64):
+            for bm, bk, st, th, pol in ((64, 128, 4, 128, "row"), (64, 256, 4, 128, "row"), (64, 128, 6, 128, "row"),
+                                        (128, 128, 4, 256, "row"), (128, 256, 3, 256, "row"),
+                                        (64, 512, 3, 128, "row"), (128, 128, 6, 128, "row")):
+                for pc in ("nows", "ws"):
+                    out.append(("sp", N, K, M, (bm, M, bk, st, th, 0, pol, pc)))
+            for bm, st, th in ((64, 4, 128), (128, 4, 256), (64, 6, 128)):
+                for pc in ("nows", "ws"):
+                    out.append(("hyb", N, K, M, (bm, M, 64, st, th, 0, "row", pc)))
+    return out
+
+
+def build(items, dt):
+    built = []
+    for kind, N, K, M, c in items:
+        bm, bn, bk, st, th, swz, pol, pc = c
+        try:
+            if kind == "sp":
+                f = sp_func(N, K, M, bm, bn, bk, st, th, dt, swz, pol)
+            elif kind == "dense":
+                f = dense_func(N, K, M, bm, bn, bk, st, th, dt, swz, pol)
+            else:
+                nsp = ndn = (K // TILE) // 2
+                f = hyb_func(N, K, M, nsp, ndn, bm, bn, st, th, dt, swz, pol)
+            built.append(((kind, N, K, M, c), f, {"pc": pc}))
+        except Exception as e:  # noqa: BLE001
+            log(f"build {kind} {N}x{K} M={M} {c}: FAILED {one_line(e)}")
+    return built
+
+
+def main():
+    import tilelang  # noqa: F401
+
+    p = torch.cuda.get_device_properties(0)
+    log(f"device {p.name} SMs={p.multi_processor_count} torch {torch.__version__} tilelang {tilelang.__version__}")
+    items = configs()
+    built = build(items, "bfloat16")
+    t = time.time()
+    kernels = S.compile_tl(built)
+    nok = sum(not isinstance(v, BaseException) for v in kernels.values())
+    log(f"compiled {nok}/{len(built)} in {time.time() - t:.1f}s")
+    bench = S.Bench()
+    gen = torch.Generator(device="cuda")
+    rows = []  # (case, label, us, dense_us, err)
+    dt = torch.bfloat16
+    for (N, K) in S.SHAPES:
+        gen.manual_seed(1234 + N)
+        w, mask = S.random_24(N, K, dt, "cuda", gen)
+        vals, meta = S.pack24(w, mask)
+        e16 = S.meta_for_tilelang(meta)
+        gh = torch.Generator(device="cuda")
+        gh.manual_seed(99 + N)
+        hyb = S.make_hybrid(N, K, dt, "cuda", gh)
+        he16 = S.meta_for_tilelang(hyb["sp_meta"])
+        for M in (16, 64, 2048):
+            if S.time_left() < 10:
+                log(f"budget: skip {N}x{K} M={M}")
+                continue
+            x = torch.randn(M, K, generator=gen, device="cuda", dtype=torch.float32).to(dt)
+            ref = x.double() @ w.double().t()
+            href = x.double() @ hyb["w"].double().t()
+            dus = bench.us(lambda: torch.nn.functional.linear(x, w))
+            hdus = bench.us(lambda: torch.nn.functional.linear(x, hyb["w"]))
+            case = f"{N}x{K} M={M}"
+            rows.append((case, "cuBLAS", dus, dus, 0.0))
+            log(f"{case} cuBLAS {dus:.1f} us")
+            try:  # cuSPARSELt kernel alone (its per-call setup is host time, not counted in a graph)
+                wc = torch._cslt_compress(w)
+                alg = int(torch._cslt_sparse_mm_search(wc, x.t(), transpose_result=True))
+                f = lambda: torch._cslt_sparse_mm(wc, x.t(), transpose_result=True, alg_id=alg)  # noqa: E731
+                y = f()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    f()
+                us = bench.us(g.replay)
+                rows.append((case, f"cuSPARSELt(graph) alg{alg}", us, dus, S.rel_err(y, ref)))
+                log(f"{case} cuSPARSELt in a graph {us:.1f} us ({dus / us:.2f}x)")
+            except Exception as e:  # noqa: BLE001
+                log(f"{case} cuSPARSELt: {one_line(e)[:160]}")
+            for key, k in kernels.items():
+                kind, kN, kK, kM, c = key
+                if (kN, kK, kM) != (N, K, M):
+                    continue
+                label = f"{kind} bm{c[0]} bn{c[1]} bk{c[2]} st{c[3]} th{c[4]} swz{c[5]} {c[6]} {c[7]}"
+                if isinstance(k, BaseException):
+                    log(f"{case} {label}: compile FAILED {one_line(k)[:160]}")
+                    continue
+                if S.time_left() < 8:
+                    break
+                try:
+                    c_out = torch.empty(N, M, dtype=dt, device="cuda")
+                    if kind == "sp":
+                        f = lambda: k(vals, e16, x, c_out)  # noqa: E731
+                        r, base = ref, dus
+                    elif kind == "dense":
+                        f = lambda: k(w, x, c_out)  # noqa: E731
+                        r, base = ref, dus
+                    else:
+                        f = lambda: k(hyb["sp_vals"], he16, hyb["sp_cols"], hyb["dn_vals"], hyb["dn_cols"], x, c_out)  # noqa: E731
+                        r, base = href, hdus
+                    f()
+                    err = S.rel_err(c_out.t(), r)
+                    us = bench.us(f)
+                    rows.append((case, label, us, base, err))
+                    log(f"{case} {label}: {us:.1f} us  {base / us:.2f}x  err {err:.1e}")
+                except Exception as e:  # noqa: BLE001
+                    log(f"{case} {label}: FAILED {one_line(e)[:200]}")
+                    if "illegal" in str(e).lower():
+                        raise
+            del x, ref, href
+        del w, mask, vals, meta, e16, hyb
+        torch.cuda.empty_cache()
+    print("\n## best per case and kind (ratio = cuBLAS on the same weight / this; err < 2e-2)", flush=True)
+    for case in dict.fromkeys(r[0] for r in rows):
+        for kind in ("sp ", "dense ", "hyb ", "cuSPARSELt"):
+            rs = [r for r in rows if r[0] == case and r[1].startswith(kind) and r[4] < 2e-2]
+            if rs:
+                b = max(rs, key=lambda r: r[3] / r[2])
+                print(f"{case:20s} {b[1]:58s} {b[2]:8.1f} us  {b[3] / b[2]:5.2f}x", flush=True)
+    log("done")
+
+
+if __name__ == "__main__":
+    main()
