@@ -210,6 +210,34 @@ def test_mma_matches_reference_on_gpu(M, split, dtype, bias, monkeypatch):
             assert rel_error(out.cpu(), ref) < 1e-2
 
 
+def test_stream_handle_falls_back_to_torch_without_a_triton_driver(monkeypatch):
+    import sys
+
+    calls = []
+
+    class FakeStream:
+        cuda_stream = 1234
+
+    monkeypatch.setitem(sys.modules, "triton.runtime", None)  # "from triton.runtime import driver" fails
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda index=None: calls.append(index) or FakeStream())
+    cm.current_stream_handle.cache_clear()
+    try:
+        query = cm.current_stream_handle()
+        assert query(3) == 1234 and calls == [3]
+    finally:
+        cm.current_stream_handle.cache_clear()
+
+
+@pytest.mark.skipif(not cm.available(), reason="needs a CUDA GPU of compute capability 8.0+")
+def test_stream_handle_is_torchs_current_stream():
+    query = cm.current_stream_handle()
+    dev = torch.cuda.current_device()
+    assert query(dev) == torch.cuda.current_stream(dev).cuda_stream
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        assert query(dev) == side.cuda_stream != torch.cuda.default_stream(dev).cuda_stream
+
+
 @pytest.mark.skipif(not cm.available(), reason="needs a CUDA GPU of compute capability 8.0+")
 def test_precompile_fills_the_kernel_cache(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
