@@ -34,6 +34,33 @@ def test_compile_source_gives_ptx_or_cubin_and_a_readable_error():
         cd.compile_source("not C++", "bad", "sm_90")
 
 
+@needs_nvrtc
+def test_compiled_images_are_kept_on_disk_and_read_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("TILESPARSE_CACHE", str(tmp_path))
+    src = 'extern "C" __global__ void k(float *y) { y[threadIdx.x] = 3.0f; }'
+    first = cd.compile_cached(src, "k", "compute_90")
+    path = cd.image_cache_path(src, "k", "compute_90", ("-std=c++17",))
+    assert path.parent == tmp_path / "nvrtc" and path.read_bytes() == first and b".entry k(" in first
+    assert cd.image_cache_path(src + " ", "k", "compute_90", ("-std=c++17",)) != path  # another source
+    assert cd.image_cache_path(src, "k", "sm_90", ("-std=c++17",)) != path  # another architecture
+
+    def no_compiler(*a, **k):
+        raise AssertionError("compiled again")
+    monkeypatch.setattr(cd, "compile_source", no_compiler)
+    assert cd.compile_cached(src, "k", "compute_90") == first  # a later process reads the file
+    path.write_bytes(b"")  # an empty file (a crash before any byte was written elsewhere) is not an image
+    with pytest.raises(AssertionError, match="compiled again"):
+        cd.compile_cached(src, "k", "compute_90")
+
+
+@needs_nvrtc
+def test_an_unwritable_image_cache_only_costs_the_compile(tmp_path, monkeypatch):
+    monkeypatch.setenv("TILESPARSE_CACHE", str(tmp_path))
+    src = 'extern "C" __global__ void k(float *y) { y[threadIdx.x] = 4.0f; }'
+    (tmp_path / "nvrtc").write_text("a file where the folder should be")
+    assert b".entry k(" in cd.compile_cached(src, "k", "compute_90")
+
+
 def test_missing_bindings_are_reported(monkeypatch):
     cd.missing.cache_clear()
     monkeypatch.setitem(sys.modules, "cuda.bindings", None)

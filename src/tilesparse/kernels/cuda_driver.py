@@ -1,7 +1,8 @@
 """The few CUDA driver and NVRTC calls the mma kernels need, through NVIDIA's ``cuda-bindings`` package.
 
 * :func:`compile_source` -- NVRTC: CUDA C++ to a cubin for one GPU architecture (``sm_XY``), or to PTX for a
-  virtual one (``compute_XY``; what the CPU tests check).
+  virtual one (``compute_XY``; what the CPU tests check); :func:`compile_cached` keeps the images on disk, so
+  a new process loads a kernel instead of compiling it again.
 * :func:`load_kernel` -- a context-independent library (``cuLibraryLoadData``) and its ``CUkernel``: the
   driver loads it into each device's context on that device's first launch, so one handle serves every GPU
   of the process.
@@ -95,6 +96,49 @@ def compile_source(source: str, name: str, arch: str, options: tuple[str, ...] =
         return image
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
+
+
+@functools.cache
+def nvrtc_version() -> tuple[int, int]:
+    """This NVRTC's ``(major, minor)``."""
+    from cuda.bindings import nvrtc
+    return check(nvrtc.nvrtcVersion(), "nvrtcVersion")
+
+
+def image_cache_path(source: str, name: str, arch: str, options: tuple[str, ...]):
+    """Where :func:`compile_cached` keeps the image of one compilation: ``<cache>/nvrtc/<name>-<hash>.<ext>``,
+    the hash over the source, architecture, options and NVRTC version (any of them changing means a new file)."""
+    import hashlib
+
+    from ..paths import cache_dir
+
+    h = hashlib.sha256("\0".join([source, name, arch, *options, repr(nvrtc_version())]).encode()).hexdigest()
+    return cache_dir() / "nvrtc" / f"{name}-{h[:24]}.{'ptx' if arch.startswith('compute_') else 'cubin'}"
+
+
+def compile_cached(source: str, name: str, arch: str, options: tuple[str, ...] = ("-std=c++17",)) -> bytes:
+    """:func:`compile_source` through an on-disk cache (:func:`image_cache_path`): an image compiled once on this
+    machine is read back by later processes. A cache that cannot be read or written only costs the compile."""
+    from ..atomic import atomic_write_bytes
+
+    try:
+        path = image_cache_path(source, name, arch, options)
+    except OSError:  # no cache folder to be had
+        path = None
+    if path is not None:
+        try:
+            image = path.read_bytes()
+            if image:
+                return image
+        except OSError:
+            pass
+    image = compile_source(source, name, arch, options)
+    if path is not None:
+        try:
+            atomic_write_bytes(image, path)
+        except OSError:
+            pass
+    return image
 
 
 @functools.cache

@@ -115,8 +115,9 @@ def kernel(key: MmaKey, device=None):
 
 
 def _compile(key: MmaKey, arch: str) -> bytes:
-    """NVRTC: the image of one configuration for ``arch`` (``sm_XY`` cubin, or ``compute_XY`` PTX)."""
-    return _cd.compile_source(configured_source(key), key.name, arch)
+    """NVRTC: the image of one configuration for ``arch`` (``sm_XY`` cubin, or ``compute_XY`` PTX), read from
+    the on-disk image cache when an earlier process compiled it (:func:`.cuda_driver.compile_cached`)."""
+    return _cd.compile_cached(configured_source(key), key.name, arch)
 
 
 def _load(key: MmaKey, arch: str, image: bytes):
