@@ -39,21 +39,29 @@ def interp():
     return triton_hybrid
 
 
-def random_layer(N, K, tile, frac_sparse, frac_zero=0.0, dtype=torch.bfloat16, seed=0):
-    """A random weight, a hybrid keep-mask with the given tile fractions, and its packed form."""
-    from tilesparse.kernels.format import pack
-    from tilesparse.masks.nm import topk_mask
-    from tilesparse.masks.tiles import DENSE, SPARSE, ZERO, TileGrid, hybrid_mask
+def random_kinds(grid, frac_sparse: float, frac_zero: float, g: torch.Generator) -> torch.Tensor:
+    """A tile map with ``frac_sparse`` of the tiles 2:4 and ``frac_zero`` all-zero at random places, the rest
+    dense (int8 ``[rows, cols]`` of the grid)."""
+    from tilesparse.masks.tiles import DENSE, SPARSE, ZERO
 
-    g = torch.Generator().manual_seed(seed)
-    grid = TileGrid(N, K, *tile)
     n = grid.n_rows * grid.n_cols
     perm = torch.randperm(n, generator=g)
     kinds = torch.full((n,), DENSE, dtype=torch.int8)
     ns, nz = round(frac_sparse * n), round(frac_zero * n)
     kinds[perm[:ns]] = SPARSE
     kinds[perm[ns:ns + nz]] = ZERO
-    kinds = kinds.reshape(grid.shape)
+    return kinds.reshape(grid.shape)
+
+
+def random_layer(N, K, tile, frac_sparse, frac_zero=0.0, dtype=torch.bfloat16, seed=0):
+    """A random weight, a hybrid keep-mask with the given tile fractions, and its packed form."""
+    from tilesparse.kernels.format import pack
+    from tilesparse.masks.nm import topk_mask
+    from tilesparse.masks.tiles import TileGrid, hybrid_mask
+
+    g = torch.Generator().manual_seed(seed)
+    grid = TileGrid(N, K, *tile)
+    kinds = random_kinds(grid, frac_sparse, frac_zero, g)
     W = torch.randn(N, K, generator=g).to(dtype)
     mask = hybrid_mask(kinds, topk_mask(torch.rand(N, K, generator=g)), grid)
     return W, mask, pack(W, mask, tile)

@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 import torch
-from kernels_testutil import interp  # noqa: F401 (fixture)
+from kernels_testutil import interp, random_kinds  # noqa: F401 (fixture)
 
 from tilesparse.kernels.format_q4 import pack_q4, unpack_q4
 from tilesparse.kernels.reference import rel_error
@@ -28,23 +28,13 @@ def q4(interp):
     return triton_q4
 
 
-def _kinds(grid: TileGrid, frac_sparse: float, frac_zero: float, g: torch.Generator) -> torch.Tensor:
-    n = grid.n_rows * grid.n_cols
-    perm = torch.randperm(n, generator=g)
-    kinds = torch.full((n,), DENSE, dtype=torch.int8)
-    ns, nz = round(frac_sparse * n), round(frac_zero * n)
-    kinds[perm[:ns]] = SPARSE
-    kinds[perm[ns:ns + nz]] = ZERO
-    return kinds.reshape(grid.shape)
-
-
 def q4_layer(N, K, tile, group, kinds=None, frac_sparse=0.4, frac_zero=0.2, seed=0):
     """A random weight quantized (RTN, asymmetric) under a random hybrid mask (or the tile map ``kinds``) and
     packed in the 4-bit format."""
     g = torch.Generator().manual_seed(seed)
     grid = TileGrid(N, K, *tile)
     if kinds is None:
-        kinds = _kinds(grid, frac_sparse, frac_zero, g)
+        kinds = random_kinds(grid, frac_sparse, frac_zero, g)
     W = torch.randn(N, K, generator=g)
     m24 = topk_mask(W.abs()) if bool((kinds == SPARSE).any()) else None
     keep = hybrid_mask(kinds, torch.ones(N, K, dtype=torch.bool) if m24 is None else m24, grid)
