@@ -25,7 +25,9 @@ def clean_env(monkeypatch):
 
 
 DEFAULTS = {"cache": None, "bigbench_sdist": None, "mma": True, "stream": True, "autotune": True, "autotune_cache": True,
-            "pdl": False, "fused_mask": None, "fused_blocks": None}
+            "pdl": False, "q4_mma": False, "fused_mask": None, "fused_blocks": None}
+
+SWITCHES = ("mma", "stream", "autotune", "autotune_cache", "pdl", "q4_mma")
 
 # (field, text, value): every value the module docstring documents, plus empty = default
 CASES = [
@@ -34,8 +36,8 @@ CASES = [
     ("cache", "", None),
     ("bigbench_sdist", "/data/bigbench-1.0.0.tar.gz", Path("/data/bigbench-1.0.0.tar.gz")),
     ("bigbench_sdist", "", None),
-    *[(f, t, t == "1") for f in ("mma", "stream", "autotune", "autotune_cache", "pdl") for t in ("0", "1")],
-    *[(f, "", DEFAULTS[f]) for f in ("mma", "stream", "autotune", "autotune_cache", "pdl")],
+    *[(f, t, t == "1") for f in SWITCHES for t in ("0", "1")],
+    *[(f, "", DEFAULTS[f]) for f in SWITCHES],
     *[("fused_mask", t, True) for t in ("1", "on", "true", "yes", "ON", " on ")],
     *[("fused_mask", t, False) for t in ("0", "off", "false", "no", "Off")],
     *[("fused_mask", t, None) for t in ("auto", "AUTO", "")],
@@ -46,7 +48,8 @@ CASES = [
 
 BAD = [
     ("mma", "maybe", "must be 0"), ("stream", "true", "must be 0"), ("stream", "yes", "must be 0"),
-    ("autotune", "2", "must be 0"), ("pdl", " 1", "must be 0"), ("fused_mask", "maybe", "0/off, 1/on or auto"),
+    ("autotune", "2", "must be 0"), ("pdl", " 1", "must be 0"), ("q4_mma", "on", "must be 0"),
+    ("fused_mask", "maybe", "0/off, 1/on or auto"),
     ("fused_blocks", "8,8", "rows,groups,warps"), ("fused_blocks", "8,x,4", "rows,groups,warps"),
     ("fused_blocks", "8,6,4", "powers of two"), ("fused_blocks", "0,8,4", "powers of two"),
 ]

@@ -23,6 +23,9 @@ variable                       default       meaning
                                              and library versions).
 ``TILESPARSE_PDL``             ``0``         ``1``: launch the mma kernels as programmatic dependents
                                              (compute capability 9.0+).
+``TILESPARSE_Q4_MMA``          ``0``         ``1``: 4-bit layers run the CUDA sparse-tensor-core kernel
+                                             (``kernels.cuda_mma_q4``) where it applies instead of
+                                             the Triton kernel (opt-in: not yet checked on a GPU).
 ``TILESPARSE_FUSED_MASK``      ``auto``      Fused Triton mask kernels while learning: ``1``/``on``/
                                              ``true``/``yes``, ``0``/``off``/``false``/``no``, or
                                              ``auto`` (on for CUDA weights when Triton imports).
@@ -124,6 +127,10 @@ class Settings(BaseSettings):
     pdl: Annotated[bool, _switch(False)] = Field(
         False, description="Launch the mma kernels as programmatic dependents on compute capability 9.0+. "
                            "Default 0.")
+    q4_mma: Annotated[bool, _switch(False)] = Field(
+        False, description="4-bit layers run the CUDA sparse-tensor-core kernel (kernels.cuda_mma_q4) where it "
+                           "applies instead of the Triton kernel; unverified on a GPU until "
+                           "benchmarks/q4_decode.py's check passes there. Default 0.")
     fused_mask: Annotated[bool | None, BeforeValidator(_fused_mask)] = Field(
         None, description="Fused Triton mask kernels while learning: 1/on/true/yes, 0/off/false/no or auto "
                           "(None: on for CUDA weights when Triton imports). Default auto.")

@@ -140,3 +140,22 @@ CASES = [  # N, K, tile, frac_sparse, frac_zero
 def case_id(c) -> str:
     """Test id of a :data:`CASES` entry."""
     return f"{c[0]}x{c[1]}-t{c[2][0]}x{c[2][1]}-s{c[3]}-z{c[4]}"
+
+
+def q4_layer(N, K, tile, group, kinds=None, frac_sparse=0.4, frac_zero=0.2, seed=0):
+    """A random weight quantized (RTN, asymmetric) under a random hybrid mask (or the tile map ``kinds``) and
+    packed in the 4-bit format."""
+    from tilesparse.kernels.format_q4 import pack_q4
+    from tilesparse.masks.nm import topk_mask
+    from tilesparse.masks.tiles import SPARSE, TileGrid, hybrid_mask
+    from tilesparse.quant import quantize_rtn
+
+    g = torch.Generator().manual_seed(seed)
+    grid = TileGrid(N, K, *tile)
+    if kinds is None:
+        kinds = random_kinds(grid, frac_sparse, frac_zero, g)
+    W = torch.randn(N, K, generator=g)
+    m24 = topk_mask(W.abs()) if bool((kinds == SPARSE).any()) else None
+    keep = hybrid_mask(kinds, torch.ones(N, K, dtype=torch.bool) if m24 is None else m24, grid)
+    q = quantize_rtn(W, keep, group_size=group, symmetric=False)
+    return pack_q4(q.quantized, kinds, m24, tile)

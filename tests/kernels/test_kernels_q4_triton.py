@@ -7,13 +7,11 @@ import importlib
 
 import pytest
 import torch
-from kernels_testutil import interp, random_kinds  # noqa: F401 (fixture)
+from kernels_testutil import interp, q4_layer  # noqa: F401 (fixture)
 
-from tilesparse.kernels.format_q4 import pack_q4, unpack_q4
+from tilesparse.kernels.format_q4 import unpack_q4
 from tilesparse.kernels.reference import rel_error
-from tilesparse.masks.nm import topk_mask
-from tilesparse.masks.tiles import DENSE, SPARSE, ZERO, TileGrid, hybrid_mask
-from tilesparse.quant import quantize_rtn
+from tilesparse.masks.tiles import DENSE, SPARSE, ZERO
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
@@ -26,20 +24,6 @@ def q4(interp):
     if type(triton_q4.hybrid_q4_kernel).__name__ != "InterpretedFunction":
         triton_q4 = importlib.reload(triton_q4)
     return triton_q4
-
-
-def q4_layer(N, K, tile, group, kinds=None, frac_sparse=0.4, frac_zero=0.2, seed=0):
-    """A random weight quantized (RTN, asymmetric) under a random hybrid mask (or the tile map ``kinds``) and
-    packed in the 4-bit format."""
-    g = torch.Generator().manual_seed(seed)
-    grid = TileGrid(N, K, *tile)
-    if kinds is None:
-        kinds = random_kinds(grid, frac_sparse, frac_zero, g)
-    W = torch.randn(N, K, generator=g)
-    m24 = topk_mask(W.abs()) if bool((kinds == SPARSE).any()) else None
-    keep = hybrid_mask(kinds, torch.ones(N, K, dtype=torch.bool) if m24 is None else m24, grid)
-    q = quantize_rtn(W, keep, group_size=group, symmetric=False)
-    return pack_q4(q.quantized, kinds, m24, tile)
 
 
 def rows_q4_layer(group=32):

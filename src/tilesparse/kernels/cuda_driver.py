@@ -75,20 +75,26 @@ def target_arch(capability: tuple[int, int]) -> str:
     return f"sm_{cc}" if cc in archs else f"compute_{max(a for a in archs if a <= cc)}"
 
 
-def compile_source(source: str, name: str, arch: str, options: tuple[str, ...] = ("-std=c++17",)) -> bytes:
+def compile_source(source: str, name: str, arch: str, options: tuple[str, ...] = ("-std=c++17",),
+                   log: list[str] | None = None) -> bytes:
     """Compile one CUDA C++ translation unit with NVRTC: a cubin for ``arch = "sm_XY"``, PTX for
-    ``"compute_XY"``. :class:`CudaError` with NVRTC's log when it does not compile."""
+    ``"compute_XY"``. :class:`CudaError` with NVRTC's log when it does not compile; ``log`` (a list) receives
+    the log of a successful compilation (with ``--ptxas-options=-v`` among ``options`` and an ``sm_XY`` target:
+    registers, spills and shared memory per kernel)."""
     from cuda.bindings import nvrtc
 
     prog = check(nvrtc.nvrtcCreateProgram(source.encode(), f"{name}.cu".encode(), 0, [], []), "nvrtcCreateProgram")
     try:
         opts = [f"--gpu-architecture={arch}".encode(), *(o.encode() for o in options)]
         status = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)[0]
-        if int(status) != 0:
+        if int(status) != 0 or log is not None:
             size = check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
-            log = b" " * size
-            check(nvrtc.nvrtcGetProgramLog(prog, log), "nvrtcGetProgramLog")
-            raise CudaError(f"NVRTC could not compile {name} for {arch}:\n{log.decode(errors='replace').strip()}")
+            text = b" " * size
+            check(nvrtc.nvrtcGetProgramLog(prog, text), "nvrtcGetProgramLog")
+            text = text.rstrip(b"\0").decode(errors="replace").strip()
+            if int(status) != 0:
+                raise CudaError(f"NVRTC could not compile {name} for {arch}:\n{text}")
+            log.append(text)
         ptx = arch.startswith("compute_")
         size = check((nvrtc.nvrtcGetPTXSize if ptx else nvrtc.nvrtcGetCUBINSize)(prog), "nvrtcGet*Size")
         image = b" " * size

@@ -67,8 +67,12 @@ def source(name: str = "hybrid_mma.cu") -> str:
     return _SOURCES[name]
 
 
-def configured_source(key: MmaKey) -> str:
-    """The kernel's source with the macros of one configuration and the shared helpers prepended."""
+def configured_source(key) -> str:
+    """The kernel's source with the macros of one configuration and the shared helpers prepended. A key of
+    another kernel on these helpers (:class:`.cuda_mma_q4.MmaQ4Key`) builds its own (``key.configured_source()``),
+    so :func:`kernel`, :func:`precompile` and :func:`compiled` serve it too."""
+    if not isinstance(key, MmaKey):
+        return key.configured_source()
     macros = [("DT_BF16", int(key.bf16)), ("NOCT", key.noct), ("WARPS", key.warps), ("SB", key.sb),
               ("HAS_BIAS", int(key.bias)), ("KNAME", key.name)]
     if key.ver == 9:

@@ -135,6 +135,7 @@ class PackedHybridQ4(_TiledLayer):
                              f"{self.scales.dtype} / {self.zeros.dtype}")
         dev = self.scales.device
         self.row_info, self.q4_info, self.tile_slot = info.to(dev), q.to(dev), slot.to(dev)
+        self.__dict__.pop("_mma_q4", None)  # cuda_mma_q4's parameter tables and prepared launches
 
     def to(self, device=None) -> PackedHybridQ4:
         """A copy on another device."""

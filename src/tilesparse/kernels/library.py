@@ -19,8 +19,9 @@ slower but never wrong.
 The 4-bit operator takes the layer's stored tensors (``PackedHybridQ4.STORED`` order) and ``[out_features,
 in_features, tile_rows, tile_cols, group_size]``; its CUDA implementation finds the registered
 :class:`~.format_q4.PackedHybridQ4` the same way and runs :func:`q4_linear` (the Triton kernel of
-:mod:`.triton_q4` for 1-16 bfloat16/float16 tokens, the torch reference otherwise); on other devices it runs
-the torch reference.
+:mod:`.triton_q4` for 1-16 bfloat16/float16 tokens, the torch reference otherwise; opt-in with
+``TILESPARSE_Q4_MMA=1``, the sparse-tensor-core kernel of :mod:`.cuda_mma_q4` for 1-64 tokens where it applies);
+on other devices it runs the torch reference.
 """
 
 from __future__ import annotations
@@ -165,23 +166,65 @@ def _q4_triton_launcher():
     return q4_linear_triton
 
 
+Q4_MMA_MAX_TOKENS = 64
+
+
+def _x_fits_kernel(x: torch.Tensor, p) -> bool:
+    """``x`` on CUDA on the layer's device, bfloat16 or float16, ``in_features`` wide, no gradient to track (the
+    kernels have no backward; the reference keeps ``x``'s gradient)."""
+    return (x.is_cuda and x.dtype in Q4_KERNEL_DTYPES and x.dim() >= 1 and x.shape[-1] == p.in_features
+            and x.device == p.device and not (x.requires_grad and torch.is_grad_enabled()))
+
+
+def _tokens(x: torch.Tensor, p) -> int:
+    return x.numel() // max(1, p.in_features)
+
+
 def q4_kernel_applies(x: torch.Tensor, p) -> bool:
-    """Whether :func:`q4_linear` runs the Triton kernel for ``x`` on the 4-bit layer ``p``: ``x`` on CUDA on the
-    layer's device, bfloat16 or float16, ``in_features`` wide, 1..16 tokens, no gradient to track (the kernel has
-    no backward; the reference keeps ``x``'s gradient), a tile width the kernel takes and Triton importable."""
-    if not (x.is_cuda and x.dtype in Q4_KERNEL_DTYPES and x.dim() >= 1 and x.shape[-1] == p.in_features
-            and x.device == p.device and not (x.requires_grad and torch.is_grad_enabled())):
+    """Whether :func:`q4_linear` can run the Triton kernel for ``x`` on the 4-bit layer ``p``: ``x`` on CUDA on the
+    layer's device, bfloat16 or float16, ``in_features`` wide, 1..16 tokens, no gradient to track, a tile width
+    the kernel takes and Triton importable."""
+    if not _x_fits_kernel(x, p):
         return False
     tc = p.tile_cols
-    return (1 <= x.numel() // max(1, p.in_features) <= Q4_KERNEL_MAX_TOKENS and tc >= 16 and tc & (tc - 1) == 0
+    return (1 <= _tokens(x, p) <= Q4_KERNEL_MAX_TOKENS and tc >= 16 and tc & (tc - 1) == 0
             and _q4_triton_launcher() is not None)
 
 
+def q4_mma_applies(x: torch.Tensor, p) -> bool:
+    """Whether :func:`q4_linear` runs the 4-bit sparse-tensor-core kernel (:mod:`.cuda_mma_q4`) for ``x`` on ``p``:
+    opted in (``TILESPARSE_Q4_MMA=1``; the kernel is unverified on a GPU until ``benchmarks/q4_decode.py``'s check
+    passes there), ``x`` as for the Triton kernel with 1..64 tokens, and the layer supported
+    (:func:`.cuda_mma_q4.mma_q4_supported`: a group size that is a multiple of 64, ...)."""
+    from ..settings import setting
+
+    if not (setting("q4_mma") and _x_fits_kernel(x, p) and 1 <= _tokens(x, p) <= Q4_MMA_MAX_TOKENS):
+        return False
+    from . import cuda_mma_q4
+
+    return cuda_mma_q4.mma_q4_supported(p)
+
+
+def _q4_mma(x: torch.Tensor, p, bias: torch.Tensor | None) -> torch.Tensor:
+    """The 4-bit product by the sparse-tensor-core kernel in its default configuration for the device."""
+    from . import cuda_mma as _cm
+    from . import cuda_mma_q4
+
+    x2 = x.reshape(-1, p.in_features)
+    cfg = cuda_mma_q4.default_config(x2.shape[0], p, _cm._sm_count(p.device))
+    b = None if bias is None else bias.to(x.dtype)
+    return cuda_mma_q4.q4_mma_linear(x2, p, b, **cfg).reshape(*x.shape[:-1], p.out_features)
+
+
 def q4_linear(x: torch.Tensor, p, bias: torch.Tensor | None = None, use_triton: bool | None = None) -> torch.Tensor:
-    """``x @ W^T + bias`` for the 4-bit layer ``p``, ``x [..., in]`` -> ``[..., out]`` in ``x``'s dtype: the Triton
-    kernel (:mod:`.triton_q4`) where :func:`q4_kernel_applies`, the torch reference (dequantize + ``F.linear``)
-    elsewhere; ``use_triton`` forces one or the other (``True`` on the CPU needs ``TRITON_INTERPRET=1``)."""
+    """``x @ W^T + bias`` for the 4-bit layer ``p``, ``x [..., in]`` -> ``[..., out]`` in ``x``'s dtype: the
+    sparse-tensor-core kernel (:mod:`.cuda_mma_q4`) where :func:`q4_mma_applies` (opt-in, ``TILESPARSE_Q4_MMA=1``),
+    else the Triton kernel (:mod:`.triton_q4`) where :func:`q4_kernel_applies`, else the torch reference
+    (dequantize + ``F.linear``); ``use_triton`` forces the Triton kernel or the reference (``True`` on the CPU
+    needs ``TRITON_INTERPRET=1``)."""
     if use_triton is None:
+        if q4_mma_applies(x, p):
+            return _q4_mma(x, p, bias)
         use_triton = q4_kernel_applies(x, p)
     if not use_triton:
         return _q4_reference(x, p, bias)
@@ -200,4 +243,4 @@ def _hybrid_linear_q4_fake(x, packed, bias, dims):
 
 
 __all__ = ["OP_TENSORS", "register_layer", "op_tensors", "hybrid_linear_op", "hybrid_linear_q4_op", "q4_linear",
-           "q4_kernel_applies", "register_layer_q4"]
+           "q4_kernel_applies", "q4_mma_applies", "register_layer_q4"]
