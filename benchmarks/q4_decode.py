@@ -1,4 +1,5 @@
-"""4-bit decode kernel (``hybrid_q4_kernel``, :mod:`tilesparse.kernels.triton_q4`) on LLaMA-2-7B layer shapes:
+"""4-bit decode kernels on LLaMA-2-7B layer shapes: the Triton kernel (``hybrid_q4_kernel``,
+:mod:`tilesparse.kernels.triton_q4`) and the sparse-tensor-core kernel (:mod:`tilesparse.kernels.cuda_mma_q4`),
 checked against float64, then timed against cuBLAS on the bf16 weight (GPU).
 
     PYTHONPATH=src python3 benchmarks/q4_decode.py --out benchmarks/results/q4_decode_h100.md
@@ -7,12 +8,16 @@ checked against float64, then timed against cuBLAS on the bf16 weight (GPU).
 
 Per shape: 45 % of the 128x128 tiles 2:4 at random places, the rest dense; the 2:4 mask by magnitude; round to
 nearest at 4 bits, group 128 (bf16 scales, uint8 zero points). Per token count, every candidate configuration of
-the kernel (the launcher's default first) is checked against ``x.double() @ W.double().T`` on the dequantized
-weight, then timed with a cold L2 inside CUDA graphs (``ops.time_cold``: median over rounds of graph replays,
-launch gaps removed), as is ``F.linear`` on the same weight in bf16 (dense). Bytes: ``packed.nbytes()`` (codes,
-metadata, scales, zero points, column lists, tables) against the dense bf16 weight; the bytes bound is their
-ratio, the speed-up over cuBLAS a kernel reading the packed bytes at cuBLAS's bandwidth would reach; ``% of
-bound`` is the best configuration's speed-up over that.
+the Triton kernel (the launcher's default first) and, where it applies (compute capability 8.0+, ``cuda-bindings``),
+a few of the mma kernel's (``default_config`` first; this check is the one that verifies that kernel on a GPU) are
+checked against ``x.double() @ W.double().T`` on the dequantized weight -- a failing configuration is reported,
+left out of the timing and makes the exit status 1, the run goes on -- then timed with a cold L2 inside CUDA
+graphs (``ops.time_cold``: median over rounds of graph replays, launch gaps removed), as is ``F.linear`` on the
+same weight in bf16 (dense). Bytes: ``packed.nbytes()`` (codes, metadata, scales, zero points, column lists,
+tables) against the dense bf16 weight; the bytes bound is their ratio, the speed-up over cuBLAS a kernel reading
+the packed bytes at cuBLAS's bandwidth would reach. ``speed-up``, ``% of bound`` and ``q4 GB/s`` are the best
+configuration's of either kernel; ``q4 best`` is the Triton kernel's best, ``mma best`` the mma kernel's (which
+reads its parameter table, 4 bytes per row and group, where the packed layer counts 3 for scale and zero point).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import torch
 import triton
 
 from _table import write_table
+from tilesparse.kernels import cuda_mma as cm
+from tilesparse.kernels import cuda_mma_q4 as cq
 from tilesparse.kernels.format_q4 import pack_q4, unpack_q4
 from tilesparse.kernels.reference import rel_error
 from tilesparse.kernels.triton_q4 import q4_linear_triton
@@ -38,6 +45,10 @@ CANDIDATES = {  # tokens -> launcher keywords (the default, {}, first)
     1: [{}, {"bn": 16, "warps": 8}, {"bn": 4}, {"ts": 4, "td": 2, "pref": True}, {"split": 2}],
     16: [{}, {"dot": False}, {"dot": False, "bn": 8, "warps": 8}, {"bn": 64, "warps": 8}, {"split": 2},
          {"ts": 2, "td": 2, "warps": 8}],
+}
+MMA_CANDIDATES = {  # tokens -> q4_mma_linear keywords over default_config's (the default, {}, first)
+    1: [{}, {"warps": 4, "sb": 2, "split": 1}, {"warps": 4, "sb": 1, "split": 4}, {"warps": 8, "sb": 2, "split": 2}],
+    16: [{}, {"warps": 4, "sb": 2, "split": 1}, {"warps": 8, "sb": 1, "split": 2}, {"warps": 4, "sb": 2, "split": 4}],
 }
 
 
@@ -61,29 +72,49 @@ def label(cfg: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in cfg.items()) or "default"
 
 
-def check_configs(p, x, ref, cfgs) -> dict:
+def triton_runs(p, cfgs) -> list:
+    """The Triton kernel's configurations as ``(label, fn(x))``."""
+    return [(label(cfg), lambda x, cfg=cfg: q4_linear_triton(x, p, None, **cfg)) for cfg in cfgs]
+
+
+def mma_runs(p, M: int, cfgs) -> list:
+    """The mma kernel's configurations as ``(label, fn(x))``, compiled; none where the kernel does not apply (the
+    reason printed)."""
+    why = cq.unsupported_reason(p)
+    if why is not None:
+        print(f"  mma kernel not run: {why}", flush=True)
+        return []
+    default = cq.default_config(M, p, cm._sm_count(p.device))
+    full = list(dict.fromkeys(tuple(sorted({**default, **cfg}.items())) for cfg in cfgs))
+    cm.precompile({cq.MmaQ4Key(True, cm.octets(M), c["warps"], c["sb"], False) for c in map(dict, full)})
+    return [("mma " + label(dict(c)) + (" (default)" if dict(c) == default else ""),
+             lambda x, c=dict(c): cq.q4_mma_linear(x, p, None, **c)) for c in full]
+
+
+def check_configs(x, ref, runs) -> dict:
     """Relative error of every configuration's output against ``ref`` (``inf`` for a launch or compilation that
     raised: reported, and the run goes on)."""
     errs = {}
-    for cfg in cfgs:
+    for name, fn in runs:
         try:
-            errs[label(cfg)] = rel_error(q4_linear_triton(x, p, None, **cfg), ref)
+            errs[name] = rel_error(fn(x), ref)
         except Exception as e:  # noqa: BLE001 - one failing configuration must not hide the others
-            print(f"  {label(cfg)}: failed ({type(e).__name__}: {str(e)[:300]})", flush=True)
-            errs[label(cfg)] = float("inf")
+            print(f"  {name}: failed ({type(e).__name__}: {str(e)[:300]})", flush=True)
+            errs[name] = float("inf")
+        if not errs[name] < TOL:
+            print(f"  {name}: rel err {errs[name]:.1e} >= {TOL:.0e}", flush=True)
     return errs
 
 
-def time_row(p, Wd, x, cfgs, errs, reps: int, rounds: int) -> dict:
+def time_row(Wd, x, runs, errs, reps: int, rounds: int) -> dict:
     """Cold-L2 times (us) of F.linear on the bf16 weight and of every configuration that passed its check."""
     from tilesparse.kernels import ops
 
     dev = x.device
     times = {"cublas": 1e3 * ops.time_cold(lambda: torch.nn.functional.linear(x, Wd), dev, reps, rounds)}
-    for cfg in cfgs:
-        if errs[label(cfg)] < TOL:
-            times[label(cfg)] = 1e3 * ops.time_cold(lambda cfg=cfg: q4_linear_triton(x, p, None, **cfg), dev, reps,
-                                                    rounds)
+    for name, fn in runs:
+        if errs[name] < TOL:
+            times[name] = 1e3 * ops.time_cold(lambda fn=fn: fn(x), dev, reps, rounds)
     return times
 
 
@@ -93,13 +124,18 @@ def table_row(shape: str, M: int, p, errs: dict, times: dict | None) -> dict:
     bound = dense_b / q4_b
     row = {"row": f"{shape} M={M}", "dense MB": f"{dense_b / 1e6:.1f}", "q4 MB": f"{q4_b / 1e6:.2f}",
            "bytes bound": f"{bound:.2f}x", "max rel err": f"{max(errs.values()):.1e}"}
-    if times:
-        ours = {k: v for k, v in times.items() if k != "cublas"}
+    ours = {k: v for k, v in (times or {}).items() if k != "cublas"}
+    if ours:
         best = min(ours, key=ours.get)
         speed = times["cublas"] / ours[best]
         row.update({"cuBLAS us": f"{times['cublas']:.1f}", "q4 default us": f"{ours.get('default', float('nan')):.1f}",
-                    "q4 best us": f"{ours[best]:.1f}", "best config": best, "speed-up": f"{speed:.2f}x",
-                    "% of bound": f"{100 * speed / bound:.0f} %", "q4 GB/s": f"{q4_b / ours[best] / 1e3:.0f}"})
+                    "speed-up": f"{speed:.2f}x", "% of bound": f"{100 * speed / bound:.0f} %",
+                    "q4 GB/s": f"{q4_b / ours[best] / 1e3:.0f}"})
+        for kind, col, cfg_col in (("triton", "q4 best us", "best config"), ("mma", "mma best us", "mma config")):
+            mine = {k: v for k, v in ours.items() if k.startswith("mma") == (kind == "mma")}
+            if mine:
+                b = min(mine, key=mine.get)
+                row.update({col: f"{mine[b]:.1f}", cfg_col: b})
     return row
 
 
@@ -110,7 +146,8 @@ def main() -> int:
     ap.add_argument("--sparse", type=float, default=0.45, help="fraction of 2:4 tiles")
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--check", action="store_true", help="check only, no timing (runs under TRITON_INTERPRET=1)")
-    ap.add_argument("--default-only", action="store_true", help="only the launcher's default configuration")
+    ap.add_argument("--default-only", action="store_true", help="only each kernel's default configuration")
+    ap.add_argument("--no-mma", action="store_true", help="the Triton kernel only")
     ap.add_argument("--reps", type=int, default=20, help="launches per CUDA graph")
     ap.add_argument("--rounds", type=int, default=15, help="graph replays (the median is kept)")
     ap.add_argument("--out", default=None)
@@ -126,17 +163,20 @@ def main() -> int:
         p, W = packed_layer(N, K, args.sparse, args.group, dev)
         Wd = W.to(torch.bfloat16)
         for M in tokens:
-            cfgs = CANDIDATES.get(M, [{}])[:1 if args.default_only else None]
+            n = 1 if args.default_only else None
+            runs = triton_runs(p, CANDIDATES.get(M, [{}])[:n])
+            if not args.no_mma:
+                runs += mma_runs(p, M, MMA_CANDIDATES.get(M, [{}])[:n])
             x = torch.randn(M, K, device=dev).to(torch.bfloat16)
             ref = x.double() @ W.double().T
-            errs = check_configs(p, x, ref, cfgs)
+            errs = check_configs(x, ref, runs)
             failed += [f"{shape} M={M} {k}: {e:.1e}" for k, e in errs.items() if not e < TOL]
-            times = None if args.check else time_row(p, Wd, x, cfgs, errs, args.reps, args.rounds)
+            times = None if args.check else time_row(Wd, x, runs, errs, args.reps, args.rounds)
             rows.append(table_row(shape, M, p, errs, times))
             print(rows[-1], flush=True)
         del p, W, Wd
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU (interpreter)"
-    head = (f"# 4-bit hybrid decode kernel vs cuBLAS bf16 ({name})\n\n"
+    head = (f"# 4-bit hybrid decode kernels vs cuBLAS bf16 ({name})\n\n"
             f"Measured {datetime.date.today().isoformat()}, torch {torch.__version__}, triton {triton.__version__}. "
             f"Weights: {100 * args.sparse:.0f} % of the {TILE[0]}x{TILE[1]} tiles 2:4 (magnitude), the rest dense; "
             f"RTN 4-bit, group {args.group}. Times: cold L2, CUDA graphs, median of {args.rounds} replays of "
@@ -144,7 +184,8 @@ def main() -> int:
             f"Command: `PYTHONPATH=src python3 benchmarks/q4_decode.py {' '.join(sys.argv[1:])}`")
     cols = ["dense MB", "q4 MB", "bytes bound", "max rel err"]
     if not args.check:
-        cols += ["cuBLAS us", "q4 default us", "q4 best us", "best config", "speed-up", "% of bound", "q4 GB/s"]
+        cols += ["cuBLAS us", "q4 default us", "q4 best us", "best config", "mma best us", "mma config", "speed-up",
+                 "% of bound", "q4 GB/s"]
     write_table(head, cols, rows, args.out)
     if failed:
         print("FAILED checks (rel err >= %.0e): %s" % (TOL, "; ".join(failed)))
