@@ -155,10 +155,8 @@ MUTATIONS = {  # a wrong layout each (source text -> replacement): the emulated 
     "the 16-bit kernel's dense x order": ("                tt = e >> 4;\n",
                                           "                tt = (e >> 3) & 3;\n                half = e >> 5;\n"),
     "a byte's two codes swapped": ("i | ((i + 4) << 8)", "(i + 4) | (i << 8)"),
-    "dense sub-steps 0-1 and 2-3 swapped": ("dequant_word(c.x, sg, zg), dequant_word(c.z, sg8, zg8), "
-                                            "dequant_word(c.y, sg, zg)",
-                                            "dequant_word(c.y, sg, zg), dequant_word(c.z, sg8, zg8), "
-                                            "dequant_word(c.x, sg, zg)"),
+    "dense sub-steps 0-1 and 2-3 swapped": ("dequant_word(c.x, sg, zg), dequant_word(c.z, sg8, zg8), dequant_word(c.y",
+                                            "dequant_word(c.y, sg, zg), dequant_word(c.z, sg8, zg8), dequant_word(c.x"),
     "scale and zero swapped": ("zg = __byte_perm(pz.x, 0, 0x3232)", "zg = __byte_perm(pz.x, 0, 0x1010)"),
     "x read before its copies landed": ('asm volatile("cp.async.wait_group 0;" ::: "memory");', ""),
 }
@@ -190,6 +188,7 @@ def test_unsupported_layers_are_refused_in_one_line():
     p = q4_layer(64, 256, (64, 128), 128)
     assert cq.layout_reason(p) is None and "not on a CUDA device" in cq.unsupported_reason(p)
     assert not cq.mma_q4_supported(p)
+    assert "_mma_q4" not in p.to("cpu").__dict__  # a copy is a layer of its own: answers are per layer
 
 
 def test_launch_plan_checks_the_configuration():
@@ -307,3 +306,4 @@ def test_mma_route_runs_the_default_configuration(monkeypatch):
     y = library._q4_mma(torch.randn(3, 5, 1024).half(), p, torch.randn(256))
     assert y.shape == (3, 5, 256) and y.dtype == torch.float16
     assert got == {"shape": (15, 1024), "bias": torch.float16, **cq.default_config(15, p, 132)}
+    assert cq.layer_config(15, p) is cq.layer_config(15, p)  # cached on the layer

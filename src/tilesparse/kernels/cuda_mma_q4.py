@@ -86,12 +86,22 @@ def layout_reason(packed: PackedHybridQ4) -> str | None:
     return None
 
 
+def _cache(packed: PackedHybridQ4) -> dict:
+    """This module's tables, answers and prepared launches for one layer (dropped by ``rebuild_layout()``; a
+    module whose buffers change gets a new ``PackedHybridQ4``)."""
+    return packed.__dict__.setdefault("_mma_q4", {})
+
+
 def unsupported_reason(packed: PackedHybridQ4) -> str | None:
-    """``None`` when the kernel can run this layer on its device, else why not (one line)."""
-    why = layout_reason(packed)
-    if why is None and packed.device.type != "cuda":
-        why = f"the layer is on {packed.device}, not on a CUDA device"
-    return why if why is not None else _cm.unavailable_reason(packed.device)
+    """``None`` when the kernel can run this layer on its device, else why not (one line; cached on the
+    layer)."""
+    cache = _cache(packed)
+    if "reason" not in cache:
+        why = layout_reason(packed)
+        if why is None and packed.device.type != "cuda":
+            why = f"the layer is on {packed.device}, not on a CUDA device"
+        cache["reason"] = why if why is not None else _cm.unavailable_reason(packed.device)
+    return cache["reason"]
 
 
 def mma_q4_supported(packed: PackedHybridQ4) -> bool:
@@ -104,8 +114,9 @@ def param_table(packed: PackedHybridQ4, dtype: torch.dtype) -> torch.Tensor:
     n_groups, 8, 2]``, entry ``[s, G, g, h]`` = the word of row ``16 s + g + 8 h`` and group ``G``: its scale in
     ``dtype`` in the low 16 bits and ``-(MAGIC + zero)`` in ``dtype`` in the high 16 (MAGIC = 128 for bfloat16,
     1024 for float16; both exact). A warp's 16 rows of one group are 64 contiguous bytes; a lane reads its two
-    rows' words in one 8-byte load. (float16 rounds the bfloat16 scales.)"""
-    cache = packed.__dict__.setdefault("_mma_q4", {})
+    rows' words in one 8-byte load. (float16 rounds the bfloat16 scales. Scales or zero points changed in place
+    need ``rebuild_layout()``.)"""
+    cache = _cache(packed)
     key = ("params", dtype, packed.scales.data_ptr(), packed.zeros.data_ptr())
     hit = cache.get(key)
     if hit is not None:
@@ -179,6 +190,15 @@ def default_config(M: int, packed: PackedHybridQ4, sms: int) -> dict:
     return {"warps": warps, "split": split, "sb": 2 if _cm.octets(M) <= 4 else 1}
 
 
+def layer_config(M: int, packed: PackedHybridQ4) -> dict:
+    """:func:`default_config` on the layer's CUDA device (cached on the layer per token count)."""
+    cache = _cache(packed)
+    key = ("config", M)
+    if key not in cache:
+        cache[key] = default_config(M, packed, _cm._sm_count(packed.device))
+    return cache[key]
+
+
 def _prepared(packed: PackedHybridQ4, M: int, dtype: torch.dtype, has_bias: bool, warps: int, split: int,
               sb: int) -> _cm.MmaLaunch:
     """The prepared launch of one configuration, cached on ``packed`` (dropped by ``rebuild_layout()``) and
@@ -189,7 +209,7 @@ def _prepared(packed: PackedHybridQ4, M: int, dtype: torch.dtype, has_bias: bool
     if split > 1:
         ws = _buffer("mma_ws", packed.device, M * packed.out_features, torch.float32)
         cnt = _buffer("mma_cnt", packed.device, packed.grid.n_rows * (packed.tile_rows // (16 * warps)), torch.int32)
-    cache = packed.__dict__.setdefault("_mma_q4", {})
+    cache = _cache(packed)
     key = ("launch", M, dtype, has_bias, warps, split, sb)
     hit = cache.get(key)
     if hit is None or hit[1] is not ws or hit[2] is not cnt:
@@ -224,5 +244,5 @@ def q4_mma_linear(x2: torch.Tensor, packed: PackedHybridQ4, bias: torch.Tensor |
     return out
 
 
-__all__ = ["MmaQ4Key", "default_config", "launch_plan", "layout_reason", "mma_q4_supported", "param_table", "prepare",
-           "q4_mma_linear", "unsupported_reason"]
+__all__ = ["MmaQ4Key", "default_config", "launch_plan", "layer_config", "layout_reason", "mma_q4_supported",
+           "param_table", "prepare", "q4_mma_linear", "unsupported_reason"]

@@ -207,11 +207,10 @@ def q4_mma_applies(x: torch.Tensor, p) -> bool:
 
 def _q4_mma(x: torch.Tensor, p, bias: torch.Tensor | None) -> torch.Tensor:
     """The 4-bit product by the sparse-tensor-core kernel in its default configuration for the device."""
-    from . import cuda_mma as _cm
     from . import cuda_mma_q4
 
     x2 = x.reshape(-1, p.in_features)
-    cfg = cuda_mma_q4.default_config(x2.shape[0], p, _cm._sm_count(p.device))
+    cfg = cuda_mma_q4.layer_config(x2.shape[0], p)
     b = None if bias is None else bias.to(x.dtype)
     return cuda_mma_q4.q4_mma_linear(x2, p, b, **cfg).reshape(*x.shape[:-1], p.out_features)
 
