@@ -6,7 +6,9 @@ checked against float64, then timed against cuBLAS on the bf16 weight (GPU).
     PYTHONPATH=src python3 benchmarks/q4_decode.py --check        # correctness only (also CPU + TRITON_INTERPRET=1,
                                                                  # with small --shapes)
 
-Per shape: 45 % of the 128x128 tiles 2:4 at random places, the rest dense; the 2:4 mask by magnitude; round to
+Per shape and ``--sparse`` fraction (default 0 and 0.45: the 4-bit dense baseline and the 45 % hybrid through the
+same kernels, in the same run): that share of the 128x128 tiles 2:4 at random places, the rest dense; the 2:4 mask
+by magnitude; round to
 nearest at 4 bits, group 128 (bf16 scales, uint8 zero points). Per token count, every candidate configuration of
 the Triton kernel (the launcher's default first) and, where it applies (compute capability 8.0+, ``cuda-bindings``),
 a few of the mma kernel's (``default_config`` first; this check is the one that verifies that kernel on a GPU) are
@@ -143,7 +145,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008", help="out x in, comma separated")
     ap.add_argument("--tokens", default="1,16")
-    ap.add_argument("--sparse", type=float, default=0.45, help="fraction of 2:4 tiles")
+    ap.add_argument("--sparse", default="0,0.45",
+                    help="fractions of 2:4 tiles, comma separated (0: the 4-bit dense baseline, same kernels)")
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--check", action="store_true", help="check only, no timing (runs under TRITON_INTERPRET=1)")
     ap.add_argument("--default-only", action="store_true", help="only each kernel's default configuration")
@@ -158,10 +161,12 @@ def main() -> int:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokens = [int(t) for t in args.tokens.split(",") if t]
     rows, failed = [], []
-    for shape in [s for s in args.shapes.split(",") if s]:
+    fracs = [float(f) for f in args.sparse.split(",") if f]
+    for shape, frac in [(s, f) for s in args.shapes.split(",") if s for f in fracs]:
         N, K = (int(v) for v in shape.split("x"))
-        p, W = packed_layer(N, K, args.sparse, args.group, dev)
+        p, W = packed_layer(N, K, frac, args.group, dev)
         Wd = W.to(torch.bfloat16)
+        shape = f"{shape} {100 * frac:.0f} % 2:4"
         for M in tokens:
             n = 1 if args.default_only else None
             runs = triton_runs(p, CANDIDATES.get(M, [{}])[:n])
@@ -178,7 +183,8 @@ def main() -> int:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU (interpreter)"
     head = (f"# 4-bit hybrid decode kernels vs cuBLAS bf16 ({name})\n\n"
             f"Measured {datetime.date.today().isoformat()}, torch {torch.__version__}, triton {triton.__version__}. "
-            f"Weights: {100 * args.sparse:.0f} % of the {TILE[0]}x{TILE[1]} tiles 2:4 (magnitude), the rest dense; "
+            f"Weights: the row's share of the {TILE[0]}x{TILE[1]} tiles 2:4 (magnitude, at random places), the rest "
+            "dense (0 %: the 4-bit dense baseline through the same kernels); "
             f"RTN 4-bit, group {args.group}. Times: cold L2, CUDA graphs, median of {args.rounds} replays of "
             f"{args.reps} launches. Bytes bound = dense bf16 bytes / packed bytes; % of bound = speed-up / bound.\n\n"
             f"Command: `PYTHONPATH=src python3 benchmarks/q4_decode.py {' '.join(sys.argv[1:])}`")
