@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from . import cuda_mma as _cm
-from .format_q4 import PackedHybridQ4
+from .format_q4 import PackedHybridQ4, check_q4_operands
 
 MAX_TOKENS = _cm.MAX_TOKENS
 MAX_STEPS = _cm.MAX_STEPS  # 64-column steps per block (csrc/hybrid_mma_q4.cu)
@@ -224,16 +224,7 @@ def q4_mma_linear(x2: torch.Tensor, packed: PackedHybridQ4, bias: torch.Tensor |
     64-column steps per batch; returns ``[M, out_features]`` in ``x2``'s dtype. A one-line ``ValueError`` /
     ``TypeError`` where the layer (:func:`unsupported_reason`), the operands or the configuration do not fit.
     Unverified on a GPU until ``benchmarks/q4_decode.py``'s check has passed there."""
-    if not isinstance(x2, torch.Tensor) or x2.dim() != 2 or x2.shape[1] != packed.in_features:
-        raise ValueError(f"q4 mma kernel: x must be [tokens, in_features={packed.in_features}], got "
-                         f"{tuple(getattr(x2, 'shape', ()))}")
-    if x2.dtype not in DTYPES:
-        raise TypeError(f"q4 mma kernel: x must be bfloat16 or float16, got {x2.dtype}")
-    if x2.device != packed.device:
-        raise ValueError(f"q4 mma kernel: x is on {x2.device}, the layer on {packed.device}")
-    if bias is not None and (tuple(bias.shape) != (packed.out_features,) or bias.dtype != x2.dtype
-                             or bias.device != x2.device):
-        raise ValueError(f"q4 mma kernel: bias must be [{packed.out_features}] in {x2.dtype} on {x2.device}")
+    check_q4_operands(x2, packed, bias, DTYPES, MAX_TOKENS, "q4 mma kernel")
     why = unsupported_reason(packed)
     if why is not None:
         raise ValueError(f"q4 mma kernel: {why}")

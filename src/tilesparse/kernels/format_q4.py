@@ -238,4 +238,28 @@ def q4_bytes(out_features: int, in_features: int, sparse_fraction: float, group_
         out_features * math.ceil(in_features / group_size) * 3
 
 
-__all__ = ["FORMAT_VERSION_Q4", "PackedHybridQ4", "pack_q4", "q4_bytes", "unpack_q4"]
+def check_q4_operands(x2: torch.Tensor, packed: PackedHybridQ4, bias: torch.Tensor | None, dtypes: tuple,
+                      max_tokens: int, who: str) -> None:
+    """The checks a 4-bit kernel ``who`` makes of its operands (one-line ``ValueError`` / ``TypeError``):
+    ``x2 [1..max_tokens, in_features]`` of one of ``dtypes`` on the layer's device, bias ``[out_features]`` in
+    x's dtype on that device."""
+    if not isinstance(x2, torch.Tensor) or x2.dim() != 2 or x2.shape[1] != packed.in_features:
+        raise ValueError(f"{who}: x must be [tokens, in_features={packed.in_features}], got "
+                         f"{tuple(getattr(x2, 'shape', ()))}")
+    if x2.dtype not in dtypes:
+        names = [str(d).removeprefix("torch.") for d in dtypes]
+        names = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+        raise TypeError(f"{who}: x must be {names}, got {x2.dtype}")
+    if x2.device != packed.device:
+        raise ValueError(f"{who}: x is on {x2.device}, the layer on {packed.device}")
+    if not 1 <= x2.shape[0] <= max_tokens:
+        raise ValueError(f"{who}: takes 1..{max_tokens} tokens, got {x2.shape[0]}")
+    if bias is not None:
+        if tuple(bias.shape) != (packed.out_features,) or bias.device != x2.device:
+            raise ValueError(f"{who}: bias must be [{packed.out_features}] on {x2.device}, got "
+                             f"{tuple(bias.shape)} on {bias.device}")
+        if bias.dtype != x2.dtype:
+            raise TypeError(f"{who}: bias dtype {bias.dtype} does not match x's {x2.dtype}")
+
+
+__all__ = ["FORMAT_VERSION_Q4", "PackedHybridQ4", "check_q4_operands", "pack_q4", "q4_bytes", "unpack_q4"]

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .format import RI_DN_LEN, RI_MT_OFF, RI_MT_STRIDE, RI_SP_LEN, ROW_INFO_COLS
-from .format_q4 import QI_DN_OFF, QI_DN_STRIDE, QI_SP_OFF, QI_SP_STRIDE, PackedHybridQ4
+from .format_q4 import QI_DN_OFF, QI_DN_STRIDE, QI_SP_OFF, QI_SP_STRIDE, PackedHybridQ4, check_q4_operands
 from .ops import _buffer, _is_pow2, _largest_pow2_divisor_le, _pow2_at_least, interpreting
 from .triton_hybrid import _nibbles, _pick_x, _pos_planes, _write_output, _x_planes
 from .triton_stream import _dot_acc, _load_x, _ok
@@ -389,21 +389,7 @@ def default_q4_config(M: int, packed: PackedHybridQ4, dot: bool | None = None) -
 
 
 def _check_operands(x2: torch.Tensor, packed: PackedHybridQ4, bias: torch.Tensor | None) -> None:
-    if not isinstance(x2, torch.Tensor) or x2.dim() != 2 or x2.shape[1] != packed.in_features:
-        raise ValueError(f"q4 kernel: x must be [tokens, in_features={packed.in_features}], got "
-                         f"{tuple(getattr(x2, 'shape', ()))}")
-    if x2.dtype not in X_DTYPES:
-        raise TypeError(f"q4 kernel: x must be bfloat16, float16 or float32, got {x2.dtype}")
-    if x2.device != packed.device:
-        raise ValueError(f"q4 kernel: x is on {x2.device}, the layer on {packed.device}")
-    if not 1 <= x2.shape[0] <= MAX_TOKENS:
-        raise ValueError(f"q4 kernel: takes 1..{MAX_TOKENS} tokens, got {x2.shape[0]}")
-    if bias is not None:
-        if tuple(bias.shape) != (packed.out_features,) or bias.device != x2.device:
-            raise ValueError(f"q4 kernel: bias must be [{packed.out_features}] on {x2.device}, got "
-                             f"{tuple(bias.shape)} on {bias.device}")
-        if bias.dtype != x2.dtype:
-            raise TypeError(f"q4 kernel: bias dtype {bias.dtype} does not match x's {x2.dtype}")
+    check_q4_operands(x2, packed, bias, X_DTYPES, MAX_TOKENS, "q4 kernel")
     tc = packed.tile_cols
     if not _is_pow2(tc) or tc < 16:
         raise ValueError(f"q4 kernel: tile width must be a power of two >= 16, got {tc}")
