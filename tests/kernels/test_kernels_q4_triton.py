@@ -149,6 +149,38 @@ def test_dispatch(q4):
     assert torch._C._dispatch_has_kernel_for_dispatch_key("tilesparse::hybrid_linear_q4", "CUDA")
 
 
+def test_a_kernel_that_fails_on_the_machine_falls_back_to_the_reference_once(monkeypatch):
+    """A Triton kernel that cannot compile or launch here (not the caller's operands) is said once, and 4-bit
+    layers run the torch reference from then on; a forced kernel call still raises, and so do bad operands."""
+    from tilesparse.kernels import library
+
+    p = q4_layer(48, 64, (16, 32), 32, seed=4)
+    x = torch.randn(3, 64).bfloat16()
+    calls = []
+
+    def broken(x2, packed, bias):
+        calls.append(1)
+        raise RuntimeError("PassManager::run failed\nmore lines")
+
+    monkeypatch.setattr(library, "_q4_triton_launcher", lambda: broken)
+    monkeypatch.setattr(library, "q4_kernel_applies", lambda x, p: True)
+    monkeypatch.setattr(library, "_Q4_TRITON_FAILED", [None])
+    with pytest.raises(RuntimeError, match="PassManager"):
+        library.q4_linear(x, p, use_triton=True)
+    with pytest.warns(RuntimeWarning, match=r"4-bit Triton kernel failed on this machine \(RuntimeError: PassManager::run failed\)"):
+        y = library.q4_linear(x, p)
+    assert torch.equal(y, library._q4_reference(x, p, None)) and len(calls) == 2
+    assert torch.equal(library.q4_linear(x, p), y) and len(calls) == 2  # not tried again
+
+    def bad_operands(x2, packed, bias):
+        raise ValueError("q4 kernel: x must be [tokens, in_features=64]")
+
+    monkeypatch.setattr(library, "_q4_triton_launcher", lambda: bad_operands)
+    monkeypatch.setattr(library, "_Q4_TRITON_FAILED", [None])
+    with pytest.raises(ValueError, match="in_features=64"):
+        library.q4_linear(x, p)
+
+
 def test_operator_finds_the_module_layer():
     """A ``HybridLinearQ4``'s tensors resolve to its registered layer (no layout rebuilt per call); other tensors
     or dimensions get a layer of their own."""

@@ -221,17 +221,40 @@ def q4_linear(x: torch.Tensor, p, bias: torch.Tensor | None = None, use_triton: 
     else the Triton kernel (:mod:`.triton_q4`) where :func:`q4_kernel_applies`, else the torch reference
     (dequantize + ``F.linear``); ``use_triton`` forces the Triton kernel or the reference (``True`` on the CPU
     needs ``TRITON_INTERPRET=1``)."""
-    if use_triton is None:
+    chosen = use_triton is None
+    if chosen:
         if q4_mma_applies(x, p):
             return _q4_mma(x, p, bias)
-        use_triton = q4_kernel_applies(x, p)
+        use_triton = _Q4_TRITON_FAILED[0] is None and q4_kernel_applies(x, p)
     if not use_triton:
         return _q4_reference(x, p, bias)
     launch = _q4_triton_launcher()
     if launch is None:
         raise RuntimeError("the 4-bit Triton kernel needs triton, which cannot be imported here")
     b = None if bias is None else bias.to(x.dtype)
-    return launch(x.reshape(-1, p.in_features), p, b).reshape(*x.shape[:-1], p.out_features)
+    try:
+        y = launch(x.reshape(-1, p.in_features), p, b)
+    except (ValueError, TypeError):  # the operands: the caller's to fix
+        raise
+    except Exception as e:  # noqa: BLE001 - the kernel itself (compilation, launch) on this machine
+        if not chosen:
+            raise
+        _q4_triton_failed(e)
+        return _q4_reference(x, p, bias)
+    return y.reshape(*x.shape[:-1], p.out_features)
+
+
+_Q4_TRITON_FAILED: list = [None]  # why the 4-bit Triton kernel failed in this process, once it has
+
+
+def _q4_triton_failed(error: Exception) -> None:
+    """Remember that the 4-bit Triton kernel failed here and say so once: from now on :func:`q4_linear` runs the
+    torch reference (the kernel is checked under Triton's CPU interpreter, not yet on every GPU)."""
+    import warnings
+
+    _Q4_TRITON_FAILED[0] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}"
+    warnings.warn(f"tilesparse: the 4-bit Triton kernel failed on this machine ({_Q4_TRITON_FAILED[0]}); 4-bit "
+                  "layers run the torch reference from now on", RuntimeWarning, stacklevel=3)
 
 
 @hybrid_linear_q4_op.register_fake
