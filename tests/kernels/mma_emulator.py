@@ -34,31 +34,9 @@ def compiler() -> str | None:
     return shutil.which("g++")
 
 
-def _close(src: str, i: int) -> int:
-    """Index of the ``)`` matching the ``(`` at ``i`` (string literals skipped)."""
-    depth, j, in_str = 0, i, False
-    while j < len(src):
-        c = src[j]
-        if in_str:
-            if c == "\\":
-                j += 1
-            elif c == '"':
-                in_str = False
-        elif c == '"':
-            in_str = True
-        elif c == "(":
-            depth += 1
-        elif c == ")":
-            depth -= 1
-            if depth == 0:
-                return j
-        j += 1
-    raise ValueError(f"unbalanced parentheses from offset {i}")
-
-
-def _split(s: str, sep: str) -> list[str]:
-    """``s`` split at ``sep`` outside string literals and parentheses."""
-    parts, depth, in_str, start, j = [], 0, False, 0, 0
+def _outside_strings(s: str, start: int = 0):
+    """``(index, char)`` of every character of ``s`` from ``start`` that lies outside string literals."""
+    j, in_str = start, False
     while j < len(s):
         c = s[j]
         if in_str:
@@ -68,14 +46,35 @@ def _split(s: str, sep: str) -> list[str]:
                 in_str = False
         elif c == '"':
             in_str = True
-        elif c in "([{":
+        else:
+            yield j, c
+        j += 1
+
+
+def _close(src: str, i: int) -> int:
+    """Index of the ``)`` matching the ``(`` at ``i`` (string literals skipped)."""
+    depth = 0
+    for j, c in _outside_strings(src, i):
+        if c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+            if depth == 0:
+                return j
+    raise ValueError(f"unbalanced parentheses from offset {i}")
+
+
+def _split(s: str, sep: str) -> list[str]:
+    """``s`` split at ``sep`` outside string literals and parentheses."""
+    parts, depth, start = [], 0, 0
+    for j, c in _outside_strings(s):
+        if c in "([{":
             depth += 1
         elif c in ")]}":
             depth -= 1
         elif c == sep and depth == 0:
             parts.append(s[start:j])
             start = j + 1
-        j += 1
     parts.append(s[start:])
     return parts
 

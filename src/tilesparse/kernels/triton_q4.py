@@ -68,6 +68,19 @@ def _tile_params(scales_ptr, zeros_ptr, cols_ptr, cbase, ntiles, t0, srow, row_o
 
 
 @triton.jit
+def _chunk_params(scales_ptr, zeros_ptr, cols_ptr, cbase, ntiles, t0, srow, row_ok, GS, BN: tl.constexpr,
+                  T: tl.constexpr, TILE_C: tl.constexpr, GROUP_TILE: tl.constexpr):
+    """A chunk's per-tile scales and zero points (:func:`_tile_params`) with ``GROUP_TILE``; zeros otherwise
+    (the weights then gather their own)."""
+    if GROUP_TILE:
+        s, z = _tile_params(scales_ptr, zeros_ptr, cols_ptr, cbase, ntiles, t0, srow, row_ok, GS, T, TILE_C)
+    else:
+        s = tl.zeros((BN, T), dtype=tl.float32)
+        z = s
+    return s, z
+
+
+@triton.jit
 def _per_lane(v, BN: tl.constexpr, T: tl.constexpr, PER: tl.constexpr):
     """Per-tile values ``[BN, T]`` -> ``[BN, T * PER]``, each repeated over its tile's ``PER`` lanes."""
     return tl.reshape(tl.broadcast_to(v[:, :, None], (BN, T, PER)), (BN, T * PER))
@@ -111,11 +124,8 @@ def _load_sp(codes_ptr, meta_ptr, x_ptr, cols_ptr, scales_ptr, zeros_ptr, cbase,
                  other=0)
     x = _load_x(x_ptr, cols_ptr, cbase, ntiles, t0, sp_len, offs_m, m_ok, stride_xm, stride_xk, BM, TS, TILE_C,
                 EVEN, False)
-    if GROUP_TILE:
-        s, z = _tile_params(scales_ptr, zeros_ptr, cols_ptr, cbase, ntiles, t0, srow, row_ok, GS, TS, TILE_C)
-    else:
-        s = tl.zeros((BN, TS), dtype=tl.float32)
-        z = s
+    s, z = _chunk_params(scales_ptr, zeros_ptr, cols_ptr, cbase, ntiles, t0, srow, row_ok, GS, BN, TS, TILE_C,
+                         GROUP_TILE)
     return cb, mb, x, s, z
 
 
@@ -133,11 +143,8 @@ def _load_dn(codes_ptr, x_ptr, cols_ptr, scales_ptr, zeros_ptr, cbase, ntiles, c
                  other=0)
     x = _load_x(x_ptr, cols_ptr, cbase, ntiles, t0, dn_len, offs_m, m_ok, stride_xm, stride_xk, BM, TD, TILE_C,
                 EVEN, False)
-    if GROUP_TILE:
-        s, z = _tile_params(scales_ptr, zeros_ptr, cols_ptr, cbase, ntiles, t0, srow, row_ok, GS, TD, TILE_C)
-    else:
-        s = tl.zeros((BN, TD), dtype=tl.float32)
-        z = s
+    s, z = _chunk_params(scales_ptr, zeros_ptr, cols_ptr, cbase, ntiles, t0, srow, row_ok, GS, BN, TD, TILE_C,
+                         GROUP_TILE)
     return cb, x, s, z
 
 
