@@ -5,7 +5,8 @@ Rows (every one from a fresh model load; masks by SparseGPT with its weight upda
 ``--calibration``; GPTQ calibrated on the same text, with the mask held fixed):
 - dense; dense at 4 bits (round to nearest, and GPTQ);
 - per ``--sparsities`` entry (``0.5`` = 2:4 everywhere, below it hybrid dense / 2:4 tiles): the mask in full
-  precision, then the same model at 4 bits (GPTQ).
+  precision, then the same model at 4 bits (each of ``--sparse-methods``, from the same pruned weights).
+``--observer mse`` chooses every group's range by the clipping search (``tilesparse.quant.rtn``).
 Perplexity under the pinned protocol (first ``--windows`` x 512 tokens) on every ``--texts`` entry; list
 out-of-domain texts first: nothing here calibrates on them. The ``4-bit vs 16-bit`` column is the first text's
 perplexity ratio of a 4-bit row to its full-precision row.
@@ -23,6 +24,7 @@ import time
 import torch
 
 import tilesparse as ts
+from tilesparse.quant.state import clear_quantized
 from _table import write_table
 
 
@@ -36,6 +38,8 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--asymmetric", action="store_true", help="min/max grid with a zero point per group")
+    p.add_argument("--observer", default="minmax", choices=["minmax", "mse"])
+    p.add_argument("--sparse-methods", default="gptq", help="quantizers of the pruned rows (rtn, gptq or both)")
     p.add_argument("--windows", type=int, default=10)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -45,7 +49,8 @@ def main(argv=None) -> int:
     grid = "asymmetric (uint8 zero point)" if args.asymmetric else "symmetric"
     default_model = ("the embedded SmolLM2-135M-Instruct; its weights come from a Q4_1 GGUF, already 4-bit with "
                      "asymmetric groups of 32")
-    qkw = dict(group_size=args.group_size, symmetric=not args.asymmetric)
+    qkw = dict(group_size=args.group_size, symmetric=not args.asymmetric, observer=args.observer)
+    sparse_methods = [m for m in args.sparse_methods.split(",") if m]
     if args.calibration.startswith("austen"):
         domains = f"{', '.join(texts[:-1])} out of domain, {texts[-1]} in the calibration's domain"
     else:  # text sampled from the model itself: none of the texts is its domain
@@ -53,6 +58,7 @@ def main(argv=None) -> int:
     head = (f"# Quality at 4 bits ({args.device}, {platform.machine()}, torch {torch.__version__})\n\n"
             f"Model: {args.model or default_model} (fp32 compute). Masks: SparseGPT with "
             f"its weight update; 4 bits: group {args.group_size} along the input, {grid}, bf16 scales, "
+            f"{args.observer} observer, "
             f"after the mask (pruned weights stay 0). Calibration: {args.calibration} ({args.samples} x 512 "
             f"tokens) for both. Perplexity: first {args.windows} x 512 tokens; "
             f"{domains}.\n\n"
@@ -89,9 +95,13 @@ def main(argv=None) -> int:
         masks = ts.prune(lm, method="sparsegpt", pattern=pattern, update_weights=True, **kw, **calib)
         name = "SparseGPT 2:4" if s == 0.5 else "SparseGPT hybrid"
         full = score(lm, name, s, t0)
-        t0 = time.time()
-        ts.quantize(lm, masks, method="gptq", **qkw, **calib)
-        score(lm, f"{name}, 4-bit GPTQ", s, t0, full)
+        pruned = {k: v.clone() for k, v in lm.model.state_dict().items()}
+        for method in sparse_methods:
+            t0 = time.time()
+            lm.model.load_state_dict(pruned)
+            ts.quantize(lm, masks, method=method, **qkw, **calib)
+            score(lm, f"{name}, 4-bit {method.upper()}", s, t0, full)
+            clear_quantized(lm.model)
     write_table(head, cols, rows, args.out)
     return 0
 

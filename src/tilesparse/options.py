@@ -11,7 +11,8 @@ configs are built from these.
 - :data:`LearnLoss`: what mask learning minimises: ``ce`` (next-token cross-entropy on the training text),
   ``kd`` (KL divergence from the dense model's next-token distribution), ``kd+ce`` (both).
 - :data:`QuantMethod`: weight quantizers, ``rtn`` (round to nearest) or ``gptq`` (calibrated);
-  :data:`QUANT_BITS` the supported bit widths.
+  :data:`QUANT_BITS` the supported bit widths; :data:`QuantObserver`: how a group's range is chosen,
+  ``minmax`` (its kept weights' range) or ``mse`` (the shrunk range with the smallest rounding error).
 
 Each type's values are also available as a tuple (``PRUNE_METHODS`` ...).
 """
@@ -35,6 +36,7 @@ RecipeKind = Literal["dense", "oneshot", "learn"]
 LearnLoss = Literal["ce", "kd", "kd+ce"]
 RefitKeep = Literal["mask", "tiles"]  # what a refit keeps of the learned mask
 QuantMethod = Literal["rtn", "gptq"]
+QuantObserver = Literal["minmax", "mse"]
 
 PRUNE_METHODS: tuple[str, ...] = get_args(PruneMethod)
 CALIBRATED_METHODS: tuple[str, ...] = ("wanda", "sparsegpt")
@@ -47,6 +49,7 @@ RECIPE_KINDS: tuple[str, ...] = get_args(RecipeKind)
 LEARN_LOSSES: tuple[str, ...] = get_args(LearnLoss)
 REFIT_KEEPS: tuple[str, ...] = get_args(RefitKeep)
 QUANT_METHODS: tuple[str, ...] = get_args(QuantMethod)
+QUANT_OBSERVERS: tuple[str, ...] = get_args(QuantObserver)
 QUANT_BITS: tuple[int, ...] = (2, 3, 4, 8)
 
 
@@ -86,4 +89,4 @@ Tile = Annotated[tuple[int, int], BeforeValidator(validator(parse_tile))]
 __all__ = ["Tile", "parse_tile", "PruneMethod", "PrunePattern", "LearnMode", "Prior", "DensityScope",
            "DensityEstimate", "RecipeKind", "LearnLoss", "PRUNE_METHODS", "CALIBRATED_METHODS", "PRUNE_PATTERNS",
            "LEARN_MODES", "PRIORS", "DENSITY_SCOPES", "DENSITY_ESTIMATES", "RECIPE_KINDS", "LEARN_LOSSES",
-           "QuantMethod", "QUANT_METHODS", "QUANT_BITS"]
+           "QuantMethod", "QUANT_METHODS", "QUANT_BITS", "QuantObserver", "QUANT_OBSERVERS"]

@@ -57,6 +57,17 @@ def test_same_grid_as_rtn_pruned_weights_stay_zero(symmetric):
     assert bool((dense_in.weight[~keep] == 0).all())
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_mse_observer_on_gptq_keeps_the_grid(symmetric):
+    w, keep, x, h = _problem(seed=2)
+    kw = dict(bits=3, group_size=64, symmetric=symmetric)
+    mm = quantize_gptq(w, h, keep, **kw)
+    mse = quantize_gptq(w, h, keep, observer="mse", **kw)
+    assert torch.equal(mse.weight, mse.quantized.dequantize()) and bool((mse.weight[~keep] == 0).all())
+    assert not torch.equal(mse.scales, mm.scales)  # the search chose other ranges for some groups
+    assert _out_err(x, w * keep, mse.weight) < 1.2 * _out_err(x, w * keep, mm.weight)
+
+
 def test_lazy_blocks_are_exact_even_when_groups_straddle_them():
     """Block size changes only the order of float operations: the codes are those of the column-by-column
     algorithm (block size 1), whose group ranges come from fully updated weights."""

@@ -125,3 +125,37 @@ def test_bad_shapes():
         dequantize(torch.zeros(4, 10, dtype=torch.uint8), torch.ones(4, 2), torch.zeros(4, 2), 4)
     with pytest.raises(ValueError, match="non-finite"):
         quantize_rtn(torch.full((2, 8), float("nan")))
+
+
+def _group_error(w, res, keep, gs, norm=2.4):
+    err = (w - res.weight).abs().pow(norm) * keep
+    out, cols = w.shape
+    return torch.nn.functional.pad(err, (0, n_groups(cols, gs) * gs - cols)).reshape(out, -1, gs).sum(-1)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+def test_mse_observer_never_rounds_a_group_worse_than_minmax(bits, symmetric, masked):
+    w = _weight(seed=3)
+    keep = _keep_24(w) if masked else torch.ones_like(w, dtype=torch.bool)
+    kw = dict(bits=bits, group_size=64, symmetric=symmetric)
+    mm = quantize_rtn(w, keep, **kw)
+    mse = quantize_rtn(w, keep, observer="mse", **kw)
+    e_mm, e_mse = _group_error(w, mm, keep, 64), _group_error(w, mse, keep, 64)
+    assert bool((e_mse <= e_mm * (1 + 1e-6)).all())
+    assert float(e_mse.sum()) < 0.97 * float(e_mm.sum())
+    # same grid guarantees as minmax: exact dequantization, pruned weights exactly 0, scales no larger
+    assert torch.equal(mse.weight, mse.quantized.dequantize())
+    assert bool((mse.weight[~keep] == 0).all())
+    assert bool((mse.scales.float() <= mm.scales.float()).all())
+
+
+def test_mse_observer_with_nothing_kept_and_bad_name():
+    w = _weight(inp=64)
+    keep = torch.ones_like(w, dtype=torch.bool)
+    keep[:, :32] = False
+    res = quantize_rtn(w, keep, group_size=32, symmetric=False, observer="mse")
+    assert bool((res.weight[:, :32] == 0).all()) and bool((res.scales[:, 0] == 1).all())
+    with pytest.raises(ValueError, match="observer must be minmax or mse"):
+        quantize_rtn(w, observer="max")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from ..options import QUANT_BITS, QuantMethod
+from ..options import QUANT_BITS, QuantMethod, QuantObserver
 from ..typed_config import ConfigModel, UserConfig, check
 
 
@@ -19,6 +19,9 @@ class QuantSettings(ConfigModel):
                             "group is shorter when it does not divide the input size)")
     symmetric: bool = Field(True, description="symmetric grid around zero (else min/max range with a zero "
                             "point)", json_schema_extra={"cli": False})
+    observer: QuantObserver = Field("minmax", description="how each group's range is chosen: minmax (its "
+                                    "weights' range) or mse (the range, shrunk, that rounds the group with the "
+                                    "smallest error)")
     damp: float = Field(0.01, gt=0, description="GPTQ damping (fraction of the mean Hessian diagonal)")
     blocksize: int = Field(128, gt=0, description="GPTQ lazy-update block (columns)")
     tokens_per_batch: int = Field(4096, gt=0, description="calibration tokens pushed through a block at once "
@@ -39,8 +42,9 @@ class QuantConfig(UserConfig, QuantSettings):
         return self.method == "gptq"
 
     def label(self) -> str:
-        """Short human-readable name, e.g. ``gptq w4 g128 sym``."""
-        return f"{self.method} w{self.bits} g{self.group_size} {'sym' if self.symmetric else 'asym'}"
+        """Short human-readable name, e.g. ``gptq w4 g128 sym`` (``... mse`` with the mse observer)."""
+        obs = " mse" if self.observer == "mse" else ""
+        return f"{self.method} w{self.bits} g{self.group_size} {'sym' if self.symmetric else 'asym'}{obs}"
 
     def record(self) -> dict:
         """The grid in four keys (what a quantized model and its artifacts record)."""

@@ -46,6 +46,7 @@ def quantize_gptq(
     bits: int = 4,
     group_size: int = 128,
     symmetric: bool = True,
+    observer: str = "minmax",
     blocksize: int = 128,
     damp: float = 0.01,
     name: str = "layer",
@@ -54,7 +55,8 @@ def quantize_gptq(
     (``sum_t x_t x_t^T``), holding the keep-mask ``keep`` (``None``: dense) fixed.
 
     Returns the dequantized weight (float32, exactly ``scale * (code - zero)``, 0 where pruned) with its
-    codes, bfloat16 scales and zero points, the damping used and the OBS error estimate. When no usable
+    codes, bfloat16 scales and zero points, the damping used and the OBS error estimate. ``observer`` chooses
+    each group's range (:func:`~tilesparse.quant.rtn.group_params`). When no usable
     inverse Hessian exists (see :func:`~tilesparse.pruning.sparsegpt.inverse_hessian_cholesky`) the weight is
     rounded to nearest instead (``fallback=True``). The inputs are not modified.
     """
@@ -67,7 +69,7 @@ def quantize_gptq(
         raise ValueError(f"blocksize must be positive, got {blocksize}")
     U, used = inverse_hessian_cholesky(hessian, damp, name=name)
     if U is None:
-        return _fallback(W * keep, keep, bits, group_size, symmetric)
+        return _fallback(W * keep, keep, bits, group_size, symmetric, observer)
     U = U.to(device=W.device, dtype=torch.float32)
 
     g_total = n_groups(cols, group_size)
@@ -89,7 +91,7 @@ def quantize_gptq(
                 g, ce = c // group_size, min(c + group_size, cols)
                 # a group reaching past this block starts at its first column, where W and W1 agree
                 vals = W1[:, i:i + ce - c] if ce <= i2 else W[:, c:ce]
-                s, z = group_params(vals, keep[:, c:ce], bits, symmetric)
+                s, z = group_params(vals, keep[:, c:ce], bits, symmetric, observer)
                 scales[:, g], zeros[:, g] = s, z
             w = W1[:, i]
             q = quantize_codes(w, s, z, keep[:, c], bits)
@@ -107,14 +109,15 @@ def quantize_gptq(
     if not torch.isfinite(W).all():
         warnings.warn(f"{name}: GPTQ produced non-finite weights; falling back to round-to-nearest",
                       SparseGPTWarning, stacklevel=2)
-        return _fallback(weight.detach().float() * keep, keep, bits, group_size, symmetric)
+        return _fallback(weight.detach().float() * keep, keep, bits, group_size, symmetric, observer)
     qt = QuantizedTensor(codes, scales.to(torch.bfloat16), zeros.to(torch.bfloat16), bits, group_size, symmetric)
     return QuantResult(weight=dequantize(qt.codes, qt.scales, qt.zeros, group_size), quantized=qt, damp=used,
                        error=float(total_err))
 
 
-def _fallback(W: torch.Tensor, keep: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> QuantResult:
-    res = quantize_rtn(W, keep, bits=bits, group_size=group_size, symmetric=symmetric)
+def _fallback(W: torch.Tensor, keep: torch.Tensor, bits: int, group_size: int, symmetric: bool, observer: str
+              ) -> QuantResult:
+    res = quantize_rtn(W, keep, bits=bits, group_size=group_size, symmetric=symmetric, observer=observer)
     res.damp, res.fallback = math.inf, True
     return res
 

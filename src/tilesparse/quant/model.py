@@ -71,7 +71,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, masks: MaskSet | None 
     for l in layers:
         if keeps[l.name] is not None:
             l.apply_mask(keeps[l.name])
-    kw = dict(bits=config.bits, group_size=config.group_size, symmetric=config.symmetric)
+    kw = dict(bits=config.bits, group_size=config.group_size, symmetric=config.symmetric, observer=config.observer)
     out: dict[str, QuantizedTensor] = {}
     t0 = time.perf_counter()
     if config.method == "rtn":

@@ -9,6 +9,11 @@ both stored in bfloat16; a code is an unsigned integer in ``[0, 2**bits - 1]`` a
 - Asymmetric: the range ``[min(w, 0), max(w, 0)]`` of the group, ``scale = (max - min) / (2**bits - 1)``,
   ``zero = round(-min / scale)`` (an integer, exact in bfloat16).
 
+Observers (how a group's range is chosen): ``minmax`` takes it as above; ``mse`` also tries the range shrunk
+by the factors of :data:`MSE_SHRINKS` and keeps, per group, the one whose rounded weights have the smallest
+``sum |w - q| ** 2.4`` over the kept weights (the search of the GPTQ reference code, whose exponent this is).
+Shrinking clips the outliers of a group to round its other weights more finely.
+
 Sparsity comes first: with a keep-mask, pruned weights get ``code == zero`` (exactly 0 after
 dequantization) and take no part in their group's range, so a 2:4 group's scale is set by its kept
 weights only. Scales are rounded *up* to the next bfloat16 value and the codes are computed with the
@@ -24,6 +29,9 @@ from dataclasses import dataclass
 import torch
 
 from ..options import QUANT_BITS
+
+MSE_SHRINKS: tuple[float, ...] = tuple(round(1.0 - 0.02 * i, 2) for i in range(41))  # 1.00, 0.98, ..., 0.20
+MSE_NORM = 2.4
 
 
 @dataclass
@@ -85,15 +93,21 @@ def _bf16_ceil(x: torch.Tensor) -> torch.Tensor:
     return torch.where(b.float() < x, up, b).float()
 
 
-def group_params(values: torch.Tensor, keep: torch.Tensor, bits: int, symmetric: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def group_params(values: torch.Tensor, keep: torch.Tensor, bits: int, symmetric: bool, observer: str = "minmax",
+                 *, shrink: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point of groups along the last dimension of ``values``, from the kept entries only.
 
     Returns float32 tensors of shape ``values.shape[:-1]`` holding bfloat16-representable values: the scale
     (rounded up to bfloat16; 1 for a group with no kept nonzero weight) and the integer zero point.
+    ``observer`` is ``minmax`` (the kept range, times ``shrink``) or ``mse`` (the best of the shrunk ranges,
+    module docstring).
     """
+    if observer == "mse":
+        return _mse_params(values, keep, bits, symmetric)
+    if observer != "minmax":
+        raise ValueError(f"observer must be minmax or mse, got {observer!r}")
     maxq = 2 ** bits - 1
-    v = torch.where(keep, values.float(), torch.zeros((), dtype=torch.float32, device=values.device))
+    v = torch.where(keep, values.float(), torch.zeros((), dtype=torch.float32, device=values.device)) * shrink
     if symmetric:
         absmax = v.abs().amax(-1)
         scale = 2.0 * absmax / maxq
@@ -107,6 +121,23 @@ def group_params(values: torch.Tensor, keep: torch.Tensor, bits: int, symmetric:
     if not symmetric:
         zero = torch.round(-lo / scale).clamp(0, maxq)
     return scale, zero
+
+
+def _mse_params(values: torch.Tensor, keep: torch.Tensor, bits: int, symmetric: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    v = torch.where(keep, values.float(), torch.zeros((), dtype=torch.float32, device=values.device))
+    best_s = best_z = best_err = None
+    for shrink in MSE_SHRINKS:
+        s, z = group_params(v, keep, bits, symmetric, shrink=shrink)
+        q = quantize_codes(v, s[..., None], z[..., None], keep, bits)
+        err = (v - s[..., None] * (q - z[..., None])).abs().pow(MSE_NORM).sum(-1)
+        if best_err is None:
+            best_s, best_z, best_err = s, z, err
+            continue
+        better = err < best_err
+        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+        best_err = torch.minimum(err, best_err)
+    return best_s, best_z
 
 
 def quantize_codes(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, keep: torch.Tensor,
@@ -148,12 +179,13 @@ def _checked(weight: torch.Tensor, keep: torch.Tensor | None, bits: int, group_s
 
 @torch.no_grad()
 def quantize_rtn(weight: torch.Tensor, keep: torch.Tensor | None = None, *, bits: int = 4, group_size: int = 128,
-                 symmetric: bool = True) -> QuantResult:
+                 symmetric: bool = True, observer: str = "minmax") -> QuantResult:
     """Round every kept weight of ``weight [out, in]`` to the nearest point of its group's grid.
 
     ``keep`` is the ``[out, in]`` boolean keep-mask (``None``: dense). Pruned weights become exactly 0 and do
     not influence their group's scale or zero point. Returns the dequantized weight (float32) and its codes,
-    bfloat16 scales and zero points; every kept weight moves by at most half its group's scale.
+    bfloat16 scales and zero points. With the ``minmax`` observer every kept weight moves by at most half its
+    group's scale; ``mse`` may clip a group's largest weights to round the others more finely.
     """
     W, keep = _checked(weight, keep, bits, group_size)
     out, cols = W.shape
@@ -161,7 +193,7 @@ def quantize_rtn(weight: torch.Tensor, keep: torch.Tensor | None = None, *, bits
     pad = g * group_size - cols
     Wp = torch.nn.functional.pad(W, (0, pad)).reshape(out, g, group_size)
     Kp = torch.nn.functional.pad(keep, (0, pad), value=False).reshape(out, g, group_size)
-    scale, zero = group_params(Wp, Kp, bits, symmetric)
+    scale, zero = group_params(Wp, Kp, bits, symmetric, observer)
     codes = quantize_codes(Wp, scale[..., None], zero[..., None], Kp, bits).reshape(out, -1)[:, :cols]
     qt = QuantizedTensor(codes.to(torch.uint8), scale.to(torch.bfloat16), zero.to(torch.bfloat16), bits,
                          group_size, symmetric)
@@ -169,4 +201,4 @@ def quantize_rtn(weight: torch.Tensor, keep: torch.Tensor | None = None, *, bits
 
 
 __all__ = ["QuantizedTensor", "QuantResult", "check_quant_args", "n_groups", "group_params", "quantize_codes",
-           "dequantize", "quantize_rtn"]
+           "dequantize", "quantize_rtn", "MSE_SHRINKS"]
