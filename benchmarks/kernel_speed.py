@@ -6,6 +6,7 @@
     PYTHONPATH=src python3 benchmarks/kernel_speed.py --decode --precompile 16 --tokens 1,4,16 --fracs 0.5,1 \
         --shapes 4096x4096,11008x4096,4096x11008      # best v6 / v7 / v9 config vs dense (decode cells)
     PYTHONPATH=src python3 benchmarks/kernel_speed.py --check --mma-only   # correctness of the mma kernels only
+    TILESPARSE_GEMM=1 PYTHONPATH=src python3 benchmarks/kernel_speed.py --check --gemm-only   # the hybrid GEMM
     ncu --profile-from-start off ... python3 benchmarks/kernel_speed.py --ncu-mma  # v7 profile launches
     ncu --profile-from-start off ... python3 benchmarks/kernel_speed.py --ncu-mma --mma-modes 9  # v9 ones
 
@@ -64,7 +65,8 @@ def random_packed(N, K, frac, tile=(128, 128), dtype=torch.bfloat16, device="cud
 
 
 # ------------------------------------------------------------------ correctness
-LAUNCH = {"stream": ops.launch_stream, "mma": ops.launch_mma}
+LAUNCH = {"stream": ops.launch_stream, "mma": ops.launch_mma,
+          "gemm": lambda x, p, bias, cfg, out: ops.prepare_gemm(p, cfg, x.shape[0], bias is not None)(x, out, bias)}
 
 
 def check(args) -> bool:
@@ -86,9 +88,11 @@ def check(args) -> bool:
     if args.quick:
         cases = [cases[1], cases[3], cases[6], cases[7]]
         Ms = [1, 5, 16, 33, 200]
-    only = "stream" if args.stream_only else "mma" if args.mma_only else None
+    only = "stream" if args.stream_only else "mma" if args.mma_only else "gemm" if args.gemm_only else None
     if only in ("stream", "mma"):
         Ms = [1, 3, 5, 16, 33, 64]
+    if only == "gemm":
+        Ms = [16, 33, 64, 65, 200, 1000]
     ok = True
     n = 0
     worst = 0.0
@@ -101,7 +105,7 @@ def check(args) -> bool:
                 print(f"FAIL unpack_triton {N}x{K} tile {tile} {dtype}")
                 ok = False
             bias = torch.randn(N, device=dev).to(dtype) if ci % 2 == 0 else None
-            full = ci in (0, 9) and dtype == torch.bfloat16 and not args.quick
+            full = (ci in (0, 9) and dtype == torch.bfloat16 and not args.quick) or only == "gemm"
             for M in Ms:
                 x = torch.randn(M, K, device=dev).to(dtype)
                 ref = torch.nn.functional.linear(x.double(), Wm.double(), None if bias is None else bias.double())
@@ -121,8 +125,8 @@ def check(args) -> bool:
                             keep.append(c)
                     cfgs = keep + ([] if only else [ops.heuristic_config(M, p)])
                 for cfg in cfgs:
-                    # stream / mma: twice (their counters and workspace must be left reset)
-                    for rep in range(2 if cfg.path in ("stream", "mma") else 1):
+                    # stream / mma / gemm: twice (their counters and workspace must be left reset)
+                    for rep in range(2 if cfg.path in LAUNCH else 1):
                         if cfg.path in LAUNCH:
                             out = torch.full((M, N), float("nan"), device=dev, dtype=dtype)
                             launch = LAUNCH[cfg.path]
@@ -481,6 +485,8 @@ def main() -> int:
     ap.add_argument("--stream-only", action="store_true", help="with --check: only the v6 stream kernel's configs")
     ap.add_argument("--paths", default="", help="with --decode: only these kernel paths (e.g. stream,mma)")
     ap.add_argument("--mma-only", action="store_true", help="with --check: only the v7 / v9 mma kernels' configs")
+    ap.add_argument("--gemm-only", action="store_true", help="with --check: only the hybrid GEMM's configs "
+                    "(needs TILESPARSE_GEMM=1)")
     ap.add_argument("--mma-modes", default="", help="with --mma-only / --ncu-mma: only these mma modes (0 = v7, 9)")
     ap.add_argument("--ncu-mma", action="store_true", help="v7 (or --mma-modes) / dense launches to run under ncu")
     ap.add_argument("--profile", action="store_true", help="a few fixed launches to run under ncu")

@@ -16,6 +16,9 @@ variable                       default       meaning
                                              autotuning candidates (Triton only), e.g. for a model
                                              spread over several GPUs.
 ``TILESPARSE_STREAM``          ``1``         ``0``: the Triton stream kernel is not a candidate.
+``TILESPARSE_GEMM``            ``0``         ``1``: the hybrid GEMM on sparse tensor cores
+                                             (``kernels.cuda_gemm``, 16+ tokens) is an autotuning
+                                             candidate (opt-in: not yet checked on a GPU).
 ``TILESPARSE_AUTOTUNE``        ``1``         ``0``: no autotuning; the fixed heuristic picks each
                                              layer's kernel configuration.
 ``TILESPARSE_AUTOTUNE_CACHE``  ``1``         ``0``: tuned choices are neither read from nor written to
@@ -34,7 +37,7 @@ variable                       default       meaning
                                              kernels' default ``32,32,8``.
 =============================  ============  ========================================================
 
-The on/off switches take exactly ``0`` or ``1``. The candidate switches (``MMA``, ``STREAM``) are
+The on/off switches take exactly ``0`` or ``1``. The candidate switches (``MMA``, ``STREAM``, ``GEMM``) are
 read once, when :mod:`tilesparse.kernels.ops` is imported; the others on every use.
 
 :func:`settings` reads all variables now (a fraction of a millisecond); :func:`setting` returns one
@@ -119,6 +122,10 @@ class Settings(BaseSettings):
                           "(0: Triton only). Default 1.")
     stream: Annotated[bool, _switch(True)] = Field(
         True, description="Triton stream kernel among the autotuning candidates. Default 1.")
+    gemm: Annotated[bool, _switch(False)] = Field(
+        False, description="The hybrid GEMM on sparse tensor cores (kernels.cuda_gemm) among the autotuning "
+                           "candidates at 16 tokens and more; unverified on a GPU until benchmarks/kernel_speed.py "
+                           "--check passes there. Default 0.")
     autotune: Annotated[bool, _switch(True)] = Field(
         True, description="Autotune each layer's kernel configuration on CUDA (0: fixed heuristic). Default 1.")
     autotune_cache: Annotated[bool, _switch(True)] = Field(

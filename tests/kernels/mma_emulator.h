@@ -91,6 +91,7 @@ struct Thread {
 struct WarpMma {
     u32 a[32][4], b[32][4], e[32];
     float c[32][4], d[32][4];
+    u32 addr[32], ld[32][4];  // ldmatrix: each lane's row address, each lane's registers
 };
 
 inline Thread* cur = nullptr;
@@ -255,13 +256,13 @@ inline Op in_n(long long n) { return {nullptr, (u64)n}; }
 
 enum Kind {
     LD_V4, LD_V2, LD_U32, LD_CG_F32, MOV_B32, CVT_F32_F16, CVT_BF16_F32, CVT_F16_F32, FMA_X2, MMA_DENSE, MMA_SP,
-    CP_ASYNC, CP_COMMIT, CP_WAIT, GRIDDEP
+    CP_ASYNC, CP_COMMIT, CP_WAIT, GRIDDEP, LDSM
 };
 
 struct Parsed {
     Kind kind;
     bool bf16;
-    long imm;  // cp.async: copy size; wait_group: groups allowed pending
+    long imm;  // cp.async: copy size; wait_group: groups allowed pending (-1: given as operand %0); ldmatrix: x1/2/4
 };
 
 inline Parsed parse(const char* tmpl) {
@@ -282,12 +283,16 @@ inline Parsed parse(const char* tmpl) {
     if (is("fma.rn.bf16x2") || is("fma.rn.f16x2")) return {FMA_X2, bf16, 0};
     if (mn.rfind("mma.sync.aligned.m16n8k16.row.col.f32.", 0) == 0) return {MMA_DENSE, bf16, 0};
     if (mn.rfind("mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.", 0) == 0) return {MMA_SP, bf16, 0};
-    if (is("cp.async.ca.shared.global")) {  // "[%0], [%1], SIZE, %2;"
+    if (is("cp.async.ca.shared.global") || is("cp.async.cg.shared.global")) {  // "[%0], [%1], SIZE, %2;"
         const size_t c1 = rest.find(','), c2 = rest.find(',', c1 + 1);
         return {CP_ASYNC, false, std::strtol(rest.c_str() + c2 + 1, nullptr, 10)};
     }
     if (is("cp.async.commit_group")) return {CP_COMMIT, false, 0};
-    if (is("cp.async.wait_group")) return {CP_WAIT, false, std::strtol(rest.c_str(), nullptr, 10)};
+    if (is("cp.async.wait_group"))
+        return {CP_WAIT, false, rest.find('%') != std::string::npos ? -1 : std::strtol(rest.c_str(), nullptr, 10)};
+    if (is("ldmatrix.sync.aligned.m8n8.x1.shared.b16")) return {LDSM, false, 1};
+    if (is("ldmatrix.sync.aligned.m8n8.x2.shared.b16")) return {LDSM, false, 2};
+    if (is("ldmatrix.sync.aligned.m8n8.x4.shared.b16")) return {LDSM, false, 4};
     if (is("griddepcontrol.wait") || is("griddepcontrol.launch_dependents")) return {GRIDDEP, false, 0};
     std::fprintf(stderr, "mma emulator: no emulation of \"%s\"\n", tmpl);
     std::abort();
@@ -374,6 +379,7 @@ inline void asm_(const char* tmpl, std::initializer_list<Op> outs_, std::initial
             const char* src = (const char*)(uintptr_t)in[1].v;
             const int src_n = (int)in[2].v;
             if (src_n > P.imm) fail("cp.async: src-size > cp-size");
+            if ((uintptr_t)dst % P.imm || (src_n && (uintptr_t)src % P.imm)) fail("cp.async: misaligned address");
             if (src_n) check_global(src, src_n, "cp.async");
             cur->open.push_back({dst, src, (int)P.imm, src_n});
             break;
@@ -383,12 +389,27 @@ inline void asm_(const char* tmpl, std::initializer_list<Op> outs_, std::initial
             cur->open.clear();
             break;
         case CP_WAIT:
-            while ((long)cur->groups.size() > P.imm) {
+            while ((long)cur->groups.size() > (P.imm < 0 ? (long)in[0].v : P.imm)) {
                 finish_group(cur->groups.front());
                 cur->groups.pop_front();
             }
             break;
         case GRIDDEP: break;
+        case LDSM: {  // matrix i's rows from lanes 8i..8i+7; lane l gets row l / 4, elements 2 (l % 4) + {0, 1}
+            WarpMma& W = warp_mma[warp];
+            W.addr[lane] = (u32)in[0].v;
+            const int nm = (int)P.imm;
+            arrive(warp_bar[warp], [&] {
+                for (int i = 0; i < nm; ++i)
+                    for (int l = 0; l < 32; ++l) {
+                        const char* row = &anchor + (int)W.addr[8 * i + l / 4];
+                        if ((uintptr_t)row % 16) fail("ldmatrix: row address not 16-byte aligned");
+                        std::memcpy(&W.ld[l][i], row + 4 * (l % 4), 4);
+                    }
+            });
+            for (int i = 0; i < nm; ++i) put<u32>(o[i], W.ld[lane][i]);
+            break;
+        }
     }
     maybe_yield();
 }

@@ -4,7 +4,8 @@ kernels that no GPU has run yet.
 :func:`translate` turns a configured kernel source into host C++: every inline-asm statement becomes a call
 ``emu::asm_(template, {outputs}, {inputs})`` of the emulator (which implements the handful of PTX instructions
 the kernels use, the MMAs with the fragment layouts that ``benchmarks/mma_probe.py`` checked on a GPU), every
-``__shared__`` declaration a static one poisoned per block, and an ``emu_run`` entry unpacks a ``void*``
+``__shared__`` declaration (``extern``: dynamic shared memory, of the largest size a block can have) a static one
+poisoned per block, and an ``emu_run`` entry unpacks a ``void*``
 parameter array (as ``cuLaunchKernel`` does) into the kernel's arguments. :func:`build` compiles it with g++;
 :meth:`Emulated.run` launches a grid on CPU tensors. The GPU-verified v7 kernel runs through the same emulation
 in the tests, as a check of the emulation itself.
@@ -26,7 +27,9 @@ HEADER = Path(__file__).with_name("mma_emulator.h")
 _ASM = re.compile(r"\basm\s*(?:volatile\s*)?\(")
 _OPERAND = re.compile(r'^"([=+]?)(\w)"\s*\((.*)\)$', re.DOTALL)
 _SHARED = re.compile(r"^(\s*)__shared__\s+([^;]*?)\b(\w+)(\s*\[[^;\]]*\])?\s*;", re.MULTILINE)
+_DYN_SHARED = re.compile(r"^(\s*)extern\s+__shared__\s+([^;]*?)\b(\w+)\s*\[\s*\]\s*;", re.MULTILINE)
 _KERNEL = re.compile(r"\bKNAME\s*\(")
+DYN_SMEM_BYTES = 232448  # the largest dynamic shared memory of a block (sm_90)
 
 
 def compiler() -> str | None:
@@ -117,6 +120,8 @@ def translate(src: str) -> tuple[str, list[str]]:
         out += [src[i:m.start()], _asm_call(src[m.end():close])]
         i = close + 1
     body = "".join(out) + src[i:]
+    body = _DYN_SHARED.sub(lambda m: f"{m[1]}static {m[2]}{m[3]}[{DYN_SMEM_BYTES}]; "
+                                     f"emu::poison(&{m[3]}, sizeof({m[3]}));", body)
     body = _SHARED.sub(lambda m: f"{m[1]}static {m[2]}{m[3]}{m[4] or ''}; emu::poison(&{m[3]}, sizeof({m[3]}));",
                        body)
     types = _kernel_params(src)

@@ -10,6 +10,8 @@ Paths (chosen per call):
 * ``"mma"`` (v7 ``mode`` 0, v9 ``mode`` 9 on sm_90; up to 64 tokens) -- :mod:`.cuda_mma`: CUDA
   C++ (NVRTC) on sparse tensor cores: 2:4 tiles by ``mma.sp`` straight from the stored values and positions,
   dense tiles by ``mma``; GPU only.
+* ``"gemm"`` (16 tokens and more; opt-in, ``TILESPARSE_GEMM=1``) -- :mod:`.cuda_gemm`: the layer as a GEMM on
+  sparse tensor cores (weights and x staged in shared memory once per block, ``ldmatrix`` operands); GPU only.
 * ``"unpack"`` (more than 64 tokens, and the fallback for any tile size) -- ``unpack_kernel``
   (:mod:`.triton_hybrid`) unpacks the layer on the GPU into a *transient* scratch buffer (one per device and
   dtype, as large as the largest layer it has served; reused by every layer) and ``F.linear`` runs on it.
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from ..settings import setting
+from . import cuda_gemm as _cg
 from . import cuda_mma as _cm
 from .format import PackedHybrid
 
@@ -64,7 +67,8 @@ class KernelConfig:
     # 2:4 planes built by selects, 2 = the same with an inline-PTX shift expansion (GPU); ``ts``/``td`` = 2:4 /
     # dense tiles per chunk, ``pref`` = next chunk's loads in flight, ``split`` = programs per row block.
     # path "mma" mode 0 (v7): ``ts`` = steps per batch; mode 9 (v9): ``ts`` = shared-memory stages, ``nit`` =
-    # steps per work item, ``warps`` = consumer warps.
+    # steps per work item, ``warps`` = consumer warps. Path "gemm": ``bm`` tokens and ``bn`` weight rows per
+    # block, ``warps`` x ``nit`` warps (along the rows x the tokens), ``ts`` shared-memory stages.
     ts: int = 0
     nit: int = 1
     td: int = 0
@@ -76,6 +80,8 @@ class KernelConfig:
             if self.mode == 9:
                 return f"mma9 bm{self.bm} w{self.warps} s{self.split} n{self.ts} p{self.nit}"
             return f"mma bm{self.bm} w{self.warps} s{self.split} sb{self.ts}"
+        if self.path == "gemm":
+            return f"gemm bm{self.bm} bn{self.bn} w{self.warps}x{self.nit} s{self.split} n{self.ts}"
         if self.path == "stream":
             m = {0: "fma", 1: "dot", 2: "dotasm"}.get(self.mode, str(self.mode))
             return (f"stream-{m} bm{self.bm} bn{self.bn} ts{self.ts} td{self.td} s{self.split} "
@@ -115,6 +121,8 @@ def _fit(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
         return _fit_stream(cfg, packed)
     if cfg.path == "mma":
         return _fit_mma(cfg, packed)
+    if cfg.path == "gemm":
+        return _fit_gemm(cfg, packed)
     if cfg.path in ("dense", "unpack"):
         return cfg
     return None
@@ -165,6 +173,28 @@ def _fit_mma(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
     while steps > _cm.MAX_STEPS * split:  # 64-column steps per block
         split *= 2
     return KernelConfig("mma", mode=0, bm=bm, bn=16 * warps, split=split, warps=warps, ts=cfg.ts)
+
+
+def _fit_gemm(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
+    if interpreting() or not _cm.mma_supported(packed) or cfg.split < 1:
+        return None
+    limit = torch.cuda.get_device_properties(packed.device).shared_memory_per_block_optin
+    if _cg.shape_reason(cfg.bn, cfg.bm, cfg.warps, cfg.nit, cfg.ts, packed.tile_rows, limit) is not None:
+        return None
+    split = cfg.split
+    while -(-packed.in_features // 64) > _cg.MAX_STEPS * split:
+        split *= 2
+    return dataclasses.replace(cfg, split=split, td=0, pref=0, xt=0, mode=0)
+
+
+def gemm_candidates(M: int) -> list[KernelConfig]:
+    """The hybrid GEMM's candidate configurations for ``M >= 16`` tokens: tokens per block (16; 32 or 64; 64 or
+    128 above 64 tokens) x rows per block (64, 128) x warps (4 x 1, 2 x 2, 4 x 2) x 3 stages x split-K (1, 2, 4,
+    8); the shapes that a layer's tiles or the device's shared memory do not take are dropped when fitted."""
+    bts = (16,) if M <= 16 else (32, 64) if M <= 64 else (64, 128)
+    return [KernelConfig("gemm", bm=bt, bn=bn, warps=wm, nit=wn, ts=3, split=split)
+            for bt in bts for bn in (64, 128) for wm, wn in ((4, 1), (2, 2), (4, 2)) for split in (1, 2, 4, 8)
+            if _cg.shape_reason(bn, bt, wm, wn, 3, bn, 1 << 30) is None]
 
 
 def mma_candidates(M: int) -> list[KernelConfig]:
@@ -255,12 +285,15 @@ def heuristic_config(M: int, packed: PackedHybrid) -> KernelConfig:
 STREAM_CANDIDATES = setting("stream")
 # the v7 / v9 sparse-tensor-core kernels (:mod:`.cuda_mma`) for M <= 64 tokens (CUDA, sm_80+; v9 sm_90)
 MMA_CANDIDATES = setting("mma")
+# the hybrid GEMM (:mod:`.cuda_gemm`) for M >= 16 tokens (CUDA, sm_80+; opt-in until checked on a GPU)
+GEMM_CANDIDATES = setting("gemm")
 
 
 def candidate_configs(M: int, packed: PackedHybrid, force_kernel: bool = False) -> list[KernelConfig]:
     """Configurations the autotuner times for ``M`` tokens, each fitted to the layer: at 1-64 tokens the mma
-    and stream kernels' candidates that fit, above 64 tokens (or where none of those fits) ``"unpack"``; a plain
-    dense layer only ``"dense"`` (``force_kernel``: the kernels' too, for benchmarks)."""
+    and stream kernels' candidates that fit, at 16 tokens and more the GEMM's (when switched on), above 64
+    tokens (or where none of those fits) ``"unpack"``; a plain dense layer only ``"dense"`` (``force_kernel``:
+    the kernels' too, for benchmarks)."""
     c: list[KernelConfig] = []
     if packed.is_plain_dense():
         if not force_kernel:
@@ -270,6 +303,8 @@ def candidate_configs(M: int, packed: PackedHybrid, force_kernel: bool = False) 
         c += mma_candidates(M)
     if M <= 64 and STREAM_CANDIDATES:
         c += stream_candidates(M)
+    if M >= 16 and GEMM_CANDIDATES and _cm.available(packed.device):
+        c += gemm_candidates(M)
     out, seen = [], set()
     for cfg in c:
         f = _fit(cfg, packed)
@@ -349,6 +384,17 @@ def prepare_mma(packed: PackedHybrid, cfg: KernelConfig, M: int, has_bias: bool)
                        cfg.nit)
 
 
+def prepare_gemm(packed: PackedHybrid, cfg: KernelConfig, M: int, has_bias: bool) -> "_cm.MmaLaunch":
+    """The hybrid GEMM (:mod:`.cuda_gemm`) with ``cfg`` prepared for ``M`` tokens, its split-K workspaces
+    bound: call it with ``(x2, out, bias)``."""
+    ws = cnt = None
+    if cfg.split > 1:
+        ws = _buffer("mma_ws", packed.device, M * packed.out_features, torch.float32)
+        blocks = packed.grid.n_rows * (packed.tile_rows // cfg.bn) * -(-M // cfg.bm)
+        cnt = _buffer("gemm_cnt", packed.device, blocks, torch.int32)
+    return _cg.prepare(packed, M, has_bias, cfg.bn, cfg.bm, cfg.warps, cfg.nit, cfg.ts, cfg.split, ws, cnt)
+
+
 def launch_mma(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfig, out: torch.Tensor) -> None:
     """Run the v7 / v9 kernel (:mod:`.cuda_mma`) with ``cfg`` on ``x2 [M, K]`` into ``out [M, N]``."""
     prepare_mma(packed, cfg, x2.shape[0], bias is not None)(x2, out, bias)
@@ -380,11 +426,13 @@ def run_config(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfig) 
         scratch = _buffer("scratch", x2.device, N * K, packed.dtype)[: N * K].view(N, K)
         unpack_triton(packed, scratch)
         return torch.nn.functional.linear(x2, scratch, bias)
-    if cfg.path not in ("stream", "mma"):
+    if cfg.path not in ("stream", "mma", "gemm"):
         raise ValueError(f"unknown kernel path {cfg.path!r}")
     out = torch.empty(x2.shape[0], N, dtype=x2.dtype, device=x2.device)
     if cfg.path == "stream":
         launch_stream(x2, packed, bias, cfg, out)
+    elif cfg.path == "gemm":
+        prepare_gemm(packed, cfg, x2.shape[0], bias is not None)(x2, out, bias)
     else:
         launch_mma(x2, packed, bias, cfg, out)
     return out
@@ -766,8 +814,8 @@ def _prepared_runner(packed: PackedHybrid, cfg: KernelConfig, M: int, has_bias: 
     if cfg.path == "dense":
         w = packed.dense_view()
         return lambda x2, bias: torch.nn.functional.linear(x2, w, bias)
-    if cfg.path == "mma":
-        launch = prepare_mma(packed, cfg, M, has_bias)
+    if cfg.path in ("mma", "gemm"):
+        launch = (prepare_mma if cfg.path == "mma" else prepare_gemm)(packed, cfg, M, has_bias)
 
         def run(x2, bias):
             out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
