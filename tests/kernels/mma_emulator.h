@@ -1,7 +1,8 @@
-// Host emulation of the mma decode kernels (src/tilesparse/kernels/csrc: v7 hybrid_mma.cu, hybrid_mma_q4.cu) for
+// Host emulation of the mma kernels (src/tilesparse/kernels/csrc: v7 hybrid_mma.cu, hybrid_mma_q4.cu, hybrid_gemm.cu) for
 // the CPU tests: the kernels' own source, compiled by g++ after mma_emulator.py has replaced every inline-asm
 // statement by a call of emu_asm (below) and every __shared__ declaration by a static one that is poisoned
-// (0xFF bytes: NaN as bf16 / fp16, -1 as int) at the start of each block.
+// (0xFF bytes: NaN as bf16 / fp16, -1 as int) at the start of each block (an extern one, dynamic shared memory,
+// gets the largest size a block can have).
 //
 // Execution: the blocks of the grid one after another (in a random order), the threads of a block as
 // coroutines (ucontext) switched at __syncthreads, at warp-collective MMAs and, at random, at any other emulated
@@ -17,7 +18,9 @@
 //             element c & 1 of logical group c >> 1; B reg j (0..3) = K rows 2t + 8j + {0, 1}; metadata of row m,
 //             group G from lane 4 (m % 8) + 2 sel + (G >> 2), bits 16 (m >= 8) + 4 (G & 3): index0 in the low 2
 //             bits, index1 in the high 2 (index0 < index1 required).
-// These are the layouts benchmarks/mma_probe.py checked on a GPU for the v7 kernel.
+//   ldmatrix.m8n8.x{1,2,4}.b16: matrix i's eight 16-byte rows at the addresses of lanes 8i..8i+7; register i of
+//             lane l = elements 2 (l % 4) + {0, 1} of row l / 4 (from the PTX ISA; not yet checked on a GPU).
+// The two MMA layouts are those benchmarks/mma_probe.py checked on a GPU for the v7 kernel.
 #pragma once
 
 #include <ucontext.h>
