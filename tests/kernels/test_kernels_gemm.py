@@ -165,7 +165,7 @@ def test_launch_plan_checks_the_configuration():
     p = random_layer(256, 512, (128, 128), 0.5, 0.2, torch.bfloat16, seed=1)[2]
     bf = torch.bfloat16
     key, grid, block, smem, args = cg.launch_plan(p, 100, bf, True, 64, 64, 2, 2, 3, 1, None, None)
-    assert key == cg.GemmKey(True, 64, 64, 2, 2, 3, True) and grid == (4, 2, 1) and block == (128, 1, 1)
+    assert key == cg.GemmKey(True, 64, 64, 2, 2, 3, True) and grid == (8, 1, 1) and block == (128, 1, 1)
     assert smem == 3 * (64 * 136 + 64 * 128) and len(args) == len(emu._kernel_params(key.configured_source()))
     assert cg.I_SX == emu._kernel_params(key.configured_source()).index("int") + 2  # after M and N
     cases = [((16, torch.float16, False, 64, 16, 4, 1, 2, 1), "one 16-bit type"),

@@ -114,7 +114,7 @@ def launch_plan(packed: PackedHybrid, M: int, dtype: torch.dtype, has_bias: bool
     args = [0, 0, 0, ws if split > 1 else 0, cnt if split > 1 else 0, packed.sp_vals, packed.sp_meta,
             packed.dn_vals, packed.sp_cols, packed.sp_ptr, packed.dn_cols, packed.dn_ptr, packed.row_info,
             M, N, 0, 0, split, cpt, packed.tile_rows, packed.tile_cols.bit_length() - 1, n_chunks]
-    return key, (n_chunks, split * ntb, 1), (32 * wm * wn, 1, 1), smem_bytes(bm, bt, nst), args
+    return key, (n_chunks * ntb, split, 1), (32 * wm * wn, 1, 1), smem_bytes(bm, bt, nst), args
 
 
 def prepare(packed: PackedHybrid, M: int, has_bias: bool, bm: int, bt: int, wm: int, wn: int, nst: int, split: int,

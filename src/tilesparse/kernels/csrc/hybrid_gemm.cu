@@ -10,8 +10,8 @@
 //   HAS_BIAS  1 = add bias
 //   NOCT      token octets per warp (BT / WN / 8; named for the shared helpers)
 //
-// Work: block (chunk, y) = BM rows of one tile-row, tokens [BT * tb, BT * tb + BT) with tb = y / split, and the
-// j-th (j = y % split) of `split` equal parts of that tile-row's 64-column steps (its 2:4 steps first, then its
+// Work: block (x, j) = BM rows of one tile-row (row chunk x / ntb), tokens [BT * tb, BT * tb + BT) with tb = x % ntb,
+// and the j-th of `split` equal parts of that tile-row's 64-column steps (its 2:4 steps first, then its
 // dense steps, in the order of the stored values). Every step is one shared-memory stage filled by 16-byte
 // cp.async copies, NST - 1 steps ahead of the tensor cores: the block's weight rows of the step (2:4: the 64
 // bytes of kept values and the 8 bytes of positions of each row; dense: its 128 bytes) and the 64 input columns
@@ -69,7 +69,8 @@ extern "C" __global__ void __launch_bounds__(TPB) KNAME(
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp % WM, wn = warp / WM;
     const int g = lane >> 2, t = lane & 3;
-    const int chunk = blockIdx.x, j = blockIdx.y % split, tb = blockIdx.y / split;
+    const int ntb = (M + BT - 1) / BT;  // token blocks; a row chunk's token blocks are consecutive blocks (L2 reuse)
+    const int chunk = blockIdx.x / ntb, tb = blockIdx.x - chunk * ntb, j = blockIdx.y;
     const int r = chunk / chunks_per_tr, b = chunk - r * chunks_per_tr;
     const int row0 = r * TR + b * BM;  // the block's first output row
     const int tok0 = tb * BT;
