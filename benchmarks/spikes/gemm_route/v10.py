@@ -66,8 +66,9 @@ def main() -> int:
     fracs = [1.0, 0.5]
     keys = {cg.GemmKey(True, *c, False) for M in tokens for c in candidates(M)}
     t0 = time.time()
-    n = cm.precompile(sorted(keys, key=lambda k: k.name), threads=16)
-    print(f"{props.name}: compiled {n} v10 kernels in {time.time() - t0:.1f} s", flush=True)
+    n = cm.precompile(sorted(keys, key=lambda k: k.name) + [k for M in tokens if M <= 64 for k in ops.mma_keys(M)],
+                      threads=16)
+    print(f"{props.name}: compiled {n} v10 and decode kernels in {time.time() - t0:.1f} s", flush=True)
     head = (f"# v10 hybrid GEMM spike ({props.name}, {sms} SMs, torch {torch.__version__}, bf16)\n\n"
             "Times in us (cold L2, CUDA graphs); x = cuBLAS time / kernel time; bound = bytes bound 1/(1-0.4375 f); "
             "'library' = the current dispatcher's pick (mma decode kernels at <= 64 tokens, stream off; unpack "
