@@ -159,3 +159,33 @@ def q4_layer(N, K, tile, group, kinds=None, frac_sparse=0.4, frac_zero=0.2, seed
     keep = hybrid_mask(kinds, torch.ones(N, K, dtype=torch.bool) if m24 is None else m24, grid)
     q = quantize_rtn(W, keep, group_size=group, symmetric=False)
     return pack_q4(q.quantized, kinds, m24, tile)
+
+
+def mma_ptx(key, arch: str) -> str:
+    """NVRTC's PTX of an mma kernel configuration for ``arch`` (skips without ``cuda-bindings`` / NVRTC), after
+    checking that it defines the kernel and runs both MMAs (``mma.sp`` for 2:4 steps, ``mma`` for dense ones) on
+    the configuration's 16-bit type with fp32 accumulators."""
+    from tilesparse.kernels import cuda_driver
+
+    if cuda_driver.missing():
+        pytest.skip(cuda_driver.missing())
+    ptx = cuda_driver.compile_source(key.configured_source(), key.name, arch).rstrip(b"\0").decode()
+    assert f".entry {key.name}(" in ptx
+    t = "bf16" if key.bf16 else "f16"
+    lines = ptx.splitlines()
+    sparse = [ln for ln in lines if "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col" in ln]
+    dense = [ln for ln in lines if "mma.sync.aligned.m16n8k16.row.col" in ln]
+    assert sparse and dense and all(f".f32.{t}.{t}.f32" in ln for ln in sparse + dense)
+    return ptx
+
+
+def assert_no_spills_sm90(key) -> None:
+    """ptxas reports no register spills for the configuration on sm_90 (skips without NVRTC)."""
+    from tilesparse.kernels import cuda_driver
+
+    if cuda_driver.missing():
+        pytest.skip(cuda_driver.missing())
+    log = []
+    cuda_driver.compile_source(key.configured_source(), key.name, "sm_90", ("-std=c++17", "--ptxas-options=-v"),
+                               log=log)
+    assert "0 bytes spill stores, 0 bytes spill loads" in log[0], log[0]

@@ -14,9 +14,8 @@ from __future__ import annotations
 import mma_emulator as emu
 import pytest
 import torch
-from kernels_testutil import random_layer
+from kernels_testutil import assert_no_spills_sm90, mma_ptx, random_layer
 
-from tilesparse.kernels import cuda_driver
 from tilesparse.kernels import cuda_gemm as cg
 from tilesparse.kernels.format import pack_from_kinds
 from tilesparse.kernels.reference import reference_linear_f64, rel_error
@@ -30,34 +29,19 @@ KEYS = [cg.GemmKey(True, 64, 32, 2, 2, 3, False), cg.GemmKey(False, 128, 64, 4, 
         cg.GemmKey(False, 128, 64, 2, 2, 3, False)]
 
 
-def _nvrtc():
-    if cuda_driver.missing():
-        pytest.skip(cuda_driver.missing())
-
 
 # ---------------------------------------------------------------- NVRTC
 @pytest.mark.parametrize("arch", ["compute_90", "compute_80"])
 @pytest.mark.parametrize("key", KEYS, ids=lambda k: k.name)
 def test_source_compiles_to_ptx(key, arch):
-    _nvrtc()
-    ptx = cuda_driver.compile_source(key.configured_source(), key.name, arch).rstrip(b"\0").decode()
-    assert f".entry {key.name}(" in ptx
-    t = "bf16" if key.bf16 else "f16"
-    lines = ptx.splitlines()
-    sparse = [ln for ln in lines if "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col" in ln]
-    dense = [ln for ln in lines if "mma.sync.aligned.m16n8k16.row.col" in ln]
-    assert sparse and dense and all(f".f32.{t}.{t}.f32" in ln for ln in sparse + dense)
+    ptx = mma_ptx(key, arch)
     for op in ("ldmatrix.sync.aligned.m8n8.x4.shared.b16", "cp.async.cg.shared.global", "cp.async.wait_group"):
         assert op in ptx, op
 
 
 @pytest.mark.parametrize("key", KEYS, ids=lambda k: k.name)
 def test_no_register_spills_on_sm90(key):
-    _nvrtc()
-    log = []
-    cuda_driver.compile_source(key.configured_source(), key.name, "sm_90", ("-std=c++17", "--ptxas-options=-v"),
-                               log=log)
-    assert "0 bytes spill stores, 0 bytes spill loads" in log[0], log[0]
+    assert_no_spills_sm90(key)
 
 
 # ---------------------------------------------------------------- the host emulation

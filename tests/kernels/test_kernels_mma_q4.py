@@ -15,9 +15,8 @@ from __future__ import annotations
 import mma_emulator as emu
 import pytest
 import torch
-from kernels_testutil import q4_layer, random_layer
+from kernels_testutil import assert_no_spills_sm90, mma_ptx, q4_layer, random_layer
 
-from tilesparse.kernels import cuda_driver
 from tilesparse.kernels import cuda_mma as cm
 from tilesparse.kernels import cuda_mma_q4 as cq
 from tilesparse.kernels.format_q4 import unpack_q4
@@ -30,23 +29,12 @@ KEYS = [cq.MmaQ4Key(True, 1, 4, 2, False), cq.MmaQ4Key(False, 1, 8, 1, True), cq
         cq.MmaQ4Key(False, 2, 4, 2, False), cq.MmaQ4Key(True, 8, 4, 1, True), cq.MmaQ4Key(False, 8, 8, 1, False)]
 
 
-def _nvrtc():
-    if cuda_driver.missing():
-        pytest.skip(cuda_driver.missing())
-
-
 # ---------------------------------------------------------------- NVRTC
 @pytest.mark.parametrize("arch", ["compute_90", "compute_80"])
 @pytest.mark.parametrize("key", KEYS, ids=lambda k: k.name)
 def test_source_compiles_to_ptx(key, arch):
-    _nvrtc()
-    ptx = cuda_driver.compile_source(key.configured_source(), key.name, arch).rstrip(b"\0").decode()
-    assert f".entry {key.name}(" in ptx
+    ptx = mma_ptx(key, arch)
     t = "bf16" if key.bf16 else "f16"
-    lines = ptx.splitlines()
-    sparse = [ln for ln in lines if "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col" in ln]
-    dense = [ln for ln in lines if "mma.sync.aligned.m16n8k16.row.col" in ln]
-    assert sparse and dense and all(f".f32.{t}.{t}.f32" in ln for ln in sparse + dense)
     # codes: 4-byte (2:4) and 8-byte (dense) loads, dequantized by prmt and two 16-bit-pair fma in x's type
     for op in ("ld.global.nc.u32", "ld.global.nc.v2.u32", "prmt.b32", f"fma.rn.{t}x2", "cp.async.ca.shared.global"):
         assert op in ptx, op
@@ -56,12 +44,7 @@ def test_source_compiles_to_ptx(key, arch):
 @pytest.mark.parametrize("M,warps,sb", [(1, 4, 2), (1, 4, 1), (1, 8, 1), (16, 4, 2), (16, 8, 1), (64, 4, 1)])
 def test_no_register_spills_on_sm90(M, warps, sb):
     """The default configurations (``default_config``) and the benchmark's candidates fit 128 registers."""
-    _nvrtc()
-    key = cq.MmaQ4Key(True, cm.octets(M), warps, sb, False)
-    log = []
-    cuda_driver.compile_source(key.configured_source(), key.name, "sm_90", ("-std=c++17", "--ptxas-options=-v"),
-                               log=log)
-    assert "0 bytes spill stores, 0 bytes spill loads" in log[0], log[0]
+    assert_no_spills_sm90(cq.MmaQ4Key(True, cm.octets(M), warps, sb, False))
 
 
 def test_keys_and_sources():

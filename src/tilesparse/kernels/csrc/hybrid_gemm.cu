@@ -76,7 +76,6 @@ extern "C" __global__ void __launch_bounds__(TPB) KNAME(
     const int tok0 = tb * BT;
     if (row0 >= N || tok0 >= M) return;
     grid_dep_wait();
-    const int TC = 1 << log2_tc;
     const TileRow L = tile_row(row_info, r);
     const int n_sp = L.sp_len >> 6, n_all = n_sp + (L.dn_len >> 6);
     const int s_beg = (int)((long long)n_all * j / split), s_end = (int)((long long)n_all * (j + 1) / split);
@@ -84,13 +83,8 @@ extern "C" __global__ void __launch_bounds__(TPB) KNAME(
     const int brow = b * BM;                                      // first row inside the tile-row
     const int rows_here = min(BM, min(TR, N - r * TR) - brow);    // a multiple of 16 (N % 16 == 0)
     const int sp_p0 = sp_ptr[r], dn_p0 = dn_ptr[r];
-    for (int i = tid; i < nsteps; i += TPB) {  // first input column of every step of this block
-        const int st = s_beg + i;
-        const bool sp = st < n_sp;
-        const int pos = 64 * (sp ? st : st - n_sp);
-        const int tile = sp ? sp_cols[sp_p0 + (pos >> log2_tc)] : dn_cols[dn_p0 + (pos >> log2_tc)];
-        s_cb[i] = (tile << log2_tc) + (pos & (TC - 1));
-    }
+    for (int i = tid; i < nsteps; i += TPB)  // first input column of every step of this block
+        s_cb[i] = step_column(s_beg + i, n_sp, sp_cols, dn_cols, sp_p0, dn_p0, log2_tc);
     __syncthreads();
     const u32 s_base = (u32)__cvta_generic_to_shared(smem);
 

@@ -45,7 +45,6 @@ extern "C" __global__ void __launch_bounds__(TPB, MIN_BLOCKS) KNAME(
     const int row0 = r * TR + b * BR;
     if (row0 >= N) return;
     grid_dep_wait();  // programmatic launch: x and the outputs only once the grid before has finished
-    const int TC = 1 << log2_tc;
     const TileRow L = tile_row(row_info, r);
     const long long sp_stride = L.sp_stride, mt_stride = L.mt_stride, dn_stride = L.dn_stride;
     const int n_sp = L.sp_len >> 6, n_all = n_sp + (L.dn_len >> 6);
@@ -92,13 +91,8 @@ extern "C" __global__ void __launch_bounds__(TPB, MIN_BLOCKS) KNAME(
 
     // first input column of every step of this block (2:4 steps first, then dense)
     const int nsteps = s_end - s_beg;
-    for (int i = tid; i < nsteps; i += TPB) {
-        const int st = s_beg + i;
-        const bool sp = st < n_sp;
-        const int pos = 64 * (sp ? st : st - n_sp);
-        const int tile = sp ? sp_cols[sp_p0 + (pos >> log2_tc)] : dn_cols[dn_p0 + (pos >> log2_tc)];
-        s_cb[i] = (tile << log2_tc) + (pos & (TC - 1));
-    }
+    for (int i = tid; i < nsteps; i += TPB)
+        s_cb[i] = step_column(s_beg + i, n_sp, sp_cols, dn_cols, sp_p0, dn_p0, log2_tc);
     __syncthreads();
     // x of a batch -> shared memory in fragment order [step][octet][half][lane][4 words], by 4-byte cp.async
     // (tokens >= M are zero-filled)

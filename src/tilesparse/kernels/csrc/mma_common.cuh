@@ -96,6 +96,16 @@ __device__ __forceinline__ TileRow tile_row(const long long* __restrict__ row_in
     return {(int)ri[0], (int)ri[5], ri[1], ri[2], ri[3], ri[4], ri[6], ri[7]};
 }
 
+// first input column of step st of a tile-row (64 columns; its 2:4 steps first, then its dense steps): the CSR
+// tile columns from sp_cols / dn_cols at the tile-row's offsets sp_p0 / dn_p0, tiles 2^log2_tc columns wide
+__device__ __forceinline__ int step_column(int st, int n_sp, const int* __restrict__ sp_cols,
+                                           const int* __restrict__ dn_cols, int sp_p0, int dn_p0, int log2_tc) {
+    const bool sp = st < n_sp;
+    const int pos = 64 * (sp ? st : st - n_sp);
+    const int tile = sp ? sp_cols[sp_p0 + (pos >> log2_tc)] : dn_cols[dn_p0 + (pos >> log2_tc)];
+    return (tile << log2_tc) + (pos & ((1 << log2_tc) - 1));
+}
+
 // lane t's start in row rg of a tile-row: its 16 bytes of the 2:4 and dense values, the row's metadata
 struct RowPtrs {
     const u16* sp;
