@@ -7,7 +7,8 @@
   blocks, split-K, bias, both 16-bit types), and kernels with a wrong layout or a missing wait shown to fail it;
 * the launcher's checks.
 
-On a GPU the kernel is checked by ``benchmarks/kernel_speed.py --check``."""
+On a GPU the same cases run on the device (skipped without one), and ``benchmarks/kernel_speed.py --check
+--gemm-only`` checks every candidate configuration."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 from kernels_testutil import assert_no_spills_sm90, mma_ptx, random_layer
 
 from tilesparse.kernels import cuda_gemm as cg
+from tilesparse.kernels import cuda_mma as cm
 from tilesparse.kernels.format import pack_from_kinds
 from tilesparse.kernels.reference import reference_linear_f64, rel_error
 from tilesparse.masks.nm import topk_mask
@@ -186,3 +188,21 @@ def test_gemm_is_opt_in_and_never_fitted_on_the_cpu(monkeypatch):
     assert all(c.path != "gemm" for c in ops.candidate_configs(64, p, force_kernel=True))  # no CUDA device
     assert ops._fit(ops.gemm_candidates(64)[0], p) is None
     assert ops.gemm_candidates(64)[0].short().startswith("gemm bm32 bn64 w4x1")
+
+
+# ---------------------------------------------------------------- GPU
+@pytest.mark.skipif(not cm.available(), reason="needs a CUDA GPU of compute capability 8.0+")
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_gemm_matches_reference_on_the_gpu(case):
+    from tilesparse.kernels import ops
+
+    make, M, dtype, has_bias, (bm, bt, wm, wn, nst, split) = CASES[case]
+    p = make(dtype).to("cuda")
+    g = torch.Generator().manual_seed(case)
+    x = torch.randn(M, p.in_features, generator=g).to(dtype).cuda()
+    bias = torch.randn(p.out_features, generator=g).to(dtype).cuda() if has_bias else None
+    cfg = ops.KernelConfig("gemm", bm=bt, bn=bm, warps=wm, nit=wn, ts=nst, split=split)
+    for _ in range(2):  # split-K leaves its counters reset for the next call
+        out = ops.run_config(x, p, bias, cfg)
+        assert rel_error(out.cpu(), reference_linear_f64(x.cpu(), p.to("cpu"), None if bias is None else bias.cpu())) \
+            < TOL
