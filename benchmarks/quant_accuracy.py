@@ -6,7 +6,8 @@ Rows (every one from a fresh model load; masks by SparseGPT with its weight upda
 - dense; dense at 4 bits (round to nearest, and GPTQ);
 - per ``--sparsities`` entry (``0.5`` = 2:4 everywhere, below it hybrid dense / 2:4 tiles): the mask in full
   precision, then the same model at 4 bits (each of ``--sparse-methods``, from the same pruned weights).
-``--observer mse`` chooses every group's range by the clipping search (``tilesparse.quant.rtn``).
+``--observer mse`` chooses every group's range by the clipping search (``tilesparse.quant.rtn``); ``--act-order``
+runs GPTQ by decreasing Hessian diagonal (``tilesparse.quant.gptq``).
 Perplexity under the pinned protocol (first ``--windows`` x 512 tokens) on every ``--texts`` entry; list
 out-of-domain texts first: nothing here calibrates on them. The ``4-bit vs 16-bit`` column is the first text's
 perplexity ratio of a 4-bit row to its full-precision row.
@@ -39,6 +40,7 @@ def main(argv=None) -> int:
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--asymmetric", action="store_true", help="min/max grid with a zero point per group")
     p.add_argument("--observer", default="minmax", choices=["minmax", "mse"])
+    p.add_argument("--act-order", action="store_true", help="GPTQ visits columns by decreasing Hessian diagonal")
     p.add_argument("--sparse-methods", default="gptq", help="quantizers of the pruned rows (rtn, gptq or both)")
     p.add_argument("--windows", type=int, default=10)
     p.add_argument("--out", default=None)
@@ -49,7 +51,8 @@ def main(argv=None) -> int:
     grid = "asymmetric (uint8 zero point)" if args.asymmetric else "symmetric"
     default_model = ("the embedded SmolLM2-135M-Instruct; its weights come from a Q4_1 GGUF, already 4-bit with "
                      "asymmetric groups of 32")
-    qkw = dict(group_size=args.group_size, symmetric=not args.asymmetric, observer=args.observer)
+    qkw = dict(group_size=args.group_size, symmetric=not args.asymmetric, observer=args.observer,
+               act_order=args.act_order)
     sparse_methods = [m for m in args.sparse_methods.split(",") if m]
     if args.calibration.startswith("austen"):
         domains = f"{', '.join(texts[:-1])} out of domain, {texts[-1]} in the calibration's domain"
@@ -58,7 +61,7 @@ def main(argv=None) -> int:
     head = (f"# Quality at 4 bits ({args.device}, {platform.machine()}, torch {torch.__version__})\n\n"
             f"Model: {args.model or default_model} (fp32 compute). Masks: SparseGPT with "
             f"its weight update; 4 bits: group {args.group_size} along the input, {grid}, bf16 scales, "
-            f"{args.observer} observer, "
+            f"{args.observer} observer{', GPTQ act-order' if args.act_order else ''}, "
             f"after the mask (pruned weights stay 0). Calibration: {args.calibration} ({args.samples} x 512 "
             f"tokens) for both. Perplexity: first {args.windows} x 512 tokens; "
             f"{domains}.\n\n"

@@ -106,7 +106,8 @@ def quantize(model, masks=None, config=None, *, calibration: str = "austen-train
     (``gptq``, calibrated on ``calibration`` with ``samples`` x ``seqlen`` tokens, or ``rtn``: round to
     nearest), ``bits`` (2, 3, 4 or 8; default 4), ``group_size`` (weights per scale along the input
     dimension, default 128), ``symmetric`` (default ``True``), ``observer`` (``minmax``, or ``mse``: each group's
-    range shrunk to round it with the smallest error). With ``masks`` the pruned weights are zeroed
+    range shrunk to round it with the smallest error), ``act_order`` (GPTQ: columns by decreasing Hessian
+    diagonal, static groups). With ``masks`` the pruned weights are zeroed
     and stay exactly 0, and do not count in their group's scale. ``out_dir`` writes the mask, the
     dequantized weights and the codes there (``tilesparse eval --mask out_dir`` scores it). Quantize last:
     a quantized model is refused by ``learn`` and by ``quantize`` itself.

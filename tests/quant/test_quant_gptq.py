@@ -87,13 +87,37 @@ def test_without_input_correlation_gptq_is_rtn():
     assert torch.equal(a.codes, b.codes) and torch.equal(a.weight, b.weight)
 
 
-def test_an_unusable_hessian_falls_back_to_rtn_with_a_warning():
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_act_order_keeps_the_grid_and_beats_rtn(symmetric):
+    w, keep, x, h = _problem(seed=5)
+    x = x * torch.linspace(0.2, 3.0, x.shape[1])  # inputs of unequal energy: the visit order matters
+    h = (x.T @ x).double()
+    kw = dict(group_size=64, symmetric=symmetric)
+    res = quantize_gptq(w, h, keep, act_order=True, **kw)
+    assert not res.fallback
+    assert torch.equal(res.weight, res.quantized.dequantize()) and bool((res.weight[~keep] == 0).all())
+    # static groups: the scales are round-to-nearest's, taken from the weight as given
+    rtn = quantize_rtn(w, keep, **kw)
+    assert torch.equal(res.scales, rtn.scales) and torch.equal(res.zeros, rtn.zeros)
+    assert _out_err(x, w, res.weight) < 0.5 * _out_err(x, w, rtn.weight)
+
+
+def test_act_order_without_input_correlation_is_rtn():
+    w, keep, _, _ = _problem(seed=3)
+    h = torch.diag(torch.linspace(1.0, 9.0, w.shape[1], dtype=torch.float64))  # a visit order other than 0, 1, ...
+    a = quantize_gptq(w, h, keep, group_size=32, symmetric=False, act_order=True)
+    b = quantize_rtn(w, keep, group_size=32, symmetric=False)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.weight, b.weight)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_an_unusable_hessian_falls_back_to_rtn_with_a_warning(act_order):
     w, keep, _, h = _problem(seed=4)
     h = h.clone()
     h[0, 0] = float("nan")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = quantize_gptq(w, h, keep)
+        res = quantize_gptq(w, h, keep, act_order=act_order)
     assert res.fallback and res.damp == float("inf")
     assert any(issubclass(c.category, SparseGPTWarning) for c in caught)
     assert torch.equal(res.weight, quantize_rtn(w, keep).weight)

@@ -22,6 +22,8 @@ class QuantSettings(ConfigModel):
     observer: QuantObserver = Field("minmax", description="how each group's range is chosen: minmax (its "
                                     "weights' range) or mse (the range, shrunk, that rounds the group with the "
                                     "smallest error)")
+    act_order: bool = Field(False, description="GPTQ: visit the columns by decreasing Hessian diagonal, each "
+                            "group's range fixed beforehand from the unmodified weights (static groups)")
     damp: float = Field(0.01, gt=0, description="GPTQ damping (fraction of the mean Hessian diagonal)")
     blocksize: int = Field(128, gt=0, description="GPTQ lazy-update block (columns)")
     tokens_per_batch: int = Field(4096, gt=0, description="calibration tokens pushed through a block at once "
@@ -42,9 +44,10 @@ class QuantConfig(UserConfig, QuantSettings):
         return self.method == "gptq"
 
     def label(self) -> str:
-        """Short human-readable name, e.g. ``gptq w4 g128 sym`` (``... mse`` with the mse observer)."""
-        obs = " mse" if self.observer == "mse" else ""
-        return f"{self.method} w{self.bits} g{self.group_size} {'sym' if self.symmetric else 'asym'}{obs}"
+        """Short human-readable name, e.g. ``gptq w4 g128 sym`` (``... mse`` with the mse observer, ``... act``
+        with GPTQ's act-order)."""
+        extra = (" mse" if self.observer == "mse" else "") + (" act" if self.act_order and self.method == "gptq" else "")
+        return f"{self.method} w{self.bits} g{self.group_size} {'sym' if self.symmetric else 'asym'}{extra}"
 
     def record(self) -> dict:
         """The grid in four keys (what a quantized model and its artifacts record)."""

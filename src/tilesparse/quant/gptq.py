@@ -10,7 +10,10 @@ weight to compensate the quantization error only; an unmasked one also gets the 
 
 A group's scale and zero point are taken when its first column is reached, from the kept weights of the
 group as the earlier columns' updates left them (the lazy blocks are cut so that a group starting inside a
-block also ends inside it: its columns are then up to date). The result is on the same grid as
+block also ends inside it: its columns are then up to date). With ``act_order`` the columns are visited by
+decreasing Hessian diagonal (the inputs with the most energy first, GPTQ's "act-order"); a group's columns are
+then scattered over the visit, so every group's scale and zero point are fixed before it starts, from the
+weight as given ("static groups"). The result is on the same grid as
 :func:`~tilesparse.quant.rtn.quantize_rtn` (bfloat16 scales, exact dequantization, pruned weights exactly 0).
 """
 
@@ -47,6 +50,7 @@ def quantize_gptq(
     group_size: int = 128,
     symmetric: bool = True,
     observer: str = "minmax",
+    act_order: bool = False,
     blocksize: int = 128,
     damp: float = 0.01,
     name: str = "layer",
@@ -56,7 +60,8 @@ def quantize_gptq(
 
     Returns the dequantized weight (float32, exactly ``scale * (code - zero)``, 0 where pruned) with its
     codes, bfloat16 scales and zero points, the damping used and the OBS error estimate. ``observer`` chooses
-    each group's range (:func:`~tilesparse.quant.rtn.group_params`). When no usable
+    each group's range (:func:`~tilesparse.quant.rtn.group_params`); ``act_order`` visits the columns by
+    decreasing Hessian diagonal with static groups (module docstring). When no usable
     inverse Hessian exists (see :func:`~tilesparse.pruning.sparsegpt.inverse_hessian_cholesky`) the weight is
     rounded to nearest instead (``fallback=True``). The inputs are not modified.
     """
@@ -67,27 +72,39 @@ def quantize_gptq(
         raise ValueError(f"{name}: Hessian shape {tuple(hessian.shape)} does not match in={cols}")
     if blocksize <= 0:
         raise ValueError(f"blocksize must be positive, got {blocksize}")
-    U, used = inverse_hessian_cholesky(hessian, damp, name=name)
-    if U is None:
-        return _fallback(W * keep, keep, bits, group_size, symmetric, observer)
-    U = U.to(device=W.device, dtype=torch.float32)
-
     g_total = n_groups(cols, group_size)
     scales = torch.ones(out, g_total, dtype=torch.float32, device=W.device)
     zeros = torch.zeros(out, g_total, dtype=torch.float32, device=W.device)
+    perm, W_in, keep_in = None, W, keep
+    if act_order:  # static groups from the weight as given, then the columns by decreasing Hessian diagonal
+        for g in range(g_total):
+            c, ce = g * group_size, min((g + 1) * group_size, cols)
+            scales[:, g], zeros[:, g] = group_params(W[:, c:ce], keep[:, c:ce], bits, symmetric, observer)
+        perm = torch.argsort(torch.diagonal(hessian).to(W.device), descending=True, stable=True)
+        hessian = hessian[perm][:, perm]
+        W, keep = W[:, perm], keep[:, perm]
+    U, used = inverse_hessian_cholesky(hessian, damp, name=name)
+    if U is None:
+        return _fallback(W_in * keep_in, keep_in, bits, group_size, symmetric, observer)
+    U = U.to(device=W.device, dtype=torch.float32)
+
+    col_group = (perm if perm is not None else torch.arange(cols, device=W.device)) // group_size
     codes = torch.empty(out, cols, dtype=torch.uint8, device=W.device)
     total_err = torch.zeros((), dtype=torch.float64, device=W.device)
     s = z = None
     i1 = 0
     while i1 < cols:
-        i2 = _block_end(i1, blocksize, group_size, cols)
+        i2 = min(i1 + blocksize, cols) if act_order else _block_end(i1, blocksize, group_size, cols)
         W1 = W[:, i1:i2].clone()
         Err1 = torch.empty_like(W1)
         Hinv1 = U[i1:i2, i1:i2]
         d1 = torch.diagonal(Hinv1)
         for i in range(i2 - i1):
             c = i1 + i
-            if c % group_size == 0:
+            if act_order:
+                g = int(col_group[c])
+                s, z = scales[:, g], zeros[:, g]
+            elif c % group_size == 0:
                 g, ce = c // group_size, min(c + group_size, cols)
                 # a group reaching past this block starts at its first column, where W and W1 agree
                 vals = W1[:, i:i + ce - c] if ce <= i2 else W[:, c:ce]
@@ -106,6 +123,9 @@ def quantize_gptq(
         if i2 < cols:
             W[:, i2:] -= Err1 @ U[i1:i2, i2:]
         i1 = i2
+    if perm is not None:  # back to the layer's column order
+        inv = torch.argsort(perm)
+        W, codes, keep = W[:, inv], codes[:, inv], keep_in
     if not torch.isfinite(W).all():
         warnings.warn(f"{name}: GPTQ produced non-finite weights; falling back to round-to-nearest",
                       SparseGPTWarning, stacklevel=2)

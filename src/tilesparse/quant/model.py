@@ -83,7 +83,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, masks: MaskSet | None 
     else:
         def update(layer, weight, hessian):
             res = quantize_gptq(weight, hessian, keeps[layer.name], blocksize=config.blocksize, damp=config.damp,
-                                name=layer.name, **kw)
+                                act_order=config.act_order, name=layer.name, **kw)
             out[layer.name] = _to_cpu(res.quantized)
             return res.weight, {"damp": res.damp, "fallback": res.fallback, "error": res.error}
 
