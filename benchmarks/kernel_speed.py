@@ -99,6 +99,12 @@ def check(args) -> bool:
     n = 0
     worst = 0.0
     t0 = time.time()
+    if only == "gemm":  # compile every configuration first, in parallel
+        from tilesparse.kernels import cuda_gemm, cuda_mma
+        keys = {cuda_gemm.GemmKey(bf16, c.bn, c.bm, c.warps, c.nit, c.ts, b) for M in Ms for c in ops.gemm_candidates(M)
+                for bf16 in (True, False) for b in (True, False)}
+        print(f"compiled {cuda_mma.precompile(sorted(keys, key=lambda k: k.name), threads=16)} GEMM kernels "
+              f"({time.time() - t0:.0f}s)", flush=True)
     for ci, (N, K, tile, fs, fz) in enumerate(cases):
         for dtype in (torch.bfloat16, torch.float16):
             p, W, m24 = random_packed(N, K, fs, tile, dtype, dev, fz, seed=ci)
