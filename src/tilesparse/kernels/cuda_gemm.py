@@ -11,6 +11,10 @@ the cost per token falls as the token count grows. Compilation, loading and laun
 
 Requirements: those of the decode kernels (:func:`.cuda_mma.mma_supported`), and x rows 16-byte aligned
 (a row stride that is a multiple of 8; else x is copied contiguous).
+
+**Unverified on a GPU**: it compiles (NVRTC, sm_80 / sm_90) and the CPU tests run its source under the host
+emulation (``tests/kernels/test_kernels_gemm.py``); the dispatcher offers it only with ``TILESPARSE_GEMM=1``
+until ``benchmarks/kernel_speed.py --check --gemm-only`` has passed on a GPU.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 //   BM        weight rows per block (a multiple of 16 * WM dividing the tile rows)
 //   BT        tokens per block (a multiple of 8 * WN)
 //   WM, WN    warps along the rows and along the tokens; a warp owns (BM / WM) rows x (BT / WN) tokens
-//   NST       shared-memory stages (2-4)
+//   NST       shared-memory stages (2-6)
 //   HAS_BIAS  1 = add bias
 //   NOCT      token octets per warp (BT / WN / 8; named for the shared helpers)
 //
