@@ -135,8 +135,8 @@ def test_emulation_reproduces_the_gpu_checked_v7_kernel(emu_dir, dtype, M, warps
 
 
 MUTATIONS = {  # a wrong layout each (source text -> replacement): the emulated kernel must miss the reference
-    "the 16-bit kernel's dense x order": ("                tt = e >> 4;\n",
-                                          "                tt = (e >> 3) & 3;\n                half = e >> 5;\n"),
+    "the 16-bit kernel's dense x order": ("            tt = e >> 4;\n",
+                                          "            tt = (e >> 3) & 3;\n            half = e >> 5;\n"),
     "a byte's two codes swapped": ("i | ((i + 4) << 8)", "(i + 4) | (i << 8)"),
     "dense sub-steps 0-1 and 2-3 swapped": ("dequant_word(c.x, sg, zg), dequant_word(c.z, sg8, zg8), dequant_word(c.y",
                                             "dequant_word(c.y, sg, zg), dequant_word(c.z, sg8, zg8), dequant_word(c.x"),

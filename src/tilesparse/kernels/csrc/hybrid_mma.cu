@@ -94,31 +94,10 @@ extern "C" __global__ void __launch_bounds__(TPB, MIN_BLOCKS) KNAME(
     for (int i = tid; i < nsteps; i += TPB)
         s_cb[i] = step_column(s_beg + i, n_sp, sp_cols, dn_cols, sp_p0, dn_p0, log2_tc);
     __syncthreads();
-    // x of a batch -> shared memory in fragment order [step][octet][half][lane][4 words], by 4-byte cp.async
+    // x of a batch -> shared memory in fragment order (stage_x, mma_common.cuh), by 4-byte cp.async
     // (tokens >= M are zero-filled)
     auto stage = [&](int sb0, u32* dst) {
-        const int nbb = min(SB, s_end - sb0);
-        for (int idx = tid; idx < nbb * NOCT * 256; idx += TPB) {
-            const int e = 2 * (idx & 31);
-            const int n = (idx >> 5) & (NOCT * 8 - 1);
-            const int i = idx / (NOCT * 256);
-            int half, tt, reg;
-            if (sb0 + i < n_sp) {  // e = 32a + 16h + 8s + 4bb + 2c: MMA s, quad position 2h + c, register a + 2bb
-                half = (e >> 3) & 1;
-                tt = 2 * ((e >> 4) & 1) + ((e >> 1) & 1);
-                reg = (e >> 5) + 2 * ((e >> 2) & 1);
-            } else {               // e = 32u + 8t + 2j: sub-step u, quad position t, word j
-                half = e >> 5;
-                tt = (e >> 3) & 3;
-                reg = (e >> 1) & 3;
-            }
-            const u32* d = dst + ((i * NOCT + (n >> 3)) * 2 + half) * 128 + ((n & 7) * 4 + tt) * 4 + reg;
-            const bool ok = n < M;
-            const u16* src = x + (ok ? (long long)n * sx + s_cb[sb0 - s_beg + i] + e : 0);
-            const u32 da = (u32)__cvta_generic_to_shared(d);
-            asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(da), "l"(src), "r"(ok ? 4 : 0));
-        }
-        asm volatile("cp.async.commit_group;");
+        stage_x<0>(dst, x, s_cb, sb0, SB, s_beg, s_end, n_sp, M, sx, tid, TPB);
     };
     if (s_beg < s_end) stage(s_beg, xs);
 

@@ -106,6 +106,42 @@ __device__ __forceinline__ int step_column(int st, int n_sp, const int* __restri
     return (tile << log2_tc) + (pos & ((1 << log2_tc) - 1));
 }
 
+// x of the block's steps sb0 .. sb0 + sb - 1 (at most; steps from s_beg, their first input columns in s_cb) ->
+// shared memory in the MMA's fragment order [step][octet][half][lane][4 words], by 4-byte cp.async (tokens >= M
+// zero-filled), one commit group; by nthr threads. 2:4 steps: x column e (even) = 32a + 16h + 8s + 4bb + 2c goes
+// to MMA s, quad position 2h + c, register a + 2bb. Dense steps, DENSE_ORDER 0 (v7): e = 32u + 8t + 2j to
+// sub-step u, quad position t, word j; 1 (the 4-bit kernel): e = 16t + 8h + 2j to half h, quad position t, word j.
+template <int DENSE_ORDER>
+__device__ __forceinline__ void stage_x(u32* dst, const u16* __restrict__ x, const int* s_cb, int sb0, int sb,
+                                        int s_beg, int s_end, int n_sp, int M, int sx, int tid, int nthr) {
+    const int nbb = min(sb, s_end - sb0);
+    for (int idx = tid; idx < nbb * NOCT * 256; idx += nthr) {
+        const int e = 2 * (idx & 31);
+        const int n = (idx >> 5) & (NOCT * 8 - 1);
+        const int i = idx / (NOCT * 256);
+        int half, tt, reg;
+        if (sb0 + i < n_sp) {
+            half = (e >> 3) & 1;
+            tt = 2 * ((e >> 4) & 1) + ((e >> 1) & 1);
+            reg = (e >> 5) + 2 * ((e >> 2) & 1);
+        } else if (DENSE_ORDER == 0) {
+            half = e >> 5;
+            tt = (e >> 3) & 3;
+            reg = (e >> 1) & 3;
+        } else {
+            half = (e >> 3) & 1;
+            tt = e >> 4;
+            reg = (e >> 1) & 3;
+        }
+        const u32* d = dst + ((i * NOCT + (n >> 3)) * 2 + half) * 128 + ((n & 7) * 4 + tt) * 4 + reg;
+        const bool ok = n < M;
+        const u16* src = x + (ok ? (long long)n * sx + s_cb[sb0 - s_beg + i] + e : 0);
+        const u32 da = (u32)__cvta_generic_to_shared(d);
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(da), "l"(src), "r"(ok ? 4 : 0));
+    }
+    asm volatile("cp.async.commit_group;");
+}
+
 // lane t's start in row rg of a tile-row: its 16 bytes of the 2:4 and dense values, the row's metadata
 struct RowPtrs {
     const u16* sp;
