@@ -166,9 +166,6 @@ def _q4_triton_launcher():
     return q4_linear_triton
 
 
-Q4_MMA_MAX_TOKENS = 64
-
-
 def _x_fits_kernel(x: torch.Tensor, p) -> bool:
     """``x`` on CUDA on the layer's device, bfloat16 or float16, ``in_features`` wide, no gradient to track (the
     kernels have no backward; the reference keeps ``x``'s gradient)."""
@@ -198,11 +195,11 @@ def q4_mma_applies(x: torch.Tensor, p) -> bool:
     (:func:`.cuda_mma_q4.mma_q4_supported`: a group size that is a multiple of 64, ...)."""
     from ..settings import setting
 
-    if not (setting("q4_mma") and _x_fits_kernel(x, p) and 1 <= _tokens(x, p) <= Q4_MMA_MAX_TOKENS):
+    if not (setting("q4_mma") and _x_fits_kernel(x, p)):
         return False
     from . import cuda_mma_q4
 
-    return cuda_mma_q4.mma_q4_supported(p)
+    return 1 <= _tokens(x, p) <= cuda_mma_q4.MAX_TOKENS and cuda_mma_q4.mma_q4_supported(p)
 
 
 def _q4_mma(x: torch.Tensor, p, bias: torch.Tensor | None) -> torch.Tensor:
