@@ -5,7 +5,9 @@ Rows (every one from a fresh model load; masks by SparseGPT with its weight upda
 ``--calibration``; GPTQ calibrated on the same text, with the mask held fixed):
 - dense; dense at 4 bits (round to nearest, and GPTQ);
 - per ``--sparsities`` entry (``0.5`` = 2:4 everywhere, below it hybrid dense / 2:4 tiles): the mask in full
-  precision, then the same model at 4 bits (each of ``--sparse-methods``, from the same pruned weights).
+  precision, then the same model at 4 bits (each of ``--sparse-methods``, from the same pruned weights);
+- per ``--masks NAME=PATH`` (a saved mask artifact, e.g. learned PATCH masks from
+  ``generalization.py --masks-out``): the mask alone on the model's weights, then at 4 bits the same way.
 ``--observer mse`` chooses every group's range by the clipping search (``tilesparse.quant.rtn``); ``--act-order``
 runs GPTQ by decreasing Hessian diagonal (``tilesparse.quant.gptq``).
 Perplexity under the pinned protocol (first ``--windows`` x 512 tokens) on every ``--texts`` entry; list
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import shlex
 import sys
 import time
 
@@ -42,10 +45,17 @@ def main(argv=None) -> int:
     p.add_argument("--observer", default="minmax", choices=["minmax", "mse"])
     p.add_argument("--act-order", action="store_true", help="GPTQ visits columns by decreasing Hessian diagonal")
     p.add_argument("--sparse-methods", default="gptq", help="quantizers of the pruned rows (rtn, gptq or both)")
+    p.add_argument("--masks", nargs="*", default=[], metavar="NAME=PATH", help="saved mask artifacts to score")
     p.add_argument("--windows", type=int, default=10)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     texts = [t for t in args.texts.split(",") if t]
+    saved = []
+    for spec in args.masks:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            p.error(f"--masks takes NAME=PATH, got {spec!r}")
+        saved.append((name, path))
     calib = dict(calibration=args.calibration, samples=args.samples, progress=False)
     rows: list[dict] = []
     grid = "asymmetric (uint8 zero point)" if args.asymmetric else "symmetric"
@@ -55,17 +65,22 @@ def main(argv=None) -> int:
                act_order=args.act_order)
     sparse_methods = [m for m in args.sparse_methods.split(",") if m]
     if args.calibration.startswith("austen"):
-        domains = f"{', '.join(texts[:-1])} out of domain, {texts[-1]} in the calibration's domain"
+        domains = (f"{', '.join(texts[:-1])} out of domain, " if len(texts) > 1 else "") + \
+            f"{texts[-1]} in the calibration's domain"
     else:  # text sampled from the model itself: none of the texts is its domain
         domains = f"{', '.join(texts)}: none of them in the calibration's domain"
+    command = argv if argv is not None else sys.argv[1:]
+    kinds = (["SparseGPT with its weight update"] if args.sparsities.strip() else []) + (
+        ["saved masks alone, no weight update (the text they were learned on is their own record, not this "
+         "script's)"] if saved else [])
     head = (f"# Quality at 4 bits ({args.device}, {platform.machine()}, torch {torch.__version__})\n\n"
-            f"Model: {args.model or default_model} (fp32 compute). Masks: SparseGPT with "
-            f"its weight update; 4 bits: group {args.group_size} along the input, {grid}, bf16 scales, "
+            f"Model: {args.model or default_model} (fp32 compute). Masks: {'; '.join(kinds)}; "
+            f"4 bits: group {args.group_size} along the input, {grid}, bf16 scales, "
             f"{args.observer} observer{', GPTQ act-order' if args.act_order else ''}, "
             f"after the mask (pruned weights stay 0). Calibration: {args.calibration} ({args.samples} x 512 "
-            f"tokens) for both. Perplexity: first {args.windows} x 512 tokens; "
-            f"{domains}.\n\n"
-            f"Command (in `benchmarks/`): `python quant_accuracy.py {' '.join(argv if argv is not None else sys.argv[1:])}`")
+            f"tokens) for {'the masks and ' if args.sparsities.strip() else ''}GPTQ. "
+            f"Perplexity: first {args.windows} x 512 tokens; {domains}.\n\n"
+            f"Command (in `benchmarks/`): `python quant_accuracy.py {shlex.join(command)}`")
     cols = ["sparsity", *texts, "4-bit vs 16-bit", "seconds"]
 
     def score(lm, row: str, sparsity: float, t0: float, base: dict | None = None) -> dict:
@@ -97,6 +112,20 @@ def main(argv=None) -> int:
         kw = {} if s == 0.5 else {"sparsity": s}
         masks = ts.prune(lm, method="sparsegpt", pattern=pattern, update_weights=True, **kw, **calib)
         name = "SparseGPT 2:4" if s == 0.5 else "SparseGPT hybrid"
+        full = score(lm, name, s, t0)
+        pruned = {k: v.clone() for k, v in lm.model.state_dict().items()}
+        for method in sparse_methods:
+            t0 = time.time()
+            lm.model.load_state_dict(pruned)
+            ts.quantize(lm, masks, method=method, **qkw, **calib)
+            score(lm, f"{name}, 4-bit {method.upper()}", s, t0, full)
+            clear_quantized(lm.model)
+    for name, path in saved:
+        t0 = time.time()
+        lm = load()
+        masks = ts.load_masks(path, lm)
+        ts.apply_masks(lm, masks)
+        s = masks.sparsity()
         full = score(lm, name, s, t0)
         pruned = {k: v.clone() for k, v in lm.model.state_dict().items()}
         for method in sparse_methods:
