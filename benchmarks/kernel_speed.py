@@ -6,7 +6,7 @@
     PYTHONPATH=src python3 benchmarks/kernel_speed.py --decode --precompile 16 --tokens 1,4,16 --fracs 0.5,1 \
         --shapes 4096x4096,11008x4096,4096x11008      # best v6 / v7 / v9 config vs dense (decode cells)
     PYTHONPATH=src python3 benchmarks/kernel_speed.py --check --mma-only   # correctness of the mma kernels only
-    TILESPARSE_GEMM=1 PYTHONPATH=src python3 benchmarks/kernel_speed.py --check --gemm-only   # the hybrid GEMM
+    PYTHONPATH=src python3 benchmarks/kernel_speed.py --check --gemm-only   # the hybrid GEMM
     ncu --profile-from-start off ... python3 benchmarks/kernel_speed.py --ncu-mma  # v7 profile launches
     ncu --profile-from-start off ... python3 benchmarks/kernel_speed.py --ncu-mma --mma-modes 9  # v9 ones
 
@@ -494,7 +494,7 @@ def main() -> int:
     ap.add_argument("--paths", default="", help="with --decode: only these kernel paths (e.g. stream,mma)")
     ap.add_argument("--mma-only", action="store_true", help="with --check: only the v7 / v9 mma kernels' configs")
     ap.add_argument("--gemm-only", action="store_true", help="with --check: only the hybrid GEMM's configs "
-                    "(needs TILESPARSE_GEMM=1)")
+                    "(16-64 tokens)")
     ap.add_argument("--mma-modes", default="", help="with --mma-only / --ncu-mma: only these mma modes (0 = v7, 9)")
     ap.add_argument("--ncu-mma", action="store_true", help="v7 (or --mma-modes) / dense launches to run under ncu")
     ap.add_argument("--profile", action="store_true", help="a few fixed launches to run under ncu")

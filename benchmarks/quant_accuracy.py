@@ -29,6 +29,7 @@ import torch
 
 import tilesparse as ts
 from tilesparse.quant.state import clear_quantized
+from _args import named_path
 from _table import write_table
 
 
@@ -45,17 +46,13 @@ def main(argv=None) -> int:
     p.add_argument("--observer", default="minmax", choices=["minmax", "mse"])
     p.add_argument("--act-order", action="store_true", help="GPTQ visits columns by decreasing Hessian diagonal")
     p.add_argument("--sparse-methods", default="gptq", help="quantizers of the pruned rows (rtn, gptq or both)")
-    p.add_argument("--masks", nargs="*", default=[], metavar="NAME=PATH", help="saved mask artifacts to score")
+    p.add_argument("--masks", nargs="*", default=[], type=named_path, metavar="NAME=PATH",
+                   help="saved mask artifacts to score")
     p.add_argument("--windows", type=int, default=10)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     texts = [t for t in args.texts.split(",") if t]
-    saved = []
-    for spec in args.masks:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            p.error(f"--masks takes NAME=PATH, got {spec!r}")
-        saved.append((name, path))
+    saved = args.masks
     calib = dict(calibration=args.calibration, samples=args.samples, progress=False)
     rows: list[dict] = []
     grid = "asymmetric (uint8 zero point)" if args.asymmetric else "symmetric"
@@ -105,35 +102,30 @@ def main(argv=None) -> int:
         lm = load()
         ts.quantize(lm, method=method, **qkw, **calib)
         score(lm, f"dense, 4-bit {method.upper()}", 0.0, t0, dense)
+    def masked_rows(lm, masks, name: str, sparsity: float, t0: float) -> None:
+        """The masked model at 16 bits, then each of ``--sparse-methods`` at 4 bits from the same weights."""
+        full = score(lm, name, sparsity, t0)
+        pruned = {k: v.clone() for k, v in lm.model.state_dict().items()}
+        for method in sparse_methods:
+            t0 = time.time()
+            lm.model.load_state_dict(pruned)
+            ts.quantize(lm, masks, method=method, **qkw, **calib)
+            score(lm, f"{name}, 4-bit {method.upper()}", sparsity, t0, full)
+            clear_quantized(lm.model)
+
     for s in [float(x) for x in args.sparsities.split(",") if x]:
         t0 = time.time()
         lm = load()
         pattern = "2:4" if s == 0.5 else "hybrid"
         kw = {} if s == 0.5 else {"sparsity": s}
         masks = ts.prune(lm, method="sparsegpt", pattern=pattern, update_weights=True, **kw, **calib)
-        name = "SparseGPT 2:4" if s == 0.5 else "SparseGPT hybrid"
-        full = score(lm, name, s, t0)
-        pruned = {k: v.clone() for k, v in lm.model.state_dict().items()}
-        for method in sparse_methods:
-            t0 = time.time()
-            lm.model.load_state_dict(pruned)
-            ts.quantize(lm, masks, method=method, **qkw, **calib)
-            score(lm, f"{name}, 4-bit {method.upper()}", s, t0, full)
-            clear_quantized(lm.model)
+        masked_rows(lm, masks, "SparseGPT 2:4" if s == 0.5 else "SparseGPT hybrid", s, t0)
     for name, path in saved:
         t0 = time.time()
         lm = load()
         masks = ts.load_masks(path, lm)
         ts.apply_masks(lm, masks)
-        s = masks.sparsity()
-        full = score(lm, name, s, t0)
-        pruned = {k: v.clone() for k, v in lm.model.state_dict().items()}
-        for method in sparse_methods:
-            t0 = time.time()
-            lm.model.load_state_dict(pruned)
-            ts.quantize(lm, masks, method=method, **qkw, **calib)
-            score(lm, f"{name}, 4-bit {method.upper()}", s, t0, full)
-            clear_quantized(lm.model)
+        masked_rows(lm, masks, name, masks.sparsity(), t0)
     write_table(head, cols, rows, args.out)
     return 0
 

@@ -20,6 +20,7 @@ import time
 import torch
 
 import tilesparse as ts
+from _args import named_path
 from _table import write_table
 
 
@@ -27,7 +28,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--masks", nargs="*", default=[], metavar="NAME=PATH", help="mask artifacts to score")
+    p.add_argument("--masks", nargs="*", default=[], type=named_path, metavar="NAME=PATH",
+                   help="mask artifacts to score")
     p.add_argument("--baselines", action="store_true", help="SparseGPT 2:4 rows (mask only, with update)")
     p.add_argument("--calibration", default="austen-train", help="calibration of the baselines")
     p.add_argument("--calib-samples", type=int, default=32)
@@ -35,12 +37,7 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=50, help="items per task")
     p.add_argument("--out", default=None, help="markdown table (a .json with the rows is written beside it)")
     args = p.parse_args(argv)
-    masks = []
-    for spec in args.masks:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            p.error(f"--masks takes NAME=PATH, got {spec!r}")
-        masks.append((name, path))
+    masks = args.masks
     from tilesparse.evaluation.zeroshot import OFFLINE_TASKS
 
     tasks = args.tasks.split(",") if args.tasks else list(OFFLINE_TASKS)

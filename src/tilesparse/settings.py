@@ -16,9 +16,9 @@ variable                       default       meaning
                                              autotuning candidates (Triton only), e.g. for a model
                                              spread over several GPUs.
 ``TILESPARSE_STREAM``          ``1``         ``0``: the Triton stream kernel is not a candidate.
-``TILESPARSE_GEMM``            ``0``         ``1``: the hybrid GEMM on sparse tensor cores
-                                             (``kernels.cuda_gemm``, 16+ tokens) is an autotuning
-                                             candidate (opt-in: not yet checked on a GPU).
+``TILESPARSE_GEMM``            ``1``         ``0``: the hybrid GEMM on sparse tensor cores
+                                             (``kernels.cuda_gemm``, 16-64 tokens) is not an autotuning
+                                             candidate.
 ``TILESPARSE_AUTOTUNE``        ``1``         ``0``: no autotuning; the fixed heuristic picks each
                                              layer's kernel configuration.
 ``TILESPARSE_AUTOTUNE_CACHE``  ``1``         ``0``: tuned choices are neither read from nor written to
@@ -26,9 +26,9 @@ variable                       default       meaning
                                              and library versions).
 ``TILESPARSE_PDL``             ``0``         ``1``: launch the mma kernels as programmatic dependents
                                              (compute capability 9.0+).
-``TILESPARSE_Q4_MMA``          ``0``         ``1``: 4-bit layers run the CUDA sparse-tensor-core kernel
-                                             (``kernels.cuda_mma_q4``) where it applies instead of
-                                             the Triton kernel (opt-in: not yet checked on a GPU).
+``TILESPARSE_Q4_MMA``          ``1``         ``0``: 4-bit layers run the Triton kernel where the CUDA
+                                             sparse-tensor-core kernel (``kernels.cuda_mma_q4``)
+                                             would apply.
 ``TILESPARSE_FUSED_MASK``      ``auto``      Fused Triton mask kernels while learning: ``1``/``on``/
                                              ``true``/``yes``, ``0``/``off``/``false``/``no``, or
                                              ``auto`` (on for CUDA weights when Triton imports).
@@ -122,10 +122,9 @@ class Settings(BaseSettings):
                           "(0: Triton only). Default 1.")
     stream: Annotated[bool, _switch(True)] = Field(
         True, description="Triton stream kernel among the autotuning candidates. Default 1.")
-    gemm: Annotated[bool, _switch(False)] = Field(
-        False, description="The hybrid GEMM on sparse tensor cores (kernels.cuda_gemm) among the autotuning "
-                           "candidates at 16 tokens and more; unverified on a GPU until benchmarks/kernel_speed.py "
-                           "--check passes there. Default 0.")
+    gemm: Annotated[bool, _switch(True)] = Field(
+        True, description="The hybrid GEMM on sparse tensor cores (kernels.cuda_gemm) among the autotuning "
+                          "candidates at 16-64 tokens. Default 1.")
     autotune: Annotated[bool, _switch(True)] = Field(
         True, description="Autotune each layer's kernel configuration on CUDA (0: fixed heuristic). Default 1.")
     autotune_cache: Annotated[bool, _switch(True)] = Field(
@@ -134,10 +133,9 @@ class Settings(BaseSettings):
     pdl: Annotated[bool, _switch(False)] = Field(
         False, description="Launch the mma kernels as programmatic dependents on compute capability 9.0+. "
                            "Default 0.")
-    q4_mma: Annotated[bool, _switch(False)] = Field(
-        False, description="4-bit layers run the CUDA sparse-tensor-core kernel (kernels.cuda_mma_q4) where it "
-                           "applies instead of the Triton kernel; unverified on a GPU until "
-                           "benchmarks/q4_decode.py's check passes there. Default 0.")
+    q4_mma: Annotated[bool, _switch(True)] = Field(
+        True, description="4-bit layers run the CUDA sparse-tensor-core kernel (kernels.cuda_mma_q4) where it "
+                          "applies instead of the Triton kernel (0: Triton only). Default 1.")
     fused_mask: Annotated[bool | None, BeforeValidator(_fused_mask)] = Field(
         None, description="Fused Triton mask kernels while learning: 1/on/true/yes, 0/off/false/no or auto "
                           "(None: on for CUDA weights when Triton imports). Default auto.")

@@ -171,23 +171,28 @@ def test_launch_plan_checks_the_configuration():
 def test_gemm_candidates_are_valid_block_shapes():
     from tilesparse.kernels import ops
 
-    for M, bts in ((16, {16}), (40, {32, 64}), (64, {32, 64}), (65, {64, 128}), (2048, {64, 128})):
+    for M, bts in ((16, {16}), (40, {32, 64}), (64, {32, 64})):
         c = ops.gemm_candidates(M)
         assert c and {k.bm for k in c} == bts and all(k.path == "gemm" for k in c)
         assert all(cg.shape_reason(k.bn, k.bm, k.warps, k.nit, k.ts, 128, 232448) is None for k in c)
-        assert {k.split for k in c} == {1, 2, 4, 8}
+        assert {k.split for k in c} == {1, 2, 4}
 
 
-def test_gemm_is_opt_in_and_never_fitted_on_the_cpu(monkeypatch):
+def test_gemm_is_offered_at_16_to_64_tokens_and_never_fitted_on_the_cpu(monkeypatch):
     from tilesparse.kernels import ops
 
     p = random_layer(256, 512, (128, 128), 0.5, 0.2, torch.bfloat16, seed=1)[2]
-    assert ops.GEMM_CANDIDATES is False  # TILESPARSE_GEMM defaults to 0
-    assert all(c.path != "gemm" for c in ops.candidate_configs(64, p, force_kernel=True))
-    monkeypatch.setattr(ops, "GEMM_CANDIDATES", True)
+    assert ops.GEMM_CANDIDATES is True  # TILESPARSE_GEMM defaults to 1
     assert all(c.path != "gemm" for c in ops.candidate_configs(64, p, force_kernel=True))  # no CUDA device
     assert ops._fit(ops.gemm_candidates(64)[0], p) is None
-    assert ops.gemm_candidates(64)[0].short().startswith("gemm bm32 bn64 w4x1")
+    assert ops.gemm_candidates(64)[0].short() == "gemm bm32 bn64 w2x2 s1 n4"
+    # the token range, with a device and fitting pretended
+    monkeypatch.setattr(ops._cm, "available", lambda device=None: True)
+    monkeypatch.setattr(ops, "_fit", lambda cfg, packed: cfg)
+    offered = {M: any(c.path == "gemm" for c in ops.candidate_configs(M, p)) for M in (1, 15, 16, 33, 64, 65, 256)}
+    assert offered == {1: False, 15: False, 16: True, 33: True, 64: True, 65: False, 256: False}
+    monkeypatch.setattr(ops, "GEMM_CANDIDATES", False)  # TILESPARSE_GEMM=0
+    assert not any(c.path == "gemm" for c in ops.candidate_configs(33, p))
 
 
 # ---------------------------------------------------------------- GPU

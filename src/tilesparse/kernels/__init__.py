@@ -6,7 +6,8 @@
   shares and ``unpack_kernel``; :mod:`.cuda_mma` -- the CUDA sparse-tensor-core kernels (1-64 tokens)
 * :mod:`.triton_q4` -- the Triton decode kernel of the 4-bit format (:mod:`.format_q4`, 1-16 tokens), run by
   :class:`~.linear_q4.HybridLinearQ4` through :func:`.library.q4_linear`; :mod:`.cuda_mma_q4` -- the 4-bit
-  sparse-tensor-core kernel (1-64 tokens; opt-in, unverified on a GPU)
+  sparse-tensor-core kernel (the default at 1-16 tokens where it applies); :mod:`.cuda_gemm` -- the hybrid GEMM
+  on sparse tensor cores (16-64 tokens)
 * :mod:`.ops` -- :func:`hybrid_linear` (dispatch + autotune)
 * :mod:`.library` -- the same product as the operator ``torch.ops.tilesparse.hybrid_linear`` (torch.compile)
 * :mod:`.linear` -- :class:`HybridLinear`, :func:`convert_model`

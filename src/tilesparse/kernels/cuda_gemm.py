@@ -12,9 +12,11 @@ the cost per token falls as the token count grows. Compilation, loading and laun
 Requirements: those of the decode kernels (:func:`.cuda_mma.mma_supported`), and x rows 16-byte aligned
 (a row stride that is a multiple of 8; else x is copied contiguous).
 
-**Unverified on a GPU**: it compiles (NVRTC, sm_80 / sm_90) and the CPU tests run its source under the host
-emulation (``tests/kernels/test_kernels_gemm.py``); the dispatcher offers it only with ``TILESPARSE_GEMM=1``
-until ``benchmarks/kernel_speed.py --check --gemm-only`` has passed on a GPU.
+Checked against float64 on the H100 (``benchmarks/kernel_speed.py --check --gemm-only``: 16-1000 tokens, four
+layer classes, both 16-bit types; ``benchmarks/spikes/gemm_route/v10.py``) and on the CPU under the host
+emulation (``tests/kernels/test_kernels_gemm.py``). The dispatcher offers it at 16-64 tokens
+(:func:`.ops.gemm_candidates`), where it was faster than the decode kernels at 64 tokens; at 256 and 2048 tokens
+it is slower than unpacking for cuBLAS (``benchmarks/results/gemm_v10_h100.md``).
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ registers to x's 16-bit type (``scale * (code - zero)``); the source's header gi
 K permutation. Compilation, loading and launching are :mod:`.cuda_mma`'s (:class:`MmaQ4Key` is compiled by
 :func:`.cuda_mma.kernel`, a prepared launch is a :class:`.cuda_mma.MmaLaunch`).
 
-**Unverified on a GPU**: it compiles (NVRTC, sm_80 / sm_90) and its layouts are checked by the CPU tests, but
-its results count only once ``benchmarks/q4_decode.py``'s check has passed on a GPU. It is opt-in
-(``TILESPARSE_Q4_MMA=1``, :func:`.library.q4_linear`); the Triton kernel (:mod:`.triton_q4`) stays the default.
+Checked against float64 on the H100 at 1 and 16 tokens (``benchmarks/q4_decode.py``) and under the CPU tests'
+emulation at more; :func:`.library.q4_linear` runs it for up to :data:`DISPATCH_TOKENS` tokens where it applies
+(``TILESPARSE_Q4_MMA=0``: the Triton kernel, :mod:`.triton_q4`, instead).
 
 Requirements (:func:`unsupported_reason`): ``tile_cols`` a power of two >= 64, ``tile_rows % 16 == 0``,
 ``in_features % 64 == 0``, ``out_features % 16 == 0``, ``group_size % 64 == 0`` (a 64-column step lies in one
@@ -26,6 +26,7 @@ from . import cuda_mma as _cm
 from .format_q4 import PackedHybridQ4, check_q4_operands
 
 MAX_TOKENS = _cm.MAX_TOKENS
+DISPATCH_TOKENS = 16  # library.q4_linear's range for this kernel: the token counts checked on a GPU
 MAX_STEPS = _cm.MAX_STEPS  # 64-column steps per block (csrc/hybrid_mma_q4.cu)
 SMEM_LIMIT = 48 * 1024  # static shared memory of a block
 DTYPES = (torch.bfloat16, torch.float16)
@@ -222,8 +223,7 @@ def q4_mma_linear(x2: torch.Tensor, packed: PackedHybridQ4, bias: torch.Tensor |
     """``x2 @ W^T (+ bias)`` for ``x2 [M, in_features]`` (1-64 bfloat16 / float16 tokens) with the 4-bit mma
     kernel: ``warps`` warps of 16 rows per block, ``split`` blocks per row chunk along K (split-K), ``sb``
     64-column steps per batch; returns ``[M, out_features]`` in ``x2``'s dtype. A one-line ``ValueError`` /
-    ``TypeError`` where the layer (:func:`unsupported_reason`), the operands or the configuration do not fit.
-    Unverified on a GPU until ``benchmarks/q4_decode.py``'s check has passed there."""
+    ``TypeError`` where the layer (:func:`unsupported_reason`), the operands or the configuration do not fit."""
     check_q4_operands(x2, packed, bias, DTYPES, MAX_TOKENS, "q4 mma kernel")
     why = unsupported_reason(packed)
     if why is not None:
@@ -236,4 +236,4 @@ def q4_mma_linear(x2: torch.Tensor, packed: PackedHybridQ4, bias: torch.Tensor |
 
 
 __all__ = ["MmaQ4Key", "default_config", "launch_plan", "layer_config", "layout_reason", "mma_q4_supported",
-           "param_table", "prepare", "q4_mma_linear", "unsupported_reason"]
+           "param_table", "prepare", "q4_mma_linear", "unsupported_reason", "DISPATCH_TOKENS"]

@@ -18,10 +18,9 @@ slower but never wrong.
 
 The 4-bit operator takes the layer's stored tensors (``PackedHybridQ4.STORED`` order) and ``[out_features,
 in_features, tile_rows, tile_cols, group_size]``; its CUDA implementation finds the registered
-:class:`~.format_q4.PackedHybridQ4` the same way and runs :func:`q4_linear` (the Triton kernel of
-:mod:`.triton_q4` for 1-16 bfloat16/float16 tokens, the torch reference otherwise; opt-in with
-``TILESPARSE_Q4_MMA=1``, the sparse-tensor-core kernel of :mod:`.cuda_mma_q4` for 1-64 tokens where it applies);
-on other devices it runs the torch reference.
+:class:`~.format_q4.PackedHybridQ4` the same way and runs :func:`q4_linear` (for 1-16 bfloat16/float16 tokens
+the sparse-tensor-core kernel of :mod:`.cuda_mma_q4` where it applies, else the Triton kernel of
+:mod:`.triton_q4`; the torch reference otherwise); on other devices it runs the torch reference.
 """
 
 from __future__ import annotations
@@ -190,16 +189,16 @@ def q4_kernel_applies(x: torch.Tensor, p) -> bool:
 
 def q4_mma_applies(x: torch.Tensor, p) -> bool:
     """Whether :func:`q4_linear` runs the 4-bit sparse-tensor-core kernel (:mod:`.cuda_mma_q4`) for ``x`` on ``p``:
-    opted in (``TILESPARSE_Q4_MMA=1``; the kernel is unverified on a GPU until ``benchmarks/q4_decode.py``'s check
-    passes there), ``x`` as for the Triton kernel with 1..64 tokens, and the layer supported
-    (:func:`.cuda_mma_q4.mma_q4_supported`: a group size that is a multiple of 64, ...)."""
+    not switched off (``TILESPARSE_Q4_MMA=0``), ``x`` as for the Triton kernel with 1 to
+    :data:`.cuda_mma_q4.DISPATCH_TOKENS` tokens, and the layer supported (:func:`.cuda_mma_q4.mma_q4_supported`: a
+    group size that is a multiple of 64, ...)."""
     from ..settings import setting
 
     if not (setting("q4_mma") and _x_fits_kernel(x, p)):
         return False
     from . import cuda_mma_q4
 
-    return 1 <= _tokens(x, p) <= cuda_mma_q4.MAX_TOKENS and cuda_mma_q4.mma_q4_supported(p)
+    return 1 <= _tokens(x, p) <= cuda_mma_q4.DISPATCH_TOKENS and cuda_mma_q4.mma_q4_supported(p)
 
 
 def _q4_mma(x: torch.Tensor, p, bias: torch.Tensor | None) -> torch.Tensor:
@@ -214,8 +213,7 @@ def _q4_mma(x: torch.Tensor, p, bias: torch.Tensor | None) -> torch.Tensor:
 
 def q4_linear(x: torch.Tensor, p, bias: torch.Tensor | None = None, use_triton: bool | None = None) -> torch.Tensor:
     """``x @ W^T + bias`` for the 4-bit layer ``p``, ``x [..., in]`` -> ``[..., out]`` in ``x``'s dtype: the
-    sparse-tensor-core kernel (:mod:`.cuda_mma_q4`) where :func:`q4_mma_applies` (opt-in, ``TILESPARSE_Q4_MMA=1``),
-    else the Triton kernel (:mod:`.triton_q4`) where :func:`q4_kernel_applies`, else the torch reference
+    sparse-tensor-core kernel (:mod:`.cuda_mma_q4`) where :func:`q4_mma_applies`, else the Triton kernel (:mod:`.triton_q4`) where :func:`q4_kernel_applies`, else the torch reference
     (dequantize + ``F.linear``); ``use_triton`` forces the Triton kernel or the reference (``True`` on the CPU
     needs ``TRITON_INTERPRET=1``)."""
     chosen = use_triton is None

@@ -1,8 +1,8 @@
 """``HybridLinearQ4``: a drop-in ``nn.Linear`` replacement holding a 4-bit packed hybrid weight
 (:mod:`.format_q4`), and model conversion from a mask and a 4-bit quantization. Its product is
-:func:`.library.q4_linear`: the Triton decode kernel (:mod:`.triton_q4`) on CUDA for 1-16 bfloat16/float16
-tokens (opt-in, ``TILESPARSE_Q4_MMA=1``: the sparse-tensor-core kernel of :mod:`.cuda_mma_q4`, unverified on a
-GPU, for 1-64 tokens where it applies), the torch reference (dequantize, then ``F.linear``) otherwise."""
+:func:`.library.q4_linear`: on CUDA for 1-16 bfloat16/float16 tokens the sparse-tensor-core kernel of
+:mod:`.cuda_mma_q4` where it applies, else the Triton decode kernel (:mod:`.triton_q4`); the torch reference
+(dequantize, then ``F.linear``) otherwise."""
 
 from __future__ import annotations
 

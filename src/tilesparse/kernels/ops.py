@@ -10,8 +10,9 @@ Paths (chosen per call):
 * ``"mma"`` (v7 ``mode`` 0, v9 ``mode`` 9 on sm_90; up to 64 tokens) -- :mod:`.cuda_mma`: CUDA
   C++ (NVRTC) on sparse tensor cores: 2:4 tiles by ``mma.sp`` straight from the stored values and positions,
   dense tiles by ``mma``; GPU only.
-* ``"gemm"`` (16 tokens and more; opt-in, ``TILESPARSE_GEMM=1``) -- :mod:`.cuda_gemm`: the layer as a GEMM on
-  sparse tensor cores (weights and x staged in shared memory once per block, ``ldmatrix`` operands); GPU only.
+* ``"gemm"`` (16-64 tokens) -- :mod:`.cuda_gemm`: the layer as a GEMM on sparse tensor cores (weights and x
+  staged in shared memory once per block, ``ldmatrix`` operands); GPU only. It runs 256 and 2048 tokens too,
+  but slower than ``"unpack"`` there (``benchmarks/results/gemm_v10_h100.md``), so it is not offered above 64.
 * ``"unpack"`` (more than 64 tokens, and the fallback for any tile size) -- ``unpack_kernel``
   (:mod:`.triton_hybrid`) unpacks the layer on the GPU into a *transient* scratch buffer (one per device and
   dtype, as large as the largest layer it has served; reused by every layer) and ``F.linear`` runs on it.
@@ -188,13 +189,14 @@ def _fit_gemm(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
 
 
 def gemm_candidates(M: int) -> list[KernelConfig]:
-    """The hybrid GEMM's candidate configurations for ``M >= 16`` tokens: tokens per block (16; 32 or 64; 64 or
-    128 above 64 tokens) x rows per block (64, 128) x warps (4 x 1, 2 x 2, 4 x 2) x 3 stages x split-K (1, 2, 4,
-    8); the shapes that a layer's tiles or the device's shared memory do not take are dropped when fitted."""
-    bts = (16,) if M <= 16 else (32, 64) if M <= 64 else (64, 128)
-    return [KernelConfig("gemm", bm=bt, bn=bn, warps=wm, nit=wn, ts=3, split=split)
-            for bt in bts for bn in (64, 128) for wm, wn in ((4, 1), (2, 2), (4, 2)) for split in (1, 2, 4, 8)
-            if _cg.shape_reason(bn, bt, wm, wn, 3, bn, 1 << 30) is None]
+    """The hybrid GEMM's candidate configurations for ``M`` tokens: tokens per block (16 up to 16 tokens, else
+    32 and 64) x 64 weight rows per block x warps (2 x 2, 4 x 2) x 4 shared-memory stages x split-K (1, 2, 4),
+    the region where its fastest configurations fell on the H100 (``benchmarks/spikes/gemm_route/v10.py``);
+    the shapes that a layer's tiles or the device's shared memory do not take are dropped when fitted."""
+    bts = (16,) if M <= 16 else (32, 64)
+    return [KernelConfig("gemm", bm=bt, bn=64, warps=wm, nit=wn, ts=4, split=split)
+            for bt in bts for wm, wn in ((2, 2), (4, 2)) for split in (1, 2, 4)
+            if _cg.shape_reason(64, bt, wm, wn, 4, 64, 1 << 30) is None]
 
 
 def mma_candidates(M: int) -> list[KernelConfig]:
@@ -285,13 +287,13 @@ def heuristic_config(M: int, packed: PackedHybrid) -> KernelConfig:
 STREAM_CANDIDATES = setting("stream")
 # the v7 / v9 sparse-tensor-core kernels (:mod:`.cuda_mma`) for M <= 64 tokens (CUDA, sm_80+; v9 sm_90)
 MMA_CANDIDATES = setting("mma")
-# the hybrid GEMM (:mod:`.cuda_gemm`) for M >= 16 tokens (CUDA, sm_80+; opt-in until checked on a GPU)
+# the hybrid GEMM (:mod:`.cuda_gemm`) for 16-64 tokens (CUDA, sm_80+)
 GEMM_CANDIDATES = setting("gemm")
 
 
 def candidate_configs(M: int, packed: PackedHybrid, force_kernel: bool = False) -> list[KernelConfig]:
     """Configurations the autotuner times for ``M`` tokens, each fitted to the layer: at 1-64 tokens the mma
-    and stream kernels' candidates that fit, at 16 tokens and more the GEMM's (when switched on), above 64
+    and stream kernels' candidates that fit, at 16-64 tokens the GEMM's too, above 64
     tokens (or where none of those fits) ``"unpack"``; a plain dense layer only ``"dense"`` (``force_kernel``:
     the kernels' too, for benchmarks)."""
     c: list[KernelConfig] = []
@@ -303,7 +305,7 @@ def candidate_configs(M: int, packed: PackedHybrid, force_kernel: bool = False) 
         c += mma_candidates(M)
     if M <= 64 and STREAM_CANDIDATES:
         c += stream_candidates(M)
-    if M >= 16 and GEMM_CANDIDATES and _cm.available(packed.device):
+    if 16 <= M <= 64 and GEMM_CANDIDATES and _cm.available(packed.device):
         c += gemm_candidates(M)
     out, seen = [], set()
     for cfg in c:
