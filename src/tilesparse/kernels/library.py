@@ -213,9 +213,9 @@ def _q4_mma(x: torch.Tensor, p, bias: torch.Tensor | None) -> torch.Tensor:
 
 def q4_linear(x: torch.Tensor, p, bias: torch.Tensor | None = None, use_triton: bool | None = None) -> torch.Tensor:
     """``x @ W^T + bias`` for the 4-bit layer ``p``, ``x [..., in]`` -> ``[..., out]`` in ``x``'s dtype: the
-    sparse-tensor-core kernel (:mod:`.cuda_mma_q4`) where :func:`q4_mma_applies`, else the Triton kernel (:mod:`.triton_q4`) where :func:`q4_kernel_applies`, else the torch reference
-    (dequantize + ``F.linear``); ``use_triton`` forces the Triton kernel or the reference (``True`` on the CPU
-    needs ``TRITON_INTERPRET=1``)."""
+    sparse-tensor-core kernel (:mod:`.cuda_mma_q4`) where :func:`q4_mma_applies`, else the Triton kernel
+    (:mod:`.triton_q4`) where :func:`q4_kernel_applies`, else the torch reference (dequantize + ``F.linear``);
+    ``use_triton`` forces the Triton kernel or the reference (``True`` on the CPU needs ``TRITON_INTERPRET=1``)."""
     chosen = use_triton is None
     if chosen:
         if q4_mma_applies(x, p):
