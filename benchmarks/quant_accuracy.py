@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     texts = [t for t in args.texts.split(",") if t]
-    saved = args.masks
+    sparsities = [float(x) for x in args.sparsities.split(",") if x]
     calib = dict(calibration=args.calibration, samples=args.samples, progress=False)
     rows: list[dict] = []
     grid = "asymmetric (uint8 zero point)" if args.asymmetric else "symmetric"
@@ -67,15 +67,15 @@ def main(argv=None) -> int:
     else:  # text sampled from the model itself: none of the texts is its domain
         domains = f"{', '.join(texts)}: none of them in the calibration's domain"
     command = argv if argv is not None else sys.argv[1:]
-    kinds = (["SparseGPT with its weight update"] if args.sparsities.strip() else []) + (
+    kinds = (["SparseGPT with its weight update"] if sparsities else []) + (
         ["saved masks alone, no weight update (the text they were learned on is their own record, not this "
-         "script's)"] if saved else [])
+         "script's)"] if args.masks else [])
     head = (f"# Quality at 4 bits ({args.device}, {platform.machine()}, torch {torch.__version__})\n\n"
             f"Model: {args.model or default_model} (fp32 compute). Masks: {'; '.join(kinds)}; "
             f"4 bits: group {args.group_size} along the input, {grid}, bf16 scales, "
             f"{args.observer} observer{', GPTQ act-order' if args.act_order else ''}, "
             f"after the mask (pruned weights stay 0). Calibration: {args.calibration} ({args.samples} x 512 "
-            f"tokens) for {'the masks and ' if args.sparsities.strip() else ''}GPTQ. "
+            f"tokens) for {'the masks and ' if sparsities else ''}GPTQ. "
             f"Perplexity: first {args.windows} x 512 tokens; {domains}.\n\n"
             f"Command (in `benchmarks/`): `python quant_accuracy.py {shlex.join(command)}`")
     cols = ["sparsity", *texts, "4-bit vs 16-bit", "seconds"]
@@ -113,14 +113,14 @@ def main(argv=None) -> int:
             score(lm, f"{name}, 4-bit {method.upper()}", sparsity, t0, full)
             clear_quantized(lm.model)
 
-    for s in [float(x) for x in args.sparsities.split(",") if x]:
+    for s in sparsities:
         t0 = time.time()
         lm = load()
         pattern = "2:4" if s == 0.5 else "hybrid"
         kw = {} if s == 0.5 else {"sparsity": s}
         masks = ts.prune(lm, method="sparsegpt", pattern=pattern, update_weights=True, **kw, **calib)
         masked_rows(lm, masks, "SparseGPT 2:4" if s == 0.5 else "SparseGPT hybrid", s, t0)
-    for name, path in saved:
+    for name, path in args.masks:
         t0 = time.time()
         lm = load()
         masks = ts.load_masks(path, lm)

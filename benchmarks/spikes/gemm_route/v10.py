@@ -51,6 +51,14 @@ def splits(N: int, K: int, bm: int, bt: int, M: int, sms: int) -> list[int]:
     return sorted({1, best, min(base[-1], best * 2)} & set(base))
 
 
+def prepare(p, M: int, bm: int, bt: int, wm: int, wn: int, nst: int, split: int):
+    """One configuration's launch on layer ``p`` for ``M`` tokens, with fresh zero split-K workspaces."""
+    N, dev = p.out_features, p.device
+    ws = torch.zeros(M * N, device=dev) if split > 1 else None
+    cnt = torch.zeros(N // bm * -(-M // bt), device=dev, dtype=torch.int32) if split > 1 else None
+    return cg.prepare(p, M, False, bm, bt, wm, wn, nst, split, ws, cnt)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=float, default=400.0)
@@ -96,10 +104,8 @@ def main() -> int:
         best, worst, n_ok, n_all = None, 0.0, 0, 0
         for (bm, bt, wm, wn, nst) in candidates(M):
             for split in splits(N, K, bm, bt, M, sms):
-                ws = torch.zeros(M * N, device=dev) if split > 1 else None
-                cnt = torch.zeros(N // bm * -(-M // bt), device=dev, dtype=torch.int32) if split > 1 else None
                 try:
-                    launch = cg.prepare(p, M, False, bm, bt, wm, wn, nst, split, ws, cnt)
+                    launch = prepare(p, M, bm, bt, wm, wn, nst, split)
                 except Exception as e:  # noqa: BLE001
                     print(f"  skip {bm},{bt},{wm}x{wn},{nst},s{split}: {type(e).__name__}: {e}", flush=True)
                     continue

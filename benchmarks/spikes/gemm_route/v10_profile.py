@@ -11,13 +11,14 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 from kernel_speed import random_packed  # noqa: E402
 
-from tilesparse.kernels import cuda_gemm as cg  # noqa: E402
 from tilesparse.kernels.format import unpack  # noqa: E402
 from tilesparse.kernels.reference import rel_error  # noqa: E402
+from v10 import prepare  # noqa: E402
 
 CONFIGS = [(64, 64, 64, 2, 2, 4, 4), (2048, 128, 128, 4, 2, 3, 1)]  # tokens, bm, bt, wm, wn, nst, split
 
@@ -29,9 +30,7 @@ def main() -> int:
     Wd = unpack(p)
     for M, bm, bt, wm, wn, nst, split in CONFIGS:
         x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
-        ws = torch.zeros(M * N, device=dev) if split > 1 else None
-        cnt = torch.zeros(N // bm * -(-M // bt), device=dev, dtype=torch.int32) if split > 1 else None
-        launch = cg.prepare(p, M, False, bm, bt, wm, wn, nst, split, ws, cnt)
+        launch = prepare(p, M, bm, bt, wm, wn, nst, split)
         out = torch.empty(M, N, device=dev, dtype=torch.bfloat16)
         launch(x, out)
         torch.cuda.synchronize()
