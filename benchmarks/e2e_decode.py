@@ -8,7 +8,9 @@ included), the prefill runs as one call. With ``--compile`` the model's forward 
 (``fullgraph=True``, mode ``max-autotune-no-cudagraphs`` unless ``--compile-mode`` says otherwise) for dense and hybrid rows alike, so each ratio is
 against compiled dense from the same run; the time to first token is the prefill call (compiled too). Hybrid models swap every decoder linear (q/k/v/o/gate/up/down) for ``HybridLinear`` with a
 random tile map at the target sparsity (global tile ranking by random scores via
-``select_dense_tiles``) and a magnitude 2:4 mask inside 2:4 tiles.
+``select_dense_tiles``) and a magnitude 2:4 mask inside 2:4 tiles; with ``--q4 GROUP`` they are 4-bit
+(``HybridLinearQ4``, round to nearest in groups of ``GROUP`` input columns), and a sparsity of 0 is the 4-bit
+dense model, so that 4-bit hybrid, 4-bit dense and 16-bit dense come from one run.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from torch import nn
 from _table import emit
 from tilesparse.kernels import cuda_mma, ops
 from tilesparse.kernels.linear import HybridLinear
+from tilesparse.kernels.linear_q4 import HybridLinearQ4
 from tilesparse.masks.nm import topk_mask
-from tilesparse.masks.tiles import DENSE, SPARSE, TileGrid, select_dense_tiles
+from tilesparse.masks.tiles import DENSE, SPARSE, TileGrid, hybrid_mask, select_dense_tiles
+from tilesparse.quant import quantize_rtn
 
 
 def build_model(layers: int, seed: int):
@@ -54,30 +58,38 @@ def decoder_linears(model) -> dict[str, nn.Linear]:
     return {n: m for n, m in model.model.layers.named_modules() if isinstance(m, nn.Linear)}
 
 
-def hybridize(model, sparsity: float, tile=(128, 128), seed: int = 0) -> float:
+def hybridize(model, sparsity: float, tile=(128, 128), seed: int = 0, q4_group: int = 0) -> float:
+    """Swap every decoder linear for a hybrid layer at ``sparsity`` (16-bit, or 4-bit with groups of ``q4_group``
+    input columns, round to nearest, when it is not 0); returns the achieved sparsity."""
     lin = decoder_linears(model)
     names = list(lin)
     grids = [TileGrid(lin[n].out_features, lin[n].in_features, *tile) for n in names]
     g = torch.Generator().manual_seed(seed)
     scores = [torch.rand(gr.shape, generator=g) for gr in grids]
-    res = select_dense_tiles(scores, grids, sparsity)
-    for n, gr, dense in zip(names, grids, res.dense):
+    res = select_dense_tiles(scores, grids, sparsity) if sparsity > 0 else None
+    for n, gr in zip(names, grids):
         m = lin[n]
+        dense = res.dense[names.index(n)] if res is not None else torch.ones(gr.shape, dtype=torch.bool)
         kinds = torch.where(dense, DENSE, SPARSE).to(torch.int8)
         m24 = topk_mask(m.weight.detach().abs().float())
-        new = HybridLinear.from_kinds(m, kinds, m24, tile)
+        if q4_group:
+            keep = hybrid_mask(kinds.to(m24.device), m24, gr)
+            q = quantize_rtn(m.weight.detach().float(), keep, group_size=q4_group)
+            new = HybridLinearQ4.from_linear(m, q.quantized, kinds, m24, tile)
+        else:
+            new = HybridLinear.from_kinds(m, kinds, m24, tile)
         parent = model.model.layers.get_submodule(n.rpartition(".")[0])
         setattr(parent, n.rpartition(".")[2], new)
         del m
     gc.collect()
     torch.cuda.empty_cache()
-    return res.achieved_sparsity
+    return res.achieved_sparsity if res is not None else 0.0
 
 
 def linear_bytes(model) -> int:
     tot = 0
     for m in model.model.layers.modules():
-        if isinstance(m, HybridLinear):
+        if isinstance(m, (HybridLinear, HybridLinearQ4)):
             tot += m.nbytes()
         elif isinstance(m, nn.Linear):
             tot += sum(p.numel() * p.element_size() for p in m.parameters())
@@ -95,9 +107,11 @@ def init_cache(cache, model, batch: int) -> None:
 
 
 @torch.no_grad()
-def generate(model, prompt: torch.Tensor, gen: int, reps: int, graphs: bool = True, trace=None):
+def generate(model, prompt: torch.Tensor, gen: int, reps: int, graphs: bool = True, trace=None,
+             profile: bool = False):
     """Returns (tokens, prefill_s, decode_s): medians over ``reps`` runs; decode steps as CUDA-graph replays, or
-    eager calls when ``graphs`` is false (what ``model.generate`` does by default)."""
+    eager calls when ``graphs`` is false (what ``model.generate`` does by default). ``profile``: then one more
+    prefill under ``torch.profiler``, its busiest operators printed (by GPU time, then by host time)."""
     from transformers import StaticCache
 
     B, P = prompt.shape
@@ -173,7 +187,28 @@ def generate(model, prompt: torch.Tensor, gen: int, reps: int, graphs: bool = Tr
         dec_t.append(t2 - t1)
         tokens = torch.stack(toks, 1)
     del g
+    if profile:
+        profile_prefill(prefill)
     return tokens, statistics.median(pre_t), statistics.median(dec_t)
+
+
+def profile_prefill(prefill, rows: int = 12) -> None:
+    """One prefill under ``torch.profiler``: wall time, the GPU's busy time, and the operators that take the most
+    GPU time and the most host time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        prefill()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    avg = prof.key_averages()
+    gpu = sum(e.self_device_time_total for e in avg if e.device_type == DeviceType.CUDA) / 1e3
+    print(f"  profiled prefill: wall {wall * 1e3:.1f} ms (with the profiler), GPU kernels {gpu:.1f} ms", flush=True)
+    for key in ("self_cuda_time_total", "self_cpu_time_total"):
+        print(avg.table(sort_by=key, row_limit=rows, max_name_column_width=60), flush=True)
 
 
 _SPENT: dict[str, list] = {}
@@ -206,9 +241,14 @@ def main() -> int:
                     help="torch.compile mode (default max-autotune-no-cudagraphs: the CUDA graphs are the harness's)")
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--sparsities", default="0.25,0.35,0.45")
+    ap.add_argument("--q4", type=int, default=0, metavar="GROUP",
+                    help="hybrid rows with 4-bit weights in groups of GROUP input columns (round to nearest); "
+                         "a sparsity of 0 in --sparsities is then the 4-bit dense row")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--eager", action="store_true", help="decode steps as eager calls instead of CUDA-graph replays")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true",
+                    help="after each row's timing, profile one prefill and print its busiest operators")
     ap.add_argument("--trace", action="store_true",
                     help="print the time of each warm-up phase, with the tuning and launch preparation in it")
     args = ap.parse_args()
@@ -228,11 +268,12 @@ def main() -> int:
         print(f"precompiled {n} mma kernels in {time.time() - t0:.0f}s", flush=True)
     kv_budget = 0.45 * props.total_memory
     rows = []
-    for s in [0.0] + [float(v) for v in args.sparsities.split(",")]:
+    for i, s in enumerate([0.0] + [float(v) for v in args.sparsities.split(",")]):
         t0 = time.time()
         model = build_model(args.layers, seed=0)
         lb_dense = linear_bytes(model)
-        achieved = hybridize(model, s) if s > 0 else 0.0
+        q4 = args.q4 if i > 0 else 0  # (the first row: the 16-bit dense model)
+        achieved = hybridize(model, s, q4_group=q4) if s > 0 or q4 else 0.0
         if args.compile:
             model.forward = torch.compile(model.forward, mode=args.compile_mode, fullgraph=True, dynamic=False)
         setup = time.time() - t0
@@ -256,12 +297,13 @@ def main() -> int:
                             v[:] = [0, 0.0]
                     t_phase[0] = time.time()
 
-                tokens, pre, dec = generate(model, prompt, args.gen, args.reps, graphs=not args.eager, trace=trace)
-                row = dict(s=s, achieved=achieved, B=B, P=P, pre=pre, dec=dec,
+                tokens, pre, dec = generate(model, prompt, args.gen, args.reps, graphs=not args.eager, trace=trace,
+                                            profile=args.profile)
+                row = dict(s=s, achieved=achieved, B=B, P=P, pre=pre, dec=dec, q4=q4,
                            dec_tps=B * (args.gen - 1) / dec, lin_bytes=linear_bytes(model), lin_dense=lb_dense,
                            ws=ops.workspace_bytes(), setup=setup)
                 rows.append(row)
-                print(f"sparsity {s:.2f} (achieved {achieved:.4f}), batch {B}, prompt {P}: first token "
+                print(f"{f'4-bit (groups of {q4}) ' if q4 else ''}sparsity {s:.2f} (achieved {achieved:.4f}), batch {B}, prompt {P}: first token "
                       f"{pre * 1e3:.1f} ms, decode {dec * 1e3:.1f} ms ({row['dec_tps']:.0f} tok/s), linear bytes "
                       f"{row['lin_bytes'] / lb_dense:.3f}x, setup {setup:.0f}s", flush=True)
                 del tokens
@@ -272,7 +314,7 @@ def main() -> int:
             if args.trace:
                 print(_dynamo.utils.compile_times(repr="str", aggregate=True), flush=True)
             _dynamo.reset()
-    dense = {(r["B"], r["P"]): r for r in rows if r["s"] == 0}
+    dense = {(r["B"], r["P"]): r for r in rows if r["s"] == 0 and not r["q4"]}
     how = (f"torch.compile (fullgraph, {args.compile_mode}) for dense and hybrid alike"
            if args.compile else "not compiled (eager modules)")
     lines = [
@@ -286,16 +328,18 @@ def main() -> int:
         f"prefill call and its argmax. Ratios: against dense with the same batch, prompt and harness, this run.",
         f"Command: `PYTHONPATH=src python3 benchmarks/e2e_decode.py {' '.join(sys.argv[1:])}`",
         "",
-        "| batch | prompt | sparsity (achieved) | first token ms | vs dense | decode tokens/s | vs dense |"
+        "| batch | prompt | weights | sparsity (achieved) | first token ms | vs dense | decode tokens/s | vs dense |"
         " decoder linear weights GB | vs dense |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         d = dense.get((r["B"], r["P"]))
         ttft = f"{d['pre'] / r['pre']:.3f}x" if d else "-"
         dec = f"{r['dec_tps'] / d['dec_tps']:.3f}x" if d else "-"
+        weights = f"4-bit, groups of {r['q4']}" if r["q4"] else "16-bit"
         lines.append(
-            f"| {r['B']} | {r['P']} | {r['s'] * 100:.0f}% ({r['achieved'] * 100:.2f}%) | {r['pre'] * 1e3:.1f} | {ttft} | "
+            f"| {r['B']} | {r['P']} | {weights} | "
+            f"{r['s'] * 100:.0f}% ({r['achieved'] * 100:.2f}%) | {r['pre'] * 1e3:.1f} | {ttft} | "
             f"{r['dec_tps']:.0f} | {dec} | {r['lin_bytes'] / 1e9:.3f} | {r['lin_bytes'] / r['lin_dense']:.3f}x |")
     lines.append("")
     if rows:

@@ -120,3 +120,72 @@ def test_model_compiles_with_inductor():
         out = compiled(input_ids=ids, use_cache=False).logits
         torch.testing.assert_close(out, ref(input_ids=ids, use_cache=False).logits, rtol=1e-5, atol=1e-5)
 
+
+
+def _graph_ops(fn, *args) -> list:
+    """The ``tilesparse`` operators in the graph ``torch.compile(fullgraph=True)`` makes of ``fn``, and its output."""
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if "tilesparse" in str(n.target))
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(fn, fullgraph=True, backend=backend)(*args)
+    return seen, out
+
+
+def test_unpack_operator_writes_the_masked_weight(make_layer):
+    from tilesparse.kernels.library import hybrid_unpack_op
+
+    for N, K, tile, fs, fz in [(200, 96, (16, 16), 0.5, 0.2), (130, 200, (32, 64), 0.5, 0.2), (256, 256, (128, 128), 1.0, 0)]:
+        _, _, p = make_layer(N, K, tile, fs, fz)
+        assert torch.equal(hybrid_unpack_op(op_tensors(p), [N, K, *tile]), p.unpack())
+
+
+def test_compiled_forward_unpacks_in_the_graph_above_64_tokens(make_layer):
+    """Above UNPACK_ABOVE tokens a compiled layer is the unpack operator + F.linear (the compiler launches both);
+    at fewer tokens, and for layers the Triton kernels do not take, it stays one hybrid_linear node."""
+    from tilesparse.kernels.ops import UNPACK_ABOVE
+
+    W, mask, _ = make_layer(100, 200, (32, 64), 0.5, 0.2)
+    lin = nn.Linear(200, 100).to(torch.bfloat16)
+    lin.weight.data.copy_(W)
+    hyb = HybridLinear.from_linear(lin, mask, (32, 64), use_triton=True)  # the kernels, under the interpreter
+    with torch.no_grad():
+        for tokens, want in [(UNPACK_ABOVE + 16, ["tilesparse.hybrid_unpack.default"]),
+                             (16, ["tilesparse.hybrid_linear.default"])]:
+            x = torch.randn(tokens, 200).to(torch.bfloat16)
+            seen, out = _graph_ops(hyb, x)
+            assert seen == want, tokens
+            torch.testing.assert_close(out, reference_linear(x, hyb.packed, hyb.bias), rtol=1e-2, atol=1e-2)
+        fp32 = HybridLinear.from_linear(nn.Linear(200, 100), mask, (32, 64))  # no kernel takes 32-bit weights
+        assert fp32._graph_route is None
+        seen, _ = _graph_ops(fp32, torch.randn(UNPACK_ABOVE + 16, 200))
+        assert seen == ["tilesparse.hybrid_linear.default"]
+
+
+def test_compiled_all_dense_layer_is_a_plain_linear():
+    lin = nn.Linear(256, 128).to(torch.bfloat16)
+    hyb = HybridLinear.from_linear(lin, torch.ones(128, 256, dtype=torch.bool), (64, 64), use_triton=True)
+    x = torch.randn(3, 256).to(torch.bfloat16)
+    with torch.no_grad():
+        seen, out = _graph_ops(hyb, x)
+        assert seen == []
+        assert torch.equal(out, lin(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (inductor launching the unpack kernel)")
+def test_compiled_model_on_the_gpu_equals_eager_at_prefill_and_decode():
+    """Inductor compiles the unpack operator's kernel into the graph (prefill) and keeps the hybrid operator
+    (decode); both agree with the eager layers."""
+    model, _ = converted_and_masked()
+    model = model.to(device="cuda", dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        for tokens in (100, 3):  # (2 sequences: 200 and 6 tokens per layer call)
+            ids = torch.randint(0, 128, (2, tokens), device="cuda")
+            want = model(input_ids=ids, use_cache=False).logits.float()
+            got = compiled(input_ids=ids, use_cache=False).logits.float()
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

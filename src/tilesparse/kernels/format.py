@@ -213,37 +213,31 @@ class PackedHybrid(_TiledLayer):
 def _layout(kinds: torch.Tensor, grid: TileGrid):
     """Per tile-row lengths/offsets/strides (row_info), per-tile slots and the stored tensor sizes."""
     R, C = grid.shape
-    rows = grid.row_sizes().tolist()
-    cols = grid.col_sizes().tolist()
-    info = torch.zeros(R, ROW_INFO_COLS, dtype=torch.int64)
-    slot = torch.full((R, C), -1, dtype=torch.int32)
-    sp_off = mt_off = dn_off = 0
-    n_sp = n_dn = 0
-    for r in range(R):
-        sp_len = dn_len = 0
-        i_sp = i_dn = 0
-        for c in range(C):
-            k = int(kinds[r, c])
-            if k == SPARSE:
-                sp_len += cols[c]
-                slot[r, c] = i_sp
-                i_sp += 1
-            elif k == DENSE:
-                dn_len += cols[c]
-                slot[r, c] = i_dn
-                i_dn += 1
-            elif k != ZERO:
-                raise ValueError(f"tile ({r}, {c}) has unknown kind {k}")
-        n_sp += i_sp
-        n_dn += i_dn
-        sp_stride = _round_up(sp_len // 2, VAL_ALIGN)
-        mt_stride = _round_up(math.ceil(sp_len / 8), META_ALIGN) if sp_len else 0
-        dn_stride = _round_up(dn_len, VAL_ALIGN)
-        info[r] = torch.tensor([sp_len, sp_off, sp_stride, mt_off, mt_stride, dn_len, dn_off, dn_stride])
-        sp_off += rows[r] * sp_stride
-        mt_off += rows[r] * mt_stride
-        dn_off += rows[r] * dn_stride
-    sizes = {"sp_vals": sp_off, "sp_meta": mt_off, "dn_vals": dn_off, "sp_cols": n_sp, "dn_cols": n_dn,
+    k = kinds.to(torch.int64)
+    bad = (k != SPARSE) & (k != DENSE) & (k != ZERO)
+    if bool(bad.any()):
+        r, c = bad.nonzero()[0].tolist()
+        raise ValueError(f"tile ({r}, {c}) has unknown kind {int(k[r, c])}")
+    rows, cols = grid.row_sizes(), grid.col_sizes()
+    is_sp, is_dn = k == SPARSE, k == DENSE
+    # a tile's slot: its index among the tiles of its kind in its tile-row
+    slot = torch.where(is_sp, is_sp.cumsum(1) - 1, torch.where(is_dn, is_dn.cumsum(1) - 1, -1)).to(torch.int32)
+    sp_len, dn_len = (is_sp * cols).sum(1), (is_dn * cols).sum(1)
+
+    def round_up(x: torch.Tensor, a: int) -> torch.Tensor:
+        return (x + a - 1) // a * a
+
+    def offsets(stride: torch.Tensor) -> torch.Tensor:  # where each tile-row starts: exclusive prefix sum
+        return torch.cumsum(rows * stride, 0) - rows * stride
+
+    sp_stride = round_up(sp_len // 2, VAL_ALIGN)
+    mt_stride = round_up((sp_len + 7) // 8, META_ALIGN)  # (0 for rows without 2:4 tiles)
+    dn_stride = round_up(dn_len, VAL_ALIGN)
+    info = torch.stack([sp_len, offsets(sp_stride), sp_stride, offsets(mt_stride), mt_stride, dn_len,
+                        offsets(dn_stride), dn_stride], dim=1)
+    assert info.shape[1] == ROW_INFO_COLS
+    sizes = {"sp_vals": int((rows * sp_stride).sum()), "sp_meta": int((rows * mt_stride).sum()),
+             "dn_vals": int((rows * dn_stride).sum()), "sp_cols": int(is_sp.sum()), "dn_cols": int(is_dn.sum()),
              "sp_ptr": R + 1, "dn_ptr": R + 1, "tile_kinds": R * C}
     return info, slot, sizes
 

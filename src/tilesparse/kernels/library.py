@@ -93,6 +93,37 @@ def _hybrid_linear_fake(x, packed, bias, dims, use_triton):
     return x.new_empty((*x.shape[:-1], dims[0]))
 
 
+try:  # (triton is optional: without it the hybrid operator runs the torch reference)
+    from .triton_hybrid import unpack_kernel as _unpack_kernel
+except Exception:  # pragma: no cover - depends on the environment
+    _unpack_kernel = None
+
+if _unpack_kernel is not None:
+    @torch.library.triton_op("tilesparse::hybrid_unpack", mutates_args=())
+    def hybrid_unpack_op(packed: list[torch.Tensor], dims: list[int]) -> torch.Tensor:
+        """The packed layer's dense masked weight ``[out_features, in_features]`` (arguments as for
+        ``hybrid_linear``), written by ``unpack_kernel``. A Triton operator: a compiled graph launches the kernel
+        through the compiler's own launcher and plans the returned buffer with its other temporaries."""
+        from torch._subclasses.fake_tensor import is_fake
+
+        from .ops import unpack_grid
+
+        _check_counts(packed, dims)
+        t = dict(zip(OP_TENSORS, packed))
+        n, k, tile_rows, tile_cols = dims
+        out = torch.empty(n, k, dtype=t["dn_vals"].dtype, device=t["dn_vals"].device)
+        grid, bn, bk = unpack_grid(n, k, tile_rows, tile_cols)
+        kernel = torch.library.wrap_triton(_unpack_kernel)
+        if kernel is _unpack_kernel and is_fake(out):  # Triton's CPU interpreter: its kernels are not traceable
+            return out
+        kernel[grid](
+            out, t["sp_vals"], t["sp_meta"], t["dn_vals"], t["tile_kinds"], t["tile_slot"], t["row_info"], n, k,
+            grid[1], TILE_R=tile_rows, TILE_C=tile_cols, BN=bn, BK=bk)
+        return out
+else:  # pragma: no cover - depends on the environment
+    hybrid_unpack_op = None
+
+
 _Q4_LAYERS: "weakref.WeakValueDictionary[tuple, object]" = weakref.WeakValueDictionary()
 
 
@@ -259,5 +290,5 @@ def _hybrid_linear_q4_fake(x, packed, bias, dims):
     return x.new_empty((*x.shape[:-1], dims[0]))
 
 
-__all__ = ["OP_TENSORS", "register_layer", "op_tensors", "hybrid_linear_op", "hybrid_linear_q4_op", "q4_linear",
-           "q4_kernel_applies", "q4_mma_applies", "register_layer_q4"]
+__all__ = ["OP_TENSORS", "register_layer", "op_tensors", "hybrid_linear_op", "hybrid_unpack_op", "hybrid_linear_q4_op",
+           "q4_linear", "q4_kernel_applies", "q4_mma_applies", "register_layer_q4"]

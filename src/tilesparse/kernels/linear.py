@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from .format import PackedHybrid, pack, pack_from_kinds
-from .library import OP_TENSORS, hybrid_linear_op, register_layer
-from .ops import hybrid_linear, kernel_supported
+from .library import OP_TENSORS, hybrid_linear_op, hybrid_unpack_op, register_layer
+from .ops import UNPACK_ABOVE, check_operands, hybrid_linear, interpreting, kernel_supported
 
 _BUFFERS = tuple(f"packed_{name}" for name in OP_TENSORS)
 
@@ -40,9 +40,10 @@ class HybridLinear(nn.Module):
             self.bias = nn.Parameter(bias.detach().to(packed.dtype).clone(), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        self._packed_cache = None
         self._op_dims = [self.out_features, self.in_features, *self.tile]
-        self.packed  # noqa: B018 -- build and register the packed view now, not inside a traced forward
+        self._packed_cache = packed  # the buffers are its tensors: the view the forward uses, laid out already
+        self._graph_route = self._route_in_graph(packed)
+        register_layer(packed)
 
     # -------------------------------------------------------------- constructors
     @classmethod
@@ -79,6 +80,7 @@ class HybridLinear(nn.Module):
                 raise ValueError("packed layer: derived layout does not match the stored tensors")
             c.row_info, c.tile_slot = self.packed_row_info, self.packed_tile_slot
             self._packed_cache = c
+            self._graph_route = self._route_in_graph(c)
             register_layer(c)
         return c
 
@@ -100,9 +102,38 @@ class HybridLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            return hybrid_linear_op(x, [getattr(self, name) for name in _BUFFERS], self.bias, self._op_dims,
-                                    -1 if self.use_triton is None else int(bool(self.use_triton)))
+            return self._compiled_forward(x)
         return hybrid_linear(x, self.packed, self._parameters["bias"], use_triton=self.use_triton)
+
+    def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward as ``torch.compile`` traces it. On CUDA (or the CPU under Triton's interpreter with
+        ``use_triton=True``), where the Triton kernels take the layer, a layer
+        of dense tiles only is ``F.linear`` on its stored values, and more than :data:`.ops.UNPACK_ABOVE` tokens
+        (what the dispatcher would unpack anyway) are ``F.linear`` on the ``tilesparse::hybrid_unpack``
+        operator's output: the compiler then launches both kernels itself, at a fraction of the host cost of the
+        dispatcher's launches (prefill is not replayed from a CUDA graph). Everything else is one
+        ``tilesparse::hybrid_linear`` node."""
+        bufs = [getattr(self, name) for name in _BUFFERS]
+        route = self._graph_route
+        if route is not None and self.use_triton is not False and (x.is_cuda or self.use_triton and interpreting()):
+            check_operands(x, self.bias, self.in_features, self.out_features, self.packed_dn_vals.dtype,
+                           self.packed_dn_vals.device)
+            if route == "dense":
+                return torch.nn.functional.linear(x, self.packed_dn_vals.view(self.out_features, self.in_features),
+                                                  self.bias)
+            if x.numel() > UNPACK_ABOVE * self.in_features:
+                return torch.nn.functional.linear(x, hybrid_unpack_op(bufs, self._op_dims), self.bias)
+        return hybrid_linear_op(x, bufs, self.bias, self._op_dims,
+                                -1 if self.use_triton is None else int(bool(self.use_triton)))
+
+    @staticmethod
+    def _route_in_graph(packed: PackedHybrid) -> str | None:
+        """How :meth:`_compiled_forward` may run ``packed`` outside the hybrid operator: ``"dense"`` (all tiles
+        dense, stored as ``W``), ``"unpack"`` (above :data:`.ops.UNPACK_ABOVE` tokens) or ``None`` (the Triton
+        kernels do not take the layer)."""
+        if hybrid_unpack_op is None or not kernel_supported(packed):
+            return None
+        return "dense" if packed.is_plain_dense() else "unpack"
 
     def nbytes(self) -> int:
         """Resident bytes of the packed weight (+ bias)."""

@@ -16,7 +16,9 @@ Paths (chosen per call):
 * ``"unpack"`` (more than 64 tokens, and the fallback for any tile size) -- ``unpack_kernel``
   (:mod:`.triton_hybrid`) unpacks the layer on the GPU into a *transient* scratch buffer (one per device and
   dtype, as large as the largest layer it has served; reused by every layer) and ``F.linear`` runs on it.
-  Its resident cost is that one buffer, reported by :func:`workspace_bytes`.
+  Its resident cost is that one buffer, reported by :func:`workspace_bytes`. (A compiled graph does the same
+  without this dispatcher: ``F.linear`` on the ``tilesparse::hybrid_unpack`` operator's output, see
+  ``HybridLinear._compiled_forward``.)
 
 Choice: autotuned on the first call per (layer shape, tile size, sparse-fraction bucket, token-count
 bucket, dtype, bias) by timing every candidate with a cold L2 inside CUDA graphs (:func:`time_cold`),
@@ -282,6 +284,8 @@ def heuristic_config(M: int, packed: PackedHybrid) -> KernelConfig:
     return KernelConfig("unpack")
 
 
+UNPACK_ABOVE = 64  # above this many tokens a layer is unpacked and multiplied by F.linear (no other candidate)
+
 # Which kernel families the autotuner considers (read once, at import; see :mod:`tilesparse.settings`):
 # the streaming kernel (``hybrid_stream_kernel``) for M <= 64 tokens
 STREAM_CANDIDATES = setting("stream")
@@ -313,7 +317,7 @@ def candidate_configs(M: int, packed: PackedHybrid, force_kernel: bool = False) 
         if f is not None and f not in seen:
             seen.add(f)
             out.append(f)
-    if M > 64 or all(f.path == "dense" for f in out):
+    if M > UNPACK_ABOVE or all(f.path == "dense" for f in out):
         out.append(KernelConfig("unpack"))
     return out
 
@@ -407,16 +411,23 @@ def unpack_triton(packed: PackedHybrid, out: torch.Tensor | None = None, bn: int
     N, K = packed.shape
     if out is None:
         out = torch.empty(N, K, dtype=packed.dtype, device=packed.device)
-    bn = _largest_pow2_divisor_le(packed.tile_rows, bn)
-    bk = _largest_pow2_divisor_le(packed.tile_cols, bk)
-    if bk < 8:
-        raise ValueError(f"tile_cols={packed.tile_cols} too small for unpack_kernel")
-    grid = (packed.grid.n_rows * (packed.tile_rows // bn), packed.grid.n_cols)
+    grid, bn, bk = unpack_grid(N, K, packed.tile_rows, packed.tile_cols, bn, bk)
     _tk.unpack_kernel[grid](
         out, packed.sp_vals, packed.sp_meta, packed.dn_vals, packed.tile_kinds, packed.tile_slot, packed.row_info,
-        N, K, packed.grid.n_cols, TILE_R=packed.tile_rows, TILE_C=packed.tile_cols, BN=bn, BK=bk,
+        N, K, grid[1], TILE_R=packed.tile_rows, TILE_C=packed.tile_cols, BN=bn, BK=bk,
     )
     return out
+
+
+def unpack_grid(N: int, K: int, tile_rows: int, tile_cols: int, bn: int = 32, bk: int = 64) -> tuple:
+    """``unpack_kernel``'s launch grid and block sizes ``(grid, BN, BK)`` for an ``N x K`` layer of
+    ``tile_rows x tile_cols`` tiles (``BN`` / ``BK``: the largest powers of two dividing the tile, at most
+    ``bn`` / ``bk``)."""
+    bn = _largest_pow2_divisor_le(tile_rows, bn)
+    bk = _largest_pow2_divisor_le(tile_cols, bk)
+    if bk < 8:
+        raise ValueError(f"tile_cols={tile_cols} too small for unpack_kernel")
+    return (-(-N // tile_rows) * (tile_rows // bn), -(-K // tile_cols)), bn, bk
 
 
 def run_config(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfig) -> torch.Tensor:
