@@ -143,14 +143,21 @@ def test_unpack_operator_writes_the_masked_weight(make_layer):
         assert torch.equal(hybrid_unpack_op(op_tensors(p), [N, K, *tile]), p.unpack())
 
 
-def test_compiled_forward_unpacks_in_the_graph_above_64_tokens(make_layer):
-    """Above UNPACK_ABOVE tokens a compiled layer is the unpack operator + F.linear (the compiler launches both);
-    at fewer tokens, and for layers the Triton kernels do not take, it stays one hybrid_linear node."""
+def test_compiled_forward_unpacks_in_the_graph_above_64_tokens(make_layer, monkeypatch):
+    """With TILESPARSE_COMPILED_UNPACK=1, above UNPACK_ABOVE tokens a compiled layer is the unpack operator +
+    F.linear (the compiler launches both); at fewer tokens, for layers the Triton kernels do not take, and with
+    the switch off, it stays one hybrid_linear node."""
     from tilesparse.kernels.ops import UNPACK_ABOVE
 
     W, mask, _ = make_layer(100, 200, (32, 64), 0.5, 0.2)
     lin = nn.Linear(200, 100).to(torch.bfloat16)
     lin.weight.data.copy_(W)
+    monkeypatch.setenv("TILESPARSE_COMPILED_UNPACK", "0")
+    off = HybridLinear.from_linear(lin, mask, (32, 64), use_triton=True)
+    with torch.no_grad():
+        assert _graph_ops(off, torch.randn(UNPACK_ABOVE + 16, 200).to(torch.bfloat16))[0] == \
+            ["tilesparse.hybrid_linear.default"]
+    monkeypatch.setenv("TILESPARSE_COMPILED_UNPACK", "1")
     hyb = HybridLinear.from_linear(lin, mask, (32, 64), use_triton=True)  # the kernels, under the interpreter
     with torch.no_grad():
         for tokens, want in [(UNPACK_ABOVE + 16, ["tilesparse.hybrid_unpack.default"]),
@@ -176,9 +183,10 @@ def test_compiled_all_dense_layer_is_a_plain_linear():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (inductor launching the unpack kernel)")
-def test_compiled_model_on_the_gpu_equals_eager_at_prefill_and_decode():
+def test_compiled_model_on_the_gpu_equals_eager_at_prefill_and_decode(monkeypatch):
     """Inductor compiles the unpack operator's kernel into the graph (prefill) and keeps the hybrid operator
     (decode); both agree with the eager layers."""
+    monkeypatch.setenv("TILESPARSE_COMPILED_UNPACK", "1")
     model, _ = converted_and_masked()
     model = model.to(device="cuda", dtype=torch.bfloat16)
     torch._dynamo.reset()

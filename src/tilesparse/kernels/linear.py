@@ -7,6 +7,7 @@ from torch import nn
 
 from .format import PackedHybrid, pack, pack_from_kinds
 from .library import OP_TENSORS, hybrid_linear_op, hybrid_unpack_op, register_layer
+from ..settings import setting
 from .ops import UNPACK_ABOVE, check_operands, hybrid_linear, interpreting, kernel_supported
 
 _BUFFERS = tuple(f"packed_{name}" for name in OP_TENSORS)
@@ -106,13 +107,13 @@ class HybridLinear(nn.Module):
         return hybrid_linear(x, self.packed, self._parameters["bias"], use_triton=self.use_triton)
 
     def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The forward as ``torch.compile`` traces it. On CUDA (or the CPU under Triton's interpreter with
-        ``use_triton=True``), where the Triton kernels take the layer, a layer
-        of dense tiles only is ``F.linear`` on its stored values, and more than :data:`.ops.UNPACK_ABOVE` tokens
-        (what the dispatcher would unpack anyway) are ``F.linear`` on the ``tilesparse::hybrid_unpack``
-        operator's output: the compiler then launches both kernels itself, at a fraction of the host cost of the
-        dispatcher's launches (prefill is not replayed from a CUDA graph). Everything else is one
-        ``tilesparse::hybrid_linear`` node."""
+        """The forward as ``torch.compile`` traces it: one ``tilesparse::hybrid_linear`` node, except where the
+        Triton kernels take the layer and ``x`` is on CUDA (or on the CPU under Triton's interpreter with
+        ``use_triton=True``). There a layer of dense tiles only is ``F.linear`` on its stored values, and, with
+        ``TILESPARSE_COMPILED_UNPACK=1``, more than :data:`.ops.UNPACK_ABOVE` tokens (which the dispatcher
+        would unpack anyway) are ``F.linear`` on the ``tilesparse::hybrid_unpack`` operator's output: the
+        compiler then launches both kernels itself, at a fraction of the dispatcher's host cost per call (a
+        prefill is not replayed from a CUDA graph, so that cost counts)."""
         bufs = [getattr(self, name) for name in _BUFFERS]
         route = self._graph_route
         if route is not None and self.use_triton is not False and (x.is_cuda or self.use_triton and interpreting()):
@@ -129,11 +130,14 @@ class HybridLinear(nn.Module):
     @staticmethod
     def _route_in_graph(packed: PackedHybrid) -> str | None:
         """How :meth:`_compiled_forward` may run ``packed`` outside the hybrid operator: ``"dense"`` (all tiles
-        dense, stored as ``W``), ``"unpack"`` (above :data:`.ops.UNPACK_ABOVE` tokens) or ``None`` (the Triton
-        kernels do not take the layer)."""
+        dense, stored as ``W``), ``"unpack"`` (above :data:`.ops.UNPACK_ABOVE` tokens; with
+        ``TILESPARSE_COMPILED_UNPACK=1``) or ``None`` (the hybrid operator: the Triton kernels do not take the
+        layer, or the switch is off)."""
         if hybrid_unpack_op is None or not kernel_supported(packed):
             return None
-        return "dense" if packed.is_plain_dense() else "unpack"
+        if packed.is_plain_dense():
+            return "dense"
+        return "unpack" if setting("compiled_unpack") else None
 
     def nbytes(self) -> int:
         """Resident bytes of the packed weight (+ bias)."""
