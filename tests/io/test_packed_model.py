@@ -49,6 +49,30 @@ def test_meta_built_model_gets_the_shipped_rotary_buffers(tmp_path, arch):
         torch.testing.assert_close(fresh(ids).logits, model(ids).logits)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_on_meta_is_filled_without_materialising_dense_weights(tmp_path, monkeypatch, dtype):
+    """A model left on the meta device gets the packed layers and the file's other tensors, in its own dtype,
+    and nothing allocates the dense model first (``to_empty`` would)."""
+    import transformers as tf
+
+    model = make_tiny_model("llama").eval()
+    convert_model(model, _all_24_masks(model), tile=(32, 32))
+    path = tmp_path / "m.safetensors"
+    save_packed_model(model, path)
+    with torch.device("meta"):
+        fresh = tf.AutoModelForCausalLM.from_config(model.config, dtype=dtype).eval()
+    monkeypatch.setattr(nn.Module, "to_empty", lambda *a, **k: pytest.fail("the dense model was materialised"))
+    load_packed_model(fresh, path, device="cpu")
+    fresh.tie_weights()
+    tensors = dict(fresh.named_parameters()) | dict(fresh.named_buffers())
+    assert not [n for n, t in tensors.items() if t.is_meta]
+    assert all(t.dtype == dtype for n, t in fresh.named_parameters())
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits.float(), model(ids).logits,
+                                   **({} if dtype == torch.float32 else {"rtol": 0.05, "atol": 0.05}))
+
+
 def test_file_without_buffers_is_refused_with_a_clear_message(tmp_path):
     model = make_tiny_model("llama").eval()
     convert_model(model, _all_24_masks(model), tile=(32, 32))

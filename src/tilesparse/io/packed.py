@@ -160,15 +160,25 @@ def save_packed_model(model: nn.Module, path: str | Path, extra_metadata: dict |
                        {n: m.bias for n, m in hyb.items() if m.bias is not None}, state, extra_metadata, buffers)
 
 
-def load_packed_model(model: nn.Module, path: str | Path, use_triton: bool | None = None) -> nn.Module:
+def load_packed_model(model: nn.Module, path: str | Path, use_triton: bool | None = None, *,
+                      device: str | torch.device | None = None) -> nn.Module:
     """Load a file of :func:`save_packed_model` into ``model`` (same architecture, e.g. built from its
     config): the packed layers replace the ``nn.Linear`` modules of the same names, the rest of the
-    state is loaded strictly. The model's device and dtype are kept. Returns ``model``."""
+    state is loaded strictly. The model's device and dtype are kept. Returns ``model``.
+
+    A model still on the meta device (built under ``torch.device("meta")`` and not materialised) is filled
+    in place on ``device`` (default CPU), in its dtype: the packed layers are built there first and every other
+    tensor is the file's, so the dense weights are never allocated (a packed model that fits a GPU loads on
+    it even where the dense one would not)."""
     from ..kernels.linear import HybridLinear, _set_submodule
     from ..kernels.linear_q4 import HybridLinearQ4
 
     ref = next(iter(model.parameters()), None)
-    device = ref.device if ref is not None else torch.device("cpu")
+    on_meta = ref is not None and ref.is_meta
+    if on_meta:
+        device = torch.device(device if device is not None else "cpu")
+    else:
+        device = ref.device if ref is not None else torch.device("cpu")
     layers, biases, state, meta = load_packed(path, device)
     if ref is not None and ref.dtype.is_floating_point:  # packed values follow the model's dtype (not 4-bit codes)
         layers = {n: p if isinstance(p, PackedHybridQ4) or p.dtype == ref.dtype else p.to(dtype=ref.dtype)
@@ -184,7 +194,10 @@ def load_packed_model(model: nn.Module, path: str | Path, use_triton: bool | Non
         new = HybridLinearQ4(p, biases.get(name)) if isinstance(p, PackedHybridQ4) else \
             HybridLinear(p, biases.get(name), use_triton)
         _set_submodule(model, name, new)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    if on_meta:  # the file's tensors become the model's, in the dtypes the model was built with
+        own = model.state_dict(keep_vars=True)
+        state = {k: v.to(device=device, dtype=own[k].dtype) if k in own else v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=on_meta)
     hyb_prefixes = tuple(n + "." for n in layers)
     missing = [k for k in missing if not k.startswith(hyb_prefixes)]
     if missing or unexpected:

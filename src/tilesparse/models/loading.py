@@ -109,15 +109,18 @@ def _load_packed_folder(path: Path, name: str, dtype: torch.dtype, device: str) 
     from ..io.packed import load_packed_model
 
     config = AutoConfig.from_pretrained(path)
-    with torch.device("meta"):
+    with torch.device("meta"):  # no dense weights: the packed layers and the file's other tensors fill it
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.to_empty(device=device)
     try:
-        load_packed_model(model, path / PACKED_FILE)
+        load_packed_model(model, path / PACKED_FILE, device=device)
     except ValueError as exc:
         raise TilesparseError(f"cannot load packed model {path}: {exc}") from exc
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise TilesparseError(f"cannot load packed model {path}: the file lacks {len(left)} of the model's "
+                              f"tensors ({', '.join(left[:3])})")
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return LoadedModel(model=model, tokenizer=tokenizer, name=f"{name} (packed hybrid)", source=str(path))
