@@ -67,9 +67,9 @@ def hybridize(model, sparsity: float, tile=(128, 128), seed: int = 0, q4_group: 
     g = torch.Generator().manual_seed(seed)
     scores = [torch.rand(gr.shape, generator=g) for gr in grids]
     res = select_dense_tiles(scores, grids, sparsity) if sparsity > 0 else None
-    for n, gr in zip(names, grids):
+    for i, (n, gr) in enumerate(zip(names, grids)):
         m = lin[n]
-        dense = res.dense[names.index(n)] if res is not None else torch.ones(gr.shape, dtype=torch.bool)
+        dense = res.dense[i] if res is not None else torch.ones(gr.shape, dtype=torch.bool)  # (4-bit dense)
         kinds = torch.where(dense, DENSE, SPARSE).to(torch.int8)
         m24 = topk_mask(m.weight.detach().abs().float())
         if q4_group:

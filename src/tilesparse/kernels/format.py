@@ -31,7 +31,6 @@ Bytes: a 2:4 tile costs ``0.5 + 0.0625 = 0.5625`` of its dense bytes in 16-bit t
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -50,10 +49,6 @@ ROW_INFO_COLS = 8
 
 # kept positions (p0, p1) of each of the 6 pattern ids of masks.nm.PATTERNS
 _PAT_POS = torch.stack([torch.nonzero(p).flatten() for p in PATTERNS])  # [6, 2]
-
-
-def _round_up(x: int, a: int) -> int:
-    return (x + a - 1) // a * a
 
 
 def pack_nibbles(values: torch.Tensor, stride: int) -> torch.Tensor:
@@ -235,7 +230,6 @@ def _layout(kinds: torch.Tensor, grid: TileGrid):
     dn_stride = round_up(dn_len, VAL_ALIGN)
     info = torch.stack([sp_len, offsets(sp_stride), sp_stride, offsets(mt_stride), mt_stride, dn_len,
                         offsets(dn_stride), dn_stride], dim=1)
-    assert info.shape[1] == ROW_INFO_COLS
     sizes = {"sp_vals": int((rows * sp_stride).sum()), "sp_meta": int((rows * mt_stride).sum()),
              "dn_vals": int((rows * dn_stride).sum()), "sp_cols": int(is_sp.sum()), "dn_cols": int(is_dn.sum()),
              "sp_ptr": R + 1, "dn_ptr": R + 1, "tile_kinds": R * C}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..settings import setting
 from .format import PackedHybrid, pack, pack_from_kinds
 from .library import OP_TENSORS, hybrid_linear_op, hybrid_unpack_op, register_layer
-from ..settings import setting
 from .ops import UNPACK_ABOVE, check_operands, hybrid_linear, interpreting, kernel_supported
 
 _BUFFERS = tuple(f"packed_{name}" for name in OP_TENSORS)
