@@ -166,6 +166,10 @@ def test_compiled_forward_unpacks_in_the_graph_above_64_tokens(make_layer, monke
             seen, out = _graph_ops(hyb, x)
             assert seen == want, tokens
             torch.testing.assert_close(out, reference_linear(x, hyb.packed, hyb.bias), rtol=1e-2, atol=1e-2)
+        x = torch.randn(UNPACK_ABOVE + 16, 200).to(torch.bfloat16)  # through AOT autograd, shapes dynamic
+        torch._dynamo.reset()
+        out = torch.compile(hyb, fullgraph=True, backend="aot_eager", dynamic=True)(x)
+        torch.testing.assert_close(out, reference_linear(x, hyb.packed, hyb.bias), rtol=1e-2, atol=1e-2)
         fp32 = HybridLinear.from_linear(nn.Linear(200, 100), mask, (32, 64))  # no kernel takes 32-bit weights
         assert fp32._graph_route is None
         seen, _ = _graph_ops(fp32, torch.randn(UNPACK_ABOVE + 16, 200))

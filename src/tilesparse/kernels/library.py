@@ -16,6 +16,10 @@ again for blocks whose packed tensors differ in size: the compiler treats module
 Tensors that are not a registered layer's (a copy made elsewhere) are used through a layout rebuilt for them,
 slower but never wrong.
 
+``torch.ops.tilesparse.hybrid_unpack`` (same tensors and dimensions) returns the layer's dense masked weight,
+written by the Triton kernel ``unpack_kernel``; ``HybridLinear`` uses it in compiled graphs for prefills
+(``TILESPARSE_COMPILED_UNPACK=1``).
+
 The 4-bit operator takes the layer's stored tensors (``PackedHybridQ4.STORED`` order) and ``[out_features,
 in_features, tile_rows, tile_cols, group_size]``; its CUDA implementation finds the registered
 :class:`~.format_q4.PackedHybridQ4` the same way and runs :func:`q4_linear` (for 1-16 bfloat16/float16 tokens
@@ -31,6 +35,7 @@ import weakref
 import torch
 
 from .format import PackedHybrid
+from .ops import interpreting as _interpreting
 
 OP_TENSORS = (*PackedHybrid.STORED, "row_info", "tile_slot")
 
@@ -98,30 +103,37 @@ try:  # (triton is optional: without it the hybrid operator runs the torch refer
 except Exception:  # pragma: no cover - depends on the environment
     _unpack_kernel = None
 
-if _unpack_kernel is not None:
-    @torch.library.triton_op("tilesparse::hybrid_unpack", mutates_args=())
-    def hybrid_unpack_op(packed: list[torch.Tensor], dims: list[int]) -> torch.Tensor:
-        """The packed layer's dense masked weight ``[out_features, in_features]`` (arguments as for
-        ``hybrid_linear``), written by ``unpack_kernel``. A Triton operator: a compiled graph launches the kernel
-        through the compiler's own launcher and plans the returned buffer with its other temporaries."""
-        from torch._subclasses.fake_tensor import is_fake
 
-        from .ops import unpack_grid
+def _hybrid_unpack(packed: list[torch.Tensor], dims: list[int]) -> torch.Tensor:
+    """The packed layer's dense masked weight ``[out_features, in_features]`` (arguments as for
+    ``hybrid_linear``), written by ``unpack_kernel``: ``torch.ops.tilesparse.hybrid_unpack``. A Triton operator
+    (``torch.library.triton_op``), so a compiled graph launches the kernel through the compiler's own launcher
+    and plans the returned buffer with its other temporaries; under Triton's CPU interpreter an opaque custom
+    operator instead (the interpreter's kernels cannot be traced)."""
+    from .ops import unpack_grid
 
-        _check_counts(packed, dims)
-        t = dict(zip(OP_TENSORS, packed))
-        n, k, tile_rows, tile_cols = dims
-        out = torch.empty(n, k, dtype=t["dn_vals"].dtype, device=t["dn_vals"].device)
-        grid, bn, bk = unpack_grid(n, k, tile_rows, tile_cols)
-        kernel = torch.library.wrap_triton(_unpack_kernel)
-        if kernel is _unpack_kernel and is_fake(out):  # Triton's CPU interpreter: its kernels are not traceable
-            return out
-        kernel[grid](
-            out, t["sp_vals"], t["sp_meta"], t["dn_vals"], t["tile_kinds"], t["tile_slot"], t["row_info"], n, k,
-            grid[1], TILE_R=tile_rows, TILE_C=tile_cols, BN=bn, BK=bk)
-        return out
-else:  # pragma: no cover - depends on the environment
+    _check_counts(packed, dims)
+    t = dict(zip(OP_TENSORS, packed))
+    n, k, tile_rows, tile_cols = dims
+    out = torch.empty(n, k, dtype=t["dn_vals"].dtype, device=t["dn_vals"].device)
+    grid, bn, bk = unpack_grid(n, k, tile_rows, tile_cols)
+    torch.library.wrap_triton(_unpack_kernel)[grid](
+        out, t["sp_vals"], t["sp_meta"], t["dn_vals"], t["tile_kinds"], t["tile_slot"], t["row_info"], n, k,
+        grid[1], TILE_R=tile_rows, TILE_C=tile_cols, BN=bn, BK=bk)
+    return out
+
+
+if _unpack_kernel is None:  # pragma: no cover - depends on the environment
     hybrid_unpack_op = None
+elif not _interpreting():
+    hybrid_unpack_op = torch.library.triton_op("tilesparse::hybrid_unpack", mutates_args=())(_hybrid_unpack)
+else:  # Triton's CPU interpreter: its kernels cannot be traced into a graph, so the operator stays opaque there
+    hybrid_unpack_op = torch.library.custom_op("tilesparse::hybrid_unpack", mutates_args=())(_hybrid_unpack)
+
+    @hybrid_unpack_op.register_fake
+    def _hybrid_unpack_fake(packed, dims):
+        _check_counts(packed, dims)
+        return packed[OP_TENSORS.index("dn_vals")].new_empty(dims[0], dims[1])
 
 
 _Q4_LAYERS: "weakref.WeakValueDictionary[tuple, object]" = weakref.WeakValueDictionary()
