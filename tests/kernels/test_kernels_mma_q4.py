@@ -41,7 +41,8 @@ def test_source_compiles_to_ptx(key, arch):
     assert ("griddepcontrol.wait" in ptx) == (arch == "compute_90")
 
 
-@pytest.mark.parametrize("M,warps,sb", [(1, 4, 2), (1, 4, 1), (1, 8, 1), (16, 4, 2), (16, 8, 1), (64, 4, 1)])
+@pytest.mark.parametrize("M,warps,sb", [(1, 4, 2), (1, 4, 1), (1, 8, 1), (16, 4, 2), (16, 4, 4), (16, 8, 1),
+                                        (64, 4, 1)])
 def test_no_register_spills_on_sm90(M, warps, sb):
     """The default configurations (``default_config``) and the benchmark's candidates fit 128 registers."""
     assert_no_spills_sm90(cq.MmaQ4Key(True, cm.octets(M), warps, sb, False))
@@ -99,6 +100,9 @@ Q4_CASES = [  # (layer, tokens, dtype, bias, warps, split, sb)
     (lambda: q4_layer(256, 768, (128, 256), 192, seed=4), 16, torch.bfloat16, False, 8, 1, 1),
     (lambda: q4_layer(128, 512, (64, 64), 256, seed=6), 3, torch.float16, False, 2, 5, 2),
     (_rows_layer, 64, torch.bfloat16, True, 4, 2, 1),
+    # four steps per batch (the most bytes in flight the registers hold), a batch cut short at the split's end
+    (lambda: q4_layer(256, 1216, (128, 64), 64, frac_sparse=0.5, seed=7), 1, torch.bfloat16, True, 4, 2, 4),
+    (lambda: q4_layer(128, 640, (128, 128), 128, seed=8), 16, torch.float16, False, 4, 1, 4),
 ]
 
 
