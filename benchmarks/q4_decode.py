@@ -50,12 +50,16 @@ CANDIDATES = {  # tokens -> launcher keywords (the default, {}, first)
 }
 MMA_CANDIDATES = {  # tokens -> q4_mma_linear keywords over default_config's (the default, {}, first)
     1: [{}, {"warps": 4, "sb": 2, "split": 1}, {"warps": 4, "sb": 1, "split": 4}, {"warps": 8, "sb": 2, "split": 2},
-        {"warps": 4, "sb": 4, "split": 2}, {"warps": 4, "sb": 4, "split": 4}],
+        {"warps": 4, "sb": 4, "split": 2}, {"warps": 4, "sb": 4, "split": 4},
+        {"warps": 4, "sb": 2, "split": 2, "qst": 4}, {"warps": 4, "sb": 2, "split": 4, "qst": 4},
+        {"warps": 8, "sb": 1, "split": 2, "qst": 4}],
     16: [{}, {"warps": 4, "sb": 2, "split": 1}, {"warps": 8, "sb": 1, "split": 2}, {"warps": 4, "sb": 2, "split": 4},
-         {"warps": 4, "sb": 4, "split": 2}, {"warps": 4, "sb": 4, "split": 4}],
+         {"warps": 4, "sb": 4, "split": 2}, {"warps": 4, "sb": 4, "split": 4},
+         {"warps": 4, "sb": 2, "split": 2, "qst": 3}, {"warps": 4, "sb": 1, "split": 4, "qst": 4}],
 }
-# (sb=4: twice the code bytes in flight per warp, the registers' limit -- 128 per thread, 8 bytes spilled at one
-# token; bytes in flight, not the dequantization, are what held the default near 870 GB/s)
+# Bytes in flight, not the dequantization, held the default near 870 GB/s (docs/NOTEBOOK.md, "4-bit"): sb=4 holds
+# twice the code bytes per warp in registers (their limit: 128 per thread); qst > 0 keeps qst - 1 batches in
+# flight through shared memory instead.
 
 
 def packed_layer(N: int, K: int, frac_sparse: float, group: int, device, seed: int = 0):
@@ -92,7 +96,8 @@ def mma_runs(p, M: int, cfgs) -> list:
         return []
     default = cq.default_config(M, p, cm._sm_count(p.device))
     full = list(dict.fromkeys(tuple(sorted({**default, **cfg}.items())) for cfg in cfgs))
-    cm.precompile({cq.MmaQ4Key(True, cm.octets(M), c["warps"], c["sb"], False) for c in map(dict, full)})
+    cm.precompile({cq.MmaQ4Key(True, cm.octets(M), c["warps"], c["sb"], False, c.get("qst", 0))
+                   for c in map(dict, full)})
     return [("mma " + label(dict(c)) + (" (default)" if dict(c) == default else ""),
              lambda x, c=dict(c): cq.q4_mma_linear(x, p, None, **c)) for c in full]
 

@@ -26,7 +26,7 @@ HEADER = Path(__file__).with_name("mma_emulator.h")
 
 _ASM = re.compile(r"\basm\s*(?:volatile\s*)?\(")
 _OPERAND = re.compile(r'^"([=+]?)(\w)"\s*\((.*)\)$', re.DOTALL)
-_SHARED = re.compile(r"^(\s*)__shared__\s+([^;]*?)\b(\w+)(\s*\[[^;\]]*\])?\s*;", re.MULTILINE)
+_SHARED = re.compile(r"^(\s*)__shared__\s+([^;]*?)\b(\w+)((?:\s*\[[^;\]]*\])*)\s*;", re.MULTILINE)
 _DYN_SHARED = re.compile(r"^(\s*)extern\s+__shared__\s+([^;]*?)\b(\w+)\s*\[\s*\]\s*;", re.MULTILINE)
 _KERNEL = re.compile(r"\bKNAME\s*\(")
 DYN_SMEM_BYTES = 232448  # the largest dynamic shared memory of a block (sm_90)

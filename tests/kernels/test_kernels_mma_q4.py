@@ -41,11 +41,22 @@ def test_source_compiles_to_ptx(key, arch):
     assert ("griddepcontrol.wait" in ptx) == (arch == "compute_90")
 
 
-@pytest.mark.parametrize("M,warps,sb", [(1, 4, 2), (1, 4, 1), (1, 8, 1), (16, 4, 2), (16, 4, 4), (16, 8, 1),
-                                        (64, 4, 1)])
-def test_no_register_spills_on_sm90(M, warps, sb):
+@pytest.mark.parametrize("key", [cq.MmaQ4Key(True, 1, 4, 2, False, 4), cq.MmaQ4Key(False, 2, 4, 1, True, 3)],
+                         ids=lambda k: k.name)
+def test_staged_source_compiles_to_ptx(key):
+    """qst > 0: the codes, metadata and parameter words come by cp.async (4 and 8 bytes), qst - 2 groups pending."""
+    ptx = mma_ptx(key, "compute_90")
+    copies = [ln for ln in ptx.splitlines() if "cp.async.ca.shared.global" in ln]
+    assert any(", 4," in ln for ln in copies) and any(", 8," in ln for ln in copies)
+    assert f"cp.async.wait_group {key.qst - 2};" in ptx and "ld.global.nc.v2.u32" not in ptx
+
+
+@pytest.mark.parametrize("M,warps,sb,qst", [(1, 4, 2, 0), (1, 4, 1, 0), (1, 8, 1, 0), (16, 4, 2, 0), (16, 4, 4, 0),
+                                            (16, 8, 1, 0), (64, 4, 1, 0), (1, 4, 2, 4), (1, 8, 1, 4), (16, 4, 2, 3),
+                                            (16, 4, 1, 4)])
+def test_no_register_spills_on_sm90(M, warps, sb, qst):
     """The default configurations (``default_config``) and the benchmark's candidates fit 128 registers."""
-    assert_no_spills_sm90(cq.MmaQ4Key(True, cm.octets(M), warps, sb, False))
+    assert_no_spills_sm90(cq.MmaQ4Key(True, cm.octets(M), warps, sb, False, qst))
 
 
 def test_keys_and_sources():
@@ -64,13 +75,13 @@ def emu_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("mma_emu")
 
 
-def _emulate_q4(emu_dir, p, x, bias, warps, split, sb, source=None, seed=0):
+def _emulate_q4(emu_dir, p, x, bias, warps, split, sb, source=None, seed=0, qst=0):
     """The 4-bit kernel's output in emulation (launch parameters from ``launch_plan``, bound as ``MmaLaunch``
     binds them), and the split-K workspace and counters after the launch."""
     M, N = x.shape[0], p.out_features
     ws = torch.zeros(M * N)
     cnt = torch.zeros(p.grid.n_rows * (p.tile_rows // (16 * warps)), dtype=torch.int32)
-    key, grid, block, args = cq.launch_plan(p, M, x.dtype, bias is not None, warps, split, sb, ws, cnt)
+    key, grid, block, args = cq.launch_plan(p, M, x.dtype, bias is not None, warps, split, sb, ws, cnt, qst)
     out = torch.full((M, N), float("nan"), dtype=x.dtype)
     args[:5] = [x, out, bias if bias is not None else out] + ([ws, cnt] if split > 1 else [out, out])
     args[cq.I_SX:cq.I_SX + 2] = [x.stride(0), out.stride(0)]
@@ -89,7 +100,7 @@ def _rows_layer():
     return q4_layer(256, 512, (64, 128), 128, kinds=kinds, seed=5)
 
 
-Q4_CASES = [  # (layer, tokens, dtype, bias, warps, split, sb)
+Q4_CASES = [  # (layer, tokens, dtype, bias, warps, split, sb[, qst])
     (lambda: q4_layer(256, 512, (128, 128), 128, seed=1), 1, torch.bfloat16, False, 4, 1, 2),
     # last tile-row of 80 rows (three idle warps in its second chunk), a 64-column edge tile; split-K
     (lambda: q4_layer(208, 576, (128, 128), 64, seed=2), 9, torch.float16, True, 4, 2, 1),
@@ -103,17 +114,23 @@ Q4_CASES = [  # (layer, tokens, dtype, bias, warps, split, sb)
     # four steps per batch (the most bytes in flight the registers hold), a batch cut short at the split's end
     (lambda: q4_layer(256, 1216, (128, 64), 64, frac_sparse=0.5, seed=7), 1, torch.bfloat16, True, 4, 2, 4),
     (lambda: q4_layer(128, 640, (128, 128), 128, seed=8), 16, torch.float16, False, 4, 1, 4),
+    # codes through shared memory: 4 stages (3 batches in flight), blocks shorter and longer than the pipeline
+    (lambda: q4_layer(256, 1216, (128, 64), 64, frac_sparse=0.5, seed=9), 1, torch.bfloat16, True, 4, 2, 2, 4),
+    (lambda: q4_layer(192, 640, (64, 128), 64, frac_sparse=0.5, frac_zero=0.1, seed=10), 16, torch.float16, False,
+     4, 3, 1, 3),
+    (_rows_layer, 9, torch.bfloat16, True, 2, 1, 2, 3),
+    (lambda: q4_layer(256, 512, (128, 128), 128, seed=11), 40, torch.bfloat16, False, 8, 1, 1, 2),
 ]
 
 
 @pytest.mark.parametrize("case", range(len(Q4_CASES)))
 def test_q4_kernel_matches_reference_in_emulation(emu_dir, case):
-    make, M, dtype, has_bias, warps, split, sb = Q4_CASES[case]
+    make, M, dtype, has_bias, warps, split, sb, *qst = Q4_CASES[case]
     p = make()
     g = torch.Generator().manual_seed(case)
     x = torch.randn(M, p.in_features, generator=g).to(dtype)
     bias = torch.randn(p.out_features, generator=g).to(dtype) if has_bias else None
-    out, ws, cnt = _emulate_q4(emu_dir, p, x, bias, warps, split, sb, seed=case)
+    out, ws, cnt = _emulate_q4(emu_dir, p, x, bias, warps, split, sb, seed=case, qst=qst[0] if qst else 0)
     assert rel_error(out, _q4_reference(x, p, bias)) < TOL
     assert not ws.any() and not cnt.any()  # split-K leaves its workspace and counters zero
 
@@ -157,6 +174,28 @@ def test_emulation_rejects_a_wrong_layout(emu_dir, name):
     src = cq.MmaQ4Key(True, 2, 4, 2, False).configured_source()
     assert src.count(old) == 1
     out = _emulate_q4(emu_dir, p, x, None, 4, 1, 2, source=src.replace(old, new))[0]
+    assert not rel_error(out, _q4_reference(x, p, None)) < 0.1
+
+
+STAGED_MUTATIONS = {  # the shared-memory pipeline (qst > 0) with a wrong step each
+    "a batch read one stage early": ('"n"(QST - 2)', '"n"(QST - 1)'),
+    "a stage refilled before every warp is past it": (
+        "        __syncthreads();\n        issue(s0 + (QST - 1) * SB", "        issue(s0 + (QST - 1) * SB"),
+}
+
+
+@pytest.mark.parametrize("name", list(STAGED_MUTATIONS))
+def test_emulation_rejects_a_wrong_pipeline(emu_dir, name):
+    p = q4_layer(208, 576, (128, 128), 64, seed=2)
+    x = torch.randn(9, 576, generator=torch.Generator().manual_seed(0)).bfloat16()
+    old, new = STAGED_MUTATIONS[name]
+    src = cq.MmaQ4Key(True, 2, 4, 1, False, 3).configured_source()
+    assert src.count(old) == 1
+    try:
+        out = _emulate_q4(emu_dir, p, x, None, 4, 1, 1, source=src.replace(old, new), qst=3)[0]
+    except AssertionError as e:  # poisoned (not yet copied) metadata stops the emulated mma.sp
+        assert "kernel emulation stopped" in str(e)
+        return
     assert not rel_error(out, _q4_reference(x, p, None)) < 0.1
 
 

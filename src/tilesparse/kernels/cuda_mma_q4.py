@@ -6,6 +6,9 @@ registers to x's 16-bit type (``scale * (code - zero)``); the source's header gi
 K permutation. Compilation, loading and launching are :mod:`.cuda_mma`'s (:class:`MmaQ4Key` is compiled by
 :func:`.cuda_mma.kernel`, a prepared launch is a :class:`.cuda_mma.MmaLaunch`).
 
+A configuration with ``qst`` > 0 keeps ``qst - 1`` batches of codes in flight through shared memory (cp.async)
+instead of one in registers; it is checked under the CPU tests' emulation only and is not the default.
+
 Checked against float64 on the H100 at 1 and 16 tokens (``benchmarks/q4_decode.py``) and under the CPU tests'
 emulation at more; :func:`.library.q4_linear` runs it for up to :data:`DISPATCH_TOKENS` tokens where it applies
 (``TILESPARSE_Q4_MMA=0``: the Triton kernel, :mod:`.triton_q4`, instead).
@@ -38,31 +41,35 @@ _NEG_MAGIC = {torch.bfloat16: 0xC300, torch.float16: 0xE400}
 
 @dataclass(frozen=True)
 class MmaQ4Key:
-    """One compiled configuration of the 4-bit kernel (the macros of ``hybrid_mma_q4.cu``)."""
+    """One compiled configuration of the 4-bit kernel (the macros of ``hybrid_mma_q4.cu``; ``qst`` = 0: the next
+    batch's codes in registers, else that many shared-memory stages of codes and x)."""
 
     bf16: bool
     noct: int
     warps: int
     sb: int
     bias: bool
+    qst: int = 0
 
     @property
     def name(self) -> str:
         return (f"hybrid_mma_q4_{'bf16' if self.bf16 else 'f16'}_o{self.noct}_w{self.warps}_s{self.sb}"
-                f"{'_b' if self.bias else ''}")
+                f"{f'_q{self.qst}' if self.qst else ''}{'_b' if self.bias else ''}")
 
     def configured_source(self) -> str:
         """The source with this configuration's macros and the shared helpers (``mma_common.cuh``) prepended."""
         macros = [("DT_BF16", int(self.bf16)), ("NOCT", self.noct), ("WARPS", self.warps), ("SB", self.sb),
-                  ("HAS_BIAS", int(self.bias)), ("KNAME", self.name)]
+                  ("QST", self.qst), ("HAS_BIAS", int(self.bias)), ("KNAME", self.name)]
         head = "".join(f"#define {k} {v}\n" for k, v in macros)
         return head + _cm.source("mma_common.cuh") + _cm.source("hybrid_mma_q4.cu")
 
 
-def static_smem(noct: int, sb: int) -> int:
-    """Static shared memory of a block: two x buffers of ``sb`` steps of ``noct`` token octets, and the
+def static_smem(noct: int, sb: int, qst: int = 0, warps: int = 1) -> int:
+    """Static shared memory of a block: two x buffers of ``sb`` steps of ``noct`` token octets (``qst`` of them,
+    and as many stages of the ``warps`` warps' code slots, 1 KB per warp and step, when ``qst`` > 0), and the
     column and group of each of its steps."""
-    return 2 * sb * noct * 1024 + 2 * 4 * MAX_STEPS + 4
+    codes = qst * warps * sb * 1024
+    return (qst or 2) * sb * noct * 1024 + codes + 2 * 4 * MAX_STEPS + 4
 
 
 def _aligned(t: torch.Tensor, a: int) -> bool:
@@ -135,7 +142,8 @@ def param_table(packed: PackedHybridQ4, dtype: torch.dtype) -> torch.Tensor:
 
 
 def launch_plan(packed: PackedHybridQ4, M: int, dtype: torch.dtype, has_bias: bool, warps: int, split: int,
-                sb: int, ws: torch.Tensor | None, cnt: torch.Tensor | None) -> tuple[MmaQ4Key, tuple, tuple, list]:
+                sb: int, ws: torch.Tensor | None, cnt: torch.Tensor | None,
+                qst: int = 0) -> tuple[MmaQ4Key, tuple, tuple, list]:
     """Check one configuration against the layer (``ValueError``, one line, where it does not fit) and return
     ``(key, grid, block, args)``: the kernel's parameters in order, x / out / bias (and ws / cnt without
     split-K) as 0 and the row strides as 0, to be bound per call (:class:`.cuda_mma.MmaLaunch`). ``split > 1``
@@ -152,15 +160,17 @@ def launch_plan(packed: PackedHybridQ4, M: int, dtype: torch.dtype, has_bias: bo
         raise ValueError(f"q4 mma kernel: warps={warps} is not 1, 2, 4, 8 or 16 with 16 * warps dividing "
                          f"tile_rows={packed.tile_rows}")
     noct = _cm.octets(M)
-    if sb < 1 or static_smem(noct, sb) > SMEM_LIMIT:
-        raise ValueError(f"q4 mma kernel: sb={sb} steps per batch do not fit {SMEM_LIMIT} bytes of shared memory "
-                         f"for {noct} token octets")
+    if qst != 0 and not 2 <= qst <= 8:
+        raise ValueError(f"q4 mma kernel: qst={qst} code stages (0: registers, else 2-8)")
+    if sb < 1 or static_smem(noct, sb, qst, warps) > SMEM_LIMIT:
+        raise ValueError(f"q4 mma kernel: sb={sb} steps per batch{f' in {qst} stages' if qst else ''} do not fit "
+                         f"{SMEM_LIMIT} bytes of shared memory for {noct} token octets and {warps} warps")
     if split < 1 or -(-packed.in_features // 64) > MAX_STEPS * split:
         raise ValueError(f"q4 mma kernel: split={split} leaves more than {MAX_STEPS} steps per block")
     n_chunks = packed.grid.n_rows * (packed.tile_rows // (16 * warps))
     if split > 1 and (ws is None or cnt is None or ws.numel() < M * packed.out_features or cnt.numel() < n_chunks):
         raise ValueError("q4 mma kernel: split > 1 needs ws [M*N] and cnt [row chunks]")
-    key = MmaQ4Key(dtype == torch.bfloat16, noct, warps, sb, has_bias)
+    key = MmaQ4Key(dtype == torch.bfloat16, noct, warps, sb, has_bias, qst)
     args = [0, 0, 0, ws if split > 1 else 0, cnt if split > 1 else 0, packed.sp_codes, packed.sp_meta,
             packed.dn_codes, param_table(packed, dtype), packed.sp_cols, packed.sp_ptr, packed.dn_cols,
             packed.dn_ptr, packed.row_info, packed.q4_info, M, packed.out_features, 0, 0, split,
@@ -170,10 +180,10 @@ def launch_plan(packed: PackedHybridQ4, M: int, dtype: torch.dtype, has_bias: bo
 
 
 def prepare(packed: PackedHybridQ4, M: int, dtype: torch.dtype, has_bias: bool, warps: int, split: int, sb: int,
-            ws: torch.Tensor | None, cnt: torch.Tensor | None) -> _cm.MmaLaunch:
+            ws: torch.Tensor | None, cnt: torch.Tensor | None, qst: int = 0) -> _cm.MmaLaunch:
     """Check one configuration (:func:`launch_plan`), compile it for the layer's device and return its launch
     with everything but x, out and bias bound: call it with ``(x2, out, bias)``."""
-    key, grid, block, args = launch_plan(packed, M, dtype, has_bias, warps, split, sb, ws, cnt)
+    key, grid, block, args = launch_plan(packed, M, dtype, has_bias, warps, split, sb, ws, cnt, qst)
     dev = packed.device.index if packed.device.index is not None else torch.cuda.current_device()
     return _cm.MmaLaunch(_cm.kernel(key, dev), dev, grid, block, 0, args, I_SX, M, 4, split > 1)
 
@@ -201,7 +211,7 @@ def layer_config(M: int, packed: PackedHybridQ4) -> dict:
 
 
 def _prepared(packed: PackedHybridQ4, M: int, dtype: torch.dtype, has_bias: bool, warps: int, split: int,
-              sb: int) -> _cm.MmaLaunch:
+              sb: int, qst: int = 0) -> _cm.MmaLaunch:
     """The prepared launch of one configuration, cached on ``packed`` (dropped by ``rebuild_layout()``) and
     rebuilt when the split-K workspaces were replaced."""
     from .ops import _buffer
@@ -211,25 +221,25 @@ def _prepared(packed: PackedHybridQ4, M: int, dtype: torch.dtype, has_bias: bool
         ws = _buffer("mma_ws", packed.device, M * packed.out_features, torch.float32)
         cnt = _buffer("mma_cnt", packed.device, packed.grid.n_rows * (packed.tile_rows // (16 * warps)), torch.int32)
     cache = _cache(packed)
-    key = ("launch", M, dtype, has_bias, warps, split, sb)
+    key = ("launch", M, dtype, has_bias, warps, split, sb, qst)
     hit = cache.get(key)
     if hit is None or hit[1] is not ws or hit[2] is not cnt:
-        hit = cache[key] = (prepare(packed, M, dtype, has_bias, warps, split, sb, ws, cnt), ws, cnt)
+        hit = cache[key] = (prepare(packed, M, dtype, has_bias, warps, split, sb, ws, cnt, qst), ws, cnt)
     return hit[0]
 
 
 def q4_mma_linear(x2: torch.Tensor, packed: PackedHybridQ4, bias: torch.Tensor | None = None, warps: int = 4,
-                  split: int = 1, sb: int = 2) -> torch.Tensor:
+                  split: int = 1, sb: int = 2, qst: int = 0) -> torch.Tensor:
     """``x2 @ W^T (+ bias)`` for ``x2 [M, in_features]`` (1-64 bfloat16 / float16 tokens) with the 4-bit mma
     kernel: ``warps`` warps of 16 rows per block, ``split`` blocks per row chunk along K (split-K), ``sb``
-    64-column steps per batch; returns ``[M, out_features]`` in ``x2``'s dtype. A one-line ``ValueError`` /
+    64-column steps per batch, ``qst`` shared-memory stages of codes (0: the next batch in registers); returns ``[M, out_features]`` in ``x2``'s dtype. A one-line ``ValueError`` /
     ``TypeError`` where the layer (:func:`unsupported_reason`), the operands or the configuration do not fit."""
     check_q4_operands(x2, packed, bias, DTYPES, MAX_TOKENS, "q4 mma kernel")
     why = unsupported_reason(packed)
     if why is not None:
         raise ValueError(f"q4 mma kernel: {why}")
     M = x2.shape[0]
-    launch = _prepared(packed, M, x2.dtype, bias is not None, warps, split, sb)
+    launch = _prepared(packed, M, x2.dtype, bias is not None, warps, split, sb, qst)
     out = torch.empty(M, packed.out_features, dtype=x2.dtype, device=x2.device)
     launch(x2, out, bias)
     return out

@@ -2,7 +2,11 @@
 // (hybrid_mma.cu) reading the 4-bit packed format (tilesparse.kernels.format_q4).
 //
 // Y[M, N] = X[M, K] @ W^T, W = scale * (code - zero), compiled at run time by NVRTC
-// (tilesparse/kernels/cuda_mma_q4.py) with v7's macros: DT_BF16, NOCT, WARPS, SB, HAS_BIAS, KNAME.
+// (tilesparse/kernels/cuda_mma_q4.py) with v7's macros: DT_BF16, NOCT, WARPS, SB, HAS_BIAS, KNAME, and QST.
+//
+// QST = 0: a warp holds the next batch's codes in registers while this batch's MMAs run (one batch in flight; the
+// registers allow SB <= 4). QST >= 2: the codes, metadata and parameters of QST - 1 batches ahead are in flight
+// through shared memory (cp.async into per-lane slots, QST stages), x in the same commit groups (QST x buffers).
 //
 // Structure: v7's. Block (chunk, j) = 16*WARPS rows of one tile-row and the j-th of `split` parts of its
 // 64-column steps (2:4 steps first, then dense); a warp owns 16 rows (its "slab"); x is staged per batch of SB
@@ -50,6 +54,9 @@
 
 // (helpers: mma_common.cuh, prepended by cuda_mma_q4.py)
 
+#ifndef QST
+#define QST 0
+#endif
 #define TPB (WARPS * 32)
 #define MIN_BLOCKS (512 / TPB)  // at most 128 registers per thread: 16 warps per SM
 #define BR (WARPS * 16)
@@ -69,6 +76,17 @@ __device__ __forceinline__ u32 ldg4(const void* p) {
     u32 v;
     asm("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
     return v;
+}
+
+// cp.async of N = 4 or 8 bytes (zero-filled when !ok; src is then not read)
+template <int N>
+__device__ __forceinline__ void cp_async(void* dst, const void* src, bool ok) {
+    const u32 da = (u32)__cvta_generic_to_shared(dst);
+    if (N == 4) {
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(da), "l"(src), "r"(ok ? 4 : 0));
+    } else {
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" :: "r"(da), "l"(src), "r"(ok ? 8 : 0));
+    }
 }
 
 // a * b + c on 16-bit pairs in the MMA's type, one rounding
@@ -133,7 +151,14 @@ extern "C" __global__ void __launch_bounds__(TPB, MIN_BLOCKS) KNAME(
     const int* __restrict__ dn_cols, const int* __restrict__ dn_ptr,
     const long long* __restrict__ row_info, const long long* __restrict__ q4_info,
     int M, int N, int sx, int so, int split, int chunks_per_tr, int TR, int log2_tc, int NG, int GS) {
+#if QST
+    __shared__ __align__(16) u32 xs[QST * XS_WORDS];
+    __shared__ __align__(16) uint4 cs_c[QST][WARPS][SB][32];  // per lane and step: codes (and row g's metadata)
+    __shared__ __align__(16) uint2 cs_m[QST][WARPS][SB][32];  // row g+8's metadata (2:4 steps)
+    __shared__ __align__(16) uint2 cs_p[QST][WARPS][SB][32];  // the parameter words of rows g, g+8
+#else
     __shared__ __align__(16) u32 xs[2 * XS_WORDS];
+#endif
     __shared__ int s_cb[MAX_STEPS];
     __shared__ int s_gr[MAX_STEPS];
     __shared__ int s_last;
@@ -155,6 +180,68 @@ extern "C" __global__ void __launch_bounds__(TPB, MIN_BLOCKS) KNAME(
     const CodePtrs A = code_ptrs(L, q4_info, r, spc, spm, dnc, wvalid ? wrow + g : 0, t);
     const u32* qpw = qp + ((long long)((r * TR + wrow) >> 4) * NG * 8 + g) * 2;  // + 16 * group: this lane's words
 
+#if QST
+    float acc[NOCT][4];
+    zero_acc(acc);
+
+    // first input column and quantization group of every step of this block (2:4 steps first, then dense)
+    const int nsteps = s_end - s_beg;
+    for (int i = tid; i < nsteps; i += TPB) {
+        const int col = step_column(s_beg + i, n_sp, sp_cols, dn_cols, sp_p0, dn_p0, log2_tc);
+        s_cb[i] = col;
+        s_gr[i] = col / GS;
+    }
+    __syncthreads();
+    // the batch of SB steps from s0 into stage stg: this lane's codes, metadata and parameter words (the layout of
+    // mma_step_q4's operands; steps past the block's end or of an idle warp zero-filled), then x by the whole block
+    // (stage_x commits the group). Each lane reads back only its own slots.
+    auto issue = [&](int s0, int stg) {
+        const int nb = min(SB, s_end - s0);
+#pragma unroll
+        for (int i = 0; i < SB; ++i) {
+            const int st = s0 + i;
+            const bool ok = i < nb && wvalid;
+            uint4* dc = &cs_c[stg][warp][i][lane];
+            if (ok && st < n_sp) {
+                const unsigned char* p = A.sp + 16 * st;
+                cp_async<4>(&dc->x, p, true);
+                cp_async<4>(&dc->y, p + 8 * sp_stride, true);
+                cp_async<8>(&dc->z, A.mt + 8 * st, true);
+                cp_async<8>(&cs_m[stg][warp][i][lane], A.mt + 8 * mt_stride + 8 * st, true);
+            } else {
+                const unsigned char* p = A.dn + (ok ? 32 * (st - n_sp) : 0);
+                cp_async<8>(&dc->x, p, ok);
+                cp_async<8>(&dc->z, p + (ok ? 8 * dn_stride : 0), ok);
+            }
+            cp_async<8>(&cs_p[stg][warp][i][lane], qpw + (ok ? 16 * (long long)s_gr[st - s_beg] : 0), ok);
+        }
+        stage_x<1>(xs + stg * XS_WORDS, x, s_cb, s0, SB, s_beg, s_end, n_sp, M, sx, tid, TPB);
+    };
+#pragma unroll
+    for (int k = 0; k < QST - 1; ++k) issue(s_beg + k * SB, k);  // (empty groups past the end keep the count)
+
+    for (int s0 = s_beg, batch = 0; s0 < s_end; s0 += SB, ++batch) {
+        const int nb = min(SB, s_end - s0), stg = batch % QST;
+        // this batch's group has landed (at most the QST - 2 newer ones pending); every warp is past the batch
+        // before, whose stage now receives the batch QST - 1 ahead
+        asm volatile("cp.async.wait_group %0;" :: "n"(QST - 2) : "memory");
+        __syncthreads();
+        issue(s0 + (QST - 1) * SB, (batch + QST - 1) % QST);
+        if (wvalid) {
+            const u32* xcur = xs + stg * XS_WORDS;
+#pragma unroll
+            for (int i = 0; i < SB; ++i) {
+                if (i < nb) {
+                    const bool sparse = s0 + i < n_sp;
+                    mma_step_q4(acc, cs_c[stg][warp][i][lane], sparse ? cs_m[stg][warp][i][lane] : make_uint2(0, 0),
+                                cs_p[stg][warp][i][lane], xcur + (i * NOCT) * 256 + lane * 4, sparse, t);
+                }
+            }
+        }
+    }
+    asm volatile("cp.async.wait_group %0;" :: "n"(0) : "memory");  // (no copy may target shared memory at exit)
+
+#else
     float acc[NOCT][4];
     zero_acc(acc);
 
@@ -243,6 +330,7 @@ extern "C" __global__ void __launch_bounds__(TPB, MIN_BLOCKS) KNAME(
         }
     }
 
+#endif
     write_out(acc, out, bias, ws, cnt, &s_last, M, N, so, split, chunk, r * TR + wrow + g, wvalid,
               row0, min(BR, rows_tr - b * BR), tid, TPB);
 }
