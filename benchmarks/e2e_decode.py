@@ -211,6 +211,20 @@ def profile_prefill(prefill, rows: int = 12) -> None:
         print(avg.table(sort_by=key, row_limit=rows, max_name_column_width=60), flush=True)
 
 
+def env_prefix() -> str:
+    """The library settings this run changed from their defaults, as ``TILESPARSE_X=value `` (for the command
+    line in the table's header)."""
+    from tilesparse.settings import Settings, env_name, settings
+
+    now = settings()
+    out = []
+    for field, info in Settings.model_fields.items():
+        value = getattr(now, field)
+        if field != "cache" and value != info.default:
+            out.append(f"{env_name(field)}={int(value) if isinstance(value, bool) else value} ")
+    return "".join(out)
+
+
 _SPENT: dict[str, list] = {}
 
 
@@ -326,7 +340,7 @@ def main() -> int:
         f"{args.gen} tokens after the prompt, static KV cache, {how}; decode steps as "
         f"{'eager calls' if args.eager else 'CUDA-graph replays'}; median of {args.reps} runs. First token: the "
         f"prefill call and its argmax. Ratios: against dense with the same batch, prompt and harness, this run.",
-        f"Command: `PYTHONPATH=src python3 benchmarks/e2e_decode.py {' '.join(sys.argv[1:])}`",
+        f"Command: `{env_prefix()}PYTHONPATH=src python3 benchmarks/e2e_decode.py {' '.join(sys.argv[1:])}`",
         "",
         "| batch | prompt | weights | sparsity (achieved) | first token ms | vs dense | decode tokens/s | vs dense |"
         " decoder linear weights GB | vs dense |",
