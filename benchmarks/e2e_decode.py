@@ -317,7 +317,8 @@ def main() -> int:
                            dec_tps=B * (args.gen - 1) / dec, lin_bytes=linear_bytes(model), lin_dense=lb_dense,
                            ws=ops.workspace_bytes(), setup=setup)
                 rows.append(row)
-                print(f"{f'4-bit (groups of {q4}) ' if q4 else ''}sparsity {s:.2f} (achieved {achieved:.4f}), batch {B}, prompt {P}: first token "
+                kind = f"4-bit (groups of {q4}) " if q4 else ""
+                print(f"{kind}sparsity {s:.2f} (achieved {achieved:.4f}), batch {B}, prompt {P}: first token "
                       f"{pre * 1e3:.1f} ms, decode {dec * 1e3:.1f} ms ({row['dec_tps']:.0f} tok/s), linear bytes "
                       f"{row['lin_bytes'] / lb_dense:.3f}x, setup {setup:.0f}s", flush=True)
                 del tokens
