@@ -180,9 +180,45 @@ extern "C" __global__ void __launch_bounds__(TPB, MIN_BLOCKS) KNAME(
     const CodePtrs A = code_ptrs(L, q4_info, r, spc, spm, dnc, wvalid ? wrow + g : 0, t);
     const u32* qpw = qp + ((long long)((r * TR + wrow) >> 4) * NG * 8 + g) * 2;  // + 16 * group: this lane's words
 
-#if QST
     float acc[NOCT][4];
     zero_acc(acc);
+#if QST == 0
+    // this warp's codes (and 2:4 metadata) of the SB steps from s0 (layout: mma_step_q4)
+    auto load_codes = [&](int s0, uint4 (&c)[SB], uint2 (&m8)[SB]) {
+        const int nb = min(SB, s_end - s0);
+#pragma unroll
+        for (int i = 0; i < SB; ++i) {
+            const int st = s0 + i;
+            c[i] = make_uint4(0, 0, 0, 0);
+            m8[i] = make_uint2(0, 0);
+            if (i < nb && wvalid) {
+                if (st < n_sp) {
+                    const unsigned char* p = A.sp + 16 * st;
+                    const uint2 mg = ldg8(A.mt + 8 * st);
+                    m8[i] = ldg8(A.mt + 8 * mt_stride + 8 * st);
+                    c[i] = make_uint4(ldg4(p), ldg4(p + 8 * sp_stride), mg.x, mg.y);
+                } else {
+                    const unsigned char* p = A.dn + 32 * (st - n_sp);
+                    const uint2 lo = ldg8(p), hi = ldg8(p + 8 * dn_stride);
+                    c[i] = make_uint4(lo.x, lo.y, hi.x, hi.y);
+                }
+            }
+        }
+    };
+    // the (scale, zero) words of rows g, g+8 for the SB steps from s0 (needs s_gr)
+    auto load_params = [&](int s0, uint2 (&pz)[SB]) {
+        const int nb = min(SB, s_end - s0);
+#pragma unroll
+        for (int i = 0; i < SB; ++i) {
+            pz[i] = make_uint2(0, 0);
+            if (i < nb && wvalid) pz[i] = ldg8(qpw + 16 * (long long)s_gr[s0 - s_beg + i]);
+        }
+    };
+    // two batches in registers: the next one's loads are in flight during this one's MMAs
+    uint4 c[SB], c_n[SB];
+    uint2 m8[SB], m8_n[SB], pz[SB], pz_n[SB];
+    if (s_beg < s_end) load_codes(s_beg, c, m8);
+#endif
 
     // first input column and quantization group of every step of this block (2:4 steps first, then dense)
     const int nsteps = s_end - s_beg;
@@ -192,6 +228,7 @@ extern "C" __global__ void __launch_bounds__(TPB, MIN_BLOCKS) KNAME(
         s_gr[i] = col / GS;
     }
     __syncthreads();
+#if QST
     // the batch of SB steps from s0 into stage stg: this lane's codes, metadata and parameter words (the layout of
     // mma_step_q4's operands; steps past the block's end or of an idle warp zero-filled), then x by the whole block
     // (stage_x commits the group). Each lane reads back only its own slots.
@@ -240,55 +277,7 @@ extern "C" __global__ void __launch_bounds__(TPB, MIN_BLOCKS) KNAME(
         }
     }
     asm volatile("cp.async.wait_group %0;" :: "n"(0) : "memory");  // (no copy may target shared memory at exit)
-
 #else
-    float acc[NOCT][4];
-    zero_acc(acc);
-
-    // this warp's codes (and 2:4 metadata) of the SB steps from s0 (layout: mma_step_q4)
-    auto load_codes = [&](int s0, uint4 (&c)[SB], uint2 (&m8)[SB]) {
-        const int nb = min(SB, s_end - s0);
-#pragma unroll
-        for (int i = 0; i < SB; ++i) {
-            const int st = s0 + i;
-            c[i] = make_uint4(0, 0, 0, 0);
-            m8[i] = make_uint2(0, 0);
-            if (i < nb && wvalid) {
-                if (st < n_sp) {
-                    const unsigned char* p = A.sp + 16 * st;
-                    const uint2 mg = ldg8(A.mt + 8 * st);
-                    m8[i] = ldg8(A.mt + 8 * mt_stride + 8 * st);
-                    c[i] = make_uint4(ldg4(p), ldg4(p + 8 * sp_stride), mg.x, mg.y);
-                } else {
-                    const unsigned char* p = A.dn + 32 * (st - n_sp);
-                    const uint2 lo = ldg8(p), hi = ldg8(p + 8 * dn_stride);
-                    c[i] = make_uint4(lo.x, lo.y, hi.x, hi.y);
-                }
-            }
-        }
-    };
-    // the (scale, zero) words of rows g, g+8 for the SB steps from s0 (needs s_gr)
-    auto load_params = [&](int s0, uint2 (&pz)[SB]) {
-        const int nb = min(SB, s_end - s0);
-#pragma unroll
-        for (int i = 0; i < SB; ++i) {
-            pz[i] = make_uint2(0, 0);
-            if (i < nb && wvalid) pz[i] = ldg8(qpw + 16 * (long long)s_gr[s0 - s_beg + i]);
-        }
-    };
-    // two batches in registers: the next one's loads are in flight during this one's MMAs
-    uint4 c[SB], c_n[SB];
-    uint2 m8[SB], m8_n[SB], pz[SB], pz_n[SB];
-    if (s_beg < s_end) load_codes(s_beg, c, m8);
-
-    // first input column and quantization group of every step of this block (2:4 steps first, then dense)
-    const int nsteps = s_end - s_beg;
-    for (int i = tid; i < nsteps; i += TPB) {
-        const int col = step_column(s_beg + i, n_sp, sp_cols, dn_cols, sp_p0, dn_p0, log2_tc);
-        s_cb[i] = col;
-        s_gr[i] = col / GS;
-    }
-    __syncthreads();
     // x of a batch -> shared memory in fragment order (stage_x, mma_common.cuh), by 4-byte cp.async
     // (tokens >= M are zero-filled); the column order of each kind: file header
     auto stage = [&](int sb0, u32* dst) {
@@ -329,7 +318,6 @@ extern "C" __global__ void __launch_bounds__(TPB, MIN_BLOCKS) KNAME(
             pz[i] = pz_n[i];
         }
     }
-
 #endif
     write_out(acc, out, bias, ws, cnt, &s_last, M, N, so, split, chunk, r * TR + wrow + g, wvalid,
               row0, min(BR, rows_tr - b * BR), tid, TPB);
