@@ -110,16 +110,13 @@ def _hybrid_unpack(packed: list[torch.Tensor], dims: list[int]) -> torch.Tensor:
     (``torch.library.triton_op``), so a compiled graph launches the kernel through the compiler's own launcher
     and plans the returned buffer with its other temporaries; under Triton's CPU interpreter an opaque custom
     operator instead (the interpreter's kernels cannot be traced)."""
-    from .ops import unpack_grid
+    from .ops import unpack_launch
 
     _check_counts(packed, dims)
     t = dict(zip(OP_TENSORS, packed))
-    n, k, tile_rows, tile_cols = dims
-    out = torch.empty(n, k, dtype=t["dn_vals"].dtype, device=t["dn_vals"].device)
-    grid, bn, bk = unpack_grid(n, k, tile_rows, tile_cols)
-    torch.library.wrap_triton(_unpack_kernel)[grid](
-        out, t["sp_vals"], t["sp_meta"], t["dn_vals"], t["tile_kinds"], t["tile_slot"], t["row_info"], n, k,
-        grid[1], TILE_R=tile_rows, TILE_C=tile_cols, BN=bn, BK=bk)
+    out = torch.empty(dims[0], dims[1], dtype=t["dn_vals"].dtype, device=t["dn_vals"].device)
+    grid, args, consts = unpack_launch(out, t, *dims)
+    torch.library.wrap_triton(_unpack_kernel)[grid](*args, **consts)
     return out
 
 

@@ -42,9 +42,7 @@ class HybridLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._op_dims = [self.out_features, self.in_features, *self.tile]
-        self._packed_cache = packed  # the buffers are its tensors: the view the forward uses, laid out already
-        self._graph_route = self._route_in_graph(packed)
-        register_layer(packed)
+        self._use(packed)  # the buffers are its tensors: the view the forward uses, laid out already
 
     # -------------------------------------------------------------- constructors
     @classmethod
@@ -80,10 +78,15 @@ class HybridLinear(nn.Module):
             if c.row_info.device != self.packed_row_info.device or not torch.equal(c.row_info, self.packed_row_info):
                 raise ValueError("packed layer: derived layout does not match the stored tensors")
             c.row_info, c.tile_slot = self.packed_row_info, self.packed_tile_slot
-            self._packed_cache = c
-            self._graph_route = self._route_in_graph(c)
-            register_layer(c)
+            self._use(c)
         return c
+
+    def _use(self, packed: PackedHybrid) -> None:
+        """Make ``packed`` (a view of this module's buffers) the layer's packed view: kept for the forward, its
+        compiled route decided, registered for the operator."""
+        self._packed_cache = packed
+        self._graph_route = self._route_in_graph(packed)
+        register_layer(packed)
 
     def __setstate__(self, state):
         # a copy (copy.deepcopy, pickle) gets its own packed view over its own buffers

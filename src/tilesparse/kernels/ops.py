@@ -411,23 +411,24 @@ def unpack_triton(packed: PackedHybrid, out: torch.Tensor | None = None, bn: int
     N, K = packed.shape
     if out is None:
         out = torch.empty(N, K, dtype=packed.dtype, device=packed.device)
-    grid, bn, bk = unpack_grid(N, K, packed.tile_rows, packed.tile_cols, bn, bk)
-    _tk.unpack_kernel[grid](
-        out, packed.sp_vals, packed.sp_meta, packed.dn_vals, packed.tile_kinds, packed.tile_slot, packed.row_info,
-        N, K, grid[1], TILE_R=packed.tile_rows, TILE_C=packed.tile_cols, BN=bn, BK=bk,
-    )
+    grid, args, consts = unpack_launch(out, vars(packed), N, K, packed.tile_rows, packed.tile_cols, bn, bk)
+    _tk.unpack_kernel[grid](*args, **consts)
     return out
 
 
-def unpack_grid(N: int, K: int, tile_rows: int, tile_cols: int, bn: int = 32, bk: int = 64) -> tuple:
-    """``unpack_kernel``'s launch grid and block sizes ``(grid, BN, BK)`` for an ``N x K`` layer of
-    ``tile_rows x tile_cols`` tiles (``BN`` / ``BK``: the largest powers of two dividing the tile, at most
-    ``bn`` / ``bk``)."""
+def unpack_launch(out: torch.Tensor, tensors, N: int, K: int, tile_rows: int, tile_cols: int, bn: int = 32,
+                  bk: int = 64) -> tuple:
+    """``unpack_kernel``'s launch for an ``N x K`` layer of ``tile_rows x tile_cols`` tiles writing ``out``:
+    ``(grid, args, constexprs)``, the layer's tensors taken by name from the mapping ``tensors`` (``BN`` / ``BK``:
+    the largest powers of two dividing the tile, at most ``bn`` / ``bk``)."""
     bn = _largest_pow2_divisor_le(tile_rows, bn)
     bk = _largest_pow2_divisor_le(tile_cols, bk)
     if bk < 8:
         raise ValueError(f"tile_cols={tile_cols} too small for unpack_kernel")
-    return (-(-N // tile_rows) * (tile_rows // bn), -(-K // tile_cols)), bn, bk
+    grid = (-(-N // tile_rows) * (tile_rows // bn), -(-K // tile_cols))
+    args = (out, *(tensors[n] for n in ("sp_vals", "sp_meta", "dn_vals", "tile_kinds", "tile_slot", "row_info")),
+            N, K, grid[1])
+    return grid, args, {"TILE_R": tile_rows, "TILE_C": tile_cols, "BN": bn, "BK": bk}
 
 
 def run_config(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfig) -> torch.Tensor:
