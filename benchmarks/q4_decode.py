@@ -139,6 +139,7 @@ def table_row(shape: str, M: int, p, errs: dict, times: dict | None) -> dict:
     if ours:
         best = min(ours, key=ours.get)
         speed = times["cublas"] / ours[best]
+        row["times us"] = {k: round(v, 2) for k, v in times.items()}  # every configuration, in the JSON only
         row.update({"cuBLAS us": f"{times['cublas']:.1f}", "q4 default us": f"{ours.get('default', float('nan')):.1f}",
                     "speed-up": f"{speed:.2f}x", "% of bound": f"{100 * speed / bound:.0f} %",
                     "q4 GB/s": f"{q4_b / ours[best] / 1e3:.0f}"})

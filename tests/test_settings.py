@@ -25,7 +25,7 @@ def clean_env(monkeypatch):
 
 
 DEFAULTS = {"cache": None, "bigbench_sdist": None, "mma": True, "stream": True, "autotune": True, "autotune_cache": True,
-            "pdl": False, "q4_mma": True, "gemm": True, "compiled_unpack": False, "fused_mask": None,
+            "pdl": False, "q4_mma": True, "gemm": True, "compiled_unpack": True, "fused_mask": None,
             "fused_blocks": None}
 
 SWITCHES = ("mma", "stream", "autotune", "autotune_cache", "pdl", "q4_mma", "gemm", "compiled_unpack")

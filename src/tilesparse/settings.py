@@ -29,11 +29,11 @@ variable                       default       meaning
 ``TILESPARSE_Q4_MMA``          ``1``         ``0``: 4-bit layers run the Triton kernel where the CUDA
                                              sparse-tensor-core kernel (``kernels.cuda_mma_q4``)
                                              would apply.
-``TILESPARSE_COMPILED_UNPACK`` ``0``         ``1``: under ``torch.compile``, a hybrid layer given more than
-                                             64 tokens is ``F.linear`` on the ``tilesparse::hybrid_unpack``
-                                             Triton operator (the compiler launches both kernels) rather
-                                             than one ``tilesparse::hybrid_linear`` call; read when a layer
-                                             is built or moved. Off until measured on a GPU.
+``TILESPARSE_COMPILED_UNPACK`` ``1``         ``0``: under ``torch.compile``, a hybrid layer given more than
+                                             64 tokens is one ``tilesparse::hybrid_linear`` call rather than
+                                             ``F.linear`` on the ``tilesparse::hybrid_unpack`` Triton
+                                             operator (which the compiler launches itself); read when a
+                                             layer is built or moved.
 ``TILESPARSE_FUSED_MASK``      ``auto``      Fused Triton mask kernels while learning: ``1``/``on``/
                                              ``true``/``yes``, ``0``/``off``/``false``/``no``, or
                                              ``auto`` (on for CUDA weights when Triton imports).
@@ -141,9 +141,10 @@ class Settings(BaseSettings):
     q4_mma: Annotated[bool, _switch(True)] = Field(
         True, description="4-bit layers run the CUDA sparse-tensor-core kernel (kernels.cuda_mma_q4) where it "
                           "applies instead of the Triton kernel (0: Triton only). Default 1.")
-    compiled_unpack: Annotated[bool, _switch(False)] = Field(
-        False, description="Under torch.compile, hybrid layers given more than 64 tokens run as F.linear on the "
-                           "tilesparse::hybrid_unpack Triton operator, launched by the compiler. Default 0.")
+    compiled_unpack: Annotated[bool, _switch(True)] = Field(
+        True, description="Under torch.compile, hybrid layers given more than 64 tokens run as F.linear on the "
+                          "tilesparse::hybrid_unpack Triton operator, launched by the compiler (0: one "
+                          "tilesparse::hybrid_linear call). Default 1.")
     fused_mask: Annotated[bool | None, BeforeValidator(_fused_mask)] = Field(
         None, description="Fused Triton mask kernels while learning: 1/on/true/yes, 0/off/false/no or auto "
                           "(None: on for CUDA weights when Triton imports). Default auto.")

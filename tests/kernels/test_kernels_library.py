@@ -144,7 +144,7 @@ def test_unpack_operator_writes_the_masked_weight(make_layer):
 
 
 def test_compiled_forward_unpacks_in_the_graph_above_64_tokens(make_layer, monkeypatch):
-    """With TILESPARSE_COMPILED_UNPACK=1, above UNPACK_ABOVE tokens a compiled layer is the unpack operator +
+    """By default (TILESPARSE_COMPILED_UNPACK=1), above UNPACK_ABOVE tokens a compiled layer is the unpack operator +
     F.linear (the compiler launches both); at fewer tokens, for layers the Triton kernels do not take, and with
     the switch off, it stays one hybrid_linear node."""
     from tilesparse.kernels.ops import UNPACK_ABOVE

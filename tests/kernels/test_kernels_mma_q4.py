@@ -267,7 +267,8 @@ def test_default_config():
 # ---------------------------------------------------------------- the switch in library.q4_linear
 @pytest.fixture
 def routes(monkeypatch):
-    """``library.q4_linear`` on the CPU as if ``x`` were on CUDA: the Triton and mma routes record their calls."""
+    """``library.q4_linear`` on the CPU as if ``x`` were on CUDA: the Triton, mma and unpack routes record their
+    calls."""
     from tilesparse.kernels import library
 
     calls = []
@@ -282,7 +283,13 @@ def routes(monkeypatch):
 
     monkeypatch.setattr(library, "_x_fits_kernel", lambda x, p: True)
     monkeypatch.setattr(library, "_q4_triton_launcher", lambda: triton)
+    def unpack(x, p, b):
+        calls.append("unpack")
+        return torch.zeros(*x.shape[:-1], p.out_features, dtype=x.dtype)
+
     monkeypatch.setattr(library, "_q4_mma", mma)
+    monkeypatch.setattr(library, "_q4_unpack", unpack)
+    monkeypatch.setattr(library, "_Q4_TRITON_FAILED", [None])
     monkeypatch.delenv("TILESPARSE_Q4_MMA", raising=False)
     return library, calls
 
@@ -296,9 +303,10 @@ def test_mma_kernel_is_the_default_up_to_16_tokens(routes, monkeypatch):
     library.q4_linear(torch.randn(2, 8, 256).bfloat16(), p)  # 16 tokens: the last count it takes
     library.q4_linear(x, p, use_triton=True)  # forcing Triton still does
     assert calls == ["mma", "mma", "triton"]
-    x40 = torch.randn(2, 20, 256).bfloat16()  # 40 tokens: beyond both kernels' dispatch range
-    y = library.q4_linear(x40, p)
-    assert len(calls) == 3 and torch.equal(y, library._q4_reference(x40, p, None))
+    x40 = torch.randn(2, 20, 256).bfloat16()  # 40 tokens: beyond both decode kernels, the unpack route
+    library.q4_linear(x40, p)
+    assert calls == ["mma", "mma", "triton", "unpack"]
+    del calls[-1]
     monkeypatch.setattr(cq, "mma_q4_supported", lambda packed: False)
     library.q4_linear(x, p)
     assert calls[-1] == "triton"

@@ -195,3 +195,54 @@ def test_operator_finds_the_module_layer():
     assert other is not layer.packed and other.scales is copied[p.STORED.index("scales")]
     with pytest.raises(ValueError, match="scales holds"):  # other dimensions: not the layer's, and checked
         _resolve_q4(layer._tensors(), [*layer._dims[:4], 16])
+
+
+UNPACK_LAYERS = [  # (name, layer)
+    ("row-kinds-group32", lambda: rows_q4_layer(32)),
+    ("mixed-partial-group48", lambda: q4_layer(72, 200, (16, 64), 48, seed=11)),
+    ("mixed-group128", lambda: q4_layer(64, 256, (32, 128), 128, seed=12)),
+    ("odd-width-dense", lambda: q4_layer(40, 83, (16, 32), 48, frac_sparse=0.0, frac_zero=0.3, seed=4)),
+]
+
+
+@pytest.mark.parametrize("make", [m for _, m in UNPACK_LAYERS], ids=[n for n, _ in UNPACK_LAYERS])
+def test_unpack_kernel_equals_the_dequantized_weight(q4, make):
+    """``unpack_q4_kernel`` writes exactly :func:`unpack_q4` in float32 (a 4-bit code times a bfloat16 scale is
+    exact), and that weight within one bfloat16 step (the interpreter truncates where the GPU rounds); pruned
+    positions and all-zero tiles are 0."""
+    p = make()
+    ref = unpack_q4(p)
+    assert torch.equal(q4.unpack_q4_triton(p, dtype=torch.float32), ref)
+    out = torch.full((p.out_features, p.in_features), 7.0, dtype=torch.bfloat16)
+    assert q4.unpack_q4_triton(p, out) is out
+    assert bool(((out.float() - ref).abs() <= ref.abs() * 2.0 ** -7).all()) and torch.equal(out == 0, ref == 0)
+    with pytest.raises(ValueError, match="contiguous"):
+        q4.unpack_q4_triton(p, torch.empty(p.in_features, p.out_features).T)
+
+
+def test_prefill_dispatch_runs_the_unpack_kernel(q4, monkeypatch):
+    """More than 16 tokens on a kernel-ready input: ``q4_linear`` is ``F.linear`` on the unpacked weight (equal to
+    the float64 reference); 16 tokens stay on the decode kernels; a kernel that fails here falls back to the
+    reference once."""
+    from tilesparse.kernels import library
+
+    p = q4_layer(72, 200, (16, 64), 48, seed=13)
+    monkeypatch.setattr(library, "_x_fits_kernel", lambda x, p: True)
+    monkeypatch.setattr(library, "q4_mma_applies", lambda x, p: False)
+    monkeypatch.setattr(library, "_Q4_TRITON_FAILED", [None])
+    x = torch.randn(3, 7, 200).bfloat16()
+    bias = torch.randn(72)
+    assert library.q4_unpack_applies(x, p) and not library.q4_unpack_applies(x[0, :2], p)
+    y = library.q4_linear(x, p, bias)
+    assert y.shape == (3, 7, 72) and y.dtype == torch.bfloat16
+    assert rel_error(y, reference(x.reshape(21, 200), p, bias.bfloat16()).reshape(3, 7, 72)) < 1e-2
+
+    def broken(packed, out):
+        raise RuntimeError("out of resources: shared memory\nmore")
+
+    monkeypatch.setattr(q4, "unpack_q4_triton", broken)
+    with pytest.warns(RuntimeWarning, match="out of resources"):
+        y = library.q4_linear(x, p, bias)
+    assert torch.equal(y, library._q4_reference(x, p, bias))
+    assert not library.q4_unpack_applies(x, p)  # said once, not tried again
+

@@ -18,7 +18,7 @@ slower but never wrong.
 
 ``torch.ops.tilesparse.hybrid_unpack`` (same tensors and dimensions) returns the layer's dense masked weight,
 written by the Triton kernel ``unpack_kernel``; ``HybridLinear`` uses it in compiled graphs for prefills
-(``TILESPARSE_COMPILED_UNPACK=1``).
+(unless ``TILESPARSE_COMPILED_UNPACK=0``).
 
 The 4-bit operator takes the layer's stored tensors (``PackedHybridQ4.STORED`` order) and ``[out_features,
 in_features, tile_rows, tile_cols, group_size]``; its CUDA implementation finds the registered
@@ -241,6 +241,33 @@ def q4_mma_applies(x: torch.Tensor, p) -> bool:
     return 1 <= _tokens(x, p) <= cuda_mma_q4.DISPATCH_TOKENS and cuda_mma_q4.mma_q4_supported(p)
 
 
+def q4_unpack_applies(x: torch.Tensor, p) -> bool:
+    """Whether :func:`q4_linear` runs ``x`` on ``p`` as ``F.linear`` on the weight dequantized by
+    :func:`.triton_q4.unpack_q4_triton` (prefill): ``x`` as for the Triton kernel with more than
+    :data:`Q4_KERNEL_MAX_TOKENS` tokens, a tile width that is a multiple of 8, and the Triton kernels not failed
+    here."""
+    return (_x_fits_kernel(x, p) and _tokens(x, p) > Q4_KERNEL_MAX_TOKENS and p.tile_cols % 8 == 0
+            and _Q4_TRITON_FAILED[0] is None and _q4_triton_launcher() is not None)
+
+
+def _q4_unpack(x: torch.Tensor, p, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` on the layer's weight dequantized into a per-device scratch buffer in ``x``'s dtype (the
+    buffer is reused by every layer; the torch reference if the kernel fails on this machine)."""
+    from .ops import _buffer
+    from .triton_q4 import unpack_q4_triton
+
+    N, K = p.out_features, p.in_features
+    w = _buffer("q4_unpack", x.device, N * K, x.dtype)[: N * K].view(N, K)
+    try:
+        unpack_q4_triton(p, w)
+    except (ValueError, TypeError):
+        raise
+    except Exception as e:  # noqa: BLE001 - the kernel itself (compilation, launch) on this machine
+        _q4_triton_failed(e)
+        return _q4_reference(x, p, bias)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
 def _q4_mma(x: torch.Tensor, p, bias: torch.Tensor | None) -> torch.Tensor:
     """The 4-bit product by the sparse-tensor-core kernel in its default configuration for the device."""
     from . import cuda_mma_q4
@@ -253,13 +280,16 @@ def _q4_mma(x: torch.Tensor, p, bias: torch.Tensor | None) -> torch.Tensor:
 
 def q4_linear(x: torch.Tensor, p, bias: torch.Tensor | None = None, use_triton: bool | None = None) -> torch.Tensor:
     """``x @ W^T + bias`` for the 4-bit layer ``p``, ``x [..., in]`` -> ``[..., out]`` in ``x``'s dtype: the
-    sparse-tensor-core kernel (:mod:`.cuda_mma_q4`) where :func:`q4_mma_applies`, else the Triton kernel
+    sparse-tensor-core kernel (:mod:`.cuda_mma_q4`) where :func:`q4_mma_applies`, the weight dequantized on the
+    device and ``F.linear`` where :func:`q4_unpack_applies` (more than 16 tokens), else the Triton kernel
     (:mod:`.triton_q4`) where :func:`q4_kernel_applies`, else the torch reference (dequantize + ``F.linear``);
     ``use_triton`` forces the Triton kernel or the reference (``True`` on the CPU needs ``TRITON_INTERPRET=1``)."""
     chosen = use_triton is None
     if chosen:
         if q4_mma_applies(x, p):
             return _q4_mma(x, p, bias)
+        if q4_unpack_applies(x, p):
+            return _q4_unpack(x, p, bias)
         use_triton = _Q4_TRITON_FAILED[0] is None and q4_kernel_applies(x, p)
     if not use_triton:
         return _q4_reference(x, p, bias)
@@ -300,4 +330,4 @@ def _hybrid_linear_q4_fake(x, packed, bias, dims):
 
 
 __all__ = ["OP_TENSORS", "register_layer", "op_tensors", "hybrid_linear_op", "hybrid_unpack_op", "hybrid_linear_q4_op",
-           "q4_linear", "q4_kernel_applies", "q4_mma_applies", "register_layer_q4"]
+           "q4_linear", "q4_kernel_applies", "q4_mma_applies", "q4_unpack_applies", "register_layer_q4"]

@@ -112,8 +112,8 @@ class HybridLinear(nn.Module):
     def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward as ``torch.compile`` traces it: one ``tilesparse::hybrid_linear`` node, except where the
         Triton kernels take the layer and ``x`` is on CUDA (or on the CPU under Triton's interpreter with
-        ``use_triton=True``). There a layer of dense tiles only is ``F.linear`` on its stored values, and, with
-        ``TILESPARSE_COMPILED_UNPACK=1``, more than :data:`.ops.UNPACK_ABOVE` tokens (which the dispatcher
+        ``use_triton=True``). There a layer of dense tiles only is ``F.linear`` on its stored values, and (unless
+        ``TILESPARSE_COMPILED_UNPACK=0``) more than :data:`.ops.UNPACK_ABOVE` tokens (which the dispatcher
         would unpack anyway) are ``F.linear`` on the ``tilesparse::hybrid_unpack`` operator's output: the
         compiler then launches both kernels itself, at a fraction of the dispatcher's host cost per call (a
         prefill is not replayed from a CUDA graph, so that cost counts)."""
@@ -133,8 +133,8 @@ class HybridLinear(nn.Module):
     @staticmethod
     def _route_in_graph(packed: PackedHybrid) -> str | None:
         """How :meth:`_compiled_forward` may run ``packed`` outside the hybrid operator: ``"dense"`` (all tiles
-        dense, stored as ``W``), ``"unpack"`` (above :data:`.ops.UNPACK_ABOVE` tokens; with
-        ``TILESPARSE_COMPILED_UNPACK=1``) or ``None`` (the hybrid operator: the Triton kernels do not take the
+        dense, stored as ``W``), ``"unpack"`` (above :data:`.ops.UNPACK_ABOVE` tokens; unless
+        ``TILESPARSE_COMPILED_UNPACK=0``) or ``None`` (the hybrid operator: the Triton kernels do not take the
         layer, or the switch is off)."""
         if hybrid_unpack_op is None or not kernel_supported(packed):
             return None

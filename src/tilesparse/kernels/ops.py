@@ -16,7 +16,7 @@ Paths (chosen per call):
 * ``"unpack"`` (more than 64 tokens, and the fallback for any tile size) -- ``unpack_kernel``
   (:mod:`.triton_hybrid`) unpacks the layer on the GPU into a *transient* scratch buffer (one per device and
   dtype, as large as the largest layer it has served; reused by every layer) and ``F.linear`` runs on it.
-  Its resident cost is that one buffer, reported by :func:`workspace_bytes`. (With ``TILESPARSE_COMPILED_UNPACK=1``
+  Its resident cost is that one buffer, reported by :func:`workspace_bytes`. (Unless ``TILESPARSE_COMPILED_UNPACK=0``,
   a compiled graph does the same without this dispatcher: ``F.linear`` on the ``tilesparse::hybrid_unpack``
   operator's output, see ``HybridLinear._compiled_forward``.)
 

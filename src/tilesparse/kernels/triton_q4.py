@@ -35,7 +35,7 @@ import triton.language as tl
 from .format import RI_DN_LEN, RI_MT_OFF, RI_MT_STRIDE, RI_SP_LEN, ROW_INFO_COLS
 from .format_q4 import QI_DN_OFF, QI_DN_STRIDE, QI_SP_OFF, QI_SP_STRIDE, PackedHybridQ4, check_q4_operands
 from .ops import _buffer, _is_pow2, _largest_pow2_divisor_le, _pow2_at_least, interpreting
-from .triton_hybrid import _nibbles, _pick_x, _pos_planes, _write_output, _x_planes
+from .triton_hybrid import _expand24, _nibbles, _pick_x, _pos_planes, _write_output, _x_planes
 from .triton_stream import _dot_acc, _load_x, _ok
 
 MAX_TOKENS = 16
@@ -455,4 +455,88 @@ def q4_linear_triton(x2: torch.Tensor, packed: PackedHybridQ4, bias: torch.Tenso
     return out
 
 
-__all__ = ["MAX_TOKENS", "default_q4_config", "hybrid_q4_kernel", "q4_linear_triton"]
+# ---------------------------------------------------------------------------------------- unpack (prefill)
+@triton.jit(do_not_specialize=["N", "K", "NG"])
+def unpack_q4_kernel(
+    out_ptr, sp_codes_ptr, sp_meta_ptr, dn_codes_ptr, kinds_ptr, slot_ptr, row_info_ptr, q4_info_ptr,
+    scales_ptr, zeros_ptr, N, K, NG, GS, n_tile_cols,
+    TILE_R: tl.constexpr, TILE_C: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """Write the dequantized masked weight ``[N, K]`` (row-major, in ``out``'s dtype) of a 4-bit packed layer;
+    one program per ``BN`` rows x one tile. A 2:4 tile's codes are expanded with an offset of one, so that the
+    positions the metadata leaves empty read 0 and dequantize to 0. (The branches name their tensors apart: the
+    compiler, unlike the interpreter, merges a name assigned in both branches and needs one shape for it.)"""
+    pid_n = tl.program_id(0)
+    c = tl.program_id(1)
+    BPT: tl.constexpr = TILE_R // BN
+    r = pid_n // BPT
+    offs_i = ((pid_n % BPT) * BN + tl.arange(0, BN)).to(tl.int64)
+    rows = r * TILE_R + offs_i
+    row_ok = rows < N
+    kind = tl.load(kinds_ptr + r * n_tile_cols + c).to(tl.int32)
+    slot = tl.load(slot_ptr + r * n_tile_cols + c)
+    ri = row_info_ptr + r * _RI
+    qi = q4_info_ptr + r * 4
+    srow = rows * NG
+    ar_k = tl.arange(0, BK)
+    for kc in range(0, TILE_C, BK):
+        cols = c * TILE_C + kc + ar_k
+        ok = row_ok[:, None] & (cols[None, :] < K)
+        if kind == 2:
+            w = tl.zeros((BN, BK), dtype=tl.float32)
+        else:
+            grp = cols // GS
+            s = tl.load(scales_ptr + srow[:, None] + grp[None, :], mask=ok, other=0.0).to(tl.float32)
+            z = tl.load(zeros_ptr + srow[:, None] + grp[None, :], mask=ok, other=0).to(tl.float32)
+            if kind == 0:
+                kk = slot * TILE_C + kc
+                s_stride = tl.load(qi + _QI_SP_STRIDE)
+                s_byte = kk // 4 + tl.arange(0, BK // 4)
+                s_codes = tl.load(sp_codes_ptr + tl.load(qi + _QI_SP_OFF) + offs_i[:, None] * s_stride
+                                  + s_byte[None, :], mask=row_ok[:, None] & (s_byte[None, :] < s_stride),
+                                  other=0).to(tl.int32)
+                m_stride = tl.load(ri + _RI_MT_STRIDE)
+                m_byte = kk // 8 + tl.arange(0, BK // 8)
+                mb = tl.load(sp_meta_ptr + tl.load(ri + _RI_MT_OFF) + offs_i[:, None] * m_stride + m_byte[None, :],
+                             mask=row_ok[:, None] & (m_byte[None, :] < m_stride), other=0)
+                kept = tl.reshape(tl.join((s_codes & 15) + 1, (s_codes >> 4) + 1), (BN, BK // 2))
+                q_sp = _expand24(kept, _nibbles(mb, BN, BK // 4), BN, BK).to(tl.float32)
+                w = tl.where(q_sp > 0, (q_sp - 1.0 - z) * s, 0.0)
+            else:
+                kd = slot * TILE_C + kc
+                d_stride = tl.load(qi + _QI_DN_STRIDE)
+                d_byte = kd // 2 + tl.arange(0, BK // 2)
+                d_codes = tl.load(dn_codes_ptr + tl.load(qi + _QI_DN_OFF) + offs_i[:, None] * d_stride
+                                  + d_byte[None, :], mask=row_ok[:, None] & (d_byte[None, :] < d_stride),
+                                  other=0).to(tl.int32)
+                q_dn = tl.reshape(tl.join(d_codes & 15, d_codes >> 4), (BN, BK)).to(tl.float32)
+                w = (q_dn - z) * s
+        tl.store(out_ptr + rows[:, None] * K + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def unpack_q4_triton(packed: PackedHybridQ4, out: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16,
+                     bn: int = 32, bk: int = 64) -> torch.Tensor:
+    """The dequantized masked weight ``[out_features, in_features]`` written on the layer's device by
+    ``unpack_q4_kernel`` into ``out`` (a new ``dtype`` tensor when ``None``). Equals
+    :func:`.format_q4.unpack_q4` rounded to the output's dtype."""
+    N, K = packed.out_features, packed.in_features
+    if out is None:
+        out = torch.empty(N, K, dtype=dtype, device=packed.device)
+    if tuple(out.shape) != (N, K) or not out.is_contiguous():
+        raise ValueError(f"unpack_q4_triton: out must be a contiguous [{N}, {K}] tensor, got {tuple(out.shape)}")
+    bn = _largest_pow2_divisor_le(packed.tile_rows, bn)
+    bk = _largest_pow2_divisor_le(packed.tile_cols, bk)
+    if bk < 8:
+        raise ValueError(f"unpack_q4_triton: tile width {packed.tile_cols} has no power-of-two divisor >= 8")
+    n_tc = packed.grid.n_cols
+    grid = (packed.grid.n_rows * (packed.tile_rows // bn), n_tc)
+    unpack_q4_kernel[grid](
+        out, packed.sp_codes, packed.sp_meta, packed.dn_codes, packed.tile_kinds, packed.tile_slot, packed.row_info,
+        packed.q4_info, packed.scales, packed.zeros, N, K, packed.n_groups, packed.group_size, n_tc,
+        TILE_R=packed.tile_rows, TILE_C=packed.tile_cols, BN=bn, BK=bk,
+    )
+    return out
+
+
+__all__ = ["MAX_TOKENS", "default_q4_config", "hybrid_q4_kernel", "q4_linear_triton", "unpack_q4_kernel",
+           "unpack_q4_triton"]
