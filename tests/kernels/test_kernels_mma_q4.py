@@ -281,12 +281,12 @@ def routes(monkeypatch):
         calls.append("mma")
         return torch.zeros(*x.shape[:-1], p.out_features, dtype=x.dtype)
 
-    monkeypatch.setattr(library, "_x_fits_kernel", lambda x, p: True)
-    monkeypatch.setattr(library, "_q4_triton_launcher", lambda: triton)
     def unpack(x, p, b):
         calls.append("unpack")
         return torch.zeros(*x.shape[:-1], p.out_features, dtype=x.dtype)
 
+    monkeypatch.setattr(library, "_x_fits_kernel", lambda x, p: True)
+    monkeypatch.setattr(library, "_q4_triton_launcher", lambda: triton)
     monkeypatch.setattr(library, "_q4_mma", mma)
     monkeypatch.setattr(library, "_q4_unpack", unpack)
     monkeypatch.setattr(library, "_Q4_TRITON_FAILED", [None])

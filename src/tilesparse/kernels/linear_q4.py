@@ -1,8 +1,9 @@
 """``HybridLinearQ4``: a drop-in ``nn.Linear`` replacement holding a 4-bit packed hybrid weight
 (:mod:`.format_q4`), and model conversion from a mask and a 4-bit quantization. Its product is
 :func:`.library.q4_linear`: on CUDA for 1-16 bfloat16/float16 tokens the sparse-tensor-core kernel of
-:mod:`.cuda_mma_q4` where it applies, else the Triton decode kernel (:mod:`.triton_q4`); the torch reference
-(dequantize, then ``F.linear``) otherwise."""
+:mod:`.cuda_mma_q4` where it applies, else the Triton decode kernel (:mod:`.triton_q4`); for more tokens the
+weight dequantized on the GPU (``triton_q4.unpack_q4_kernel``) and ``F.linear``; the torch reference (dequantize,
+then ``F.linear``) otherwise."""
 
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ class HybridLinearQ4(nn.Module):
 
     The packed tensors are registered buffers under ``packed_<name>`` (they follow ``.to()``; ``.half()`` and
     friends leave them alone: codes, metadata and scales keep their types). The product runs in the input's
-    dtype: on CUDA with bfloat16/float16 inputs of 1-16 tokens through the Triton decode kernel
-    (:mod:`.triton_q4`: the codes are read packed and dequantized in registers); otherwise through the torch
-    reference, which dequantizes the whole weight on each call (this layer then saves memory, not time). Under
+    dtype, see :func:`.library.q4_linear`: on CUDA with bfloat16/float16 inputs of 1-16 tokens through a decode
+    kernel (the codes are read packed and dequantized in registers), of more tokens through ``F.linear`` on the
+    weight dequantized on the GPU into a shared scratch buffer; otherwise (the CPU) through the torch reference,
+    which dequantizes the whole weight on each call (this layer then saves memory, not time). Under
     ``torch.compile`` it is one ``torch.ops.tilesparse.hybrid_linear_q4`` node.
     """
 

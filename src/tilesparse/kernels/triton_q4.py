@@ -1,5 +1,6 @@
-"""Decode kernel for the 4-bit packed hybrid format (:mod:`.format_q4`): ``hybrid_q4_kernel`` and its launcher
-:func:`q4_linear_triton`.
+"""Triton kernels for the 4-bit packed hybrid format (:mod:`.format_q4`): the decode kernel ``hybrid_q4_kernel``
+and its launcher :func:`q4_linear_triton` (below), and ``unpack_q4_kernel`` / :func:`unpack_q4_triton`, which write
+the dequantized weight for a prefill's ``F.linear`` (see its docstring).
 
 ``out[M, N] = x[M, K] @ W^T (+ bias)`` for a few tokens (``M <= BM <= 16``) read straight from the packed
 bytes, the weights dequantized in registers (``scale * (code - zero)``, scale and zero point at ``[row, column
