@@ -39,6 +39,19 @@ def interp():
     return triton_hybrid
 
 
+def graph_ops(fn, *args) -> tuple[list, object]:
+    """The ``tilesparse`` operators in the graph ``torch.compile(fullgraph=True)`` makes of ``fn``, and its output."""
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if "tilesparse" in str(n.target))
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(fn, fullgraph=True, backend=backend)(*args)
+    return seen, out
+
+
 def random_kinds(grid, frac_sparse: float, frac_zero: float, g: torch.Generator) -> torch.Tensor:
     """A tile map with ``frac_sparse`` of the tiles 2:4 and ``frac_zero`` all-zero at random places, the rest
     dense (int8 ``[rows, cols]`` of the grid)."""

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from kernels_testutil import make_layer  # noqa: F401 (fixture)
+from kernels_testutil import graph_ops, make_layer  # noqa: F401 (fixture)
 from test_kernels_linear import converted_and_masked
 from torch import nn
 
@@ -121,20 +121,6 @@ def test_model_compiles_with_inductor():
         torch.testing.assert_close(out, ref(input_ids=ids, use_cache=False).logits, rtol=1e-5, atol=1e-5)
 
 
-
-def _graph_ops(fn, *args) -> list:
-    """The ``tilesparse`` operators in the graph ``torch.compile(fullgraph=True)`` makes of ``fn``, and its output."""
-    seen = []
-
-    def backend(gm, example_inputs):
-        seen.extend(str(n.target) for n in gm.graph.nodes if "tilesparse" in str(n.target))
-        return gm.forward
-
-    torch._dynamo.reset()
-    out = torch.compile(fn, fullgraph=True, backend=backend)(*args)
-    return seen, out
-
-
 def test_unpack_operator_writes_the_masked_weight(make_layer):
     from tilesparse.kernels.library import hybrid_unpack_op
 
@@ -155,7 +141,7 @@ def test_compiled_forward_unpacks_in_the_graph_above_64_tokens(make_layer, monke
     monkeypatch.setenv("TILESPARSE_COMPILED_UNPACK", "0")
     off = HybridLinear.from_linear(lin, mask, (32, 64), use_triton=True)
     with torch.no_grad():
-        assert _graph_ops(off, torch.randn(UNPACK_ABOVE + 16, 200).to(torch.bfloat16))[0] == \
+        assert graph_ops(off, torch.randn(UNPACK_ABOVE + 16, 200).to(torch.bfloat16))[0] == \
             ["tilesparse.hybrid_linear.default"]
     monkeypatch.setenv("TILESPARSE_COMPILED_UNPACK", "1")
     hyb = HybridLinear.from_linear(lin, mask, (32, 64), use_triton=True)  # the kernels, under the interpreter
@@ -163,7 +149,7 @@ def test_compiled_forward_unpacks_in_the_graph_above_64_tokens(make_layer, monke
         for tokens, want in [(UNPACK_ABOVE + 16, ["tilesparse.hybrid_unpack.default"]),
                              (16, ["tilesparse.hybrid_linear.default"])]:
             x = torch.randn(tokens, 200).to(torch.bfloat16)
-            seen, out = _graph_ops(hyb, x)
+            seen, out = graph_ops(hyb, x)
             assert seen == want, tokens
             torch.testing.assert_close(out, reference_linear(x, hyb.packed, hyb.bias), rtol=1e-2, atol=1e-2)
         x = torch.randn(UNPACK_ABOVE + 16, 200).to(torch.bfloat16)  # through AOT autograd, shapes dynamic
@@ -172,7 +158,7 @@ def test_compiled_forward_unpacks_in_the_graph_above_64_tokens(make_layer, monke
         torch.testing.assert_close(out, reference_linear(x, hyb.packed, hyb.bias), rtol=1e-2, atol=1e-2)
         fp32 = HybridLinear.from_linear(nn.Linear(200, 100), mask, (32, 64))  # no kernel takes 32-bit weights
         assert fp32._graph_route is None
-        seen, _ = _graph_ops(fp32, torch.randn(UNPACK_ABOVE + 16, 200))
+        seen, _ = graph_ops(fp32, torch.randn(UNPACK_ABOVE + 16, 200))
         assert seen == ["tilesparse.hybrid_linear.default"]
 
 
@@ -181,7 +167,7 @@ def test_compiled_all_dense_layer_is_a_plain_linear():
     hyb = HybridLinear.from_linear(lin, torch.ones(128, 256, dtype=torch.bool), (64, 64), use_triton=True)
     x = torch.randn(3, 256).to(torch.bfloat16)
     with torch.no_grad():
-        seen, out = _graph_ops(hyb, x)
+        seen, out = graph_ops(hyb, x)
         assert seen == []
         assert torch.equal(out, lin(x))
 

@@ -246,3 +246,50 @@ def test_prefill_dispatch_runs_the_unpack_kernel(q4, monkeypatch):
     assert torch.equal(y, library._q4_reference(x, p, bias))
     assert not library.q4_unpack_applies(x, p)  # said once, not tried again
 
+
+
+def test_compiled_layer_unpacks_in_the_graph_above_16_tokens(q4, monkeypatch):
+    """By default, a compiled ``HybridLinearQ4`` given more than 16 tokens is ``F.linear`` on the
+    ``hybrid_unpack_q4`` operator (the compiler launches its kernel), equal to the float64 reference, also through
+    AOT autograd with dynamic shapes; 16 tokens and the switch off keep the ``hybrid_linear_q4`` operator. The
+    layout tables the operator reads are not part of the state dict."""
+    from kernels_testutil import graph_ops
+
+    from tilesparse.kernels.linear_q4 import HybridLinearQ4
+
+    p = q4_layer(72, 256, (32, 128), 128, seed=21)
+    bias = torch.randn(72)
+    monkeypatch.setenv("TILESPARSE_COMPILED_UNPACK", "0")
+    off = HybridLinearQ4(p, bias)
+    monkeypatch.setenv("TILESPARSE_COMPILED_UNPACK", "1")
+    layer = HybridLinearQ4(p, bias)
+    x = torch.randn(2, 10, 256).bfloat16()  # 20 tokens
+    want = reference(x.reshape(20, 256), p, bias.bfloat16()).reshape(2, 10, 72)
+    with torch.no_grad():
+        seen, out = graph_ops(layer, x)
+        assert seen == ["tilesparse.hybrid_unpack_q4.default"]
+        assert rel_error(out, want) < 1e-2
+        assert graph_ops(layer, x[:, :8])[0] == ["tilesparse.hybrid_linear_q4.default"]  # 16 tokens
+        assert graph_ops(off, x)[0] == ["tilesparse.hybrid_linear_q4.default"]
+        torch._dynamo.reset()
+        out = torch.compile(layer, fullgraph=True, backend="aot_eager", dynamic=True)(x)
+        assert rel_error(out, want) < 1e-2
+    assert set(layer.state_dict()) == set(off.state_dict()) and "packed_row_info" not in layer.state_dict()
+    assert torch.equal(layer.packed_q4_info, layer.packed.q4_info)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (inductor launching the unpack kernel)")
+def test_compiled_4bit_layer_on_the_gpu_equals_eager_at_prefill_and_decode():
+    """Inductor compiles ``hybrid_unpack_q4``'s kernel into the graph (100 tokens) and keeps the 4-bit operator
+    (3 tokens); both agree with the float64 reference."""
+    from tilesparse.kernels.linear_q4 import HybridLinearQ4
+
+    p = q4_layer(256, 512, (128, 128), 128, seed=22).to("cuda")
+    layer = HybridLinearQ4(p, torch.randn(256, device="cuda"))
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch.no_grad():
+        for tokens in (100, 3):
+            x = torch.randn(tokens, 512, device="cuda").bfloat16()
+            want = reference(x, p, layer.bias.bfloat16())
+            assert rel_error(compiled(x), want) < 1e-2 and rel_error(layer(x), want) < 1e-2

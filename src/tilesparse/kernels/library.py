@@ -24,7 +24,10 @@ The 4-bit operator takes the layer's stored tensors (``PackedHybridQ4.STORED`` o
 in_features, tile_rows, tile_cols, group_size]``; its CUDA implementation finds the registered
 :class:`~.format_q4.PackedHybridQ4` the same way and runs :func:`q4_linear` (for 1-16 bfloat16/float16 tokens
 the sparse-tensor-core kernel of :mod:`.cuda_mma_q4` where it applies, else the Triton kernel of
-:mod:`.triton_q4`; the torch reference otherwise); on other devices it runs the torch reference.
+:mod:`.triton_q4`; above 16 tokens ``F.linear`` on the dequantized weight; the torch reference otherwise); on
+other devices it runs the torch reference. ``torch.ops.tilesparse.hybrid_unpack_q4`` returns a 4-bit layer's
+dequantized weight (the Triton kernel ``unpack_q4_kernel``); ``HybridLinearQ4`` uses it in compiled graphs above 16
+tokens (unless ``TILESPARSE_COMPILED_UNPACK=0``).
 """
 
 from __future__ import annotations
@@ -120,17 +123,25 @@ def _hybrid_unpack(packed: list[torch.Tensor], dims: list[int]) -> torch.Tensor:
     return out
 
 
-if _unpack_kernel is None:  # pragma: no cover - depends on the environment
-    hybrid_unpack_op = None
-elif not _interpreting():
-    hybrid_unpack_op = torch.library.triton_op("tilesparse::hybrid_unpack", mutates_args=())(_hybrid_unpack)
-else:  # Triton's CPU interpreter: its kernels cannot be traced into a graph, so the operator stays opaque there
-    hybrid_unpack_op = torch.library.custom_op("tilesparse::hybrid_unpack", mutates_args=())(_hybrid_unpack)
+def _hybrid_unpack_fake(packed, dims):
+    _check_counts(packed, dims)
+    return packed[OP_TENSORS.index("dn_vals")].new_empty(dims[0], dims[1])
 
-    @hybrid_unpack_op.register_fake
-    def _hybrid_unpack_fake(packed, dims):
-        _check_counts(packed, dims)
-        return packed[OP_TENSORS.index("dn_vals")].new_empty(dims[0], dims[1])
+
+def _triton_operator(name: str, fn, kernel, fake):
+    """``fn`` as the operator ``tilesparse::<name>``: a ``torch.library.triton_op``, or, under Triton's CPU
+    interpreter (whose kernels cannot be traced into a graph), an opaque custom operator with the fake
+    implementation ``fake``; ``None`` where ``kernel`` could not be imported."""
+    if kernel is None:  # pragma: no cover - depends on the environment
+        return None
+    if not _interpreting():
+        return torch.library.triton_op(f"tilesparse::{name}", mutates_args=())(fn)
+    op = torch.library.custom_op(f"tilesparse::{name}", mutates_args=())(fn)
+    op.register_fake(fake)
+    return op
+
+
+hybrid_unpack_op = _triton_operator("hybrid_unpack", _hybrid_unpack, _unpack_kernel, _hybrid_unpack_fake)
 
 
 _Q4_LAYERS: "weakref.WeakValueDictionary[tuple, object]" = weakref.WeakValueDictionary()
@@ -329,5 +340,55 @@ def _hybrid_linear_q4_fake(x, packed, bias, dims):
     return x.new_empty((*x.shape[:-1], dims[0]))
 
 
-__all__ = ["OP_TENSORS", "register_layer", "op_tensors", "hybrid_linear_op", "hybrid_unpack_op", "hybrid_linear_q4_op",
-           "q4_linear", "q4_kernel_applies", "q4_mma_applies", "q4_unpack_applies", "register_layer_q4"]
+try:  # (triton is optional: without it 4-bit layers run the torch reference)
+    from .triton_q4 import UNPACK_TENSORS as Q4_UNPACK_TENSORS
+    from .triton_q4 import unpack_q4_kernel as _unpack_q4_kernel
+except Exception:  # pragma: no cover - depends on the environment
+    _unpack_q4_kernel, Q4_UNPACK_TENSORS = None, ()
+
+
+def _check_counts_unpack_q4(tensors: list[torch.Tensor], dims: list[int]) -> None:
+    if len(tensors) != len(Q4_UNPACK_TENSORS) or len(dims) != 5:
+        raise ValueError(f"tilesparse::hybrid_unpack_q4 takes {len(Q4_UNPACK_TENSORS)} packed tensors and 5 "
+                         f"dimensions, got {len(tensors)} and {len(dims)}")
+
+
+def _hybrid_unpack_q4(x: torch.Tensor, packed: list[torch.Tensor], dims: list[int]) -> torch.Tensor:
+    """The 4-bit layer's dequantized masked weight ``[out_features, in_features]`` in ``x``'s dtype and on its
+    device, written by ``unpack_q4_kernel``: ``torch.ops.tilesparse.hybrid_unpack_q4``. ``packed``: the kernel's
+    tensors (:data:`Q4_UNPACK_TENSORS` order, derived tables included); ``dims``: ``[out_features, in_features,
+    tile_rows, tile_cols, group_size]``. A Triton operator, so that a compiled prefill launches the kernel itself
+    (``HybridLinearQ4`` above 16 tokens); under Triton's CPU interpreter an opaque custom operator."""
+    from .triton_q4 import unpack_q4_launch
+
+    _check_counts_unpack_q4(packed, dims)
+    out = torch.empty(dims[0], dims[1], dtype=x.dtype, device=x.device)
+    grid, args, consts = unpack_q4_launch(out, dict(zip(Q4_UNPACK_TENSORS, packed)), *dims)
+    torch.library.wrap_triton(_unpack_q4_kernel)[grid](*args, **consts)
+    return out
+
+
+def _hybrid_unpack_q4_fake(x, packed, dims):
+    _check_counts_unpack_q4(packed, dims)
+    return x.new_empty(dims[0], dims[1])
+
+
+hybrid_unpack_q4_op = _triton_operator("hybrid_unpack_q4", _hybrid_unpack_q4, _unpack_q4_kernel,
+                                       _hybrid_unpack_q4_fake)
+
+
+__all__ = [
+    "OP_TENSORS",
+    "Q4_UNPACK_TENSORS",
+    "hybrid_linear_op",
+    "hybrid_linear_q4_op",
+    "hybrid_unpack_op",
+    "hybrid_unpack_q4_op",
+    "op_tensors",
+    "q4_kernel_applies",
+    "q4_linear",
+    "q4_mma_applies",
+    "q4_unpack_applies",
+    "register_layer",
+    "register_layer_q4",
+]

@@ -10,8 +10,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..settings import setting
 from .format_q4 import PackedHybridQ4, pack_q4
-from .library import hybrid_linear_q4_op, q4_linear, register_layer_q4
+from .library import (Q4_KERNEL_DTYPES, Q4_KERNEL_MAX_TOKENS, Q4_UNPACK_TENSORS, hybrid_linear_q4_op,
+                      hybrid_unpack_q4_op, q4_linear, register_layer_q4)
+from .ops import interpreting
+
+_DERIVED = ("row_info", "q4_info", "tile_slot")  # the layout tables, kept as non-persistent buffers
 
 
 class HybridLinearQ4(nn.Module):
@@ -25,7 +30,10 @@ class HybridLinearQ4(nn.Module):
     kernel (the codes are read packed and dequantized in registers), of more tokens through ``F.linear`` on the
     weight dequantized on the GPU into a shared scratch buffer; otherwise (the CPU) through the torch reference,
     which dequantizes the whole weight on each call (this layer then saves memory, not time). Under
-    ``torch.compile`` it is one ``torch.ops.tilesparse.hybrid_linear_q4`` node.
+    ``torch.compile`` it is one ``torch.ops.tilesparse.hybrid_linear_q4`` node, except for CUDA inputs of more than
+    16 tokens: ``F.linear`` on ``torch.ops.tilesparse.hybrid_unpack_q4`` (unless ``TILESPARSE_COMPILED_UNPACK=0``),
+    whose kernel the compiler launches itself. The layout tables that kernel reads (``row_info``, ``q4_info``,
+    ``tile_slot``) are non-persistent buffers ``packed_<name>``: not saved, rebuilt from the tile map.
     """
 
     def __init__(self, packed: PackedHybridQ4, bias: torch.Tensor | None = None):
@@ -35,13 +43,21 @@ class HybridLinearQ4(nn.Module):
         self.group_size = packed.group_size
         for name, t in packed.stored_tensors().items():
             self.register_buffer(f"packed_{name}", t)
+        for name in _DERIVED:
+            self.register_buffer(f"packed_{name}", getattr(packed, name), persistent=False)
         if bias is not None:
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         else:
             self.register_parameter("bias", None)
         self._dims = [self.out_features, self.in_features, *self.tile, self.group_size]
         self._packed_cache = packed
+        self._unpack_in_graph = self._unpack_route()
         register_layer_q4(packed)
+
+    def _unpack_route(self) -> bool:
+        """Whether compiled graphs run more than 16 tokens as ``F.linear`` on ``tilesparse::hybrid_unpack_q4``
+        (read when the layer is built or moved)."""
+        return hybrid_unpack_q4_op is not None and setting("compiled_unpack") and self.tile[1] % 8 == 0
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, quantized, tile_kinds: torch.Tensor, mask24: torch.Tensor | None,
@@ -66,6 +82,8 @@ class HybridLinearQ4(nn.Module):
         if c is None or any(getattr(c, n) is not t for n, t in zip(PackedHybridQ4.STORED, ts)):
             c = PackedHybridQ4(*self._dims, **dict(zip(PackedHybridQ4.STORED, ts)))
             self._packed_cache = c
+            for name in _DERIVED:  # (the tables of the tensors now held; same values unless the tile map changed)
+                self._buffers[f"packed_{name}"] = getattr(c, name)
             register_layer_q4(c)
         return c
 
@@ -84,6 +102,7 @@ class HybridLinearQ4(nn.Module):
             self._buffers["packed_scales"] = scales.to(moved.device)
         if not moved.is_meta:
             self.packed  # noqa: B018 -- new buffers: rebuild and register the view now, not inside a traced forward
+        self._unpack_in_graph = self._unpack_route()
         return out
 
     @property
@@ -96,6 +115,10 @@ class HybridLinearQ4(nn.Module):
             raise ValueError(f"input's last dimension is {x.shape[-1]}, the layer expects in_features="
                              f"{self.in_features}")
         if torch.compiler.is_compiling():
+            if (self._unpack_in_graph and x.dtype in Q4_KERNEL_DTYPES and (x.is_cuda or interpreting())
+                    and x.numel() > Q4_KERNEL_MAX_TOKENS * self.in_features):
+                w = hybrid_unpack_q4_op(x, [self._buffers[f"packed_{n}"] for n in Q4_UNPACK_TENSORS], self._dims)
+                return torch.nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
             return hybrid_linear_q4_op(x, self._tensors(), self.bias, self._dims)
         return q4_linear(x, self.packed, self.bias)
 

@@ -515,6 +515,26 @@ def unpack_q4_kernel(
         tl.store(out_ptr + rows[:, None] * K + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+def unpack_q4_launch(out: torch.Tensor, tensors, N: int, K: int, tile_rows: int, tile_cols: int, group_size: int,
+                     bn: int = 32, bk: int = 64) -> tuple:
+    """``unpack_q4_kernel``'s launch for an ``N x K`` 4-bit layer (``tile_rows x tile_cols`` tiles, groups of
+    ``group_size`` columns) writing ``out``: ``(grid, args, constexprs)``, the layer's tensors (stored and derived)
+    taken by name from the mapping ``tensors`` (``BN`` / ``BK``: the largest powers of two dividing the tile, at
+    most ``bn`` / ``bk``)."""
+    bn = _largest_pow2_divisor_le(tile_rows, bn)
+    bk = _largest_pow2_divisor_le(tile_cols, bk)
+    if bk < 8:
+        raise ValueError(f"unpack_q4_kernel: tile width {tile_cols} has no power-of-two divisor >= 8")
+    n_tc = -(-K // tile_cols)
+    grid = (-(-N // tile_rows) * (tile_rows // bn), n_tc)
+    args = (out, *(tensors[n] for n in UNPACK_TENSORS), N, K, -(-K // group_size), group_size, n_tc)
+    return grid, args, {"TILE_R": tile_rows, "TILE_C": tile_cols, "BN": bn, "BK": bk}
+
+
+UNPACK_TENSORS = ("sp_codes", "sp_meta", "dn_codes", "tile_kinds", "tile_slot", "row_info", "q4_info", "scales",
+                  "zeros")  # unpack_q4_kernel's tensor arguments after ``out``, in order
+
+
 def unpack_q4_triton(packed: PackedHybridQ4, out: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16,
                      bn: int = 32, bk: int = 64) -> torch.Tensor:
     """The dequantized masked weight ``[out_features, in_features]`` written on the layer's device by
@@ -525,19 +545,11 @@ def unpack_q4_triton(packed: PackedHybridQ4, out: torch.Tensor | None = None, dt
         out = torch.empty(N, K, dtype=dtype, device=packed.device)
     if tuple(out.shape) != (N, K) or not out.is_contiguous():
         raise ValueError(f"unpack_q4_triton: out must be a contiguous [{N}, {K}] tensor, got {tuple(out.shape)}")
-    bn = _largest_pow2_divisor_le(packed.tile_rows, bn)
-    bk = _largest_pow2_divisor_le(packed.tile_cols, bk)
-    if bk < 8:
-        raise ValueError(f"unpack_q4_triton: tile width {packed.tile_cols} has no power-of-two divisor >= 8")
-    n_tc = packed.grid.n_cols
-    grid = (packed.grid.n_rows * (packed.tile_rows // bn), n_tc)
-    unpack_q4_kernel[grid](
-        out, packed.sp_codes, packed.sp_meta, packed.dn_codes, packed.tile_kinds, packed.tile_slot, packed.row_info,
-        packed.q4_info, packed.scales, packed.zeros, N, K, packed.n_groups, packed.group_size, n_tc,
-        TILE_R=packed.tile_rows, TILE_C=packed.tile_cols, BN=bn, BK=bk,
-    )
+    grid, args, consts = unpack_q4_launch(out, vars(packed), N, K, packed.tile_rows, packed.tile_cols,
+                                          packed.group_size, bn, bk)
+    unpack_q4_kernel[grid](*args, **consts)
     return out
 
 
-__all__ = ["MAX_TOKENS", "default_q4_config", "hybrid_q4_kernel", "q4_linear_triton", "unpack_q4_kernel",
-           "unpack_q4_triton"]
+__all__ = ["MAX_TOKENS", "UNPACK_TENSORS", "default_q4_config", "hybrid_q4_kernel", "q4_linear_triton",
+           "unpack_q4_kernel", "unpack_q4_launch", "unpack_q4_triton"]
