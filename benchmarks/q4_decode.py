@@ -57,9 +57,9 @@ MMA_CANDIDATES = {  # tokens -> q4_mma_linear keywords over default_config's (th
          {"warps": 4, "sb": 4, "split": 2}, {"warps": 4, "sb": 4, "split": 4},
          {"warps": 4, "sb": 2, "split": 2, "qst": 3}, {"warps": 4, "sb": 1, "split": 4, "qst": 4}],
 }
-# Bytes in flight, not the dequantization, held the default near 870 GB/s (docs/NOTEBOOK.md, "4-bit"): sb=4 holds
-# twice the code bytes per warp in registers (their limit: 128 per thread); qst > 0 keeps qst - 1 batches in
-# flight through shared memory instead.
+# sb=4 holds twice the code bytes per warp in registers (their limit: 128 per thread); qst > 0 keeps qst - 1 batches
+# in flight through shared memory instead. Neither lifted the default's ~870 GB/s on the H100 (docs/NOTEBOOK.md,
+# "4-bit"), so bytes in flight are not what holds it there.
 
 
 def packed_layer(N: int, K: int, frac_sparse: float, group: int, device, seed: int = 0):

@@ -30,10 +30,11 @@ variable                       default       meaning
                                              sparse-tensor-core kernel (``kernels.cuda_mma_q4``)
                                              would apply.
 ``TILESPARSE_COMPILED_UNPACK`` ``1``         ``0``: under ``torch.compile``, a hybrid layer given more than
-                                             64 tokens is one ``tilesparse::hybrid_linear`` call rather than
-                                             ``F.linear`` on the ``tilesparse::hybrid_unpack`` Triton
-                                             operator (which the compiler launches itself); read when a
-                                             layer is built or moved.
+                                             64 tokens (a 4-bit one: more than 16) is one
+                                             ``tilesparse::hybrid_linear`` (``_q4``) call rather than
+                                             ``F.linear`` on the ``tilesparse::hybrid_unpack`` (``_q4``)
+                                             Triton operator (which the compiler launches itself); read
+                                             when a layer is built or moved.
 ``TILESPARSE_FUSED_MASK``      ``auto``      Fused Triton mask kernels while learning: ``1``/``on``/
                                              ``true``/``yes``, ``0``/``off``/``false``/``no``, or
                                              ``auto`` (on for CUDA weights when Triton imports).
@@ -142,9 +143,9 @@ class Settings(BaseSettings):
         True, description="4-bit layers run the CUDA sparse-tensor-core kernel (kernels.cuda_mma_q4) where it "
                           "applies instead of the Triton kernel (0: Triton only). Default 1.")
     compiled_unpack: Annotated[bool, _switch(True)] = Field(
-        True, description="Under torch.compile, hybrid layers given more than 64 tokens run as F.linear on the "
-                          "tilesparse::hybrid_unpack Triton operator, launched by the compiler (0: one "
-                          "tilesparse::hybrid_linear call). Default 1.")
+        True, description="Under torch.compile, hybrid layers given more than 64 tokens (4-bit ones: more than 16) "
+                          "run as F.linear on the tilesparse::hybrid_unpack(_q4) Triton operator, launched by the "
+                          "compiler (0: one tilesparse::hybrid_linear(_q4) call). Default 1.")
     fused_mask: Annotated[bool | None, BeforeValidator(_fused_mask)] = Field(
         None, description="Fused Triton mask kernels while learning: 1/on/true/yes, 0/off/false/no or auto "
                           "(None: on for CUDA weights when Triton imports). Default auto.")
