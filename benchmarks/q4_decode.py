@@ -49,17 +49,13 @@ CANDIDATES = {  # tokens -> launcher keywords (the default, {}, first)
          {"ts": 2, "td": 2, "warps": 8}],
 }
 MMA_CANDIDATES = {  # tokens -> q4_mma_linear keywords over default_config's (the default, {}, first)
-    1: [{}, {"warps": 4, "sb": 2, "split": 1}, {"warps": 4, "sb": 1, "split": 4}, {"warps": 8, "sb": 2, "split": 2},
-        {"warps": 4, "sb": 4, "split": 2}, {"warps": 4, "sb": 4, "split": 4},
-        {"warps": 4, "sb": 2, "split": 2, "qst": 4}, {"warps": 4, "sb": 2, "split": 4, "qst": 4},
-        {"warps": 8, "sb": 1, "split": 2, "qst": 4}],
-    16: [{}, {"warps": 4, "sb": 2, "split": 1}, {"warps": 8, "sb": 1, "split": 2}, {"warps": 4, "sb": 2, "split": 4},
-         {"warps": 4, "sb": 4, "split": 2}, {"warps": 4, "sb": 4, "split": 4},
-         {"warps": 4, "sb": 2, "split": 2, "qst": 3}, {"warps": 4, "sb": 1, "split": 4, "qst": 4}],
+    1: [{}, {"pf": 0}, {"pf": 2}, {"pf": 4}, {"pf": 8}, {"sb": 1, "pf": 8}, {"split": 2, "pf": 0},
+        {"split": 2, "pf": 4}, {"qst": 4, "pf": 0}],
+    16: [{}, {"pf": 0}, {"pf": 2}, {"pf": 4}, {"sb": 1, "pf": 4}, {"split": 2, "pf": 0}, {"qst": 3, "pf": 0}],
 }
-# sb=4 holds twice the code bytes per warp in registers (their limit: 128 per thread); qst > 0 keeps qst - 1 batches
-# in flight through shared memory instead. Neither lifted the default's ~870 GB/s on the H100 (docs/NOTEBOOK.md,
-# "4-bit"), so bytes in flight are not what holds it there.
+# pf: the code bytes of the batch pf + 1 ahead prefetched into L2 (0: none, the registers' one batch in flight only);
+# qst > 0 keeps qst - 1 batches in flight through shared memory instead. split=2 is what the earlier split rule
+# (about two blocks per multiprocessor) chose for 11008x4096 on the H100; the default fills one wave.
 
 
 def packed_layer(N: int, K: int, frac_sparse: float, group: int, device, seed: int = 0):
@@ -96,8 +92,8 @@ def mma_runs(p, M: int, cfgs) -> list:
         return []
     default = cq.default_config(M, p, cm._sm_count(p.device))
     full = list(dict.fromkeys(tuple(sorted({**default, **cfg}.items())) for cfg in cfgs))
-    cm.precompile({cq.MmaQ4Key(True, cm.octets(M), c["warps"], c["sb"], False, c.get("qst", 0))
-                   for c in map(dict, full)})
+    cm.precompile({cq.MmaQ4Key(True, cm.octets(M), c["warps"], c["sb"], False, c.get("qst", 0),
+                               c.get("pf", 0)) for c in map(dict, full)})
     return [("mma " + label(dict(c)) + (" (default)" if dict(c) == default else ""),
              lambda x, c=dict(c): cq.q4_mma_linear(x, p, None, **c)) for c in full]
 

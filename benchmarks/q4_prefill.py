@@ -36,6 +36,8 @@ def main() -> int:
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--reps", type=int, default=10, help="launches per CUDA graph")
     ap.add_argument("--rounds", type=int, default=9, help="graph replays (the median is kept)")
+    ap.add_argument("--blocks", default="", help="unpack kernel block shapes to time as well, BNxBK comma "
+                    "separated (e.g. 64x64,128x128); in the JSON and printed")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -53,6 +55,16 @@ def main() -> int:
             unpack_err = rel_error(unpack_q4_triton(p, w_out), W)
             t_unpack = 1e3 * ops.time_cold(lambda p=p, w=w_out: unpack_q4_triton(p, w), dev, args.reps, args.rounds)
             moved = p.nbytes() + N * K * 2
+            sweep = {}
+            for blk in [b for b in args.blocks.split(",") if b]:
+                bn, bk = (int(v) for v in blk.split("x"))
+                e = rel_error(unpack_q4_triton(p, w_out, bn=bn, bk=bk), W)
+                if not e < TOL:
+                    failed.append(f"{name} unpack {blk}: {e:.1e}")
+                    continue
+                sweep[blk] = round(1e3 * ops.time_cold(lambda p=p, w=w_out, bn=bn, bk=bk: unpack_q4_triton(p, w, bn=bn,
+                                   bk=bk), dev, args.reps, args.rounds), 1)
+                print(f"  {name} unpack {blk}: {sweep[blk]} us ({moved / sweep[blk] / 1e3:.0f} GB/s)", flush=True)
             for M in [int(t) for t in args.tokens.split(",") if t]:
                 x = torch.randn(M, K, device=dev).to(torch.bfloat16)
                 assert q4_unpack_applies(x, p), "q4_linear would not take the unpack route here"
@@ -64,6 +76,8 @@ def main() -> int:
                 rows.append({"row": f"{name} M={M}", "max rel err": f"{err:.1e}", "unpack us": f"{t_unpack:.1f}",
                              "unpack GB/s": f"{moved / t_unpack / 1e3:.0f}", "q4 prefill us": f"{t_q4:.1f}",
                              "cuBLAS bf16 us": f"{t_cb:.1f}", "vs cuBLAS": f"{t_cb / t_q4:.2f}x"})
+                if sweep:
+                    rows[-1]["unpack us by block"] = sweep  # in the JSON only
                 print(rows[-1], flush=True)
     head = (f"# 4-bit layers at prefill sizes vs cuBLAS bf16 ({torch.cuda.get_device_name(dev)})\n\n"
             f"Measured {datetime.date.today().isoformat()}, torch {torch.__version__}, triton {triton.__version__}. "

@@ -12,6 +12,8 @@ On a GPU the kernel is checked by ``benchmarks/q4_decode.py`` (passed on the H10
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import mma_emulator as emu
 import pytest
 import torch
@@ -51,12 +53,13 @@ def test_staged_source_compiles_to_ptx(key):
     assert f"cp.async.wait_group {key.qst - 2};" in ptx and "ld.global.nc.v2.u32" not in ptx
 
 
-@pytest.mark.parametrize("M,warps,sb,qst", [(1, 4, 2, 0), (1, 4, 1, 0), (1, 8, 1, 0), (16, 4, 2, 0), (16, 4, 4, 0),
-                                            (16, 8, 1, 0), (64, 4, 1, 0), (1, 4, 2, 4), (1, 8, 1, 4), (16, 4, 2, 3),
-                                            (16, 4, 1, 4)])
-def test_no_register_spills_on_sm90(M, warps, sb, qst):
+@pytest.mark.parametrize("M,warps,sb,qst,pf", [(1, 4, 2, 0, 0), (1, 4, 1, 0, 0), (1, 8, 1, 0, 0), (16, 4, 2, 0, 0),
+                                               (16, 8, 1, 0, 0), (64, 4, 1, 0, 0), (1, 4, 2, 4, 0), (16, 4, 2, 3, 0),
+                                               (1, 4, 2, 0, 2), (1, 4, 2, 0, 4), (1, 4, 2, 0, 8), (1, 4, 1, 0, 8),
+                                               (16, 4, 2, 0, 4), (16, 4, 1, 0, 4)])
+def test_no_register_spills_on_sm90(M, warps, sb, qst, pf):
     """The default configurations (``default_config``) and the benchmark's candidates fit 128 registers."""
-    assert_no_spills_sm90(cq.MmaQ4Key(True, cm.octets(M), warps, sb, False, qst))
+    assert_no_spills_sm90(cq.MmaQ4Key(True, cm.octets(M), warps, sb, False, qst, pf))
 
 
 def test_keys_and_sources():
@@ -75,13 +78,13 @@ def emu_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("mma_emu")
 
 
-def _emulate_q4(emu_dir, p, x, bias, warps, split, sb, source=None, seed=0, qst=0):
+def _emulate_q4(emu_dir, p, x, bias, warps, split, sb, source=None, seed=0, qst=0, pf=0):
     """The 4-bit kernel's output in emulation (launch parameters from ``launch_plan``, bound as ``MmaLaunch``
     binds them), and the split-K workspace and counters after the launch."""
     M, N = x.shape[0], p.out_features
     ws = torch.zeros(M * N)
     cnt = torch.zeros(p.grid.n_rows * (p.tile_rows // (16 * warps)), dtype=torch.int32)
-    key, grid, block, args = cq.launch_plan(p, M, x.dtype, bias is not None, warps, split, sb, ws, cnt, qst)
+    key, grid, block, args = cq.launch_plan(p, M, x.dtype, bias is not None, warps, split, sb, ws, cnt, qst, pf)
     out = torch.full((M, N), float("nan"), dtype=x.dtype)
     args[:5] = [x, out, bias if bias is not None else out] + ([ws, cnt] if split > 1 else [out, out])
     args[cq.I_SX:cq.I_SX + 2] = [x.stride(0), out.stride(0)]
@@ -100,7 +103,7 @@ def _rows_layer():
     return q4_layer(256, 512, (64, 128), 128, kinds=kinds, seed=5)
 
 
-Q4_CASES = [  # (layer, tokens, dtype, bias, warps, split, sb[, qst])
+Q4_CASES = [  # (layer, tokens, dtype, bias, warps, split, sb[, qst[, pf]])
     (lambda: q4_layer(256, 512, (128, 128), 128, seed=1), 1, torch.bfloat16, False, 4, 1, 2),
     # last tile-row of 80 rows (three idle warps in its second chunk), a 64-column edge tile; split-K
     (lambda: q4_layer(208, 576, (128, 128), 64, seed=2), 9, torch.float16, True, 4, 2, 1),
@@ -120,17 +123,23 @@ Q4_CASES = [  # (layer, tokens, dtype, bias, warps, split, sb[, qst])
      4, 3, 1, 3),
     (_rows_layer, 9, torch.bfloat16, True, 2, 1, 2, 3),
     (lambda: q4_layer(256, 512, (128, 128), 128, seed=11), 40, torch.bfloat16, False, 8, 1, 1, 2),
+    # L2 prefetches of the batch pf ahead: past the block's end (left out), one step per batch, four
+    (lambda: q4_layer(256, 1216, (128, 64), 64, frac_sparse=0.5, seed=12), 1, torch.bfloat16, True, 4, 2, 2, 0, 4),
+    (_rows_layer, 16, torch.float16, False, 4, 1, 1, 0, 2),
+    (lambda: q4_layer(192, 1280, (64, 128), 128, frac_sparse=0.5, frac_zero=0.1, seed=13), 3, torch.bfloat16, False,
+     4, 3, 4, 0, 8),
 ]
 
 
 @pytest.mark.parametrize("case", range(len(Q4_CASES)))
 def test_q4_kernel_matches_reference_in_emulation(emu_dir, case):
-    make, M, dtype, has_bias, warps, split, sb, *qst = Q4_CASES[case]
+    make, M, dtype, has_bias, warps, split, sb, *pipe = Q4_CASES[case]
+    qst, pf = (*pipe, 0, 0)[:2]
     p = make()
     g = torch.Generator().manual_seed(case)
     x = torch.randn(M, p.in_features, generator=g).to(dtype)
     bias = torch.randn(p.out_features, generator=g).to(dtype) if has_bias else None
-    out, ws, cnt = _emulate_q4(emu_dir, p, x, bias, warps, split, sb, seed=case, qst=qst[0] if qst else 0)
+    out, ws, cnt = _emulate_q4(emu_dir, p, x, bias, warps, split, sb, seed=case, qst=qst, pf=pf)
     assert rel_error(out, _q4_reference(x, p, bias)) < TOL
     assert not ws.any() and not cnt.any()  # split-K leaves its workspace and counters zero
 
@@ -156,8 +165,7 @@ def test_emulation_reproduces_the_gpu_checked_v7_kernel(emu_dir, dtype, M, warps
 
 
 MUTATIONS = {  # a wrong layout each (source text -> replacement): the emulated kernel must miss the reference
-    "the 16-bit kernel's dense x order": ("            tt = e >> 4;\n",
-                                          "            tt = (e >> 3) & 3;\n            half = e >> 5;\n"),
+    "the 16-bit kernel's dense x order": ("const int o_dn = DENSE_ORDER == 0 ?", "const int o_dn = DENSE_ORDER < 2 ?"),
     "a byte's two codes swapped": ("i | ((i + 4) << 8)", "(i + 4) | (i << 8)"),
     "dense sub-steps 0-1 and 2-3 swapped": ("dequant_word(c.x, sg, zg), dequant_word(c.z, sg8, zg8), dequant_word(c.y",
                                             "dequant_word(c.y, sg, zg), dequant_word(c.z, sg8, zg8), dequant_word(c.x"),
@@ -233,6 +241,10 @@ def test_launch_plan_checks_the_configuration():
     with pytest.raises(ValueError, match="more than 512 steps"):
         cq.launch_plan(wide, 1, bf, False, 1, 1, 2, None, None)
     cq.launch_plan(wide, 1, bf, False, 1, 2, 2, torch.zeros(16), torch.zeros(1, dtype=torch.int32))
+    for qst, pf in ((0, 17), (0, -1), (3, 2)):  # prefetches: 0-16 batches, only with the codes in registers
+        with pytest.raises(ValueError, match="prefetched batches"):
+            cq.launch_plan(p, 1, bf, False, 4, 1, 1, None, None, qst, pf)
+    assert cq.launch_plan(p, 1, bf, False, 4, 1, 2, None, None, 0, 4)[0].name.endswith("_s2_p4")
 
 
 @pytest.mark.parametrize("dtype,neg_magic", [(torch.bfloat16, 0xC300), (torch.float16, 0xE400)])
@@ -254,14 +266,22 @@ def test_param_table_holds_each_rows_scale_and_zero(dtype, neg_magic):
 
 def test_default_config():
     p = q4_layer(256, 1024, (128, 128), 128)
-    assert cq.default_config(1, p, 132) == {"warps": 4, "split": 2, "sb": 2}  # 4 chunks; 16 steps -> split <= 2
-    assert cq.default_config(40, p, 1) == {"warps": 4, "split": 1, "sb": 1}
+    pf = cq.PREFETCH
+    assert cq.default_config(1, p, 132) == {"warps": 4, "split": 2, "sb": 2, "pf": pf}  # 16 steps -> split <= 2
+    assert cq.default_config(40, p, 1) == {"warps": 4, "split": 1, "sb": 1, "pf": pf}
+    # LLaMA-2-7B layers of 128-row tiles on 132 multiprocessors: split-K fills one wave of 4 blocks per SM (528)
+    for n_rows, k, split in ((86, 4096, 3), (32, 4096, 8), (32, 11008, 8)):
+        shape = SimpleNamespace(tile_rows=128, grid=SimpleNamespace(n_rows=n_rows), in_features=k)
+        cfg = cq.default_config(1, shape, 132)
+        assert cfg["split"] == split and n_rows * 2 * split <= 528 < n_rows * 2 * (split + 1)
+    assert cq.default_config(1, SimpleNamespace(tile_rows=128, grid=SimpleNamespace(n_rows=32), in_features=512),
+                             132)["split"] == 1  # 8 steps: a block keeps at least 8
     assert cq.default_config(1, q4_layer(96, 1024, (32, 128), 128), 4)["warps"] == 2
     assert cq.default_config(1, q4_layer(48, 1024, (48, 128), 128), 4)["warps"] == 1
     for M, q in ((1, p), (64, q4_layer(48, 1024, (48, 128), 128))):
         cfg = cq.default_config(M, q, 132)
         cq.launch_plan(q, M, torch.bfloat16, False, cfg["warps"], cfg["split"], cfg["sb"],
-                       torch.zeros(M * q.out_features), torch.zeros(64, dtype=torch.int32))
+                       torch.zeros(M * q.out_features), torch.zeros(64, dtype=torch.int32), pf=cfg["pf"])
 
 
 # ---------------------------------------------------------------- the switch in library.q4_linear

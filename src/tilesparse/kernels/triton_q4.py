@@ -461,12 +461,14 @@ def q4_linear_triton(x2: torch.Tensor, packed: PackedHybridQ4, bias: torch.Tenso
 def unpack_q4_kernel(
     out_ptr, sp_codes_ptr, sp_meta_ptr, dn_codes_ptr, kinds_ptr, slot_ptr, row_info_ptr, q4_info_ptr,
     scales_ptr, zeros_ptr, N, K, NG, GS, n_tile_cols,
-    TILE_R: tl.constexpr, TILE_C: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    TILE_R: tl.constexpr, TILE_C: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ONE_GROUP: tl.constexpr,
 ):
     """Write the dequantized masked weight ``[N, K]`` (row-major, in ``out``'s dtype) of a 4-bit packed layer;
     one program per ``BN`` rows x one tile. A 2:4 tile's codes are expanded with an offset of one, so that the
-    positions the metadata leaves empty read 0 and dequantize to 0. (The branches name their tensors apart: the
-    compiler, unlike the interpreter, merges a name assigned in both branches and needs one shape for it.)"""
+    positions the metadata leaves empty read 0 and dequantize to 0. ``ONE_GROUP``: ``BK`` divides the group size,
+    so each ``BK``-column chunk lies in one quantization group and a row's scale and zero point are loaded once per
+    chunk instead of per element. (The branches name their tensors apart: the compiler, unlike the interpreter,
+    merges a name assigned in both branches and needs one shape for it.)"""
     pid_n = tl.program_id(0)
     c = tl.program_id(1)
     BPT: tl.constexpr = TILE_R // BN
@@ -486,9 +488,14 @@ def unpack_q4_kernel(
         if kind == 2:
             w = tl.zeros((BN, BK), dtype=tl.float32)
         else:
-            grp = cols // GS
-            s = tl.load(scales_ptr + srow[:, None] + grp[None, :], mask=ok, other=0.0).to(tl.float32)
-            z = tl.load(zeros_ptr + srow[:, None] + grp[None, :], mask=ok, other=0).to(tl.float32)
+            if ONE_GROUP:
+                g1 = (c * TILE_C + kc) // GS
+                s = tl.load(scales_ptr + srow + g1, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+                z = tl.load(zeros_ptr + srow + g1, mask=row_ok, other=0).to(tl.float32)[:, None]
+            else:
+                grp = cols // GS
+                s = tl.load(scales_ptr + srow[:, None] + grp[None, :], mask=ok, other=0.0).to(tl.float32)
+                z = tl.load(zeros_ptr + srow[:, None] + grp[None, :], mask=ok, other=0).to(tl.float32)
             if kind == 0:
                 kk = slot * TILE_C + kc
                 s_stride = tl.load(qi + _QI_SP_STRIDE)
@@ -528,7 +535,8 @@ def unpack_q4_launch(out: torch.Tensor, tensors, N: int, K: int, tile_rows: int,
     n_tc = -(-K // tile_cols)
     grid = (-(-N // tile_rows) * (tile_rows // bn), n_tc)
     args = (out, *(tensors[n] for n in UNPACK_TENSORS), N, K, -(-K // group_size), group_size, n_tc)
-    return grid, args, {"TILE_R": tile_rows, "TILE_C": tile_cols, "BN": bn, "BK": bk}
+    return grid, args, {"TILE_R": tile_rows, "TILE_C": tile_cols, "BN": bn, "BK": bk,
+                        "ONE_GROUP": group_size % bk == 0}
 
 
 UNPACK_TENSORS = ("sp_codes", "sp_meta", "dn_codes", "tile_kinds", "tile_slot", "row_info", "q4_info", "scales",

@@ -93,9 +93,10 @@ extern "C" __global__ void __launch_bounds__(TPB, MIN_BLOCKS) KNAME(
     const int nsteps = s_end - s_beg;
     for (int i = tid; i < nsteps; i += TPB)
         s_cb[i] = step_column(s_beg + i, n_sp, sp_cols, dn_cols, sp_p0, dn_p0, log2_tc);
+    zero_x(xs, 2 * XS_WORDS, tid, TPB);
     __syncthreads();
-    // x of a batch -> shared memory in fragment order (stage_x, mma_common.cuh), by 4-byte cp.async
-    // (tokens >= M are zero-filled)
+    // x of a batch (its tokens < M) -> shared memory in fragment order (stage_x, mma_common.cuh), by 4-byte
+    // cp.async
     auto stage = [&](int sb0, u32* dst) {
         stage_x<0>(dst, x, s_cb, sb0, SB, s_beg, s_end, n_sp, M, sx, tid, TPB);
     };

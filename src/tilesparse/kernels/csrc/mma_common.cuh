@@ -24,6 +24,12 @@ __device__ __forceinline__ uint2 ldg8(const void* p) {
     return v;
 }
 
+// a hint: fetch the line holding p into L2 (no register, no scoreboard; the load that later reads it waits only
+// for L2)
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+    asm volatile("prefetch.global.L2 [%0];" :: "l"(p));
+}
+
 // programmatic dependent launch (sm_90; both are no-ops for a kernel launched without it, cuda_mma._launch):
 // wait until the grids this one depends on have finished and their writes are visible -- every thread calls it
 // before its first read of x or first write of out / ws / cnt; and let the next grid be scheduled
@@ -107,39 +113,37 @@ __device__ __forceinline__ int step_column(int st, int n_sp, const int* __restri
 }
 
 // x of the block's steps sb0 .. sb0 + sb - 1 (at most; steps from s_beg, their first input columns in s_cb) ->
-// shared memory in the MMA's fragment order [step][octet][half][lane][4 words], by 4-byte cp.async (tokens >= M
-// zero-filled), one commit group; by nthr threads. 2:4 steps: x column e (even) = 32a + 16h + 8s + 4bb + 2c goes
-// to MMA s, quad position 2h + c, register a + 2bb. Dense steps, DENSE_ORDER 0 (v7): e = 32u + 8t + 2j to
-// sub-step u, quad position t, word j; 1 (the 4-bit kernel): e = 16t + 8h + 2j to half h, quad position t, word j.
+// shared memory in the MMA's fragment order [step][octet][half][lane][4 words], by 4-byte cp.async, one commit
+// group; by nthr threads. Only tokens < M are copied: the token columns past M stay as zero_x left them (they
+// only reach outputs that are never written). 2:4 steps: x column e (even) = 32a + 16h + 8s + 4bb + 2c goes to
+// MMA s, quad position 2h + c, register a + 2bb. Dense steps, DENSE_ORDER 0 (v7): e = 32u + 8t + 2j to sub-step
+// u, quad position t, word j; 1 (the 4-bit kernel): e = 16t + 8h + 2j to half h, quad position t, word j.
 template <int DENSE_ORDER>
 __device__ __forceinline__ void stage_x(u32* dst, const u16* __restrict__ x, const int* s_cb, int sb0, int sb,
                                         int s_beg, int s_end, int n_sp, int M, int sx, int tid, int nthr) {
+    // nthr % 32 == 0: a thread copies the same column pair e = 2 * lane of every token it stages, token
+    // (tid >> 5) + k * (nthr >> 5); its word's place in a token's 16 x 16 fragment block, per kind of step
+    const int e = 2 * (tid & 31);
+    const int o_sp = ((e >> 3) & 1) * 128 + (2 * ((e >> 4) & 1) + ((e >> 1) & 1)) * 4 + (e >> 5) + 2 * ((e >> 2) & 1);
+    const int o_dn = DENSE_ORDER == 0 ? (e >> 5) * 128 + ((e >> 3) & 3) * 4 + ((e >> 1) & 3)
+                                      : ((e >> 3) & 1) * 128 + (e >> 4) * 4 + ((e >> 1) & 3);
     const int nbb = min(sb, s_end - sb0);
-    for (int idx = tid; idx < nbb * NOCT * 256; idx += nthr) {
-        const int e = 2 * (idx & 31);
-        const int n = (idx >> 5) & (NOCT * 8 - 1);
-        const int i = idx / (NOCT * 256);
-        int half, tt, reg;
-        if (sb0 + i < n_sp) {
-            half = (e >> 3) & 1;
-            tt = 2 * ((e >> 4) & 1) + ((e >> 1) & 1);
-            reg = (e >> 5) + 2 * ((e >> 2) & 1);
-        } else if (DENSE_ORDER == 0) {
-            half = e >> 5;
-            tt = (e >> 3) & 3;
-            reg = (e >> 1) & 3;
-        } else {
-            half = (e >> 3) & 1;
-            tt = e >> 4;
-            reg = (e >> 1) & 3;
+    for (int i = 0; i < nbb; ++i) {
+        const int off = i * NOCT * 256 + (sb0 + i < n_sp ? o_sp : o_dn);
+        const u16* xi = x + s_cb[sb0 - s_beg + i] + e;
+        for (int n = tid >> 5; n < M; n += nthr >> 5) {
+            const u32 da = (u32)__cvta_generic_to_shared(dst + off + (n >> 3) * 256 + (n & 7) * 16);
+            const u16* src = xi + (long long)n * sx;
+            asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(da), "l"(src), "r"(4));
         }
-        const u32* d = dst + ((i * NOCT + (n >> 3)) * 2 + half) * 128 + ((n & 7) * 4 + tt) * 4 + reg;
-        const bool ok = n < M;
-        const u16* src = x + (ok ? (long long)n * sx + s_cb[sb0 - s_beg + i] + e : 0);
-        const u32 da = (u32)__cvta_generic_to_shared(d);
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(da), "l"(src), "r"(ok ? 4 : 0));
     }
     asm volatile("cp.async.commit_group;");
+}
+
+// zero the x buffers (words 32-bit words) once, before the block's first barrier: stage_x leaves the token
+// columns past M untouched
+__device__ __forceinline__ void zero_x(u32* xs, int words, int tid, int nthr) {
+    for (int i = tid; i < words; i += nthr) xs[i] = 0u;
 }
 
 // lane t's start in row rg of a tile-row: its 16 bytes of the 2:4 and dense values, the row's metadata
