@@ -128,6 +128,11 @@ Q4_CASES = [  # (layer, tokens, dtype, bias, warps, split, sb[, qst[, pf]])
     (_rows_layer, 16, torch.float16, False, 4, 1, 1, 0, 2),
     (lambda: q4_layer(192, 1280, (64, 128), 128, frac_sparse=0.5, frac_zero=0.1, seed=13), 3, torch.bfloat16, False,
      4, 3, 4, 0, 8),
+    # groups of 32 and 16: a thread's columns of a step in the group 16t / GS past the step's first
+    (lambda: q4_layer(256, 640, (128, 128), 32, frac_sparse=0.5, frac_zero=0.1, seed=14), 1, torch.bfloat16, True,
+     4, 2, 2, 0, 4),
+    (lambda: q4_layer(192, 512, (64, 64), 32, frac_sparse=0.5, seed=15), 16, torch.float16, False, 4, 1, 1),
+    (lambda: q4_layer(128, 512, (128, 128), 16, frac_sparse=0.5, seed=16), 9, torch.bfloat16, True, 8, 2, 1, 3),
 ]
 
 
@@ -209,7 +214,7 @@ def test_emulation_rejects_a_wrong_pipeline(emu_dir, name):
 
 # ---------------------------------------------------------------- launcher
 def test_unsupported_layers_are_refused_in_one_line():
-    for p, msg in ((q4_layer(64, 256, (64, 128), 32), "group_size=32 is not a multiple of 64"),
+    for p, msg in ((q4_layer(64, 256, (64, 128), 48), "group_size=48 is not 16, 32 or a multiple of 64"),
                    (q4_layer(64, 256, (64, 32), 64), "tile_cols=32"),
                    (q4_layer(64, 256, (8, 128), 64), "tile_rows=8"),
                    (q4_layer(72, 256, (16, 128), 64), "out_features=72"),
@@ -339,7 +344,7 @@ def test_mma_kernel_is_the_default_up_to_16_tokens(routes, monkeypatch):
 def test_group_sizes_the_kernel_refuses_stay_with_triton(routes, monkeypatch):
     library, calls = routes
     x = torch.randn(2, 256).bfloat16()
-    library.q4_linear(x, q4_layer(64, 256, (64, 128), 32, seed=1))  # group 32: the real check refuses it
+    library.q4_linear(x, q4_layer(64, 256, (64, 128), 48, seed=1))  # group 48: the real check refuses it
     assert calls == ["triton"]
 
 

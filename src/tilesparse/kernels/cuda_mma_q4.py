@@ -14,8 +14,9 @@ emulation at more; :func:`.library.q4_linear` runs it for up to :data:`DISPATCH_
 (``TILESPARSE_Q4_MMA=0``: the Triton kernel, :mod:`.triton_q4`, instead).
 
 Requirements (:func:`unsupported_reason`): ``tile_cols`` a power of two >= 64, ``tile_rows % 16 == 0``,
-``in_features % 64 == 0``, ``out_features % 16 == 0``, ``group_size % 64 == 0`` (a 64-column step lies in one
-quantization group; other group sizes stay with the Triton kernel), aligned code and metadata arrays, and what
+``in_features % 64 == 0``, ``out_features % 16 == 0``, a group size of 16, 32 or a multiple of 64 (the 16
+columns a thread holds of a step lie in one quantization group; other group sizes stay with the Triton kernel),
+aligned code and metadata arrays, and what
 the v7 kernel needs of the machine (:func:`.cuda_mma.unavailable_reason`). 1-64 bfloat16 / float16 tokens.
 """
 
@@ -90,8 +91,9 @@ def layout_reason(packed: PackedHybridQ4) -> str | None:
     if packed.in_features % 64 or packed.out_features % 16:
         return (f"in_features={packed.in_features} must be a multiple of 64 and out_features={packed.out_features} "
                 "of 16")
-    if g % 64:
-        return f"group_size={g} is not a multiple of 64 (a 64-column step must lie in one group)"
+    if g % 64 and g not in (16, 32):
+        return (f"group_size={g} is not 16, 32 or a multiple of 64 (a thread's 16 columns of a step must lie in one "
+                "group)")
     if not (_aligned(packed.sp_codes, 16) and _aligned(packed.dn_codes, 16) and _aligned(packed.sp_meta, 8)):
         return "the code arrays are not 16-byte aligned (or the metadata 8-byte aligned)"
     return None

@@ -50,9 +50,11 @@
 // Dequantization of a byte (dequant_byte): a prmt puts the low code in bits 0-3 and the high code in bits
 // 16-19, OR-ed with the exponent of MAGIC (128 for bf16, 1024 for fp16: MAGIC + code is exact), then two fma:
 // (MAGIC + code) * 1 - (MAGIC + zero) = code - zero (exact, |.| <= 15), then * scale (one rounding to the MMA
-// type). The step lies in one quantization group (group_size % 64 == 0), so a thread needs one (scale, zero)
-// per row and step: qp[slab][group][g] = (word of row 16 slab + g, word of row 16 slab + g + 8), each word =
-// scale (lo) and -(MAGIC + zero) (hi) in the MMA's type (cuda_mma_q4.param_table), one 8-byte load per step.
+// type). A thread's 16 columns of a step (16t..16t+15, either kind) lie in one quantization group: the step's
+// (group_size % 64 == 0), or group (col + 16t) / GS = col / GS + 16t / GS of groups of 16 or 32. So a thread needs
+// one (scale, zero) per row and step: qp[slab][group][g] = (word of row 16 slab + g, word of row 16 slab + g + 8),
+// each word = scale (lo) and -(MAGIC + zero) (hi) in the MMA's type (cuda_mma_q4.param_table), one 8-byte load
+// per step.
 
 // (helpers: mma_common.cuh, prepended by cuda_mma_q4.py)
 
@@ -183,7 +185,8 @@ extern "C" __global__ void __launch_bounds__(TPB, MIN_BLOCKS) KNAME(
     const bool wvalid = wrow < rows_tr;   // N % 16 == 0: a slab is wholly inside or wholly beyond
     const int sp_p0 = sp_ptr[r], dn_p0 = dn_ptr[r];
     const CodePtrs A = code_ptrs(L, q4_info, r, spc, spm, dnc, wvalid ? wrow + g : 0, t);
-    const u32* qpw = qp + ((long long)((r * TR + wrow) >> 4) * NG * 8 + g) * 2;  // + 16 * group: this lane's words
+    // + 16 * group: this lane's words (groups of 16 / 32: the lane's columns start 16t / GS groups into the step's)
+    const u32* qpw = qp + ((long long)((r * TR + wrow) >> 4) * NG * 8 + g) * 2 + (GS < 64 ? 16 * (16 * t / GS) : 0);
 
     float acc[NOCT][4];
     zero_acc(acc);
