@@ -157,6 +157,7 @@ def main() -> int:
     ap.add_argument("--check", action="store_true", help="check only, no timing (runs under TRITON_INTERPRET=1)")
     ap.add_argument("--default-only", action="store_true", help="only each kernel's default configuration")
     ap.add_argument("--no-mma", action="store_true", help="the Triton kernel only")
+    ap.add_argument("--no-triton", action="store_true", help="the mma kernel only")
     ap.add_argument("--reps", type=int, default=20, help="launches per CUDA graph")
     ap.add_argument("--rounds", type=int, default=15, help="graph replays (the median is kept)")
     ap.add_argument("--out", default=None)
@@ -175,7 +176,7 @@ def main() -> int:
         shape = f"{shape} {100 * frac:.0f} % 2:4"
         for M in tokens:
             n = 1 if args.default_only else None
-            runs = triton_runs(p, CANDIDATES.get(M, [{}])[:n])
+            runs = [] if args.no_triton else triton_runs(p, CANDIDATES.get(M, [{}])[:n])
             if not args.no_mma:
                 runs += mma_runs(p, M, MMA_CANDIDATES.get(M, [{}])[:n])
             x = torch.randn(M, K, device=dev).to(torch.bfloat16)

@@ -346,6 +346,11 @@ def test_group_sizes_the_kernel_refuses_stay_with_triton(routes, monkeypatch):
     x = torch.randn(2, 256).bfloat16()
     library.q4_linear(x, q4_layer(64, 256, (64, 128), 48, seed=1))  # group 48: the real check refuses it
     assert calls == ["triton"]
+    # groups of 32: the kernel takes them (emulation only), the route keeps to the sizes checked on a GPU
+    monkeypatch.setattr(cq, "mma_q4_supported", lambda packed: True)
+    library.q4_linear(x, q4_layer(64, 256, (64, 128), 32, seed=1))
+    library.q4_linear(x, q4_layer(64, 256, (64, 128), 128, seed=1))
+    assert calls == ["triton", "triton", "mma"]
 
 
 def test_mma_route_runs_the_default_configuration(monkeypatch):

@@ -31,10 +31,12 @@ from .format_q4 import PackedHybridQ4, check_q4_operands
 
 MAX_TOKENS = _cm.MAX_TOKENS
 DISPATCH_TOKENS = 16  # library.q4_linear's range for this kernel: the token counts checked on a GPU
+DISPATCH_GROUPS = 64  # library.q4_linear sends it group sizes that are multiples of this: those checked on a GPU
+# (groups of 16 and 32 pass the CPU emulation and run when the kernel is called directly)
 MAX_STEPS = _cm.MAX_STEPS  # 64-column steps per block (csrc/hybrid_mma_q4.cu)
 SMEM_LIMIT = 48 * 1024  # static shared memory of a block
 DTYPES = (torch.bfloat16, torch.float16)
-PREFETCH = 4  # default_config's batches prefetched into L2 ahead of the registers' one
+PREFETCH = 0  # default_config's batches prefetched into L2 (off: pf > 0 is checked in the CPU emulation only)
 I_SX = 17  # index of the x row stride among the kernel's parameters (MmaLaunch writes it and out's per call)
 
 # -(MAGIC + zero) in the high half of a parameter word: MAGIC = 128 (bf16) / 1024 (fp16), zero in the low bits
@@ -199,7 +201,7 @@ def default_config(M: int, packed: PackedHybridQ4, sms: int) -> dict:
     """A configuration for ``M`` tokens on a device with ``sms`` multiprocessors (what :func:`.library.q4_linear`
     runs): the most warps up to 4 whose rows divide the tile height, 2 steps per batch (1 for 33-64 tokens), the
     split-K that fills one wave of the blocks the launch bounds keep resident (16 warps per multiprocessor) while a
-    block keeps at least 8 of the widest tile-row's steps, and L2 prefetches :data:`PREFETCH` batches ahead. (A
+    block keeps at least 8 of the widest tile-row's steps, and :data:`PREFETCH` batches prefetched into L2. (A
     grid past one wave leaves a tail of blocks running alone; two blocks per multiprocessor, the earlier rule, left
     the warps too few to hide the loads.)"""
     warps = next(w for w in (4, 2, 1) if packed.tile_rows % (16 * w) == 0)
@@ -258,4 +260,4 @@ def q4_mma_linear(x2: torch.Tensor, packed: PackedHybridQ4, bias: torch.Tensor |
 
 
 __all__ = ["MmaQ4Key", "default_config", "launch_plan", "layer_config", "layout_reason", "mma_q4_supported",
-           "param_table", "prepare", "q4_mma_linear", "unsupported_reason", "DISPATCH_TOKENS"]
+           "param_table", "prepare", "q4_mma_linear", "unsupported_reason", "DISPATCH_GROUPS", "DISPATCH_TOKENS"]
