@@ -54,8 +54,8 @@ MMA_CANDIDATES = {  # tokens -> q4_mma_linear keywords over default_config's (th
     16: [{}, {"pf": 0}, {"pf": 2}, {"pf": 4}, {"sb": 1, "pf": 4}, {"split": 2, "pf": 0}, {"qst": 3, "pf": 0}],
 }
 # pf: the code bytes of the batch pf + 1 ahead prefetched into L2 (0: none, the registers' one batch in flight only);
-# qst > 0 keeps qst - 1 batches in flight through shared memory instead. split=2 is what the earlier split rule
-# (about two blocks per multiprocessor) chose for 11008x4096 on the H100; the default fills one wave.
+# qst > 0 keeps qst - 1 batches in flight through shared memory instead. The default's split-K fills one wave of
+# resident blocks; split=2 is about two blocks per multiprocessor on 11008x4096 (132 SMs).
 
 
 def packed_layer(N: int, K: int, frac_sparse: float, group: int, device, seed: int = 0):

@@ -56,7 +56,7 @@ def test_staged_source_compiles_to_ptx(key):
 @pytest.mark.parametrize("M,warps,sb,qst,pf", [(1, 4, 2, 0, 0), (1, 4, 1, 0, 0), (1, 8, 1, 0, 0), (16, 4, 2, 0, 0),
                                                (16, 8, 1, 0, 0), (64, 4, 1, 0, 0), (1, 4, 2, 4, 0), (16, 4, 2, 3, 0),
                                                (1, 4, 2, 0, 2), (1, 4, 2, 0, 4), (1, 4, 2, 0, 8), (1, 4, 1, 0, 8),
-                                               (16, 4, 2, 0, 4), (16, 4, 1, 0, 4)])
+                                               (16, 4, 2, 0, 2), (16, 4, 2, 0, 4), (16, 4, 1, 0, 4)])
 def test_no_register_spills_on_sm90(M, warps, sb, qst, pf):
     """The default configurations (``default_config``) and the benchmark's candidates fit 128 registers."""
     assert_no_spills_sm90(cq.MmaQ4Key(True, cm.octets(M), warps, sb, False, qst, pf))
@@ -123,7 +123,7 @@ Q4_CASES = [  # (layer, tokens, dtype, bias, warps, split, sb[, qst[, pf]])
      4, 3, 1, 3),
     (_rows_layer, 9, torch.bfloat16, True, 2, 1, 2, 3),
     (lambda: q4_layer(256, 512, (128, 128), 128, seed=11), 40, torch.bfloat16, False, 8, 1, 1, 2),
-    # L2 prefetches of the batch pf ahead: past the block's end (left out), one step per batch, four
+    # L2 prefetches of the batch pf + 1 ahead: past the block's end (left out), one step per batch, four
     (lambda: q4_layer(256, 1216, (128, 64), 64, frac_sparse=0.5, seed=12), 1, torch.bfloat16, True, 4, 2, 2, 0, 4),
     (_rows_layer, 16, torch.float16, False, 4, 1, 1, 0, 2),
     (lambda: q4_layer(192, 1280, (64, 128), 128, frac_sparse=0.5, frac_zero=0.1, seed=13), 3, torch.bfloat16, False,

@@ -7,7 +7,9 @@ K permutation. Compilation, loading and launching are :mod:`.cuda_mma`'s (:class
 :func:`.cuda_mma.kernel`, a prepared launch is a :class:`.cuda_mma.MmaLaunch`).
 
 A configuration with ``qst`` > 0 keeps ``qst - 1`` batches of codes in flight through shared memory (cp.async)
-instead of one in registers; it is checked under the CPU tests' emulation only and is not the default.
+instead of one in registers (checked on the H100, slower there than the default); one with ``pf`` > 0 also
+prefetches the codes of the batch ``pf + 1`` ahead into L2 (checked under the CPU tests' emulation only). Neither
+is the default.
 
 Checked against float64 on the H100 at 1 and 16 tokens (``benchmarks/q4_decode.py``) and under the CPU tests'
 emulation at more; :func:`.library.q4_linear` runs it for up to :data:`DISPATCH_TOKENS` tokens where it applies
@@ -15,8 +17,8 @@ emulation at more; :func:`.library.q4_linear` runs it for up to :data:`DISPATCH_
 
 Requirements (:func:`unsupported_reason`): ``tile_cols`` a power of two >= 64, ``tile_rows % 16 == 0``,
 ``in_features % 64 == 0``, ``out_features % 16 == 0``, a group size of 16, 32 or a multiple of 64 (the 16
-columns a thread holds of a step lie in one quantization group; other group sizes stay with the Triton kernel),
-aligned code and metadata arrays, and what
+columns a thread holds of a step lie in one quantization group; other group sizes stay with the Triton kernel,
+and the library sends it only multiples of :data:`DISPATCH_GROUPS`), aligned code and metadata arrays, and what
 the v7 kernel needs of the machine (:func:`.cuda_mma.unavailable_reason`). 1-64 bfloat16 / float16 tokens.
 """
 
@@ -47,7 +49,7 @@ _NEG_MAGIC = {torch.bfloat16: 0xC300, torch.float16: 0xE400}
 class MmaQ4Key:
     """One compiled configuration of the 4-bit kernel (the macros of ``hybrid_mma_q4.cu``; ``qst`` = 0: the next
     batch's codes in registers, else that many shared-memory stages of codes and x; ``pf``: with ``qst`` = 0, the
-    code bytes of the batch that many ahead prefetched into L2, 0 for none)."""
+    code bytes of the batch ``pf + 1`` ahead prefetched into L2 each batch, 0 for none)."""
 
     bf16: bool
     noct: int
@@ -201,9 +203,8 @@ def default_config(M: int, packed: PackedHybridQ4, sms: int) -> dict:
     """A configuration for ``M`` tokens on a device with ``sms`` multiprocessors (what :func:`.library.q4_linear`
     runs): the most warps up to 4 whose rows divide the tile height, 2 steps per batch (1 for 33-64 tokens), the
     split-K that fills one wave of the blocks the launch bounds keep resident (16 warps per multiprocessor) while a
-    block keeps at least 8 of the widest tile-row's steps, and :data:`PREFETCH` batches prefetched into L2. (A
-    grid past one wave leaves a tail of blocks running alone; two blocks per multiprocessor, the earlier rule, left
-    the warps too few to hide the loads.)"""
+    block keeps at least 8 of the widest tile-row's steps (a grid past one wave leaves a tail of blocks running
+    alone), and ``pf`` = :data:`PREFETCH`."""
     warps = next(w for w in (4, 2, 1) if packed.tile_rows % (16 * w) == 0)
     n_chunks = packed.grid.n_rows * (packed.tile_rows // (16 * warps))
     steps = packed.in_features // 64
@@ -245,9 +246,9 @@ def q4_mma_linear(x2: torch.Tensor, packed: PackedHybridQ4, bias: torch.Tensor |
     """``x2 @ W^T (+ bias)`` for ``x2 [M, in_features]`` (1-64 bfloat16 / float16 tokens) with the 4-bit mma
     kernel: ``warps`` warps of 16 rows per block, ``split`` blocks per row chunk along K (split-K), ``sb``
     64-column steps per batch, ``qst`` shared-memory stages of codes (0: the next batch in registers), ``pf``
-    batches ahead prefetched into L2 (with ``qst`` = 0); returns
-    ``[M, out_features]`` in ``x2``'s dtype. A one-line ``ValueError`` / ``TypeError`` where the layer
-    (:func:`unsupported_reason`), the operands or the configuration do not fit."""
+    (with ``qst`` = 0) the L2 prefetch distance in batches (:class:`MmaQ4Key`); returns ``[M, out_features]`` in
+    ``x2``'s dtype. A one-line ``ValueError`` / ``TypeError`` where the layer (:func:`unsupported_reason`), the
+    operands or the configuration do not fit."""
     check_q4_operands(x2, packed, bias, DTYPES, MAX_TOKENS, "q4 mma kernel")
     why = unsupported_reason(packed)
     if why is not None:

@@ -140,8 +140,8 @@ __device__ __forceinline__ void stage_x(u32* dst, const u16* __restrict__ x, con
     asm volatile("cp.async.commit_group;");
 }
 
-// zero the x buffers (words 32-bit words) once, before the block's first barrier: stage_x leaves the token
-// columns past M untouched
+// zero the first `words` 32-bit words of the x buffers, once, before the block's first barrier: stage_x leaves
+// the token columns past M untouched
 __device__ __forceinline__ void zero_x(u32* xs, int words, int tid, int nthr) {
     for (int i = tid; i < words; i += nthr) xs[i] = 0u;
 }
