@@ -66,6 +66,16 @@ def _expand24(v, nib, BN: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
+def _row_block(ptr, off, rows_i, stride, start, row_ok, NK: tl.constexpr):
+    """``NK`` consecutive elements from ``start`` of each row ``rows_i`` of a tile-row's stored block (the block
+    at ``ptr + off``, rows ``stride`` elements apart): ``[len(rows_i), NK]``, 0 past a row's end and on rows
+    outside the layer (``row_ok``)."""
+    k = start + tl.arange(0, NK)
+    return tl.load(ptr + off + rows_i[:, None].to(tl.int64) * stride + k[None, :],
+                   mask=row_ok[:, None] & (k[None, :] < stride), other=0)
+
+
+@triton.jit
 def _write_output(y, out_ptr, bias_ptr, ws_ptr, lock, offs_m, m_ok, rows, row_ok, s, M, N, stride_om,
                   SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Store ``y [BM, BN]`` (fp32 partial sums over this program's K range) as the output block (+ bias).
@@ -120,18 +130,12 @@ def unpack_kernel(
             kk = slot * TILE_C + kc
             sp_stride = tl.multiple_of(tl.load(info + 2), 8)
             mt_stride = tl.multiple_of(tl.load(info + 4), 16)
-            kv = kk // 2 + tl.arange(0, BK // 2)
-            v = tl.load(sp_vals_ptr + tl.load(info + 1) + offs_i[:, None].to(tl.int64) * sp_stride + kv[None, :],
-                        mask=row_ok[:, None] & (kv[None, :] < sp_stride), other=0.0)
-            kt = kk // 8 + tl.arange(0, BK // 8)
-            mt = tl.load(sp_meta_ptr + tl.load(info + 3) + offs_i[:, None].to(tl.int64) * mt_stride + kt[None, :],
-                         mask=row_ok[:, None] & (kt[None, :] < mt_stride), other=0)
+            v = _row_block(sp_vals_ptr, tl.load(info + 1), offs_i, sp_stride, kk // 2, row_ok, BK // 2)
+            mt = _row_block(sp_meta_ptr, tl.load(info + 3), offs_i, mt_stride, kk // 8, row_ok, BK // 8)
             w = _expand24(v, _nibbles(mt, BN, BK // 4), BN, BK)
         elif kind == 1:
-            kd = slot * TILE_C + kc + ar_k
             dn_stride = tl.multiple_of(tl.load(info + 7), 8)
-            w = tl.load(dn_vals_ptr + tl.load(info + 6) + offs_i[:, None].to(tl.int64) * dn_stride + kd[None, :],
-                        mask=row_ok[:, None] & (kd[None, :] < dn_stride), other=0.0)
+            w = _row_block(dn_vals_ptr, tl.load(info + 6), offs_i, dn_stride, slot * TILE_C + kc, row_ok, BK)
         else:
             w = tl.zeros((BN, BK), dtype=out_ptr.dtype.element_ty)
         tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=ok)

@@ -36,7 +36,7 @@ import triton.language as tl
 from .format import RI_DN_LEN, RI_MT_OFF, RI_MT_STRIDE, RI_SP_LEN, ROW_INFO_COLS
 from .format_q4 import QI_DN_OFF, QI_DN_STRIDE, QI_SP_OFF, QI_SP_STRIDE, PackedHybridQ4, check_q4_operands
 from .ops import _buffer, _is_pow2, _largest_pow2_divisor_le, _pow2_at_least, interpreting
-from .triton_hybrid import _expand24, _nibbles, _pick_x, _pos_planes, _write_output, _x_planes
+from .triton_hybrid import _expand24, _nibbles, _pick_x, _pos_planes, _row_block, _write_output, _x_planes
 from .triton_stream import _dot_acc, _load_x, _ok
 
 MAX_TOKENS = 16
@@ -498,25 +498,16 @@ def unpack_q4_kernel(
                 z = tl.load(zeros_ptr + srow[:, None] + grp[None, :], mask=ok, other=0).to(tl.float32)
             if kind == 0:
                 kk = slot * TILE_C + kc
-                s_stride = tl.load(qi + _QI_SP_STRIDE)
-                s_byte = kk // 4 + tl.arange(0, BK // 4)
-                s_codes = tl.load(sp_codes_ptr + tl.load(qi + _QI_SP_OFF) + offs_i[:, None] * s_stride
-                                  + s_byte[None, :], mask=row_ok[:, None] & (s_byte[None, :] < s_stride),
-                                  other=0).to(tl.int32)
-                m_stride = tl.load(ri + _RI_MT_STRIDE)
-                m_byte = kk // 8 + tl.arange(0, BK // 8)
-                mb = tl.load(sp_meta_ptr + tl.load(ri + _RI_MT_OFF) + offs_i[:, None] * m_stride + m_byte[None, :],
-                             mask=row_ok[:, None] & (m_byte[None, :] < m_stride), other=0)
+                s_codes = _row_block(sp_codes_ptr, tl.load(qi + _QI_SP_OFF), offs_i, tl.load(qi + _QI_SP_STRIDE),
+                                     kk // 4, row_ok, BK // 4).to(tl.int32)
+                mb = _row_block(sp_meta_ptr, tl.load(ri + _RI_MT_OFF), offs_i, tl.load(ri + _RI_MT_STRIDE), kk // 8,
+                                row_ok, BK // 8)
                 kept = tl.reshape(tl.join((s_codes & 15) + 1, (s_codes >> 4) + 1), (BN, BK // 2))
                 q_sp = _expand24(kept, _nibbles(mb, BN, BK // 4), BN, BK).to(tl.float32)
                 w = tl.where(q_sp > 0, (q_sp - 1.0 - z) * s, 0.0)
             else:
-                kd = slot * TILE_C + kc
-                d_stride = tl.load(qi + _QI_DN_STRIDE)
-                d_byte = kd // 2 + tl.arange(0, BK // 2)
-                d_codes = tl.load(dn_codes_ptr + tl.load(qi + _QI_DN_OFF) + offs_i[:, None] * d_stride
-                                  + d_byte[None, :], mask=row_ok[:, None] & (d_byte[None, :] < d_stride),
-                                  other=0).to(tl.int32)
+                d_codes = _row_block(dn_codes_ptr, tl.load(qi + _QI_DN_OFF), offs_i, tl.load(qi + _QI_DN_STRIDE),
+                                     (slot * TILE_C + kc) // 2, row_ok, BK // 2).to(tl.int32)
                 q_dn = tl.reshape(tl.join(d_codes & 15, d_codes >> 4), (BN, BK)).to(tl.float32)
                 w = (q_dn - z) * s
         tl.store(out_ptr + rows[:, None] * K + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=ok)
