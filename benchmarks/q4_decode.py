@@ -49,13 +49,11 @@ CANDIDATES = {  # tokens -> launcher keywords (the default, {}, first)
          {"ts": 2, "td": 2, "warps": 8}],
 }
 MMA_CANDIDATES = {  # tokens -> q4_mma_linear keywords over default_config's (the default, {}, first)
-    1: [{}, {"pf": 0}, {"pf": 2}, {"pf": 4}, {"pf": 8}, {"sb": 1, "pf": 8}, {"split": 2, "pf": 0},
-        {"split": 2, "pf": 4}, {"qst": 4, "pf": 0}],
-    16: [{}, {"pf": 0}, {"pf": 2}, {"pf": 4}, {"sb": 1, "pf": 4}, {"split": 2, "pf": 0}, {"qst": 3, "pf": 0}],
+    1: [{}, {"sb": 1}, {"split": 2}, {"qst": 4}],
+    16: [{}, {"sb": 1}, {"split": 2}, {"qst": 3}],
 }
-# pf: the code bytes of the batch pf + 1 ahead prefetched into L2 (0: none, the registers' one batch in flight only);
-# qst > 0 keeps qst - 1 batches in flight through shared memory instead. The default's split-K fills one wave of
-# resident blocks; split=2 is about two blocks per multiprocessor on 11008x4096 (132 SMs).
+# qst > 0 keeps qst - 1 batches in flight through shared memory instead of the next one in registers. The default's
+# split-K fills one wave of resident blocks; split=2 is about two blocks per multiprocessor on 11008x4096 (132 SMs).
 
 
 def packed_layer(N: int, K: int, frac_sparse: float, group: int, device, seed: int = 0):
@@ -92,8 +90,8 @@ def mma_runs(p, M: int, cfgs) -> list:
         return []
     default = cq.default_config(M, p, cm._sm_count(p.device))
     full = list(dict.fromkeys(tuple(sorted({**default, **cfg}.items())) for cfg in cfgs))
-    cm.precompile({cq.MmaQ4Key(True, cm.octets(M), c["warps"], c["sb"], False, c.get("qst", 0),
-                               c.get("pf", 0)) for c in map(dict, full)})
+    cm.precompile({cq.MmaQ4Key(True, cm.octets(M), c["warps"], c["sb"], False, c.get("qst", 0))
+                for c in map(dict, full)})
     return [("mma " + label(dict(c)) + (" (default)" if dict(c) == default else ""),
              lambda x, c=dict(c): cq.q4_mma_linear(x, p, None, **c)) for c in full]
 

@@ -140,12 +140,12 @@ def main_loop_waits(key, arch: str = "sm_90", source: str | None = None) -> Loop
     return loop_waits(instrs, main_loop(instrs))
 
 
-if __name__ == "__main__":  # e.g. PYTHONPATH=src python3 tests/kernels/sass.py 1 4 2 0 4  (4-bit: M warps sb qst pf)
+if __name__ == "__main__":  # e.g. PYTHONPATH=src python3 tests/kernels/sass.py 1 4 2 0  (4-bit: M warps sb qst)
     import sys
 
     from tilesparse.kernels import cuda_mma as cm
     from tilesparse.kernels import cuda_mma_q4 as cq
 
-    M, warps, sb, qst, pf = (int(v) for v in (sys.argv[1:] + ["1", "4", "2", "0", "0"][len(sys.argv) - 1:]))
-    key = cq.MmaQ4Key(True, cm.octets(M), warps, sb, False, qst, pf)
+    M, warps, sb, qst = (int(v) for v in (sys.argv[1:] + ["1", "4", "2", "0"][len(sys.argv) - 1:]))
+    key = cq.MmaQ4Key(True, cm.octets(M), warps, sb, False, qst)
     print(key.name, main_loop_waits(key))

@@ -53,13 +53,11 @@ def test_staged_source_compiles_to_ptx(key):
     assert f"cp.async.wait_group {key.qst - 2};" in ptx and "ld.global.nc.v2.u32" not in ptx
 
 
-@pytest.mark.parametrize("M,warps,sb,qst,pf", [(1, 4, 2, 0, 0), (1, 4, 1, 0, 0), (1, 8, 1, 0, 0), (16, 4, 2, 0, 0),
-                                               (16, 8, 1, 0, 0), (64, 4, 1, 0, 0), (1, 4, 2, 4, 0), (16, 4, 2, 3, 0),
-                                               (1, 4, 2, 0, 2), (1, 4, 2, 0, 4), (1, 4, 2, 0, 8), (1, 4, 1, 0, 8),
-                                               (16, 4, 2, 0, 2), (16, 4, 2, 0, 4), (16, 4, 1, 0, 4)])
-def test_no_register_spills_on_sm90(M, warps, sb, qst, pf):
+@pytest.mark.parametrize("M,warps,sb,qst", [(1, 4, 2, 0), (1, 4, 1, 0), (1, 8, 1, 0), (16, 4, 2, 0), (16, 8, 1, 0),
+                                           (64, 4, 1, 0), (1, 4, 2, 4), (16, 4, 2, 3)])
+def test_no_register_spills_on_sm90(M, warps, sb, qst):
     """The default configurations (``default_config``) and the benchmark's candidates fit 128 registers."""
-    assert_no_spills_sm90(cq.MmaQ4Key(True, cm.octets(M), warps, sb, False, qst, pf))
+    assert_no_spills_sm90(cq.MmaQ4Key(True, cm.octets(M), warps, sb, False, qst))
 
 
 def test_keys_and_sources():
@@ -78,13 +76,13 @@ def emu_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("mma_emu")
 
 
-def _emulate_q4(emu_dir, p, x, bias, warps, split, sb, source=None, seed=0, qst=0, pf=0):
+def _emulate_q4(emu_dir, p, x, bias, warps, split, sb, source=None, seed=0, qst=0):
     """The 4-bit kernel's output in emulation (launch parameters from ``launch_plan``, bound as ``MmaLaunch``
     binds them), and the split-K workspace and counters after the launch."""
     M, N = x.shape[0], p.out_features
     ws = torch.zeros(M * N)
     cnt = torch.zeros(p.grid.n_rows * (p.tile_rows // (16 * warps)), dtype=torch.int32)
-    key, grid, block, args = cq.launch_plan(p, M, x.dtype, bias is not None, warps, split, sb, ws, cnt, qst, pf)
+    key, grid, block, args = cq.launch_plan(p, M, x.dtype, bias is not None, warps, split, sb, ws, cnt, qst)
     out = torch.full((M, N), float("nan"), dtype=x.dtype)
     args[:5] = [x, out, bias if bias is not None else out] + ([ws, cnt] if split > 1 else [out, out])
     args[cq.I_SX:cq.I_SX + 2] = [x.stride(0), out.stride(0)]
@@ -103,7 +101,7 @@ def _rows_layer():
     return q4_layer(256, 512, (64, 128), 128, kinds=kinds, seed=5)
 
 
-Q4_CASES = [  # (layer, tokens, dtype, bias, warps, split, sb[, qst[, pf]])
+Q4_CASES = [  # (layer, tokens, dtype, bias, warps, split, sb[, qst])
     (lambda: q4_layer(256, 512, (128, 128), 128, seed=1), 1, torch.bfloat16, False, 4, 1, 2),
     # last tile-row of 80 rows (three idle warps in its second chunk), a 64-column edge tile; split-K
     (lambda: q4_layer(208, 576, (128, 128), 64, seed=2), 9, torch.float16, True, 4, 2, 1),
@@ -123,14 +121,9 @@ Q4_CASES = [  # (layer, tokens, dtype, bias, warps, split, sb[, qst[, pf]])
      4, 3, 1, 3),
     (_rows_layer, 9, torch.bfloat16, True, 2, 1, 2, 3),
     (lambda: q4_layer(256, 512, (128, 128), 128, seed=11), 40, torch.bfloat16, False, 8, 1, 1, 2),
-    # L2 prefetches of the batch pf + 1 ahead: past the block's end (left out), one step per batch, four
-    (lambda: q4_layer(256, 1216, (128, 64), 64, frac_sparse=0.5, seed=12), 1, torch.bfloat16, True, 4, 2, 2, 0, 4),
-    (_rows_layer, 16, torch.float16, False, 4, 1, 1, 0, 2),
-    (lambda: q4_layer(192, 1280, (64, 128), 128, frac_sparse=0.5, frac_zero=0.1, seed=13), 3, torch.bfloat16, False,
-     4, 3, 4, 0, 8),
     # groups of 32 and 16: a thread's columns of a step in the group 16t / GS past the step's first
     (lambda: q4_layer(256, 640, (128, 128), 32, frac_sparse=0.5, frac_zero=0.1, seed=14), 1, torch.bfloat16, True,
-     4, 2, 2, 0, 4),
+     4, 2, 2),
     (lambda: q4_layer(192, 512, (64, 64), 32, frac_sparse=0.5, seed=15), 16, torch.float16, False, 4, 1, 1),
     (lambda: q4_layer(128, 512, (128, 128), 16, frac_sparse=0.5, seed=16), 9, torch.bfloat16, True, 8, 2, 1, 3),
 ]
@@ -139,12 +132,12 @@ Q4_CASES = [  # (layer, tokens, dtype, bias, warps, split, sb[, qst[, pf]])
 @pytest.mark.parametrize("case", range(len(Q4_CASES)))
 def test_q4_kernel_matches_reference_in_emulation(emu_dir, case):
     make, M, dtype, has_bias, warps, split, sb, *pipe = Q4_CASES[case]
-    qst, pf = (*pipe, 0, 0)[:2]
+    qst = pipe[0] if pipe else 0
     p = make()
     g = torch.Generator().manual_seed(case)
     x = torch.randn(M, p.in_features, generator=g).to(dtype)
     bias = torch.randn(p.out_features, generator=g).to(dtype) if has_bias else None
-    out, ws, cnt = _emulate_q4(emu_dir, p, x, bias, warps, split, sb, seed=case, qst=qst, pf=pf)
+    out, ws, cnt = _emulate_q4(emu_dir, p, x, bias, warps, split, sb, seed=case, qst=qst)
     assert rel_error(out, _q4_reference(x, p, bias)) < TOL
     assert not ws.any() and not cnt.any()  # split-K leaves its workspace and counters zero
 
@@ -246,10 +239,7 @@ def test_launch_plan_checks_the_configuration():
     with pytest.raises(ValueError, match="more than 512 steps"):
         cq.launch_plan(wide, 1, bf, False, 1, 1, 2, None, None)
     cq.launch_plan(wide, 1, bf, False, 1, 2, 2, torch.zeros(16), torch.zeros(1, dtype=torch.int32))
-    for qst, pf in ((0, 17), (0, -1), (3, 2)):  # prefetches: 0-16 batches, only with the codes in registers
-        with pytest.raises(ValueError, match="prefetched batches"):
-            cq.launch_plan(p, 1, bf, False, 4, 1, 1, None, None, qst, pf)
-    assert cq.launch_plan(p, 1, bf, False, 4, 1, 2, None, None, 0, 4)[0].name.endswith("_s2_p4")
+    assert cq.launch_plan(p, 1, bf, False, 4, 1, 2, None, None, 3)[0].name.endswith("_s2_q3")
 
 
 @pytest.mark.parametrize("dtype,neg_magic", [(torch.bfloat16, 0xC300), (torch.float16, 0xE400)])
@@ -271,9 +261,8 @@ def test_param_table_holds_each_rows_scale_and_zero(dtype, neg_magic):
 
 def test_default_config():
     p = q4_layer(256, 1024, (128, 128), 128)
-    pf = cq.PREFETCH
-    assert cq.default_config(1, p, 132) == {"warps": 4, "split": 2, "sb": 2, "pf": pf}  # 16 steps -> split <= 2
-    assert cq.default_config(40, p, 1) == {"warps": 4, "split": 1, "sb": 1, "pf": pf}
+    assert cq.default_config(1, p, 132) == {"warps": 4, "split": 2, "sb": 2}  # 16 steps -> split <= 2
+    assert cq.default_config(40, p, 1) == {"warps": 4, "split": 1, "sb": 1}
     # LLaMA-2-7B layers of 128-row tiles on 132 multiprocessors: split-K fills one wave of 4 blocks per SM (528)
     for n_rows, k, split in ((86, 4096, 3), (32, 4096, 8), (32, 11008, 8)):
         shape = SimpleNamespace(tile_rows=128, grid=SimpleNamespace(n_rows=n_rows), in_features=k)
@@ -286,7 +275,7 @@ def test_default_config():
     for M, q in ((1, p), (64, q4_layer(48, 1024, (48, 128), 128))):
         cfg = cq.default_config(M, q, 132)
         cq.launch_plan(q, M, torch.bfloat16, False, cfg["warps"], cfg["split"], cfg["sb"],
-                       torch.zeros(M * q.out_features), torch.zeros(64, dtype=torch.int32), pf=cfg["pf"])
+                       torch.zeros(M * q.out_features), torch.zeros(64, dtype=torch.int32))
 
 
 # ---------------------------------------------------------------- the switch in library.q4_linear
@@ -346,11 +335,12 @@ def test_group_sizes_the_kernel_refuses_stay_with_triton(routes, monkeypatch):
     x = torch.randn(2, 256).bfloat16()
     library.q4_linear(x, q4_layer(64, 256, (64, 128), 48, seed=1))  # group 48: the real check refuses it
     assert calls == ["triton"]
-    # groups of 32: the kernel takes them (emulation only), the route keeps to the sizes checked on a GPU
+    # groups of 16: the kernel takes them (emulation only), the route keeps to the sizes checked on a GPU
     monkeypatch.setattr(cq, "mma_q4_supported", lambda packed: True)
+    library.q4_linear(x, q4_layer(64, 256, (64, 128), 16, seed=1))
     library.q4_linear(x, q4_layer(64, 256, (64, 128), 32, seed=1))
     library.q4_linear(x, q4_layer(64, 256, (64, 128), 128, seed=1))
-    assert calls == ["triton", "triton", "mma"]
+    assert calls == ["triton", "triton", "mma", "mma"]
 
 
 def test_mma_route_runs_the_default_configuration(monkeypatch):

@@ -202,6 +202,7 @@ UNPACK_LAYERS = [  # (name, layer)
     ("mixed-partial-group48", lambda: q4_layer(72, 200, (16, 64), 48, seed=11)),
     ("mixed-group128", lambda: q4_layer(64, 256, (32, 128), 128, seed=12)),
     ("odd-width-dense", lambda: q4_layer(40, 83, (16, 32), 48, frac_sparse=0.0, frac_zero=0.3, seed=4)),
+    ("groups-across-chunks", lambda: q4_layer(48, 256, (16, 128), 100, seed=13)),
 ]
 
 
@@ -218,6 +219,16 @@ def test_unpack_kernel_equals_the_dequantized_weight(q4, make):
     assert bool(((out.float() - ref).abs() <= ref.abs() * 2.0 ** -7).all()) and torch.equal(out == 0, ref == 0)
     with pytest.raises(ValueError, match="contiguous"):
         q4.unpack_q4_triton(p, torch.empty(p.in_features, p.out_features).T)
+
+
+@pytest.mark.parametrize(("tile", "group", "bk", "one_group"), [
+    ((32, 128), 128, 128, True), ((32, 128), 32, 32, True), ((16, 64), 48, 16, True), ((32, 128), 256, 128, True),
+    ((32, 128), 100, 128, False), ((16, 96), 64, 32, True)])
+def test_unpack_block_width_follows_the_group(q4, tile, group, bk, one_group):
+    """The unpack launch's default chunk width: up to 128 columns, narrowed to divide the group size where that
+    keeps at least 8 (one scale and zero point per row and chunk); otherwise per-element parameters."""
+    consts = q4.unpack_q4_launch(None, dict.fromkeys(q4.UNPACK_TENSORS), 64, 512, *tile, group)[2]
+    assert (consts["BK"], consts["ONE_GROUP"]) == (bk, one_group)
 
 
 def test_prefill_dispatch_runs_the_unpack_kernel(q4, monkeypatch):

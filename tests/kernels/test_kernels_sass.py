@@ -55,10 +55,10 @@ def test_loop_waits_count_waits_on_loads_of_the_same_pass():
 
 @needs_tools
 @pytest.mark.parametrize("key", [cq.MmaQ4Key(True, 1, 4, 2, False), cq.MmaQ4Key(True, 2, 4, 2, False),
-                                 cq.MmaQ4Key(True, 1, 4, 2, False, 0, 4), cm.make_key(True, 1, 4, 2, False, 7, 0),
+                                 cm.make_key(True, 1, 4, 2, False, 7, 0),
                                  cm.make_key(True, 16, 4, 1, False, 7, 0)], ids=lambda k: k.name)
 def test_decode_kernels_keep_the_next_batch_in_flight(key):
-    """The 4-bit kernel's default configurations (1 and 16 tokens, and with the L2 prefetch) and v7's."""
+    """The 4-bit kernel's default configurations (1 and 16 tokens) and v7's."""
     w = sass.main_loop_waits(key)
     assert w.overlapped, w
 
@@ -93,7 +93,7 @@ def test_an_unrolled_loop_waits_for_the_loads_it_just_issued():
     key = cq.MmaQ4Key(True, 1, 4, 2, False)
     src = key.configured_source()
     a = src.index("    for (int s0 = s_beg, batch = 0; s0 < s_end; s0 += SB, ++batch) {\n        const int nb = min(SB, "
-                  "s_end - s0);\n        // 1. the batch PF + 1")
+                  "s_end - s0);\n        // 1. the next batch")
     b = src.index("#endif\n    write_out(", a)
     w = sass.main_loop_waits(key, source=src[:a] + UNROLLED + src[b:])
     assert w.loads > 0 and not w.overlapped, w

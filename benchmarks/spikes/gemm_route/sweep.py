@@ -167,7 +167,7 @@ def tile_major_hybrid(N, K, frac_sparse, dt, device, gen):
     """A random hybrid weight (``frac_sparse`` of the 128x128 tiles 2:4 at random places, magnitude-free random
     2:4 patterns) in the tile-major layout of :func:`hybtm_func`, and the masked dense weight."""
     R, Cn = N // TILE, K // TILE
-    w24, _ = S.random_24(N, K, dt, device, gen)
+    w24, m24 = S.random_24(N, K, dt, device, gen)
     wd = torch.randn(N, K, generator=gen, device=device, dtype=torch.float32).to(dt)
     order = torch.randperm(R * Cn, generator=torch.Generator().manual_seed(7))
     is_sp = torch.zeros(R * Cn, dtype=torch.bool)
@@ -178,7 +178,7 @@ def tile_major_hybrid(N, K, frac_sparse, dt, device, gen):
     tiles = w.reshape(R, TILE, Cn, TILE).permute(0, 2, 1, 3)  # [R, C, TILE, TILE]
     sp_t = tiles[is_sp.to(device)].contiguous()  # row-major order of (r, c): tile-rows in order
     dn_t = tiles[~is_sp.to(device)].contiguous()
-    mask = sp_t != 0
+    mask = m24.reshape(R, TILE, Cn, TILE).permute(0, 2, 1, 3)[is_sp.to(device)]  # (not w != 0: a kept value can be 0)
     vals, meta = S.pack24(sp_t.reshape(-1, TILE), mask.reshape(-1, TILE))
     rows, cols = torch.nonzero(is_sp, as_tuple=True)
     drows, dcols = torch.nonzero(~is_sp, as_tuple=True)

@@ -7,9 +7,9 @@ K permutation. Compilation, loading and launching are :mod:`.cuda_mma`'s (:class
 :func:`.cuda_mma.kernel`, a prepared launch is a :class:`.cuda_mma.MmaLaunch`).
 
 A configuration with ``qst`` > 0 keeps ``qst - 1`` batches of codes in flight through shared memory (cp.async)
-instead of one in registers (checked on the H100, slower there than the default); one with ``pf`` > 0 also
-prefetches the codes of the batch ``pf + 1`` ahead into L2 (checked under the CPU tests' emulation only). Neither
-is the default.
+instead of one in registers (checked on the H100, slower there than the default; not the default). An L2
+prefetch of the codes of later batches was tried and removed: slower than none in every cell on an NVIDIA H200
+(``benchmarks/results/q4_decode_h200.md``).
 
 Checked against float64 on the H100 at 1 and 16 tokens (``benchmarks/q4_decode.py``) and under the CPU tests'
 emulation at more; :func:`.library.q4_linear` runs it for up to :data:`DISPATCH_TOKENS` tokens where it applies
@@ -33,12 +33,11 @@ from .format_q4 import PackedHybridQ4, check_q4_operands
 
 MAX_TOKENS = _cm.MAX_TOKENS
 DISPATCH_TOKENS = 16  # library.q4_linear's range for this kernel: the token counts checked on a GPU
-DISPATCH_GROUPS = 64  # library.q4_linear sends it group sizes that are multiples of this: those checked on a GPU
-# (groups of 16 and 32 pass the CPU emulation and run when the kernel is called directly)
+DISPATCH_GROUPS = 32  # library.q4_linear sends it group sizes that are multiples of this: those checked on a GPU
+# (groups of 16 pass the CPU emulation and run when the kernel is called directly)
 MAX_STEPS = _cm.MAX_STEPS  # 64-column steps per block (csrc/hybrid_mma_q4.cu)
 SMEM_LIMIT = 48 * 1024  # static shared memory of a block
 DTYPES = (torch.bfloat16, torch.float16)
-PREFETCH = 0  # default_config's batches prefetched into L2 (off: pf > 0 is checked in the CPU emulation only)
 I_SX = 17  # index of the x row stride among the kernel's parameters (MmaLaunch writes it and out's per call)
 
 # -(MAGIC + zero) in the high half of a parameter word: MAGIC = 128 (bf16) / 1024 (fp16), zero in the low bits
@@ -48,8 +47,7 @@ _NEG_MAGIC = {torch.bfloat16: 0xC300, torch.float16: 0xE400}
 @dataclass(frozen=True)
 class MmaQ4Key:
     """One compiled configuration of the 4-bit kernel (the macros of ``hybrid_mma_q4.cu``; ``qst`` = 0: the next
-    batch's codes in registers, else that many shared-memory stages of codes and x; ``pf``: with ``qst`` = 0, the
-    code bytes of the batch ``pf + 1`` ahead prefetched into L2 each batch, 0 for none)."""
+    batch's codes in registers, else that many shared-memory stages of codes and x)."""
 
     bf16: bool
     noct: int
@@ -57,17 +55,16 @@ class MmaQ4Key:
     sb: int
     bias: bool
     qst: int = 0
-    pf: int = 0
 
     @property
     def name(self) -> str:
         return (f"hybrid_mma_q4_{'bf16' if self.bf16 else 'f16'}_o{self.noct}_w{self.warps}_s{self.sb}"
-                f"{f'_q{self.qst}' if self.qst else ''}{f'_p{self.pf}' if self.pf else ''}{'_b' if self.bias else ''}")
+                f"{f'_q{self.qst}' if self.qst else ''}{'_b' if self.bias else ''}")
 
     def configured_source(self) -> str:
         """The source with this configuration's macros and the shared helpers (``mma_common.cuh``) prepended."""
         macros = [("DT_BF16", int(self.bf16)), ("NOCT", self.noct), ("WARPS", self.warps), ("SB", self.sb),
-                  ("QST", self.qst), ("PF", self.pf), ("HAS_BIAS", int(self.bias)), ("KNAME", self.name)]
+                  ("QST", self.qst), ("HAS_BIAS", int(self.bias)), ("KNAME", self.name)]
         head = "".join(f"#define {k} {v}\n" for k, v in macros)
         return head + _cm.source("mma_common.cuh") + _cm.source("hybrid_mma_q4.cu")
 
@@ -152,7 +149,7 @@ def param_table(packed: PackedHybridQ4, dtype: torch.dtype) -> torch.Tensor:
 
 def launch_plan(packed: PackedHybridQ4, M: int, dtype: torch.dtype, has_bias: bool, warps: int, split: int,
                 sb: int, ws: torch.Tensor | None, cnt: torch.Tensor | None,
-                qst: int = 0, pf: int = 0) -> tuple[MmaQ4Key, tuple, tuple, list]:
+                qst: int = 0) -> tuple[MmaQ4Key, tuple, tuple, list]:
     """Check one configuration against the layer (``ValueError``, one line, where it does not fit) and return
     ``(key, grid, block, args)``: the kernel's parameters in order, x / out / bias (and ws / cnt without
     split-K) as 0 and the row strides as 0, to be bound per call (:class:`.cuda_mma.MmaLaunch`). ``split > 1``
@@ -171,8 +168,6 @@ def launch_plan(packed: PackedHybridQ4, M: int, dtype: torch.dtype, has_bias: bo
     noct = _cm.octets(M)
     if qst != 0 and not 2 <= qst <= 8:
         raise ValueError(f"q4 mma kernel: qst={qst} code stages (0: registers, else 2-8)")
-    if not 0 <= pf <= 16 or (pf and qst):
-        raise ValueError(f"q4 mma kernel: pf={pf} prefetched batches (0-16, only with qst=0)")
     if sb < 1 or static_smem(noct, sb, qst, warps) > SMEM_LIMIT:
         raise ValueError(f"q4 mma kernel: sb={sb} steps per batch{f' in {qst} stages' if qst else ''} do not fit "
                          f"{SMEM_LIMIT} bytes of shared memory for {noct} token octets and {warps} warps")
@@ -181,7 +176,7 @@ def launch_plan(packed: PackedHybridQ4, M: int, dtype: torch.dtype, has_bias: bo
     n_chunks = packed.grid.n_rows * (packed.tile_rows // (16 * warps))
     if split > 1 and (ws is None or cnt is None or ws.numel() < M * packed.out_features or cnt.numel() < n_chunks):
         raise ValueError("q4 mma kernel: split > 1 needs ws [M*N] and cnt [row chunks]")
-    key = MmaQ4Key(dtype == torch.bfloat16, noct, warps, sb, has_bias, qst, pf)
+    key = MmaQ4Key(dtype == torch.bfloat16, noct, warps, sb, has_bias, qst)
     args = [0, 0, 0, ws if split > 1 else 0, cnt if split > 1 else 0, packed.sp_codes, packed.sp_meta,
             packed.dn_codes, param_table(packed, dtype), packed.sp_cols, packed.sp_ptr, packed.dn_cols,
             packed.dn_ptr, packed.row_info, packed.q4_info, M, packed.out_features, 0, 0, split,
@@ -191,10 +186,10 @@ def launch_plan(packed: PackedHybridQ4, M: int, dtype: torch.dtype, has_bias: bo
 
 
 def prepare(packed: PackedHybridQ4, M: int, dtype: torch.dtype, has_bias: bool, warps: int, split: int, sb: int,
-            ws: torch.Tensor | None, cnt: torch.Tensor | None, qst: int = 0, pf: int = 0) -> _cm.MmaLaunch:
+            ws: torch.Tensor | None, cnt: torch.Tensor | None, qst: int = 0) -> _cm.MmaLaunch:
     """Check one configuration (:func:`launch_plan`), compile it for the layer's device and return its launch
     with everything but x, out and bias bound: call it with ``(x2, out, bias)``."""
-    key, grid, block, args = launch_plan(packed, M, dtype, has_bias, warps, split, sb, ws, cnt, qst, pf)
+    key, grid, block, args = launch_plan(packed, M, dtype, has_bias, warps, split, sb, ws, cnt, qst)
     dev = packed.device.index if packed.device.index is not None else torch.cuda.current_device()
     return _cm.MmaLaunch(_cm.kernel(key, dev), dev, grid, block, 0, args, I_SX, M, 4, split > 1)
 
@@ -204,14 +199,14 @@ def default_config(M: int, packed: PackedHybridQ4, sms: int) -> dict:
     runs): the most warps up to 4 whose rows divide the tile height, 2 steps per batch (1 for 33-64 tokens), the
     split-K that fills one wave of the blocks the launch bounds keep resident (16 warps per multiprocessor) while a
     block keeps at least 8 of the widest tile-row's steps (a grid past one wave leaves a tail of blocks running
-    alone), and ``pf`` = :data:`PREFETCH`."""
+    alone)."""
     warps = next(w for w in (4, 2, 1) if packed.tile_rows % (16 * w) == 0)
     n_chunks = packed.grid.n_rows * (packed.tile_rows // (16 * warps))
     steps = packed.in_features // 64
     resident = sms * (16 // warps)
     split = max(1, min(resident // n_chunks, steps // 8))
     split = max(split, -(-steps // MAX_STEPS))
-    return {"warps": warps, "split": split, "sb": 2 if _cm.octets(M) <= 4 else 1, "pf": PREFETCH}
+    return {"warps": warps, "split": split, "sb": 2 if _cm.octets(M) <= 4 else 1}
 
 
 def layer_config(M: int, packed: PackedHybridQ4) -> dict:
@@ -224,7 +219,7 @@ def layer_config(M: int, packed: PackedHybridQ4) -> dict:
 
 
 def _prepared(packed: PackedHybridQ4, M: int, dtype: torch.dtype, has_bias: bool, warps: int, split: int,
-              sb: int, qst: int = 0, pf: int = 0) -> _cm.MmaLaunch:
+              sb: int, qst: int = 0) -> _cm.MmaLaunch:
     """The prepared launch of one configuration, cached on ``packed`` (dropped by ``rebuild_layout()``) and
     rebuilt when the split-K workspaces were replaced."""
     from .ops import _buffer
@@ -234,19 +229,19 @@ def _prepared(packed: PackedHybridQ4, M: int, dtype: torch.dtype, has_bias: bool
         ws = _buffer("mma_ws", packed.device, M * packed.out_features, torch.float32)
         cnt = _buffer("mma_cnt", packed.device, packed.grid.n_rows * (packed.tile_rows // (16 * warps)), torch.int32)
     cache = _cache(packed)
-    key = ("launch", M, dtype, has_bias, warps, split, sb, qst, pf)
+    key = ("launch", M, dtype, has_bias, warps, split, sb, qst)
     hit = cache.get(key)
     if hit is None or hit[1] is not ws or hit[2] is not cnt:
-        hit = cache[key] = (prepare(packed, M, dtype, has_bias, warps, split, sb, ws, cnt, qst, pf), ws, cnt)
+        hit = cache[key] = (prepare(packed, M, dtype, has_bias, warps, split, sb, ws, cnt, qst), ws, cnt)
     return hit[0]
 
 
 def q4_mma_linear(x2: torch.Tensor, packed: PackedHybridQ4, bias: torch.Tensor | None = None, warps: int = 4,
-                  split: int = 1, sb: int = 2, qst: int = 0, pf: int = 0) -> torch.Tensor:
+                  split: int = 1, sb: int = 2, qst: int = 0) -> torch.Tensor:
     """``x2 @ W^T (+ bias)`` for ``x2 [M, in_features]`` (1-64 bfloat16 / float16 tokens) with the 4-bit mma
     kernel: ``warps`` warps of 16 rows per block, ``split`` blocks per row chunk along K (split-K), ``sb``
-    64-column steps per batch, ``qst`` shared-memory stages of codes (0: the next batch in registers), ``pf``
-    (with ``qst`` = 0) the L2 prefetch distance in batches (:class:`MmaQ4Key`); returns ``[M, out_features]`` in
+    64-column steps per batch, ``qst`` shared-memory stages of codes (0: the next batch in registers)
+    (:class:`MmaQ4Key`); returns ``[M, out_features]`` in
     ``x2``'s dtype. A one-line ``ValueError`` / ``TypeError`` where the layer (:func:`unsupported_reason`), the
     operands or the configuration do not fit."""
     check_q4_operands(x2, packed, bias, DTYPES, MAX_TOKENS, "q4 mma kernel")
@@ -254,7 +249,7 @@ def q4_mma_linear(x2: torch.Tensor, packed: PackedHybridQ4, bias: torch.Tensor |
     if why is not None:
         raise ValueError(f"q4 mma kernel: {why}")
     M = x2.shape[0]
-    launch = _prepared(packed, M, x2.dtype, bias is not None, warps, split, sb, qst, pf)
+    launch = _prepared(packed, M, x2.dtype, bias is not None, warps, split, sb, qst)
     out = torch.empty(M, packed.out_features, dtype=x2.dtype, device=x2.device)
     launch(x2, out, bias)
     return out

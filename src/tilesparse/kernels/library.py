@@ -242,7 +242,7 @@ def q4_mma_applies(x: torch.Tensor, p) -> bool:
     """Whether :func:`q4_linear` runs the 4-bit sparse-tensor-core kernel (:mod:`.cuda_mma_q4`) for ``x`` on ``p``:
     not switched off (``TILESPARSE_Q4_MMA=0``), ``x`` as for the Triton kernel with 1 to
     :data:`.cuda_mma_q4.DISPATCH_TOKENS` tokens, and the layer supported (:func:`.cuda_mma_q4.mma_q4_supported`)
-    with a group size that is a multiple of 64 (:data:`.cuda_mma_q4.DISPATCH_GROUPS`: the sizes checked on a GPU)."""
+    with a group size that is a multiple of 32 (:data:`.cuda_mma_q4.DISPATCH_GROUPS`: the sizes checked on a GPU)."""
     from ..settings import setting
 
     if not (setting("q4_mma") and _x_fits_kernel(x, p)):

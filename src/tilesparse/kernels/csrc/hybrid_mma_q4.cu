@@ -2,12 +2,10 @@
 // (hybrid_mma.cu) reading the 4-bit packed format (tilesparse.kernels.format_q4).
 //
 // Y[M, N] = X[M, K] @ W^T, W = scale * (code - zero), compiled at run time by NVRTC
-// (tilesparse/kernels/cuda_mma_q4.py) with v7's macros: DT_BF16, NOCT, WARPS, SB, HAS_BIAS, KNAME, and QST, PF.
+// (tilesparse/kernels/cuda_mma_q4.py) with v7's macros: DT_BF16, NOCT, WARPS, SB, HAS_BIAS, KNAME, and QST.
 //
 // QST = 0: a warp holds the next batch's codes in registers while this batch's MMAs run (one batch in flight; the
-// registers allow SB <= 4), so a batch's loads have one batch's MMAs to land. PF > 0 keeps more in flight without
-// registers: the code bytes of the batch PF + 1 ahead are prefetched into L2 (prefetch_l2), so that the loads of
-// a batch wait for L2, not for memory. QST >= 2: the codes, metadata and parameters of QST - 1 batches ahead are
+// registers allow SB <= 4), so a batch's loads have one batch's MMAs to land. QST >= 2: the codes, metadata and parameters of QST - 1 batches ahead are
 // in flight through shared memory (cp.async into per-lane slots, QST stages), x in the same commit groups (QST x
 // buffers).
 //
@@ -61,9 +59,6 @@
 
 #ifndef QST
 #define QST 0
-#endif
-#ifndef PF
-#define PF 0
 #endif
 #define TPB (WARPS * 32)
 #define MIN_BLOCKS (512 / TPB)  // at most 128 registers per thread: 16 warps per SM
@@ -223,26 +218,6 @@ extern "C" __global__ void __launch_bounds__(TPB, MIN_BLOCKS) KNAME(
             if (i < nb && wvalid) pz[i] = ldg8(qpw + 16 * (long long)s_gr[s0 - s_beg + i]);
         }
     };
-#if PF
-    // L2 prefetch of the SB steps from s0: lane l takes row l & 15 of the warp and every other step
-    const CodePtrs PP = code_ptrs(L, q4_info, r, spc, spm, dnc, wvalid ? wrow + (lane & 15) : 0, 0);
-    auto prefetch = [&](int s0) {
-#pragma unroll
-        for (int i = lane >> 4; i < SB; i += 2) {
-            const int st = s0 + i;
-            if (wvalid && st < s_end) {
-                if (st < n_sp) {
-                    prefetch_l2(PP.sp + 16 * st);
-                    prefetch_l2(PP.mt + 8 * st);
-                } else {
-                    prefetch_l2(PP.dn + 32 * (st - n_sp));
-                }
-            }
-        }
-    };
-#pragma unroll
-    for (int k = 1; k <= PF; ++k) prefetch(s_beg + k * SB);
-#endif
     // two batches in registers: the next one's loads are in flight during this one's MMAs
     uint4 c[SB], c_n[SB];
     uint2 m8[SB], m8_n[SB], pz[SB], pz_n[SB];
@@ -320,10 +295,7 @@ extern "C" __global__ void __launch_bounds__(TPB, MIN_BLOCKS) KNAME(
 
     for (int s0 = s_beg, batch = 0; s0 < s_end; s0 += SB, ++batch) {
         const int nb = min(SB, s_end - s0);
-        // 1. the batch PF + 1 ahead into L2; the next batch's codes and parameters
-#if PF
-        prefetch(s0 + (PF + 1) * SB);
-#endif
+        // 1. the next batch's codes and parameters
         if (s0 + SB < s_end) {
             load_codes(s0 + SB, c_n, m8_n);
             load_params(s0 + SB, pz_n);

@@ -24,12 +24,6 @@ __device__ __forceinline__ uint2 ldg8(const void* p) {
     return v;
 }
 
-// a hint: fetch the line holding p into L2 (no register, no scoreboard; the load that later reads it waits only
-// for L2)
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-    asm volatile("prefetch.global.L2 [%0];" :: "l"(p));
-}
-
 // programmatic dependent launch (sm_90; both are no-ops for a kernel launched without it, cuda_mma._launch):
 // wait until the grids this one depends on have finished and their writes are visible -- every thread calls it
 // before its first read of x or first write of out / ws / cnt; and let the next grid be scheduled
