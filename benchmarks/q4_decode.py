@@ -90,8 +90,8 @@ def mma_runs(p, M: int, cfgs) -> list:
         return []
     default = cq.default_config(M, p, cm._sm_count(p.device))
     full = list(dict.fromkeys(tuple(sorted({**default, **cfg}.items())) for cfg in cfgs))
-    cm.precompile({cq.MmaQ4Key(True, cm.octets(M), c["warps"], c["sb"], False, c.get("qst", 0))
-                for c in map(dict, full)})
+    keys = {cq.MmaQ4Key(True, cm.octets(M), c["warps"], c["sb"], False, c.get("qst", 0)) for c in map(dict, full)}
+    cm.precompile(keys)
     return [("mma " + label(dict(c)) + (" (default)" if dict(c) == default else ""),
              lambda x, c=dict(c): cq.q4_mma_linear(x, p, None, **c)) for c in full]
 

@@ -135,8 +135,8 @@ def wl_func(N, K, M, L, C, bm, bn, tps, stages, threads, dt, kinds):
 
     @T.prim_func
     def main(SPV: T.Tensor((nsp_t, TILE, H), dt), SPE: T.Tensor((nsp_t, TILE, TILE // 16), "int16"),
-             SIDX: T.Tensor((n_si * C,), "int32"), SCOL: T.Tensor((n_si * C,), "int32"), SROW: T.Tensor((n_si,), "int32"),
-             DNV: T.Tensor((ndn_t, TILE, TILE), dt), DIDX: T.Tensor((n_di * C,), "int32"),
+             SIDX: T.Tensor((n_si * C,), "int32"), SCOL: T.Tensor((n_si * C,), "int32"),
+             SROW: T.Tensor((n_si,), "int32"), DNV: T.Tensor((ndn_t, TILE, TILE), dt), DIDX: T.Tensor((n_di * C,), "int32"),
              DCOL: T.Tensor((n_di * C,), "int32"), DROW: T.Tensor((n_di,), "int32"),
              X: T.Tensor((M, K), dt), Cf: T.Tensor((N, M), "float32")):
         with T.Kernel(T.ceildiv(M, bn), nb, threads=threads) as (bx, by):

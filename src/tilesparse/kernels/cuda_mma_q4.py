@@ -240,10 +240,9 @@ def q4_mma_linear(x2: torch.Tensor, packed: PackedHybridQ4, bias: torch.Tensor |
                   split: int = 1, sb: int = 2, qst: int = 0) -> torch.Tensor:
     """``x2 @ W^T (+ bias)`` for ``x2 [M, in_features]`` (1-64 bfloat16 / float16 tokens) with the 4-bit mma
     kernel: ``warps`` warps of 16 rows per block, ``split`` blocks per row chunk along K (split-K), ``sb``
-    64-column steps per batch, ``qst`` shared-memory stages of codes (0: the next batch in registers)
-    (:class:`MmaQ4Key`); returns ``[M, out_features]`` in
-    ``x2``'s dtype. A one-line ``ValueError`` / ``TypeError`` where the layer (:func:`unsupported_reason`), the
-    operands or the configuration do not fit."""
+    64-column steps per batch, ``qst`` shared-memory stages of codes (0: the next batch in registers;
+    :class:`MmaQ4Key`); returns ``[M, out_features]`` in ``x2``'s dtype. A one-line ``ValueError`` /
+    ``TypeError`` where the layer (:func:`unsupported_reason`), the operands or the configuration do not fit."""
     check_q4_operands(x2, packed, bias, DTYPES, MAX_TOKENS, "q4 mma kernel")
     why = unsupported_reason(packed)
     if why is not None:

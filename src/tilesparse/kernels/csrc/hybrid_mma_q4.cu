@@ -5,9 +5,9 @@
 // (tilesparse/kernels/cuda_mma_q4.py) with v7's macros: DT_BF16, NOCT, WARPS, SB, HAS_BIAS, KNAME, and QST.
 //
 // QST = 0: a warp holds the next batch's codes in registers while this batch's MMAs run (one batch in flight; the
-// registers allow SB <= 4), so a batch's loads have one batch's MMAs to land. QST >= 2: the codes, metadata and parameters of QST - 1 batches ahead are
-// in flight through shared memory (cp.async into per-lane slots, QST stages), x in the same commit groups (QST x
-// buffers).
+// registers allow SB <= 4), so a batch's loads have one batch's MMAs to land. QST >= 2: the codes, metadata and
+// parameters of QST - 1 batches ahead are in flight through shared memory (cp.async into per-lane slots, QST
+// stages), x in the same commit groups (QST x buffers).
 //
 // Structure: v7's. Block (chunk, j) = 16*WARPS rows of one tile-row and the j-th of `split` parts of its
 // 64-column steps (2:4 steps first, then dense); a warp owns 16 rows (its "slab"); x is staged per batch of SB
