@@ -29,16 +29,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import torch  # noqa: E402
+import torch
+from oneshot import machine
 
-import tilesparse.pruning.scores as scores  # noqa: E402
-from oneshot import machine  # noqa: E402
-from tilesparse.commands.common import quiet_libraries  # noqa: E402
-from tilesparse.evaluation import evaluate_text  # noqa: E402
-from tilesparse.io import apply_masks  # noqa: E402
-from tilesparse.masks.tiles import DENSE  # noqa: E402
-from tilesparse.models import find_prunable_linears, load_model  # noqa: E402
-from tilesparse.pruning import PruneConfig, calibration_ids, prune_model  # noqa: E402
+from tilesparse.commands.common import quiet_libraries
+from tilesparse.evaluation import evaluate_text
+from tilesparse.io import apply_masks
+from tilesparse.masks.tiles import DENSE
+from tilesparse.models import find_prunable_linears, load_model
+from tilesparse.pruning import (
+    PruneConfig,
+    calibration_ids,
+    prune_model,
+    scores,
+)
 
 STRUCTURES = ("free", "rows", "cols")
 _density = scores.tile_density
@@ -143,13 +147,13 @@ def write_table(args, cache, texts, calib_desc, model_name) -> None:
     lines = [
         "# One-shot hybrid masks: free tile maps against whole tile-rows or tile-columns",
         "",
-        f"Model: {model_name}. Calibration: {calib_desc['text']} ({args.calib_text}), {calib_desc['samples']} x "
-        f"{calib_desc['seqlen']} tokens, seed 0. Perplexity: first {args.windows} x {args.seqlen}-token windows; "
-        "Moby Dick and the Debian Reference are out of domain, Pride and Prejudice is the calibration author's "
-        "(in domain). SparseGPT with its weight update, Wanda mask only. Tiles 128x128. `rows` / `cols`: every "
-        "tile scored by its tile-row's / tile-column's mean density of the unstructured prior, so the global "
-        "choice of dense tiles takes whole rows / columns; `mixed`: tile-rows / tile-columns left with both kinds "
-        "(all layers).",
+        (f"Model: {model_name}. Calibration: {calib_desc['text']} ({args.calib_text}), {calib_desc['samples']} x "
+         f"{calib_desc['seqlen']} tokens, seed 0. Perplexity: first {args.windows} x {args.seqlen}-token windows; "
+         "Moby Dick and the Debian Reference are out of domain, Pride and Prejudice is the calibration author's "
+         "(in domain). SparseGPT with its weight update, Wanda mask only. Tiles 128x128. `rows` / `cols`: every "
+         "tile scored by its tile-row's / tile-column's mean density of the unstructured prior, so the global "
+         "choice of dense tiles takes whole rows / columns; `mixed`: tile-rows / tile-columns left with both kinds "
+         "(all layers)."),
         "",
         f"Machine: {cache.get('_machine')}.",
         "",
