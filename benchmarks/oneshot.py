@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
+from _args import add_model_and_calibration  # noqa: E402
 
 from tilesparse.commands.common import quiet_libraries  # noqa: E402
 from tilesparse.evaluation import evaluate_text  # noqa: E402
@@ -58,13 +59,8 @@ def row_key(method: str, pattern: str, s: float) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--calib-text", default="austen-train")
-    ap.add_argument("--calib-samples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=512)
+    add_model_and_calibration(ap, "prideprejudice,persuasion")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-texts", default="prideprejudice,persuasion")
-    ap.add_argument("--windows", type=int, default=10)
     ap.add_argument("--methods", default="magnitude,wanda,sparsegpt")
     ap.add_argument("--patterns", default=None,
                     help="subset of rows, e.g. '2:4,hybrid:0.35' (default: 2:4, unstructured:0.5, hybrid 0.45/0.35/0.25)")

@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch
+from _args import add_model_and_calibration
 from oneshot import machine
 
 from tilesparse.commands.common import quiet_libraries
@@ -74,12 +75,7 @@ def mixed_lines(kinds: dict[str, torch.Tensor]) -> dict[str, int]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--calib-text", default="austen-train")
-    ap.add_argument("--calib-samples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--eval-texts", default="mobydick,debian-reference,prideprejudice")
-    ap.add_argument("--windows", type=int, default=10)
+    add_model_and_calibration(ap, "mobydick,debian-reference,prideprejudice")
     ap.add_argument("--methods", default="wanda,sparsegpt")
     ap.add_argument("--sparsities", default="0.45,0.25")
     ap.add_argument("--out", default="benchmarks/results/tile_structure_cpu.md")

@@ -163,22 +163,32 @@ def hybtm_func(N, K, M, nspt, ndnt, bm, bn, stages, threads, dt, swz, policy):
     return main
 
 
-def tile_major_hybrid(N, K, frac_sparse, dt, device, gen):
-    """A random hybrid weight (``frac_sparse`` of the 128x128 tiles 2:4 at random places, magnitude-free random
-    2:4 patterns) in the tile-major layout of :func:`hybtm_func`, and the masked dense weight."""
+def random_tile_map(N, K, frac_sparse, dt, device, gen, seed=7):
+    """A random hybrid weight: ``frac_sparse`` of the 128x128 tiles 2:4 at random places (``seed``), random 2:4
+    patterns, the rest dense. Returns the masked weight ``w``, the tile map ``is_sp`` [R, C] (CPU), and ``w``'s
+    tiles and its 2:4 keep-mask's, both ``[R, C, TILE, TILE]``."""
     R, Cn = N // TILE, K // TILE
     w24, m24 = S.random_24(N, K, dt, device, gen)
     wd = torch.randn(N, K, generator=gen, device=device, dtype=torch.float32).to(dt)
-    order = torch.randperm(R * Cn, generator=torch.Generator().manual_seed(7))
+    order = torch.randperm(R * Cn, generator=torch.Generator().manual_seed(seed))
     is_sp = torch.zeros(R * Cn, dtype=torch.bool)
     is_sp[order[:round(frac_sparse * R * Cn)]] = True
     is_sp = is_sp.reshape(R, Cn)
     full = is_sp.repeat_interleave(TILE, 0).repeat_interleave(TILE, 1).to(device)
     w = torch.where(full, w24, wd)
-    tiles = w.reshape(R, TILE, Cn, TILE).permute(0, 2, 1, 3)  # [R, C, TILE, TILE]
+    tiles = w.reshape(R, TILE, Cn, TILE).permute(0, 2, 1, 3)
+    mtiles = m24.reshape(R, TILE, Cn, TILE).permute(0, 2, 1, 3)  # (not w != 0: a kept value can be 0)
+    return w, is_sp, tiles, mtiles
+
+
+def tile_major_hybrid(N, K, frac_sparse, dt, device, gen):
+    """:func:`random_tile_map`'s weight in the tile-major layout of :func:`hybtm_func`, and the masked dense
+    weight."""
+    R = N // TILE
+    w, is_sp, tiles, mtiles = random_tile_map(N, K, frac_sparse, dt, device, gen)
     sp_t = tiles[is_sp.to(device)].contiguous()  # row-major order of (r, c): tile-rows in order
     dn_t = tiles[~is_sp.to(device)].contiguous()
-    mask = m24.reshape(R, TILE, Cn, TILE).permute(0, 2, 1, 3)[is_sp.to(device)]  # (not w != 0: a kept value can be 0)
+    mask = mtiles[is_sp.to(device)]
     vals, meta = S.pack24(sp_t.reshape(-1, TILE), mask.reshape(-1, TILE))
     rows, cols = torch.nonzero(is_sp, as_tuple=True)
     drows, dcols = torch.nonzero(~is_sp, as_tuple=True)

@@ -15,7 +15,7 @@ the same masked weight, the all-2:4 ``gemm_sp`` kernel (sweep.py's best tiles) o
 work-list configuration, checked against float64 first (``err``). ``total`` also counts zeroing the fp32 output
 and the cast (what a layer would pay); ``kernel`` is the kernel alone. Bound: 1 / (1 - 0.4375 f).
 
-Env: SWEEP_BUDGET_S (default 240). Run by worklist.sh.
+Env: SWEEP_BUDGET_S (default 240). Run by `SWEEP_BUDGET_S=240 bash benchmarks/spikes/gemm_route/sweep.sh worklist`.
 """
 
 import os
@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import spike as S  # noqa: E402
+import sweep as S_sweep  # noqa: E402  (its sp_func: the all-2:4 kernel; random_tile_map)
 
 S.BUDGET = float(os.environ.get("SWEEP_BUDGET_S", "240"))
 S.Bench.prof_ok = False
@@ -43,16 +44,7 @@ def worklist(N, K, frac, C, dt, device, seed):
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     R, Cn = N // TILE, K // TILE
-    w24, mask24 = S.random_24(N, K, dt, device, gen)
-    wd = torch.randn(N, K, generator=gen, device=device, dtype=torch.float32).to(dt)
-    order = torch.randperm(R * Cn, generator=torch.Generator().manual_seed(seed))
-    is_sp = torch.zeros(R * Cn, dtype=torch.bool)
-    is_sp[order[:round(frac * R * Cn)]] = True
-    is_sp = is_sp.reshape(R, Cn)
-    full = is_sp.repeat_interleave(TILE, 0).repeat_interleave(TILE, 1).to(device)
-    w = torch.where(full, w24, wd)
-    tiles = w.reshape(R, TILE, Cn, TILE).permute(0, 2, 1, 3)  # [R, Cn, TILE, TILE]
-    mtiles = mask24.reshape(R, TILE, Cn, TILE).permute(0, 2, 1, 3)
+    w, is_sp, tiles, mtiles = S_sweep.random_tile_map(N, K, frac, dt, device, gen, seed)
     sel = is_sp.to(device)
     sp_t, sp_m = tiles[sel], mtiles[sel]  # (r, c) row-major order
     zero_m = torch.zeros(TILE, TILE, dtype=torch.bool, device=device)
@@ -301,8 +293,6 @@ def selftest():
         assert not sp[-1].any() and not L["DNV"][-1].any()
     print("selftest passed")
 
-
-import sweep as S_sweep  # noqa: E402  (its sp_func: the all-2:4 kernel)
 
 if __name__ == "__main__":
     selftest() if "--selftest" in sys.argv else main()
