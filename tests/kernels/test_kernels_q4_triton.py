@@ -259,6 +259,22 @@ def test_prefill_dispatch_runs_the_unpack_kernel(q4, monkeypatch):
 
 
 
+def test_both_prefill_routes_refuse_tile_widths_the_unpack_kernel_cannot_chunk(q4, monkeypatch):
+    """Tiles 12 wide have no power-of-two chunk of 8 columns or more: the eager dispatcher and the compiled layer
+    both keep such a layer off the unpack kernel; 16 wide is taken by both."""
+    from tilesparse.kernels import library
+    from tilesparse.kernels.linear_q4 import HybridLinearQ4
+
+    monkeypatch.setattr(library, "_x_fits_kernel", lambda x, p: True)
+    monkeypatch.setattr(library, "_Q4_TRITON_FAILED", [None])
+    monkeypatch.setenv("TILESPARSE_COMPILED_UNPACK", "1")
+    x = torch.randn(20, 96).bfloat16()
+    for width, takes in ((12, False), (16, True)):
+        p = q4_layer(32, 96, (16, width), 48, seed=3)
+        assert library.q4_unpack_applies(x, p) is takes
+        assert HybridLinearQ4(p)._unpack_in_graph is takes
+
+
 def test_compiled_layer_unpacks_in_the_graph_above_16_tokens(q4, monkeypatch):
     """By default, a compiled ``HybridLinearQ4`` given more than 16 tokens is ``F.linear`` on the
     ``hybrid_unpack_q4`` operator (the compiler launches its kernel), equal to the float64 reference, also through

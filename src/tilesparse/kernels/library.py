@@ -253,12 +253,19 @@ def q4_mma_applies(x: torch.Tensor, p) -> bool:
             and cuda_mma_q4.mma_q4_supported(p))
 
 
+def q4_unpack_tile_fits(tile_cols: int) -> bool:
+    """Whether ``unpack_q4_kernel`` takes tiles ``tile_cols`` wide: its column chunks are a power of two of at
+    least 8 dividing the width (the eager route, :func:`q4_unpack_applies`, and the compiled one,
+    ``HybridLinearQ4``, both ask here)."""
+    return tile_cols % 8 == 0
+
+
 def q4_unpack_applies(x: torch.Tensor, p) -> bool:
     """Whether :func:`q4_linear` runs ``x`` on ``p`` as ``F.linear`` on the weight dequantized by
     :func:`.triton_q4.unpack_q4_triton` (prefill): ``x`` as for the Triton kernel with more than
-    :data:`Q4_KERNEL_MAX_TOKENS` tokens, a tile width that is a multiple of 8, and the Triton kernels not failed
-    here."""
-    return (_x_fits_kernel(x, p) and _tokens(x, p) > Q4_KERNEL_MAX_TOKENS and p.tile_cols % 8 == 0
+    :data:`Q4_KERNEL_MAX_TOKENS` tokens, a tile width the kernel takes (:func:`q4_unpack_tile_fits`), and the
+    Triton kernels not failed here."""
+    return (_x_fits_kernel(x, p) and _tokens(x, p) > Q4_KERNEL_MAX_TOKENS and q4_unpack_tile_fits(p.tile_cols)
             and _Q4_TRITON_FAILED[0] is None and _q4_triton_launcher() is not None)
 
 
@@ -390,6 +397,7 @@ __all__ = [
     "q4_linear",
     "q4_mma_applies",
     "q4_unpack_applies",
+    "q4_unpack_tile_fits",
     "register_layer",
     "register_layer_q4",
 ]

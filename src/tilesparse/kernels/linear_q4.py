@@ -13,7 +13,7 @@ from torch import nn
 from ..settings import setting
 from .format_q4 import PackedHybridQ4, pack_q4
 from .library import (Q4_KERNEL_DTYPES, Q4_KERNEL_MAX_TOKENS, Q4_UNPACK_TENSORS, hybrid_linear_q4_op,
-                      hybrid_unpack_q4_op, q4_linear, register_layer_q4)
+                      hybrid_unpack_q4_op, q4_linear, q4_unpack_tile_fits, register_layer_q4)
 from .ops import interpreting
 
 _DERIVED = ("row_info", "q4_info", "tile_slot")  # the layout tables, kept as non-persistent buffers
@@ -57,7 +57,7 @@ class HybridLinearQ4(nn.Module):
     def _unpack_route(self) -> bool:
         """Whether compiled graphs run more than 16 tokens as ``F.linear`` on ``tilesparse::hybrid_unpack_q4``
         (read when the layer is built or moved)."""
-        return hybrid_unpack_q4_op is not None and setting("compiled_unpack") and self.tile[1] % 8 == 0
+        return hybrid_unpack_q4_op is not None and setting("compiled_unpack") and q4_unpack_tile_fits(self.tile[1])
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, quantized, tile_kinds: torch.Tensor, mask24: torch.Tensor | None,

@@ -527,8 +527,8 @@ def unpack_q4_launch(out: torch.Tensor, tensors, N: int, K: int, tile_rows: int,
     bn = _largest_pow2_divisor_le(tile_rows, bn)
     if bk is None:
         bk = _largest_pow2_divisor_le(tile_cols, 128)
-        if group_size % bk and math.gcd(bk, group_size) >= 8:
-            bk = _largest_pow2_divisor_le(math.gcd(bk, group_size), bk)
+        if math.gcd(bk, group_size) >= 8:  # (a power of two, since bk is; bk itself where the group size is a multiple)
+            bk = math.gcd(bk, group_size)
     else:
         bk = _largest_pow2_divisor_le(tile_cols, bk)
     if bk < 8:
