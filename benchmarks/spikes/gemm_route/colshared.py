@@ -24,11 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import spike as S  # noqa: E402
 import sweep as S_sweep  # noqa: E402
 
-S.BUDGET = float(os.environ.get("SWEEP_BUDGET_S", "240"))
-S.Bench.prof_ok = False
-log, one_line = S.log, S.one_line
-TILE = 128
-SHAPES = [(4096, 11008), (11008, 4096)]
+log, one_line, TILE, SHAPES = S.log, S.one_line, S.TILE, S.SHAPES  # (importing sweep set the budget)
 FRACS = [0.9, 0.5]
 TOKENS = [16, 64, 256, 2048]
 SP_TILES = {  # tokens -> [(bm, bn, bk, stages, threads, swizzle, policy)]: sweep.py's winners and neighbours
@@ -161,16 +157,8 @@ def main():
                         log(f"{case} {label}: {us:.1f} us  {dus / us:.2f}x ({dus / us / bound:.0%} of bound)  "
                             f"err {err:.1e}")
                     except Exception as e:  # noqa: BLE001
-                        log(f"{case} {label}: FAILED {one_line(e)[:200]}")
-                        if "illegal" in str(e).lower():
-                            raise
-    print("\n## best per case (err < 2e-2), ratio = cuBLAS F.linear / this (gathers, both GEMMs, transpose, one graph)",
-          flush=True)
-    for case in dict.fromkeys(r[0] for r in rows):
-        rs = [r for r in rows if r[0] == case and r[1] != "cuBLAS" and r[4] < 2e-2]
-        if rs:
-            b = min(rs, key=lambda r: r[3])
-            print(f"{case:28s} {b[1]:44s} cuBLAS {b[2]:7.1f}  this {b[3]:7.1f} us  {b[2] / b[3]:5.2f}x", flush=True)
+                        S.timing_failed(f"{case} {label}", e)
+    S.print_best("the gathers, both GEMMs and the transpose, one CUDA graph", rows, 28, 44)
     log("done")
 
 

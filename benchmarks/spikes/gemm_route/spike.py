@@ -530,6 +530,25 @@ def record(dt, N, K, M, route, dense_us, us, err, note="", kern=None):
     log(f"  {dt} N={N} K={K} M={M:5d} {route:11s} {u} us (kernels {kk} us)  dense/this={r}  err={e}  {note}")
 
 
+def timing_failed(what: str, e: BaseException) -> None:
+    """Log a variant that failed to run and go on, unless the GPU hit an illegal access (the context is then
+    unusable: re-raised)."""
+    log(f"{what}: FAILED {one_line(e)[:200]}")
+    if "illegal" in str(e).lower():
+        raise e
+
+
+def print_best(title: str, rows, case_width: int = 24, label_width: int = 58) -> None:
+    """Per case, the fastest checked row (``(case, label, cuBLAS us, us, err)``, err < 2e-2) and its ratio."""
+    print(f"\n## best per case (err < 2e-2), ratio = cuBLAS / this: {title}", flush=True)
+    for case in dict.fromkeys(r[0] for r in rows):
+        rs = [r for r in rows if r[0] == case and r[1] != "cuBLAS" and r[4] < 2e-2]
+        if rs:
+            b = min(rs, key=lambda r: r[3])
+            print(f"{case:{case_width}s} {b[1]:{label_width}s} cuBLAS {b[2]:7.1f}  this {b[3]:7.1f} us  "
+                  f"{b[2] / b[3]:5.2f}x", flush=True)
+
+
 def fail(dt, N, K, M, route, e, dense_us=None):
     ROWS.append((dt, f"{N}x{K}", M, route, dense_us, None, None, "FAIL " + one_line(e)[:120], None))
     log(f"  {dt} N={N} K={K} M={M:5d} {route:11s} FAILED {one_line(e)}")

@@ -352,9 +352,7 @@ def main():
                     rows.append((case, label, us, base, err))
                     log(f"{case} {label}: {us:.1f} us  {base / us:.2f}x  err {err:.1e}")
                 except Exception as e:  # noqa: BLE001
-                    log(f"{case} {label}: FAILED {one_line(e)[:200]}")
-                    if "illegal" in str(e).lower():
-                        raise
+                    S.timing_failed(f"{case} {label}", e)
             del x, ref, href
         del w, mask, vals, meta, e16, hyb, tm
         torch.cuda.empty_cache()

@@ -28,11 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import spike as S  # noqa: E402
 import sweep as S_sweep  # noqa: E402  (its sp_func: the all-2:4 kernel; random_tile_map)
 
-S.BUDGET = float(os.environ.get("SWEEP_BUDGET_S", "240"))
-S.Bench.prof_ok = False
-log, one_line = S.log, S.one_line
-TILE = 128
-SHAPES = [(4096, 11008), (11008, 4096)]
+log, one_line, TILE, SHAPES = S.log, S.one_line, S.TILE, S.SHAPES  # (importing sweep set the budget)
 FRACS = [0.9, 0.5]
 TOKENS = [16, 64, 2048]
 
@@ -264,16 +260,9 @@ def main():
                         log(f"{case} {label}: kernel {kus:.1f} us ({hdus / kus:.2f}x), total {tus:.1f} us "
                             f"({hdus / tus:.2f}x, {hdus / tus / bound:.0%} of bound)  err {err:.1e}")
                     except Exception as e:  # noqa: BLE001
-                        log(f"{case} {label}: FAILED {one_line(e)[:200]}")
-                        if "illegal" in str(e).lower():
-                            raise
-    print("\n## best per case (err < 2e-2): kernel incl. zeroing / total incl. the cast, ratio = cuBLAS / this",
-          flush=True)
-    for case in dict.fromkeys(r[0] for r in rows):
-        rs = [r for r in rows if r[0] == case and r[5] < 2e-2]
-        if rs:
-            b = min(rs, key=lambda r: r[4])
-            print(f"{case:24s} {b[1]:58s} cuBLAS {b[2]:7.1f}  total {b[4]:7.1f} us  {b[2] / b[4]:5.2f}x", flush=True)
+                        S.timing_failed(f"{case} {label}", e)
+    S.print_best("total incl. zeroing the output and the cast", [(c, lb, base, tus, err) for c, lb, base, _, tus, err
+                                                                   in rows])
     log("done")
 
 
