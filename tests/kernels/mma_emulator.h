@@ -259,7 +259,7 @@ inline Op in_n(long long n) { return {nullptr, (u64)n}; }
 
 enum Kind {
     LD_V4, LD_V2, LD_U32, LD_CG_F32, MOV_B32, CVT_F32_F16, CVT_BF16_F32, CVT_F16_F32, FMA_X2, MMA_DENSE, MMA_SP,
-    CP_ASYNC, CP_COMMIT, CP_WAIT, GRIDDEP, LDSM, PREFETCH
+    CP_ASYNC, CP_COMMIT, CP_WAIT, GRIDDEP, LDSM
 };
 
 struct Parsed {
@@ -297,7 +297,6 @@ inline Parsed parse(const char* tmpl) {
     if (is("ldmatrix.sync.aligned.m8n8.x2.shared.b16")) return {LDSM, false, 2};
     if (is("ldmatrix.sync.aligned.m8n8.x4.shared.b16")) return {LDSM, false, 4};
     if (is("griddepcontrol.wait") || is("griddepcontrol.launch_dependents")) return {GRIDDEP, false, 0};
-    if (is("prefetch.global.L2")) return {PREFETCH, false, 0};
     std::fprintf(stderr, "mma emulator: no emulation of \"%s\"\n", tmpl);
     std::abort();
 }
@@ -399,9 +398,6 @@ inline void asm_(const char* tmpl, std::initializer_list<Op> outs_, std::initial
             }
             break;
         case GRIDDEP: break;
-        case PREFETCH:  // a hint: nothing to do, but the address must lie in a global buffer
-            check_global((const void*)(uintptr_t)in[0].v, 1, "prefetch.global.L2");
-            break;
         case LDSM: {  // matrix i's rows from lanes 8i..8i+7; lane l gets row l / 4, elements 2 (l % 4) + {0, 1}
             WarpMma& W = warp_mma[warp];
             W.addr[lane] = (u32)in[0].v;
