@@ -12,6 +12,11 @@ same masked weight in its original column order. Every variant is checked agains
 Per shape (4096x11008, 11008x4096, out x in), fraction f of 2:4 tile columns (0.5, 0.9; bound 1 / (1 - 0.4375 f))
 and token count (16, 64, 256, 2048). Env: SWEEP_BUDGET_S (default 240). Run:
 ``SWEEP_BUDGET_S=240 bash benchmarks/spikes/gemm_route/sweep.sh colshared``.
+
+``--fused``: the routes a pack-time column permutation allows (the layer's 2:4 columns first, the permutation folded
+into whatever writes x), with no gathers and no transpose: two kernels (``T.gemm_sp`` reading the first ``ks``
+columns of x in place and writing ``y`` [tokens, out] directly, then cuBLAS ``y += x[:, ks:] @ W_D^T``), or one
+(``cs_func``: both loops, one accumulator); with the per-kernel times (torch.profiler) of the gather route beside. Run: ``... sweep.sh colshared --fused``.
 """
 
 import os
@@ -44,6 +49,81 @@ def split_columns(K, frac, seed):
     sp_t, dn_t = order[:n_sp].sort().values, order[n_sp:].sort().values
     cols = lambda t: (t[:, None] * TILE + torch.arange(TILE)[None, :]).reshape(-1)  # noqa: E731
     return cols(sp_t), cols(dn_t)
+
+
+def spT_func(N, ks, K, M, bm, bn, bk, stages, threads, dt, swz, policy):
+    """``C[M, N] = X[:, :ks] @ A^T`` with A [N, ks] 2:4 (values, TileLang metadata): x read in place (row stride
+    K), the tile written transposed, so that no gather or transpose kernel is needed around it."""
+    import tilelang.language as T
+    from tilelang.language import GemmWarpPolicy as P
+
+    pol = {"sq": P.Square, "row": P.FullRow, "col": P.FullCol}[policy]
+
+    @T.prim_func
+    def main(Ws: T.Tensor((N, ks // 2), dt), E: T.Tensor((N, ks // 16), "int16"), X: T.Tensor((M, K), dt),
+             C: T.Tensor((M, N), dt)):
+        with T.Kernel(T.ceildiv(M, bn), T.ceildiv(N, bm), threads=threads) as (bx, by):
+            A_s = T.alloc_shared((bm, bk // 2), dt)
+            E_s = T.alloc_shared((bm, bk // 16), "int16")
+            B_s = T.alloc_shared((bn, bk), dt)
+            C_l = T.alloc_fragment((bm, bn), "float32")
+            T.use_swizzle(panel_size=swz, enable=swz > 0)
+            T.clear(C_l)
+            for k in T.Pipelined(ks // bk, num_stages=stages):
+                T.copy(Ws[by * bm, k * bk // 2], A_s)
+                T.copy(E[by * bm, k * bk // 16], E_s)
+                T.copy(X[bx * bn, k * bk], B_s)
+                T.gemm_sp(A_s, E_s, B_s, C_l, transpose_A=False, transpose_E=False, transpose_B=True, policy=pol)
+            for i, j in T.Parallel(bm, bn):
+                C[bx * bn + j, by * bm + i] = C_l[i, j]
+
+    return main
+
+
+H_TILES = {  # tokens -> [(bm, bn, bk 2:4, bk dense, stages, threads, swizzle, policy)] for cs_func
+    16: [(64, 16, 256, 128, 4, 128, 0, "row"), (64, 16, 256, 256, 3, 128, 0, "row"), (64, 16, 128, 128, 6, 128, 0, "row")],
+    64: [(64, 64, 256, 128, 3, 128, 0, "row"), (64, 64, 256, 64, 3, 128, 0, "row"), (64, 64, 128, 128, 4, 128, 0, "row")],
+    256: [(128, 128, 128, 64, 3, 256, 8, "sq"), (64, 128, 128, 64, 3, 128, 0, "row")],
+    2048: [(128, 128, 128, 64, 2, 256, 8, "sq"), (128, 256, 64, 64, 2, 256, 8, "sq")],
+}
+
+
+def cs_func(N, ks, K, M, bm, bn, bks, bkd, stages, threads, dt, swz, policy):
+    """One launch for a column-shared layer whose 2:4 columns come first: ``C[M, N] = X[:, :ks] @ A^T +
+    X[:, ks:] @ D^T``, A [N, ks] 2:4 (values, TileLang metadata) by ``T.gemm_sp``, D [N, K - ks] dense by
+    ``T.gemm``, one fp32 accumulator, static loop lengths (every copy can be a TMA copy), the tile written
+    transposed."""
+    import tilelang.language as T
+    from tilelang.language import GemmWarpPolicy as P
+
+    pol = {"sq": P.Square, "row": P.FullRow, "col": P.FullCol}[policy]
+    kd = K - ks
+
+    @T.prim_func
+    def main(Ws: T.Tensor((N, ks // 2), dt), E: T.Tensor((N, ks // 16), "int16"), Wd: T.Tensor((N, kd), dt),
+             X: T.Tensor((M, K), dt), C: T.Tensor((M, N), dt)):
+        with T.Kernel(T.ceildiv(M, bn), T.ceildiv(N, bm), threads=threads) as (bx, by):
+            A_s = T.alloc_shared((bm, bks // 2), dt)
+            E_s = T.alloc_shared((bm, bks // 16), "int16")
+            B_s = T.alloc_shared((bn, bks), dt)
+            D_s = T.alloc_shared((bm, bkd), dt)
+            B2_s = T.alloc_shared((bn, bkd), dt)
+            C_l = T.alloc_fragment((bm, bn), "float32")
+            T.use_swizzle(panel_size=swz, enable=swz > 0)
+            T.clear(C_l)
+            for k in T.Pipelined(ks // bks, num_stages=stages):
+                T.copy(Ws[by * bm, k * bks // 2], A_s)
+                T.copy(E[by * bm, k * bks // 16], E_s)
+                T.copy(X[bx * bn, k * bks], B_s)
+                T.gemm_sp(A_s, E_s, B_s, C_l, transpose_A=False, transpose_E=False, transpose_B=True, policy=pol)
+            for k in T.Pipelined(kd // bkd, num_stages=stages):
+                T.copy(Wd[by * bm, k * bkd], D_s)
+                T.copy(X[bx * bn, ks + k * bkd], B2_s)
+                T.gemm(D_s, B2_s, C_l, transpose_A=False, transpose_B=True, policy=pol)
+            for i, j in T.Parallel(bm, bn):
+                C[bx * bn + j, by * bm + i] = C_l[i, j]
+
+    return main
 
 
 def layer(N, K, frac, dt, seed, device="cuda"):
@@ -162,6 +242,159 @@ def main():
     log("done")
 
 
+def kernel_table(fn, n=10):
+    """Per-kernel device time of one eager call of ``fn`` (torch.profiler), L2 not flushed: [(name, us)]."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    out = []
+    for ev in prof.key_averages():
+        t = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0.0)
+        if t:
+            out.append((ev.key[:48], float(t) / n))
+    return sorted(out, key=lambda r: -r[1])
+
+
+def fused():
+    """The two-kernel route (2:4 columns first) against cuBLAS, and the gather route's per-kernel times."""
+    import tilelang
+
+    p = torch.cuda.get_device_properties(0)
+    log(f"device {p.name} SMs={p.multi_processor_count} torch {torch.__version__} tilelang {tilelang.__version__}")
+    dt, dts = torch.bfloat16, "bfloat16"
+    tokens = [16, 64, 256, 2048]
+    built = []
+    for N, K in SHAPES:
+        for frac in FRACS:
+            ks = split_columns(K, frac, 0)[0].numel()
+            for M in tokens:
+                for cfg in SP_TILES[M]:
+                    bm, bn, bk, st, th, swz, pol = cfg
+                    if ks % bk:
+                        continue
+                    built.append(((N, ks, M, "T") + cfg, spT_func(N, ks, K, M, bm, bn, bk, st, th, dts, swz, pol),
+                                  {"pc": "ws"}))
+                    built.append(((N, ks, M, "C") + cfg, S_sweep.sp_func(N, ks, M, bm, bn, bk, st, th, dts, swz, pol),
+                                  {"pc": "ws"}))
+                for cfg in H_TILES[M]:
+                    bm, bn, bks, bkd, st, th, swz, pol = cfg
+                    if ks % bks or (K - ks) % bkd:
+                        continue
+                    built.append(((N, ks, M, "H") + cfg,
+                                  cs_func(N, ks, K, M, bm, bn, bks, bkd, st, th, dts, swz, pol), {"pc": "ws"}))
+    built = list({k: (k, f, o) for k, f, o in built}.values())
+    t = time.time()
+    kernels = S.compile_tl(built)
+    bad = [(k, v) for k, v in kernels.items() if isinstance(v, BaseException)]
+    log(f"compiled {len(kernels) - len(bad)}/{len(built)} in {time.time() - t:.1f}s")
+    for k, v in bad[:3]:
+        log(f"  {k}: {one_line(v)[:200]}")
+    bench = S.Bench()
+    rows = []
+    for N, K in SHAPES:
+        for frac in FRACS:
+            L = layer(N, K, frac, dt, 11 + N)
+            ks = L["sp_idx"].numel()
+            wd = L["wd"]
+            wp = torch.cat([L["w24"], wd], 1)  # the layer with its columns permuted: 2:4 part first
+            bound = 1 / (1 - 0.4375 * ks / K)
+            for M in tokens:
+                if S.time_left() < 12:
+                    log(f"budget: skip {N}x{K} f={frac} M={M}")
+                    continue
+                gen = torch.Generator(device="cuda")
+                gen.manual_seed(M)
+                x = torch.randn(M, K, generator=gen, device="cuda", dtype=torch.float32).to(dt)
+                ref = x.double() @ wp.double().t()
+                case = f"{N}x{K} f={ks / K:.2f} M={M}"
+                y0 = torch.empty(M, N, dtype=dt, device="cuda")
+                g0 = torch.cuda.CUDAGraph()
+                torch.mm(x, wp.t(), out=y0)
+                with torch.cuda.graph(g0):
+                    torch.mm(x, wp.t(), out=y0)
+                dus = bench.us(g0.replay)
+                log(f"{case} cuBLAS {dus:.1f} us, bound {bound:.2f}x")
+                rows.append((case, "cuBLAS", dus, dus, 0.0))
+                y = torch.empty(M, N, dtype=dt, device="cuda")
+                xs = x[:, :ks].contiguous()
+                c = torch.empty(N, M, dtype=dt, device="cuda")
+                variants, parts = [], []
+                for key, k in kernels.items():
+                    if key[:3] != (N, ks, M) or isinstance(k, BaseException):
+                        continue
+                    cfg = key[4:]
+                    label = f"bm{cfg[0]} bn{cfg[1]} bk{cfg[2]} st{cfg[3]} th{cfg[4]}"
+                    if key[3] == "H":
+                        label = f"bm{cfg[0]} bn{cfg[1]} bk{cfg[2]}/{cfg[3]} st{cfg[4]} th{cfg[5]}"
+                        variants.append((f"1 kernel {label}", lambda k=k: k(L["vals"], L["e16"], wd, x, y)))
+                    elif key[3] == "T":
+                        def run(k=k):
+                            k(L["vals"], L["e16"], x, y)
+                            y.addmm_(x[:, ks:], wd.t())
+
+                        def only(k=k):
+                            k(L["vals"], L["e16"], x, y)
+
+                        variants += [(f"2 kernels {label}", run), (f"gemm_sp->y alone {label}", only)]
+                    else:
+                        parts.append((label, lambda k=k: k(L["vals"], L["e16"], xs, c)))
+                if M >= 256:
+                    try:
+                        wc = torch._cslt_compress(L["w24"])
+                        alg = int(torch._cslt_sparse_mm_search(wc, xs.t()))
+
+                        def run_cslt(wc=wc, alg=alg):
+                            z = torch._cslt_sparse_mm(wc, x[:, :ks].t(), alg_id=alg, transpose_result=True)
+                            z.addmm_(x[:, ks:], wd.t())
+                            y.copy_(z)
+
+                        variants.append((f"cuSPARSELt alg{alg} 2 kernels+copy", run_cslt))
+                    except Exception as e:  # noqa: BLE001
+                        log(f"{case} cuSPARSELt: {one_line(e)[:160]}")
+                variants.append(("addmm dense part alone", lambda: y.addmm_(x[:, ks:], wd.t())))
+                for label, run in variants:
+                    if S.time_left() < 8:
+                        break
+                    try:
+                        run()
+                        err = S.rel_err(y, ref) if "alone" not in label else 0.0
+                        g = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(g):
+                            run()
+                        us = bench.us(g.replay)
+                        if "alone" not in label:
+                            rows.append((case, label, dus, us, err))
+                        log(f"{case} {label}: {us:.1f} us  {dus / us:.2f}x ({dus / us / bound:.0%} of bound)  "
+                            f"err {err:.1e}")
+                    except Exception as e:  # noqa: BLE001
+                        S.timing_failed(f"{case} {label}", e)
+                if parts and M in (16, 2048) and S.time_left() > 15:  # the gather route, eagerly, kernel by kernel (L2 warm)
+                    label, spk = parts[0]
+                    xd = torch.empty(M, K - ks, dtype=dt, device="cuda")
+
+                    def gather_route(spk=spk):
+                        torch.index_select(x, 1, L["sp_idx"], out=xs)
+                        torch.index_select(x, 1, L["dn_idx"], out=xd)
+                        spk()
+                        c.addmm_(L["wd"], xd.t())
+                        y.copy_(c.t())
+
+                    try:
+                        tab = kernel_table(gather_route)
+                        log(f"{case} gather route {label}, per kernel (us, L2 warm): "
+                            + "; ".join(f"{n} {t:.1f}" for n, t in tab))
+                    except Exception as e:  # noqa: BLE001
+                        S.timing_failed(f"{case} kernel table", e)
+    S.print_best("2:4 columns first: one kernel (gemm_sp + gemm) or two (gemm_sp, cuBLAS addmm), one CUDA graph",
+                 rows, 28, 44)
+    log("done")
+
+
 def selftest():
     """On the CPU: the split covers every column once, and the two parts rebuild ``x @ w^T``."""
     for N, K, frac in ((256, 1024, 0.5), (128, 1408, 0.9)):
@@ -176,4 +409,4 @@ def selftest():
 
 
 if __name__ == "__main__":
-    selftest() if "--selftest" in sys.argv else main()
+    selftest() if "--selftest" in sys.argv else fused() if "--fused" in sys.argv else main()
