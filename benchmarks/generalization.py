@@ -2,8 +2,9 @@
 
 Rows, all from one model load and the same token budget per learned run:
 - dense; SparseGPT 2:4 mask only and with its weight update (``--baselines``, calibrated on ``--calibration``);
-- per target sparsity: the one-shot prior (``--prior``), then one learned run per ``--losses`` entry (PATCH
-  ``--mode``; ``maskllm`` is always 50 %), and with ``--refit`` the same masks with SparseGPT's weight
+- per target sparsity and tile map (``--tile-maps``: free, columns): the one-shot prior (``--prior``), then one
+  learned run per ``--losses`` entry (PATCH ``--mode``; ``maskllm`` is always 50 %, free maps only), and with
+  ``--refit`` the same masks with SparseGPT's weight
   update refitted for them (calibrated on ``--calibration``; ``--refit-keep tiles``: the learned tile map
   kept and SparseGPT's own 2:4 patterns inside it).
 Perplexity under the pinned protocol (first ``--windows`` x 512 tokens) on every ``--texts`` entry; list
@@ -36,6 +37,7 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default="joint", help="joint, tile, maskllm (comma-separated)")
     p.add_argument("--sparsities", default="0.45,0.25")
     p.add_argument("--losses", default="ce,kd")
+    p.add_argument("--tile-maps", default="free", help="free, columns (comma-separated; see LearnConfig.tile_map)")
     p.add_argument("--prior", default="wanda")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch", type=int, default=8)
@@ -87,28 +89,30 @@ def main(argv=None) -> int:
                 seconds=round(time.perf_counter() - t0, 1))
     for mode in args.modes.split(","):
         targets = [0.5] if mode == "maskllm" else [float(x) for x in args.sparsities.split(",")]
-        for s in targets:
+        maps = ["free"] if mode == "maskllm" else args.tile_maps.split(",")
+        for s, tile_map in ((s, m) for s in targets for m in maps):
+            by_map = "" if tile_map == "free" else f", {tile_map} tile map"
             for i, loss in enumerate(args.losses.split(",")):
                 t0 = time.perf_counter()
                 res = ts.learn(lm, mode=mode, sparsity=s, prior=args.prior, steps=args.steps, batch=args.batch,
                                seqlen=args.seqlen, text=args.text, loss=loss, calib_samples=args.calib_samples,
-                               lr=args.lr, progress=False)
+                               lr=args.lr, progress=False, **({} if mode == "maskllm" else {"tile_map": tile_map}))
                 seconds = time.perf_counter() - t0
-                tag = f"{mode}-s{round(s * 100)}"
+                tag = f"{mode}-s{round(s * 100)}" + ("" if tile_map == "free" else f"-{tile_map}")
                 if i == 0:
                     ts.apply_masks(lm, res.prior)
-                    row(f"one-shot prior ({args.prior}) for {mode}", sparsity=s)
+                    row(f"one-shot prior ({args.prior}) for {mode}{by_map}", sparsity=s)
                 step_s = sum(h["seconds"] for h in res.history) / len(res.history)
-                label = f"{mode}, loss {loss}"
+                label = f"{mode}{by_map}, loss {loss}"
                 keep(f"{tag}-{loss}", res.maskset)
                 ts.apply_masks(lm, res.maskset)
                 row(label, sparsity=s, seconds=round(seconds, 1), step_s=round(step_s, 3))
-                for keep in args.refit_keep.split(",") if args.refit else []:
+                for kept in args.refit_keep.split(",") if args.refit else []:
                     t0 = time.perf_counter()
-                    info = ts.refit(lm, res.maskset, keep=keep, calibration=calibration, samples=args.calib_samples,
+                    info = ts.refit(lm, res.maskset, keep=kept, calibration=calibration, samples=args.calib_samples,
                                     progress=False)
                     ts.apply_masks(lm, info["maskset"])
-                    row(f"{label} + refit" + (" (tile map kept)" if keep == "tiles" else ""), sparsity=s,
+                    row(f"{label} + refit" + (" (tile map kept)" if kept == "tiles" else ""), sparsity=s,
                         seconds=round(time.perf_counter() - t0, 1))
     tokens = args.steps * args.batch * args.seqlen
     head = (f"{lm.name} ({args.dtype}) on {device_name}. Learned rows: {args.steps} steps x {args.batch} x "

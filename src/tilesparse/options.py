@@ -10,6 +10,9 @@ configs are built from these.
 - :data:`Tile`: a tile size (:func:`parse_tile`: ``128``, ``"64x128"`` or ``(64, 128)``).
 - :data:`LearnLoss`: what mask learning minimises: ``ce`` (next-token cross-entropy on the training text),
   ``kd`` (KL divergence from the dense model's next-token distribution), ``kd+ce`` (both).
+- :data:`TileMap`: which tile maps a hybrid mask may have: ``free`` (every tile chosen on its own) or
+  ``columns`` (a tile-column is dense in every tile-row or 2:4 in every tile-row, so that a layer runs as one
+  all-2:4 GEMM plus one dense GEMM over its columns in another order).
 - :data:`QuantMethod`: weight quantizers, ``rtn`` (round to nearest) or ``gptq`` (calibrated);
   :data:`QUANT_BITS` the supported bit widths; :data:`QuantObserver`: how a group's range is chosen,
   ``minmax`` (its kept weights' range) or ``mse`` (the shrunk range with the smallest rounding error).
@@ -35,6 +38,7 @@ DensityEstimate = Literal["sampled", "expected"]
 RecipeKind = Literal["dense", "oneshot", "learn"]
 LearnLoss = Literal["ce", "kd", "kd+ce"]
 RefitKeep = Literal["mask", "tiles"]  # what a refit keeps of the learned mask
+TileMap = Literal["free", "columns"]
 QuantMethod = Literal["rtn", "gptq"]
 QuantObserver = Literal["minmax", "mse"]
 
@@ -48,6 +52,7 @@ DENSITY_ESTIMATES: tuple[str, ...] = get_args(DensityEstimate)
 RECIPE_KINDS: tuple[str, ...] = get_args(RecipeKind)
 LEARN_LOSSES: tuple[str, ...] = get_args(LearnLoss)
 REFIT_KEEPS: tuple[str, ...] = get_args(RefitKeep)
+TILE_MAPS: tuple[str, ...] = get_args(TileMap)
 QUANT_METHODS: tuple[str, ...] = get_args(QuantMethod)
 QUANT_OBSERVERS: tuple[str, ...] = get_args(QuantObserver)
 QUANT_BITS: tuple[int, ...] = (2, 3, 4, 8)
@@ -89,4 +94,4 @@ Tile = Annotated[tuple[int, int], BeforeValidator(validator(parse_tile))]
 __all__ = ["Tile", "parse_tile", "PruneMethod", "PrunePattern", "LearnMode", "Prior", "DensityScope",
            "DensityEstimate", "RecipeKind", "LearnLoss", "PRUNE_METHODS", "CALIBRATED_METHODS", "PRUNE_PATTERNS",
            "LEARN_MODES", "PRIORS", "DENSITY_SCOPES", "DENSITY_ESTIMATES", "RECIPE_KINDS", "LEARN_LOSSES",
-           "QuantMethod", "QUANT_METHODS", "QUANT_BITS", "QuantObserver", "QUANT_OBSERVERS"]
+           "QuantMethod", "QUANT_METHODS", "QUANT_BITS", "QuantObserver", "QUANT_OBSERVERS", "TileMap", "TILE_MAPS"]

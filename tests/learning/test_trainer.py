@@ -214,3 +214,34 @@ def test_window_sampler_starts_windows_with_bos():
     assert sorted(body[:, 0].tolist()) == list(range(100, 100 + 9 * len(s), 9))  # stream tokens, no overlap
     with pytest.raises(TilesparseError, match="fewer than one window"):
         WindowSampler(torch.arange(8), 10, seed=0, bos_id=7)
+
+
+def test_column_shared_tile_maps_learn_whole_tile_columns(tmp_path):
+    from tilesparse.learning import MaskedModel
+
+    model = make_tiny_model("llama")
+    res = learn_masks(model, _cfg(steps=3, sparsity=0.3, tile_map="columns"), _ids(), out_dir=tmp_path,
+                      progress=False)
+    assert res.maskset.meta["tile_map"] == "columns" and res.prior.meta["tile_map"] == "columns"
+    for ms in (res.maskset, res.prior):
+        kinds = [lm.kinds for lm in ms.layers.values() if lm.pattern == "hybrid"]
+        assert kinds and all(bool(((k == k[:1]).all())) for k in kinds)  # every tile-column one kind
+        assert any(bool((k == 1).any()) for k in kinds) and abs(ms.sparsity() - 0.3) < 0.05
+    ck = load_checkpoint(tmp_path)
+    tiles = {k: v for k, v in ck["logits"].items() if k.endswith(":tile")}
+    assert tiles and all(v.shape[0] == 1 for v in tiles.values())  # one logit per tile-column
+    with pytest.raises(TilesparseError, match="tile_map"):  # resuming with free maps is another run
+        learn_masks(model, _cfg(steps=3, sparsity=0.3), _ids(), out_dir=tmp_path, resume=True, progress=False)
+    with pytest.raises(TilesparseError, match="columns"):
+        _cfg(tile_map="columns", shard=True)
+    # one sampled value per tile-column, repeated down the tile-rows; the gradient reaches the shared logit
+    masked = MaskedModel(make_tiny_model("llama"), "joint", tile=TILE, tile_map="columns")
+    layer = masked.layers[0]
+    assert tuple(layer.tile_logits.shape) == (1, layer.grid.n_cols)
+    t = layer.tile_values()
+    assert t.shape == layer.grid.shape and torch.equal(t, t[:1].expand_as(t))
+    t.sum().backward()
+    assert layer.tile_logits.grad is not None and bool((layer.tile_logits.grad != 0).all())
+    with pytest.raises(ValueError, match="do not match"):
+        MaskedModel(make_tiny_model("llama"), "joint", tile=TILE, tile_map="columns",
+                    tile_init={layer.layer_name: torch.zeros(layer.grid.shape)})

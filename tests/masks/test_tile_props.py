@@ -153,3 +153,30 @@ def test_budget_endpoints_and_disallowed_layers():
             select_dense_tiles(sc[:1], gs[:1], bad)
     with pytest.raises(ValueError):
         select_dense_tiles([torch.rand(3, 3)], gs[:1], 0.3)
+
+
+def _columns_uniform(d: torch.Tensor) -> bool:
+    return bool((d.all(0) | ~d.any(0)).all())
+
+
+@given(budget_cases())
+def test_column_budget_takes_whole_tile_columns_best_first(case):
+    gs, scores, s = case
+    res = select_dense_tiles(scores, gs, s, tile_map="columns")
+    total = sum(g.numel for g in gs)
+    kept = sum(int(g.tile_numel()[d].sum()) + int(g.tile_numel()[~d].sum()) // 2 for g, d in zip(gs, res.dense))
+    assert abs(1 - kept / total - res.achieved_sparsity) < 1e-12
+    assert all(_columns_uniform(d) for d in res.dense)
+    biggest = max(int(g.tile_numel().sum(0).max()) for g in gs)
+    assert abs(res.achieved_sparsity - s) <= biggest / 2 / total + 1e-12  # within one tile-column
+    col_scores = [sc.mean(0) for sc in scores]
+    chosen = torch.cat([c[d[0]] for c, d in zip(col_scores, res.dense)])
+    rest = torch.cat([c[~d[0]] for c, d in zip(col_scores, res.dense)])
+    if chosen.numel() and rest.numel():
+        assert float(chosen.min()) >= float(rest.max())
+
+
+def test_column_budget_rejects_an_unknown_tile_map():
+    g = TileGrid(16, 16, 8, 8)
+    with pytest.raises(ValueError, match="tile map"):
+        select_dense_tiles([torch.rand(g.shape)], [g], 0.3, tile_map="rows")

@@ -123,6 +123,19 @@ def test_given_tile_map_is_used(tiny_llama):
         prune_model(tiny_llama, None, cfg, progress=False, tile_kinds={})
 
 
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_column_tile_maps_keep_whole_tile_columns(tiny_llama, method):
+    free = prune_model(tiny_llama, CALIB, PruneConfig(method=method, pattern="hybrid", sparsity=0.3, tile=16),
+                       progress=False)
+    cols = prune_model(tiny_llama, CALIB, PruneConfig(method=method, pattern="hybrid", sparsity=0.3, tile=16,
+                                                      tile_map="columns"), progress=False)
+    assert cols.meta["tile_map"] == "columns" and abs(cols.sparsity() - 0.3) < 0.05
+    kinds = [lm.kinds for lm in cols.layers.values() if lm.pattern == "hybrid"]
+    assert all(bool((k == k[:1]).all()) for k in kinds) and any(bool((k == DENSE).any()) for k in kinds)
+    # the free map of the same prior is not column-shaped: the option changed the choice
+    assert not all(bool((lm.kinds == lm.kinds[:1]).all()) for lm in free.layers.values() if lm.pattern == "hybrid")
+
+
 def test_layers_that_cannot_be_24_stay_dense_and_are_reported():
     import transformers as tf
 

@@ -38,7 +38,7 @@ from pydantic import Field, model_validator
 
 from ..errors import TilesparseError
 from ..options import LEARN_MODES as MODES
-from ..options import DensityEstimate, DensityScope, LearnLoss, LearnMode, Prior, Tile
+from ..options import DensityEstimate, DensityScope, LearnLoss, LearnMode, Prior, Tile, TileMap
 from ..typed_config import UserConfig, Pair, check
 
 MODE_NAMES = {"joint": "PATCH-Joint", "tile": "PATCH-Tile", "maskllm": "MaskLLM (learned 2:4)"}
@@ -48,10 +48,10 @@ IDENTITY_FIELDS = (
     "mode", "sparsity", "steps", "seqlen", "batch", "grad_accum", "tile", "lr", "tile_lr", "warmup",
     "tile_k", "tile_tau", "pattern_k", "pattern_tau", "l1", "l2", "density_scope", "density_estimate",
     "hard_tile", "hard_24", "init_std", "prior", "prior_strength", "calib_samples", "seed", "text",
-    "world_size", "dtype", "min_lr_ratio", "max_grad_norm", "loss", "kd_temperature", "ce_weight",
+    "world_size", "dtype", "min_lr_ratio", "max_grad_norm", "loss", "kd_temperature", "ce_weight", "tile_map",
 )
 # What a saved config without a field meant (fields added after such checkpoints were written).
-IDENTITY_DEFAULTS = {"loss": "ce", "kd_temperature": 1.0, "ce_weight": 1.0}
+IDENTITY_DEFAULTS = {"loss": "ce", "kd_temperature": 1.0, "ce_weight": 1.0, "tile_map": "free"}
 
 _BY_MODE = "default by mode"
 _NO_CLI = {"cli": False}
@@ -73,6 +73,8 @@ class LearnConfig(UserConfig):
     batch: int = Field(4, ge=1, description="sequences per micro-batch and per process")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step")
     tile: Tile = Field((128, 128), description="tile size N or ROWSxCOLS (columns a multiple of 4)")
+    tile_map: TileMap = Field("free", description="learned tile maps: free (one logit per tile) or columns (one "
+                              "logit per tile-column: dense or 2:4 in all its tile-rows); not with --shard")
     lr: float | None = Field(None, gt=0, description="learning rate of the 2:4 pattern logits, and of the tile "
                              "logits unless tile_lr is set (1e-3)")
     tile_lr: float | None = Field(None, gt=0, description="learning rate of the tile logits (default: lr)")
@@ -121,6 +123,8 @@ class LearnConfig(UserConfig):
     def _fill(self) -> "LearnConfig":
         if self.mode == "maskllm":
             self.sparsity = 0.5
+        check(not (self.tile_map == "columns" and self.shard),
+              "tile_map 'columns' is not supported by sharded learning yet (leave --shard off)")
         check(not (self.mode == "tile" and self.prior == "none"),
               "PATCH-Tile needs a one-shot prior for its fixed 2:4 pattern (not 'none')")
         joint, tile = self.mode == "joint", self.mode == "tile"

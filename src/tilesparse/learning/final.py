@@ -31,16 +31,17 @@ class LayerFinal:
     name: str
     grid: TileGrid
     ids: torch.Tensor | None  # uint8 [out, in/4]; None = layer cannot be 2:4 (stays dense)
-    tile_scores: torch.Tensor | None  # [n_rows, n_cols]; None = all tiles 2:4 (MaskLLM)
+    tile_scores: torch.Tensor | None  # [n_rows, n_cols] or [1, n_cols]; None = all tiles 2:4 (MaskLLM)
 
 
 def build_final_maskset(layers: Sequence[LayerFinal], sparsity: float, *, all_sparse: bool = False,
-                        meta: dict | None = None) -> MaskSet:
+                        meta: dict | None = None, tile_map: str = "free") -> MaskSet:
     """Binary :class:`MaskSet`: ``hybrid`` layers at exactly the global tile budget, or ``2:4`` everywhere.
 
     With ``all_sparse`` (MaskLLM mode) every 2:4-capable layer is pattern ``2:4``. Otherwise tiles are
     ranked by score across all layers and the budget closest to ``sparsity`` is kept dense. Layers without
-    ids are ``dense``. The achieved sparsity is recorded in ``meta['achieved_sparsity']``.
+    ids are ``dense``. With ``tile_map='columns'`` whole tile-columns are ranked (a layer's scores may then
+    be ``[1, n_cols]``). The achieved sparsity is recorded in ``meta['achieved_sparsity']``.
     """
     out: dict[str, LayerMask] = {}
     meta = dict(meta or {})
@@ -54,10 +55,10 @@ def build_final_maskset(layers: Sequence[LayerFinal], sparsity: float, *, all_sp
                                          ids=lf.ids.to(torch.uint8).cpu())
     else:
         grids = [lf.grid for lf in layers]
-        scores = [lf.tile_scores.detach().float().cpu() if lf.tile_scores is not None
+        scores = [lf.tile_scores.detach().float().cpu().expand(lf.grid.shape) if lf.tile_scores is not None
                   else torch.zeros(lf.grid.shape) for lf in layers]
         allowed = [lf.ids is not None for lf in layers]
-        budget = select_dense_tiles(scores, grids, sparsity, sparse_allowed=allowed)
+        budget = select_dense_tiles(scores, grids, sparsity, sparse_allowed=allowed, tile_map=tile_map)
         for lf, dense in zip(layers, budget.dense):
             g = lf.grid
             if lf.ids is None:
@@ -68,6 +69,7 @@ def build_final_maskset(layers: Sequence[LayerFinal], sparsity: float, *, all_sp
                                      kinds=kinds, ids=lf.ids.to(torch.uint8).cpu())
         meta["dense_tiles"] = budget.n_dense
         meta["tiles"] = budget.n_tiles
+        meta["tile_map"] = tile_map
     ms = MaskSet(out, meta)
     ms.meta["target_sparsity"] = sparsity if not all_sparse else 0.5
     ms.meta["achieved_sparsity"] = ms.sparsity()

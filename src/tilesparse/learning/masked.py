@@ -3,7 +3,8 @@
 :class:`MaskedModel` replaces every prunable linear (``nn.Linear`` or GPT-2 ``Conv1D``) inside the
 decoder blocks with a :class:`MaskedLinear` that holds the frozen original module plus fp32 logits:
 
-- ``tile_logits [n_rows, n_cols]`` (PATCH-Joint, PATCH-Tile),
+- ``tile_logits [n_rows, n_cols]`` (PATCH-Joint, PATCH-Tile), or ``[1, n_cols]`` with ``tile_map='columns'``
+  (one logit per tile-column, the same sampled value in all its tile-rows),
 - ``pattern_logits [6, out, in/4]`` (candidate-major, PATCH-Joint and MaskLLM; given and reported to
   users as ``[out, in/4, 6]`` by :func:`~.priors.pattern_prior_logits` and the final mask) or compact fixed pattern ids
   ``ids [out, in/4]`` uint8 (PATCH-Tile).
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TilesparseError
-from ..options import LEARN_MODES
+from ..options import LEARN_MODES, TILE_MAPS
 from ..masks.nm import GROUP, N_PATTERNS, mask_from_ids
 from ..masks.tiles import TileGrid
 from ..models import find_decoder_blocks, find_prunable_linears
@@ -68,6 +69,11 @@ class MaskState:
         self.norms.clear()
 
 
+def tile_logit_shape(grid: TileGrid, tile_map: str = "free") -> tuple[int, int]:
+    """Shape of a layer's tile logits: one per tile, or one per tile-column (``tile_map='columns'``)."""
+    return (1, grid.n_cols) if tile_map == "columns" else grid.shape
+
+
 class MaskedLinear(nn.Module):
     """A frozen linear layer whose weight is multiplied by a learnable relaxed mask in ``forward``."""
 
@@ -97,14 +103,19 @@ class MaskedLinear(nn.Module):
         return w.t() if self.transposed else w
 
     def tile_values(self) -> torch.Tensor | None:
-        """Relaxed per-tile dense value ``T`` for the current schedule (samples noise when stochastic)."""
+        """Relaxed per-tile dense value ``T [n_rows, n_cols]`` for the current schedule (samples noise when
+        stochastic); column-shared logits give one value per tile-column, repeated down the rows."""
         if self.tile_logits is None:
             return None
         st = self.state
         if st.record_expected:
-            st.expected_values[self.index] = torch.sigmoid(st.tile_k * self.tile_logits)
+            st.expected_values[self.index] = self._rows(torch.sigmoid(st.tile_k * self.tile_logits))
         noise = logistic_noise(self.tile_logits.shape, device=self.tile_logits.device) if st.stochastic else None
-        return binary_concrete(self.tile_logits, st.tile_k, st.tile_tau, noise=noise, hard=st.hard_tile)
+        return self._rows(binary_concrete(self.tile_logits, st.tile_k, st.tile_tau, noise=noise, hard=st.hard_tile))
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` over all tile-rows (a copy when the logits are shared by columns)."""
+        return t if t.shape[0] == self.grid.n_rows else t.expand(self.grid.n_rows, -1).contiguous()
 
     def pattern_logits_natural(self) -> torch.Tensor | None:
         """Pattern logits as ``[out, in/4, 6]`` (a view)."""
@@ -221,7 +232,8 @@ class MaskedModel:
     ``fused`` forces the fused Triton mask kernels on or off (``None``: the ``TILESPARSE_FUSED_MASK``
     variable, else on for CUDA weights); a layer the kernels do not support (see
     :func:`.fused_triton.supports`) takes the torch path. Layers whose ``in`` is not a multiple of 4 are
-    left dense and unwrapped.
+    left dense and unwrapped. ``tile_map='columns'``: one tile logit per tile-column (``[1, n_cols]``), and
+    the final mask keeps whole tile-columns dense or 2:4 (:data:`~tilesparse.options.TileMap`).
 
     Once sharded (FSDP2), the logits are DTensors: :meth:`logits_state`, :meth:`load_logits_state` and
     :meth:`final_maskset` are then collectives that every process must call.
@@ -232,10 +244,12 @@ class MaskedModel:
                  pattern_init: dict[str, torch.Tensor] | None = None,
                  ids: dict[str, torch.Tensor] | None = None, fused: bool | None = None,
                  initial: Callable[[str], tuple] | None = None,
-                 on_block: Callable[[nn.Module, list], None] | None = None):
+                 on_block: Callable[[nn.Module, list], None] | None = None, tile_map: str = "free"):
         if mode not in LEARN_MODES:
             raise ValueError(f"unknown mode {mode!r}")
-        self.model, self.mode, self.tile = model, mode, tuple(tile)
+        if tile_map not in TILE_MAPS:
+            raise ValueError(f"unknown tile map {tile_map!r} ({', '.join(TILE_MAPS)})")
+        self.model, self.mode, self.tile, self.tile_map = model, mode, tuple(tile), tile_map
         self.state = MaskState(fused=fused)
         self.linears = find_prunable_linears(model)
         self.block_of = {lin.name: lin.block_index for lin in self.linears}
@@ -283,9 +297,11 @@ class MaskedModel:
     def _check_init(self, lin, grid: TileGrid, t_init, p_init, l_ids):
         shape24 = (lin.out_features, lin.in_features // GROUP, N_PATTERNS)
         if self.mode in ("joint", "tile"):
-            t_init = torch.zeros(grid.shape) if t_init is None else t_init
-            if tuple(t_init.shape) != grid.shape:
-                raise ValueError(f"{lin.name}: tile logits {tuple(t_init.shape)} do not match grid {grid.shape}")
+            shape = tile_logit_shape(grid, self.tile_map)
+            t_init = torch.zeros(shape) if t_init is None else t_init
+            if tuple(t_init.shape) != shape:
+                raise ValueError(f"{lin.name}: tile logits {tuple(t_init.shape)} do not match {shape} (grid "
+                                 f"{grid.shape}, tile map {self.tile_map})")
         else:
             t_init = None
         if self.mode in ("joint", "maskllm"):
@@ -480,7 +496,8 @@ class MaskedModel:
             finals.append(LayerFinal(f.name, TileGrid(f.out_features, f.in_features, *self.tile), None, None))
         order = {lin.name: i for i, lin in enumerate(self.linears)}
         finals.sort(key=lambda x: order[x.name])
-        return build_final_maskset(finals, sparsity, all_sparse=self.mode == "maskllm", meta=meta)
+        return build_final_maskset(finals, sparsity, all_sparse=self.mode == "maskllm", meta=meta,
+                                   tile_map=self.tile_map)
 
 
-__all__ = ["MaskState", "MaskedLinear", "MaskedModel", "fused_choice"]
+__all__ = ["MaskState", "MaskedLinear", "MaskedModel", "fused_choice", "tile_logit_shape"]

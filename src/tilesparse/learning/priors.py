@@ -27,14 +27,15 @@ def init_logits(shape, std: float, generator: torch.Generator | None = None) -> 
 
 
 def tile_prior_logits(keep_unstructured: torch.Tensor, grid: TileGrid, sparsity: float, *,
-                      std: float, strength: float) -> torch.Tensor:
+                      std: float, strength: float, tile_map: str = "free") -> torch.Tensor:
     """Tile prior ``[n_rows, n_cols]``: ``+strength*std`` for tiles that start dense, ``-strength*std`` else.
 
     ``keep_unstructured`` is the ``[out, in]`` boolean mask of an unstructured one-shot pruner at the
-    target ``sparsity``; the densest tiles start dense, as many as the layer needs to sit at the target.
+    target ``sparsity``; the densest tiles (``tile_map='columns'``: tile-columns) start dense, as many as the
+    layer needs to sit at the target.
     """
     dens = tile_density(keep_unstructured, grid)
-    chosen = select_dense_tiles([dens], [grid], sparsity).dense[0]
+    chosen = select_dense_tiles([dens], [grid], sparsity, tile_map=tile_map).dense[0]
     mag = strength * std
     return torch.where(chosen, torch.tensor(mag), torch.tensor(-mag)).to(torch.float32)
 
@@ -129,14 +130,15 @@ def one_shot_prior(model, calib_ids: torch.Tensor | None, *, method: str, mode: 
 
 
 def prior_maskset(shots: OneShotMasks, linears, mode: str, sparsity: float, tile: tuple[int, int],
-                  meta: dict | None = None):
+                  meta: dict | None = None, tile_map: str = "free"):
     """The binary mask the prior stands for, without the random initialisation: what learning adds is
     measured against it.
 
     Tiles: the per-layer prior choice (:func:`tile_prior_logits` as scores, ranked globally at the exact
     budget like a learned mask); 2:4: the one-shot pattern. ``mode='maskllm'`` gives the one-shot 2:4 mask
     everywhere. Layers the one-shot pruner gave no 2:4 mask for stay dense. ``meta`` (model name,
-    fingerprint...) is added to the method and prior recorded here.
+    fingerprint...) is added to the method and prior recorded here. ``tile_map``: see
+    :data:`~tilesparse.options.TileMap`.
     """
     from ..masks.nm import ids_from_mask
     from .final import LayerFinal, build_final_maskset
@@ -150,10 +152,11 @@ def prior_maskset(shots: OneShotMasks, linears, mode: str, sparsity: float, tile
             continue
         scores = None
         if mode != "maskllm" and lin.name in shots.unstructured:
-            scores = tile_prior_logits(shots.unstructured[lin.name].cpu(), grid, sparsity, std=1.0, strength=1.0)
+            scores = tile_prior_logits(shots.unstructured[lin.name].cpu(), grid, sparsity, std=1.0, strength=1.0,
+                                       tile_map=tile_map)
         finals.append(LayerFinal(lin.name, grid, ids_from_mask(mask24.cpu()), scores))
     meta = {"method": f"one-shot prior ({shots.method})", "prior": shots.method, **(meta or {})}
-    return build_final_maskset(finals, sparsity, all_sparse=mode == "maskllm", meta=meta)
+    return build_final_maskset(finals, sparsity, all_sparse=mode == "maskllm", meta=meta, tile_map=tile_map)
 
 
 __all__ = [

@@ -34,7 +34,7 @@ from ..masks.tiles import TileGrid
 from ..models import find_prunable_linears, weights_fingerprint
 from .config import MODE_NAMES, LearnConfig, check_resumable, finalize
 from .final import density_report
-from .masked import MaskedModel
+from .masked import MaskedModel, tile_logit_shape
 from .priors import (OneShotMasks, init_logits, one_shot_masks, one_shot_prior, pattern_prior_logits,
                      prior_maskset, tile_prior_logits)
 from . import sharded_checkpoint as dcp_ckpt
@@ -229,10 +229,12 @@ def iter_initial_logits(model: nn.Module, cfg: LearnConfig, calib_ids: torch.Ten
         grid = TileGrid(lin.out_features, lin.in_features, *cfg.tile)
         tile = pattern = ids = None
         if need_tiles:
-            tile = init_logits(grid.shape, cfg.init_std, gen)
+            shape = tile_logit_shape(grid, cfg.tile_map)
+            tile = init_logits(shape, cfg.init_std, gen)
             if lin.name in shots.unstructured and cfg.prior_strength > 0:
                 tile = tile + tile_prior_logits(shots.unstructured[lin.name].cpu(), grid, cfg.sparsity,
-                                                std=cfg.init_std, strength=cfg.prior_strength)
+                                                std=cfg.init_std, strength=cfg.prior_strength,
+                                                tile_map=cfg.tile_map)[: shape[0]]
         if cfg.mode in ("joint", "maskllm"):
             pattern = init_logits((lin.out_features, lin.in_features // 4, 6), cfg.init_std, gen)
             if lin.name in shots.two_four and cfg.prior_strength > 0:
@@ -353,6 +355,9 @@ def learn_masks(model: nn.Module, cfg: LearnConfig, train_ids: torch.Tensor, *,
                                   "run (resume it without --shard)")
     sharded = resolve_shard(False if layout_ck == SINGLE else cfg.shard, world, model, cfg.mode, cfg.tile,
                             device)
+    if sharded and cfg.tile_map != "free":
+        raise TilesparseError(f"tile_map {cfg.tile_map!r} is not supported by sharded learning yet, and this run "
+                              "shards (the model does not fit replicated, or the checkpoint is sharded)")
     layout = SHARDED if (sharded or cfg.shard or layout_ck == SHARDED) else SINGLE
     t_start = time.perf_counter()
 
@@ -365,7 +370,7 @@ def learn_masks(model: nn.Module, cfg: LearnConfig, train_ids: torch.Tensor, *,
         initial = _in_order(iter_initial_logits(model, cfg, calib_ids, prior_masks=prior_masks))
         if prior_masks.two_four:
             prior = prior_maskset(prior_masks, find_prunable_linears(model), cfg.mode, cfg.sparsity, cfg.tile,
-                                  meta={"model": model_name, "fingerprint": fingerprint})
+                                  meta={"model": model_name, "fingerprint": fingerprint}, tile_map=cfg.tile_map)
             if out is not None and rank == 0:
                 _save_maskset(prior, out / PRIOR_DIR)
     else:
@@ -391,7 +396,7 @@ def learn_masks(model: nn.Module, cfg: LearnConfig, train_ids: torch.Tensor, *,
         work = fork_model(model)  # FSDP changes the copy's modules, never the caller's
         sharder = Sharder(device)
     masked = MaskedModel(work, cfg.mode, tile=cfg.tile, tile_init=tiles, pattern_init=patterns, ids=ids,
-                         initial=initial, on_block=sharder.shard_block if sharder is not None else None)
+                         initial=initial, tile_map=cfg.tile_map, on_block=sharder.shard_block if sharder is not None else None)
     del tiles, patterns, ids, initial  # the one-shot masks and initial values are not needed any more
     prior_masks = None
     try:

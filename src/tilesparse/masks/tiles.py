@@ -145,6 +145,7 @@ def select_dense_tiles(
     sparsity: float,
     *,
     sparse_allowed: Sequence[bool] | None = None,
+    tile_map: str = "free",
 ) -> BudgetResult:
     """Choose dense tiles globally so the sparsity over all layers is as close to ``sparsity`` as possible.
 
@@ -152,8 +153,12 @@ def select_dense_tiles(
     decreasing score (across all layers); the number taken is the one whose measured sparsity
     (counting partial tiles by their real size) is closest to the target. Layers with
     ``sparse_allowed[i] = False`` (e.g. ``in`` not a multiple of 4) are dense in full and count in
-    the totals as dense.
+    the totals as dense. With ``tile_map='columns'`` the units taken are whole tile-columns (scored by the
+    mean of their tiles' scores), so that every tile-column ends dense or 2:4 in all its tile-rows.
     """
+    if tile_map not in ("free", "columns"):
+        raise ValueError(f"unknown tile map {tile_map!r} (free or columns)")
+    by_col = tile_map == "columns"
     if not 0.0 <= sparsity <= 0.5:
         raise ValueError(f"hybrid sparsity must lie in [0, 0.5], got {sparsity}")
     if len(scores) != len(grids):
@@ -170,9 +175,12 @@ def select_dense_tiles(
         if not allowed[i]:
             continue
         pruned_all_sparse += g.numel / 2
-        flat_scores.append(s.reshape(-1).to(torch.float64))
-        flat_sizes.append(g.tile_numel().reshape(-1))
-        owners.append(torch.full((g.n_rows * g.n_cols,), i, dtype=torch.int64))
+        s, n = s.to(torch.float64), g.tile_numel()
+        if by_col:
+            s, n = s.mean(0), n.sum(0)
+        flat_scores.append(s.reshape(-1))
+        flat_sizes.append(n.reshape(-1))
+        owners.append(torch.full((n.numel(),), i, dtype=torch.int64))
     dense = [torch.zeros(g.shape, dtype=torch.bool) if allowed[i] else torch.ones(g.shape, dtype=torch.bool)
              for i, g in enumerate(grids)]
     if not flat_scores:
@@ -185,10 +193,14 @@ def select_dense_tiles(
     restored = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(sizes[order].double() / 2, 0)])
     sp = (pruned_all_sparse - restored) / total
     k = int(torch.argmin((sp - sparsity).abs()))
-    local_index = torch.cat([torch.arange(g.n_rows * g.n_cols) for i, g in enumerate(grids) if allowed[i]])
+    local_index = torch.cat([torch.arange(g.n_cols if by_col else g.n_rows * g.n_cols)
+                             for i, g in enumerate(grids) if allowed[i]])
     for t in order[:k].tolist():
         li = int(own[t])
-        dense[li].view(-1)[int(local_index[t])] = True
+        if by_col:
+            dense[li][:, int(local_index[t])] = True
+        else:
+            dense[li].view(-1)[int(local_index[t])] = True
     return BudgetResult(
         dense=dense,
         achieved_sparsity=float(sp[k]),

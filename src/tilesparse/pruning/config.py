@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ..options import PruneMethod, PrunePattern, Tile, parse_tile
+from ..options import PruneMethod, PrunePattern, Tile, TileMap, parse_tile
 from ..typed_config import UserConfig, check
 
 class PruneConfig(UserConfig):
@@ -22,6 +22,8 @@ class PruneConfig(UserConfig):
     sparsity: float | None = Field(None, description="target sparsity over the pruned linears: [0, 1) "
                                    "unstructured, [0, 0.5] hybrid (required), 0.5 for 2:4 (default 0.5)")
     tile: Tile = Field((128, 128), description="tile size: N or ROWSxCOLS, columns a multiple of 4")
+    tile_map: TileMap = Field("free", description="hybrid tile maps: free (every tile chosen on its own) or "
+                              "columns (every tile-column dense or 2:4 in all its tile-rows)")
     update_weights: bool = Field(False, description="SparseGPT: keep its reconstructed weights "
                                  "(OUT/updated_weights.safetensors, applied with the mask by eval/export --mask "
                                  "OUT) and save the pruned model to OUT/model")

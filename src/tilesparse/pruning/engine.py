@@ -335,6 +335,7 @@ def prune_model_multi(
             "method": cfg.method,
             "pattern": cfg.pattern,
             "tile": list(cfg.tile),
+            **({"tile_map": cfg.tile_map} if cfg.pattern == "hybrid" else {}),
             "target_sparsity": cfg.sparsity,
             "measured_sparsity": ms.sparsity(),
             "calibration": ({"samples": int(calib.shape[0]), "seqlen": int(calib.shape[1])}
@@ -456,9 +457,9 @@ def _kinds_from_prior(prior: dict[str, LayerMask], layers: Sequence[PrunableLine
                       ) -> tuple[dict[str, torch.Tensor], dict]:
     grids = [TileGrid(l.out_features, l.in_features, *cfg.tile) for l in layers]
     masks = [prior[l.name].to_bool() if l.in_features % 4 == 0 else None for l in layers]
-    kinds, budget = hybrid_tile_kinds(masks, grids, cfg.sparsity)
+    kinds, budget = hybrid_tile_kinds(masks, grids, cfg.sparsity, tile_map=cfg.tile_map)
     info = {"n_dense": budget.n_dense, "n_tiles": budget.n_tiles, "achieved_sparsity": budget.achieved_sparsity,
-            "prior": f"{cfg.method} unstructured {cfg.sparsity:g}", "scope": "global"}
+            "prior": f"{cfg.method} unstructured {cfg.sparsity:g}", "scope": "global", "tile_map": cfg.tile_map}
     return {l.name: k for l, k in zip(layers, kinds)}, info
 
 

@@ -64,18 +64,20 @@ def hybrid_tile_kinds(
     prior_masks: Sequence[torch.Tensor | None],
     grids: Sequence[TileGrid],
     sparsity: float,
+    tile_map: str = "free",
 ) -> tuple[list[torch.Tensor], BudgetResult]:
     """Tile maps of a hybrid mask at ``sparsity`` from unstructured prior keep-masks (one per layer).
 
     Tile score = density of the prior mask in the tile; the densest tiles are made dense, globally over
     all layers, until the hybrid sparsity is as close to the target as tile granularity allows
     (:func:`~tilesparse.masks.tiles.select_dense_tiles`). A layer whose prior is ``None`` (cannot be
-    2:4, e.g. ``in`` not a multiple of 4) stays dense in full.
+    2:4, e.g. ``in`` not a multiple of 4) stays dense in full. ``tile_map='columns'``: whole tile-columns
+    (see :data:`~tilesparse.options.TileMap`).
     """
     scores, allowed = [], []
     for m, g in zip(prior_masks, grids):
         allowed.append(m is not None)
         scores.append(tile_density(m, g) if m is not None else torch.zeros(g.shape, dtype=torch.float64))
-    budget = select_dense_tiles(scores, grids, sparsity, sparse_allowed=allowed)
+    budget = select_dense_tiles(scores, grids, sparsity, sparse_allowed=allowed, tile_map=tile_map)
     kinds = [torch.where(d, DENSE, SPARSE).to(torch.int8) for d in budget.dense]
     return kinds, budget
