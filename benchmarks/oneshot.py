@@ -66,12 +66,14 @@ def main(argv=None) -> int:
                     help="subset of rows, e.g. '2:4,hybrid:0.35' (default: 2:4, unstructured:0.5, hybrid 0.45/0.35/0.25)")
     ap.add_argument("--tile", default="128")
     ap.add_argument("--sparsegpt-mask-only", action="store_true")
+    ap.add_argument("--tile-map", default="free", help="hybrid tile maps: free or columns (PruneConfig.tile_map)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu", help="torch device for pruning and evaluation (default cpu)")
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from the cache and stop")
     ap.add_argument("--out", default="benchmarks/results/oneshot_cpu.md")
     ap.add_argument("--cache", default="runs/oneshot/results.json")
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     quiet_libraries()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -120,7 +122,8 @@ def main(argv=None) -> int:
             if key in cache:
                 continue
             update = method == "sparsegpt" and not args.sparsegpt_mask_only
-            cfg = PruneConfig(method=method, pattern=pattern, sparsity=s, tile=args.tile, update_weights=update)
+            cfg = PruneConfig(method=method, pattern=pattern, sparsity=s, tile=args.tile, update_weights=update,
+                              tile_map=args.tile_map)
             t0 = time.perf_counter()
             ms = prune_model(loaded.model, calib, cfg, progress=True)
             seconds = time.perf_counter() - t0
@@ -140,8 +143,7 @@ def main(argv=None) -> int:
 
 
 def write_table(args, cache, methods, rows, texts, calib_desc, model_name) -> None:
-    cmd = "PYTHONPATH=src python3 benchmarks/oneshot.py" + (f" --device {args.device}" if args.device != "cpu" else "")
-    cmd += f" --out {args.out}" if args.out else ""
+    cmd = " ".join(["PYTHONPATH=src python3 benchmarks/oneshot.py", *getattr(args, "argv", [])])
     lines = [
         "# One-shot pruning: magnitude, Wanda, SparseGPT x 2:4, unstructured, hybrid tiles",
         "",
@@ -151,7 +153,8 @@ def write_table(args, cache, methods, rows, texts, calib_desc, model_name) -> No
         "SparseGPT " + ("mask only (original weights)" if args.sparsegpt_mask_only else
                         "with its weight update") + "; magnitude and Wanda masks on the original weights. "
         "Hybrid: dense tiles chosen globally from the tile density of the same method's unstructured mask "
-        "at the target, the rest 2:4 (two passes). Time = pruning wall time (both passes for hybrid), "
+        f"at the target ({'whole tile-columns' if args.tile_map == 'columns' else 'free tile map'}), "
+        "the rest 2:4 (two passes). Time = pruning wall time (both passes for hybrid), "
         "evaluation excluded" + ("; the CPU was shared with other jobs, so times are indicative." if args.device == "cpu"
                                 else "."),
         "",

@@ -11,8 +11,8 @@ configs are built from these.
 - :data:`LearnLoss`: what mask learning minimises: ``ce`` (next-token cross-entropy on the training text),
   ``kd`` (KL divergence from the dense model's next-token distribution), ``kd+ce`` (both).
 - :data:`TileMap`: which tile maps a hybrid mask may have: ``free`` (every tile chosen on its own) or
-  ``columns`` (a tile-column is dense in every tile-row or 2:4 in every tile-row, so that a layer runs as one
-  all-2:4 GEMM plus one dense GEMM over its columns in another order).
+  ``columns`` (a tile-column is dense in every tile-row or 2:4 in every tile-row, so that a layer can run as
+  one all-2:4 GEMM plus one dense GEMM over its columns in another order).
 - :data:`QuantMethod`: weight quantizers, ``rtn`` (round to nearest) or ``gptq`` (calibrated);
   :data:`QUANT_BITS` the supported bit widths; :data:`QuantObserver`: how a group's range is chosen,
   ``minmax`` (its kept weights' range) or ``mse`` (the shrunk range with the smallest rounding error).

@@ -13,6 +13,9 @@ Per shape (4096x11008, 11008x4096, out x in), fraction f of 2:4 tile columns (0.
 and token count (16, 64, 256, 2048). Env: SWEEP_BUDGET_S (default 240). Run:
 ``SWEEP_BUDGET_S=240 bash benchmarks/spikes/gemm_route/sweep.sh colshared``.
 
+``--streams``: the two-kernel route with the dense part on a second stream of the graph, and with a split-K 2:4
+kernel (16 and 64 tokens).
+
 ``--fused``: the routes a pack-time column permutation allows (the layer's 2:4 columns first, the permutation folded
 into whatever writes x), with no gathers and no transpose: two kernels (``T.gemm_sp`` reading the first ``ks``
 columns of x in place and writing ``y`` [tokens, out] directly, then cuBLAS ``y += x[:, ks:] @ W_D^T``), or one
@@ -86,6 +89,34 @@ H_TILES = {  # tokens -> [(bm, bn, bk 2:4, bk dense, stages, threads, swizzle, p
     256: [(128, 128, 128, 64, 3, 256, 8, "sq"), (64, 128, 128, 64, 3, 128, 0, "row")],
     2048: [(128, 128, 128, 64, 2, 256, 8, "sq"), (128, 256, 64, 64, 2, 256, 8, "sq")],
 }
+
+
+def spK_func(N, ks, K, M, bm, bn, bk, stages, threads, dt, split):
+    """``Cf[N, M] += A @ X[:, :ks]^T`` in fp32 with split-K: block ``bz`` of ``split`` takes its share of the
+    2:4 steps and adds its tile with ``T.atomic_add`` (more blocks than ``N / bm`` when N is small)."""
+    import tilelang.language as T
+    from tilelang.language import GemmWarpPolicy as P
+
+    nks = ks // bk // split
+
+    @T.prim_func
+    def main(Ws: T.Tensor((N, ks // 2), dt), E: T.Tensor((N, ks // 16), "int16"), X: T.Tensor((M, K), dt),
+             Cf: T.Tensor((N, M), "float32")):
+        with T.Kernel(T.ceildiv(M, bn), T.ceildiv(N, bm), split, threads=threads) as (bx, by, bz):
+            A_s = T.alloc_shared((bm, bk // 2), dt)
+            E_s = T.alloc_shared((bm, bk // 16), "int16")
+            B_s = T.alloc_shared((bn, bk), dt)
+            C_l = T.alloc_fragment((bm, bn), "float32")
+            T.clear(C_l)
+            for k in T.Pipelined(nks, num_stages=stages):
+                T.copy(Ws[by * bm, (bz * nks + k) * bk // 2], A_s)
+                T.copy(E[by * bm, (bz * nks + k) * bk // 16], E_s)
+                T.copy(X[bx * bn, (bz * nks + k) * bk], B_s)
+                T.gemm_sp(A_s, E_s, B_s, C_l, transpose_A=False, transpose_E=False, transpose_B=True,
+                          policy=P.FullRow)
+            T.atomic_add(Cf[by * bm:by * bm + bm, bx * bn:bx * bn + bn], C_l)
+
+    return main
 
 
 def cs_func(N, ks, K, M, bm, bn, bks, bkd, stages, threads, dt, swz, policy):
@@ -395,6 +426,124 @@ def fused():
     log("done")
 
 
+def streams():
+    """The two-kernel route with the dense part on a second stream of the same graph (the 2:4 kernel leaves SMs
+    idle at N = 4096), and with a split-K 2:4 kernel (fp32 atomics, then one add), at 16 and 64 tokens."""
+    import tilelang
+
+    p = torch.cuda.get_device_properties(0)
+    log(f"device {p.name} SMs={p.multi_processor_count} torch {torch.__version__} tilelang {tilelang.__version__}")
+    dt, dts = torch.bfloat16, "bfloat16"
+    tokens = [16, 64]
+    built = []
+    for N, K in SHAPES:
+        for frac in FRACS:
+            ks = split_columns(K, frac, 0)[0].numel()
+            for M in tokens:
+                bm, bn, bk, st, th, swz, pol = SP_TILES[M][0]
+                built.append(((N, ks, M, "T", 1), spT_func(N, ks, K, M, bm, bn, bk, st, th, dts, swz, pol),
+                              {"pc": "ws"}))
+                for split in (2, 3):
+                    if (ks // bk) % split == 0:
+                        built.append(((N, ks, M, "K", split), spK_func(N, ks, K, M, bm, bn, bk, st, th, dts, split),
+                                      {"pc": "ws"}))
+    t = time.time()
+    kernels = S.compile_tl(built)
+    bad = [(k, v) for k, v in kernels.items() if isinstance(v, BaseException)]
+    log(f"compiled {len(kernels) - len(bad)}/{len(built)} in {time.time() - t:.1f}s")
+    for k, v in bad[:3]:
+        log(f"  {k}: {one_line(v)[:200]}")
+    bench = S.Bench()
+    rows = []
+    s2 = torch.cuda.Stream()
+    for N, K in SHAPES:
+        for frac in FRACS:
+            L = layer(N, K, frac, dt, 11 + N)
+            ks = L["sp_idx"].numel()
+            wd = L["wd"]
+            wp = torch.cat([L["w24"], wd], 1)
+            bound = 1 / (1 - 0.4375 * ks / K)
+            for M in tokens:
+                if S.time_left() < 12:
+                    log(f"budget: skip {N}x{K} f={frac} M={M}")
+                    continue
+                gen = torch.Generator(device="cuda")
+                gen.manual_seed(M)
+                x = torch.randn(M, K, generator=gen, device="cuda", dtype=torch.float32).to(dt)
+                ref = x.double() @ wp.double().t()
+                case = f"{N}x{K} f={ks / K:.2f} M={M}"
+                y0 = torch.empty(M, N, dtype=dt, device="cuda")
+                g0 = torch.cuda.CUDAGraph()
+                torch.mm(x, wp.t(), out=y0)
+                with torch.cuda.graph(g0):
+                    torch.mm(x, wp.t(), out=y0)
+                dus = bench.us(g0.replay)
+                log(f"{case} cuBLAS {dus:.1f} us, bound {bound:.2f}x")
+                rows.append((case, "cuBLAS", dus, dus, 0.0))
+                y = torch.empty(M, N, dtype=dt, device="cuda")
+                y2 = torch.empty(M, N, dtype=dt, device="cuda")
+                cf = torch.empty(N, M, dtype=torch.float32, device="cuda")
+                xd = x[:, ks:]
+
+                def on_side(fn):
+                    cur = torch.cuda.current_stream()
+                    s2.wait_stream(cur)
+                    with torch.cuda.stream(s2):
+                        fn()
+                    return cur
+
+                variants = []
+                for key, k in kernels.items():
+                    if key[:3] != (N, ks, M) or isinstance(k, BaseException):
+                        continue
+                    if key[3] == "T":
+                        def serial(k=k):
+                            k(L["vals"], L["e16"], x, y)
+                            y.addmm_(xd, wd.t())
+
+                        def two_streams(k=k):
+                            cur = on_side(lambda: torch.mm(xd, wd.t(), out=y2))
+                            k(L["vals"], L["e16"], x, y)
+                            cur.wait_stream(s2)
+                            y.add_(y2)
+
+                        variants += [("2 kernels", serial), ("2 streams", two_streams)]
+                    else:
+                        def splitk(k=k):
+                            cf.zero_()
+                            k(L["vals"], L["e16"], x, cf)
+                            y.copy_(cf.t())
+                            y.addmm_(xd, wd.t())
+
+                        def splitk_streams(k=k):
+                            cur = on_side(lambda: torch.mm(xd, wd.t(), out=y2))
+                            cf.zero_()
+                            k(L["vals"], L["e16"], x, cf)
+                            cur.wait_stream(s2)
+                            torch.add(cf.t(), y2, out=y)
+
+                        variants += [(f"split-K {key[4]}", splitk), (f"split-K {key[4]}, 2 streams", splitk_streams)]
+                for label, run in variants:
+                    if S.time_left() < 8:
+                        break
+                    try:
+                        run()
+                        torch.cuda.synchronize()
+                        err = S.rel_err(y, ref)
+                        g = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(g):
+                            run()
+                        us = bench.us(g.replay)
+                        rows.append((case, label, dus, us, err))
+                        log(f"{case} {label}: {us:.1f} us  {dus / us:.2f}x ({dus / us / bound:.0%} of bound)  "
+                            f"err {err:.1e}")
+                    except Exception as e:  # noqa: BLE001
+                        S.timing_failed(f"{case} {label}", e)
+    S.print_best("2:4 columns first, the dense part on a second stream and/or a split-K 2:4 kernel, one CUDA graph",
+                 rows, 28, 44)
+    log("done")
+
+
 def selftest():
     """On the CPU: the split covers every column once, and the two parts rebuild ``x @ w^T``."""
     for N, K, frac in ((256, 1024, 0.5), (128, 1408, 0.9)):
@@ -409,4 +558,5 @@ def selftest():
 
 
 if __name__ == "__main__":
-    selftest() if "--selftest" in sys.argv else fused() if "--fused" in sys.argv else main()
+    selftest() if "--selftest" in sys.argv else fused() if "--fused" in sys.argv else \
+        streams() if "--streams" in sys.argv else main()

@@ -396,7 +396,8 @@ def learn_masks(model: nn.Module, cfg: LearnConfig, train_ids: torch.Tensor, *,
         work = fork_model(model)  # FSDP changes the copy's modules, never the caller's
         sharder = Sharder(device)
     masked = MaskedModel(work, cfg.mode, tile=cfg.tile, tile_init=tiles, pattern_init=patterns, ids=ids,
-                         initial=initial, tile_map=cfg.tile_map, on_block=sharder.shard_block if sharder is not None else None)
+                         initial=initial, tile_map=cfg.tile_map,
+                         on_block=sharder.shard_block if sharder is not None else None)
     del tiles, patterns, ids, initial  # the one-shot masks and initial values are not needed any more
     prior_masks = None
     try:

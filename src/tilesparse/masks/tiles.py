@@ -15,6 +15,8 @@ from typing import Sequence
 
 import torch
 
+from ..options import TILE_MAPS
+
 SPARSE = 0  # 2:4 tile
 DENSE = 1
 ZERO = 2
@@ -156,8 +158,8 @@ def select_dense_tiles(
     the totals as dense. With ``tile_map='columns'`` the units taken are whole tile-columns (scored by the
     mean of their tiles' scores), so that every tile-column ends dense or 2:4 in all its tile-rows.
     """
-    if tile_map not in ("free", "columns"):
-        raise ValueError(f"unknown tile map {tile_map!r} (free or columns)")
+    if tile_map not in TILE_MAPS:
+        raise ValueError(f"unknown tile map {tile_map!r} ({', '.join(TILE_MAPS)})")
     by_col = tile_map == "columns"
     if not 0.0 <= sparsity <= 0.5:
         raise ValueError(f"hybrid sparsity must lie in [0, 0.5], got {sparsity}")
