@@ -1,0 +1,161 @@
+"""Which tiles should stay dense? One-shot hybrid masks whose tile map comes from different scores, free or by
+whole tile-columns, all with the same 2:4 method inside the 2:4 tiles.
+
+Why: the library scores a tile by the density, inside it, of the same method's unstructured mask at the target
+(:func:`tilesparse.pruning.scores.hybrid_tile_kinds`). SparseGPT selects its unstructured mask per block of 128
+input columns, so every 128-column block keeps exactly the same share: a tile's density then only says which
+tile-rows kept more inside a block, and the mean down a tile-column is the same number for every column (a column
+map scored so is an exact tie, broken by order: the first layers' columns). Wanda's mask is balanced per row, so
+its column means do carry the input-channel signal. This measures how much the scorer matters.
+
+Rows, one model load: dense; for each target sparsity, scorer (``sparsegpt``, ``wanda``, ``magnitude``: the
+density of that method's unstructured mask at the target; ``random``: uniform scores, seeded) and tile map
+(``free``, ``columns``): the tile map chosen globally at the target by the library
+(:func:`~tilesparse.masks.tiles.select_dense_tiles`), then SparseGPT 2:4 inside its 2:4 tiles (mask only, or with
+``--update`` its weight update). Perplexity on the out-of-domain texts first.
+
+    PYTHONPATH=src python3 benchmarks/tile_scores.py --out benchmarks/results/tile_scores_cpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import torch  # noqa: E402
+from _args import add_model_and_calibration  # noqa: E402
+from oneshot import machine  # noqa: E402
+
+from tilesparse.commands.common import quiet_libraries  # noqa: E402
+from tilesparse.evaluation import evaluate_text  # noqa: E402
+from tilesparse.io import apply_masks  # noqa: E402
+from tilesparse.masks.tiles import DENSE, SPARSE, TileGrid, select_dense_tiles  # noqa: E402
+from tilesparse.models import find_prunable_linears, load_model  # noqa: E402
+from tilesparse.pruning import PruneConfig, calibration_ids, hybrid_tile_kinds, prune_model  # noqa: E402
+
+SCORERS = ("sparsegpt", "wanda", "magnitude", "random")
+MAPS = ("free", "columns")
+
+
+def tile_map(scorer: str, unstructured, layers, grids, sparsity: float, structure: str, seed: int = 0):
+    """``{layer name: int8 kinds}`` at ``sparsity`` from ``scorer`` (``unstructured``: that method's keep-masks)."""
+    if scorer == "random":
+        gen = torch.Generator().manual_seed(seed)
+        scores = [torch.rand(g.shape, generator=gen, dtype=torch.float64) for g in grids]
+        allowed = [l.in_features % 4 == 0 for l in layers]
+        dense = select_dense_tiles(scores, grids, sparsity, sparse_allowed=allowed, tile_map=structure).dense
+        kinds = [torch.where(d, DENSE, SPARSE).to(torch.int8) for d in dense]
+    else:
+        masks = [unstructured.layers[l.name].to_bool() if l.in_features % 4 == 0 else None for l in layers]
+        kinds, _ = hybrid_tile_kinds(masks, grids, sparsity, tile_map=structure)
+    return {l.name: k for l, k in zip(layers, kinds) if l.in_features % 4 == 0}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_and_calibration(ap, "mobydick,debian-reference,prideprejudice")
+    ap.add_argument("--sparsities", default="0.45")
+    ap.add_argument("--scorers", default=",".join(SCORERS))
+    ap.add_argument("--maps", default=",".join(MAPS))
+    ap.add_argument("--update", action="store_true", help="SparseGPT keeps its weight update (default: mask only)")
+    ap.add_argument("--out", default="benchmarks/results/tile_scores_cpu.md")
+    ap.add_argument("--cache", default="runs/tile_scores/results.json")
+    args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_libraries()
+    texts = [t for t in args.eval_texts.split(",") if t]
+    cache_path = Path(args.cache)
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    loaded = load_model(args.model)
+    layers = find_prunable_linears(loaded.model)
+    grids = [TileGrid(l.out_features, l.in_features, 128, 128) for l in layers]
+    originals = {l.name: l.weight.detach().clone() for l in layers}
+    calib, calib_desc = calibration_ids(loaded, args.calib_text, args.calib_samples, args.seqlen)
+    cache["_machine"] = machine()
+
+    def evaluate() -> dict:
+        return {t: evaluate_text(loaded, t, seqlen=args.seqlen, max_windows=args.windows, progress=False).perplexity
+                for t in texts}
+
+    def save():
+        cache_path.write_text(json.dumps(cache, indent=1))
+        write_table(args, cache, texts, calib_desc, loaded.name)
+
+    if "dense" not in cache:
+        cache["dense"] = {"ppl": evaluate()}
+        save()
+    for s in (float(v) for v in args.sparsities.split(",")):
+        for scorer in (x for x in args.scorers.split(",") if x):
+            todo = [m for m in args.maps.split(",") if m and f"{scorer}|{s:g}|{m}" not in cache]
+            if not todo:
+                continue
+            unstructured = None
+            if scorer != "random":
+                unstructured = prune_model(loaded.model, calib, PruneConfig(method=scorer, pattern="unstructured",
+                                                                            sparsity=s), progress=False)
+            for structure in todo:
+                t0 = time.perf_counter()
+                kinds = tile_map(scorer, unstructured, layers, grids, s, structure)
+                cfg = PruneConfig(method="sparsegpt", pattern="hybrid", sparsity=s, update_weights=args.update)
+                ms = prune_model(loaded.model, calib, cfg, progress=True, tile_kinds=kinds)
+                if not args.update:
+                    apply_masks(loaded.model, ms)
+                dense_cols = sum(int((k == DENSE).all(0).sum()) for k in kinds.values())
+                cache[f"{scorer}|{s:g}|{structure}"] = {
+                    "ppl": evaluate(), "sparsity": ms.sparsity(), "seconds": time.perf_counter() - t0,
+                    "dense_tiles": sum(int((k == DENSE).sum()) for k in kinds.values()), "dense_columns": dense_cols}
+                for l in layers:
+                    l.set_weight(originals[l.name])
+                print(scorer, s, structure, cache[f"{scorer}|{s:g}|{structure}"], flush=True)
+                save()
+    save()
+    return 0
+
+
+def write_table(args, cache, texts, calib_desc, model_name) -> None:
+    d = cache.get("dense", {}).get("ppl", {})
+    lines = [
+        "# One-shot hybrid masks: which scores choose the dense tiles",
+        "",
+        (f"Model: {model_name}. Calibration: {calib_desc['text']} ({args.calib_text}), {calib_desc['samples']} x "
+         f"{calib_desc['seqlen']} tokens, seed 0. Perplexity: first {args.windows} x {args.seqlen}-token windows; "
+         "Moby Dick and the Debian Reference are out of domain, Pride and Prejudice is the calibration author's "
+         "(in domain). Tiles 128x128, chosen globally at the target from the scorer (the density of its "
+         "unstructured mask at the target; `random`: uniform scores), free or by whole tile-columns; then "
+         "SparseGPT 2:4 in the 2:4 tiles, " + ("with its weight update." if args.update else "mask only.")
+         + " `vs sparsegpt free`: the library's default tile choice for this 2:4 method."),
+        "",
+        f"Machine: {cache.get('_machine')}.",
+        "",
+        f"Command: `PYTHONPATH=src python3 benchmarks/tile_scores.py {' '.join(args.argv)}`",
+        "",
+        "| scorer | sparsity | tile map | measured | " + " | ".join(f"PPL {t}" for t in texts)
+        + " | vs sparsegpt free | dense tiles (whole columns) | time (s) |",
+        "|---|---|---|---|" + "---|" * len(texts) + "---|---|---|",
+        "| dense | 0 | - | 0 | " + " | ".join(f"{d[t]:.2f}" if t in d else "-" for t in texts) + " | | | |",
+    ]
+    for key, r in cache.items():
+        if "|" not in key:
+            continue
+        scorer, s, structure = key.split("|")
+        base = cache.get(f"sparsegpt|{s}|free")
+        rel = ""
+        if base and key != f"sparsegpt|{s}|free":
+            rel = " / ".join(f"{r['ppl'][t] / base['ppl'][t]:.2f}x" for t in texts if t in r["ppl"] and t in base["ppl"])
+        lines.append(f"| {scorer} | {s} | {structure} | {r['sparsity']:.4f} | "
+                     + " | ".join(f"{r['ppl'][t]:.2f}" if t in r["ppl"] else "-" for t in texts)
+                     + f" | {rel} | {r['dense_tiles']} ({r['dense_columns']}) | {r['seconds']:.0f} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
