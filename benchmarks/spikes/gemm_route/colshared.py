@@ -33,6 +33,7 @@ import spike as S  # noqa: E402
 import sweep as S_sweep  # noqa: E402
 
 log, one_line, TILE, SHAPES = S.log, S.one_line, S.TILE, S.SHAPES  # (importing sweep set the budget)
+DT, DTS = torch.bfloat16, "bfloat16"
 FRACS = [0.9, 0.5]
 TOKENS = [16, 64, 256, 2048]
 SP_TILES = {  # tokens -> [(bm, bn, bk, stages, threads, swizzle, policy)]: sweep.py's winners and neighbours
@@ -172,103 +173,142 @@ def layer(N, K, frac, dt, seed, device="cuda"):
     return dict(w=w, w24=w24, vals=vals, e16=S.meta_for_tilelang(meta), wd=wd, sp_idx=sp_idx, dn_idx=dn_idx)
 
 
-def main():
+def start(built):
+    """Log the device, compile ``built`` (duplicates dropped) and log what failed; return the kernels and a timer."""
     import tilelang
 
     p = torch.cuda.get_device_properties(0)
     log(f"device {p.name} SMs={p.multi_processor_count} torch {torch.__version__} tilelang {tilelang.__version__}")
-    dt, dts = torch.bfloat16, "bfloat16"
-    built = []
-    for N, K in SHAPES:
-        for frac in FRACS:
-            ks = split_columns(K, frac, 0)[0].numel()
-            for M in TOKENS:
-                for cfg in SP_TILES[M]:
-                    bm, bn, bk, st, th, swz, pol = cfg
-                    if ks % bk:
-                        continue
-                    built.append(((N, ks, M, cfg), S_sweep.sp_func(N, ks, M, bm, bn, bk, st, th, dts, swz, pol),
-                                  {"pc": "ws"}))
     built = list({k: (k, f, o) for k, f, o in built}.values())  # (both fractions may give one 2:4 width)
     t = time.time()
     kernels = S.compile_tl(built)
-    log(f"compiled {sum(not isinstance(v, BaseException) for v in kernels.values())}/{len(built)} in "
-        f"{time.time() - t:.1f}s")
-    bench = S.Bench()
-    rows = []
+    bad = [(k, v) for k, v in kernels.items() if isinstance(v, BaseException)]
+    log(f"compiled {len(kernels) - len(bad)}/{len(built)} in {time.time() - t:.1f}s")
+    for k, v in bad[:3]:
+        log(f"  {k}: {one_line(v)[:200]}")
+    return kernels, S.Bench()
+
+
+def cases(tokens, permuted):
+    """Every (shape, fraction, token count) within the budget: ``(L, ks, wt, bound, M, x, ref, case)``, ``wt``
+    the weight x multiplies (its columns permuted, 2:4 part first, when ``permuted``), ``ref`` in float64."""
     for N, K in SHAPES:
         for frac in FRACS:
-            L = layer(N, K, frac, dt, 11 + N)
+            L = layer(N, K, frac, DT, 11 + N)
             ks = L["sp_idx"].numel()
-            f_real = ks / K
-            bound = 1 / (1 - 0.4375 * f_real)
-            for M in TOKENS:
-                if S.time_left() < 10:
+            wt = torch.cat([L["w24"], L["wd"]], 1) if permuted else L["w"]
+            bound = 1 / (1 - 0.4375 * ks / K)
+            for M in tokens:
+                if S.time_left() < 12:
                     log(f"budget: skip {N}x{K} f={frac} M={M}")
                     continue
                 gen = torch.Generator(device="cuda")
                 gen.manual_seed(M)
-                x = torch.randn(M, K, generator=gen, device="cuda", dtype=torch.float32).to(dt)
-                ref = x.double() @ L["w"].double().t()
-                y0 = torch.empty(M, N, dtype=dt, device="cuda")
-                torch.mm(x, L["w"].t(), out=y0)  # (F.linear without bias: the same cuBLAS call)
-                g0 = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g0):
-                    torch.mm(x, L["w"].t(), out=y0)
-                dus = bench.us(g0.replay)  # (in a CUDA graph too)
-                case = f"{N}x{K} f={f_real:.2f} M={M}"
-                log(f"{case} cuBLAS {dus:.1f} us, bound {bound:.2f}x")
-                rows.append((case, "cuBLAS", dus, dus, 0.0))
-                xs = torch.empty(M, ks, dtype=dt, device="cuda")
-                xd = torch.empty(M, K - ks, dtype=dt, device="cuda")
-                c = torch.empty(N, M, dtype=dt, device="cuda")
-                y = torch.empty(M, N, dtype=dt, device="cuda")
+                x = torch.randn(M, K, generator=gen, device="cuda", dtype=torch.float32).to(DT)
+                yield L, ks, wt, bound, M, x, x.double() @ wt.double().t(), f"{N}x{K} f={ks / K:.2f} M={M}"
 
-                def rest():
-                    c.addmm_(L["wd"], xd.t())
-                    y.copy_(c.t())
 
-                variants = []
-                for (kN, kK, kM, cfg), k in kernels.items():
-                    if (kN, kK, kM) != (N, ks, M) or isinstance(k, BaseException):
-                        continue
+def cublas_us(bench, x, wt, case, bound, rows) -> float:
+    """cuBLAS ``x @ wt^T`` (``F.linear`` without bias: the same call) in a CUDA graph, logged and recorded."""
+    y0 = torch.empty(x.shape[0], wt.shape[0], dtype=DT, device="cuda")
+    torch.mm(x, wt.t(), out=y0)
+    g0 = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g0):
+        torch.mm(x, wt.t(), out=y0)
+    dus = bench.us(g0.replay)
+    log(f"{case} cuBLAS {dus:.1f} us, bound {bound:.2f}x")
+    rows.append((case, "cuBLAS", dus, dus, 0.0))
+    return dus
 
-                    def run(k=k):
-                        torch.index_select(x, 1, L["sp_idx"], out=xs)
-                        torch.index_select(x, 1, L["dn_idx"], out=xd)
-                        k(L["vals"], L["e16"], xs, c)
-                        rest()
 
-                    variants.append((f"gemm_sp bm{cfg[0]} bn{cfg[1]} bk{cfg[2]} st{cfg[3]} th{cfg[4]}", run))
-                if M >= 256:
-                    try:
-                        wc = torch._cslt_compress(L["w24"])
-                        alg = int(torch._cslt_sparse_mm_search(wc, xs.t()))
+def time_variants(bench, case, variants, y, ref, dus, bound, rows) -> None:
+    """Check each ``(label, run)`` (its result in ``y``) against ``ref``, then time it as a CUDA graph; a label
+    with ``alone`` times one part of a route (not checked, not a row of the table)."""
+    for label, run in variants:
+        if S.time_left() < 8:
+            break
+        part = "alone" in label
+        try:
+            run()
+            torch.cuda.synchronize()
+            err = 0.0 if part else S.rel_err(y, ref)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                run()
+            us = bench.us(g.replay)
+            if not part:
+                rows.append((case, label, dus, us, err))
+            log(f"{case} {label}: {us:.1f} us  {dus / us:.2f}x ({dus / us / bound:.0%} of bound)  err {err:.1e}")
+        except Exception as e:  # noqa: BLE001
+            S.timing_failed(f"{case} {label}", e)
 
-                        def run_cslt(wc=wc, alg=alg):
-                            torch.index_select(x, 1, L["sp_idx"], out=xs)
-                            torch.index_select(x, 1, L["dn_idx"], out=xd)
-                            c.copy_(torch._cslt_sparse_mm(wc, xs.t(), alg_id=alg))
-                            rest()
 
-                        variants.append((f"cuSPARSELt alg{alg}", run_cslt))
-                    except Exception as e:  # noqa: BLE001
-                        log(f"{case} cuSPARSELt: {one_line(e)[:160]}")
-                for label, run in variants:
-                    if S.time_left() < 8:
-                        break
-                    try:
-                        run()
-                        err = S.rel_err(y, ref)
-                        g = torch.cuda.CUDAGraph()
-                        with torch.cuda.graph(g):
-                            run()
-                        us = bench.us(g.replay)
-                        rows.append((case, label, dus, us, err))
-                        log(f"{case} {label}: {us:.1f} us  {dus / us:.2f}x ({dus / us / bound:.0%} of bound)  "
-                            f"err {err:.1e}")
-                    except Exception as e:  # noqa: BLE001
-                        S.timing_failed(f"{case} {label}", e)
+def cslt_variant(L, xs, case, run):
+    """``(label, run(wc, alg))`` for cuSPARSELt on the 2:4 part (its best algorithm for ``xs``), or None."""
+    try:
+        wc = torch._cslt_compress(L["w24"])
+        alg = int(torch._cslt_sparse_mm_search(wc, xs.t()))
+        return f"cuSPARSELt alg{alg}", lambda: run(wc, alg)
+    except Exception as e:  # noqa: BLE001
+        log(f"{case} cuSPARSELt: {one_line(e)[:160]}")
+        return None
+
+
+def sp_kernels(tokens, make):
+    """``[(key, TileLang func, options)]``: ``make(N, K, ks, M)`` -> [(key suffix, func)] for every case."""
+    built = []
+    for N, K in SHAPES:
+        for frac in FRACS:
+            ks = split_columns(K, frac, 0)[0].numel()
+            for M in tokens:
+                built += [((N, ks, M) + key, f, {"pc": "ws"}) for key, f in make(N, K, ks, M)]
+    return built
+
+
+def main():
+    """The gather route: both column gathers of x, ``gemm_sp`` (or cuSPARSELt), cuBLAS ``addmm``, transpose."""
+    def make(N, K, ks, M):
+        return [((cfg,), S_sweep.sp_func(N, ks, M, *cfg[:5], DTS, *cfg[5:])) for cfg in SP_TILES[M]
+                if ks % cfg[2] == 0]
+
+    kernels, bench = start(sp_kernels(TOKENS, make))
+    rows = []
+    for L, ks, wt, bound, M, x, ref, case in cases(TOKENS, permuted=False):
+        N, K = wt.shape
+        dus = cublas_us(bench, x, wt, case, bound, rows)
+        xs = torch.empty(M, ks, dtype=DT, device="cuda")
+        xd = torch.empty(M, K - ks, dtype=DT, device="cuda")
+        c = torch.empty(N, M, dtype=DT, device="cuda")
+        y = torch.empty(M, N, dtype=DT, device="cuda")
+
+        def gathers():
+            torch.index_select(x, 1, L["sp_idx"], out=xs)
+            torch.index_select(x, 1, L["dn_idx"], out=xd)
+
+        def rest():
+            c.addmm_(L["wd"], xd.t())
+            y.copy_(c.t())
+
+        variants = []
+        for key, k in kernels.items():
+            if key[:3] != (N, ks, M) or isinstance(k, BaseException):
+                continue
+
+            def run(k=k):
+                gathers()
+                k(L["vals"], L["e16"], xs, c)
+                rest()
+
+            cfg = key[3]
+            variants.append((f"gemm_sp bm{cfg[0]} bn{cfg[1]} bk{cfg[2]} st{cfg[3]} th{cfg[4]}", run))
+        if M >= 256:
+            def run_cslt(wc, alg):
+                gathers()
+                c.copy_(torch._cslt_sparse_mm(wc, xs.t(), alg_id=alg))
+                rest()
+
+            variants.append(cslt_variant(L, xs, case, run_cslt))
+        time_variants(bench, case, [v for v in variants if v], y, ref, dus, bound, rows)
     S.print_best("the gathers, both GEMMs and the transpose, one CUDA graph", rows, 28, 44)
     log("done")
 
@@ -292,135 +332,76 @@ def kernel_table(fn, n=10):
 
 
 def fused():
-    """The two-kernel route (2:4 columns first) against cuBLAS, and the gather route's per-kernel times."""
-    import tilelang
-
-    p = torch.cuda.get_device_properties(0)
-    log(f"device {p.name} SMs={p.multi_processor_count} torch {torch.__version__} tilelang {tilelang.__version__}")
-    dt, dts = torch.bfloat16, "bfloat16"
+    """The two-kernel and one-kernel routes (2:4 columns first) against cuBLAS, each part alone, and the gather
+    route's per-kernel times."""
     tokens = [16, 64, 256, 2048]
-    built = []
-    for N, K in SHAPES:
-        for frac in FRACS:
-            ks = split_columns(K, frac, 0)[0].numel()
-            for M in tokens:
-                for cfg in SP_TILES[M]:
-                    bm, bn, bk, st, th, swz, pol = cfg
-                    if ks % bk:
-                        continue
-                    built.append(((N, ks, M, "T") + cfg, spT_func(N, ks, K, M, bm, bn, bk, st, th, dts, swz, pol),
-                                  {"pc": "ws"}))
-                    built.append(((N, ks, M, "C") + cfg, S_sweep.sp_func(N, ks, M, bm, bn, bk, st, th, dts, swz, pol),
-                                  {"pc": "ws"}))
-                for cfg in H_TILES[M]:
-                    bm, bn, bks, bkd, st, th, swz, pol = cfg
-                    if ks % bks or (K - ks) % bkd:
-                        continue
-                    built.append(((N, ks, M, "H") + cfg,
-                                  cs_func(N, ks, K, M, bm, bn, bks, bkd, st, th, dts, swz, pol), {"pc": "ws"}))
-    built = list({k: (k, f, o) for k, f, o in built}.values())
-    t = time.time()
-    kernels = S.compile_tl(built)
-    bad = [(k, v) for k, v in kernels.items() if isinstance(v, BaseException)]
-    log(f"compiled {len(kernels) - len(bad)}/{len(built)} in {time.time() - t:.1f}s")
-    for k, v in bad[:3]:
-        log(f"  {k}: {one_line(v)[:200]}")
-    bench = S.Bench()
+
+    def make(N, K, ks, M):
+        out = []
+        for cfg in SP_TILES[M]:
+            if ks % cfg[2] == 0:
+                out += [(("T",) + cfg, spT_func(N, ks, K, M, *cfg[:5], DTS, *cfg[5:])),
+                        (("C",) + cfg, S_sweep.sp_func(N, ks, M, *cfg[:5], DTS, *cfg[5:]))]
+        for cfg in H_TILES[M]:
+            if ks % cfg[2] == 0 and (K - ks) % cfg[3] == 0:
+                out.append((("H",) + cfg, cs_func(N, ks, K, M, *cfg[:6], DTS, *cfg[6:])))
+        return out
+
+    kernels, bench = start(sp_kernels(tokens, make))
     rows = []
-    for N, K in SHAPES:
-        for frac in FRACS:
-            L = layer(N, K, frac, dt, 11 + N)
-            ks = L["sp_idx"].numel()
-            wd = L["wd"]
-            wp = torch.cat([L["w24"], wd], 1)  # the layer with its columns permuted: 2:4 part first
-            bound = 1 / (1 - 0.4375 * ks / K)
-            for M in tokens:
-                if S.time_left() < 12:
-                    log(f"budget: skip {N}x{K} f={frac} M={M}")
-                    continue
-                gen = torch.Generator(device="cuda")
-                gen.manual_seed(M)
-                x = torch.randn(M, K, generator=gen, device="cuda", dtype=torch.float32).to(dt)
-                ref = x.double() @ wp.double().t()
-                case = f"{N}x{K} f={ks / K:.2f} M={M}"
-                y0 = torch.empty(M, N, dtype=dt, device="cuda")
-                g0 = torch.cuda.CUDAGraph()
-                torch.mm(x, wp.t(), out=y0)
-                with torch.cuda.graph(g0):
-                    torch.mm(x, wp.t(), out=y0)
-                dus = bench.us(g0.replay)
-                log(f"{case} cuBLAS {dus:.1f} us, bound {bound:.2f}x")
-                rows.append((case, "cuBLAS", dus, dus, 0.0))
-                y = torch.empty(M, N, dtype=dt, device="cuda")
-                xs = x[:, :ks].contiguous()
-                c = torch.empty(N, M, dtype=dt, device="cuda")
-                variants, parts = [], []
-                for key, k in kernels.items():
-                    if key[:3] != (N, ks, M) or isinstance(k, BaseException):
-                        continue
-                    cfg = key[4:]
-                    label = f"bm{cfg[0]} bn{cfg[1]} bk{cfg[2]} st{cfg[3]} th{cfg[4]}"
-                    if key[3] == "H":
-                        label = f"bm{cfg[0]} bn{cfg[1]} bk{cfg[2]}/{cfg[3]} st{cfg[4]} th{cfg[5]}"
-                        variants.append((f"1 kernel {label}", lambda k=k: k(L["vals"], L["e16"], wd, x, y)))
-                    elif key[3] == "T":
-                        def run(k=k):
-                            k(L["vals"], L["e16"], x, y)
-                            y.addmm_(x[:, ks:], wd.t())
+    for L, ks, wt, bound, M, x, ref, case in cases(tokens, permuted=True):
+        N, K = wt.shape
+        wd = L["wd"]
+        dus = cublas_us(bench, x, wt, case, bound, rows)
+        y = torch.empty(M, N, dtype=DT, device="cuda")
+        xs = x[:, :ks].contiguous()
+        c = torch.empty(N, M, dtype=DT, device="cuda")
+        variants, parts = [], []
+        for key, k in kernels.items():
+            if key[:3] != (N, ks, M) or isinstance(k, BaseException):
+                continue
+            kind, cfg = key[3], key[4:]
+            label = f"bm{cfg[0]} bn{cfg[1]} bk{cfg[2]} st{cfg[3]} th{cfg[4]}"
+            if kind == "H":
+                label = f"bm{cfg[0]} bn{cfg[1]} bk{cfg[2]}/{cfg[3]} st{cfg[4]} th{cfg[5]}"
+                variants.append((f"1 kernel {label}", lambda k=k: k(L["vals"], L["e16"], wd, x, y)))
+            elif kind == "T":
+                def run(k=k):
+                    k(L["vals"], L["e16"], x, y)
+                    y.addmm_(x[:, ks:], wd.t())
 
-                        def only(k=k):
-                            k(L["vals"], L["e16"], x, y)
+                variants += [(f"2 kernels {label}", run),
+                             (f"gemm_sp->y alone {label}", lambda k=k: k(L["vals"], L["e16"], x, y))]
+            else:
+                parts.append((label, lambda k=k: k(L["vals"], L["e16"], xs, c)))
+        if M >= 256:
+            def run_cslt(wc, alg):
+                z = torch._cslt_sparse_mm(wc, x[:, :ks].t(), alg_id=alg, transpose_result=True)
+                z.addmm_(x[:, ks:], wd.t())
+                y.copy_(z)
 
-                        variants += [(f"2 kernels {label}", run), (f"gemm_sp->y alone {label}", only)]
-                    else:
-                        parts.append((label, lambda k=k: k(L["vals"], L["e16"], xs, c)))
-                if M >= 256:
-                    try:
-                        wc = torch._cslt_compress(L["w24"])
-                        alg = int(torch._cslt_sparse_mm_search(wc, xs.t()))
+            v = cslt_variant(L, xs, case, run_cslt)
+            if v:
+                variants.append((v[0] + " 2 kernels+copy", v[1]))
+        variants.append(("addmm dense part alone", lambda: y.addmm_(x[:, ks:], wd.t())))
+        time_variants(bench, case, variants, y, ref, dus, bound, rows)
+        if parts and M in (16, 2048) and S.time_left() > 15:  # the gather route, eagerly, kernel by kernel (L2 warm)
+            label, spk = parts[0]
+            xd = torch.empty(M, K - ks, dtype=DT, device="cuda")
 
-                        def run_cslt(wc=wc, alg=alg):
-                            z = torch._cslt_sparse_mm(wc, x[:, :ks].t(), alg_id=alg, transpose_result=True)
-                            z.addmm_(x[:, ks:], wd.t())
-                            y.copy_(z)
+            def gather_route(spk=spk):
+                torch.index_select(x, 1, L["sp_idx"], out=xs)
+                torch.index_select(x, 1, L["dn_idx"], out=xd)
+                spk()
+                c.addmm_(L["wd"], xd.t())
+                y.copy_(c.t())
 
-                        variants.append((f"cuSPARSELt alg{alg} 2 kernels+copy", run_cslt))
-                    except Exception as e:  # noqa: BLE001
-                        log(f"{case} cuSPARSELt: {one_line(e)[:160]}")
-                variants.append(("addmm dense part alone", lambda: y.addmm_(x[:, ks:], wd.t())))
-                for label, run in variants:
-                    if S.time_left() < 8:
-                        break
-                    try:
-                        run()
-                        err = S.rel_err(y, ref) if "alone" not in label else 0.0
-                        g = torch.cuda.CUDAGraph()
-                        with torch.cuda.graph(g):
-                            run()
-                        us = bench.us(g.replay)
-                        if "alone" not in label:
-                            rows.append((case, label, dus, us, err))
-                        log(f"{case} {label}: {us:.1f} us  {dus / us:.2f}x ({dus / us / bound:.0%} of bound)  "
-                            f"err {err:.1e}")
-                    except Exception as e:  # noqa: BLE001
-                        S.timing_failed(f"{case} {label}", e)
-                if parts and M in (16, 2048) and S.time_left() > 15:  # the gather route, eagerly, kernel by kernel (L2 warm)
-                    label, spk = parts[0]
-                    xd = torch.empty(M, K - ks, dtype=dt, device="cuda")
-
-                    def gather_route(spk=spk):
-                        torch.index_select(x, 1, L["sp_idx"], out=xs)
-                        torch.index_select(x, 1, L["dn_idx"], out=xd)
-                        spk()
-                        c.addmm_(L["wd"], xd.t())
-                        y.copy_(c.t())
-
-                    try:
-                        tab = kernel_table(gather_route)
-                        log(f"{case} gather route {label}, per kernel (us, L2 warm): "
-                            + "; ".join(f"{n} {t:.1f}" for n, t in tab))
-                    except Exception as e:  # noqa: BLE001
-                        S.timing_failed(f"{case} kernel table", e)
+            try:
+                tab = kernel_table(gather_route)
+                log(f"{case} gather route {label}, per kernel (us, L2 warm): "
+                    + "; ".join(f"{n} {t:.1f}" for n, t in tab))
+            except Exception as e:  # noqa: BLE001
+                S.timing_failed(f"{case} kernel table", e)
     S.print_best("2:4 columns first: one kernel (gemm_sp + gemm) or two (gemm_sp, cuBLAS addmm), one CUDA graph",
                  rows, 28, 44)
     log("done")
@@ -429,116 +410,64 @@ def fused():
 def streams():
     """The two-kernel route with the dense part on a second stream of the same graph (the 2:4 kernel leaves SMs
     idle at N = 4096), and with a split-K 2:4 kernel (fp32 atomics, then one add), at 16 and 64 tokens."""
-    import tilelang
-
-    p = torch.cuda.get_device_properties(0)
-    log(f"device {p.name} SMs={p.multi_processor_count} torch {torch.__version__} tilelang {tilelang.__version__}")
-    dt, dts = torch.bfloat16, "bfloat16"
     tokens = [16, 64]
-    built = []
-    for N, K in SHAPES:
-        for frac in FRACS:
-            ks = split_columns(K, frac, 0)[0].numel()
-            for M in tokens:
-                bm, bn, bk, st, th, swz, pol = SP_TILES[M][0]
-                built.append(((N, ks, M, "T", 1), spT_func(N, ks, K, M, bm, bn, bk, st, th, dts, swz, pol),
-                              {"pc": "ws"}))
-                for split in (2, 3):
-                    if (ks // bk) % split == 0:
-                        built.append(((N, ks, M, "K", split), spK_func(N, ks, K, M, bm, bn, bk, st, th, dts, split),
-                                      {"pc": "ws"}))
-    t = time.time()
-    kernels = S.compile_tl(built)
-    bad = [(k, v) for k, v in kernels.items() if isinstance(v, BaseException)]
-    log(f"compiled {len(kernels) - len(bad)}/{len(built)} in {time.time() - t:.1f}s")
-    for k, v in bad[:3]:
-        log(f"  {k}: {one_line(v)[:200]}")
-    bench = S.Bench()
+
+    def make(N, K, ks, M):
+        bm, bn, bk, st, th, swz, pol = SP_TILES[M][0]
+        out = [(("T", 1), spT_func(N, ks, K, M, bm, bn, bk, st, th, DTS, swz, pol))]
+        return out + [(("K", split), spK_func(N, ks, K, M, bm, bn, bk, st, th, DTS, split))
+                      for split in (2, 3) if (ks // bk) % split == 0]
+
+    kernels, bench = start(sp_kernels(tokens, make))
     rows = []
     s2 = torch.cuda.Stream()
-    for N, K in SHAPES:
-        for frac in FRACS:
-            L = layer(N, K, frac, dt, 11 + N)
-            ks = L["sp_idx"].numel()
-            wd = L["wd"]
-            wp = torch.cat([L["w24"], wd], 1)
-            bound = 1 / (1 - 0.4375 * ks / K)
-            for M in tokens:
-                if S.time_left() < 12:
-                    log(f"budget: skip {N}x{K} f={frac} M={M}")
-                    continue
-                gen = torch.Generator(device="cuda")
-                gen.manual_seed(M)
-                x = torch.randn(M, K, generator=gen, device="cuda", dtype=torch.float32).to(dt)
-                ref = x.double() @ wp.double().t()
-                case = f"{N}x{K} f={ks / K:.2f} M={M}"
-                y0 = torch.empty(M, N, dtype=dt, device="cuda")
-                g0 = torch.cuda.CUDAGraph()
-                torch.mm(x, wp.t(), out=y0)
-                with torch.cuda.graph(g0):
-                    torch.mm(x, wp.t(), out=y0)
-                dus = bench.us(g0.replay)
-                log(f"{case} cuBLAS {dus:.1f} us, bound {bound:.2f}x")
-                rows.append((case, "cuBLAS", dus, dus, 0.0))
-                y = torch.empty(M, N, dtype=dt, device="cuda")
-                y2 = torch.empty(M, N, dtype=dt, device="cuda")
-                cf = torch.empty(N, M, dtype=torch.float32, device="cuda")
-                xd = x[:, ks:]
 
-                def on_side(fn):
-                    cur = torch.cuda.current_stream()
-                    s2.wait_stream(cur)
-                    with torch.cuda.stream(s2):
-                        fn()
-                    return cur
+    def on_side(fn):
+        cur = torch.cuda.current_stream()
+        s2.wait_stream(cur)
+        with torch.cuda.stream(s2):
+            fn()
+        return cur
 
-                variants = []
-                for key, k in kernels.items():
-                    if key[:3] != (N, ks, M) or isinstance(k, BaseException):
-                        continue
-                    if key[3] == "T":
-                        def serial(k=k):
-                            k(L["vals"], L["e16"], x, y)
-                            y.addmm_(xd, wd.t())
+    for L, ks, wt, bound, M, x, ref, case in cases(tokens, permuted=True):
+        N, K = wt.shape
+        wd, xd = L["wd"], x[:, ks:]
+        dus = cublas_us(bench, x, wt, case, bound, rows)
+        y = torch.empty(M, N, dtype=DT, device="cuda")
+        y2 = torch.empty(M, N, dtype=DT, device="cuda")
+        cf = torch.empty(N, M, dtype=torch.float32, device="cuda")
+        variants = []
+        for key, k in kernels.items():
+            if key[:3] != (N, ks, M) or isinstance(k, BaseException):
+                continue
+            if key[3] == "T":
+                def serial(k=k):
+                    k(L["vals"], L["e16"], x, y)
+                    y.addmm_(xd, wd.t())
 
-                        def two_streams(k=k):
-                            cur = on_side(lambda: torch.mm(xd, wd.t(), out=y2))
-                            k(L["vals"], L["e16"], x, y)
-                            cur.wait_stream(s2)
-                            y.add_(y2)
+                def two_streams(k=k):
+                    cur = on_side(lambda: torch.mm(xd, wd.t(), out=y2))
+                    k(L["vals"], L["e16"], x, y)
+                    cur.wait_stream(s2)
+                    y.add_(y2)
 
-                        variants += [("2 kernels", serial), ("2 streams", two_streams)]
-                    else:
-                        def splitk(k=k):
-                            cf.zero_()
-                            k(L["vals"], L["e16"], x, cf)
-                            y.copy_(cf.t())
-                            y.addmm_(xd, wd.t())
+                variants += [("2 kernels", serial), ("2 streams", two_streams)]
+            else:
+                def splitk(k=k):
+                    cf.zero_()
+                    k(L["vals"], L["e16"], x, cf)
+                    y.copy_(cf.t())
+                    y.addmm_(xd, wd.t())
 
-                        def splitk_streams(k=k):
-                            cur = on_side(lambda: torch.mm(xd, wd.t(), out=y2))
-                            cf.zero_()
-                            k(L["vals"], L["e16"], x, cf)
-                            cur.wait_stream(s2)
-                            torch.add(cf.t(), y2, out=y)
+                def splitk_streams(k=k):
+                    cur = on_side(lambda: torch.mm(xd, wd.t(), out=y2))
+                    cf.zero_()
+                    k(L["vals"], L["e16"], x, cf)
+                    cur.wait_stream(s2)
+                    torch.add(cf.t(), y2, out=y)
 
-                        variants += [(f"split-K {key[4]}", splitk), (f"split-K {key[4]}, 2 streams", splitk_streams)]
-                for label, run in variants:
-                    if S.time_left() < 8:
-                        break
-                    try:
-                        run()
-                        torch.cuda.synchronize()
-                        err = S.rel_err(y, ref)
-                        g = torch.cuda.CUDAGraph()
-                        with torch.cuda.graph(g):
-                            run()
-                        us = bench.us(g.replay)
-                        rows.append((case, label, dus, us, err))
-                        log(f"{case} {label}: {us:.1f} us  {dus / us:.2f}x ({dus / us / bound:.0%} of bound)  "
-                            f"err {err:.1e}")
-                    except Exception as e:  # noqa: BLE001
-                        S.timing_failed(f"{case} {label}", e)
+                variants += [(f"split-K {key[4]}", splitk), (f"split-K {key[4]}, 2 streams", splitk_streams)]
+        time_variants(bench, case, variants, y, ref, dus, bound, rows)
     S.print_best("2:4 columns first, the dense part on a second stream and/or a split-K 2:4 kernel, one CUDA graph",
                  rows, 28, 44)
     log("done")

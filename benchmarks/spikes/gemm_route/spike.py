@@ -60,7 +60,7 @@ ROUTES2 = [r for r in os.environ.get("SPIKE_ROUTES2", "dense,cslt,cutlass_t,tl_s
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 RUN_DTYPES = [d for d in os.environ.get("SPIKE_DTYPES", "bf16,fp16").split(",") if d]
 TILE = 128
-DEV = "cuda"  # test_dryrun.py swaps in "cpu" plus torch emulations of the kernels
+DEV = "cuda"
 
 
 def log(*a):
