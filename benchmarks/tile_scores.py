@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 from _args import add_model_and_calibration  # noqa: E402
+from _table import write_table as write_table_md  # noqa: E402
 from oneshot import machine  # noqa: E402
 
 from tilesparse.commands.common import quiet_libraries  # noqa: E402
@@ -121,8 +122,7 @@ def main(argv=None) -> int:
 
 
 def write_table(args, cache, texts, calib_desc, model_name) -> None:
-    d = cache.get("dense", {}).get("ppl", {})
-    lines = [
+    head = "\n".join([
         "# One-shot hybrid masks: which scores choose the dense tiles",
         "",
         (f"Model: {model_name}. Calibration: {calib_desc['text']} ({args.calib_text}), {calib_desc['samples']} x "
@@ -136,12 +136,8 @@ def write_table(args, cache, texts, calib_desc, model_name) -> None:
         f"Machine: {cache.get('_machine')}.",
         "",
         f"Command: `PYTHONPATH=src python3 benchmarks/tile_scores.py {' '.join(args.argv)}`",
-        "",
-        "| scorer | sparsity | tile map | measured | " + " | ".join(f"PPL {t}" for t in texts)
-        + " | vs sparsegpt free | dense tiles (whole columns) | time (s) |",
-        "|---|---|---|---|" + "---|" * len(texts) + "---|---|---|",
-        "| dense | 0 | - | 0 | " + " | ".join(f"{d[t]:.2f}" if t in d else "-" for t in texts) + " | | | |",
-    ]
+    ])
+    rows = [{"row": "dense", **{t: f"{v:.2f}" for t, v in cache.get("dense", {}).get("ppl", {}).items()}}]
     for key, r in cache.items():
         if "|" not in key:
             continue
@@ -150,11 +146,12 @@ def write_table(args, cache, texts, calib_desc, model_name) -> None:
         rel = ""
         if base and key != f"sparsegpt|{s}|free":
             rel = " / ".join(f"{r['ppl'][t] / base['ppl'][t]:.2f}x" for t in texts if t in r["ppl"] and t in base["ppl"])
-        lines.append(f"| {scorer} | {s} | {structure} | {r['sparsity']:.4f} | "
-                     + " | ".join(f"{r['ppl'][t]:.2f}" if t in r["ppl"] else "-" for t in texts)
-                     + f" | {rel} | {r['dense_tiles']} ({r['dense_columns']}) | {r['seconds']:.0f} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
+        rows.append({"row": scorer, "sparsity": s, "tile map": structure, "measured": f"{r['sparsity']:.4f}",
+                     **{t: f"{r['ppl'][t]:.2f}" for t in texts if t in r["ppl"]}, "vs sparsegpt free": rel,
+                     "dense tiles (whole columns)": f"{r['dense_tiles']} ({r['dense_columns']})",
+                     "time (s)": f"{r['seconds']:.0f}"})
+    write_table_md(head, ["sparsity", "tile map", "measured", *texts, "vs sparsegpt free",
+                          "dense tiles (whole columns)", "time (s)"], rows, args.out)
 
 
 if __name__ == "__main__":
