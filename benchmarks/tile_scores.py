@@ -67,8 +67,9 @@ def main(argv=None) -> int:
     ap.add_argument("--maps", default=",".join(MAPS))
     ap.add_argument("--update", action="store_true", help="SparseGPT keeps its weight update (default: mask only)")
     ap.add_argument("--out", default="benchmarks/results/tile_scores_cpu.md")
-    ap.add_argument("--cache", default="runs/tile_scores/results.json")
+    ap.add_argument("--cache", default=None, help="rows done so far (default runs/tile_scores/results[_update].json)")
     args = ap.parse_args(argv)
+    args.cache = args.cache or f"runs/tile_scores/results{'_update' if args.update else ''}.json"
     args.argv = list(sys.argv[1:] if argv is None else argv)
     quiet_libraries()
     texts = [t for t in args.eval_texts.split(",") if t]
