@@ -146,7 +146,8 @@ def write_table(args, cache, texts, calib_desc, model_name) -> None:
         base = cache.get(f"sparsegpt|{s}|free")
         rel = ""
         if base and key != f"sparsegpt|{s}|free":
-            rel = " / ".join(f"{r['ppl'][t] / base['ppl'][t]:.2f}x" for t in texts if t in r["ppl"] and t in base["ppl"])
+            rel = " / ".join(f"{r['ppl'][t] / base['ppl'][t]:.2f}x" for t in texts
+                             if t in r["ppl"] and t in base["ppl"])
         rows.append({"row": scorer, "sparsity": s, "tile map": structure, "measured": f"{r['sparsity']:.4f}",
                      **{t: f"{r['ppl'][t]:.2f}" for t in texts if t in r["ppl"]}, "vs sparsegpt free": rel,
                      "dense tiles (whole columns)": f"{r['dense_tiles']} ({r['dense_columns']})",
