@@ -29,17 +29,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import torch  # noqa: E402
-from _args import add_model_and_calibration  # noqa: E402
-from _table import write_table as write_table_md  # noqa: E402
-from oneshot import machine  # noqa: E402
+import torch
+from _args import add_model_and_calibration
+from _table import write_table as write_table_md
+from oneshot import machine
 
-from tilesparse.commands.common import quiet_libraries  # noqa: E402
-from tilesparse.evaluation import evaluate_text  # noqa: E402
-from tilesparse.io import apply_masks  # noqa: E402
-from tilesparse.masks.tiles import DENSE, SPARSE, TileGrid, select_dense_tiles  # noqa: E402
-from tilesparse.models import find_prunable_linears, load_model  # noqa: E402
-from tilesparse.pruning import PruneConfig, calibration_ids, hybrid_tile_kinds, prune_model  # noqa: E402
+from tilesparse.commands.common import quiet_libraries
+from tilesparse.evaluation import evaluate_text
+from tilesparse.io import apply_masks
+from tilesparse.masks.tiles import DENSE, SPARSE, TileGrid, select_dense_tiles
+from tilesparse.models import find_prunable_linears, load_model
+from tilesparse.pruning import (
+    PruneConfig,
+    calibration_ids,
+    hybrid_tile_kinds,
+    prune_model,
+)
 
 SCORERS = ("sparsegpt", "wanda", "magnitude", "random")
 MAPS = ("free", "columns")

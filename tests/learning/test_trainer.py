@@ -225,7 +225,7 @@ def test_column_shared_tile_maps_learn_whole_tile_columns(tmp_path):
     assert res.maskset.meta["tile_map"] == "columns" and res.prior.meta["tile_map"] == "columns"
     for ms in (res.maskset, res.prior):
         kinds = [lm.kinds for lm in ms.layers.values() if lm.pattern == "hybrid"]
-        assert kinds and all(bool(((k == k[:1]).all())) for k in kinds)  # every tile-column one kind
+        assert kinds and all(bool((k == k[:1]).all()) for k in kinds)  # every tile-column one kind
         assert any(bool((k == 1).any()) for k in kinds) and abs(ms.sparsity() - 0.3) < 0.05
     ck = load_checkpoint(tmp_path)
     tiles = {k: v for k, v in ck["logits"].items() if k.endswith(":tile")}
