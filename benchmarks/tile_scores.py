@@ -20,7 +20,6 @@ density of that method's unstructured mask at the target; ``random``: uniform sc
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,17 +30,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch
 from _args import add_model_and_calibration
+from _oneshot_session import OneShotSession
 from _table import write_table as write_table_md
-from oneshot import machine
 
-from tilesparse.commands.common import quiet_libraries
-from tilesparse.evaluation import evaluate_text
 from tilesparse.io import apply_masks
 from tilesparse.masks.tiles import DENSE, SPARSE, TileGrid, select_dense_tiles
-from tilesparse.models import find_prunable_linears, load_model
 from tilesparse.pruning import (
     PruneConfig,
-    calibration_ids,
     hybrid_tile_kinds,
     prune_model,
 )
@@ -76,25 +71,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.cache = args.cache or f"runs/tile_scores/results{'_update' if args.update else ''}.json"
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    quiet_libraries()
-    texts = [t for t in args.eval_texts.split(",") if t]
-    cache_path = Path(args.cache)
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-    loaded = load_model(args.model)
-    layers = find_prunable_linears(loaded.model)
+    run = OneShotSession(args, args.cache)
+    cache, texts, loaded, layers, calib, evaluate = run.cache, run.texts, run.loaded, run.layers, run.calib, run.evaluate
     grids = [TileGrid(l.out_features, l.in_features, 128, 128) for l in layers]
-    originals = {l.name: l.weight.detach().clone() for l in layers}
-    calib, calib_desc = calibration_ids(loaded, args.calib_text, args.calib_samples, args.seqlen)
-    cache["_machine"] = machine()
-
-    def evaluate() -> dict:
-        return {t: evaluate_text(loaded, t, seqlen=args.seqlen, max_windows=args.windows, progress=False).perplexity
-                for t in texts}
 
     def save():
-        cache_path.write_text(json.dumps(cache, indent=1))
-        write_table(args, cache, texts, calib_desc, loaded.name)
+        run.save()
+        write_table(args, cache, texts, run.calib_desc, loaded.name)
 
     if "dense" not in cache:
         cache["dense"] = {"ppl": evaluate()}
@@ -119,8 +102,7 @@ def main(argv=None) -> int:
                 cache[f"{scorer}|{s:g}|{structure}"] = {
                     "ppl": evaluate(), "sparsity": ms.sparsity(), "seconds": time.perf_counter() - t0,
                     "dense_tiles": sum(int((k == DENSE).sum()) for k in kinds.values()), "dense_columns": dense_cols}
-                for l in layers:
-                    l.set_weight(originals[l.name])
+                run.restore()
                 print(scorer, s, structure, cache[f"{scorer}|{s:g}|{structure}"], flush=True)
                 save()
     save()

@@ -20,7 +20,6 @@ columns; the budget cut can split a few of them (reported as ``mixed``). Everyth
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,16 +30,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch
 from _args import add_model_and_calibration
-from oneshot import machine
+from _oneshot_session import OneShotSession
 
-from tilesparse.commands.common import quiet_libraries
-from tilesparse.evaluation import evaluate_text
 from tilesparse.io import apply_masks
 from tilesparse.masks.tiles import DENSE
-from tilesparse.models import find_prunable_linears, load_model
 from tilesparse.pruning import (
     PruneConfig,
-    calibration_ids,
     prune_model,
     scores,
 )
@@ -81,30 +76,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results/tile_structure_cpu.md")
     ap.add_argument("--cache", default="runs/tile_structure/results.json")
     args = ap.parse_args(argv)
-    quiet_libraries()
-    texts = [t for t in args.eval_texts.split(",") if t]
-    cache_path = Path(args.cache)
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-    loaded = load_model(args.model)
-    layers = find_prunable_linears(loaded.model)
-    originals = {l.name: l.weight.detach().clone() for l in layers}
-    calib, calib_desc = calibration_ids(loaded, args.calib_text, args.calib_samples, args.seqlen)
-    cache["_machine"] = machine()
-
-    def evaluate() -> dict:
-        out = {}
-        for t in texts:
-            try:
-                out[t] = evaluate_text(loaded, t, seqlen=args.seqlen, max_windows=args.windows,
-                                       progress=False).perplexity
-            except Exception as e:  # noqa: BLE001 (an optional text that this machine lacks: said, skipped)
-                print(f"  {t}: skipped ({e})", flush=True)
-        return out
+    run = OneShotSession(args, args.cache)
+    cache, texts, loaded, calib, evaluate = run.cache, run.texts, run.loaded, run.calib, run.evaluate
 
     def save():
-        cache_path.write_text(json.dumps(cache, indent=1))
-        write_table(args, cache, texts, calib_desc, loaded.name)
+        run.save()
+        write_table(args, cache, texts, run.calib_desc, loaded.name)
 
     if "dense" not in cache:
         cache["dense"] = {"ppl": evaluate()}
@@ -129,8 +106,7 @@ def main(argv=None) -> int:
                 kinds = {m.name: m.kinds for m in ms if m.kinds is not None}
                 ppl = evaluate()
                 cache[key] = {"ppl": ppl, "sparsity": ms.sparsity(), "seconds": seconds, **mixed_lines(kinds)}
-                for l in layers:
-                    l.set_weight(originals[l.name])
+                run.restore()
                 print(f"{key}: sparsity {ms.sparsity():.4f}, " + ", ".join(f"{t} {v:.2f}" for t, v in ppl.items())
                       + f", {seconds:.0f} s, {mixed_lines(kinds)}", flush=True)
                 save()
