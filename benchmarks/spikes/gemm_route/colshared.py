@@ -56,32 +56,9 @@ def split_columns(K, frac, seed):
 
 
 def spT_func(N, ks, K, M, bm, bn, bk, stages, threads, dt, swz, policy):
-    """``C[M, N] = X[:, :ks] @ A^T`` with A [N, ks] 2:4 (values, TileLang metadata): x read in place (row stride
-    K), the tile written transposed, so that no gather or transpose kernel is needed around it."""
-    import tilelang.language as T
-    from tilelang.language import GemmWarpPolicy as P
-
-    pol = {"sq": P.Square, "row": P.FullRow, "col": P.FullCol}[policy]
-
-    @T.prim_func
-    def main(Ws: T.Tensor((N, ks // 2), dt), E: T.Tensor((N, ks // 16), "int16"), X: T.Tensor((M, K), dt),
-             C: T.Tensor((M, N), dt)):
-        with T.Kernel(T.ceildiv(M, bn), T.ceildiv(N, bm), threads=threads) as (bx, by):
-            A_s = T.alloc_shared((bm, bk // 2), dt)
-            E_s = T.alloc_shared((bm, bk // 16), "int16")
-            B_s = T.alloc_shared((bn, bk), dt)
-            C_l = T.alloc_fragment((bm, bn), "float32")
-            T.use_swizzle(panel_size=swz, enable=swz > 0)
-            T.clear(C_l)
-            for k in T.Pipelined(ks // bk, num_stages=stages):
-                T.copy(Ws[by * bm, k * bk // 2], A_s)
-                T.copy(E[by * bm, k * bk // 16], E_s)
-                T.copy(X[bx * bn, k * bk], B_s)
-                T.gemm_sp(A_s, E_s, B_s, C_l, transpose_A=False, transpose_E=False, transpose_B=True, policy=pol)
-            for i, j in T.Parallel(bm, bn):
-                C[bx * bn + j, by * bm + i] = C_l[i, j]
-
-    return main
+    """``C[M, N] = X[:, :ks] @ A^T`` with A [N, ks] 2:4: x read in place (row stride K), the tile written
+    transposed, so that no gather or transpose kernel is needed around it (``sweep.sp_func``'s options)."""
+    return S_sweep.sp_func(N, ks, M, bm, bn, bk, stages, threads, dt, swz, policy, x_cols=K, store="y")
 
 
 H_TILES = {  # tokens -> [(bm, bn, bk 2:4, bk dense, stages, threads, swizzle, policy)] for cs_func

@@ -27,16 +27,20 @@ TILE = 128
 TM_FRAC = 0.45  # 2:4 tiles of the tile-major hybrid (the 45 % sparsity of a model)
 
 
-def sp_func(N, K, M, bm, bn, bk, stages, threads, dt, swz, policy):
+def sp_func(N, K, M, bm, bn, bk, stages, threads, dt, swz, policy, x_cols=None, store="ct"):
+    """All-2:4 ``T.gemm_sp``: A [N, K] 2:4 (values, TileLang metadata) times the first K columns of X [M, x_cols]
+    (``x_cols``: K by default; wider when x is read in place); ``store`` "ct": C = y^T [N, M], "y": y [M, N] by a
+    transposed store of the accumulator."""
     import tilelang.language as T
     from tilelang.language import GemmWarpPolicy as P
 
     pol = {"sq": P.Square, "row": P.FullRow, "col": P.FullCol}[policy]
     nk = K // bk
+    cshape = (M, N) if store == "y" else (N, M)
 
     @T.prim_func
-    def main(Ws: T.Tensor((N, K // 2), dt), E: T.Tensor((N, K // 16), "int16"), X: T.Tensor((M, K), dt),
-             C: T.Tensor((N, M), dt)):
+    def main(Ws: T.Tensor((N, K // 2), dt), E: T.Tensor((N, K // 16), "int16"), X: T.Tensor((M, x_cols or K), dt),
+             C: T.Tensor(cshape, dt)):
         with T.Kernel(T.ceildiv(M, bn), T.ceildiv(N, bm), threads=threads) as (bx, by):
             A_s = T.alloc_shared((bm, bk // 2), dt)
             E_s = T.alloc_shared((bm, bk // 16), "int16")
@@ -49,7 +53,11 @@ def sp_func(N, K, M, bm, bn, bk, stages, threads, dt, swz, policy):
                 T.copy(E[by * bm, k * bk // 16], E_s)
                 T.copy(X[bx * bn, k * bk], B_s)
                 T.gemm_sp(A_s, E_s, B_s, C_l, transpose_A=False, transpose_E=False, transpose_B=True, policy=pol)
-            T.copy(C_l, C[by * bm, bx * bn])
+            if store == "y":
+                for i, j in T.Parallel(bm, bn):
+                    C[bx * bn + j, by * bm + i] = C_l[i, j]
+            else:
+                T.copy(C_l, C[by * bm, bx * bn])
 
     return main
 
