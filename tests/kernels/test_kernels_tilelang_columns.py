@@ -1,0 +1,142 @@
+"""The TileLang route of column-shared layers (:mod:`tilesparse.kernels.tilelang_columns`) on the CPU:
+
+* which layers it takes, and that its views of the packed tensors (the 2:4 values, the metadata read as TileLang's
+  int16 words, the dense columns, the tile-column tables) compute the layer exactly (float64 against the packed
+  reference);
+* that the dispatcher offers it only on a device that can run it, and that a compiled model's route asks for it;
+* both kernels lowered to CUDA for sm_90a by TileLang (skipped without TileLang): 2:4 steps on ``wgmma.sp``, every
+  weight and x copy a TMA copy of the producer warps (no x element loaded by the consumers).
+
+On an H100 ``benchmarks/columns_speed.py`` runs the kernels against float64 (every candidate, odd token counts,
+all-2:4 layers, an odd count of 2:4 tile-columns, a bias) and times them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tilesparse.kernels import ops
+from tilesparse.kernels import tilelang_columns as tc
+from tilesparse.kernels.format import pack, pack_from_kinds
+from tilesparse.kernels.reference import reference_linear_f64
+from tilesparse.masks.nm import topk_mask
+from tilesparse.masks.tiles import DENSE, SPARSE, ZERO
+
+
+def column_layer(N, K, sparse_cols, dtype=torch.bfloat16, tile=(128, 128), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    C = -(-K // tile[1])
+    row = torch.full((C,), DENSE, dtype=torch.int8)
+    row[list(sparse_cols)] = SPARSE
+    kinds = row.expand(-(-N // tile[0]), C).contiguous()
+    w = torch.randn(N, K, generator=g).to(dtype)
+    return pack_from_kinds(w, kinds, topk_mask(w.abs().float()), tile)
+
+
+def test_column_split_accepts_only_uniform_columns():
+    k = torch.tensor([[SPARSE, DENSE, SPARSE]] * 3, dtype=torch.int8)
+    assert tc.column_split(k) == ([0, 2], [1])
+    mixed = k.clone()
+    mixed[1, 1] = SPARSE
+    assert tc.column_split(mixed) is None
+    zero = k.clone()
+    zero[:, 1] = ZERO
+    assert tc.column_split(zero) is None
+    assert tc.column_split(torch.full((2, 2), DENSE, dtype=torch.int8)) is None  # nothing for gemm_sp
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,K,cols,tile", [(256, 1024, [0, 3, 5, 6], (128, 128)), (192, 512, [0, 1, 2, 3], (64, 128)),
+                                          (128, 384, [1], (128, 128)), (320, 512, [1, 2], (64, 128))])
+def test_layout_views_compute_the_layer(N, K, cols, tile, dtype):
+    p = column_layer(N, K, cols, dtype, tile)
+    lay = tc.column_layout(p)
+    assert lay is not None and lay.n_sp == len(cols) and lay.n_sp + lay.n_dn == K // tile[1]
+    assert lay.ws.data_ptr() == p.sp_vals.data_ptr() and lay.wd.data_ptr() == p.dn_vals.data_ptr()  # views
+    assert lay.e16.dtype == torch.int16 and tuple(lay.e16.shape) == (N, len(cols) * tile[1] // 16)
+    x = torch.randn(37, K, dtype=torch.float64)
+    ref = reference_linear_f64(x, p)
+    got = tc.reference_columns(x, lay).double()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_layout_is_cached_and_dropped_with_the_layout():
+    p = column_layer(128, 512, [1, 2])
+    assert tc.column_layout(p) is tc.column_layout(p)
+    lay = tc.column_layout(p)
+    p.rebuild_layout()
+    assert tc.column_layout(p) is not lay
+
+
+@pytest.mark.parametrize("case", ["free map", "zero tile", "fp32", "partial tile", "tile 64", "rows"])
+def test_layers_it_does_not_take(case):
+    g = torch.Generator().manual_seed(1)
+    if case == "free map":
+        kinds = torch.tensor([[SPARSE, DENSE], [DENSE, SPARSE]], dtype=torch.int8)
+        w = torch.randn(256, 256, generator=g).bfloat16()
+        p = pack_from_kinds(w, kinds, topk_mask(w.abs().float()), (128, 128))
+    elif case == "zero tile":
+        w = torch.randn(256, 256, generator=g).bfloat16()
+        m = topk_mask(w.abs().float())
+        m[:, 128:] = False
+        p = pack(w, m)
+    elif case == "fp32":
+        p = column_layer(128, 256, [0], torch.float32)
+    elif case == "partial tile":
+        p = column_layer(128, 320, [0])
+    elif case == "tile 64":
+        p = column_layer(128, 256, [0, 1], tile=(128, 64))
+    else:
+        p = column_layer(96, 256, [0], tile=(32, 128))
+    assert tc.column_layout(p) is None
+    assert tc.column_reason(p)
+
+
+def test_dispatcher_offers_it_only_where_it_runs():
+    p = column_layer(256, 1024, [0, 1, 2])
+    assert not any(c.path == "columns" for c in ops.candidate_configs(64, p))  # a CPU layer
+    cands = ops.column_candidates(64) + ops.column_candidates(16) + ops.column_candidates(2048)
+    assert cands and all(c.path == "columns" and c.bm >= 16 for c in cands)
+    assert all(ops._fit(c, p) is None for c in cands)  # no CUDA device here / not on the CPU
+    c = cands[0]
+    assert ops.column_config(c).toks == c.bm and ops.column_config(c).rows == c.bn
+    assert "columns" in c.short()
+
+
+def test_two_column_steps_need_an_even_count():
+    odd = tc.column_layout(column_layer(128, 1024, [0, 2, 5]))
+    even = tc.column_layout(column_layer(128, 1024, [0, 2, 5, 7]))
+    one, two = (tc.ColumnConfig(16, 64, t, 4, 128, False, False) for t in (1, 2))
+    assert tc.fits(odd, one) and not tc.fits(odd, two) and tc.fits(even, two)
+
+
+@pytest.fixture(scope="module")
+def tilelang_target():
+    tilelang = pytest.importorskip("tilelang", reason="TileLang is not installed (pip install tilesparse[tilelang])")
+    from tvm.target import Target
+
+    return tilelang, Target({"kind": "cuda", "arch": "sm_90a"})
+
+
+@pytest.mark.parametrize("kind,params", [
+    ("sparse", (128, 64, 16, 2, 4, 128, "bfloat16", False)),
+    ("sparse", (128, 64, 16, 1, 6, 128, "float16", False)),
+    ("sparse", (128, 128, 256, 1, 2, 256, "bfloat16", True)),
+    ("dense", (128, 64, 16, 4, 128, "bfloat16", False)),
+    ("dense", (64, 128, 128, 3, 256, "float16", True)),
+])
+def test_kernels_lower_for_sm90(tilelang_target, kind, params):
+    tilelang, target = tilelang_target
+    func = (tc.sparse_func if kind == "sparse" else tc.dense_func)(*params)
+    with target:
+        src = tilelang.lower(func, target=target).kernel_source
+    assert ("wgmma_sp" in src) == (kind == "sparse")
+    assert "tma_load(X_desc" in src  # x by TMA from the producer, through the tile-column table
+    assert "X[" not in src  # ... and never element by element
+
+
+def test_compiled_route_on_the_cpu_is_not_columns():
+    from tilesparse.kernels.linear import HybridLinear
+
+    p = column_layer(128, 256, [0])
+    assert HybridLinear._route_in_graph(p) in (None, "unpack")
