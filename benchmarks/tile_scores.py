@@ -6,7 +6,9 @@ Why: the library scores a tile by the density, inside it, of the same method's u
 input columns, so every 128-column block keeps exactly the same share: a tile's density then only says which
 tile-rows kept more inside a block, and the mean down a tile-column is the same number for every column (a column
 map scored so is an exact tie, broken by order: the first layers' columns). Wanda's mask is balanced per row, so
-its column means do carry the input-channel signal. This measures how much the scorer matters.
+its column means do carry the input-channel signal. This measures how much the scorer matters. Two scorers apart
+from any unstructured mask (``wanda-cost``, ``obs-cost``, :func:`cost_scores`) score a tile by what making it 2:4
+would cost, from the dense model's input statistics.
 
 Rows, one model load: dense; for each target sparsity, scorer (``sparsegpt``, ``wanda``, ``magnitude``: the
 density of that method's unstructured mask at the target; ``random``: uniform scores, seeded) and tile map
@@ -34,6 +36,7 @@ from _oneshot_session import OneShotSession
 from _table import write_table as write_table_md
 
 from tilesparse.io import apply_masks
+from tilesparse.masks.nm import topk_mask
 from tilesparse.masks.tiles import DENSE, SPARSE, TileGrid, select_dense_tiles
 from tilesparse.pruning import (
     PruneConfig,
@@ -41,15 +44,60 @@ from tilesparse.pruning import (
     prune_model,
 )
 
-SCORERS = ("sparsegpt", "wanda", "magnitude", "random")
+SCORERS = ("sparsegpt", "wanda", "magnitude", "random", "wanda-cost", "obs-cost")
+COSTS = ("wanda-cost", "obs-cost")
 MAPS = ("free", "columns")
+
+
+def input_hessians(model, layers, calib, batch: int = 4) -> dict[str, torch.Tensor]:
+    """``{layer name: X^T X}`` (float64, ``[in, in]``) of each layer's inputs over the calibration segments, from
+    the dense model (forward hooks; one pass)."""
+    hs = {l.name: torch.zeros(l.in_features, l.in_features, dtype=torch.float64) for l in layers}
+
+    def hook(name):
+        def fn(_mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            hs[name] += x.t() @ x
+        return fn
+
+    handles = [l.module.register_forward_pre_hook(hook(l.name)) for l in layers]
+    try:
+        with torch.no_grad():
+            for i in range(0, calib.shape[0], batch):
+                model(calib[i:i + batch])
+    finally:
+        for h in handles:
+            h.remove()
+    return hs
+
+
+def cost_scores(scorer: str, weight: torch.Tensor, hessian: torch.Tensor, grid: TileGrid) -> torch.Tensor:
+    """Tile scores from what making each tile 2:4 would cost (a high cost keeps it dense), apart from any 2:4
+    method: per weight, Wanda's ``(|w| ||x||)^2`` (``wanda-cost``) or the OBS saliency ``w^2 / [H^-1]_jj``
+    (``obs-cost``, H damped by 1 % of its mean diagonal); summed over the weights a 2:4 mask by the same saliency
+    drops in the tile; divided by the layer's mean tile cost, so that layers of different scales compare."""
+    w = weight.detach().double()
+    d = torch.diagonal(hessian)
+    if scorer == "wanda-cost":
+        sal = w.square() * d[None, :]
+    else:
+        damp = 0.01 * float(d.mean()) + 1e-12
+        hinv = torch.linalg.inv(hessian + damp * torch.eye(len(d), dtype=torch.float64))
+        sal = w.square() / torch.diagonal(hinv)[None, :]
+    dropped = sal * (~topk_mask(sal)).double()
+    cost = grid.reduce_sum(dropped)
+    return cost / cost.mean().clamp_min(1e-30)
 
 
 def tile_map(scorer: str, unstructured, layers, grids, sparsity: float, structure: str, seed: int = 0):
     """``{layer name: int8 kinds}`` at ``sparsity`` from ``scorer`` (``unstructured``: that method's keep-masks)."""
-    if scorer == "random":
-        gen = torch.Generator().manual_seed(seed)
-        scores = [torch.rand(g.shape, generator=gen, dtype=torch.float64) for g in grids]
+    if scorer == "random" or scorer in COSTS:
+        if scorer == "random":
+            gen = torch.Generator().manual_seed(seed)
+            scores = [torch.rand(g.shape, generator=gen, dtype=torch.float64) for g in grids]
+        else:  # (``unstructured``: the input Hessians)
+            scores = [cost_scores(scorer, l.weight, unstructured[l.name], g) if l.in_features % 4 == 0
+                      else torch.zeros(g.shape, dtype=torch.float64) for l, g in zip(layers, grids)]
         allowed = [l.in_features % 4 == 0 for l in layers]
         dense = select_dense_tiles(scores, grids, sparsity, sparse_allowed=allowed, tile_map=structure).dense
         kinds = [torch.where(d, DENSE, SPARSE).to(torch.int8) for d in dense]
@@ -88,7 +136,9 @@ def main(argv=None) -> int:
             if not todo:
                 continue
             unstructured = None
-            if scorer != "random":
+            if scorer in COSTS:
+                unstructured = input_hessians(loaded.model, layers, calib)
+            elif scorer != "random":
                 unstructured = prune_model(loaded.model, calib, PruneConfig(method=scorer, pattern="unstructured",
                                                                             sparsity=s), progress=False)
             for structure in todo:
