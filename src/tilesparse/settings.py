@@ -46,8 +46,8 @@ variable                       default       meaning
                                              kernels' default ``32,32,8``.
 =============================  ============  ========================================================
 
-The on/off switches take exactly ``0`` or ``1``. The candidate switches (``MMA``, ``STREAM``, ``GEMM``, ``TILELANG``) are
-read once, when :mod:`tilesparse.kernels.ops` is imported; the others on every use.
+The on/off switches take exactly ``0`` or ``1``. The candidate switches (``MMA``, ``STREAM``, ``GEMM``,
+``TILELANG``) are read once, when :mod:`tilesparse.kernels.ops` is imported; the others on every use.
 
 :func:`settings` reads all variables now (a fraction of a millisecond); :func:`setting` returns one
 value for code that runs per kernel launch or per layer call: it looks its variable up in the

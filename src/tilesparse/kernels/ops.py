@@ -344,8 +344,8 @@ COLUMNS_CANDIDATES = setting("tilelang")
 def candidate_configs(M: int, packed: PackedHybrid, force_kernel: bool = False) -> list[KernelConfig]:
     """Configurations the autotuner times for ``M`` tokens, each fitted to the layer: at 1-64 tokens the mma
     and stream kernels' candidates that fit, at 16-64 tokens the GEMM's too, from 16 tokens up the TileLang
-    GEMMs of a column-shared layer, above 64 tokens (or where none of those fits) ``"unpack"`` as well; a plain dense layer only ``"dense"`` (``force_kernel``:
-    the kernels' too, for benchmarks)."""
+    GEMMs of a column-shared layer, above 64 tokens (or where none of those fits) ``"unpack"`` as well; a plain
+    dense layer only ``"dense"`` (``force_kernel``: the kernels' too, for benchmarks)."""
     c: list[KernelConfig] = []
     if packed.is_plain_dense():
         if not force_kernel:

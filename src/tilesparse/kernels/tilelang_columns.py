@@ -323,16 +323,15 @@ def fits(layout: ColumnLayout, cfg: ColumnConfig) -> bool:
 
 
 def candidates(M: int) -> list[ColumnConfig]:
-    """The configurations the autotuner times for ``M`` tokens: the tiles that were fastest for ``T.gemm_sp`` on the
-    H100 / H200 at 16, 64, 256 and 2048 tokens (``benchmarks/results/gemm_route_sweep_h200.md``,
-    ``gemm_colshared_h100.md``) and a one-tile-column step beside each two-column one, each with both dense
-    parts."""
-    if M <= 16:
-        tiles = [(16, 64, 2, 4, 128, False), (16, 64, 1, 6, 128, False)]
-    elif M <= 64:
-        t = 32 if M <= 32 else 64
-        tiles = [(t, 64, 2, 4, 128, False), (t, 64, 1, 6, 128, False)]
-    elif M <= 256:
+    """The configurations the autotuner times for ``M`` tokens. From the route spike's fastest ``T.gemm_sp`` tiles
+    at 16, 64, 256 and 2048 tokens (``benchmarks/results/gemm_route_sweep_h200.md``, ``gemm_colshared_h100.md``);
+    at 16-64 tokens only the one that won every measured cell of the library's route on the H200
+    (``results/columns_h200.md``: one tile-column per step, the dense columns by TileLang; two-column steps and
+    cuBLAS for the dense part lost by 2-7 us), above both dense parts (cuBLAS won at 2048 tokens)."""
+    if M <= 64:
+        t = 16 if M <= 16 else 32 if M <= 32 else 64
+        return [ColumnConfig(t, 64, 1, 6, 128, False, False)]
+    if M <= 256:
         tiles = [(128, 128, 1, 3, 256, True), (128, 64, 2, 3, 128, False)]
     else:
         tiles = [(256, 128, 1, 2, 256, True), (128, 256, 1, 2, 256, True)]
