@@ -28,7 +28,7 @@ import torch
 
 from .format import DENSE, SPARSE, PackedHybrid
 
-TILE_WIDTHS = (128,)  # tile widths the kernels take (a step reads one or two tile-columns of x); checked on the H100
+TILE_WIDTHS = (128,)  # tile widths the kernels take (a step reads one or two tile-columns of x); checked on an H200
 _KERNELS: dict = {}
 _FAILED: dict = {}
 
