@@ -15,11 +15,13 @@ from tilesparse.pruning import calibration_ids
 
 
 class OneShotSession:
-    """``args`` come from :func:`_args.add_model_and_calibration`; ``cache`` is the JSON file of finished rows."""
+    """``args`` come from :func:`_args.add_model_and_calibration`; ``cache`` is the JSON file of finished rows;
+    ``write_table(args, cache, texts, calib_desc, model_name)`` rewrites the script's table from them."""
 
-    def __init__(self, args, cache: str):
+    def __init__(self, args, cache: str, write_table):
         quiet_libraries()
         self.args = args
+        self.write_table = write_table
         self.texts = [t for t in args.eval_texts.split(",") if t]
         self.cache_path = Path(cache)
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,4 +50,12 @@ class OneShotSession:
             l.set_weight(self.originals[l.name])
 
     def save(self) -> None:
+        """Write the rows done so far, and the table from them."""
         self.cache_path.write_text(json.dumps(self.cache, indent=1))
+        self.write_table(self.args, self.cache, self.texts, self.calib_desc, self.loaded.name)
+
+    def evaluate_dense(self) -> None:
+        """The dense model's row, once (kept in the cache)."""
+        if "dense" not in self.cache:
+            self.cache["dense"] = {"ppl": self.evaluate()}
+            self.save()

@@ -119,17 +119,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.cache = args.cache or f"runs/tile_scores/results{'_update' if args.update else ''}.json"
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    run = OneShotSession(args, args.cache)
-    cache, texts, loaded, layers, calib, evaluate = run.cache, run.texts, run.loaded, run.layers, run.calib, run.evaluate
+    run = OneShotSession(args, args.cache, write_table)
+    cache, loaded, layers, calib, evaluate = run.cache, run.loaded, run.layers, run.calib, run.evaluate
     grids = [TileGrid(l.out_features, l.in_features, 128, 128) for l in layers]
-
-    def save():
-        run.save()
-        write_table(args, cache, texts, run.calib_desc, loaded.name)
-
-    if "dense" not in cache:
-        cache["dense"] = {"ppl": evaluate()}
-        save()
+    run.evaluate_dense()
     for s in (float(v) for v in args.sparsities.split(",")):
         for scorer in (x for x in args.scorers.split(",") if x):
             todo = [m for m in args.maps.split(",") if m and f"{scorer}|{s:g}|{m}" not in cache]
@@ -154,8 +147,8 @@ def main(argv=None) -> int:
                     "dense_tiles": sum(int((k == DENSE).sum()) for k in kinds.values()), "dense_columns": dense_cols}
                 run.restore()
                 print(scorer, s, structure, cache[f"{scorer}|{s:g}|{structure}"], flush=True)
-                save()
-    save()
+                run.save()
+    run.save()
     return 0
 
 

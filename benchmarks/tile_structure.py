@@ -76,16 +76,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results/tile_structure_cpu.md")
     ap.add_argument("--cache", default="runs/tile_structure/results.json")
     args = ap.parse_args(argv)
-    run = OneShotSession(args, args.cache)
-    cache, texts, loaded, calib, evaluate = run.cache, run.texts, run.loaded, run.calib, run.evaluate
-
-    def save():
-        run.save()
-        write_table(args, cache, texts, run.calib_desc, loaded.name)
-
-    if "dense" not in cache:
-        cache["dense"] = {"ppl": evaluate()}
-        save()
+    run = OneShotSession(args, args.cache, write_table)
+    cache, loaded, calib, evaluate = run.cache, run.loaded, run.calib, run.evaluate
+    run.evaluate_dense()
     for s in (float(v) for v in args.sparsities.split(",")):
         for method in (m for m in args.methods.split(",") if m):
             for structure in STRUCTURES:
@@ -109,8 +102,8 @@ def main(argv=None) -> int:
                 run.restore()
                 print(f"{key}: sparsity {ms.sparsity():.4f}, " + ", ".join(f"{t} {v:.2f}" for t, v in ppl.items())
                       + f", {seconds:.0f} s, {mixed_lines(kinds)}", flush=True)
-                save()
-    save()
+                run.save()
+    run.save()
     return 0
 
 

@@ -10,7 +10,6 @@ from . import ops
 from .format import PackedHybrid, pack, pack_from_kinds
 from .library import OP_TENSORS, hybrid_linear_op, hybrid_unpack_op, register_layer
 from .ops import UNPACK_ABOVE, check_operands, hybrid_linear, interpreting, kernel_supported
-from .tilelang_columns import column_layout
 
 _BUFFERS = tuple(f"packed_{name}" for name in OP_TENSORS)
 
@@ -143,8 +142,7 @@ class HybridLinear(nn.Module):
             return None
         if packed.is_plain_dense():
             return "dense"
-        if ops.COLUMNS_CANDIDATES and packed.device.type == "cuda" and ops.columns_available(packed.device) \
-                and column_layout(packed) is not None:
+        if ops.COLUMNS_CANDIDATES and ops.columns_route(packed):
             return "columns"
         return "unpack" if setting("compiled_unpack") else None
 

@@ -225,11 +225,15 @@ def columns_available(device) -> bool:
     return _COLUMNS_OK[key]
 
 
+def columns_route(packed: PackedHybrid) -> bool:
+    """Whether the column-shared layers' TileLang GEMMs can run ``packed``: a column-shared layer they take, on a
+    CUDA device where TileLang runs (whether they are offered is :data:`COLUMNS_CANDIDATES`)."""
+    return (packed.device.type == "cuda" and columns_available(packed.device)
+            and _tc.column_layout(packed) is not None)
+
+
 def _fit_columns(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
-    if not columns_available(packed.device):
-        return None
-    layout = _tc.column_layout(packed)
-    if layout is None or not _tc.fits(layout, column_config(cfg)):
+    if not columns_route(packed) or not _tc.fits(_tc.column_layout(packed), column_config(cfg)):
         return None
     return dataclasses.replace(cfg, split=1, pref=0, xt=0)
 
@@ -357,7 +361,7 @@ def candidate_configs(M: int, packed: PackedHybrid, force_kernel: bool = False) 
         c += stream_candidates(M)
     if 16 <= M <= 64 and GEMM_CANDIDATES and _cm.available(packed.device):
         c += gemm_candidates(M)
-    if M >= 16 and COLUMNS_CANDIDATES and packed.device.type == "cuda" and _tc.column_layout(packed) is not None:
+    if M >= 16 and COLUMNS_CANDIDATES and columns_route(packed):
         c += column_candidates(M)
     out, seen = [], set()
     for cfg in c:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .format import DENSE, SPARSE, PackedHybrid
+from .format import DENSE, SPARSE, PackedHybrid, kept_positions
 
 TILE_WIDTHS = (128,)  # tile widths the kernels take (a step reads one or two tile-columns of x); checked on an H200
 _KERNELS: dict = {}
@@ -133,9 +133,7 @@ def reference_columns(x2: torch.Tensor, layout: ColumnLayout) -> torch.Tensor:
     N = layout.ws.shape[0]
     tw = layout.tile_width
     ks = layout.n_sp * tw
-    e = layout.e16.view(torch.uint8).to(torch.int64)
-    nib = torch.stack([e & 15, e >> 4], dim=-1).reshape(N, ks // 4)
-    pos = torch.stack([nib & 3, nib >> 2], dim=-1)  # [N, G, 2]
+    pos = kept_positions(layout.e16.view(torch.uint8).reshape(-1), 0, ks // 8, N, ks).to(x2.device)  # [N, G, 2]
     w_sp = torch.zeros(N, ks // 4, 4, dtype=torch.float32, device=x2.device)
     w_sp.scatter_(2, pos, layout.ws.float().view(N, ks // 4, 2))
     sp_idx = (layout.sp_tc.long()[:, None] * tw + torch.arange(tw, device=x2.device)[None, :]).reshape(-1)
@@ -224,6 +222,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
 
 
+def _func(kind: str, params: tuple):
+    """The TileLang program of kernel ``kind`` ("sparse" or "dense") with the builder's arguments ``params``."""
+    return (sparse_func if kind == "sparse" else dense_func)(*params)
+
+
 def kernel(kind: str, params: tuple):
     """The compiled kernel ``kind`` ("sparse" or "dense") with ``params`` (the builder's arguments), compiled once
     per process (TileLang keeps its own disk cache); a configuration that failed to compile raises again at once."""
@@ -235,9 +238,8 @@ def kernel(kind: str, params: tuple):
         raise RuntimeError(_FAILED[key])
     import tilelang
 
-    func = (sparse_func if kind == "sparse" else dense_func)(*params)
     try:
-        k = tilelang.compile(func, out_idx=None, target="cuda")
+        k = tilelang.compile(_func(kind, params), out_idx=None, target="cuda")
     except Exception as e:  # recorded and re-raised as one line
         _FAILED[key] = f"TileLang could not compile the {kind} kernel {params}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         raise RuntimeError(_FAILED[key]) from e
@@ -265,7 +267,7 @@ def precompile(keys, workers: int | None = None) -> int:
     todo = [k for k in dict.fromkeys(keys) if k not in _KERNELS and k not in _FAILED]
     if len(todo) < 2:
         return 0
-    funcs = [(sparse_func if kind == "sparse" else dense_func)(*params) for kind, params in todo]
+    funcs = [_func(kind, params) for kind, params in todo]
     try:
         built = tilelang.par_compile(funcs, num_workers=workers or min(16, os.cpu_count() or 4), ignore_error=True,
                                      out_idx=None, target="cuda")
