@@ -3,9 +3,11 @@ cuBLAS on the masked weight, with the bytes each moves.
 
     PYTHONPATH=src:benchmarks python3 benchmarks/columns_parts.py [--dense-cols 6] [--tokens 16,64]
 
-Layers: LLaMA-2-7B's 4096x11008 and 11008x4096 with all but ``--dense-cols`` tile-columns 2:4; one configuration
-(16 or 64 tokens x 64 rows per block, one tile-column per step, 6 stages: the fastest of ``columns_speed.py`` at
-16-64 tokens). Times: ``ops.time_cold`` (CUDA graphs, L2 flushed, median).
+Layers: LLaMA-2-7B's 4096x11008 and 11008x4096 with all but ``--dense-cols`` tile-columns 2:4; the 16-64-token
+configuration (16 or 64 tokens x 64 rows per block, one tile-column per step, 6 stages) with the 2:4 steps in
+``--splits`` ranges (split-K: the dense kernel sums the partials) and ``--blocks-per-sm`` resident 2:4 blocks asked
+of ``nvcc``. Each variant's layer output is checked against float64 first. Times: ``ops.time_cold`` (CUDA graphs,
+L2 flushed, median).
 """
 
 from __future__ import annotations
@@ -13,36 +15,52 @@ from __future__ import annotations
 import argparse
 
 import torch
-from columns_speed import column_packed
+from columns_speed import TOL, column_packed
 
 from tilesparse.kernels import ops
 from tilesparse.kernels import tilelang_columns as tc
+from tilesparse.kernels.reference import rel_error
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dense-cols", type=int, default=6)
     ap.add_argument("--tokens", default="16,64")
+    ap.add_argument("--splits", default="1,2")
+    ap.add_argument("--blocks-per-sm", default="1")
+    ap.add_argument("--shapes", default="4096x11008,11008x4096", help="out x in, comma-separated")
     a = ap.parse_args()
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print("| shape | tokens | 2:4 / dense tile-columns | both kernels us | gemm_sp alone us (MB, TB/s) | "
-          "dense part alone us (MB) | cuBLAS us (MB, TB/s) |")
-    print("|---|---|---|---|---|---|---|")
-    for N, K in ((4096, 11008), (11008, 4096)):
+    print("| shape | tokens | 2:4 / dense tile-columns | splits | 2:4 blocks per SM | error | both kernels us | "
+          "gemm_sp alone us (MB, TB/s) | dense part alone us (MB) | cuBLAS us (MB, TB/s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    bad = 0
+    combos = [(int(v), int(s), int(o)) for v in a.tokens.split(",") for s in a.splits.split(",")
+              for o in a.blocks_per_sm.split(",")]
+    tc.precompile([k for M, z, b in combos for k in tc.kernel_params(
+        tc.ColumnConfig(M, 64, 1, 6, 128, False, False, splits=z, blocks_per_sm=b), 128, torch.bfloat16)])
+    for N, K in (tuple(int(d) for d in v.split("x")) for v in a.shapes.split(",")):
         p = column_packed(N, K, 0, 7, n_sp=K // 128 - a.dense_cols)
         lay = tc.column_layout(p)
         w = p.unpack().to(p.dtype)
-        for M in (int(v) for v in a.tokens.split(",")):
-            keys = tc.kernel_params(tc.ColumnConfig(M, 64, 1, 6, 128, False, False), 128, p.dtype)
+        for M, z, b in combos:
+            cfg = tc.ColumnConfig(M, 64, 1, 6, 128, False, False, splits=z, blocks_per_sm=b)
+            keys = tc.kernel_params(cfg, 128, p.dtype)
             sp, dn = tc.kernel(*keys[0]), tc.kernel(*keys[1])
             x = torch.randn(M, K, device="cuda", dtype=p.dtype)
+            y_chk = torch.empty(M, N, device="cuda", dtype=p.dtype)
+            tc.prepare(lay, cfg, p.dtype)(x, y_chk)
+            err = rel_error(y_chk, x.double() @ w.double().T)
+            bad += err >= TOL
             y = torch.empty(M, N, device="cuda", dtype=p.dtype)
+            part = torch.empty(z, M, N, device="cuda", dtype=torch.float32)
+            sp_out, dn_out = (y, (y,)) if z == 1 else (part, (part, y))
 
-            def run_sp(x=x, y=y, sp=sp, lay=lay):
-                sp(lay.ws, lay.e16, lay.sp_tc, x, y)
+            def run_sp(x=x, sp=sp, lay=lay, o=sp_out):
+                sp(lay.ws, lay.e16, lay.sp_tc, x, o)
 
-            def run_dn(x=x, y=y, dn=dn, lay=lay):
-                dn(lay.wd, lay.dn_tc, x, y)
+            def run_dn(x=x, dn=dn, lay=lay, o=dn_out):
+                dn(lay.wd, lay.dn_tc, x, *o)
 
             def run_both(run_sp=run_sp, run_dn=run_dn):
                 run_sp()
@@ -51,10 +69,11 @@ def main() -> int:
             t_all, t_sp, t_dn = (ops.time_cold(f, x.device) for f in (run_both, run_sp, run_dn))
             t_d = ops.time_cold(lambda x=x, w=w: torch.nn.functional.linear(x, w), x.device)
             sb, db, wb = (lay.ws.numel() + lay.e16.numel()) * 2, lay.wd.numel() * 2, N * K * 2
-            print(f"| {N}x{K} | {M} | {lay.n_sp} / {lay.n_dn} | {t_all * 1e3:.1f} | {t_sp * 1e3:.1f} "
+            print(f"| {N}x{K} | {M} | {lay.n_sp} / {lay.n_dn} | {z} | {b} | {err:.1e} | {t_all * 1e3:.1f} | {t_sp * 1e3:.1f} "
                   f"({sb / 1e6:.1f}, {sb / t_sp / 1e9:.2f}) | {t_dn * 1e3:.1f} ({db / 1e6:.1f}) | "
                   f"{t_d * 1e3:.1f} ({wb / 1e6:.1f}, {wb / t_d / 1e9:.2f}) |", flush=True)
-    return 0
+    print(f"checks: {bad} failed")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -110,6 +110,19 @@ def test_two_column_steps_need_an_even_count():
     assert tc.fits(odd, one) and not tc.fits(odd, two) and tc.fits(even, two)
 
 
+def test_split_k_needs_one_column_steps_tilelang_dense_and_dense_columns():
+    lay = tc.column_layout(column_layer(128, 2048, [0, 1, 2, 3, 4, 5, 6, 7, 9]))  # 9 2:4 columns, 7 dense
+    all24 = tc.column_layout(column_layer(128, 2048, list(range(16))))
+    split = tc.ColumnConfig(16, 64, 1, 6, 128, False, False, splits=4)
+    assert tc.fits(lay, split) and not tc.fits(all24, split)  # no dense kernel to sum the partials
+    assert not tc.fits(lay, tc.ColumnConfig(16, 64, 1, 6, 128, False, True, splits=2))  # cuBLAS dense part
+    assert not tc.fits(lay, tc.ColumnConfig(16, 64, 2, 6, 128, False, False, splits=2))
+    assert not tc.fits(tc.column_layout(column_layer(128, 2048, [0, 1, 2])), split)  # under two steps a range
+    assert any(c.splits > 1 for c in tc.candidates(16))
+    keys = tc.kernel_params(split, 128, torch.bfloat16)
+    assert [k[0] for k in keys] == ["sparse", "dense"] and keys[0][1][-2:] == (4, 1) and keys[1][1][-1] == 4
+
+
 @pytest.fixture(scope="module")
 def tilelang_target():
     tilelang = pytest.importorskip("tilelang", reason="TileLang is not installed (pip install tilesparse[tilelang])")
@@ -133,6 +146,32 @@ def test_kernels_lower_for_sm90(tilelang_target, kind, params):
     assert ("wgmma_sp" in src) == (kind == "sparse")
     assert "tma_load(X_desc" in src  # x by TMA from the producer, through the tile-column table
     assert "X[" not in src  # ... and never element by element
+
+
+@pytest.mark.parametrize("kind,params", [
+    ("sparse", (128, 64, 16, 1, 6, 128, "bfloat16", False, 2)),
+    ("dense", (128, 64, 16, 6, 128, "bfloat16", False, 4)),
+])
+def test_split_k_kernels_lower_for_sm90(tilelang_target, kind, params):
+    tilelang, target = tilelang_target
+    func = (tc.sparse_func if kind == "sparse" else tc.dense_func)(*params)
+    with target:
+        src = tilelang.lower(func, target=target).kernel_source
+    assert "tma_load(X_desc" in src and "X[" not in src
+    assert "Part[" in src  # the 2:4 kernel writes fp32 partials, the dense kernel reads them
+    if kind == "sparse":
+        assert "wgmma_sp" in src and "tma_load(Ws_desc" in src  # a range past the last step: TMA zero-fills
+        assert "blockIdx.z" in src and "TC[min(" in src  # ... and its table index is clamped
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_two_blocks_per_sm_bound_the_registers(tilelang_target, splits):
+    tilelang, target = tilelang_target
+    func = tc.sparse_func(128, 64, 16, 1, 6, 128, "bfloat16", False, splits, 2)
+    with target:
+        src = tilelang.lower(func, target=target).kernel_source
+    assert "__launch_bounds__(256, 2)" in src and "reg_alloc" not in src  # nvcc's registers, no setmaxnreg
+    assert "tma_load(X_desc" in src and "X[" not in src
 
 
 def test_compiled_route_on_the_cpu_is_not_columns():

@@ -83,7 +83,7 @@ class KernelConfig:
     xt: int = 0  # stream: x loaded per tile ([BM, T, TILE_C]) instead of per position
     # path "columns" (:class:`.tilelang_columns.ColumnConfig`): ``bm`` tokens and ``bn`` weight rows per block,
     # ``nit`` tile-columns per 2:4 step, ``ts`` stages, ``warps`` x 32 threads, ``mode`` 1 = square warp policy
-    # (0: full rows), ``td`` 1 = the dense columns by cuBLAS (0: TileLang).
+    # (0: full rows), ``td`` 1 = the dense columns by cuBLAS (0: TileLang), ``split`` ranges of the 2:4 steps.
 
     def short(self) -> str:
         if self.path == "mma":
@@ -94,7 +94,8 @@ class KernelConfig:
             return f"gemm bm{self.bm} bn{self.bn} w{self.warps}x{self.nit} s{self.split} n{self.ts}"
         if self.path == "columns":
             return (f"columns bm{self.bm} bn{self.bn} k{self.nit} n{self.ts} w{self.warps}"
-                    f"{' sq' if self.mode else ''} {'cublas' if self.td else 'tl'}")
+                    f"{' sq' if self.mode else ''} {'cublas' if self.td else 'tl'}"
+                    + (f" s{self.split}" if self.split > 1 else ""))
         if self.path == "stream":
             m = {0: "fma", 1: "dot", 2: "dotasm"}.get(self.mode, str(self.mode))
             return (f"stream-{m} bm{self.bm} bn{self.bn} ts{self.ts} td{self.td} s{self.split} "
@@ -205,13 +206,13 @@ def _fit_gemm(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
 def column_config(cfg: KernelConfig) -> _tc.ColumnConfig:
     """The :class:`.tilelang_columns.ColumnConfig` a ``"columns"`` :class:`KernelConfig` stands for."""
     return _tc.ColumnConfig(toks=cfg.bm, rows=cfg.bn, tpk=cfg.nit, stages=cfg.ts, threads=32 * cfg.warps,
-                            square=bool(cfg.mode), dense_cublas=bool(cfg.td))
+                            square=bool(cfg.mode), dense_cublas=bool(cfg.td), splits=cfg.split)
 
 
 def column_candidates(M: int) -> list[KernelConfig]:
     """The TileLang column GEMMs' candidates for ``M >= 16`` tokens (:func:`.tilelang_columns.candidates`)."""
     return [KernelConfig("columns", mode=int(c.square), bm=c.toks, bn=c.rows, warps=c.threads // 32, ts=c.stages,
-                         nit=c.tpk, td=int(c.dense_cublas)) for c in _tc.candidates(M)]
+                         nit=c.tpk, td=int(c.dense_cublas), split=c.splits) for c in _tc.candidates(M)]
 
 
 _COLUMNS_OK: dict = {}
@@ -235,7 +236,7 @@ def columns_route(packed: PackedHybrid) -> bool:
 def _fit_columns(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
     if not columns_route(packed) or not _tc.fits(_tc.column_layout(packed), column_config(cfg)):
         return None
-    return dataclasses.replace(cfg, split=1, pref=0, xt=0)
+    return dataclasses.replace(cfg, pref=0, xt=0)
 
 
 def gemm_candidates(M: int) -> list[KernelConfig]:

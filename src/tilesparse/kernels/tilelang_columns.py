@@ -7,7 +7,8 @@ metadata ``T.gemm_sp`` takes for 16-bit operands (four groups per int16, ``p0 | 
 little-endian machine), and ``dn_vals`` is the ``[out, kd]`` matrix of its dense columns. So the layer runs as two
 GEMMs over views of the stored tensors, with no copy:
 
-1. ``y = x[:, S] @ W_S^T`` by ``T.gemm_sp`` (:func:`sparse_func`), and
+1. ``y = x[:, S] @ W_S^T`` by ``T.gemm_sp`` (:func:`sparse_func`; or, split over K, fp32 partials that step 2
+   starts from), and
 2. ``y += x[:, D] @ W_D^T``, by a TileLang GEMM (:func:`dense_func`) or by a gather of x's dense columns and
    cuBLAS ``addmm``.
 
@@ -144,10 +145,17 @@ def reference_columns(x2: torch.Tensor, layout: ColumnLayout) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- kernels
-def sparse_func(tw: int, rows: int, toks: int, tpk: int, stages: int, threads: int, dtype: str, square: bool):
+def sparse_func(tw: int, rows: int, toks: int, tpk: int, stages: int, threads: int, dtype: str, square: bool,
+                splits: int = 1, blocks_per_sm: int = 1):
     """``Y[m, n] = X[:, S] @ A^T``: ``A`` the ``[n, ks]`` 2:4 matrix (values ``[n, ks / 2]``, metadata int16
     ``[n, ks / 16]``), ``S`` the columns of the tile-columns ``TC`` (width ``tw``), ``tpk`` tile-columns per step;
-    a block owns ``rows`` weight rows and ``toks`` tokens and writes its tile of ``Y`` transposed."""
+    a block owns ``rows`` weight rows and ``toks`` tokens and writes its tile of ``Y`` transposed. With ``splits``
+    above 1 (:func:`sparse_split_func`) the steps are cut into that many ranges and each writes fp32 partials.
+    ``blocks_per_sm`` above 1 asks ``nvcc`` for that many resident blocks per SM (``__launch_bounds__``) and leaves
+    the warp groups' registers as ``nvcc`` allocates them (no ``setmaxnreg``, which would ask for more than two
+    blocks hold)."""
+    if splits > 1:
+        return sparse_split_func(tw, rows, toks, stages, threads, dtype, square, splits, blocks_per_sm)
     import tilelang.language as T
     from tilelang.language import GemmWarpPolicy as P
 
@@ -160,6 +168,9 @@ def sparse_func(tw: int, rows: int, toks: int, tpk: int, stages: int, threads: i
     def main(Ws: T.Tensor((n, h), dtype), E: T.Tensor((n, he), "int16"), TC: T.Tensor((nsteps,), "int32"),
              X: T.Tensor((m, k), dtype), Y: T.Tensor((m, n), dtype)):
         with T.Kernel(T.ceildiv(m, toks), T.ceildiv(n, rows), threads=threads) as (bx, by):
+            if blocks_per_sm > 1:
+                T.annotate_min_blocks_per_sm(blocks_per_sm)
+                T.no_set_max_nreg()
             # one buffer set per tile-column of a step: each x copy is then a whole-buffer (TMA) copy that the
             # producer issues with the weights' copies (written out: the builder turns Python loops into TIR loops)
             A0 = T.alloc_shared((rows, tw // 2), dtype)
@@ -188,15 +199,78 @@ def sparse_func(tw: int, rows: int, toks: int, tpk: int, stages: int, threads: i
     return main
 
 
-def dense_func(tw: int, rows: int, toks: int, stages: int, threads: int, dtype: str, square: bool):
+def sparse_split_func(tw: int, rows: int, toks: int, stages: int, threads: int, dtype: str, square: bool,
+                      splits: int, blocks_per_sm: int = 1):
+    """``P[z, m, n] = X[:, S_z] @ A_z^T`` in fp32: split-K of :func:`sparse_func` (one tile-column per step) over
+    ``splits`` blocks per output tile, so that a layer with few row blocks still fills the GPU. Block ``z`` runs
+    steps ``z * per .. (z + 1) * per - 1`` (``per = ceil(nsteps / splits)``); a step past the last reads its
+    weights out of bounds, which TMA fills with zeros, and its x at the last tile-column (a table index clamped,
+    never read past). :func:`dense_func` with the same ``splits`` sums the partials."""
+    import tilelang.language as T
+    from tilelang.language import GemmWarpPolicy as P
+
+    m, n, k, h, he = T.dynamic("m, n, k, h, he")
+    nsteps = T.dynamic("nsteps")
+    pol = P.Square if square else P.FullRow
+
+    @T.prim_func
+    def main(Ws: T.Tensor((n, h), dtype), E: T.Tensor((n, he), "int16"), TC: T.Tensor((nsteps,), "int32"),
+             X: T.Tensor((m, k), dtype), Part: T.Tensor((splits, m, n), "float32")):
+        with T.Kernel(T.ceildiv(m, toks), T.ceildiv(n, rows), splits, threads=threads) as (bx, by, bz):
+            if blocks_per_sm > 1:
+                T.annotate_min_blocks_per_sm(blocks_per_sm)
+                T.no_set_max_nreg()
+            A0 = T.alloc_shared((rows, tw // 2), dtype)
+            E0 = T.alloc_shared((rows, tw // 16), "int16")
+            B0 = T.alloc_shared((toks, tw), dtype)
+            C_l = T.alloc_fragment((rows, toks), "float32")
+            T.clear(C_l)
+            for s in T.Pipelined(T.ceildiv(nsteps, splits), num_stages=stages):
+                T.copy(Ws[by * rows, (bz * T.ceildiv(nsteps, splits) + s) * (tw // 2)], A0)
+                T.copy(E[by * rows, (bz * T.ceildiv(nsteps, splits) + s) * (tw // 16)], E0)
+                T.copy(X[bx * toks, TC[T.min(bz * T.ceildiv(nsteps, splits) + s, nsteps - 1)] * tw], B0)
+                T.gemm_sp(A0, E0, B0, C_l, transpose_A=False, transpose_E=False, transpose_B=True, policy=pol)
+            for i, j in T.Parallel(rows, toks):
+                if bx * toks + j < m:
+                    Part[bz, bx * toks + j, by * rows + i] = C_l[i, j]
+
+    return main
+
+
+def dense_func(tw: int, rows: int, toks: int, stages: int, threads: int, dtype: str, square: bool,
+               splits: int = 1):
     """``Y[m, n] += X[:, D] @ W^T``: ``W`` the ``[n, kd]`` dense columns, ``D`` the columns of the tile-columns
-    ``TC``, one tile-column per step; the block's tile of ``Y`` is read first (fp32 accumulation from it)."""
+    ``TC``, one tile-column per step; the block's tile of ``Y`` is read first (fp32 accumulation from it). With
+    ``splits`` above 1 it starts from the sum of the 2:4 kernel's fp32 partials ``[splits, m, n]`` instead."""
     import tilelang.language as T
     from tilelang.language import GemmWarpPolicy as P
 
     m, n, k, kd = T.dynamic("m, n, k, kd")
     nsteps = T.dynamic("nsteps")
     pol = P.Square if square else P.FullRow
+    if splits > 1:
+        @T.prim_func
+        def summed(W: T.Tensor((n, kd), dtype), TC: T.Tensor((nsteps,), "int32"), X: T.Tensor((m, k), dtype),
+                   Part: T.Tensor((splits, m, n), "float32"), Y: T.Tensor((m, n), dtype)):
+            with T.Kernel(T.ceildiv(m, toks), T.ceildiv(n, rows), threads=threads) as (bx, by):
+                A_s = T.alloc_shared((rows, tw), dtype)
+                B_s = T.alloc_shared((toks, tw), dtype)
+                C_l = T.alloc_fragment((rows, toks), "float32")
+                for i, j in T.Parallel(rows, toks):
+                    C_l[i, j] = T.if_then_else(bx * toks + j < m, Part[0, bx * toks + j, by * rows + i], 0)
+                for z in T.serial(1, splits):
+                    for i, j in T.Parallel(rows, toks):
+                        if bx * toks + j < m:
+                            C_l[i, j] += Part[z, bx * toks + j, by * rows + i]
+                for s in T.Pipelined(nsteps, num_stages=stages):
+                    T.copy(W[by * rows, s * tw], A_s)
+                    T.copy(X[bx * toks, TC[s] * tw], B_s)
+                    T.gemm(A_s, B_s, C_l, transpose_A=False, transpose_B=True, policy=pol)
+                for i, j in T.Parallel(rows, toks):
+                    if bx * toks + j < m:
+                        Y[bx * toks + j, by * rows + i] = C_l[i, j]
+
+        return summed
 
     @T.prim_func
     def main(W: T.Tensor((n, kd), dtype), TC: T.Tensor((nsteps,), "int32"), X: T.Tensor((m, k), dtype),
@@ -250,9 +324,11 @@ def kernel(kind: str, params: tuple):
 def kernel_params(cfg: "ColumnConfig", tile_width: int, dtype: torch.dtype) -> list[tuple[str, tuple]]:
     """The ``(kind, params)`` of the kernels ``cfg`` launches (the dense one only where TileLang runs it)."""
     dt = _dtype_name(dtype)
-    out = [("sparse", (tile_width, cfg.rows, cfg.toks, cfg.tpk, cfg.stages, cfg.threads, dt, cfg.square))]
+    out = [("sparse", (tile_width, cfg.rows, cfg.toks, cfg.tpk, cfg.stages, cfg.threads, dt, cfg.square,
+                       cfg.splits, cfg.blocks_per_sm))]
     if not cfg.dense_cublas:
-        out.append(("dense", (tile_width, cfg.rows, cfg.toks, cfg.stages, cfg.threads, dt, cfg.square)))
+        out.append(("dense", (tile_width, cfg.rows, cfg.toks, cfg.stages, cfg.threads, dt, cfg.square,
+                              cfg.splits)))
     return out
 
 
@@ -284,8 +360,10 @@ def precompile(keys, workers: int | None = None) -> int:
 @dataclass(frozen=True)
 class ColumnConfig:
     """One way to run the two GEMMs: ``toks`` tokens and ``rows`` weight rows per block, ``tpk`` tile-columns per
-    2:4 step, ``stages`` pipeline stages, ``threads`` per block, ``square`` warp policy (else full rows), and the
-    dense part by TileLang (``dense_cublas`` false) or by a gather of x's dense columns and cuBLAS."""
+    2:4 step, ``stages`` pipeline stages, ``threads`` per block, ``square`` warp policy (else full rows), the
+    dense part by TileLang (``dense_cublas`` false) or by a gather of x's dense columns and cuBLAS, the 2:4 steps
+    cut into ``splits`` ranges (split-K: fp32 partials that the TileLang dense kernel sums), and
+    ``blocks_per_sm`` resident 2:4 blocks per SM asked of ``nvcc`` (see :func:`sparse_func`)."""
 
     toks: int
     rows: int
@@ -294,6 +372,8 @@ class ColumnConfig:
     threads: int
     square: bool
     dense_cublas: bool
+    splits: int = 1
+    blocks_per_sm: int = 1
 
 
 def prepare(layout: ColumnLayout, cfg: ColumnConfig, dtype: torch.dtype):
@@ -311,6 +391,12 @@ def prepare(layout: ColumnLayout, cfg: ColumnConfig, dtype: torch.dtype):
             out.addmm_(x2.index_select(1, dn_idx), wdt)
         return run
     dn = kernel(*keys[1])
+    if cfg.splits > 1:
+        def run_split(x2, out):
+            part = torch.empty((cfg.splits, x2.shape[0], out.shape[1]), dtype=torch.float32, device=x2.device)
+            sp(ws, e16, sp_tc, x2, part)
+            dn(wd, dn_tc, x2, part, out)
+        return run_split
 
     def run(x2, out):
         sp(ws, e16, sp_tc, x2, out)
@@ -320,21 +406,27 @@ def prepare(layout: ColumnLayout, cfg: ColumnConfig, dtype: torch.dtype):
 
 def fits(layout: ColumnLayout, cfg: ColumnConfig) -> bool:
     """Whether ``cfg`` can run this layer (two tile-columns per step need an even count of 2:4 tile-columns;
-    shared memory is checked when the kernel compiles and launches)."""
+    split-K needs one tile-column per step, at least two steps per range and dense columns for the TileLang
+    dense kernel that sums the partials; shared memory is checked when the kernel compiles and launches)."""
+    if cfg.splits > 1 and (cfg.tpk != 1 or cfg.dense_cublas or not layout.n_dn or layout.n_sp < 2 * cfg.splits):
+        return False
     return layout.n_sp % cfg.tpk == 0 and layout.tile_width * cfg.tpk <= 256
 
 
 def candidates(M: int) -> list[ColumnConfig]:
     """The configurations the autotuner times for ``M`` tokens. From the route spike's fastest ``T.gemm_sp`` tiles
-    at 16, 64, 256 and 2048 tokens (``benchmarks/results/gemm_route_sweep_h200.md``, ``gemm_colshared_h100.md``);
-    at 16-64 tokens only the one that won every measured cell of the library's route on the H200
-    (``results/columns_h200.md``: one tile-column per step, the dense columns by TileLang; two-column steps and
-    cuBLAS for the dense part lost by 2-7 us), above both dense parts (cuBLAS won at 2048 tokens)."""
+    at 16, 64, 256 and 2048 tokens (``benchmarks/results/gemm_route_sweep_h200.md``, ``gemm_colshared_h100.md``)
+    and the library route's own measurements (``results/columns_h200.md``, ``columns_split_h100.md``): at 16-64
+    tokens blocks of 64 rows, one tile-column per step, the dense columns by TileLang, the 2:4 steps in 1 or 2
+    ranges (split-K won where 4096 rows make only 64 blocks; 4 ranges won no cell); at 65-256 tokens also
+    64-token blocks (they won at 128 tokens on 4096-row layers); above, both dense parts (cuBLAS won at 2048
+    tokens). Two tile-columns per step lost every cell on the H200 and asked for more shared memory than the
+    H100 gives at 128 x 64: no candidate uses them."""
     if M <= 64:
         t = 16 if M <= 16 else 32 if M <= 32 else 64
-        return [ColumnConfig(t, 64, 1, 6, 128, False, False)]
+        return [ColumnConfig(t, 64, 1, 6, 128, False, False, splits=z) for z in (1, 2)]
     if M <= 256:
-        tiles = [(128, 128, 1, 3, 256, True), (128, 64, 2, 3, 128, False)]
-    else:
-        tiles = [(256, 128, 1, 2, 256, True), (128, 256, 1, 2, 256, True)]
+        return ([ColumnConfig(128, 128, 1, 3, 256, True, c) for c in (False, True)]
+                + [ColumnConfig(64, 64, 1, 6, 128, False, False)])
+    tiles = [(256, 128, 1, 2, 256, True), (128, 256, 1, 2, 256, True)]
     return [ColumnConfig(*t, dense_cublas=c) for t in tiles for c in (False, True)]
