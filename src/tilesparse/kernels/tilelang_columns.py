@@ -248,6 +248,17 @@ def dense_func(tw: int, rows: int, toks: int, stages: int, threads: int, dtype: 
     m, n, k, kd = T.dynamic("m, n, k, kd")
     nsteps = T.dynamic("nsteps")
     pol = P.Square if square else P.FullRow
+
+    @T.macro
+    def steps_and_store(W, TC, X, Y, A_s, B_s, C_l, bx, by):
+        for s in T.Pipelined(nsteps, num_stages=stages):
+            T.copy(W[by * rows, s * tw], A_s)
+            T.copy(X[bx * toks, TC[s] * tw], B_s)
+            T.gemm(A_s, B_s, C_l, transpose_A=False, transpose_B=True, policy=pol)
+        for i, j in T.Parallel(rows, toks):
+            if bx * toks + j < m:
+                Y[bx * toks + j, by * rows + i] = C_l[i, j]
+
     if splits > 1:
         @T.prim_func
         def summed(W: T.Tensor((n, kd), dtype), TC: T.Tensor((nsteps,), "int32"), X: T.Tensor((m, k), dtype),
@@ -262,13 +273,7 @@ def dense_func(tw: int, rows: int, toks: int, stages: int, threads: int, dtype: 
                     for i, j in T.Parallel(rows, toks):
                         if bx * toks + j < m:
                             C_l[i, j] += Part[z, bx * toks + j, by * rows + i]
-                for s in T.Pipelined(nsteps, num_stages=stages):
-                    T.copy(W[by * rows, s * tw], A_s)
-                    T.copy(X[bx * toks, TC[s] * tw], B_s)
-                    T.gemm(A_s, B_s, C_l, transpose_A=False, transpose_B=True, policy=pol)
-                for i, j in T.Parallel(rows, toks):
-                    if bx * toks + j < m:
-                        Y[bx * toks + j, by * rows + i] = C_l[i, j]
+                steps_and_store(W, TC, X, Y, A_s, B_s, C_l, bx, by)
 
         return summed
 
@@ -281,13 +286,7 @@ def dense_func(tw: int, rows: int, toks: int, stages: int, threads: int, dtype: 
             C_l = T.alloc_fragment((rows, toks), "float32")
             for i, j in T.Parallel(rows, toks):
                 C_l[i, j] = T.if_then_else(bx * toks + j < m, Y[bx * toks + j, by * rows + i], 0)
-            for s in T.Pipelined(nsteps, num_stages=stages):
-                T.copy(W[by * rows, s * tw], A_s)
-                T.copy(X[bx * toks, TC[s] * tw], B_s)
-                T.gemm(A_s, B_s, C_l, transpose_A=False, transpose_B=True, policy=pol)
-            for i, j in T.Parallel(rows, toks):
-                if bx * toks + j < m:
-                    Y[bx * toks + j, by * rows + i] = C_l[i, j]
+            steps_and_store(W, TC, X, Y, A_s, B_s, C_l, bx, by)
 
     return main
 
