@@ -5,8 +5,8 @@ cuBLAS on the masked weight, with the bytes each moves.
 
 Layers: LLaMA-2-7B's 4096x11008 and 11008x4096 with all but ``--dense-cols`` tile-columns 2:4; the 16-64-token
 configuration (16 or 64 tokens x 64 rows per block, one tile-column per step, 6 stages) with the 2:4 steps in
-``--splits`` ranges (split-K: the dense kernel sums the partials) and ``--blocks-per-sm`` resident 2:4 blocks asked
-of ``nvcc``. Each variant's layer output is checked against float64 first. Times: ``ops.time_cold`` (CUDA graphs,
+``--splits`` ranges (split-K: the dense kernel sums the partials), ``--blocks-per-sm`` resident 2:4 blocks asked
+of ``nvcc`` and ``--pdl`` (the dense kernel as a programmatic dependent launch that runs its steps before waiting). Each variant's layer output is checked against float64 first. Times: ``ops.time_cold`` (CUDA graphs,
 L2 flushed, median).
 """
 
@@ -29,26 +29,27 @@ def main() -> int:
     ap.add_argument("--splits", default="1,2")
     ap.add_argument("--blocks-per-sm", default="1")
     ap.add_argument("--shapes", default="4096x11008,11008x4096", help="out x in, comma-separated")
+    ap.add_argument("--pdl", default="0", help="0, 1 or 0,1")
     a = ap.parse_args()
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print("| shape | tokens | 2:4 / dense tile-columns | splits | 2:4 blocks per SM | error | both kernels us | "
+    print("| shape | tokens | 2:4 / dense tile-columns | splits | 2:4 blocks per SM | pdl | error | both kernels us | "
           "gemm_sp alone us (MB, TB/s) | dense part alone us (MB) | cuBLAS us (MB, TB/s) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     bad = 0
-    combos = [(int(v), int(s), int(o)) for v in a.tokens.split(",") for s in a.splits.split(",")
-              for o in a.blocks_per_sm.split(",")]
-    tc.precompile([k for M, z, b in combos for k in tc.kernel_params(
-        tc.ColumnConfig(M, 64, 1, 6, 128, False, False, splits=z, blocks_per_sm=b), 128, torch.bfloat16)])
+    combos = [(int(v), int(s), int(o), bool(int(d))) for v in a.tokens.split(",") for s in a.splits.split(",")
+              for o in a.blocks_per_sm.split(",") for d in a.pdl.split(",")]
+    tc.precompile([k for M, z, b, d in combos for k in tc.kernel_params(
+        tc.ColumnConfig(M, 64, 1, 6, 128, False, False, splits=z, blocks_per_sm=b, pdl=d), 128, torch.bfloat16)])
     for N, K in (tuple(int(d) for d in v.split("x")) for v in a.shapes.split(",")):
         p = column_packed(N, K, 0, 7, n_sp=K // 128 - a.dense_cols)
         lay = tc.column_layout(p)
         w = p.unpack().to(p.dtype)
-        for M, z, b in combos:
-            cfg = tc.ColumnConfig(M, 64, 1, 6, 128, False, False, splits=z, blocks_per_sm=b)
+        for M, z, b, d in combos:
+            cfg = tc.ColumnConfig(M, 64, 1, 6, 128, False, False, splits=z, blocks_per_sm=b, pdl=d)
             keys = tc.kernel_params(cfg, 128, p.dtype)
             sp, dn = tc.kernel(*keys[0]), tc.kernel(*keys[1])
             x = torch.randn(M, K, device="cuda", dtype=p.dtype)
-            y_chk = torch.empty(M, N, device="cuda", dtype=p.dtype)
+            y_chk = torch.full((M, N), float("nan"), device="cuda", dtype=p.dtype)  # read before written: NaN
             tc.prepare(lay, cfg, p.dtype)(x, y_chk)
             err = rel_error(y_chk, x.double() @ w.double().T)
             bad += err >= TOL
@@ -69,7 +70,8 @@ def main() -> int:
             t_all, t_sp, t_dn = (ops.time_cold(f, x.device) for f in (run_both, run_sp, run_dn))
             t_d = ops.time_cold(lambda x=x, w=w: torch.nn.functional.linear(x, w), x.device)
             sb, db, wb = (lay.ws.numel() + lay.e16.numel()) * 2, lay.wd.numel() * 2, N * K * 2
-            print(f"| {N}x{K} | {M} | {lay.n_sp} / {lay.n_dn} | {z} | {b} | {err:.1e} | {t_all * 1e3:.1f} | {t_sp * 1e3:.1f} "
+            print(f"| {N}x{K} | {M} | {lay.n_sp} / {lay.n_dn} | {z} | {b} | {int(d)} | {err:.1e} | {t_all * 1e3:.1f} | "
+                  f"{t_sp * 1e3:.1f} "
                   f"({sb / 1e6:.1f}, {sb / t_sp / 1e9:.2f}) | {t_dn * 1e3:.1f} ({db / 1e6:.1f}) | "
                   f"{t_d * 1e3:.1f} ({wb / 1e6:.1f}, {wb / t_d / 1e9:.2f}) |", flush=True)
     print(f"checks: {bad} failed")

@@ -120,7 +120,7 @@ def test_split_k_needs_one_column_steps_tilelang_dense_and_dense_columns():
     assert not tc.fits(tc.column_layout(column_layer(128, 2048, [0, 1, 2])), split)  # under two steps a range
     assert any(c.splits > 1 for c in tc.candidates(16))
     keys = tc.kernel_params(split, 128, torch.bfloat16)
-    assert [k[0] for k in keys] == ["sparse", "dense"] and keys[0][1][-2:] == (4, 1) and keys[1][1][-1] == 4
+    assert [k[0] for k in keys] == ["sparse", "dense"] and keys[0][1][-3:] == (4, 1, False) and keys[1][1][-2:] == (4, False)
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +172,23 @@ def test_two_blocks_per_sm_bound_the_registers(tilelang_target, splits):
         src = tilelang.lower(func, target=target).kernel_source
     assert "__launch_bounds__(256, 2)" in src and "reg_alloc" not in src  # nvcc's registers, no setmaxnreg
     assert "tma_load(X_desc" in src and "X[" not in src
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_dependent_launch_waits_only_before_reading_the_2to4_output(tilelang_target, splits):
+    tilelang, target = tilelang_target
+    cfg = tc.ColumnConfig(16, 64, 1, 6, 128, False, False, splits=splits, pdl=True)
+    (_, sp), (_, dn) = tc.kernel_params(cfg, 128, torch.bfloat16)
+    with target:
+        sp_src = tilelang.lower(tc.sparse_func(*sp), target=target).kernel_source
+        dn_src = tilelang.lower(tc.dense_func(*dn), target=target).kernel_source
+    assert "cudaTriggerProgrammaticLaunchCompletion" in sp_src
+    body = dn_src[dn_src.index("warpgroup_reg_alloc"):]  # the consumer warps, after the producer's branch
+    wait = body.index("cudaGridDependencySynchronize")
+    assert body.index("wgmma") < wait  # its own steps run before the wait ...
+    read = "Y[" if splits == 1 else "Part["
+    assert dn_src.index(read) > dn_src.index("cudaGridDependencySynchronize")  # ... and the 2:4 output after it
+    assert dn_src.count("cudaGridDependencySynchronize") == 1
 
 
 def test_compiled_route_on_the_cpu_is_not_columns():

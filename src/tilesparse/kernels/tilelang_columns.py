@@ -146,16 +146,17 @@ def reference_columns(x2: torch.Tensor, layout: ColumnLayout) -> torch.Tensor:
 
 # ---------------------------------------------------------------- kernels
 def sparse_func(tw: int, rows: int, toks: int, tpk: int, stages: int, threads: int, dtype: str, square: bool,
-                splits: int = 1, blocks_per_sm: int = 1):
+                splits: int = 1, blocks_per_sm: int = 1, pdl: bool = False):
     """``Y[m, n] = X[:, S] @ A^T``: ``A`` the ``[n, ks]`` 2:4 matrix (values ``[n, ks / 2]``, metadata int16
     ``[n, ks / 16]``), ``S`` the columns of the tile-columns ``TC`` (width ``tw``), ``tpk`` tile-columns per step;
     a block owns ``rows`` weight rows and ``toks`` tokens and writes its tile of ``Y`` transposed. With ``splits``
     above 1 (:func:`sparse_split_func`) the steps are cut into that many ranges and each writes fp32 partials.
     ``blocks_per_sm`` above 1 asks ``nvcc`` for that many resident blocks per SM (``__launch_bounds__``) and leaves
     the warp groups' registers as ``nvcc`` allocates them (no ``setmaxnreg``, which would ask for more than two
-    blocks hold)."""
+    blocks hold). ``pdl``: each block lets the next kernel (the dense one, built with ``pdl``) start at once
+    (``cudaTriggerProgrammaticLaunchCompletion``)."""
     if splits > 1:
-        return sparse_split_func(tw, rows, toks, stages, threads, dtype, square, splits, blocks_per_sm)
+        return sparse_split_func(tw, rows, toks, stages, threads, dtype, square, splits, blocks_per_sm, pdl)
     import tilelang.language as T
     from tilelang.language import GemmWarpPolicy as P
 
@@ -171,6 +172,8 @@ def sparse_func(tw: int, rows: int, toks: int, tpk: int, stages: int, threads: i
             if blocks_per_sm > 1:
                 T.annotate_min_blocks_per_sm(blocks_per_sm)
                 T.no_set_max_nreg()
+            if pdl:
+                T.pdl_trigger()
             # one buffer set per tile-column of a step: each x copy is then a whole-buffer (TMA) copy that the
             # producer issues with the weights' copies (written out: the builder turns Python loops into TIR loops)
             A0 = T.alloc_shared((rows, tw // 2), dtype)
@@ -200,7 +203,7 @@ def sparse_func(tw: int, rows: int, toks: int, tpk: int, stages: int, threads: i
 
 
 def sparse_split_func(tw: int, rows: int, toks: int, stages: int, threads: int, dtype: str, square: bool,
-                      splits: int, blocks_per_sm: int = 1):
+                      splits: int, blocks_per_sm: int = 1, pdl: bool = False):
     """``P[z, m, n] = X[:, S_z] @ A_z^T`` in fp32: split-K of :func:`sparse_func` (one tile-column per step) over
     ``splits`` blocks per output tile, so that a layer with few row blocks still fills the GPU. Block ``z`` runs
     steps ``z * per .. (z + 1) * per - 1`` (``per = ceil(nsteps / splits)``); a step past the last reads its
@@ -220,6 +223,8 @@ def sparse_split_func(tw: int, rows: int, toks: int, stages: int, threads: int, 
             if blocks_per_sm > 1:
                 T.annotate_min_blocks_per_sm(blocks_per_sm)
                 T.no_set_max_nreg()
+            if pdl:
+                T.pdl_trigger()
             A0 = T.alloc_shared((rows, tw // 2), dtype)
             E0 = T.alloc_shared((rows, tw // 16), "int16")
             B0 = T.alloc_shared((toks, tw), dtype)
@@ -238,10 +243,13 @@ def sparse_split_func(tw: int, rows: int, toks: int, stages: int, threads: int, 
 
 
 def dense_func(tw: int, rows: int, toks: int, stages: int, threads: int, dtype: str, square: bool,
-               splits: int = 1):
+               splits: int = 1, pdl: bool = False):
     """``Y[m, n] += X[:, D] @ W^T``: ``W`` the ``[n, kd]`` dense columns, ``D`` the columns of the tile-columns
     ``TC``, one tile-column per step; the block's tile of ``Y`` is read first (fp32 accumulation from it). With
-    ``splits`` above 1 it starts from the sum of the 2:4 kernel's fp32 partials ``[splits, m, n]`` instead."""
+    ``splits`` above 1 it starts from the sum of the 2:4 kernel's fp32 partials ``[splits, m, n]`` instead.
+    With ``pdl`` (programmatic dependent launch, launched so by TileLang) the block runs its steps from zero while
+    the 2:4 kernel may still run, waits for that kernel's grid (``cudaGridDependencySynchronize``) and only then
+    adds ``Y`` or the partials: its steps can use the SMs the 2:4 kernel leaves idle."""
     import tilelang.language as T
     from tilelang.language import GemmWarpPolicy as P
 
@@ -250,14 +258,30 @@ def dense_func(tw: int, rows: int, toks: int, stages: int, threads: int, dtype: 
     pol = P.Square if square else P.FullRow
 
     @T.macro
-    def steps_and_store(W, TC, X, Y, A_s, B_s, C_l, bx, by):
+    def steps(W, TC, X, A_s, B_s, C_l, bx, by):
         for s in T.Pipelined(nsteps, num_stages=stages):
             T.copy(W[by * rows, s * tw], A_s)
             T.copy(X[bx * toks, TC[s] * tw], B_s)
             T.gemm(A_s, B_s, C_l, transpose_A=False, transpose_B=True, policy=pol)
+
+    @T.macro
+    def store(Y, C_l, bx, by):
         for i, j in T.Parallel(rows, toks):
             if bx * toks + j < m:
                 Y[bx * toks + j, by * rows + i] = C_l[i, j]
+
+    @T.macro
+    def add_y(Y, C_l, bx, by):
+        for i, j in T.Parallel(rows, toks):
+            if bx * toks + j < m:
+                C_l[i, j] += Y[bx * toks + j, by * rows + i]
+
+    @T.macro
+    def add_partials(Part, C_l, bx, by, first):
+        for z in T.serial(first, splits):
+            for i, j in T.Parallel(rows, toks):
+                if bx * toks + j < m:
+                    C_l[i, j] += Part[z, bx * toks + j, by * rows + i]
 
     if splits > 1:
         @T.prim_func
@@ -267,13 +291,17 @@ def dense_func(tw: int, rows: int, toks: int, stages: int, threads: int, dtype: 
                 A_s = T.alloc_shared((rows, tw), dtype)
                 B_s = T.alloc_shared((toks, tw), dtype)
                 C_l = T.alloc_fragment((rows, toks), "float32")
-                for i, j in T.Parallel(rows, toks):
-                    C_l[i, j] = T.if_then_else(bx * toks + j < m, Part[0, bx * toks + j, by * rows + i], 0)
-                for z in T.serial(1, splits):
+                if pdl:
+                    T.clear(C_l)
+                    steps(W, TC, X, A_s, B_s, C_l, bx, by)
+                    T.pdl_sync()
+                    add_partials(Part, C_l, bx, by, 0)
+                else:
                     for i, j in T.Parallel(rows, toks):
-                        if bx * toks + j < m:
-                            C_l[i, j] += Part[z, bx * toks + j, by * rows + i]
-                steps_and_store(W, TC, X, Y, A_s, B_s, C_l, bx, by)
+                        C_l[i, j] = T.if_then_else(bx * toks + j < m, Part[0, bx * toks + j, by * rows + i], 0)
+                    add_partials(Part, C_l, bx, by, 1)
+                    steps(W, TC, X, A_s, B_s, C_l, bx, by)
+                store(Y, C_l, bx, by)
 
         return summed
 
@@ -284,9 +312,16 @@ def dense_func(tw: int, rows: int, toks: int, stages: int, threads: int, dtype: 
             A_s = T.alloc_shared((rows, tw), dtype)
             B_s = T.alloc_shared((toks, tw), dtype)
             C_l = T.alloc_fragment((rows, toks), "float32")
-            for i, j in T.Parallel(rows, toks):
-                C_l[i, j] = T.if_then_else(bx * toks + j < m, Y[bx * toks + j, by * rows + i], 0)
-            steps_and_store(W, TC, X, Y, A_s, B_s, C_l, bx, by)
+            if pdl:
+                T.clear(C_l)
+                steps(W, TC, X, A_s, B_s, C_l, bx, by)
+                T.pdl_sync()
+                add_y(Y, C_l, bx, by)
+            else:
+                for i, j in T.Parallel(rows, toks):
+                    C_l[i, j] = T.if_then_else(bx * toks + j < m, Y[bx * toks + j, by * rows + i], 0)
+                steps(W, TC, X, A_s, B_s, C_l, bx, by)
+            store(Y, C_l, bx, by)
 
     return main
 
@@ -324,10 +359,10 @@ def kernel_params(cfg: "ColumnConfig", tile_width: int, dtype: torch.dtype) -> l
     """The ``(kind, params)`` of the kernels ``cfg`` launches (the dense one only where TileLang runs it)."""
     dt = _dtype_name(dtype)
     out = [("sparse", (tile_width, cfg.rows, cfg.toks, cfg.tpk, cfg.stages, cfg.threads, dt, cfg.square,
-                       cfg.splits, cfg.blocks_per_sm))]
+                       cfg.splits, cfg.blocks_per_sm, cfg.pdl))]
     if not cfg.dense_cublas:
         out.append(("dense", (tile_width, cfg.rows, cfg.toks, cfg.stages, cfg.threads, dt, cfg.square,
-                              cfg.splits)))
+                              cfg.splits, cfg.pdl)))
     return out
 
 
@@ -361,8 +396,9 @@ class ColumnConfig:
     """One way to run the two GEMMs: ``toks`` tokens and ``rows`` weight rows per block, ``tpk`` tile-columns per
     2:4 step, ``stages`` pipeline stages, ``threads`` per block, ``square`` warp policy (else full rows), the
     dense part by TileLang (``dense_cublas`` false) or by a gather of x's dense columns and cuBLAS, the 2:4 steps
-    cut into ``splits`` ranges (split-K: fp32 partials that the TileLang dense kernel sums), and
-    ``blocks_per_sm`` resident 2:4 blocks per SM asked of ``nvcc`` (see :func:`sparse_func`)."""
+    cut into ``splits`` ranges (split-K: fp32 partials that the TileLang dense kernel sums),
+    ``blocks_per_sm`` resident 2:4 blocks per SM asked of ``nvcc`` (see :func:`sparse_func`), and ``pdl``: the
+    dense kernel launched as a programmatic dependent of the 2:4 one (see :func:`dense_func`)."""
 
     toks: int
     rows: int
@@ -373,6 +409,7 @@ class ColumnConfig:
     dense_cublas: bool
     splits: int = 1
     blocks_per_sm: int = 1
+    pdl: bool = False
 
 
 def prepare(layout: ColumnLayout, cfg: ColumnConfig, dtype: torch.dtype):
@@ -406,8 +443,11 @@ def prepare(layout: ColumnLayout, cfg: ColumnConfig, dtype: torch.dtype):
 def fits(layout: ColumnLayout, cfg: ColumnConfig) -> bool:
     """Whether ``cfg`` can run this layer (two tile-columns per step need an even count of 2:4 tile-columns;
     split-K needs one tile-column per step, at least two steps per range and dense columns for the TileLang
-    dense kernel that sums the partials; shared memory is checked when the kernel compiles and launches)."""
+    dense kernel that sums the partials; a dependent launch needs that dense kernel too; shared memory is checked
+    when the kernel compiles and launches)."""
     if cfg.splits > 1 and (cfg.tpk != 1 or cfg.dense_cublas or not layout.n_dn or layout.n_sp < 2 * cfg.splits):
+        return False
+    if cfg.pdl and (cfg.dense_cublas or not layout.n_dn):
         return False
     return layout.n_sp % cfg.tpk == 0 and layout.tile_width * cfg.tpk <= 256
 
