@@ -6,8 +6,9 @@ cuBLAS on the masked weight, with the bytes each moves.
 Layers: LLaMA-2-7B's 4096x11008 and 11008x4096 with all but ``--dense-cols`` tile-columns 2:4; the 16-64-token
 configuration (16 or 64 tokens x 64 rows per block, one tile-column per step, 6 stages) with the 2:4 steps in
 ``--splits`` ranges (split-K: the dense kernel sums the partials), ``--blocks-per-sm`` resident 2:4 blocks asked
-of ``nvcc`` and ``--pdl`` (the dense kernel as a programmatic dependent launch that runs its steps before waiting). Each variant's layer output is checked against float64 first. Times: ``ops.time_cold`` (CUDA graphs,
-L2 flushed, median).
+of ``nvcc`` and ``--pdl`` (the dense kernel as a programmatic dependent launch that runs its steps before
+waiting). Each variant's layer output is checked against float64 first (on a NaN-filled output). Times:
+``ops.time_cold`` (CUDA graphs, L2 flushed, median).
 """
 
 from __future__ import annotations

@@ -145,6 +145,21 @@ def reference_columns(x2: torch.Tensor, layout: ColumnLayout) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- kernels
+def _launch_hints(T, blocks_per_sm: int, pdl: bool):
+    """The 2:4 kernels' launch hints as a TileLang macro: ``blocks_per_sm`` above 1 asks ``nvcc`` for that many
+    resident blocks and drops ``setmaxnreg``; ``pdl`` lets the dependent dense kernel start at once."""
+
+    @T.macro
+    def hints():
+        if blocks_per_sm > 1:
+            T.annotate_min_blocks_per_sm(blocks_per_sm)
+            T.no_set_max_nreg()
+        if pdl:
+            T.pdl_trigger()
+
+    return hints
+
+
 def sparse_func(tw: int, rows: int, toks: int, tpk: int, stages: int, threads: int, dtype: str, square: bool,
                 splits: int = 1, blocks_per_sm: int = 1, pdl: bool = False):
     """``Y[m, n] = X[:, S] @ A^T``: ``A`` the ``[n, ks]`` 2:4 matrix (values ``[n, ks / 2]``, metadata int16
@@ -164,16 +179,13 @@ def sparse_func(tw: int, rows: int, toks: int, tpk: int, stages: int, threads: i
     # words per row (ks / 2, ks / 16)
     nsteps = T.dynamic("nsteps")  # 2:4 tile-columns (a multiple of tpk)
     pol = P.Square if square else P.FullRow
+    launch_hints = _launch_hints(T, blocks_per_sm, pdl)
 
     @T.prim_func
     def main(Ws: T.Tensor((n, h), dtype), E: T.Tensor((n, he), "int16"), TC: T.Tensor((nsteps,), "int32"),
              X: T.Tensor((m, k), dtype), Y: T.Tensor((m, n), dtype)):
         with T.Kernel(T.ceildiv(m, toks), T.ceildiv(n, rows), threads=threads) as (bx, by):
-            if blocks_per_sm > 1:
-                T.annotate_min_blocks_per_sm(blocks_per_sm)
-                T.no_set_max_nreg()
-            if pdl:
-                T.pdl_trigger()
+            launch_hints()
             # one buffer set per tile-column of a step: each x copy is then a whole-buffer (TMA) copy that the
             # producer issues with the weights' copies (written out: the builder turns Python loops into TIR loops)
             A0 = T.alloc_shared((rows, tw // 2), dtype)
@@ -215,16 +227,13 @@ def sparse_split_func(tw: int, rows: int, toks: int, stages: int, threads: int, 
     m, n, k, h, he = T.dynamic("m, n, k, h, he")
     nsteps = T.dynamic("nsteps")
     pol = P.Square if square else P.FullRow
+    launch_hints = _launch_hints(T, blocks_per_sm, pdl)
 
     @T.prim_func
     def main(Ws: T.Tensor((n, h), dtype), E: T.Tensor((n, he), "int16"), TC: T.Tensor((nsteps,), "int32"),
              X: T.Tensor((m, k), dtype), Part: T.Tensor((splits, m, n), "float32")):
         with T.Kernel(T.ceildiv(m, toks), T.ceildiv(n, rows), splits, threads=threads) as (bx, by, bz):
-            if blocks_per_sm > 1:
-                T.annotate_min_blocks_per_sm(blocks_per_sm)
-                T.no_set_max_nreg()
-            if pdl:
-                T.pdl_trigger()
+            launch_hints()
             A0 = T.alloc_shared((rows, tw // 2), dtype)
             E0 = T.alloc_shared((rows, tw // 16), "int16")
             B0 = T.alloc_shared((toks, tw), dtype)
