@@ -2,12 +2,12 @@
 checked launch of both kernels per layer and split count, 16 tokens, all but 6 tile-columns 2:4 (the layers of
 ``columns_parts.py``), to run under Nsight Compute:
 
-    ncu --clock-control none --kernel-name regex:main --section SpeedOfLight --section MemoryWorkloadAnalysis \\
+    ncu --clock-control none --kernel-name regex:pair --section SpeedOfLight --section MemoryWorkloadAnalysis \\
         --section WarpStateStats --section Occupancy --section SchedulerStats --section LaunchStats \\
         python3 benchmarks/columns_profile.py
 
 Launch order (as ncu lists them): per layer (4096x11008, then 11008x4096) and per split count (1, then 2): the 2:4
-kernel, then the dense kernel.
+kernel (``pair_kernel``), then the dense kernel (``pair_kernel_1``; one program, :func:`~tilesparse.kernels.tilelang_columns.pair_func`).
 """
 
 from __future__ import annotations

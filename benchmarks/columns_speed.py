@@ -84,7 +84,7 @@ def main() -> int:
     t = time.time()
     toks = ({16, 20, 64} if a.quick else {16, 20, 33, 48, 64, 100, 257, 300}) | {int(v) for v in a.tokens.split(",")}
     n = tc.precompile([k for M in toks for c in ops.column_candidates(M)
-                       for k in tc.kernel_params(ops.column_config(c), 128, torch.bfloat16)])
+                       for k in tc.launch_keys(ops.column_config(c), 128, torch.bfloat16)])
     print(f"precompiled {n} TileLang kernels in {time.time() - t:.0f} s", flush=True)
     # correctness: odd token counts, an all-2:4 layer, an odd count of 2:4 tile-columns, a bias
     bad = 0

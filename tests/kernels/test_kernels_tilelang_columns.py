@@ -191,6 +191,61 @@ def test_dependent_launch_waits_only_before_reading_the_2to4_output(tilelang_tar
     assert dn_src.count("cudaGridDependencySynchronize") == 1
 
 
+def _kernel_bodies(src: str) -> dict:
+    """The ``__global__`` definitions of a lowered program by name, with the names (and the table and its length,
+    named per program) made neutral, so that two programs' kernels compare as text."""
+    import re
+
+    out = {}
+    for part in src.split('extern "C" __global__ ')[1:]:
+        if not part.splitlines()[0].rstrip().endswith("{"):
+            continue  # a declaration
+        name = re.match(r"void (?:__launch_bounds__\([^)]*\) )?(\w+)\(", part).group(1)
+        body = re.sub(r"\b(TCs|TCd)\b", "TC", part.replace(name, "KERNEL"))
+        out[name] = re.sub(r"\b(nsp|ndn|nsteps)\b", "N", body)
+    return out
+
+
+@pytest.mark.parametrize("splits,pdl", [(1, False), (2, False), (1, True), (2, True)])
+def test_pair_program_is_both_kernels_in_one_call(tilelang_target, splits, pdl):
+    tilelang, target = tilelang_target
+    cfg = tc.ColumnConfig(16, 64, 1, 6, 128, False, False, splits=splits, blocks_per_sm=1 + pdl, pdl=pdl)
+    (kind, (sp, dn)), = tc.launch_keys(cfg, 128, torch.bfloat16)
+    assert kind == "pair"
+    with target:
+        art = tilelang.lower(tc.pair_func(sp, dn), target=target)
+        alone = [tilelang.lower(f, target=target).kernel_source for f in (tc.sparse_func(*sp), tc.dense_func(*dn))]
+    got = _kernel_bodies(art.kernel_source)
+    assert len(got) == 2
+    first, second = sorted(got, key=len)  # "<name>_kernel", then "<name>_kernel_1"
+    assert got[first] == _kernel_bodies(alone[0])[next(iter(_kernel_bodies(alone[0])))]
+    want_dn = next(iter(_kernel_bodies(alone[1]).values()))
+    # the dense kernel is the same but for the x descriptor's prefetch: both kernels share that descriptor
+    assert got[second] == want_dn.replace("    tl::prefetch_tma_descriptor(X_desc);\n", "")
+    host = str(art.host_mod)
+    assert host.index(f'call_packed("{first}"') < host.index(f'call_packed("{second}"')  # in order, one call
+    assert host.count('call_packed("__tvm_tensormap_create_tiled", X_desc') == 1  # built once per call
+    flags = {gv.name_hint: dict(f.attrs) for gv, f in art.device_mod.functions.items()}
+    assert ("has_cuda_pdl_trigger" in flags[first]) == pdl and ("has_cuda_pdl_sync" in flags[second]) == pdl
+
+
+def test_pair_program_refuses_unequal_ranges():
+    cfg = tc.ColumnConfig(16, 64, 1, 6, 128, False, False, splits=2)
+    (_, sp), (_, dn) = tc.kernel_params(cfg, 128, torch.bfloat16)
+    pytest.importorskip("tilelang", reason="TileLang is not installed (pip install tilesparse[tilelang])")
+    with pytest.raises(ValueError, match="2 ranges"):
+        tc.pair_func(sp, dn[:7] + (1,) + dn[8:])
+
+
+def test_launch_keys_one_program_per_layer():
+    tl_dense = tc.ColumnConfig(16, 64, 1, 6, 128, False, False)
+    cublas = tc.ColumnConfig(128, 128, 1, 3, 256, True, True)
+    (_, sp), (_, dn) = tc.kernel_params(tl_dense, 128, torch.float16)
+    assert tc.launch_keys(tl_dense, 128, torch.float16) == [("pair", (sp, dn))]
+    assert tc.launch_keys(tl_dense, 128, torch.float16, has_dense=False) == [("sparse", sp)]
+    assert tc.launch_keys(cublas, 128, torch.float16) == tc.kernel_params(cublas, 128, torch.float16)
+
+
 def test_compiled_route_on_the_cpu_is_not_columns():
     from tilesparse.kernels.linear import HybridLinear
 

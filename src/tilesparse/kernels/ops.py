@@ -81,9 +81,12 @@ class KernelConfig:
     td: int = 0
     pref: int = 0
     xt: int = 0  # stream: x loaded per tile ([BM, T, TILE_C]) instead of per position
+    occ: int = 1
+    pdl: int = 0
     # path "columns" (:class:`.tilelang_columns.ColumnConfig`): ``bm`` tokens and ``bn`` weight rows per block,
     # ``nit`` tile-columns per 2:4 step, ``ts`` stages, ``warps`` x 32 threads, ``mode`` 1 = square warp policy
-    # (0: full rows), ``td`` 1 = the dense columns by cuBLAS (0: TileLang), ``split`` ranges of the 2:4 steps.
+    # (0: full rows), ``td`` 1 = the dense columns by cuBLAS (0: TileLang), ``split`` ranges of the 2:4 steps,
+    # ``occ`` resident 2:4 blocks per SM asked of nvcc, ``pdl`` 1 = the dense kernel as a dependent launch.
 
     def short(self) -> str:
         if self.path == "mma":
@@ -95,7 +98,8 @@ class KernelConfig:
         if self.path == "columns":
             return (f"columns bm{self.bm} bn{self.bn} k{self.nit} n{self.ts} w{self.warps}"
                     f"{' sq' if self.mode else ''} {'cublas' if self.td else 'tl'}"
-                    + (f" s{self.split}" if self.split > 1 else ""))
+                    + (f" s{self.split}" if self.split > 1 else "") + (f" occ{self.occ}" if self.occ > 1 else "")
+                    + (" pdl" if self.pdl else ""))
         if self.path == "stream":
             m = {0: "fma", 1: "dot", 2: "dotasm"}.get(self.mode, str(self.mode))
             return (f"stream-{m} bm{self.bm} bn{self.bn} ts{self.ts} td{self.td} s{self.split} "
@@ -206,13 +210,15 @@ def _fit_gemm(cfg: KernelConfig, packed: PackedHybrid) -> KernelConfig | None:
 def column_config(cfg: KernelConfig) -> _tc.ColumnConfig:
     """The :class:`.tilelang_columns.ColumnConfig` a ``"columns"`` :class:`KernelConfig` stands for."""
     return _tc.ColumnConfig(toks=cfg.bm, rows=cfg.bn, tpk=cfg.nit, stages=cfg.ts, threads=32 * cfg.warps,
-                            square=bool(cfg.mode), dense_cublas=bool(cfg.td), splits=cfg.split)
+                            square=bool(cfg.mode), dense_cublas=bool(cfg.td), splits=cfg.split,
+                            blocks_per_sm=cfg.occ, pdl=bool(cfg.pdl))
 
 
 def column_candidates(M: int) -> list[KernelConfig]:
     """The TileLang column GEMMs' candidates for ``M >= 16`` tokens (:func:`.tilelang_columns.candidates`)."""
     return [KernelConfig("columns", mode=int(c.square), bm=c.toks, bn=c.rows, warps=c.threads // 32, ts=c.stages,
-                         nit=c.tpk, td=int(c.dense_cublas), split=c.splits) for c in _tc.candidates(M)]
+                         nit=c.tpk, td=int(c.dense_cublas), split=c.splits, occ=c.blocks_per_sm, pdl=int(c.pdl))
+            for c in _tc.candidates(M)]
 
 
 _COLUMNS_OK: dict = {}
@@ -649,7 +655,8 @@ def autotune(x2: torch.Tensor, packed: PackedHybrid, bias, verbose: bool = False
     cands = candidate_configs(x2.shape[0], packed, force_kernel)
     col = [column_config(c) for c in cands if c.path == "columns"]
     if col:  # TileLang compiles with nvcc: the candidates' kernels in parallel first
-        _tc.precompile([k for c in col for k in _tc.kernel_params(c, packed.tile_cols, packed.dtype)])
+        _tc.precompile([k for c in col for k in _tc.launch_keys(c, packed.tile_cols, packed.dtype,
+                                                                  _tc.column_layout(packed).n_dn > 0)])
     desc = (f"tilesparse: tuning {packed.out_features}x{packed.in_features} for {x2.shape[0]} token"
             f"{'s' if x2.shape[0] != 1 else ''} (once per GPU model; cached)")
     for cfg in tqdm(cands, desc=desc, unit="config", leave=False, disable=None, dynamic_ncols=True):

@@ -160,30 +160,18 @@ def _launch_hints(T, blocks_per_sm: int, pdl: bool):
     return hints
 
 
-def sparse_func(tw: int, rows: int, toks: int, tpk: int, stages: int, threads: int, dtype: str, square: bool,
-                splits: int = 1, blocks_per_sm: int = 1, pdl: bool = False):
-    """``Y[m, n] = X[:, S] @ A^T``: ``A`` the ``[n, ks]`` 2:4 matrix (values ``[n, ks / 2]``, metadata int16
-    ``[n, ks / 16]``), ``S`` the columns of the tile-columns ``TC`` (width ``tw``), ``tpk`` tile-columns per step;
-    a block owns ``rows`` weight rows and ``toks`` tokens and writes its tile of ``Y`` transposed. With ``splits``
-    above 1 (:func:`sparse_split_func`) the steps are cut into that many ranges and each writes fp32 partials.
-    ``blocks_per_sm`` above 1 asks ``nvcc`` for that many resident blocks per SM (``__launch_bounds__``) and leaves
-    the warp groups' registers as ``nvcc`` allocates them (no ``setmaxnreg``, which would ask for more than two
-    blocks hold). ``pdl``: each block lets the next kernel (the dense one, built with ``pdl``) start at once
-    (``cudaTriggerProgrammaticLaunchCompletion``)."""
-    if splits > 1:
-        return sparse_split_func(tw, rows, toks, stages, threads, dtype, square, splits, blocks_per_sm, pdl)
-    import tilelang.language as T
+def _sparse_kernel(T, tw: int, rows: int, toks: int, tpk: int, stages: int, threads: int, dtype: str, square: bool,
+                   splits: int = 1, blocks_per_sm: int = 1, pdl: bool = False):
+    """The 2:4 kernel of :func:`sparse_func` as a TileLang macro ``(Ws, E, TC, X, out)``: ``out`` is ``Y`` or,
+    with ``splits`` above 1, the fp32 partials (:func:`sparse_split_func`); its sizes come from the buffers."""
     from tilelang.language import GemmWarpPolicy as P
 
-    m, n, k, h, he = T.dynamic("m, n, k, h, he")  # tokens, rows, input columns, kept values and int16 metadata
-    # words per row (ks / 2, ks / 16)
-    nsteps = T.dynamic("nsteps")  # 2:4 tile-columns (a multiple of tpk)
     pol = P.Square if square else P.FullRow
     launch_hints = _launch_hints(T, blocks_per_sm, pdl)
 
-    @T.prim_func
-    def main(Ws: T.Tensor((n, h), dtype), E: T.Tensor((n, he), "int16"), TC: T.Tensor((nsteps,), "int32"),
-             X: T.Tensor((m, k), dtype), Y: T.Tensor((m, n), dtype)):
+    @T.macro
+    def plain(Ws, E, TC, X, Y):
+        m, n, nsteps = X.shape[0], Ws.shape[0], TC.shape[0]
         with T.Kernel(T.ceildiv(m, toks), T.ceildiv(n, rows), threads=threads) as (bx, by):
             launch_hints()
             # one buffer set per tile-column of a step: each x copy is then a whole-buffer (TMA) copy that the
@@ -211,27 +199,9 @@ def sparse_func(tw: int, rows: int, toks: int, tpk: int, stages: int, threads: i
                 if bx * toks + j < m:
                     Y[bx * toks + j, by * rows + i] = C_l[i, j]
 
-    return main
-
-
-def sparse_split_func(tw: int, rows: int, toks: int, stages: int, threads: int, dtype: str, square: bool,
-                      splits: int, blocks_per_sm: int = 1, pdl: bool = False):
-    """``P[z, m, n] = X[:, S_z] @ A_z^T`` in fp32: split-K of :func:`sparse_func` (one tile-column per step) over
-    ``splits`` blocks per output tile, so that a layer with few row blocks still fills the GPU. Block ``z`` runs
-    steps ``z * per .. (z + 1) * per - 1`` (``per = ceil(nsteps / splits)``); a step past the last reads its
-    weights out of bounds, which TMA fills with zeros, and its x at the last tile-column (a table index clamped,
-    never read past). :func:`dense_func` with the same ``splits`` sums the partials."""
-    import tilelang.language as T
-    from tilelang.language import GemmWarpPolicy as P
-
-    m, n, k, h, he = T.dynamic("m, n, k, h, he")
-    nsteps = T.dynamic("nsteps")
-    pol = P.Square if square else P.FullRow
-    launch_hints = _launch_hints(T, blocks_per_sm, pdl)
-
-    @T.prim_func
-    def main(Ws: T.Tensor((n, h), dtype), E: T.Tensor((n, he), "int16"), TC: T.Tensor((nsteps,), "int32"),
-             X: T.Tensor((m, k), dtype), Part: T.Tensor((splits, m, n), "float32")):
+    @T.macro
+    def split(Ws, E, TC, X, Part):
+        m, n, nsteps = X.shape[0], Ws.shape[0], TC.shape[0]
         with T.Kernel(T.ceildiv(m, toks), T.ceildiv(n, rows), splits, threads=threads) as (bx, by, bz):
             launch_hints()
             A0 = T.alloc_shared((rows, tw // 2), dtype)
@@ -248,6 +218,117 @@ def sparse_split_func(tw: int, rows: int, toks: int, stages: int, threads: int, 
                 if bx * toks + j < m:
                     Part[bz, bx * toks + j, by * rows + i] = C_l[i, j]
 
+    return split if splits > 1 else plain
+
+
+def _dense_kernel(T, tw: int, rows: int, toks: int, stages: int, threads: int, dtype: str, square: bool,
+                  splits: int = 1, pdl: bool = False):
+    """The dense kernel of :func:`dense_func` as a TileLang macro ``(W, TC, X, Part, Y)`` (``Part`` unused, may be
+    ``None``, without split-K); its sizes come from the buffers."""
+    from tilelang.language import GemmWarpPolicy as P
+
+    pol = P.Square if square else P.FullRow
+
+    @T.macro
+    def steps(W, TC, X, A_s, B_s, C_l, bx, by):
+        for s in T.Pipelined(TC.shape[0], num_stages=stages):
+            T.copy(W[by * rows, s * tw], A_s)
+            T.copy(X[bx * toks, TC[s] * tw], B_s)
+            T.gemm(A_s, B_s, C_l, transpose_A=False, transpose_B=True, policy=pol)
+
+    @T.macro
+    def store(Y, C_l, bx, by):
+        for i, j in T.Parallel(rows, toks):
+            if bx * toks + j < Y.shape[0]:
+                Y[bx * toks + j, by * rows + i] = C_l[i, j]
+
+    @T.macro
+    def add_y(Y, C_l, bx, by):
+        for i, j in T.Parallel(rows, toks):
+            if bx * toks + j < Y.shape[0]:
+                C_l[i, j] += Y[bx * toks + j, by * rows + i]
+
+    @T.macro
+    def add_partials(Part, C_l, bx, by, first):
+        for z in T.serial(first, splits):
+            for i, j in T.Parallel(rows, toks):
+                if bx * toks + j < Part.shape[1]:
+                    C_l[i, j] += Part[z, bx * toks + j, by * rows + i]
+
+    @T.macro
+    def body(W, TC, X, Part, Y):
+        m, n = X.shape[0], W.shape[0]
+        with T.Kernel(T.ceildiv(m, toks), T.ceildiv(n, rows), threads=threads) as (bx, by):
+            A_s = T.alloc_shared((rows, tw), dtype)
+            B_s = T.alloc_shared((toks, tw), dtype)
+            C_l = T.alloc_fragment((rows, toks), "float32")
+            if pdl:
+                T.clear(C_l)
+                steps(W, TC, X, A_s, B_s, C_l, bx, by)
+                T.pdl_sync()
+                if splits > 1:
+                    add_partials(Part, C_l, bx, by, 0)
+                else:
+                    add_y(Y, C_l, bx, by)
+            else:
+                if splits > 1:
+                    for i, j in T.Parallel(rows, toks):
+                        C_l[i, j] = T.if_then_else(bx * toks + j < m, Part[0, bx * toks + j, by * rows + i], 0)
+                    add_partials(Part, C_l, bx, by, 1)
+                else:
+                    for i, j in T.Parallel(rows, toks):
+                        C_l[i, j] = T.if_then_else(bx * toks + j < m, Y[bx * toks + j, by * rows + i], 0)
+                steps(W, TC, X, A_s, B_s, C_l, bx, by)
+            store(Y, C_l, bx, by)
+
+    return body
+
+
+def sparse_func(tw: int, rows: int, toks: int, tpk: int, stages: int, threads: int, dtype: str, square: bool,
+                splits: int = 1, blocks_per_sm: int = 1, pdl: bool = False):
+    """``Y[m, n] = X[:, S] @ A^T``: ``A`` the ``[n, ks]`` 2:4 matrix (values ``[n, ks / 2]``, metadata int16
+    ``[n, ks / 16]``), ``S`` the columns of the tile-columns ``TC`` (width ``tw``), ``tpk`` tile-columns per step;
+    a block owns ``rows`` weight rows and ``toks`` tokens and writes its tile of ``Y`` transposed. With ``splits``
+    above 1 (:func:`sparse_split_func`) the steps are cut into that many ranges and each writes fp32 partials.
+    ``blocks_per_sm`` above 1 asks ``nvcc`` for that many resident blocks per SM (``__launch_bounds__``) and leaves
+    the warp groups' registers as ``nvcc`` allocates them (no ``setmaxnreg``, which would ask for more than two
+    blocks hold). ``pdl``: each block lets the next kernel (the dense one, built with ``pdl``) start at once
+    (``cudaTriggerProgrammaticLaunchCompletion``)."""
+    if splits > 1:
+        return sparse_split_func(tw, rows, toks, stages, threads, dtype, square, splits, blocks_per_sm, pdl)
+    import tilelang.language as T
+
+    m, n, k, h, he = T.dynamic("m, n, k, h, he")  # tokens, rows, input columns, kept values and int16 metadata
+    # words per row (ks / 2, ks / 16)
+    nsteps = T.dynamic("nsteps")  # 2:4 tile-columns (a multiple of tpk)
+    body = _sparse_kernel(T, tw, rows, toks, tpk, stages, threads, dtype, square, 1, blocks_per_sm, pdl)
+
+    @T.prim_func
+    def main(Ws: T.Tensor((n, h), dtype), E: T.Tensor((n, he), "int16"), TC: T.Tensor((nsteps,), "int32"),
+             X: T.Tensor((m, k), dtype), Y: T.Tensor((m, n), dtype)):
+        body(Ws, E, TC, X, Y)
+
+    return main
+
+
+def sparse_split_func(tw: int, rows: int, toks: int, stages: int, threads: int, dtype: str, square: bool,
+                      splits: int, blocks_per_sm: int = 1, pdl: bool = False):
+    """``P[z, m, n] = X[:, S_z] @ A_z^T`` in fp32: split-K of :func:`sparse_func` (one tile-column per step) over
+    ``splits`` blocks per output tile, so that a layer with few row blocks still fills the GPU. Block ``z`` runs
+    steps ``z * per .. (z + 1) * per - 1`` (``per = ceil(nsteps / splits)``); a step past the last reads its
+    weights out of bounds, which TMA fills with zeros, and its x at the last tile-column (a table index clamped,
+    never read past). :func:`dense_func` with the same ``splits`` sums the partials."""
+    import tilelang.language as T
+
+    m, n, k, h, he = T.dynamic("m, n, k, h, he")
+    nsteps = T.dynamic("nsteps")
+    body = _sparse_kernel(T, tw, rows, toks, 1, stages, threads, dtype, square, splits, blocks_per_sm, pdl)
+
+    @T.prim_func
+    def main(Ws: T.Tensor((n, h), dtype), E: T.Tensor((n, he), "int16"), TC: T.Tensor((nsteps,), "int32"),
+             X: T.Tensor((m, k), dtype), Part: T.Tensor((splits, m, n), "float32")):
+        body(Ws, E, TC, X, Part)
+
     return main
 
 
@@ -260,93 +341,78 @@ def dense_func(tw: int, rows: int, toks: int, stages: int, threads: int, dtype: 
     the 2:4 kernel may still run, waits for that kernel's grid (``cudaGridDependencySynchronize``) and only then
     adds ``Y`` or the partials: its steps can use the SMs the 2:4 kernel leaves idle."""
     import tilelang.language as T
-    from tilelang.language import GemmWarpPolicy as P
 
     m, n, k, kd = T.dynamic("m, n, k, kd")
     nsteps = T.dynamic("nsteps")
-    pol = P.Square if square else P.FullRow
-
-    @T.macro
-    def steps(W, TC, X, A_s, B_s, C_l, bx, by):
-        for s in T.Pipelined(nsteps, num_stages=stages):
-            T.copy(W[by * rows, s * tw], A_s)
-            T.copy(X[bx * toks, TC[s] * tw], B_s)
-            T.gemm(A_s, B_s, C_l, transpose_A=False, transpose_B=True, policy=pol)
-
-    @T.macro
-    def store(Y, C_l, bx, by):
-        for i, j in T.Parallel(rows, toks):
-            if bx * toks + j < m:
-                Y[bx * toks + j, by * rows + i] = C_l[i, j]
-
-    @T.macro
-    def add_y(Y, C_l, bx, by):
-        for i, j in T.Parallel(rows, toks):
-            if bx * toks + j < m:
-                C_l[i, j] += Y[bx * toks + j, by * rows + i]
-
-    @T.macro
-    def add_partials(Part, C_l, bx, by, first):
-        for z in T.serial(first, splits):
-            for i, j in T.Parallel(rows, toks):
-                if bx * toks + j < m:
-                    C_l[i, j] += Part[z, bx * toks + j, by * rows + i]
+    body = _dense_kernel(T, tw, rows, toks, stages, threads, dtype, square, splits, pdl)
 
     if splits > 1:
         @T.prim_func
         def summed(W: T.Tensor((n, kd), dtype), TC: T.Tensor((nsteps,), "int32"), X: T.Tensor((m, k), dtype),
                    Part: T.Tensor((splits, m, n), "float32"), Y: T.Tensor((m, n), dtype)):
-            with T.Kernel(T.ceildiv(m, toks), T.ceildiv(n, rows), threads=threads) as (bx, by):
-                A_s = T.alloc_shared((rows, tw), dtype)
-                B_s = T.alloc_shared((toks, tw), dtype)
-                C_l = T.alloc_fragment((rows, toks), "float32")
-                if pdl:
-                    T.clear(C_l)
-                    steps(W, TC, X, A_s, B_s, C_l, bx, by)
-                    T.pdl_sync()
-                    add_partials(Part, C_l, bx, by, 0)
-                else:
-                    for i, j in T.Parallel(rows, toks):
-                        C_l[i, j] = T.if_then_else(bx * toks + j < m, Part[0, bx * toks + j, by * rows + i], 0)
-                    add_partials(Part, C_l, bx, by, 1)
-                    steps(W, TC, X, A_s, B_s, C_l, bx, by)
-                store(Y, C_l, bx, by)
+            body(W, TC, X, Part, Y)
 
         return summed
 
     @T.prim_func
     def main(W: T.Tensor((n, kd), dtype), TC: T.Tensor((nsteps,), "int32"), X: T.Tensor((m, k), dtype),
              Y: T.Tensor((m, n), dtype)):
-        with T.Kernel(T.ceildiv(m, toks), T.ceildiv(n, rows), threads=threads) as (bx, by):
-            A_s = T.alloc_shared((rows, tw), dtype)
-            B_s = T.alloc_shared((toks, tw), dtype)
-            C_l = T.alloc_fragment((rows, toks), "float32")
-            if pdl:
-                T.clear(C_l)
-                steps(W, TC, X, A_s, B_s, C_l, bx, by)
-                T.pdl_sync()
-                add_y(Y, C_l, bx, by)
-            else:
-                for i, j in T.Parallel(rows, toks):
-                    C_l[i, j] = T.if_then_else(bx * toks + j < m, Y[bx * toks + j, by * rows + i], 0)
-                steps(W, TC, X, A_s, B_s, C_l, bx, by)
-            store(Y, C_l, bx, by)
+        body(W, TC, X, None, Y)
 
     return main
+
+
+def pair_func(sparse: tuple, dense: tuple):
+    """Both kernels of a layer as one TileLang program (one host call launches them in order on the current
+    stream): the 2:4 kernel with :func:`sparse_func`'s arguments ``sparse`` and the dense one with
+    :func:`dense_func`'s ``dense`` (equal ``splits``). Arguments ``(Ws, E, TC_sparse, W, TC_dense, X, Y)``, with
+    split-K ``(..., X, Part, Y)``: half the launch cost of two programs for an eager caller."""
+    import tilelang.language as T
+
+    dtype, splits = sparse[6], sparse[8]
+    if dense[7] != splits:
+        raise ValueError(f"the 2:4 kernel has {splits} ranges, the dense kernel {dense[7]}")
+    m, n, k, h, he, kd = T.dynamic("m, n, k, h, he, kd")
+    nsp, ndn = T.dynamic("nsp, ndn")  # 2:4 and dense tile-columns
+    sp_body = _sparse_kernel(T, *sparse)
+    dn_body = _dense_kernel(T, *dense)
+
+    if splits > 1:
+        @T.prim_func
+        def pair_summed(Ws: T.Tensor((n, h), dtype), E: T.Tensor((n, he), "int16"), TCs: T.Tensor((nsp,), "int32"),
+                        W: T.Tensor((n, kd), dtype), TCd: T.Tensor((ndn,), "int32"), X: T.Tensor((m, k), dtype),
+                        Part: T.Tensor((splits, m, n), "float32"), Y: T.Tensor((m, n), dtype)):
+            sp_body(Ws, E, TCs, X, Part)
+            dn_body(W, TCd, X, Part, Y)
+
+        return pair_summed
+
+    @T.prim_func
+    def pair(Ws: T.Tensor((n, h), dtype), E: T.Tensor((n, he), "int16"), TCs: T.Tensor((nsp,), "int32"),
+             W: T.Tensor((n, kd), dtype), TCd: T.Tensor((ndn,), "int32"), X: T.Tensor((m, k), dtype),
+             Y: T.Tensor((m, n), dtype)):
+        sp_body(Ws, E, TCs, X, Y)
+        dn_body(W, TCd, X, None, Y)
+
+    return pair
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
 
 
+_BUILDERS = {"sparse": sparse_func, "dense": dense_func, "pair": pair_func}
+
+
 def _func(kind: str, params: tuple):
-    """The TileLang program of kernel ``kind`` ("sparse" or "dense") with the builder's arguments ``params``."""
-    return (sparse_func if kind == "sparse" else dense_func)(*params)
+    """The TileLang program ``kind`` ("sparse", "dense" or "pair") with the builder's arguments ``params``."""
+    return _BUILDERS[kind](*params)
 
 
 def kernel(kind: str, params: tuple):
-    """The compiled kernel ``kind`` ("sparse" or "dense") with ``params`` (the builder's arguments), compiled once
-    per process (TileLang keeps its own disk cache); a configuration that failed to compile raises again at once."""
+    """The compiled program ``kind`` ("sparse", "dense" or "pair") with ``params`` (the builder's arguments),
+    compiled once per process (TileLang keeps its own disk cache); a configuration that failed to compile raises
+    again at once."""
     key = (kind, params)
     k = _KERNELS.get(key)
     if k is not None:
@@ -373,6 +439,16 @@ def kernel_params(cfg: "ColumnConfig", tile_width: int, dtype: torch.dtype) -> l
         out.append(("dense", (tile_width, cfg.rows, cfg.toks, cfg.stages, cfg.threads, dt, cfg.square,
                               cfg.splits, cfg.pdl)))
     return out
+
+
+def launch_keys(cfg: "ColumnConfig", tile_width: int, dtype: torch.dtype, has_dense: bool = True) -> list[tuple[str, tuple]]:
+    """The ``(kind, params)`` of the programs :func:`prepare` runs for ``cfg`` on a layer with (``has_dense``) or
+    without dense columns: both kernels as one program ("pair", one host call per layer) where TileLang runs the
+    dense columns, else the 2:4 kernel alone."""
+    keys = kernel_params(cfg, tile_width, dtype)
+    if len(keys) == 2 and has_dense:
+        return [("pair", (keys[0][1], keys[1][1]))]
+    return keys[:1]
 
 
 def precompile(keys, workers: int | None = None) -> int:
@@ -422,31 +498,26 @@ class ColumnConfig:
 
 
 def prepare(layout: ColumnLayout, cfg: ColumnConfig, dtype: torch.dtype):
-    """``fn(x2, out)``: ``out [m, n] = x2 [m, k] @ W^T`` for the layer, both kernels compiled and bound."""
-    keys = kernel_params(cfg, layout.tile_width, dtype)
-    sp = kernel(*keys[0])
+    """``fn(x2, out)``: ``out [m, n] = x2 [m, k] @ W^T`` for the layer, its programs (:func:`launch_keys`)
+    compiled and bound."""
+    (kind, params), = launch_keys(cfg, layout.tile_width, dtype, layout.n_dn > 0)
+    prog = kernel(kind, params)
     ws, e16, sp_tc, wd, dn_tc, dn_idx = layout.ws, layout.e16, layout.sp_tc, layout.wd, layout.dn_tc, layout.dn_idx
     if not layout.n_dn:
-        return lambda x2, out: sp(ws, e16, sp_tc, x2, out)
+        return lambda x2, out: prog(ws, e16, sp_tc, x2, out)
     if cfg.dense_cublas:
         wdt = wd.t()
 
         def run(x2, out):
-            sp(ws, e16, sp_tc, x2, out)
+            prog(ws, e16, sp_tc, x2, out)
             out.addmm_(x2.index_select(1, dn_idx), wdt)
         return run
-    dn = kernel(*keys[1])
     if cfg.splits > 1:
         def run_split(x2, out):
             part = torch.empty((cfg.splits, x2.shape[0], out.shape[1]), dtype=torch.float32, device=x2.device)
-            sp(ws, e16, sp_tc, x2, part)
-            dn(wd, dn_tc, x2, part, out)
+            prog(ws, e16, sp_tc, wd, dn_tc, x2, part, out)
         return run_split
-
-    def run(x2, out):
-        sp(ws, e16, sp_tc, x2, out)
-        dn(wd, dn_tc, x2, out)
-    return run
+    return lambda x2, out: prog(ws, e16, sp_tc, wd, dn_tc, x2, out)
 
 
 def fits(layout: ColumnLayout, cfg: ColumnConfig) -> bool:
@@ -466,13 +537,17 @@ def candidates(M: int) -> list[ColumnConfig]:
     at 16, 64, 256 and 2048 tokens (``benchmarks/results/gemm_route_sweep_h200.md``, ``gemm_colshared_h100.md``)
     and the library route's own measurements (``results/columns_h200.md``, ``columns_split_h100.md``): at 16-64
     tokens blocks of 64 rows, one tile-column per step, the dense columns by TileLang, the 2:4 steps in 1 or 2
-    ranges (split-K won where 4096 rows make only 64 blocks; 4 ranges won no cell); at 65-256 tokens also
+    ranges (split-K won where 4096 rows make only 64 blocks; 4 ranges won no cell), each with one or two resident
+    2:4 blocks per SM, and up to 32 tokens the dense kernel also as a dependent launch (two blocks and the
+    dependent launch took 11008x4096 at 16 tokens from 35.4 to 31.7 us; at 64 tokens the dependent launch lost,
+    ``columns_parts_occupancy_h100.md``); at 65-256 tokens also
     64-token blocks (they won at 128 tokens on 4096-row layers); above, both dense parts (cuBLAS won at 2048
     tokens). Two tile-columns per step lost every cell on the H200 and asked for more shared memory than the
     H100 gives at 128 x 64: no candidate uses them."""
     if M <= 64:
         t = 16 if M <= 16 else 32 if M <= 32 else 64
-        return [ColumnConfig(t, 64, 1, 6, 128, False, False, splits=z) for z in (1, 2)]
+        return [ColumnConfig(t, 64, 1, 6, 128, False, False, splits=z, blocks_per_sm=b, pdl=d)
+                for z in (1, 2) for b in (1, 2) for d in ((False, True) if M <= 32 else (False,))]
     if M <= 256:
         return ([ColumnConfig(128, 128, 1, 3, 256, True, c) for c in (False, True)]
                 + [ColumnConfig(64, 64, 1, 6, 128, False, False)])
