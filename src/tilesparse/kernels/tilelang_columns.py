@@ -12,6 +12,8 @@ GEMMs over views of the stored tensors, with no copy:
 2. ``y += x[:, D] @ W_D^T``, by a TileLang GEMM (:func:`dense_func`) or by a gather of x's dense columns and
    cuBLAS ``addmm``.
 
+Where TileLang runs both, they are one TileLang program (:func:`pair_func`), so that a layer costs one host call.
+
 Neither kernel gathers x: each step reads x's columns of one or two tile-columns, whose indices come from a
 small table (:attr:`ColumnLayout.sp_tc`, :attr:`ColumnLayout.dn_tc`). Every dimension is a run-time value
 (``T.dynamic``), so one compiled kernel per configuration serves every layer and token count.
