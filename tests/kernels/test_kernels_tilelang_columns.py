@@ -206,15 +206,27 @@ def _kernel_bodies(src: str) -> dict:
     return out
 
 
-@pytest.mark.parametrize("splits,pdl", [(1, False), (2, False), (1, True), (2, True)])
-def test_pair_program_is_both_kernels_in_one_call(tilelang_target, splits, pdl):
+def _x_descriptor(host: str) -> str:
+    """The arguments a lowered host function builds x's TMA descriptor from (box, swizzle, ...)."""
+    line = next(ln for ln in host.splitlines() if 'call_packed("__tvm_tensormap_create_tiled", X_desc' in ln)
+    return line.strip()
+
+
+_PAIRED = ([tc.ColumnConfig(16, 64, 1, 6, 128, False, False, splits=z, blocks_per_sm=1 + d, pdl=d)
+            for z, d in ((1, False), (2, False), (1, True), (2, True))]
+           + [c for M in (128, 2048) for c in tc.candidates(M) if not c.dense_cublas])  # every TileLang-dense shape
+
+
+@pytest.mark.parametrize("cfg", _PAIRED, ids=lambda c: f"t{c.toks}r{c.rows}s{c.splits}o{c.blocks_per_sm}p{int(c.pdl)}")
+def test_pair_program_is_both_kernels_in_one_call(tilelang_target, cfg):
     tilelang, target = tilelang_target
-    cfg = tc.ColumnConfig(16, 64, 1, 6, 128, False, False, splits=splits, blocks_per_sm=1 + pdl, pdl=pdl)
+    pdl = cfg.pdl
     (kind, (sp, dn)), = tc.launch_keys(cfg, 128, torch.bfloat16)
     assert kind == "pair"
     with target:
         art = tilelang.lower(tc.pair_func(sp, dn), target=target)
-        alone = [tilelang.lower(f, target=target).kernel_source for f in (tc.sparse_func(*sp), tc.dense_func(*dn))]
+        lowered = [tilelang.lower(f, target=target) for f in (tc.sparse_func(*sp), tc.dense_func(*dn))]
+    alone = [a.kernel_source for a in lowered]
     got = _kernel_bodies(art.kernel_source)
     assert len(got) == 2
     first, second = sorted(got, key=len)  # "<name>_kernel", then "<name>_kernel_1"
@@ -224,7 +236,8 @@ def test_pair_program_is_both_kernels_in_one_call(tilelang_target, splits, pdl):
     assert got[second] == want_dn.replace("    tl::prefetch_tma_descriptor(X_desc);\n", "")
     host = str(art.host_mod)
     assert host.index(f'call_packed("{first}"') < host.index(f'call_packed("{second}"')  # in order, one call
-    assert host.count('call_packed("__tvm_tensormap_create_tiled", X_desc') == 1  # built once per call
+    assert host.count('call_packed("__tvm_tensormap_create_tiled", X_desc') == 1  # built once per call ...
+    assert {_x_descriptor(str(a.host_mod)) for a in lowered} == {_x_descriptor(host)}  # ... as each kernel wants it
     flags = {gv.name_hint: dict(f.attrs) for gv, f in art.device_mod.functions.items()}
     assert ("has_cuda_pdl_trigger" in flags[first]) == pdl and ("has_cuda_pdl_sync" in flags[second]) == pdl
 
