@@ -212,6 +212,19 @@ def _x_descriptor(host: str) -> str:
     return line.strip()
 
 
+def _host_calls(host: str) -> set:
+    """A lowered host function's descriptor builds and kernel launches (grid, threads, shared memory), with the
+    kernels, tables and table lengths named neutrally."""
+    import re
+
+    out = set()
+    for ln in host.splitlines():
+        if "call_packed(" in ln and "__tvm_set_device" not in ln:
+            ln = re.sub(r'call_packed\("(?!__tvm)\w+"', 'call_packed("K"', ln.strip())
+            out.add(re.sub(r"\b(nsp|ndn|nsteps)\b", "N", re.sub(r"\b(TCs|TCd)\b", "TC", ln)))
+    return out
+
+
 _PAIRED = ([tc.ColumnConfig(16, 64, 1, 6, 128, False, False, splits=z, blocks_per_sm=1 + d, pdl=d)
             for z, d in ((1, False), (2, False), (1, True), (2, True))]
            + [c for M in (128, 2048) for c in tc.candidates(M) if not c.dense_cublas])  # every TileLang-dense shape
@@ -238,6 +251,8 @@ def test_pair_program_is_both_kernels_in_one_call(tilelang_target, cfg):
     assert host.index(f'call_packed("{first}"') < host.index(f'call_packed("{second}"')  # in order, one call
     assert host.count('call_packed("__tvm_tensormap_create_tiled", X_desc') == 1  # built once per call ...
     assert {_x_descriptor(str(a.host_mod)) for a in lowered} == {_x_descriptor(host)}  # ... as each kernel wants it
+    # every descriptor and launch (grid, threads, shared memory) is the two programs' own
+    assert _host_calls(host) == _host_calls(str(lowered[0].host_mod)) | _host_calls(str(lowered[1].host_mod))
     flags = {gv.name_hint: dict(f.attrs) for gv, f in art.device_mod.functions.items()}
     assert ("has_cuda_pdl_trigger" in flags[first]) == pdl and ("has_cuda_pdl_sync" in flags[second]) == pdl
 
