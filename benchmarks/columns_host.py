@@ -28,13 +28,7 @@ from tilesparse.kernels.reference import rel_error
 
 def host_us(fn, calls: int, rounds: int = 7) -> float:
     """Host microseconds per call of ``fn`` queued behind a GPU sleep long enough to outlast the calls."""
-    fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        fn()
-    per = (time.perf_counter() - t) / 10
-    torch.cuda.synchronize()
+    per = ops.host_time(fn, reps=10) * 1e-3  # seconds per call when the GPU may pace them
     cycles = int(max(per * calls * 3, 2e-3) * 2e9)  # at up to 2 GHz: at least three times the calls' host time
     out = []
     for _ in range(rounds):
@@ -120,8 +114,9 @@ def main() -> int:
                 chk.fill_(float("nan"))
                 exe(lay.ws, lay.e16, lay.sp_tc, lay.wd, lay.dn_tc, x, chk)
                 torch.cuda.synchronize()
-                bad += rel_error(chk, ref) >= TOL
-                rows.append((f"one program, its TVM-FFI executable called directly (err {rel_error(chk, ref):.1e})",
+                err = rel_error(chk, ref)
+                bad += err >= TOL
+                rows.append((f"one program, its TVM-FFI executable called directly (err {err:.1e})",
                              host_us(lambda exe=exe: exe(lay.ws, lay.e16, lay.sp_tc, lay.wd, lay.dn_tc, x, out),
                                      a.calls)))
             rows.append(("the 2:4 program alone", host_us(lambda sp=sp: sp(lay.ws, lay.e16, lay.sp_tc, x, out),

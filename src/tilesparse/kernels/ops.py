@@ -655,8 +655,8 @@ def autotune(x2: torch.Tensor, packed: PackedHybrid, bias, verbose: bool = False
     cands = candidate_configs(x2.shape[0], packed, force_kernel)
     col = [column_config(c) for c in cands if c.path == "columns"]
     if col:  # TileLang compiles with nvcc: the candidates' kernels in parallel first
-        _tc.precompile([k for c in col for k in _tc.launch_keys(c, packed.tile_cols, packed.dtype,
-                                                                  _tc.column_layout(packed).n_dn > 0)])
+        has_dense = _tc.column_layout(packed).n_dn > 0
+        _tc.precompile([k for c in col for k in _tc.launch_keys(c, packed.tile_cols, packed.dtype, has_dense)])
     desc = (f"tilesparse: tuning {packed.out_features}x{packed.in_features} for {x2.shape[0]} token"
             f"{'s' if x2.shape[0] != 1 else ''} (once per GPU model; cached)")
     for cfg in tqdm(cands, desc=desc, unit="config", leave=False, disable=None, dynamic_ncols=True):
